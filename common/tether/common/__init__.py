@@ -1,0 +1,1 @@
+"""Pieces shared by every component: manifests, errors, configuration, the admin client."""

@@ -1,0 +1,227 @@
+"""Bundle manifests: what a task version is made of, and its content address.
+
+A manifest lists every file of a task directory with its sha256 and size, the
+entrypoint, and what the task needs from the device's engines. Its digest is
+the sha256 of its *canonical* JSON bytes (sorted keys, no whitespace, UTF-8),
+so the same content always has the same address on every machine.
+
+Pure: no I/O beyond the explicit `hash_directory` walk, no network.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import pathlib
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from tether.common import errors
+
+SCHEMA_VERSION = 1
+DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+ENGINES = frozenset({"mnn", "onnxruntime"})
+# Bounds on what a manifest may claim; anything beyond is refused before use.
+MAX_FILES = 10_000
+MAX_FILE_SIZE = 2 * 1024**3
+MAX_MANIFEST_BYTES = 4 * 1024 * 1024
+MAX_PATH_LEN = 512
+IGNORED_NAMES = frozenset({"__pycache__", ".git", ".DS_Store", "mltask.yaml", ".tether"})
+
+
+def sha256_digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def file_digest(path: pathlib.Path, *, chunk_size: int = 1 << 20) -> tuple[str, int]:
+    h = hashlib.sha256()
+    size = 0
+    with path.open("rb") as f:
+        while chunk := f.read(chunk_size):
+            h.update(chunk)
+            size += len(chunk)
+    return "sha256:" + h.hexdigest(), size
+
+
+def check_digest(value: str, *, field: str = "digest") -> str:
+    if not isinstance(value, str) or not DIGEST_RE.match(value):
+        raise errors.InvalidManifest(f"{field}: {value!r} is not of the form sha256:<64 hex digits>")
+    return value
+
+
+def check_relative_path(value: str, *, field: str = "path") -> str:
+    """A manifest path must stay inside the install directory."""
+    if not isinstance(value, str) or not value or len(value) > MAX_PATH_LEN:
+        raise errors.InvalidManifest(f"{field}: must be a non-empty string of at most {MAX_PATH_LEN} chars")
+    p = pathlib.PurePosixPath(value)
+    if p.is_absolute() or ".." in p.parts or "\\" in value or "\x00" in value or str(p) != value:
+        raise errors.InvalidManifest(f"{field}: {value!r} must be a normalised relative path inside the bundle")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class FileEntry:
+    path: str
+    sha256: str
+    size: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"path": self.path, "sha256": self.sha256, "size": self.size}
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineNeeds:
+    """Which engine runs the model and which bundle file holds it."""
+
+    engine: str  # "mnn" | "onnxruntime"
+    model: str  # path of the model file inside the bundle
+    inputs: Mapping[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "engine": self.engine,
+            "model": self.model,
+            "inputs": {k: list(v) for k, v in sorted(self.inputs.items())},
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class Manifest:
+    name: str
+    entrypoint: str
+    files: tuple[FileEntry, ...]
+    engines: tuple[EngineNeeds, ...] = ()
+    schema: int = SCHEMA_VERSION
+
+    # ------------------------------------------------------------ encoding
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema": self.schema,
+            "name": self.name,
+            "entrypoint": self.entrypoint,
+            "files": [f.to_json() for f in self.files],
+            "engines": [e.to_json() for e in self.engines],
+        }
+
+    def canonical_bytes(self) -> bytes:
+        return canonical_json(self.to_json())
+
+    @property
+    def digest(self) -> str:
+        return sha256_digest(self.canonical_bytes())
+
+    @property
+    def total_size(self) -> int:
+        return sum(f.size for f in self.files)
+
+    def file(self, path: str) -> FileEntry:
+        for f in self.files:
+            if f.path == path:
+                return f
+        raise KeyError(path)
+
+    def blob_digests(self) -> list[str]:
+        """Distinct blobs, in manifest order (two files with equal content share one)."""
+        return list(dict.fromkeys(f.sha256 for f in self.files))
+
+    # ------------------------------------------------------------ decoding
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Manifest:
+        if len(data) > MAX_MANIFEST_BYTES:
+            raise errors.InvalidManifest(f"manifest is {len(data)} bytes; the limit is {MAX_MANIFEST_BYTES}")
+        try:
+            doc = json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise errors.InvalidManifest(f"manifest is not valid UTF-8 JSON: {e}") from None
+        manifest = cls.from_json(doc)
+        if manifest.canonical_bytes() != data:
+            raise errors.InvalidManifest("manifest bytes are not in canonical form")
+        return manifest
+
+    @classmethod
+    def from_json(cls, doc: Any) -> Manifest:
+        if not isinstance(doc, dict):
+            raise errors.InvalidManifest("manifest must be a JSON object")
+        unknown = set(doc) - {"schema", "name", "entrypoint", "files", "engines"}
+        if unknown:
+            raise errors.InvalidManifest(f"manifest has unknown fields: {sorted(unknown)}")
+        if doc.get("schema") != SCHEMA_VERSION:
+            raise errors.InvalidManifest(f"schema: expected {SCHEMA_VERSION}, got {doc.get('schema')!r}")
+        name = doc.get("name")
+        if not isinstance(name, str) or not re.match(r"^[a-z0-9]([a-z0-9._-]{0,126}[a-z0-9])?$", name):
+            raise errors.InvalidManifest(f"name: {name!r} must be a lowercase DNS-like name")
+        raw_files = doc.get("files")
+        if not isinstance(raw_files, list) or not raw_files:
+            raise errors.InvalidManifest("files: must be a non-empty list")
+        if len(raw_files) > MAX_FILES:
+            raise errors.InvalidManifest(f"files: {len(raw_files)} entries; the limit is {MAX_FILES}")
+        files: list[FileEntry] = []
+        for i, f in enumerate(raw_files):
+            if not isinstance(f, dict) or set(f) != {"path", "sha256", "size"}:
+                raise errors.InvalidManifest(f"files[{i}]: must have exactly path, sha256, size")
+            size = f["size"]
+            if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= MAX_FILE_SIZE:
+                raise errors.InvalidManifest(f"files[{i}].size: must be an integer in [0, {MAX_FILE_SIZE}]")
+            files.append(
+                FileEntry(
+                    path=check_relative_path(f["path"], field=f"files[{i}].path"),
+                    sha256=check_digest(f["sha256"], field=f"files[{i}].sha256"),
+                    size=size,
+                )
+            )
+        paths = [f.path for f in files]
+        if paths != sorted(set(paths)):
+            raise errors.InvalidManifest("files: paths must be unique and sorted")
+        entrypoint = check_relative_path(doc.get("entrypoint", ""), field="entrypoint")
+        if entrypoint not in paths:
+            raise errors.InvalidManifest(f"entrypoint: {entrypoint!r} is not one of the bundle's files")
+        engines: list[EngineNeeds] = []
+        for i, e in enumerate(doc.get("engines") or []):
+            if not isinstance(e, dict) or set(e) - {"engine", "model", "inputs"}:
+                raise errors.InvalidManifest(f"engines[{i}]: must have engine, model and optional inputs")
+            if e.get("engine") not in ENGINES:
+                raise errors.InvalidManifest(f"engines[{i}].engine: {e.get('engine')!r} not in {sorted(ENGINES)}")
+            model = check_relative_path(e.get("model", ""), field=f"engines[{i}].model")
+            if model not in paths:
+                raise errors.InvalidManifest(f"engines[{i}].model: {model!r} is not one of the bundle's files")
+            inputs = e.get("inputs") or {}
+            if not isinstance(inputs, dict) or not all(
+                isinstance(v, list) and all(isinstance(d, int) for d in v) for v in inputs.values()
+            ):
+                raise errors.InvalidManifest(f"engines[{i}].inputs: must map names to integer shapes")
+            engines.append(EngineNeeds(e["engine"], model, {k: tuple(v) for k, v in inputs.items()}))
+        return cls(name=name, entrypoint=entrypoint, files=tuple(files), engines=tuple(engines))
+
+
+def canonical_json(doc: Any) -> bytes:
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def iter_bundle_files(root: pathlib.Path) -> Iterable[pathlib.Path]:
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root)
+        if any(part in IGNORED_NAMES or part.endswith(".pyc") for part in rel.parts):
+            continue
+        if p.is_symlink():
+            raise errors.InvalidManifest(f"{rel}: symlinks are not allowed in a bundle")
+        if p.is_file():
+            yield p
+
+
+def hash_directory(
+    root: pathlib.Path,
+    *,
+    name: str,
+    entrypoint: str,
+    engines: Iterable[EngineNeeds] = (),
+) -> Manifest:
+    """Hash every file under `root` and build (and validate) its manifest."""
+    files = []
+    for p in iter_bundle_files(root):
+        digest, size = file_digest(p)
+        files.append(FileEntry(path=p.relative_to(root).as_posix(), sha256=digest, size=size))
+    manifest = Manifest(name=name, entrypoint=entrypoint, files=tuple(files), engines=tuple(engines))
+    # Round-trip through the decoder: a built manifest obeys the same rules as a received one.
+    return Manifest.from_bytes(manifest.canonical_bytes())

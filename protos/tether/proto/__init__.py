@@ -1,0 +1,1 @@
+"""Tether wire contract: generated protobuf and gRPC stubs."""

@@ -1,0 +1,354 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class DeliveryState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DELIVERY_STATE_UNSPECIFIED: _ClassVar[DeliveryState]
+    DELIVERY_STATE_NOTIFIED: _ClassVar[DeliveryState]
+    DELIVERY_STATE_DOWNLOADING: _ClassVar[DeliveryState]
+    DELIVERY_STATE_INSTALLED: _ClassVar[DeliveryState]
+    DELIVERY_STATE_RUNNING: _ClassVar[DeliveryState]
+    DELIVERY_STATE_SUCCEEDED: _ClassVar[DeliveryState]
+    DELIVERY_STATE_FAILED: _ClassVar[DeliveryState]
+    DELIVERY_STATE_REFUSED: _ClassVar[DeliveryState]
+    DELIVERY_STATE_UNINSTALLED: _ClassVar[DeliveryState]
+DELIVERY_STATE_UNSPECIFIED: DeliveryState
+DELIVERY_STATE_NOTIFIED: DeliveryState
+DELIVERY_STATE_DOWNLOADING: DeliveryState
+DELIVERY_STATE_INSTALLED: DeliveryState
+DELIVERY_STATE_RUNNING: DeliveryState
+DELIVERY_STATE_SUCCEEDED: DeliveryState
+DELIVERY_STATE_FAILED: DeliveryState
+DELIVERY_STATE_REFUSED: DeliveryState
+DELIVERY_STATE_UNINSTALLED: DeliveryState
+
+class DeviceInfo(_message.Message):
+    __slots__ = ("device_id", "attributes", "backends")
+    class AttributesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
+    BACKENDS_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    attributes: _containers.ScalarMap[str, str]
+    backends: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, device_id: _Optional[str] = ..., attributes: _Optional[_Mapping[str, str]] = ..., backends: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class EnrollRequest(_message.Message):
+    __slots__ = ("bootstrap_token", "device")
+    BOOTSTRAP_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    bootstrap_token: str
+    device: DeviceInfo
+    def __init__(self, bootstrap_token: _Optional[str] = ..., device: _Optional[_Union[DeviceInfo, _Mapping]] = ...) -> None: ...
+
+class EnrollResponse(_message.Message):
+    __slots__ = ("device_id", "credential")
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    CREDENTIAL_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    credential: str
+    def __init__(self, device_id: _Optional[str] = ..., credential: _Optional[str] = ...) -> None: ...
+
+class DesiredTask(_message.Message):
+    __slots__ = ("release", "version", "manifest_digest")
+    RELEASE_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    release: str
+    version: int
+    manifest_digest: str
+    def __init__(self, release: _Optional[str] = ..., version: _Optional[int] = ..., manifest_digest: _Optional[str] = ...) -> None: ...
+
+class SubscribeRequest(_message.Message):
+    __slots__ = ("installed",)
+    INSTALLED_FIELD_NUMBER: _ClassVar[int]
+    installed: _containers.RepeatedCompositeFieldContainer[DesiredTask]
+    def __init__(self, installed: _Optional[_Iterable[_Union[DesiredTask, _Mapping]]] = ...) -> None: ...
+
+class Sync(_message.Message):
+    __slots__ = ("desired",)
+    DESIRED_FIELD_NUMBER: _ClassVar[int]
+    desired: _containers.RepeatedCompositeFieldContainer[DesiredTask]
+    def __init__(self, desired: _Optional[_Iterable[_Union[DesiredTask, _Mapping]]] = ...) -> None: ...
+
+class Notify(_message.Message):
+    __slots__ = ("task",)
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    task: DesiredTask
+    def __init__(self, task: _Optional[_Union[DesiredTask, _Mapping]] = ...) -> None: ...
+
+class Revoke(_message.Message):
+    __slots__ = ("release",)
+    RELEASE_FIELD_NUMBER: _ClassVar[int]
+    release: str
+    def __init__(self, release: _Optional[str] = ...) -> None: ...
+
+class Heartbeat(_message.Message):
+    __slots__ = ("server_time_ms",)
+    SERVER_TIME_MS_FIELD_NUMBER: _ClassVar[int]
+    server_time_ms: int
+    def __init__(self, server_time_ms: _Optional[int] = ...) -> None: ...
+
+class ServerEvent(_message.Message):
+    __slots__ = ("sync", "notify", "revoke", "heartbeat")
+    SYNC_FIELD_NUMBER: _ClassVar[int]
+    NOTIFY_FIELD_NUMBER: _ClassVar[int]
+    REVOKE_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
+    sync: Sync
+    notify: Notify
+    revoke: Revoke
+    heartbeat: Heartbeat
+    def __init__(self, sync: _Optional[_Union[Sync, _Mapping]] = ..., notify: _Optional[_Union[Notify, _Mapping]] = ..., revoke: _Optional[_Union[Revoke, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ...) -> None: ...
+
+class GetManifestRequest(_message.Message):
+    __slots__ = ("release", "manifest_digest")
+    RELEASE_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    release: str
+    manifest_digest: str
+    def __init__(self, release: _Optional[str] = ..., manifest_digest: _Optional[str] = ...) -> None: ...
+
+class GetManifestResponse(_message.Message):
+    __slots__ = ("manifest", "signature", "key_id")
+    MANIFEST_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    manifest: bytes
+    signature: bytes
+    key_id: str
+    def __init__(self, manifest: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., key_id: _Optional[str] = ...) -> None: ...
+
+class PullBlobRequest(_message.Message):
+    __slots__ = ("release", "digest", "offset")
+    RELEASE_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    release: str
+    digest: str
+    offset: int
+    def __init__(self, release: _Optional[str] = ..., digest: _Optional[str] = ..., offset: _Optional[int] = ...) -> None: ...
+
+class BlobChunk(_message.Message):
+    __slots__ = ("offset", "data", "total_size")
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_SIZE_FIELD_NUMBER: _ClassVar[int]
+    offset: int
+    data: bytes
+    total_size: int
+    def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ..., total_size: _Optional[int] = ...) -> None: ...
+
+class ReportStatusRequest(_message.Message):
+    __slots__ = ("release", "version", "state", "message")
+    RELEASE_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    release: str
+    version: int
+    state: DeliveryState
+    message: str
+    def __init__(self, release: _Optional[str] = ..., version: _Optional[int] = ..., state: _Optional[_Union[DeliveryState, str]] = ..., message: _Optional[str] = ...) -> None: ...
+
+class ReportStatusResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Tensor(_message.Message):
+    __slots__ = ("name", "shape", "data")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    data: bytes
+    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class UploadResultRequest(_message.Message):
+    __slots__ = ("release", "version", "idempotency_key", "sample_count", "metrics", "tensors", "counts", "duration_s")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class CountsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    RELEASE_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    COUNTS_FIELD_NUMBER: _ClassVar[int]
+    DURATION_S_FIELD_NUMBER: _ClassVar[int]
+    release: str
+    version: int
+    idempotency_key: str
+    sample_count: int
+    metrics: _containers.ScalarMap[str, float]
+    tensors: _containers.RepeatedCompositeFieldContainer[Tensor]
+    counts: _containers.ScalarMap[str, int]
+    duration_s: float
+    def __init__(self, release: _Optional[str] = ..., version: _Optional[int] = ..., idempotency_key: _Optional[str] = ..., sample_count: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., counts: _Optional[_Mapping[str, int]] = ..., duration_s: _Optional[float] = ...) -> None: ...
+
+class UploadResultResponse(_message.Message):
+    __slots__ = ("duplicate",)
+    DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    duplicate: bool
+    def __init__(self, duplicate: _Optional[bool] = ...) -> None: ...
+
+class MissingBlobsRequest(_message.Message):
+    __slots__ = ("digests",)
+    DIGESTS_FIELD_NUMBER: _ClassVar[int]
+    digests: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, digests: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class MissingBlobsResponse(_message.Message):
+    __slots__ = ("missing",)
+    MISSING_FIELD_NUMBER: _ClassVar[int]
+    missing: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, missing: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class PutBlobChunk(_message.Message):
+    __slots__ = ("digest", "data")
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    digest: str
+    data: bytes
+    def __init__(self, digest: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class PutBlobResponse(_message.Message):
+    __slots__ = ("digest", "size")
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    digest: str
+    size: int
+    def __init__(self, digest: _Optional[str] = ..., size: _Optional[int] = ...) -> None: ...
+
+class PutManifestRequest(_message.Message):
+    __slots__ = ("manifest", "signature", "key_id")
+    MANIFEST_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    manifest: bytes
+    signature: bytes
+    key_id: str
+    def __init__(self, manifest: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., key_id: _Optional[str] = ...) -> None: ...
+
+class PutManifestResponse(_message.Message):
+    __slots__ = ("digest",)
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    digest: str
+    def __init__(self, digest: _Optional[str] = ...) -> None: ...
+
+class ReleaseSpec(_message.Message):
+    __slots__ = ("release", "generation", "manifest_digest", "target_json", "trigger_json", "aggregation_json", "paused")
+    RELEASE_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    TARGET_JSON_FIELD_NUMBER: _ClassVar[int]
+    TRIGGER_JSON_FIELD_NUMBER: _ClassVar[int]
+    AGGREGATION_JSON_FIELD_NUMBER: _ClassVar[int]
+    PAUSED_FIELD_NUMBER: _ClassVar[int]
+    release: str
+    generation: int
+    manifest_digest: str
+    target_json: str
+    trigger_json: str
+    aggregation_json: str
+    paused: bool
+    def __init__(self, release: _Optional[str] = ..., generation: _Optional[int] = ..., manifest_digest: _Optional[str] = ..., target_json: _Optional[str] = ..., trigger_json: _Optional[str] = ..., aggregation_json: _Optional[str] = ..., paused: _Optional[bool] = ...) -> None: ...
+
+class ApplyReleaseRequest(_message.Message):
+    __slots__ = ("spec",)
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    spec: ReleaseSpec
+    def __init__(self, spec: _Optional[_Union[ReleaseSpec, _Mapping]] = ...) -> None: ...
+
+class ApplyReleaseResponse(_message.Message):
+    __slots__ = ("release", "version", "changed")
+    RELEASE_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    CHANGED_FIELD_NUMBER: _ClassVar[int]
+    release: str
+    version: int
+    changed: bool
+    def __init__(self, release: _Optional[str] = ..., version: _Optional[int] = ..., changed: _Optional[bool] = ...) -> None: ...
+
+class DeleteReleaseRequest(_message.Message):
+    __slots__ = ("release",)
+    RELEASE_FIELD_NUMBER: _ClassVar[int]
+    release: str
+    def __init__(self, release: _Optional[str] = ...) -> None: ...
+
+class DeleteReleaseResponse(_message.Message):
+    __slots__ = ("deleted",)
+    DELETED_FIELD_NUMBER: _ClassVar[int]
+    deleted: bool
+    def __init__(self, deleted: _Optional[bool] = ...) -> None: ...
+
+class GetReleaseStatusRequest(_message.Message):
+    __slots__ = ("release",)
+    RELEASE_FIELD_NUMBER: _ClassVar[int]
+    release: str
+    def __init__(self, release: _Optional[str] = ...) -> None: ...
+
+class ReleaseStatus(_message.Message):
+    __slots__ = ("release", "version", "manifest_digest", "targeted", "notified", "installed", "succeeded", "failed", "refused", "results", "aggregate_json", "aggregate_round", "connected_devices")
+    RELEASE_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    TARGETED_FIELD_NUMBER: _ClassVar[int]
+    NOTIFIED_FIELD_NUMBER: _ClassVar[int]
+    INSTALLED_FIELD_NUMBER: _ClassVar[int]
+    SUCCEEDED_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_FIELD_NUMBER: _ClassVar[int]
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    AGGREGATE_JSON_FIELD_NUMBER: _ClassVar[int]
+    AGGREGATE_ROUND_FIELD_NUMBER: _ClassVar[int]
+    CONNECTED_DEVICES_FIELD_NUMBER: _ClassVar[int]
+    release: str
+    version: int
+    manifest_digest: str
+    targeted: int
+    notified: int
+    installed: int
+    succeeded: int
+    failed: int
+    refused: int
+    results: int
+    aggregate_json: str
+    aggregate_round: int
+    connected_devices: int
+    def __init__(self, release: _Optional[str] = ..., version: _Optional[int] = ..., manifest_digest: _Optional[str] = ..., targeted: _Optional[int] = ..., notified: _Optional[int] = ..., installed: _Optional[int] = ..., succeeded: _Optional[int] = ..., failed: _Optional[int] = ..., refused: _Optional[int] = ..., results: _Optional[int] = ..., aggregate_json: _Optional[str] = ..., aggregate_round: _Optional[int] = ..., connected_devices: _Optional[int] = ...) -> None: ...
+
+class ListReleasesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListReleasesResponse(_message.Message):
+    __slots__ = ("releases",)
+    RELEASES_FIELD_NUMBER: _ClassVar[int]
+    releases: _containers.RepeatedCompositeFieldContainer[ReleaseStatus]
+    def __init__(self, releases: _Optional[_Iterable[_Union[ReleaseStatus, _Mapping]]] = ...) -> None: ...
