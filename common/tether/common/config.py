@@ -1,0 +1,128 @@
+"""Configuration from the environment (docs/internals.md lists the variables).
+
+One frozen value per process, built once at start-up: environment first, then
+explicit overrides (CLI flags). Nothing reads `os.environ` later, so tests can
+build a config without touching the process environment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+from collections.abc import Mapping
+from typing import Any
+
+from tether.common import errors
+
+DEFAULT_LISTEN = "0.0.0.0:7443"
+DEFAULT_CONTROLLER = "127.0.0.1:7443"
+DEFAULT_BLOB_DIR = "./tether-blobs"
+MIN_TOKEN_LEN = 8
+
+ENV_DATABASE_URL = "TETHER_DATABASE_URL"
+ENV_BROKER_URL = "TETHER_BROKER_URL"
+ENV_CONTROLLER = "TETHER_CONTROLLER"
+ENV_ADMIN_TOKEN = "TETHER_ADMIN_TOKEN"
+ENV_BOOTSTRAP_TOKEN = "TETHER_BOOTSTRAP_TOKEN"
+ENV_BLOB_DIR = "TETHER_BLOB_DIR"
+
+
+class ConfigError(errors.InvalidArgument):
+    """A setting is missing or malformed; the message names the variable or flag."""
+
+
+def split_host_port(value: str, *, field: str = "listen") -> tuple[str, int]:
+    """`host:port` or `[v6]:port` → (host, port); port 0 means "pick a free one"."""
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not host or not port_text.isdigit():
+        raise ConfigError(f"{field}: {value!r} must be HOST:PORT")
+    port = int(port_text)
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"{field}: port {port} out of range")
+    return host.strip("[]"), port
+
+
+def join_host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def controller_target(environ: Mapping[str, str] | None = None) -> str:
+    """Where clients find the controller: TETHER_CONTROLLER or the local default."""
+    env = os.environ if environ is None else environ
+    return env.get(ENV_CONTROLLER) or DEFAULT_CONTROLLER
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ControllerConfig:
+    """Everything `tether.controller.server.start_controller` needs."""
+
+    database_url: str
+    admin_token: str
+    bootstrap_token: str
+    broker_url: str | None = None
+    listen: str = DEFAULT_LISTEN
+    blob_dir: pathlib.Path = pathlib.Path(DEFAULT_BLOB_DIR)
+    max_blob_bytes: int = 2 * 1024**3
+    # Largest gRPC message either way: results carry tensors, blobs travel in chunks.
+    max_message_bytes: int = 20 * 1024 * 1024
+    heartbeat_s: float = 30.0
+    # Events buffered per connected device before it is dropped as too slow.
+    device_queue_size: int = 64
+    grace_s: float = 5.0
+    pool_min_size: int = 1
+    pool_max_size: int = 20
+    tls_cert_file: pathlib.Path | None = None
+    tls_key_file: pathlib.Path | None = None
+
+    def __post_init__(self) -> None:
+        if not self.database_url:
+            raise ConfigError(f"database URL is required ({ENV_DATABASE_URL} or --database-url)")
+        for name, env, value in (
+            ("admin token", ENV_ADMIN_TOKEN, self.admin_token),
+            ("bootstrap token", ENV_BOOTSTRAP_TOKEN, self.bootstrap_token),
+        ):
+            if not value or len(value) < MIN_TOKEN_LEN:
+                raise ConfigError(f"{name} is required and must be at least {MIN_TOKEN_LEN} characters ({env})")
+        split_host_port(self.listen)
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ConfigError("TLS needs both a certificate and a key file")
+        for name, number in (
+            ("max_blob_bytes", self.max_blob_bytes),
+            ("max_message_bytes", self.max_message_bytes),
+            ("device_queue_size", self.device_queue_size),
+            ("pool_max_size", self.pool_max_size),
+        ):
+            if number <= 0:
+                raise ConfigError(f"{name} must be positive, got {number}")
+        if self.heartbeat_s <= 0 or self.grace_s < 0:
+            raise ConfigError("heartbeat_s must be positive and grace_s non-negative")
+        if not 0 < self.pool_min_size <= self.pool_max_size:
+            raise ConfigError("pool sizes must satisfy 0 < pool_min_size <= pool_max_size")
+
+    @property
+    def host(self) -> str:
+        return split_host_port(self.listen)[0]
+
+    @property
+    def port(self) -> int:
+        return split_host_port(self.listen)[1]
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> ControllerConfig:
+        """Environment first, then `overrides` (a value of None means "not given")."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {
+            "database_url": env.get(ENV_DATABASE_URL, ""),
+            "broker_url": env.get(ENV_BROKER_URL) or None,
+            "admin_token": env.get(ENV_ADMIN_TOKEN, ""),
+            "bootstrap_token": env.get(ENV_BOOTSTRAP_TOKEN, ""),
+            "blob_dir": pathlib.Path(env.get(ENV_BLOB_DIR) or DEFAULT_BLOB_DIR),
+        }
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        if not isinstance(values["blob_dir"], pathlib.Path):
+            values["blob_dir"] = pathlib.Path(values["blob_dir"])
+        return cls(**values)
+
+    def __repr__(self) -> str:  # tokens and URLs with passwords stay out of logs
+        return f"ControllerConfig(listen={self.listen!r}, blob_dir={str(self.blob_dir)!r}, tokens=***)"

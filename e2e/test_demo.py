@@ -1,0 +1,71 @@
+"""The demo scenario, end to end: `tether demo` with each component as its own process.
+
+Given a fresh machine state, when `tether demo` runs, then the example MLTask
+reaches every targeted device, each runs the MNN model, the aggregate covers
+every device's result, and nothing the demo started is left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from e2e.conftest import processes_marked
+
+pytestmark = pytest.mark.e2e
+
+
+def test_demo_rolls_out_runs_and_aggregates(e2e_env, tmp_path):
+    env, mark, tmp = e2e_env
+    out = tmp_path / "outcome.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "tether.cli.main", "demo", "--agents", "12", "--json-out", str(out)],
+        env=env, capture_output=True, text=True, timeout=240,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    outcome = json.loads(out.read_text())
+    assert outcome["ok"] is True
+    assert outcome["phase"] == "Succeeded"
+    assert 0 < outcome["targeted"] <= 12
+    assert outcome["succeeded"] == outcome["targeted"] == outcome["installed"]
+    agg = outcome["aggregate"]
+    assert agg["results"] == agg["devices"] == outcome["targeted"]
+    # Internal consistency of the aggregate: the accuracy is the weighted mean of the
+    # devices' accuracies, so it equals correct / samples from the summed counts.
+    assert agg["counts"]["samples"] == agg["samples"] > 0
+    assert agg["metrics"]["accuracy"] == pytest.approx(agg["counts"]["correct"] / agg["samples"], abs=1e-9)
+    assert agg["metrics"]["accuracy"] > 0.85
+    assert sum(agg["tensors"]["mean_probs"]["values"]) == pytest.approx(1.0, abs=1e-4)
+    assert "demo finished" in proc.stdout
+    # Nothing left behind: no process, no temporary directory.
+    time.sleep(0.5)
+    assert processes_marked(mark) == []
+    assert list(tmp.iterdir()) == []
+
+
+def test_ctrl_c_stops_everything_the_demo_started(e2e_env):
+    env, mark, tmp = e2e_env
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tether.cli.main", "demo", "--agents", "4"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    # Wait until the fleet of devices is up (the last component to start), then interrupt.
+    def fleet_running() -> bool:
+        return any("fleet" in p.cmdline() for p in processes_marked(mark))
+
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and not fleet_running():
+        time.sleep(0.2)
+    assert fleet_running(), "the demo did not start its components"
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, output[-3000:]
+    time.sleep(0.5)
+    assert [p.cmdline() for p in processes_marked(mark)] == []
+    assert list(tmp.iterdir()) == []

@@ -1,0 +1,1 @@
+"""Example tasks and MLTask manifests (shipped as `tether.examples`)."""
