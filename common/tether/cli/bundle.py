@@ -36,10 +36,19 @@ def bundle() -> None:
 
 @bundle.command("build")
 @click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=pathlib.Path))
-@click.option("--out", type=click.Path(file_okay=False, path_type=pathlib.Path), default=pathlib.Path(".tether"),
-              show_default=True, help="Where to write the content-addressed bundle.")
-@click.option("--controller", envvar="TETHER_CONTROLLER", default=None,
-              help="host:port of the controller to upload to (omit to build locally only).")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=pathlib.Path),
+    default=pathlib.Path(".tether"),
+    show_default=True,
+    help="Where to write the content-addressed bundle.",
+)
+@click.option(
+    "--controller",
+    envvar="TETHER_CONTROLLER",
+    default=None,
+    help="host:port of the controller to upload to (omit to build locally only).",
+)
 @click.option("--admin-token", envvar="TETHER_ADMIN_TOKEN", default=None)
 def build(directory: pathlib.Path, out: pathlib.Path, controller: str | None, admin_token: str | None) -> None:
     """Hash every file of DIRECTORY (it holds a bundle.yaml), write the bundle, upload missing blobs."""

@@ -42,21 +42,42 @@ def load_mltask(path: pathlib.Path, *, digest: str, namespace: str) -> dict[str,
 @click.command()
 @click.option("--agents", default=20, show_default=True, help="Simulated devices to run.")
 @click.option("--timeout", default=110.0, show_default=True, help="Give up after this many seconds.")
-@click.option("--kubeconfig", envvar="TETHER_KUBECONFIG", default=None,
-              help="Use this cluster instead of the in-process Kubernetes API emulator.")
-@click.option("--database-url", envvar="TETHER_DATABASE_URL", default=None,
-              help="Use this PostgreSQL instead of an embedded one.")
-@click.option("--broker-url", envvar="TETHER_BROKER_URL", default=None,
-              help="Use this Celery broker instead of an embedded redis-server.")
+@click.option(
+    "--kubeconfig",
+    envvar="TETHER_KUBECONFIG",
+    default=None,
+    help="Use this cluster instead of the in-process Kubernetes API emulator.",
+)
+@click.option(
+    "--database-url", envvar="TETHER_DATABASE_URL", default=None, help="Use this PostgreSQL instead of an embedded one."
+)
+@click.option(
+    "--broker-url",
+    envvar="TETHER_BROKER_URL",
+    default=None,
+    help="Use this Celery broker instead of an embedded redis-server.",
+)
 @click.option("--keep", is_flag=True, help="Keep the working directory (logs, state) afterwards.")
-@click.option("--json-out", type=click.Path(dir_okay=False, path_type=pathlib.Path), default=None,
-              help="Also write the outcome as JSON here.")
-def demo(agents: int, timeout: float, kubeconfig: str | None, database_url: str | None,
-         broker_url: str | None, keep: bool, json_out: pathlib.Path | None) -> None:
+@click.option(
+    "--json-out",
+    type=click.Path(dir_okay=False, path_type=pathlib.Path),
+    default=None,
+    help="Also write the outcome as JSON here.",
+)
+def demo(
+    agents: int,
+    timeout: float,
+    kubeconfig: str | None,
+    database_url: str | None,
+    broker_url: str | None,
+    keep: bool,
+    json_out: pathlib.Path | None,
+) -> None:
     """Run the whole system locally with a simulated fleet and print the aggregate."""
     console = Console()
-    config = stack_mod.StackConfig(agents=agents, database_url=database_url, broker_url=broker_url,
-                                   kubeconfig=kubeconfig, keep_workdir=keep)
+    config = stack_mod.StackConfig(
+        agents=agents, database_url=database_url, broker_url=broker_url, kubeconfig=kubeconfig, keep_workdir=keep
+    )
     try:
         outcome = asyncio.run(run_demo(config, console=console, timeout=timeout))
     except KeyboardInterrupt:
@@ -94,10 +115,12 @@ async def _scenario(stack: stack_mod.LocalStack, *, console: Console, timeout: f
 
     cfg = stack.config
     await _step(console, "PostgreSQL and the Celery broker", stack.start_services())
-    await _step(console, "controller and Celery worker",
-                asyncio.gather(stack.start_controller(), stack.start_worker()))
-    await _step(console, "Kubernetes API " + ("(kubeconfig)" if cfg.kubeconfig else "(in-process emulator)"),
-                stack.start_cluster())
+    await _step(console, "controller and Celery worker", asyncio.gather(stack.start_controller(), stack.start_worker()))
+    await _step(
+        console,
+        "Kubernetes API " + ("(kubeconfig)" if cfg.kubeconfig else "(in-process emulator)"),
+        stack.start_cluster(),
+    )
     await _step(console, "operator", stack.start_operator())
     ex = example_dir()
     await _step(console, f"{cfg.agents} simulated devices", stack.start_fleet(ex / "device_data.npz"))
@@ -105,10 +128,13 @@ async def _scenario(stack: stack_mod.LocalStack, *, console: Console, timeout: f
     bundle_dir = ex / "task"
     manifest = build_manifest(bundle_dir)
     async with stack.admin_client() as admin:
-        upload = await _step(console, f"bundle {manifest.name} built and uploaded",
-                             admin.upload_bundle(bundle_dir, manifest))
-        console.print(f"  manifest {manifest.digest[:19]}…  {len(manifest.files)} files, "
-                      f"{upload.uploaded_blobs} blobs / {upload.uploaded_bytes} bytes uploaded")
+        upload = await _step(
+            console, f"bundle {manifest.name} built and uploaded", admin.upload_bundle(bundle_dir, manifest)
+        )
+        console.print(
+            f"  manifest {manifest.digest[:19]}…  {len(manifest.files)} files, "
+            f"{upload.uploaded_blobs} blobs / {upload.uploaded_bytes} bytes uploaded"
+        )
         task = load_mltask(ex / "mltask.yaml", digest=manifest.digest, namespace=cfg.namespace)
         name = task["metadata"]["name"]
         release = f"{cfg.namespace}/{name}"
@@ -137,16 +163,16 @@ async def _scenario(stack: stack_mod.LocalStack, *, console: Console, timeout: f
     }
 
 
-async def _watch(stack: stack_mod.LocalStack, admin: Any, release: str, *, console: Console,
-                 timeout: float) -> tuple[Any, dict[str, Any]]:
+async def _watch(
+    stack: stack_mod.LocalStack, admin: Any, release: str, *, console: Console, timeout: float
+) -> tuple[Any, dict[str, Any]]:
     namespace, name = release.split("/", 1)
     deadline = time.monotonic() + timeout
     columns = (TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     status: Any = None
     cr_status: dict[str, Any] = {}
     with Progress(*columns, console=console, transient=False) as progress:
-        bars = {key: progress.add_task(key, total=None) for key in
-                ("notified", "installed", "succeeded", "aggregated")}
+        bars = {key: progress.add_task(key, total=None) for key in ("notified", "installed", "succeeded", "aggregated")}
         phase_line = progress.add_task("phase: Pending", total=None, visible=True)
         while True:
             try:
@@ -158,8 +184,12 @@ async def _watch(stack: stack_mod.LocalStack, admin: Any, release: str, *, conso
             if status is not None:
                 total = max(status.targeted, 1)
                 aggregate = json.loads(status.aggregate_json) if status.aggregate_json else {}
-                for key, done in (("notified", status.notified), ("installed", status.installed),
-                                  ("succeeded", status.succeeded), ("aggregated", aggregate.get("results", 0))):
+                for key, done in (
+                    ("notified", status.notified),
+                    ("installed", status.installed),
+                    ("succeeded", status.succeeded),
+                    ("aggregated", aggregate.get("results", 0)),
+                ):
                     progress.update(bars[key], total=total, completed=done)
                 done = (
                     status.targeted > 0
@@ -180,13 +210,21 @@ async def _watch(stack: stack_mod.LocalStack, admin: Any, release: str, *, conso
             await asyncio.sleep(0.25)
 
 
-def _print_outcome(console: Console, release: str, status: Any, cr: dict[str, Any], aggregate: dict[str, Any],
-                   elapsed: float, ok: bool) -> None:
+def _print_outcome(
+    console: Console, release: str, status: Any, cr: dict[str, Any], aggregate: dict[str, Any], elapsed: float, ok: bool
+) -> None:
     row = Table(title="kubectl get mltasks", title_justify="left")
     for col in ("NAME", "PHASE", "STAGE", "TARGETED", "INSTALLED", "SUCCEEDED", "FAILED"):
         row.add_column(col)
-    row.add_row(release, str(cr.get("phase", "?")), str(cr.get("stage", "")), str(status.targeted),
-                str(status.installed), str(status.succeeded), str(status.failed))
+    row.add_row(
+        release,
+        str(cr.get("phase", "?")),
+        str(cr.get("stage", "")),
+        str(status.targeted),
+        str(status.installed),
+        str(status.succeeded),
+        str(status.failed),
+    )
     console.print(row)
 
     agg = Table(title=f"aggregate (round {status.aggregate_round})", title_justify="left")

@@ -72,12 +72,18 @@ class LocalStack:
             "controller",
             procs.tether_argv(
                 "controller",
-                "--listen", f"127.0.0.1:{port}",
-                "--database-url", str(self.database_url),
-                "--broker-url", str(self.broker_url),
-                "--blob-dir", str(self._dir("blobs")),
-                "--admin-token", self.admin_token,
-                "--bootstrap-token", self.bootstrap_token,
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--database-url",
+                str(self.database_url),
+                "--broker-url",
+                str(self.broker_url),
+                "--blob-dir",
+                str(self._dir("blobs")),
+                "--admin-token",
+                self.admin_token,
+                "--bootstrap-token",
+                self.bootstrap_token,
             ),
         )
         m = await comp.wait_for(r"controller listening on (\S+:\d+)", timeout=60)
@@ -87,9 +93,7 @@ class LocalStack:
     async def start_worker(self) -> None:
         comp = self._component(
             "worker",
-            procs.tether_argv(
-                "worker", "--broker-url", str(self.broker_url), "--database-url", str(self.database_url)
-            ),
+            procs.tether_argv("worker", "--broker-url", str(self.broker_url), "--database-url", str(self.database_url)),
         )
         await comp.wait_for(r"worker ready", timeout=60)
 
@@ -109,11 +113,16 @@ class LocalStack:
             "operator",
             procs.tether_argv(
                 "operator",
-                "--kubeconfig", str(self.cluster.kubeconfig_path),
-                "--namespace", self.config.namespace,
-                "--controller", self.controller_address,
-                "--admin-token", self.admin_token,
-                "--poll-interval", str(self.config.poll_interval),
+                "--kubeconfig",
+                str(self.cluster.kubeconfig_path),
+                "--namespace",
+                self.config.namespace,
+                "--controller",
+                self.controller_address,
+                "--admin-token",
+                self.admin_token,
+                "--poll-interval",
+                str(self.config.poll_interval),
             ),
         )
 
@@ -121,12 +130,18 @@ class LocalStack:
         comp = self._component(
             "fleet",
             procs.tether_argv(
-                "agent", "fleet",
-                "--count", str(self.config.agents),
-                "--controller", self.controller_address,
-                "--bootstrap-token", self.bootstrap_token,
-                "--state-root", str(self._dir("devices")),
-                "--data", str(data),
+                "agent",
+                "fleet",
+                "--count",
+                str(self.config.agents),
+                "--controller",
+                self.controller_address,
+                "--bootstrap-token",
+                self.bootstrap_token,
+                "--state-root",
+                str(self._dir("devices")),
+                "--data",
+                str(data),
             ),
         )
         await comp.wait_for(r"fleet ready", timeout=60)
@@ -156,6 +171,9 @@ class LocalStack:
         return path
 
     def _component(self, name: str, argv: list[str]) -> procs.Component:
-        comp = procs.Component(name, argv, self.workdir / "logs" / f"{name}.log").start()
+        # Each component's temporary files stay inside the stack's directory (ONNX Runtime, for
+        # one, leaves a session file in TMPDIR), so a stop removes every trace.
+        env = {"TMPDIR": str(self._dir(f"tmp/{name}"))}
+        comp = procs.Component(name, argv, self.workdir / "logs" / f"{name}.log", env=env).start()
         self.components[name] = comp
         return comp

@@ -4,14 +4,22 @@ Migrations are the `migrations/*.sql` files of this package, applied in name
 order, each once and in its own transaction, recorded in `schema_migrations`.
 A transaction-level advisory lock serialises concurrent starts (several
 controller replicas, a worker) so each file is applied exactly once.
+
+`open_pool` gives the async services one bounded pool per process: every
+request borrows a connection for one short transaction and never holds it
+while waiting on the network (a Subscribe stream holds none).
 """
 
 from __future__ import annotations
 
 import importlib.resources
 import logging
+from typing import TYPE_CHECKING
 
 import psycopg
+
+if TYPE_CHECKING:
+    from psycopg_pool import AsyncConnectionPool
 
 log = logging.getLogger(__name__)
 
@@ -43,3 +51,34 @@ def migrate(conninfo: str) -> list[str]:
                 applied_now.append(name)
                 log.info("applied migration %s", name)
     return applied_now
+
+
+async def open_pool(
+    conninfo: str,
+    *,
+    min_size: int = 1,
+    max_size: int = 20,
+    timeout: float = 30.0,
+    name: str = "tether",
+) -> AsyncConnectionPool:
+    """An opened async pool; fails within `timeout` seconds when the server is unreachable."""
+    from psycopg_pool import AsyncConnectionPool
+
+    pool = AsyncConnectionPool(
+        conninfo,
+        min_size=min_size,
+        max_size=max_size,
+        open=False,
+        timeout=timeout,
+        name=name,
+        # Autocommit: a lone read commits by itself; every write opens an explicit `conn.transaction()`.
+        kwargs={"autocommit": True},
+        # A request waits at most `timeout` for a connection, then fails clearly instead of piling up.
+        max_waiting=max_size * 50,
+    )
+    try:
+        await pool.open(wait=True, timeout=timeout)
+    except BaseException:
+        await pool.close()
+        raise
+    return pool

@@ -123,7 +123,7 @@ class EmbeddedPostgres:
                     "-p",
                     str(self.port),
                     "-k",
-                    str(self.workdir),
+                    "",  # TCP only: a Unix socket path is limited to 107 bytes
                     "-c",
                     "fsync=on",
                     "-c",

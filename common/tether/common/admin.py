@@ -1,0 +1,269 @@
+"""Async client of the controller's AdminService (operator, `tether bundle`, `tether status`, tests).
+
+Every call carries the admin token; every gRPC failure comes back as the
+`TetherError` subclass the controller raised (it names the class in the
+`tether-error` trailing metadata; otherwise the status code decides), so
+callers handle `errors.FailedPrecondition`, never `grpc.aio.AioRpcError`.
+
+`upload_bundle` is content-addressed end to end: it asks which blobs the
+controller lacks, streams only those (the controller re-hashes every byte),
+then stores the manifest, whose digest is returned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import pathlib
+from collections.abc import AsyncIterator, Iterable, Mapping
+from types import TracebackType
+from typing import Any, NamedTuple
+
+import grpc
+
+from tether.common import auth, config, errors, manifest
+from tether.proto.v1 import tether_pb2 as pb
+from tether.proto.v1 import tether_pb2_grpc as pb_grpc
+
+DEFAULT_CHUNK_SIZE = 1024 * 1024
+DEFAULT_MAX_MESSAGE_BYTES = 20 * 1024 * 1024
+
+
+class Unavailable(errors.TetherError):
+    """The controller could not be reached or did not answer in time; retrying is safe."""
+
+    code = "UNAVAILABLE"
+
+
+_BY_CODE: dict[grpc.StatusCode, type[errors.TetherError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidArgument,
+    grpc.StatusCode.OUT_OF_RANGE: errors.InvalidArgument,
+    grpc.StatusCode.NOT_FOUND: errors.NotFound,
+    grpc.StatusCode.UNAUTHENTICATED: errors.Unauthenticated,
+    grpc.StatusCode.PERMISSION_DENIED: errors.PermissionDenied,
+    grpc.StatusCode.FAILED_PRECONDITION: errors.FailedPrecondition,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: errors.TooLarge,
+    grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: Unavailable,
+}
+
+
+def error_from_rpc(e: grpc.aio.AioRpcError) -> errors.TetherError:
+    """The typed error a failed call stands for."""
+    details = e.details() or e.code().name
+    for key, value in e.trailing_metadata() or ():
+        if key == auth.ERROR_TYPE_METADATA:
+            cls = getattr(errors, str(value), None)
+            if isinstance(cls, type) and issubclass(cls, errors.TetherError):
+                return cls(details)  # the message is already formatted server-side
+    cls = _BY_CODE.get(e.code(), errors.TetherError)
+    return cls(f"{e.code().name}: {details}")
+
+
+class BundleUpload(NamedTuple):
+    """What `upload_bundle` did; unpacks as (digest, uploaded_count, uploaded_bytes)."""
+
+    digest: str
+    uploaded_count: int
+    uploaded_bytes: int
+
+    @property
+    def uploaded_blobs(self) -> int:  # the name `tether bundle` and `tether demo` print
+        return self.uploaded_count
+
+
+@dataclasses.dataclass(frozen=True)
+class ApplyResult:
+    release: str
+    version: int
+    changed: bool
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ReleaseStatus:
+    release: str
+    version: int
+    manifest_digest: str
+    targeted: int
+    notified: int
+    installed: int
+    succeeded: int
+    failed: int
+    refused: int
+    results: int
+    connected_devices: int
+    aggregate_round: int
+    aggregate: Mapping[str, Any] | None  # the latest aggregate body, None before the first round
+    aggregate_json: str  # the same, as the controller sent it ("" before the first round)
+
+    @classmethod
+    def from_proto(cls, m: pb.ReleaseStatus) -> ReleaseStatus:
+        return cls(
+            release=m.release,
+            version=m.version,
+            manifest_digest=m.manifest_digest,
+            targeted=m.targeted,
+            notified=m.notified,
+            installed=m.installed,
+            succeeded=m.succeeded,
+            failed=m.failed,
+            refused=m.refused,
+            results=m.results,
+            connected_devices=m.connected_devices,
+            aggregate_round=m.aggregate_round,
+            aggregate=json.loads(m.aggregate_json) if m.aggregate_json else None,
+            aggregate_json=m.aggregate_json,
+        )
+
+
+class AdminClient:
+    """`async with AdminClient(target=..., token=...) as admin: await admin.list_releases()`."""
+
+    def __init__(
+        self,
+        target: str | None = None,
+        *,
+        token: str,
+        root_certificates: bytes | None = None,
+        timeout_s: float = 30.0,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> None:
+        self.target = target or config.controller_target()
+        self._metadata = auth.bearer_metadata(token)
+        self._timeout_s = timeout_s
+        self._chunk_size = chunk_size
+        options = [
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+        ]
+        if root_certificates is not None:
+            creds = grpc.ssl_channel_credentials(root_certificates=root_certificates)
+            self._channel = grpc.aio.secure_channel(self.target, creds, options=options)
+        else:
+            self._channel = grpc.aio.insecure_channel(self.target, options=options)
+        self._stub = pb_grpc.AdminServiceStub(self._channel)
+
+    async def __aenter__(self) -> AdminClient:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def _call(self, method: Any, request: Any, *, timeout_s: float | None = None) -> Any:
+        try:
+            return await method(request, metadata=self._metadata, timeout=timeout_s or self._timeout_s)
+        except grpc.aio.AioRpcError as e:
+            raise error_from_rpc(e) from None
+
+    # ------------------------------------------------------------ blobs and bundles
+
+    async def missing_blobs(self, digests: Iterable[str]) -> list[str]:
+        response = await self._call(self._stub.MissingBlobs, pb.MissingBlobsRequest(digests=list(digests)))
+        return list(response.missing)
+
+    async def put_blob(self, path: pathlib.Path | str, *, digest: str | None = None) -> int:
+        """Stream a file to the controller; return its size. DigestMismatch when it does not hash to `digest`."""
+        path = pathlib.Path(path)
+        if digest is None:
+            digest, _ = await asyncio.to_thread(manifest.file_digest, path)
+        manifest.check_digest(digest)
+        try:
+            response = await self._stub.PutBlob(
+                _file_chunks(path, digest=digest, chunk_size=self._chunk_size),
+                metadata=self._metadata,
+                # A 2 GiB blob on a slow link takes a while: scale the deadline with the size.
+                timeout=self._timeout_s + path.stat().st_size / (1024 * 1024),
+            )
+        except grpc.aio.AioRpcError as e:
+            raise error_from_rpc(e) from None
+        return int(response.size)
+
+    async def put_manifest(self, body: bytes, *, signature: bytes = b"", key_id: str = "") -> str:
+        response = await self._call(
+            self._stub.PutManifest, pb.PutManifestRequest(manifest=body, signature=signature, key_id=key_id)
+        )
+        return str(response.digest)
+
+    async def upload_bundle(
+        self,
+        directory: pathlib.Path | str,
+        bundle: manifest.Manifest,
+        *,
+        signature: bytes = b"",
+        key_id: str = "",
+    ) -> BundleUpload:
+        """Upload the blobs the controller lacks, then the manifest: (digest, uploaded_count, uploaded_bytes)."""
+        directory = pathlib.Path(directory)
+        missing = set(await self.missing_blobs(bundle.blob_digests()))
+        count = 0
+        size = 0
+        for entry in bundle.files:
+            if entry.sha256 not in missing:
+                continue
+            missing.discard(entry.sha256)  # two files with equal content share one blob
+            size += await self.put_blob(directory / entry.path, digest=entry.sha256)
+            count += 1
+        digest = await self.put_manifest(bundle.canonical_bytes(), signature=signature, key_id=key_id)
+        if digest != bundle.digest:
+            raise errors.DigestMismatch(f"controller stored the manifest as {digest}, expected {bundle.digest}")
+        return BundleUpload(digest=digest, uploaded_count=count, uploaded_bytes=size)
+
+    # ------------------------------------------------------------ releases
+
+    async def apply_release(
+        self,
+        *,
+        release: str,
+        manifest_digest: str,
+        generation: int = 0,
+        target: Mapping[str, Any] | None = None,
+        trigger: Mapping[str, Any] | None = None,
+        aggregation: Mapping[str, Any] | None = None,
+        paused: bool = False,
+    ) -> ApplyResult:
+        spec = pb.ReleaseSpec(
+            release=release,
+            generation=generation,
+            manifest_digest=manifest_digest,
+            target_json=json.dumps(dict(target or {}), sort_keys=True),
+            trigger_json=json.dumps(dict(trigger or {}), sort_keys=True),
+            aggregation_json=json.dumps(dict(aggregation or {}), sort_keys=True),
+            paused=paused,
+        )
+        response = await self._call(self._stub.ApplyRelease, pb.ApplyReleaseRequest(spec=spec))
+        return ApplyResult(release=response.release, version=response.version, changed=response.changed)
+
+    async def delete_release(self, release: str) -> bool:
+        response = await self._call(self._stub.DeleteRelease, pb.DeleteReleaseRequest(release=release))
+        return bool(response.deleted)
+
+    async def get_release_status(self, release: str) -> ReleaseStatus:
+        response = await self._call(self._stub.GetReleaseStatus, pb.GetReleaseStatusRequest(release=release))
+        return ReleaseStatus.from_proto(response)
+
+    async def list_releases(self) -> list[ReleaseStatus]:
+        response = await self._call(self._stub.ListReleases, pb.ListReleasesRequest())
+        return [ReleaseStatus.from_proto(r) for r in response.releases]
+
+
+async def _file_chunks(path: pathlib.Path, *, digest: str, chunk_size: int) -> AsyncIterator[pb.PutBlobChunk]:
+    f = await asyncio.to_thread(path.open, "rb")
+    try:
+        first = True
+        while True:
+            data = await asyncio.to_thread(f.read, chunk_size)
+            if not data and not first:
+                return
+            yield pb.PutBlobChunk(digest=digest if first else "", data=data)
+            first = False
+            if not data:
+                return
+    finally:
+        await asyncio.to_thread(f.close)

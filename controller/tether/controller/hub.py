@@ -1,0 +1,178 @@
+"""Registry of connected agent streams, and the push side of push-then-pull.
+
+Each connected device has one bounded queue that its Subscribe stream drains.
+Publishing never waits: when a device's queue is full the device is dropped
+(its stream ends with UNAVAILABLE) rather than slowing everyone else down; the
+agent reconnects and its opening Sync carries everything it missed, so no
+event needs to be kept for it. A device that connects again replaces its
+older stream (a half-open TCP connection must not keep receiving events).
+
+Which devices hear about a release change is a pure decision
+(`fanout_action`); the hub only applies it to the connections it holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import enum
+import logging
+
+import grpc
+
+from tether.common import errors
+from tether.controller import releases, targeting
+from tether.proto.v1 import tether_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+
+class Action(enum.Enum):
+    NONE = "none"
+    NOTIFY = "notify"
+    REVOKE = "revoke"
+
+
+def fanout_action(*, before: releases.Release | None, after: releases.Release | None, facts: targeting.Facts) -> Action:
+    """What a connected device with `facts` must hear when a release goes from `before` to `after`.
+
+    `after` None (or deleted) means the release was deleted. A paused release
+    pushes nothing new; unpausing pushes the current version again (agents
+    ignore a version they already have).
+    """
+    was = before is not None and before.targets(facts)
+    now = after is not None and after.targets(facts)
+    if now and after is not None and not after.paused:
+        news = before is None or before.deleted or before.paused or before.version != after.version or not was
+        return Action.NOTIFY if news else Action.NONE
+    if was and not now:
+        return Action.REVOKE
+    return Action.NONE
+
+
+@dataclasses.dataclass(frozen=True)
+class Closed:
+    """Sentinel ending a stream: the status it ends with, and why."""
+
+    code: grpc.StatusCode
+    reason: str
+
+
+@dataclasses.dataclass(eq=False)
+class Connection:
+    """One live Subscribe stream. Identity matters (eq=False): a device may reconnect."""
+
+    device_id: str
+    facts: targeting.Facts
+    queue: asyncio.Queue[pb.ServerEvent | Closed]
+    closed: bool = False
+
+    def close(self, code: grpc.StatusCode, reason: str) -> None:
+        """End the stream soon: drop whatever is queued and leave only the sentinel."""
+        if self.closed:
+            return
+        self.closed = True
+        while not self.queue.empty():
+            self.queue.get_nowait()
+        self.queue.put_nowait(Closed(code, reason))
+
+
+@dataclasses.dataclass(frozen=True)
+class FanOut:
+    notified: tuple[str, ...]
+    revoked: tuple[str, ...]
+    dropped: tuple[str, ...]
+
+
+class Hub:
+    """All connected devices of this controller process."""
+
+    def __init__(self, *, queue_size: int = 64) -> None:
+        if queue_size < 1:
+            raise errors.InvalidArgument(f"queue_size must be positive, got {queue_size}")
+        self._queue_size = queue_size
+        self._connections: dict[str, Connection] = {}
+        # Highest version fanned out per release: two concurrent applies may finish
+        # their fan-outs in either order, and an older one must not follow a newer one.
+        self._versions: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return len(self._connections)
+
+    def connect(self, *, device_id: str, facts: targeting.Facts) -> Connection:
+        conn = Connection(device_id=device_id, facts=facts, queue=asyncio.Queue(maxsize=self._queue_size + 1))
+        old = self._connections.get(device_id)
+        if old is not None:
+            old.close(grpc.StatusCode.ABORTED, "superseded by a newer connection of this device")
+        self._connections[device_id] = conn
+        return conn
+
+    def disconnect(self, conn: Connection) -> None:
+        """The stream ended (its `finally`): forget it, unless a newer stream already replaced it."""
+        if self._connections.get(conn.device_id) is conn:
+            del self._connections[conn.device_id]
+        conn.closed = True
+
+    def is_connected(self, device_id: str) -> bool:
+        return device_id in self._connections
+
+    def update_facts(self, *, device_id: str, facts: targeting.Facts) -> None:
+        """A connected device re-enrolled with new attributes: target it by what it says now."""
+        conn = self._connections.get(device_id)
+        if conn is not None:
+            conn.facts = facts
+
+    def offer(self, conn: Connection, event: pb.ServerEvent) -> bool:
+        """Queue an event without waiting; a full queue drops the device (it resyncs on reconnect)."""
+        if conn.closed:
+            return False
+        if conn.queue.qsize() >= self._queue_size:  # one slot stays free for the closing sentinel
+            log.warning("device %s is too slow (%d events queued): dropping it", conn.device_id, conn.queue.qsize())
+            if self._connections.get(conn.device_id) is conn:
+                del self._connections[conn.device_id]
+            conn.close(grpc.StatusCode.UNAVAILABLE, "event queue overflowed; reconnect to resync")
+            return False
+        conn.queue.put_nowait(event)
+        return True
+
+    def release_changed(self, *, before: releases.Release | None, after: releases.Release | None) -> FanOut:
+        """Push Notify / Revoke to every connected device the change concerns."""
+        subject = after if after is not None else before
+        if subject is None:
+            return FanOut(notified=(), revoked=(), dropped=())
+        if after is not None:
+            if after.version < self._versions.get(after.name, 0):
+                return FanOut(notified=(), revoked=(), dropped=())  # a newer version was already pushed
+            self._versions[after.name] = after.version
+        notified: list[str] = []
+        revoked: list[str] = []
+        dropped: list[str] = []
+        for conn in list(self._connections.values()):
+            action = fanout_action(before=before, after=after, facts=conn.facts)
+            if action is Action.NONE:
+                continue
+            if action is Action.NOTIFY:
+                assert after is not None
+                event = pb.ServerEvent(
+                    notify=pb.Notify(
+                        task=pb.DesiredTask(
+                            release=after.name, version=after.version, manifest_digest=after.manifest_digest
+                        )
+                    )
+                )
+            else:
+                event = pb.ServerEvent(revoke=pb.Revoke(release=subject.name))
+            if self.offer(conn, event):
+                (notified if action is Action.NOTIFY else revoked).append(conn.device_id)
+            else:
+                dropped.append(conn.device_id)
+        return FanOut(notified=tuple(notified), revoked=tuple(revoked), dropped=tuple(dropped))
+
+    def connected_targeted(self, release: releases.Release) -> int:
+        return sum(1 for conn in self._connections.values() if release.targets(conn.facts))
+
+    def close_all(self, *, code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE, reason: str) -> None:
+        """End every stream (shutdown): agents reconnect elsewhere and resync."""
+        for conn in list(self._connections.values()):
+            conn.close(code, reason)
+        self._connections.clear()

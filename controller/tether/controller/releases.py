@@ -1,0 +1,177 @@
+"""Release specs as the controller accepts them: validation and change detection.
+
+The operator sends target, trigger and aggregation as JSON documents (so the
+wire contract does not change for each new policy field); they are validated
+here, once, before anything is stored. `content_changed` decides whether an
+apply bumps the release version: only the manifest and the policy documents
+count, never the MLTask generation or the pause flag, so re-applying an
+unchanged MLTask notifies nobody.
+
+Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from tether.common import errors, manifest
+from tether.controller import targeting
+
+# "<namespace>/<name>": a Kubernetes namespace (DNS label) and object name (DNS subdomain).
+RELEASE_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?/[a-z0-9]([-.a-z0-9]{0,251}[a-z0-9])?$")
+MAX_POLICY_BYTES = 64 * 1024
+TENSOR_AGGREGATIONS = frozenset({"weightedMean", "mean", "sum"})
+METRIC_AGGREGATIONS = frozenset({"weightedMean", "mean"})
+COUNT_AGGREGATIONS = frozenset({"sum"})
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ReleaseSpec:
+    release: str
+    generation: int
+    manifest_digest: str
+    target: Mapping[str, Any]
+    trigger: Mapping[str, Any]
+    aggregation: Mapping[str, Any]
+    paused: bool = False
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Release:
+    """A stored release: its spec, the controller-side version, and the parsed target."""
+
+    spec: ReleaseSpec
+    version: int
+    deleted: bool = False
+    target: targeting.Target = dataclasses.field(default_factory=targeting.Target, compare=False)
+
+    @property
+    def name(self) -> str:
+        return self.spec.release
+
+    @property
+    def manifest_digest(self) -> str:
+        return self.spec.manifest_digest
+
+    @property
+    def paused(self) -> bool:
+        return self.spec.paused
+
+    def targets(self, facts: targeting.Facts) -> bool:
+        """The target matches the device (pause does not matter: results and reports stay welcome)."""
+        return not self.deleted and self.target.matches(facts)
+
+    def offered_to(self, facts: targeting.Facts, *, delivered: bool) -> bool:
+        """Whether the device should have this release installed.
+
+        A paused release stops spreading: it stays with devices that already
+        got it (pausing is not a rollback, so nothing is uninstalled) but is
+        not offered to devices that never had it.
+        """
+        return self.targets(facts) and (not self.paused or delivered)
+
+
+def check_release_name(release: str, *, field: str = "release") -> str:
+    if not isinstance(release, str) or not RELEASE_RE.match(release):
+        raise errors.InvalidSpec(f"{release!r} must be '<namespace>/<name>' in lowercase DNS form", field=field)
+    return release
+
+
+def parse_spec(
+    *,
+    release: str,
+    generation: int,
+    manifest_digest: str,
+    target_json: str,
+    trigger_json: str,
+    aggregation_json: str,
+    paused: bool,
+) -> ReleaseSpec:
+    """Validate a ReleaseSpec from the wire; `errors.InvalidSpec` names the field."""
+    check_release_name(release)
+    if generation < 0:
+        raise errors.InvalidSpec(f"must be >= 0, got {generation}", field="generation")
+    if not manifest.DIGEST_RE.match(manifest_digest):
+        raise errors.InvalidSpec(
+            f"{manifest_digest!r} is not of the form sha256:<64 hex digits>", field="manifest_digest"
+        )
+    target = targeting.parse_target_json(target_json, field="target")
+    trigger = _object(trigger_json, field="trigger")
+    aggregation = _object(aggregation_json, field="aggregation")
+    check_trigger(trigger)
+    check_aggregation(aggregation)
+    return ReleaseSpec(
+        release=release,
+        generation=generation,
+        manifest_digest=manifest_digest,
+        target=dict(target.document),
+        trigger=trigger,
+        aggregation=aggregation,
+        paused=paused,
+    )
+
+
+def check_trigger(trigger: Mapping[str, Any], *, field: str = "trigger") -> None:
+    """A trigger names its type; the agent interprets it. Known types are checked here."""
+    if not trigger:
+        return  # the agent's default (run on install)
+    kind = trigger.get("type")
+    if not isinstance(kind, str) or not kind:
+        raise errors.InvalidSpec("must name a non-empty string type", field=f"{field}.type")
+    if kind == "interval":
+        seconds = trigger.get("seconds")
+        if (
+            not isinstance(seconds, int | float)
+            or isinstance(seconds, bool)
+            or not math.isfinite(seconds)
+            or seconds <= 0
+        ):
+            raise errors.InvalidSpec(f"must be a positive number, got {seconds!r}", field=f"{field}.seconds")
+
+
+def check_aggregation(aggregation: Mapping[str, Any], *, field: str = "aggregation") -> None:
+    """The documented keys must carry a supported method; other keys pass to the worker untouched."""
+    for key, allowed in (
+        ("tensors", TENSOR_AGGREGATIONS),
+        ("metrics", METRIC_AGGREGATIONS),
+        ("counts", COUNT_AGGREGATIONS),
+    ):
+        if key in aggregation and aggregation[key] not in allowed:
+            raise errors.InvalidSpec(f"{aggregation[key]!r} is not one of {sorted(allowed)}", field=f"{field}.{key}")
+
+
+def content_changed(old: ReleaseSpec, new: ReleaseSpec) -> bool:
+    """Whether devices must hear about `new`: manifest or policy differ (generation and pause do not count)."""
+    return (
+        old.manifest_digest != new.manifest_digest
+        or _canonical(old.target) != _canonical(new.target)
+        or _canonical(old.trigger) != _canonical(new.trigger)
+        or _canonical(old.aggregation) != _canonical(new.aggregation)
+    )
+
+
+def _canonical(doc: Mapping[str, Any]) -> str:
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"))
+
+
+def _object(text: str, *, field: str) -> dict[str, Any]:
+    if not text.strip():
+        return {}
+    if len(text.encode("utf-8")) > MAX_POLICY_BYTES:
+        raise errors.InvalidSpec(f"document larger than {MAX_POLICY_BYTES} bytes", field=field)
+    try:
+        doc = json.loads(text, parse_constant=_reject_constant)
+    except ValueError as e:  # JSONDecodeError, or NaN/Infinity (Postgres jsonb refuses them)
+        raise errors.InvalidSpec(f"not valid JSON: {e}", field=field) from None
+    if not isinstance(doc, dict):
+        raise errors.InvalidSpec("must be a JSON object", field=field)
+    return doc
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not allowed")

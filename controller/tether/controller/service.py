@@ -1,0 +1,474 @@
+"""gRPC servicers: DeviceService (agents) and AdminService (operator, CLI).
+
+Thin adapters. Each RPC authenticates, converts the request into domain
+values (validated by the pure modules), calls the store / blob store / hub,
+and converts back. Typed `TetherError`s become gRPC status codes here and
+nowhere else (`_edge`); anything unexpected is logged and answered INTERNAL
+without leaking internals.
+
+Order matters in two places:
+- Subscribe registers the stream in the hub *before* reading the desired
+  state, so a release applied in between is either in the Sync or queued
+  behind it (a duplicate Notify is harmless; a lost one is not).
+- UploadResult enqueues aggregation only after the result's transaction
+  committed, so a worker never looks for a row that is not there yet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import functools
+import logging
+import time
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any, TypeVar
+
+import grpc
+
+from tether.common import auth, errors, manifest
+from tether.controller import blobs, devices, hub, releases, store, uploads
+from tether.controller.enqueue import Enqueuer
+from tether.proto.v1 import tether_pb2 as pb
+from tether.proto.v1 import tether_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+BLOB_CHUNK_SIZE = 256 * 1024
+MAX_SIGNATURE_BYTES = 1024
+MAX_KEY_ID_LEN = 256
+MAX_STATUS_MESSAGE = 4096
+MAX_DIGESTS_PER_QUERY = manifest.MAX_FILES
+_BRIDGE_TIMEOUT_S = 300.0  # a PutBlob client silent this long is abandoned
+
+DELIVERY_STATES: dict[int, str] = {
+    pb.DELIVERY_STATE_NOTIFIED: "notified",
+    pb.DELIVERY_STATE_DOWNLOADING: "downloading",
+    pb.DELIVERY_STATE_INSTALLED: "installed",
+    pb.DELIVERY_STATE_RUNNING: "running",
+    pb.DELIVERY_STATE_SUCCEEDED: "succeeded",
+    pb.DELIVERY_STATE_FAILED: "failed",
+    pb.DELIVERY_STATE_REFUSED: "refused",
+    pb.DELIVERY_STATE_UNINSTALLED: "uninstalled",
+}
+
+R = TypeVar("R")
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+    if isinstance(exc, errors.TetherError):
+        code = getattr(grpc.StatusCode, exc.code, grpc.StatusCode.INTERNAL)
+        await context.abort(code, str(exc), trailing_metadata=((auth.ERROR_TYPE_METADATA, type(exc).__name__),))
+    log.exception("unexpected error in %s", type(exc).__name__, exc_info=exc)
+    await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the controller log")
+
+
+def _edge(fn: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
+    """Map TetherError → status code for a unary-response RPC."""
+
+    @functools.wraps(fn)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> R:
+        try:
+            return await fn(self, request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as e:
+            await _abort(context, e)
+            raise AssertionError("unreachable: abort raises") from e
+
+    return wrapper
+
+
+def _edge_stream(fn: Callable[..., AsyncGenerator[R, None]]) -> Callable[..., AsyncIterator[R]]:
+    """Map TetherError → status code for a server-streaming RPC; always finalise the inner stream."""
+
+    @functools.wraps(fn)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[R]:
+        stream = fn(self, request, context)
+        try:
+            async for item in stream:
+                yield item
+        except grpc.aio.AbortError:
+            raise
+        except Exception as e:
+            await _abort(context, e)
+        finally:
+            await stream.aclose()  # run its `finally` now, not whenever it is garbage-collected
+
+    return wrapper
+
+
+class ManifestCache:
+    """Parsed manifests by digest. Content-addressed, hence immutable: caching is always correct."""
+
+    def __init__(self, *, store_: store.Store, size: int = 256) -> None:
+        self._store = store_
+        self._size = size
+        self._items: collections.OrderedDict[str, tuple[store.StoredManifest, manifest.Manifest]] = (
+            collections.OrderedDict()
+        )
+
+    async def get(self, digest: str) -> tuple[store.StoredManifest, manifest.Manifest]:
+        hit = self._items.get(digest)
+        if hit is not None:
+            self._items.move_to_end(digest)
+            return hit
+        stored = await self._store.get_manifest(digest)
+        if stored is None:
+            raise errors.NotFound(f"manifest {digest} is not stored")
+        item = (stored, manifest.Manifest.from_bytes(stored.body))
+        self._items[digest] = item
+        while len(self._items) > self._size:
+            self._items.popitem(last=False)
+        return item
+
+
+async def _notify(
+    *, hub_: hub.Hub, store_: store.Store, before: releases.Release | None, after: releases.Release | None
+) -> None:
+    """Push a release change to connected devices and record who was notified."""
+    fan = hub_.release_changed(before=before, after=after)
+    if after is not None and fan.notified:
+        await store_.mark_notified(release=after.name, version=after.version, device_ids=fan.notified)
+    subject = after if after is not None else before
+    if subject is not None and (fan.notified or fan.revoked or fan.dropped):
+        log.info(
+            "release %s: notified %d, revoked %d, dropped %d slow device(s)",
+            subject.name,
+            len(fan.notified),
+            len(fan.revoked),
+            len(fan.dropped),
+        )
+
+
+# ---------------------------------------------------------------- devices
+
+
+class DeviceService(pb_grpc.DeviceServiceServicer):
+    def __init__(
+        self,
+        *,
+        store_: store.Store,
+        blob_store: blobs.BlobStore,
+        hub_: hub.Hub,
+        enqueuer: Enqueuer,
+        manifests: ManifestCache,
+        bootstrap_token: str,
+        heartbeat_s: float = 30.0,
+        max_tensor_bytes: int = uploads.MAX_TENSOR_BYTES,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._store = store_
+        self._blobs = blob_store
+        self._hub = hub_
+        self._enqueuer = enqueuer
+        self._manifests = manifests
+        self._bootstrap_token = bootstrap_token
+        self._heartbeat_s = heartbeat_s
+        self._max_tensor_bytes = max_tensor_bytes
+        self._clock = clock
+
+    async def _device(self, context: grpc.aio.ServicerContext) -> devices.Device:
+        token = auth.bearer_token(context.invocation_metadata())
+        return await self._store.authenticate_device(auth.parse_credential(token))
+
+    @_edge
+    async def Enroll(self, request: pb.EnrollRequest, context: grpc.aio.ServicerContext) -> pb.EnrollResponse:
+        if not request.bootstrap_token or not auth.tokens_equal(request.bootstrap_token, self._bootstrap_token):
+            raise errors.Unauthenticated("invalid bootstrap token")
+        device_id = request.device.device_id or f"dev-{uuid.uuid4().hex}"
+        auth.check_device_id(device_id)
+        info = devices.validate_info(attributes=dict(request.device.attributes), backends=request.device.backends)
+        credential = await self._store.enroll_device(device_id=device_id, info=info)
+        device = devices.Device(device_id=device_id, attributes=info.attributes, backends=info.backends)
+        self._hub.update_facts(device_id=device_id, facts=device.facts)
+        log.info("device %s enrolled", device_id)
+        return pb.EnrollResponse(device_id=device_id, credential=str(credential))
+
+    @_edge_stream
+    async def Subscribe(
+        self, request: pb.SubscribeRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ServerEvent]:
+        device = await self._device(context)
+        conn = self._hub.connect(device_id=device.device_id, facts=device.facts)
+        try:
+            await self._store.touch_device(device.device_id)
+            desired = await self._store.desired_tasks(device)
+            await self._store.mark_synced(device_id=device.device_id, tasks=desired)
+            yield pb.ServerEvent(
+                sync=pb.Sync(
+                    desired=[
+                        pb.DesiredTask(release=t.release, version=t.version, manifest_digest=t.manifest_digest)
+                        for t in desired
+                    ]
+                )
+            )
+            while True:
+                try:
+                    item = await asyncio.wait_for(conn.queue.get(), timeout=self._heartbeat_s)
+                except TimeoutError:
+                    yield pb.ServerEvent(heartbeat=pb.Heartbeat(server_time_ms=int(self._clock() * 1000)))
+                    continue
+                if isinstance(item, hub.Closed):
+                    await context.abort(item.code, item.reason)
+                yield item
+        finally:
+            self._hub.disconnect(conn)
+
+    @_edge
+    async def GetManifest(
+        self, request: pb.GetManifestRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetManifestResponse:
+        device = await self._device(context)
+        release = await self._store.release_for_device(device, request.release)
+        if request.manifest_digest != release.manifest_digest:
+            raise errors.NotFound(
+                f"release {release.name!r} is at manifest {release.manifest_digest}, not {request.manifest_digest!r}"
+            )
+        stored, _ = await self._manifests.get(release.manifest_digest)
+        return pb.GetManifestResponse(manifest=stored.body, signature=stored.signature, key_id=stored.key_id)
+
+    @_edge_stream
+    async def PullBlob(
+        self, request: pb.PullBlobRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.BlobChunk]:
+        device = await self._device(context)
+        digest = _digest(request.digest)
+        release = await self._store.release_for_device(device, request.release)
+        _, parsed = await self._manifests.get(release.manifest_digest)
+        if digest not in parsed.blob_digests():
+            raise errors.PermissionDenied(f"blob {digest} is not part of release {release.name!r}")
+        if request.offset < 0:
+            raise errors.InvalidArgument(f"offset: must be >= 0, got {request.offset}")
+        total = await asyncio.to_thread(self._blobs.size, digest)
+        if total is None:
+            raise errors.NotFound(f"blob {digest} is not stored")
+        chunks = await asyncio.to_thread(
+            self._blobs.read_range, digest, offset=request.offset, chunk_size=BLOB_CHUNK_SIZE
+        )
+        try:
+            position = request.offset
+            sent = False
+            while (chunk := await asyncio.to_thread(next, chunks, None)) is not None:
+                yield pb.BlobChunk(offset=position, data=chunk, total_size=total)
+                position += len(chunk)
+                sent = True
+            if not sent:  # resumed at the very end: still tell the agent the size
+                yield pb.BlobChunk(offset=position, data=b"", total_size=total)
+        finally:
+            await asyncio.to_thread(_close, chunks)
+
+    @_edge
+    async def ReportStatus(
+        self, request: pb.ReportStatusRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ReportStatusResponse:
+        device = await self._device(context)
+        state = DELIVERY_STATES.get(request.state)
+        if state is None:
+            raise errors.InvalidArgument(f"state: {request.state} is not a reportable delivery state")
+        await self._store.report_delivery(
+            device=device,
+            release=request.release,
+            version=request.version,
+            state=state,
+            message=request.message[:MAX_STATUS_MESSAGE],
+        )
+        return pb.ReportStatusResponse()
+
+    @_edge
+    async def UploadResult(
+        self, request: pb.UploadResultRequest, context: grpc.aio.ServicerContext
+    ) -> pb.UploadResultResponse:
+        device = await self._device(context)
+        record = uploads.validate_result(
+            release=request.release,
+            version=request.version,
+            idempotency_key=request.idempotency_key,
+            sample_count=request.sample_count,
+            metrics=dict(request.metrics),
+            counts=dict(request.counts),
+            tensors=[uploads.TensorIn(name=t.name, shape=list(t.shape), data=t.data) for t in request.tensors],
+            duration_s=request.duration_s,
+            max_tensor_bytes=self._max_tensor_bytes,
+        )
+        outcome = await self._store.insert_result(device=device, record=record)
+        # Committed. A duplicate enqueues too: if the first attempt's publish failed, the retry heals it.
+        await self._enqueuer.enqueue(release=outcome.release, version=outcome.version)
+        return pb.UploadResultResponse(duplicate=outcome.duplicate)
+
+
+# ---------------------------------------------------------------- admin
+
+
+class AdminService(pb_grpc.AdminServiceServicer):
+    def __init__(
+        self,
+        *,
+        store_: store.Store,
+        blob_store: blobs.BlobStore,
+        hub_: hub.Hub,
+        admin_token: str,
+    ) -> None:
+        self._store = store_
+        self._blobs = blob_store
+        self._hub = hub_
+        self._admin_token = admin_token
+
+    def _admin(self, context: grpc.aio.ServicerContext) -> None:
+        token = auth.bearer_token(context.invocation_metadata())
+        if not auth.tokens_equal(token, self._admin_token):
+            raise errors.Unauthenticated("invalid admin token")
+
+    @_edge
+    async def MissingBlobs(
+        self, request: pb.MissingBlobsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.MissingBlobsResponse:
+        self._admin(context)
+        if len(request.digests) > MAX_DIGESTS_PER_QUERY:
+            raise errors.TooLarge(f"digests: {len(request.digests)} entries; the limit is {MAX_DIGESTS_PER_QUERY}")
+        wanted = [_digest(d) for d in dict.fromkeys(request.digests)]
+        recorded = await self._store.blob_sizes(wanted)
+        missing = []
+        for d in wanted:
+            if d not in recorded or not await asyncio.to_thread(self._blobs.has, d):
+                missing.append(d)
+        return pb.MissingBlobsResponse(missing=missing)
+
+    @_edge
+    async def PutBlob(
+        self, request_iterator: AsyncIterator[pb.PutBlobChunk], context: grpc.aio.ServicerContext
+    ) -> pb.PutBlobResponse:
+        self._admin(context)
+        first = await anext(aiter(request_iterator), None)
+        if first is None:
+            raise errors.InvalidArgument("PutBlob stream is empty: the first message must carry the digest")
+        digest = _digest(first.digest)
+
+        async def chunks() -> AsyncIterator[bytes]:
+            yield first.data
+            async for message in request_iterator:
+                if message.digest and message.digest != digest:
+                    raise errors.InvalidArgument(f"digest changed mid-stream from {digest} to {message.digest}")
+                yield message.data
+
+        loop = asyncio.get_running_loop()
+        size = await asyncio.to_thread(self._blobs.put_stream, digest, _blocking_iter(chunks(), loop))
+        await self._store.put_blob(digest=digest, size=size)
+        log.info("stored blob %s (%d bytes)", digest, size)
+        return pb.PutBlobResponse(digest=digest, size=size)
+
+    @_edge
+    async def PutManifest(
+        self, request: pb.PutManifestRequest, context: grpc.aio.ServicerContext
+    ) -> pb.PutManifestResponse:
+        self._admin(context)
+        if len(request.signature) > MAX_SIGNATURE_BYTES:
+            raise errors.InvalidArgument(f"signature: longer than {MAX_SIGNATURE_BYTES} bytes")
+        if len(request.key_id) > MAX_KEY_ID_LEN:
+            raise errors.InvalidArgument(f"key_id: longer than {MAX_KEY_ID_LEN} characters")
+        if request.signature and not request.key_id:
+            raise errors.InvalidArgument("key_id: required when a signature is given")
+        digest = await self._store.put_manifest(
+            body=request.manifest, signature=request.signature, key_id=request.key_id
+        )
+        return pb.PutManifestResponse(digest=digest)
+
+    @_edge
+    async def ApplyRelease(
+        self, request: pb.ApplyReleaseRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ApplyReleaseResponse:
+        self._admin(context)
+        s = request.spec
+        spec = releases.parse_spec(
+            release=s.release,
+            generation=s.generation,
+            manifest_digest=s.manifest_digest,
+            target_json=s.target_json,
+            trigger_json=s.trigger_json,
+            aggregation_json=s.aggregation_json,
+            paused=s.paused,
+        )
+        outcome = await self._store.apply_release(spec)
+        previous = outcome.previous
+        if outcome.changed or (previous is not None and previous.paused != outcome.release.paused):
+            await _notify(hub_=self._hub, store_=self._store, before=previous, after=outcome.release)
+        return pb.ApplyReleaseResponse(
+            release=outcome.release.name, version=outcome.release.version, changed=outcome.changed
+        )
+
+    @_edge
+    async def DeleteRelease(
+        self, request: pb.DeleteReleaseRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DeleteReleaseResponse:
+        self._admin(context)
+        releases.check_release_name(request.release)
+        previous = await self._store.delete_release(request.release)
+        if previous is not None:
+            await _notify(hub_=self._hub, store_=self._store, before=previous, after=None)
+        return pb.DeleteReleaseResponse(deleted=previous is not None)
+
+    @_edge
+    async def GetReleaseStatus(
+        self, request: pb.GetReleaseStatusRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ReleaseStatus:
+        self._admin(context)
+        releases.check_release_name(request.release)
+        [counts] = await self._store.release_counts([request.release])
+        return self._status(counts)
+
+    @_edge
+    async def ListReleases(
+        self, request: pb.ListReleasesRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListReleasesResponse:
+        self._admin(context)
+        counts = await self._store.release_counts()
+        return pb.ListReleasesResponse(releases=[self._status(c) for c in counts])
+
+    def _status(self, counts: store.ReleaseCounts) -> pb.ReleaseStatus:
+        connected = self._hub.connected_targeted(counts.subject)
+        return pb.ReleaseStatus(
+            release=counts.release,
+            version=counts.version,
+            manifest_digest=counts.manifest_digest,
+            targeted=counts.targeted,
+            notified=counts.notified,
+            installed=counts.installed,
+            succeeded=counts.succeeded,
+            failed=counts.failed,
+            refused=counts.refused,
+            results=counts.results,
+            aggregate_json=counts.aggregate_json,
+            aggregate_round=counts.aggregate_round,
+            connected_devices=connected,
+        )
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _digest(value: str) -> str:
+    try:
+        return manifest.check_digest(value)
+    except errors.InvalidManifest as e:
+        raise errors.InvalidArgument(str(e)) from None
+
+
+def _blocking_iter(chunks: AsyncIterator[bytes], loop: asyncio.AbstractEventLoop) -> Iterator[bytes]:
+    """Drive an async iterator from a worker thread (the blob store's writes are blocking)."""
+    while True:
+        future = asyncio.run_coroutine_threadsafe(_next_or_end(chunks), loop)
+        item = future.result(timeout=_BRIDGE_TIMEOUT_S)
+        if item is None:
+            return
+        yield item
+
+
+async def _next_or_end(chunks: AsyncIterator[bytes]) -> bytes | None:
+    return await anext(chunks, None)
+
+
+def _close(chunks: Iterator[bytes]) -> None:
+    close = getattr(chunks, "close", None)
+    if close is not None:
+        close()

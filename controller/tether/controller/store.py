@@ -1,0 +1,594 @@
+"""The controller's system of record: every SQL statement lives here.
+
+Each public method is one short transaction on a pooled connection. Checks
+that decide whether a write is allowed (the manifest exists, the release
+targets this device, the version is current) run inside the same transaction,
+on rows locked `FOR SHARE` / `FOR UPDATE`, so a concurrent apply cannot slip
+between check and write; a refused request raises a `TetherError` and the
+transaction rolls back, leaving stored state unchanged.
+
+Targets are evaluated in Python (`tether.controller.targeting`) over rows read
+here: target documents are validated before they are stored, so a stored one
+always parses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+
+from tether.common import auth, errors, manifest
+from tether.controller import devices, releases, targeting, uploads
+
+if TYPE_CHECKING:
+    from psycopg import AsyncConnection
+    from psycopg_pool import AsyncConnectionPool
+
+DELIVERY_STATES = frozenset(
+    {"notified", "downloading", "installed", "running", "succeeded", "failed", "refused", "uninstalled"}
+)
+# Cumulative funnel: a device that runs or succeeded has, by definition, installed.
+INSTALLED_STATES = ("installed", "running", "succeeded")
+_RELEASE_COLUMNS = "release, version, generation, manifest_digest, target, trigger, aggregation, paused, deleted"
+_R_RELEASE_COLUMNS = ", ".join("r." + c.strip() for c in _RELEASE_COLUMNS.split(","))
+
+
+@dataclasses.dataclass(frozen=True)
+class DesiredTask:
+    release: str
+    version: int
+    manifest_digest: str
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredManifest:
+    digest: str
+    body: bytes
+    signature: bytes
+    key_id: str
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ApplyOutcome:
+    release: releases.Release
+    previous: releases.Release | None  # as stored before this apply (possibly deleted), None when new
+    changed: bool  # the version was bumped
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class InsertOutcome:
+    duplicate: bool
+    release: str  # of the stored row (for a duplicate: of the first upload)
+    version: int
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ReleaseCounts:
+    """`GetReleaseStatus` minus what only the hub knows (connected devices).
+
+    Counts are over deliveries at the current version: `notified` is every
+    device told about it (whatever it reported since, except uninstalled),
+    `installed` is cumulative (installed, running or succeeded), `succeeded`,
+    `failed` and `refused` are the devices whose latest report says so.
+    `targeted` counts enrolled, non-revoked devices the target matches.
+    """
+
+    release: str
+    version: int
+    manifest_digest: str
+    targeted: int
+    notified: int
+    installed: int
+    succeeded: int
+    failed: int
+    refused: int
+    results: int
+    aggregate_json: str
+    aggregate_round: int
+    subject: releases.Release = dataclasses.field(compare=False, repr=False)
+
+
+class Store:
+    """Postgres-backed registry, manifests, releases, deliveries and results."""
+
+    def __init__(self, pool: AsyncConnectionPool) -> None:
+        self._pool = pool
+
+    # ------------------------------------------------------------ devices
+
+    async def enroll_device(self, *, device_id: str, info: devices.DeviceInfo) -> auth.Credential:
+        """Register a device, or rotate the credential of a known one (the old one stops working).
+
+        The caller has checked the bootstrap token. A revoked device stays revoked.
+        """
+        auth.check_device_id(device_id)
+        credential = auth.Credential(device_id=device_id, secret=auth.new_secret())
+        async with self._pool.connection() as conn, conn.transaction():
+            row = await (
+                await conn.execute("SELECT revoked FROM devices WHERE device_id = %s FOR UPDATE", (device_id,))
+            ).fetchone()
+            if row is not None and row[0]:
+                raise errors.PermissionDenied(f"device {device_id} is revoked and cannot re-enrol")
+            await conn.execute(
+                "INSERT INTO devices (device_id, credential_hash, attributes, backends, last_seen_at)"
+                " VALUES (%s, %s, %s, %s, now())"
+                " ON CONFLICT (device_id) DO UPDATE SET credential_hash = EXCLUDED.credential_hash,"
+                " attributes = EXCLUDED.attributes, backends = EXCLUDED.backends, last_seen_at = now()",
+                (device_id, credential.secret_hash, Jsonb(dict(info.attributes)), list(info.backends)),
+            )
+        return credential
+
+    async def authenticate_device(self, credential: auth.Credential) -> devices.Device:
+        """The device the credential belongs to; Unauthenticated otherwise (same message: no probing)."""
+        async with self._pool.connection() as conn:
+            cur = conn.cursor(row_factory=dict_row)
+            row = await (
+                await cur.execute(
+                    "SELECT device_id, credential_hash, attributes, backends, revoked FROM devices"
+                    " WHERE device_id = %s",
+                    (credential.device_id,),
+                )
+            ).fetchone()
+        if row is None or not auth.secret_matches(credential.secret, row["credential_hash"]):
+            raise errors.Unauthenticated("unknown device or wrong credential")
+        if row["revoked"]:
+            raise errors.Unauthenticated(f"device {credential.device_id} is revoked")
+        return _device(row)
+
+    async def touch_device(self, device_id: str) -> None:
+        async with self._pool.connection() as conn:
+            await conn.execute("UPDATE devices SET last_seen_at = now() WHERE device_id = %s", (device_id,))
+
+    async def revoke_device(self, device_id: str) -> bool:
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(
+                "UPDATE devices SET revoked = true WHERE device_id = %s AND NOT revoked", (device_id,)
+            )
+            return cur.rowcount == 1
+
+    async def active_devices(self) -> list[devices.Device]:
+        async with self._pool.connection() as conn:
+            cur = conn.cursor(row_factory=dict_row)
+            rows = await (
+                await cur.execute(
+                    "SELECT device_id, attributes, backends, revoked FROM devices WHERE NOT revoked ORDER BY device_id"
+                )
+            ).fetchall()
+        return [_device(r) for r in rows]
+
+    # ------------------------------------------------------------ blobs and manifests
+
+    async def put_blob(self, *, digest: str, size: int) -> None:
+        """Record a blob already verified and stored by the blob store."""
+        manifest.check_digest(digest)
+        async with self._pool.connection() as conn:
+            await conn.execute(
+                "INSERT INTO blobs (digest, size) VALUES (%s, %s) ON CONFLICT (digest) DO NOTHING", (digest, size)
+            )
+
+    async def blob_sizes(self, digests: Iterable[str]) -> dict[str, int]:
+        wanted = list(dict.fromkeys(digests))
+        if not wanted:
+            return {}
+        async with self._pool.connection() as conn:
+            rows = await (
+                await conn.execute("SELECT digest, size FROM blobs WHERE digest = ANY(%s)", (wanted,))
+            ).fetchall()
+        return {d: int(s) for d, s in rows}
+
+    async def put_manifest(self, *, body: bytes, signature: bytes = b"", key_id: str = "") -> str:
+        """Store a validated manifest whose blobs are all stored; return its digest.
+
+        The digest is computed here from the bytes, never taken on trust. A
+        manifest stored again with a non-empty signature takes that signature
+        (re-signing with a new key); the content, its address, cannot change.
+        """
+        parsed = manifest.Manifest.from_bytes(body)
+        digest = manifest.sha256_digest(body)
+        async with self._pool.connection() as conn, conn.transaction():
+            wanted = parsed.blob_digests()
+            rows = await (
+                await conn.execute("SELECT digest, size FROM blobs WHERE digest = ANY(%s) FOR SHARE", (wanted,))
+            ).fetchall()
+            sizes = {d: int(s) for d, s in rows}
+            missing = [d for d in wanted if d not in sizes]
+            if missing:
+                raise errors.FailedPrecondition(
+                    f"manifest references {len(missing)} blob(s) not uploaded yet, e.g. {missing[0]}"
+                )
+            for f in parsed.files:
+                if sizes[f.sha256] != f.size:
+                    raise errors.InvalidManifest(
+                        f"files: {f.path} claims {f.size} bytes but blob {f.sha256} has {sizes[f.sha256]}"
+                    )
+            await conn.execute(
+                "INSERT INTO manifests (digest, body, signature, key_id) VALUES (%s, %s, %s, %s)"
+                " ON CONFLICT (digest) DO UPDATE SET signature = EXCLUDED.signature, key_id = EXCLUDED.key_id"
+                " WHERE EXCLUDED.signature <> ''",
+                (digest, body, signature, key_id),
+            )
+        return digest
+
+    async def get_manifest(self, digest: str) -> StoredManifest | None:
+        async with self._pool.connection() as conn:
+            row = await (
+                await conn.execute("SELECT digest, body, signature, key_id FROM manifests WHERE digest = %s", (digest,))
+            ).fetchone()
+        if row is None:
+            return None
+        return StoredManifest(digest=row[0], body=bytes(row[1]), signature=bytes(row[2]), key_id=row[3])
+
+    # ------------------------------------------------------------ releases
+
+    async def apply_release(self, spec: releases.ReleaseSpec) -> ApplyOutcome:
+        """Create or update a release; bump its version only when content or policy changed.
+
+        An unknown manifest digest raises FailedPrecondition and stores nothing.
+        Re-applying a deleted release revives it under a new version.
+        """
+        async with self._pool.connection() as conn, conn.transaction():
+            known = await (
+                await conn.execute("SELECT 1 FROM manifests WHERE digest = %s FOR SHARE", (spec.manifest_digest,))
+            ).fetchone()
+            if known is None:
+                raise errors.FailedPrecondition(
+                    f"manifest {spec.manifest_digest} is not stored on the controller; upload the bundle first"
+                )
+            previous = await _lock_release(conn, spec.release)
+            if previous is None:
+                inserted = await (
+                    await conn.execute(
+                        "INSERT INTO releases (release, version, generation, manifest_digest, target, trigger,"
+                        " aggregation, paused) VALUES (%s, 1, %s, %s, %s, %s, %s, %s)"
+                        " ON CONFLICT (release) DO NOTHING RETURNING version",
+                        (
+                            spec.release,
+                            spec.generation,
+                            spec.manifest_digest,
+                            Jsonb(dict(spec.target)),
+                            Jsonb(dict(spec.trigger)),
+                            Jsonb(dict(spec.aggregation)),
+                            spec.paused,
+                        ),
+                    )
+                ).fetchone()
+                if inserted is not None:
+                    return ApplyOutcome(release=_new_release(spec, version=1), previous=None, changed=True)
+                previous = await _lock_release(conn, spec.release)  # lost a race with a concurrent create
+                assert previous is not None
+            changed = previous.deleted or releases.content_changed(previous.spec, spec)
+            version = previous.version + 1 if changed else previous.version
+            if not changed and previous.spec == spec:
+                return ApplyOutcome(release=previous, previous=previous, changed=False)  # a no-op writes nothing
+            await conn.execute(
+                "UPDATE releases SET version = %s, generation = %s, manifest_digest = %s, target = %s,"
+                " trigger = %s, aggregation = %s, paused = %s, deleted = false, updated_at = now()"
+                " WHERE release = %s",
+                (
+                    version,
+                    spec.generation,
+                    spec.manifest_digest,
+                    Jsonb(dict(spec.target)),
+                    Jsonb(dict(spec.trigger)),
+                    Jsonb(dict(spec.aggregation)),
+                    spec.paused,
+                    spec.release,
+                ),
+            )
+        return ApplyOutcome(release=_new_release(spec, version=version), previous=previous, changed=changed)
+
+    async def delete_release(self, release: str) -> releases.Release | None:
+        """Mark a release deleted (results and aggregates stay); return it as it was, None when absent."""
+        async with self._pool.connection() as conn, conn.transaction():
+            previous = await _lock_release(conn, release)
+            if previous is None or previous.deleted:
+                return None
+            await conn.execute("UPDATE releases SET deleted = true, updated_at = now() WHERE release = %s", (release,))
+        return previous
+
+    async def get_release(self, release: str) -> releases.Release | None:
+        """A live (not deleted) release."""
+        async with self._pool.connection() as conn:
+            cur = conn.cursor(row_factory=dict_row)
+            row = await (
+                await cur.execute(
+                    f"SELECT {_RELEASE_COLUMNS} FROM releases WHERE release = %s AND NOT deleted", (release,)
+                )
+            ).fetchone()
+        return None if row is None else _release(row)
+
+    async def list_releases(self) -> list[releases.Release]:
+        async with self._pool.connection() as conn:
+            cur = conn.cursor(row_factory=dict_row)
+            rows = await (
+                await cur.execute(f"SELECT {_RELEASE_COLUMNS} FROM releases WHERE NOT deleted ORDER BY release")
+            ).fetchall()
+        return [_release(r) for r in rows]
+
+    async def desired_tasks(self, device: devices.Device) -> list[DesiredTask]:
+        """Every live release offered to this device (its full desired state)."""
+        async with self._pool.connection() as conn:
+            cur = conn.cursor(row_factory=dict_row)
+            rows = await (
+                await cur.execute(
+                    f"SELECT {_R_RELEASE_COLUMNS},"
+                    " (d.device_id IS NOT NULL) AS delivered"
+                    " FROM releases r LEFT JOIN deliveries d ON d.release = r.release AND d.device_id = %s"
+                    " WHERE NOT r.deleted ORDER BY r.release",
+                    (device.device_id,),
+                )
+            ).fetchall()
+        facts = device.facts
+        desired = []
+        for row in rows:
+            rel = _release(row)
+            if rel.offered_to(facts, delivered=row["delivered"]):
+                desired.append(DesiredTask(release=rel.name, version=rel.version, manifest_digest=rel.manifest_digest))
+        return desired
+
+    async def release_for_device(self, device: devices.Device, release: str) -> releases.Release:
+        """A release this device may read (manifest, blobs): NotFound / PermissionDenied otherwise."""
+        async with self._pool.connection() as conn:
+            cur = conn.cursor(row_factory=dict_row)
+            row = await (
+                await cur.execute(
+                    f"SELECT {_R_RELEASE_COLUMNS},"
+                    " (d.device_id IS NOT NULL) AS delivered"
+                    " FROM releases r LEFT JOIN deliveries d ON d.release = r.release AND d.device_id = %s"
+                    " WHERE r.release = %s AND NOT r.deleted",
+                    (device.device_id, release),
+                )
+            ).fetchone()
+        if row is None:
+            raise errors.NotFound(f"release {release!r} does not exist")
+        rel = _release(row)
+        if not rel.offered_to(device.facts, delivered=row["delivered"]):
+            raise errors.PermissionDenied(f"release {release!r} does not target device {device.device_id}")
+        return rel
+
+    # ------------------------------------------------------------ deliveries
+
+    async def mark_notified(self, *, release: str, version: int, device_ids: Sequence[str]) -> None:
+        """Record that these devices were told about `version` (never moves a delivery backwards)."""
+        if not device_ids:
+            return
+        async with self._pool.connection() as conn, conn.transaction():
+            await conn.execute(
+                "INSERT INTO deliveries (release, device_id, version, state)"
+                " SELECT %s, d, %s, 'notified' FROM unnest(%s::text[]) AS d"
+                " ON CONFLICT (release, device_id) DO UPDATE SET version = EXCLUDED.version,"
+                " state = 'notified', message = '', updated_at = now()"
+                " WHERE deliveries.version < EXCLUDED.version",
+                (release, version, list(device_ids)),
+            )
+
+    async def mark_synced(self, *, device_id: str, tasks: Sequence[DesiredTask]) -> None:
+        """Record the desired state sent in a Sync as notified (same rule as `mark_notified`)."""
+        if not tasks:
+            return
+        async with self._pool.connection() as conn, conn.transaction():
+            await conn.execute(
+                "INSERT INTO deliveries (release, device_id, version, state)"
+                " SELECT t.release, %s, t.version, 'notified'"
+                " FROM unnest(%s::text[], %s::bigint[]) AS t(release, version)"
+                " JOIN releases r ON r.release = t.release"
+                " ON CONFLICT (release, device_id) DO UPDATE SET version = EXCLUDED.version,"
+                " state = 'notified', message = '', updated_at = now()"
+                " WHERE deliveries.version < EXCLUDED.version",
+                (device_id, [t.release for t in tasks], [t.version for t in tasks]),
+            )
+
+    async def report_delivery(
+        self, *, device: devices.Device, release: str, version: int, state: str, message: str = ""
+    ) -> None:
+        """Keep the latest state a device reports; a stale report (older version) changes nothing."""
+        if state not in DELIVERY_STATES:
+            raise errors.InvalidArgument(f"state: {state!r} is not one of {sorted(DELIVERY_STATES)}")
+        async with self._pool.connection() as conn, conn.transaction():
+            rel = await _share_release(conn, release)
+            if rel is None:
+                raise errors.NotFound(f"release {release!r} does not exist")
+            if not 1 <= version <= rel.version:
+                raise errors.FailedPrecondition(f"release {release!r} has no version {version} (current {rel.version})")
+            delivered = await (
+                await conn.execute(
+                    "SELECT 1 FROM deliveries WHERE release = %s AND device_id = %s", (release, device.device_id)
+                )
+            ).fetchone()
+            # A device may still report on a release it held before it was untargeted or deleted (uninstalls).
+            if delivered is None and not rel.targets(device.facts):
+                raise errors.PermissionDenied(f"release {release!r} does not target device {device.device_id}")
+            await conn.execute(
+                "INSERT INTO deliveries (release, device_id, version, state, message) VALUES (%s, %s, %s, %s, %s)"
+                " ON CONFLICT (release, device_id) DO UPDATE SET version = EXCLUDED.version, state = EXCLUDED.state,"
+                " message = EXCLUDED.message, updated_at = now() WHERE deliveries.version <= EXCLUDED.version",
+                (release, device.device_id, version, state, message),
+            )
+
+    # ------------------------------------------------------------ results
+
+    async def insert_result(self, *, device: devices.Device, record: uploads.ResultRecord) -> InsertOutcome:
+        """Store a result once per (device, idempotency key); a replay answers `duplicate=True`.
+
+        A replay is recognised before any other check, so it stays a harmless
+        no-op even after the release moved on. A new result must name a live
+        release that targets the device, at its current or previous version.
+        """
+        async with self._pool.connection() as conn, conn.transaction():
+            existing = await (
+                await conn.execute(
+                    "SELECT release, version FROM results WHERE device_id = %s AND idempotency_key = %s",
+                    (device.device_id, record.idempotency_key),
+                )
+            ).fetchone()
+            if existing is not None:
+                return InsertOutcome(duplicate=True, release=existing[0], version=int(existing[1]))
+            rel = await _share_release(conn, record.release)
+            if rel is None or rel.deleted:
+                raise errors.NotFound(f"release {record.release!r} does not exist")
+            if not rel.targets(device.facts):
+                raise errors.PermissionDenied(f"release {record.release!r} does not target device {device.device_id}")
+            if record.version not in (rel.version, rel.version - 1):
+                raise errors.FailedPrecondition(
+                    f"release {record.release!r} is at version {rel.version}; results are accepted for versions "
+                    f"{rel.version} and {rel.version - 1}, not {record.version}"
+                )
+            inserted = await (
+                await conn.execute(
+                    "INSERT INTO results (release, version, device_id, idempotency_key, sample_count, metrics,"
+                    " counts, tensors, duration_s) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
+                    " ON CONFLICT (device_id, idempotency_key) DO NOTHING RETURNING id",
+                    (
+                        record.release,
+                        record.version,
+                        device.device_id,
+                        record.idempotency_key,
+                        record.sample_count,
+                        Jsonb(dict(record.metrics)),
+                        Jsonb(dict(record.counts)),
+                        Jsonb([dict(t) for t in record.tensors]),
+                        record.duration_s,
+                    ),
+                )
+            ).fetchone()
+            await conn.execute("UPDATE devices SET last_seen_at = now() WHERE device_id = %s", (device.device_id,))
+        # A concurrent twin with the same key won the insert: this one is its duplicate.
+        return InsertOutcome(duplicate=inserted is None, release=record.release, version=record.version)
+
+    # ------------------------------------------------------------ status
+
+    async def release_counts(self, names: Sequence[str] | None = None) -> list[ReleaseCounts]:
+        """Status counts of the named live releases (all when None); NotFound for an unknown name."""
+        async with self._pool.connection() as conn, conn.transaction():
+            cur = conn.cursor(row_factory=dict_row)
+            if names is None:
+                await cur.execute(f"SELECT {_RELEASE_COLUMNS} FROM releases WHERE NOT deleted ORDER BY release")
+            else:
+                await cur.execute(
+                    f"SELECT {_RELEASE_COLUMNS} FROM releases WHERE NOT deleted AND release = ANY(%s) ORDER BY release",
+                    (list(names),),
+                )
+            rels = [_release(r) for r in await cur.fetchall()]
+            if names is not None:
+                found = {r.name for r in rels}
+                for name in names:
+                    if name not in found:
+                        raise errors.NotFound(f"release {name!r} does not exist")
+            if not rels:
+                return []
+            fleet = [
+                _device(r)
+                for r in await (
+                    await cur.execute("SELECT device_id, attributes, backends, revoked FROM devices WHERE NOT revoked")
+                ).fetchall()
+            ]
+            keys = ([r.name for r in rels], [r.version for r in rels])
+            states: dict[str, dict[str, int]] = {}
+            for row in await (
+                await cur.execute(
+                    "SELECT d.release, d.state, count(*) AS n FROM deliveries d"
+                    " JOIN unnest(%s::text[], %s::bigint[]) AS k(release, version)"
+                    " ON d.release = k.release AND d.version = k.version GROUP BY d.release, d.state",
+                    keys,
+                )
+            ).fetchall():
+                states.setdefault(row["release"], {})[row["state"]] = int(row["n"])
+            result_counts = {
+                row["release"]: int(row["n"])
+                for row in await (
+                    await cur.execute(
+                        "SELECT r.release, count(*) AS n FROM results r"
+                        " JOIN unnest(%s::text[], %s::bigint[]) AS k(release, version)"
+                        " ON r.release = k.release AND r.version = k.version GROUP BY r.release",
+                        keys,
+                    )
+                ).fetchall()
+            }
+            aggregates = {
+                row["release"]: (row["body"], int(row["round"]))
+                for row in await (
+                    await cur.execute(
+                        "SELECT a.release, a.body, a.round FROM aggregates a"
+                        " JOIN unnest(%s::text[], %s::bigint[]) AS k(release, version)"
+                        " ON a.release = k.release AND a.version = k.version",
+                        keys,
+                    )
+                ).fetchall()
+            }
+        out = []
+        for rel in rels:
+            s = states.get(rel.name, {})
+            body, round_ = aggregates.get(rel.name, (None, 0))
+            out.append(
+                ReleaseCounts(
+                    release=rel.name,
+                    version=rel.version,
+                    manifest_digest=rel.manifest_digest,
+                    targeted=sum(1 for d in fleet if rel.targets(d.facts)),
+                    notified=sum(n for state, n in s.items() if state != "uninstalled"),
+                    installed=sum(s.get(state, 0) for state in INSTALLED_STATES),
+                    succeeded=s.get("succeeded", 0),
+                    failed=s.get("failed", 0),
+                    refused=s.get("refused", 0),
+                    results=result_counts.get(rel.name, 0),
+                    aggregate_json="" if body is None else json.dumps(body, sort_keys=True),
+                    aggregate_round=round_,
+                    subject=rel,
+                )
+            )
+        return out
+
+
+# ---------------------------------------------------------------- row mapping
+
+
+def _device(row: Mapping[str, Any]) -> devices.Device:
+    return devices.Device(
+        device_id=row["device_id"],
+        attributes=dict(row["attributes"] or {}),
+        backends=tuple(row["backends"] or ()),
+        revoked=bool(row["revoked"]),
+    )
+
+
+def _release(row: Mapping[str, Any]) -> releases.Release:
+    spec = releases.ReleaseSpec(
+        release=row["release"],
+        generation=int(row["generation"]),
+        manifest_digest=row["manifest_digest"],
+        target=row["target"] or {},
+        trigger=row["trigger"] or {},
+        aggregation=row["aggregation"] or {},
+        paused=bool(row["paused"]),
+    )
+    return releases.Release(
+        spec=spec,
+        version=int(row["version"]),
+        deleted=bool(row["deleted"]),
+        target=targeting.parse_target(spec.target),
+    )
+
+
+def _new_release(spec: releases.ReleaseSpec, *, version: int) -> releases.Release:
+    return releases.Release(spec=spec, version=version, target=targeting.parse_target(spec.target))
+
+
+async def _lock_release(conn: AsyncConnection[Any], release: str) -> releases.Release | None:
+    cur = conn.cursor(row_factory=dict_row)
+    row = await (
+        await cur.execute(f"SELECT {_RELEASE_COLUMNS} FROM releases WHERE release = %s FOR UPDATE", (release,))
+    ).fetchone()
+    return None if row is None else _release(row)
+
+
+async def _share_release(conn: AsyncConnection[Any], release: str) -> releases.Release | None:
+    cur = conn.cursor(row_factory=dict_row)
+    row = await (
+        await cur.execute(f"SELECT {_RELEASE_COLUMNS} FROM releases WHERE release = %s FOR SHARE", (release,))
+    ).fetchone()
+    return None if row is None else _release(row)

@@ -1,0 +1,126 @@
+import json
+
+import pytest
+
+from tether.common import errors
+from tether.controller import hub, releases, targeting
+
+DIGEST = "sha256:" + "a" * 64
+OTHER = "sha256:" + "b" * 64
+
+
+def spec(**overrides):
+    values = {
+        "release": "ns/task",
+        "generation": 1,
+        "manifest_digest": DIGEST,
+        "target_json": json.dumps({"matchLabels": {"os": "android"}}),
+        "trigger_json": json.dumps({"type": "onInstall"}),
+        "aggregation_json": json.dumps({"tensors": "weightedMean"}),
+        "paused": False,
+    }
+    values.update(overrides)
+    return releases.parse_spec(**values)
+
+
+def test_valid_spec_parses():
+    s = spec()
+    assert s.release == "ns/task"
+    assert s.target == {"matchLabels": {"os": "android"}}
+    assert s.trigger == {"type": "onInstall"}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        ({"release": "task"}, "release"),
+        ({"release": "NS/Task"}, "release"),
+        ({"release": "ns/task/x"}, "release"),
+        ({"generation": -1}, "generation"),
+        ({"manifest_digest": "sha256:xyz"}, "manifest_digest"),
+        ({"target_json": "{"}, "target"),
+        ({"target_json": json.dumps({"matchLabels": {"os": 1}})}, "target.matchLabels['os']"),
+        ({"trigger_json": "[]"}, "trigger"),
+        ({"trigger_json": json.dumps({"type": ""})}, "trigger.type"),
+        ({"trigger_json": json.dumps({"type": "interval", "seconds": 0})}, "trigger.seconds"),
+        ({"trigger_json": json.dumps({"type": "interval", "seconds": "10"})}, "trigger.seconds"),
+        ({"aggregation_json": json.dumps({"tensors": "median"})}, "aggregation.tensors"),
+        ({"aggregation_json": json.dumps({"metrics": "sum"})}, "aggregation.metrics"),
+        ({"aggregation_json": '{"tensors": NaN}'}, "aggregation"),
+        ({"aggregation_json": json.dumps({"x": "y" * releases.MAX_POLICY_BYTES})}, "aggregation"),
+    ],
+)
+def test_invalid_specs_name_the_field(overrides, field):
+    with pytest.raises(errors.InvalidSpec) as info:
+        spec(**overrides)
+    assert info.value.field == field
+    assert info.value.code == "INVALID_ARGUMENT"
+
+
+def test_interval_trigger_and_unknown_trigger_types_pass():
+    assert spec(trigger_json=json.dumps({"type": "interval", "seconds": 60})).trigger["seconds"] == 60
+    assert spec(trigger_json=json.dumps({"type": "onDemand"})).trigger == {"type": "onDemand"}
+    assert spec(trigger_json="").trigger == {}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "changed"),
+    [
+        ({}, False),
+        ({"generation": 7}, False),
+        ({"paused": True}, False),
+        ({"target_json": json.dumps({"matchLabels": {"os": "android"}, "matchExpressions": []})}, False),
+        ({"manifest_digest": OTHER}, True),
+        ({"target_json": json.dumps({"matchLabels": {"os": "ios"}})}, True),
+        ({"trigger_json": json.dumps({"type": "interval", "seconds": 5})}, True),
+        ({"aggregation_json": json.dumps({"tensors": "sum"})}, True),
+    ],
+)
+def test_content_changed(overrides, changed):
+    assert releases.content_changed(spec(), spec(**overrides)) is changed
+
+
+# ---------------------------------------------------------------- fan-out decisions
+
+
+def release(*, version=1, paused=False, deleted=False, target=None):
+    s = spec(
+        paused=paused, target_json=json.dumps(target if target is not None else {"matchLabels": {"os": "android"}})
+    )
+    return releases.Release(spec=s, version=version, deleted=deleted, target=targeting.parse_target(s.target))
+
+
+ANDROID = targeting.device_facts(device_id="a", attributes={"os": "android"})
+IOS = targeting.device_facts(device_id="i", attributes={"os": "ios"})
+N, R, X = hub.Action.NOTIFY, hub.Action.REVOKE, hub.Action.NONE
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "facts", "action"),
+    [
+        (None, release(), ANDROID, N),  # new release
+        (None, release(), IOS, X),  # not targeted
+        (release(), release(version=2), ANDROID, N),  # new version
+        (release(), release(), ANDROID, X),  # nothing new
+        (release(), release(version=2), IOS, X),
+        (release(), None, ANDROID, R),  # deleted
+        (release(), None, IOS, X),
+        (release(), release(version=2, target={"matchLabels": {"os": "ios"}}), ANDROID, R),  # untargeted
+        (release(), release(version=2, target={"matchLabels": {"os": "ios"}}), IOS, N),  # newly targeted
+        (release(), release(version=2, paused=True), ANDROID, X),  # paused: no pushes
+        (release(paused=True), release(), ANDROID, N),  # unpaused: push again
+        (release(deleted=True), release(version=2), ANDROID, N),  # revived
+        (release(), release(version=2, paused=True, target={"matchLabels": {"os": "ios"}}), ANDROID, R),
+    ],
+)
+def test_fanout_action(before, after, facts, action):
+    assert hub.fanout_action(before=before, after=after, facts=facts) is action
+
+
+@pytest.mark.parametrize(
+    ("paused", "delivered", "offered"),
+    [(False, False, True), (False, True, True), (True, False, False), (True, True, True)],
+)
+def test_paused_release_stays_with_devices_that_have_it(paused, delivered, offered):
+    assert release(paused=paused).offered_to(ANDROID, delivered=delivered) is offered
+    assert not release(paused=paused).offered_to(IOS, delivered=delivered)
