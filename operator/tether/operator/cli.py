@@ -1,0 +1,77 @@
+"""`tether operator`: run the Kubernetes operator (Kopf) until SIGTERM or SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import pathlib
+
+import click
+
+from tether.common import config
+
+
+@click.command("operator")
+@click.option(
+    "--controller",
+    envvar=config.ENV_CONTROLLER,
+    default=config.DEFAULT_CONTROLLER,
+    show_default=True,
+    help=f"host:port of the controller's gRPC port (env {config.ENV_CONTROLLER}).",
+)
+@click.option(
+    "--admin-token",
+    envvar=config.ENV_ADMIN_TOKEN,
+    required=True,
+    help=f"Bearer token for the controller's admin API (env {config.ENV_ADMIN_TOKEN}).",
+)
+@click.option(
+    "--namespace",
+    "-n",
+    "namespaces",
+    multiple=True,
+    envvar="TETHER_NAMESPACES",
+    help="Namespace to watch; repeat for several (env TETHER_NAMESPACES, space-separated). "
+    "Without it, MLTasks of all namespaces are watched (needs cluster-wide RBAC).",
+)
+@click.option(
+    "--kubeconfig",
+    type=click.Path(exists=True, dir_okay=False, path_type=pathlib.Path),
+    envvar="TETHER_KUBECONFIG",
+    default=None,
+    help="Kubeconfig file of the cluster (e.g. the emulator's). "
+    "Default: the in-cluster service account, else $KUBECONFIG or ~/.kube/config.",
+)
+@click.option(
+    "--poll-interval",
+    type=click.FloatRange(min=0.05),
+    default=5.0,
+    show_default=True,
+    help="Seconds between status polls of each task's release.",
+)
+@click.option(
+    "--liveness-endpoint",
+    default=None,
+    help="Serve a liveness probe, e.g. http://0.0.0.0:8080/healthz.",
+)
+def operator(
+    controller: str,
+    admin_token: str,
+    namespaces: tuple[str, ...],
+    kubeconfig: pathlib.Path | None,
+    poll_interval: float,
+    liveness_endpoint: str | None,
+) -> None:
+    """Run the Kubernetes operator: MLTask objects in, releases on the controller out."""
+    from tether.operator import admin, handlers
+
+    async def main() -> None:
+        async with admin.connect(controller, admin_token) as release_admin:
+            await handlers.run(
+                admin=release_admin,
+                namespaces=list(namespaces),
+                poll_interval=poll_interval,
+                kubeconfig=kubeconfig,
+                liveness_endpoint=liveness_endpoint,
+            )
+
+    asyncio.run(main())

@@ -1,0 +1,235 @@
+"""Kopf handlers for MLTask: thin adapters around `reconcile`.
+
+Each handler reads the object, calls the pure `reconcile.decide`, performs the
+resulting actions on the controller through a `ReleaseAdmin`, folds their
+outcomes back in (`Decision.with_outcome`), posts Events for transitions and
+patches the status once, and only when it changed.
+
+- create / update / resume: validate and apply the release;
+- a timer (every `poll_interval` seconds) asks the controller for the
+  release's status and retries an apply that has not succeeded yet;
+- delete: delete the release (a finalizer holds the object until the
+  controller confirms; an unreachable controller is retried).
+
+An invalid spec gets `phase: Invalid`, a `Valid=False` condition naming the
+field, a Warning Event, and nothing is sent to the controller.
+
+Handlers are registered on a registry of their own (`build_registry`), so
+the poll interval is a parameter and nothing leaks into Kopf's default one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime
+import logging
+import os
+import pathlib
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import kopf
+import yaml
+
+from tether.common import errors
+from tether.operator import model, reconcile
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_POLL_INTERVAL = 5.0
+ANNOTATION_PREFIX = model.GROUP  # Kopf's own bookkeeping lives in tether.dev/* annotations
+FINALIZER = f"{model.GROUP}/release"
+REPORTING_COMPONENT = "tether-operator"
+
+
+class ReleaseAdmin(Protocol):
+    """What the operator needs from the controller's admin API."""
+
+    async def apply(self, action: reconcile.ApplyRelease) -> reconcile.Applied: ...
+
+    async def delete(self, action: reconcile.DeleteRelease) -> reconcile.Deleted: ...
+
+    async def observe(self, release: str) -> reconcile.ObservedRelease | None:
+        """The release's status, or None if the controller has no such release."""
+        ...
+
+
+@dataclasses.dataclass
+class OperatorContext:
+    """Per-operator state handed to every handler as Kopf's `memo`."""
+
+    admin: ReleaseAdmin
+    poll_interval: float = DEFAULT_POLL_INTERVAL
+    clock: Callable[[], datetime.datetime] = dataclasses.field(default=lambda: datetime.datetime.now(datetime.UTC))
+
+
+# ------------------------------------------------------------------ settings and login
+
+
+def configure(settings: kopf.OperatorSettings) -> None:
+    """Kopf settings for Tether: namespaced, no cluster scanning, our own annotation prefix."""
+    settings.scanning.disabled = True  # explicit namespaces; no CRD or namespace watching
+    settings.peering.standalone = True
+    settings.posting.reporting_component = REPORTING_COMPONENT
+    settings.posting.event_name_prefix = "tether-"
+    settings.persistence.finalizer = FINALIZER
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=ANNOTATION_PREFIX)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=ANNOTATION_PREFIX, key="last-handled-configuration"
+    )
+    settings.execution.default_backoff = 5  # unexpected errors are retried soon, not after a minute
+    settings.watching.connect_timeout = 10
+    settings.watching.server_timeout = 300
+
+
+def connection_from_kubeconfig(path: pathlib.Path) -> kopf.ConnectionInfo:
+    """Credentials of the current context of one kubeconfig file."""
+    config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    name = config.get("current-context")
+    contexts = {c["name"]: c.get("context") or {} for c in config.get("contexts", [])}
+    if name not in contexts:
+        raise kopf.LoginError(f"{path}: current-context {name!r} is not defined")
+    context = contexts[name]
+    cluster = {c["name"]: c.get("cluster") or {} for c in config.get("clusters", [])}.get(context.get("cluster"), {})
+    user = {u["name"]: u.get("user") or {} for u in config.get("users", [])}.get(context.get("user"), {})
+    if not cluster.get("server"):
+        raise kopf.LoginError(f"{path}: the current context's cluster has no server")
+    return kopf.ConnectionInfo(
+        server=cluster["server"],
+        ca_path=cluster.get("certificate-authority"),
+        ca_data=cluster.get("certificate-authority-data"),
+        insecure=cluster.get("insecure-skip-tls-verify"),
+        certificate_path=user.get("client-certificate"),
+        certificate_data=user.get("client-certificate-data"),
+        private_key_path=user.get("client-key"),
+        private_key_data=user.get("client-key-data"),
+        username=user.get("username"),
+        password=user.get("password"),
+        token=user.get("token"),
+        default_namespace=context.get("namespace"),
+    )
+
+
+# ------------------------------------------------------------------ handlers
+
+
+def _meta(body: kopf.Body) -> reconcile.Meta:
+    return reconcile.Meta(
+        name=body.metadata.name,
+        namespace=body.metadata.namespace,
+        generation=int(body.metadata.get("generation") or 1),
+    )
+
+
+async def perform(admin: ReleaseAdmin, action: reconcile.Action) -> reconcile.Outcome:
+    """Carry out one action; every failure becomes a `reconcile.Failed` outcome."""
+    try:
+        if isinstance(action, reconcile.ApplyRelease):
+            return await admin.apply(action)
+        return await admin.delete(action)
+    except (errors.TetherError, OSError, TimeoutError) as e:  # anything else is a bug: Kopf retries
+        return reconcile.failed_from_any(e)
+
+
+async def _reconcile(ctx: OperatorContext, *, body: kopf.Body, patch: kopf.Patch, poll: bool) -> None:
+    meta = _meta(body)
+    current = reconcile.parse_status(body.get("status"))
+    observed: reconcile.ObservedRelease | None = None
+    if poll and current.release:
+        try:
+            observed = await ctx.admin.observe(current.release)
+        except (errors.TetherError, OSError, TimeoutError) as e:
+            logger.warning("polling release %s failed: %s", current.release, e)
+    now = ctx.clock()
+    decision = reconcile.decide(spec=body.get("spec"), meta=meta, status=current, observed=observed, now=now)
+    for action in decision.actions:
+        decision = decision.with_outcome(action, await perform(ctx.admin, action), now=now)
+    for event in reconcile.transition_events(current, decision.status):
+        kopf.event(body, type=event.type, reason=event.reason, message=event.message)
+    changes = reconcile.status_patch(current, decision.status)
+    if changes:
+        patch.setdefault("status", {}).update(changes)
+
+
+async def on_change(body: kopf.Body, patch: kopf.Patch, memo: Any, **_: Any) -> None:
+    """create / update / resume: validate, apply the release, write the status."""
+    await _reconcile(memo, body=body, patch=patch, poll=False)
+
+
+async def on_poll(body: kopf.Body, patch: kopf.Patch, memo: Any, **_: Any) -> None:
+    """Timer: refresh the status from the controller; retry an apply that did not succeed."""
+    await _reconcile(memo, body=body, patch=patch, poll=True)
+
+
+async def on_delete(body: kopf.Body, memo: Any, **_: Any) -> None:
+    """Delete the release; keep the object (finalizer) while the controller cannot be reached."""
+    ctx: OperatorContext = memo
+    actions = reconcile.decide_delete(meta=_meta(body), status=reconcile.parse_status(body.get("status")))
+    for action in actions:
+        outcome = await perform(ctx.admin, action)
+        if isinstance(outcome, reconcile.Failed):
+            if outcome.transient:
+                raise kopf.TemporaryError(f"deleting {action.release}: {outcome.message}", delay=ctx.poll_interval)
+            kopf.warn(body, reason="DeleteFailed", message=f"The controller refused to delete: {outcome.message}")
+
+
+def build_registry(
+    *,
+    poll_interval: float = DEFAULT_POLL_INTERVAL,
+    kubeconfig: pathlib.Path | None = None,
+) -> kopf.OperatorRegistry:
+    """A registry with the MLTask handlers, the timer at `poll_interval`, and the login."""
+    registry = kopf.OperatorRegistry()
+    resource = dict(group=model.GROUP, version=model.VERSION, plural=model.PLURAL)
+
+    kopf.on.create(**resource, registry=registry, id="reconcile")(on_change)
+    kopf.on.update(**resource, registry=registry, id="reconcile", field="spec")(on_change)
+    kopf.on.resume(**resource, registry=registry, id="reconcile")(on_change)
+    kopf.on.delete(**resource, registry=registry, id="delete-release")(on_delete)
+    kopf.timer(
+        **resource,
+        registry=registry,
+        id="poll",
+        interval=poll_interval,
+        initial_delay=poll_interval,
+    )(on_poll)
+
+    @kopf.on.login(registry=registry)
+    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        if kubeconfig is not None:
+            return connection_from_kubeconfig(kubeconfig)
+        if os.path.exists("/var/run/secrets/kubernetes.io/serviceaccount/token"):
+            return kopf.login_with_service_account(**kwargs)
+        return kopf.login_with_kubeconfig(**kwargs)
+
+    return registry
+
+
+async def run(
+    *,
+    admin: ReleaseAdmin,
+    namespaces: Sequence[str] = (),
+    poll_interval: float = DEFAULT_POLL_INTERVAL,
+    kubeconfig: pathlib.Path | None = None,
+    stop_flag: asyncio.Event | asyncio.Future[Any] | None = None,
+    ready_flag: asyncio.Event | asyncio.Future[Any] | None = None,
+    liveness_endpoint: str | None = None,
+) -> None:
+    """Run the operator until `stop_flag` is set (or SIGINT/SIGTERM in the main thread).
+
+    With `namespaces`, only those are watched (one watch each); without, one cluster-wide watch.
+    """
+    settings = kopf.OperatorSettings()
+    configure(settings)
+    await kopf.operator(
+        registry=build_registry(poll_interval=poll_interval, kubeconfig=kubeconfig),
+        settings=settings,
+        clusterwide=not namespaces,
+        namespaces=list(namespaces),
+        standalone=True,
+        memo=OperatorContext(admin=admin, poll_interval=poll_interval),
+        stop_flag=stop_flag,
+        ready_flag=ready_flag,
+        liveness_endpoint=liveness_endpoint,
+    )

@@ -1,0 +1,321 @@
+"""The MLTask custom resource as typed models: the single source of its schema.
+
+Everything about the resource's shape lives here: field names (camelCase on
+the wire, snake_case in Python), types, enums, bounds and the descriptions
+that `kubectl explain` shows. The CRD YAML is generated from these models
+(`python -m tether.operator.crd`), so the schema the API server enforces and
+the one the operator parses cannot drift apart.
+
+Only *structural* rules belong here (types, enums, bounds, patterns), because
+only those can be expressed in the CRD's OpenAPI schema. Rules across fields
+(stage percents increase, an interval trigger names its interval) live in
+`validate.py`, which reports them with the path of the offending field.
+
+Pure: pydantic only, no I/O.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Annotated, Literal
+
+import pydantic
+from pydantic import alias_generators
+
+GROUP = "tether.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "MLTask"
+PLURAL = "mltasks"
+SINGULAR = "mltask"
+SHORT_NAMES = ("mlt",)
+
+DIGEST_PATTERN = r"^sha256:[0-9a-f]{64}$"
+# Kubernetes label keys: an optional DNS-subdomain prefix and a name of at most 63 characters.
+LABEL_KEY_PATTERN = (
+    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+    r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+)
+MAX_STAGES = 20
+MAX_EXPRESSIONS = 32
+MAX_VALUES = 256
+MAX_TIMEOUT_SECONDS = 24 * 3600
+MAX_INTERVAL_SECONDS = 30 * 24 * 3600
+
+
+class _Model(pydantic.BaseModel):
+    """Common configuration: camelCase aliases, unknown fields refused, immutable values."""
+
+    model_config = pydantic.ConfigDict(
+        alias_generator=alias_generators.to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        frozen=True,
+    )
+
+    def to_json(self) -> dict[str, object]:
+        """The wire form: camelCase keys, JSON types, unset optionals left out."""
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+# ------------------------------------------------------------------ spec
+
+
+class Bundle(_Model):
+    """The content-addressed bundle (manifest) that this task runs."""
+
+    digest: Annotated[str, pydantic.Field(pattern=DIGEST_PATTERN)] = pydantic.Field(
+        description="Digest of the bundle's canonical manifest, `sha256:<64 lowercase hex digits>`, "
+        "as printed by `tether bundle build`. The controller must already hold this manifest.",
+    )
+
+
+class TriggerType(enum.StrEnum):
+    """When a device runs an installed task."""
+
+    ON_INSTALL = "onInstall"
+    INTERVAL = "interval"
+
+
+class Trigger(_Model):
+    """When a device runs the task once it is installed."""
+
+    type: TriggerType = pydantic.Field(
+        default=TriggerType.ON_INSTALL,
+        description="`onInstall`: run once, right after the task is installed. "
+        "`interval`: run every `intervalSeconds`.",
+    )
+    interval_seconds: int | None = pydantic.Field(
+        default=None,
+        ge=1,
+        le=MAX_INTERVAL_SECONDS,
+        description="Seconds between runs; required when `type` is `interval`, not allowed otherwise.",
+    )
+
+
+class SelectorOperator(enum.StrEnum):
+    """How a match expression relates a device attribute to its values."""
+
+    IN = "In"
+    NOT_IN = "NotIn"
+    EXISTS = "Exists"
+    DOES_NOT_EXIST = "DoesNotExist"
+
+
+class MatchExpression(_Model):
+    """One requirement on a device attribute, as in Kubernetes label selectors."""
+
+    key: str = pydantic.Field(
+        min_length=1,
+        max_length=316,
+        pattern=LABEL_KEY_PATTERN,
+        description="The device attribute the requirement applies to, e.g. `os` or `tether.dev/tier`.",
+    )
+    operator: SelectorOperator = pydantic.Field(
+        description="`In`/`NotIn`: the attribute's value is (not) one of `values`. "
+        "`Exists`/`DoesNotExist`: the device has (does not have) the attribute.",
+    )
+    values: list[Annotated[str, pydantic.Field(max_length=256)]] = pydantic.Field(
+        default_factory=list,
+        max_length=MAX_VALUES,
+        description="Values for `In` and `NotIn` (at least one); must be empty for `Exists` and `DoesNotExist`.",
+    )
+
+
+class Target(_Model):
+    """Which devices the task is for: all requirements must hold (an empty target matches every device)."""
+
+    match_labels: dict[str, Annotated[str, pydantic.Field(max_length=256)]] = pydantic.Field(
+        default_factory=dict,
+        max_length=64,
+        description="Device attributes that must equal the given values, e.g. `{os: android}`.",
+    )
+    match_expressions: list[MatchExpression] = pydantic.Field(
+        default_factory=list,
+        max_length=MAX_EXPRESSIONS,
+        description="Further requirements on device attributes; all must hold.",
+    )
+
+
+class Stage(_Model):
+    """One step of a staged rollout."""
+
+    percent: int = pydantic.Field(
+        ge=1,
+        le=100,
+        description="Share of the targeted devices (by stable hash of the device id) that this stage reaches, "
+        "1 to 100. Percents must increase from stage to stage and the last stage must be 100.",
+    )
+
+
+class Rollout(_Model):
+    """How the task reaches the targeted devices: in stages, each reaching a larger share."""
+
+    stages: list[Stage] = pydantic.Field(
+        default_factory=lambda: [Stage(percent=100)],
+        min_length=1,
+        max_length=MAX_STAGES,
+        description="Ordered rollout stages; the default is a single stage of 100 percent.",
+    )
+
+
+class Aggregation(_Model):
+    """How the cloud combines what the devices upload for one round."""
+
+    tensors: Literal["weightedMean", "mean", "sum"] = pydantic.Field(
+        default="weightedMean",
+        description="How uploaded tensors are combined: `weightedMean` (by sample count, FedAvg), `mean` or `sum`.",
+    )
+    metrics: Literal["weightedMean", "mean"] = pydantic.Field(
+        default="weightedMean",
+        description="How uploaded metrics are combined: `weightedMean` (by sample count) or `mean`.",
+    )
+    counts: Literal["sum"] = pydantic.Field(
+        default="sum",
+        description="How uploaded counters are combined: `sum`.",
+    )
+
+
+class Resources(_Model):
+    """Limits on one run of the task on a device."""
+
+    timeout_seconds: int = pydantic.Field(
+        default=300,
+        ge=1,
+        le=MAX_TIMEOUT_SECONDS,
+        description="Wall-clock limit of one run, in seconds; the run is stopped and reported failed beyond it.",
+    )
+    memory_mb: int = pydantic.Field(
+        default=512,
+        ge=16,
+        le=64 * 1024,
+        alias="memoryMB",
+        description="Memory limit of the task's worker process, in MiB.",
+    )
+    cpu_seconds: int | None = pydantic.Field(
+        default=None,
+        ge=1,
+        le=MAX_TIMEOUT_SECONDS,
+        description="CPU-time limit of one run, in seconds; unlimited (only the timeout applies) when unset.",
+    )
+
+
+class MLTaskSpec(_Model):
+    """The desired state of an ML task: what runs, where, when, and how results are combined."""
+
+    bundle: Bundle = pydantic.Field(description="The bundle to run.")
+    trigger: Trigger = pydantic.Field(default_factory=Trigger, description="When devices run the task.")
+    target: Target = pydantic.Field(
+        default_factory=Target, description="Which devices receive the task; empty means all enrolled devices."
+    )
+    rollout: Rollout = pydantic.Field(default_factory=Rollout, description="How the task is rolled out.")
+    aggregation: Aggregation = pydantic.Field(
+        default_factory=Aggregation, description="How uploaded results are aggregated."
+    )
+    resources: Resources = pydantic.Field(default_factory=Resources, description="Per-run limits on the device.")
+    paused: bool = pydantic.Field(
+        default=False, description="Stop notifying further devices; devices that have the task keep it."
+    )
+
+
+# ------------------------------------------------------------------ status
+
+
+class Phase(enum.StrEnum):
+    """Summary of a task's state."""
+
+    PENDING = "Pending"
+    PROGRESSING = "Progressing"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    INVALID = "Invalid"
+
+
+class ConditionStatus(enum.StrEnum):
+    """Whether a condition holds."""
+
+    TRUE = "True"
+    FALSE = "False"
+    UNKNOWN = "Unknown"
+
+
+class Condition(_Model):
+    """One aspect of the task's state, in the Kubernetes condition convention."""
+
+    type: str = pydantic.Field(description="The aspect, e.g. `Valid`, `Applied`, `Paused`, `Complete`.")
+    status: ConditionStatus = pydantic.Field(description="Whether the aspect holds.")
+    reason: str = pydantic.Field(description="A CamelCase machine-readable reason for the status.")
+    message: str = pydantic.Field(default="", description="Human-readable details.")
+    last_transition_time: str = pydantic.Field(
+        description="When `status` last changed (RFC 3339); a new reason alone does not move it.",
+        json_schema_extra={"format": "date-time"},
+    )
+
+
+class AggregateSummary(_Model):
+    """A summary of the latest aggregation round (the full aggregate stays on the controller)."""
+
+    round: int = pydantic.Field(default=0, ge=0, description="The aggregation round this summary is of.")
+    results: int = pydantic.Field(default=0, ge=0, description="Results folded into the aggregate.")
+    samples: int = pydantic.Field(default=0, ge=0, description="Samples behind those results.")
+    metrics: dict[str, float] = pydantic.Field(
+        default_factory=dict, description="Aggregated metrics by name (sample-weighted mean unless set otherwise)."
+    )
+
+
+class MLTaskStatus(_Model):
+    """The observed state of the task, written by the operator only."""
+
+    model_config = pydantic.ConfigDict(extra="ignore")  # tolerate fields a newer operator wrote
+
+    phase: Phase | None = pydantic.Field(
+        default=None, description="Summary of the task's state, derived from its conditions and device counts."
+    )
+    observed_generation: int | None = pydantic.Field(
+        default=None, description="The `metadata.generation` of the spec this status reflects."
+    )
+    release: str | None = pydantic.Field(
+        default=None, description="The controller's release for this task, `<namespace>/<name>`."
+    )
+    version: int | None = pydantic.Field(
+        default=None, description="The controller's release version; it moves when the task's content changes."
+    )
+    manifest_digest: str | None = pydantic.Field(
+        default=None, description="Digest of the manifest the current version delivers."
+    )
+    stage: str | None = pydantic.Field(
+        default=None, description="Current rollout stage as `<current>/<total>`, e.g. `1/3`."
+    )
+    targeted: int = pydantic.Field(default=0, ge=0, description="Enrolled devices that the target matches.")
+    notified: int = pydantic.Field(default=0, ge=0, description="Devices told about the current version.")
+    installed: int = pydantic.Field(default=0, ge=0, description="Devices that installed the current version.")
+    succeeded: int = pydantic.Field(default=0, ge=0, description="Devices whose run of the current version succeeded.")
+    failed: int = pydantic.Field(default=0, ge=0, description="Devices whose run of the current version failed.")
+    refused: int = pydantic.Field(
+        default=0, ge=0, description="Devices that refused the current version (verification failed; nothing ran)."
+    )
+    results: int = pydantic.Field(default=0, ge=0, description="Results uploaded for the current version.")
+    aggregate: AggregateSummary | None = pydantic.Field(
+        default=None, description="Summary of the latest aggregate, once one exists."
+    )
+    conditions: list[Condition] = pydantic.Field(
+        default_factory=list,
+        description="Conditions of the task, one per type.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
+
+    def condition(self, type_: str) -> Condition | None:
+        return next((c for c in self.conditions if c.type == type_), None)
+
+
+# ------------------------------------------------------------------ printer columns
+
+PRINTER_COLUMNS: tuple[dict[str, str], ...] = (
+    {"name": "Phase", "type": "string", "jsonPath": ".status.phase", "description": "Summary of the task's state."},
+    {"name": "Stage", "type": "string", "jsonPath": ".status.stage", "description": "Current rollout stage."},
+    {"name": "Targeted", "type": "integer", "jsonPath": ".status.targeted", "description": "Devices targeted."},
+    {"name": "Installed", "type": "integer", "jsonPath": ".status.installed", "description": "Devices installed."},
+    {"name": "Succeeded", "type": "integer", "jsonPath": ".status.succeeded", "description": "Devices succeeded."},
+    {"name": "Failed", "type": "integer", "jsonPath": ".status.failed", "description": "Devices failed."},
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp", "description": "Age of the task."},
+)

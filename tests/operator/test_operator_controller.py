@@ -1,0 +1,245 @@
+"""The operator against a REAL controller (gRPC on loopback, Postgres) on the Kubernetes emulator.
+
+(a) a valid MLTask becomes a release on the controller, and the object's status shows it;
+(b) a malformed MLTask gets phase Invalid, a Warning Event naming the field, and the
+    controller gets nothing;
+and the same flow with `tether operator --kubeconfig FILE` as a separate OS process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pathlib
+import signal
+import sys
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from operator_helpers import mltask, running_operator, wait_for
+
+from tether.common import admin, config, manifest
+from tether.operator import admin as operator_admin
+from tether.operator.emulator import EmulatedCluster
+
+pytest.importorskip("tether.controller.server")
+
+ADMIN_TOKEN = "admin-token-for-operator-tests"
+BOOTSTRAP_TOKEN = "bootstrap-token-for-operator-tests"
+
+
+class RecordingEnqueuer:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int]] = []
+
+    async def enqueue(self, *, release: str, version: int) -> None:
+        self.calls.append((release, version))
+
+
+@pytest.fixture()
+async def controller(database_url: str, tmp_path: pathlib.Path) -> AsyncIterator[Any]:
+    from tether.controller import server
+
+    cfg = config.ControllerConfig(
+        database_url=database_url,
+        admin_token=ADMIN_TOKEN,
+        bootstrap_token=BOOTSTRAP_TOKEN,
+        listen="127.0.0.1:0",
+        blob_dir=tmp_path / "blobs",
+        grace_s=0.5,
+        pool_max_size=5,
+    )
+    running = await server.start_controller(cfg, enqueuer=RecordingEnqueuer())
+    try:
+        yield running
+    finally:
+        await running.stop(grace=0.5)
+
+
+@pytest.fixture()
+async def admin_client(controller: Any) -> AsyncIterator[admin.AdminClient]:
+    async with admin.AdminClient(target=controller.address, token=ADMIN_TOKEN) as client:
+        yield client
+
+
+@pytest.fixture()
+async def bundle_digest(admin_client: admin.AdminClient, tmp_path: pathlib.Path) -> str:
+    """A small bundle uploaded to the controller; its manifest digest."""
+    root = tmp_path / "task"
+    root.mkdir()
+    (root / "task.py").write_text("def run(ctx):\n    return {'sample_count': 1}\n")
+    (root / "labels.txt").write_text("a\nb\n")
+    bundle = manifest.hash_directory(root, name="operator-test", entrypoint="task.py")
+    upload = await admin_client.upload_bundle(root, bundle)
+    return upload.digest
+
+
+async def _status(cluster: EmulatedCluster, name: str) -> dict[str, Any]:
+    return ((await cluster.get(None, name)) or {}).get("status") or {}
+
+
+def _condition(status: dict[str, Any], type_: str) -> dict[str, Any]:
+    return next((c for c in status.get("conditions", []) if c["type"] == type_), {})
+
+
+async def _applied(cluster: EmulatedCluster, name: str, generation: int = 1) -> dict[str, Any] | None:
+    s = await _status(cluster, name)
+    ok = s.get("observedGeneration") == generation and _condition(s, "Applied").get("status") == "True"
+    return s if ok else None
+
+
+async def test_a_valid_mltask_becomes_a_release_on_the_controller(
+    cluster: EmulatedCluster, controller: Any, admin_client: admin.AdminClient, bundle_digest: str
+) -> None:
+    async with running_operator(cluster, lambda: operator_admin.connect(controller.address, ADMIN_TOKEN)):
+        task = mltask(
+            "digits",
+            target={"matchLabels": {"app": "shop"}},
+            trigger={"type": "interval", "intervalSeconds": 600},
+            aggregation={"tensors": "mean", "metrics": "weightedMean", "counts": "sum"},
+        )
+        task["spec"]["bundle"]["digest"] = bundle_digest
+        await cluster.create(task)
+
+        status = await wait_for(lambda: _applied(cluster, "digits"), what="the release to be applied")
+        (release,) = await admin_client.list_releases()
+        assert release.release == "default/digits"
+        assert release.manifest_digest == bundle_digest
+        assert status["release"] == "default/digits"
+        assert status["version"] == release.version
+        assert status["manifestDigest"] == bundle_digest
+        assert status["phase"] == "Pending"  # no device enrolled: nothing targeted
+        assert {c["type"]: c["status"] for c in status["conditions"]} == {
+            "Valid": "True",
+            "Applied": "True",
+            "Paused": "False",
+            "Complete": "False",
+        }
+        assert _condition(status, "Complete")["reason"] == "AwaitingDevices"
+
+        # A spec change is applied as a new generation; a paused release keeps its version.
+        await cluster.patch(None, "digits", {"spec": {"paused": True}})
+        status = await wait_for(lambda: _applied(cluster, "digits", 2), what="generation 2")
+        assert status["version"] == release.version
+        assert _condition(status, "Paused")["status"] == "True"
+
+        # Deleting the object deletes the release.
+        await cluster.delete(None, "digits")
+
+        async def no_releases() -> bool:
+            return not await admin_client.list_releases()
+
+        await wait_for(no_releases, what="the release to be deleted")
+        assert await cluster.get(None, "digits") is None
+
+
+@pytest.mark.parametrize(
+    ("spec", "field"),
+    [
+        (
+            {"rollout": {"stages": [{"percent": 50}, {"percent": 10}, {"percent": 100}]}},
+            "spec.rollout.stages[1].percent",
+        ),
+        ({"bundle": {"digest": "sha256:not-hex"}}, "spec.bundle.digest"),
+    ],
+    ids=["decreasing-stages", "bad-digest"],
+)
+async def test_a_malformed_mltask_is_invalid_and_the_controller_gets_nothing(
+    cluster: EmulatedCluster,
+    controller: Any,
+    admin_client: admin.AdminClient,
+    bundle_digest: str,
+    spec: dict[str, Any],
+    field: str,
+) -> None:
+    async with running_operator(cluster, lambda: operator_admin.connect(controller.address, ADMIN_TOKEN)):
+        task = mltask("broken")
+        task["spec"]["bundle"]["digest"] = bundle_digest
+        task["spec"].update(spec)
+        await cluster.create(task)
+
+        async def invalid() -> dict[str, Any] | None:
+            s = await _status(cluster, "broken")
+            return s if s.get("phase") == "Invalid" else None
+
+        status = await wait_for(invalid, what="phase Invalid")
+        valid = _condition(status, "Valid")
+        assert valid["status"] == "False" and valid["reason"] == "InvalidSpec"
+        assert valid["message"].startswith(f"{field}: ")
+
+        async def warning() -> list[dict[str, Any]]:
+            events = await cluster.events_for(None, "broken")
+            return [e for e in events if e["type"] == "Warning" and e["reason"] == "InvalidSpec"]
+
+        (event,) = await wait_for(warning, what="a Warning event")
+        assert event["message"].startswith(f"{field}: ")
+
+        await asyncio.sleep(0.5)  # a few polls: still nothing is sent
+        assert await admin_client.list_releases() == []
+        assert "release" not in await _status(cluster, "broken")
+
+
+async def test_an_unknown_manifest_is_reported_until_the_bundle_is_uploaded(
+    cluster: EmulatedCluster, controller: Any, admin_client: admin.AdminClient, tmp_path: pathlib.Path
+) -> None:
+    root = tmp_path / "late"
+    root.mkdir()
+    (root / "task.py").write_text("def run(ctx):\n    return {}\n")
+    bundle = manifest.hash_directory(root, name="late", entrypoint="task.py")
+    async with running_operator(cluster, lambda: operator_admin.connect(controller.address, ADMIN_TOKEN)):
+        task = mltask("late")
+        task["spec"]["bundle"]["digest"] = bundle.digest
+        await cluster.create(task)
+
+        async def missing() -> dict[str, Any] | None:
+            s = await _status(cluster, "late")
+            return s if _condition(s, "Applied").get("reason") == "ManifestNotFound" else None
+
+        status = await wait_for(missing, what="ManifestNotFound")
+        assert status["phase"] == "Failed"
+        assert bundle.digest in _condition(status, "Applied")["message"]
+        assert await admin_client.list_releases() == []
+
+        await admin_client.upload_bundle(root, bundle)
+        status = await wait_for(lambda: _applied(cluster, "late"), what="the retried apply")
+        assert status["phase"] == "Pending"
+
+
+async def test_tether_operator_as_a_separate_process(
+    cluster: EmulatedCluster, controller: Any, admin_client: admin.AdminClient, bundle_digest: str
+) -> None:
+    env = {**os.environ, "TETHER_ADMIN_TOKEN": ADMIN_TOKEN, "TETHER_LOG_LEVEL": "INFO"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "tether.cli.main",
+        "operator",
+        "--controller",
+        controller.address,
+        "--kubeconfig",
+        str(cluster.kubeconfig_path),
+        "--namespace",
+        cluster.namespace,
+        "--poll-interval",
+        "0.2",
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    try:
+        task = mltask("remote")
+        task["spec"]["bundle"]["digest"] = bundle_digest
+        await cluster.create(task)
+        status = await wait_for(lambda: _applied(cluster, "remote"), timeout=60, what="the subprocess to apply")
+        assert status["release"] == "default/remote"
+        assert [r.release for r in await admin_client.list_releases()] == ["default/remote"]
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            output, _ = await asyncio.wait_for(proc.communicate(), timeout=30)
+        except TimeoutError:
+            proc.kill()
+            output, _ = await proc.communicate()
+    assert proc.returncode == 0, output.decode(errors="replace")[-4000:]
