@@ -1,0 +1,204 @@
+"""`tether agent`: run the edge agent, a simulated fleet, or inspect this device's backends.
+
+Imports only the agent's own dependencies (no Kopf, Celery or psycopg), so a
+device with the agent-only install can run it. Both long-running commands stop
+cleanly on SIGTERM or SIGINT: running task workers are killed, the stream is
+closed and state is saved.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import pathlib
+import signal
+import sys
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import click
+
+from tether.common import config
+
+DEFAULT_STATE_DIR = "~/.tether/agent"
+
+
+def _parse_attrs(values: tuple[str, ...]) -> dict[str, str]:
+    attrs = {}
+    for value in values:
+        key, sep, val = value.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{value!r} must be KEY=VALUE", param_hint="--attr")
+        attrs[key.strip()] = val.strip()
+    return attrs
+
+
+def _run_until_signalled(main: Callable[[asyncio.Event], Coroutine[Any, Any, Any]]) -> None:
+    async def runner() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await main(stop)
+
+    asyncio.run(runner())
+
+
+def _controller_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--controller",
+        envvar=config.ENV_CONTROLLER,
+        default=config.DEFAULT_CONTROLLER,
+        show_default=True,
+        help=f"Controller gRPC address HOST:PORT (env {config.ENV_CONTROLLER}).",
+    )(f)
+
+
+def _token_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--bootstrap-token",
+        "--enroll-token",
+        "bootstrap_token",
+        envvar=config.ENV_BOOTSTRAP_TOKEN,
+        default="",
+        help=f"Enrolment token, used once to obtain this device's credential (env {config.ENV_BOOTSTRAP_TOKEN}).",
+    )(f)
+
+
+def _limits_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    f = click.option(
+        "--task-timeout", type=float, default=60.0, show_default=True, help="Seconds a task run may take."
+    )(f)
+    return click.option(
+        "--task-memory-mb", type=int, default=512, show_default=True, help="Address-space limit per run."
+    )(f)
+
+
+@click.group()
+def agent() -> None:
+    """Run or inspect the edge agent."""
+
+
+@agent.command()
+@_controller_option
+@_token_option
+@click.option(
+    "--state-dir",
+    envvar="TETHER_AGENT_STATE_DIR",
+    default=DEFAULT_STATE_DIR,
+    show_default=True,
+    help="Credential, bundle store and run records.",
+)
+@click.option("--data-dir", default=None, help="Device-local data tasks read (default: STATE_DIR/data).")
+@click.option("--device-id", default=None, help="Device id to enrol with (default: generated once).")
+@click.option("--attr", "attrs", multiple=True, metavar="KEY=VALUE", help="Device attribute for targeting; repeatable.")
+@click.option("--threads", type=int, default=1, show_default=True, help="Engine threads per task run.")
+@_limits_options
+def run(
+    controller: str,
+    bootstrap_token: str,
+    state_dir: str,
+    data_dir: str | None,
+    device_id: str | None,
+    attrs: tuple[str, ...],
+    threads: int,
+    task_timeout: float,
+    task_memory_mb: int,
+) -> None:
+    """Run the agent until SIGTERM/SIGINT."""
+    from tether.agent import daemon, runtime
+    from tether.common import errors
+
+    state_path = pathlib.Path(os.path.expanduser(state_dir))
+    try:
+        the_agent = daemon.Agent(
+            controller=controller,
+            state_dir=state_path,
+            data_dir=pathlib.Path(data_dir) if data_dir else state_path / "data",
+            bootstrap_token=bootstrap_token,
+            device_id=device_id,
+            attributes=_parse_attrs(attrs),
+            threads=threads,
+            limits=runtime.TaskLimits(timeout_s=task_timeout, memory_mb=task_memory_mb),
+        )
+    except errors.TetherError as e:
+        raise click.ClickException(str(e)) from None
+
+    async def main(stop: asyncio.Event) -> None:
+        task = asyncio.create_task(the_agent.run())
+        stopper = asyncio.create_task(stop.wait())
+        await asyncio.wait([task, stopper], return_when=asyncio.FIRST_COMPLETED)
+        the_agent.stop()
+        stopper.cancel()
+        try:
+            await task
+        except errors.TetherError as e:
+            raise click.ClickException(str(e)) from None
+
+    _run_until_signalled(main)
+
+
+@agent.command()
+@click.option("--count", type=click.IntRange(1, 100_000), default=10, show_default=True, help="Simulated devices.")
+@_controller_option
+@_token_option
+@click.option("--state-root", required=True, type=click.Path(file_okay=False), help="One sub-directory per device.")
+@click.option(
+    "--data",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="An .npz of equal-length arrays; each device gets a shard as data/digits.npz.",
+)
+@click.option("--concurrency", type=int, default=2, show_default=True, help="Task workers running at once.")
+@click.option("--prefix", default="sim", show_default=True, help="Device id prefix.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for attributes and sharding.")
+@_limits_options
+def fleet(
+    count: int,
+    controller: str,
+    bootstrap_token: str,
+    state_root: str,
+    data: str | None,
+    concurrency: int,
+    prefix: str,
+    seed: int,
+    task_timeout: float,
+    task_memory_mb: int,
+) -> None:
+    """Run COUNT simulated devices in one process until SIGTERM/SIGINT."""
+    from tether.agent import fleet as fleet_mod
+    from tether.agent import runtime
+
+    if not bootstrap_token:
+        raise click.UsageError("--bootstrap-token (or TETHER_BOOTSTRAP_TOKEN) is required")
+
+    def ready(agents: list[Any]) -> None:
+        click.echo(f"fleet ready: {len(agents)} agents connected to {controller}")
+        sys.stdout.flush()
+
+    async def main(stop: asyncio.Event) -> None:
+        await fleet_mod.run_fleet(
+            count=count,
+            controller=controller,
+            bootstrap_token=bootstrap_token,
+            state_root=state_root,
+            data=data,
+            concurrency=concurrency,
+            prefix=prefix,
+            seed=seed,
+            limits=runtime.TaskLimits(timeout_s=task_timeout, memory_mb=task_memory_mb),
+            stop=stop,
+            on_ready=ready,
+        )
+        click.echo("fleet stopped")
+
+    _run_until_signalled(main)
+
+
+@agent.command()
+def backends() -> None:
+    """Print the engine backends that really run on this device (JSON)."""
+    from tether.agent import engine
+
+    click.echo(json.dumps({"backends": engine.detect_backends()}))

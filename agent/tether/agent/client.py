@@ -1,0 +1,118 @@
+"""Async gRPC client of the controller's DeviceService.
+
+Every call but `enroll` carries `authorization: Bearer <credential>`
+(docs/internals.md, "Auth metadata"). The channel is insecure unless
+`channel_credentials` is given (TLS lands with a later issue; pass
+`grpc.ssl_channel_credentials(...)` here then). Errors are grpc.aio.AioRpcError;
+callers decide what is retryable with `is_retryable`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable, Sequence
+
+import grpc
+
+from tether.common import auth
+from tether.proto.v1 import tether_pb2 as pb
+from tether.proto.v1 import tether_pb2_grpc as pb_grpc
+
+RETRYABLE = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.CANCELLED,
+    }
+)
+DEFAULT_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.max_receive_message_length", 8 * 1024 * 1024),
+    # Reconnect promptly after a controller restart; the agent's own backoff paces its retries.
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 5_000),
+)
+
+
+def is_retryable(error: BaseException) -> bool:
+    return isinstance(error, grpc.aio.AioRpcError) and error.code() in RETRYABLE
+
+
+class DeviceClient:
+    def __init__(
+        self,
+        target: str,
+        *,
+        credential: str = "",
+        channel_credentials: grpc.ChannelCredentials | None = None,
+        options: Sequence[tuple[str, int | str]] = DEFAULT_OPTIONS,
+        timeout_s: float = 30.0,
+    ) -> None:
+        self.target = target
+        self.credential = credential
+        self.timeout_s = timeout_s
+        if channel_credentials is None:
+            self._channel = grpc.aio.insecure_channel(target, options=list(options))
+        else:
+            self._channel = grpc.aio.secure_channel(target, channel_credentials, options=list(options))
+        self._stub = pb_grpc.DeviceServiceStub(self._channel)
+
+    def _metadata(self) -> tuple[tuple[str, str], ...]:
+        return auth.bearer_metadata(self.credential)
+
+    async def close(self, grace: float | None = None) -> None:
+        await self._channel.close(grace)
+
+    async def __aenter__(self) -> DeviceClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def enroll(self, *, bootstrap_token: str, device: pb.DeviceInfo) -> pb.EnrollResponse:
+        return await self._stub.Enroll(
+            pb.EnrollRequest(bootstrap_token=bootstrap_token, device=device), timeout=self.timeout_s
+        )
+
+    def subscribe(self, installed: Iterable[pb.DesiredTask]) -> grpc.aio.UnaryStreamCall:
+        """The long-lived event stream; iterate it with `async for` and `cancel()` it to stop."""
+        return self._stub.Subscribe(pb.SubscribeRequest(installed=list(installed)), metadata=self._metadata())
+
+    async def get_manifest(self, *, release: str, manifest_digest: str) -> pb.GetManifestResponse:
+        return await self._stub.GetManifest(
+            pb.GetManifestRequest(release=release, manifest_digest=manifest_digest),
+            metadata=self._metadata(),
+            timeout=self.timeout_s,
+        )
+
+    async def pull_blob(
+        self, *, release: str, digest: str, offset: int = 0, timeout_s: float | None = None
+    ) -> AsyncIterator[pb.BlobChunk]:
+        call = self._stub.PullBlob(
+            pb.PullBlobRequest(release=release, digest=digest, offset=offset),
+            metadata=self._metadata(),
+            timeout=timeout_s,
+        )
+        try:
+            async for chunk in call:
+                yield chunk
+        finally:
+            call.cancel()
+
+    async def report_status(
+        self, *, release: str, version: int, state: pb.DeliveryState.ValueType, message: str = ""
+    ) -> None:
+        await self._stub.ReportStatus(
+            pb.ReportStatusRequest(release=release, version=version, state=state, message=message[:1000]),
+            metadata=self._metadata(),
+            timeout=self.timeout_s,
+        )
+
+    async def upload_result(self, request: pb.UploadResultRequest) -> pb.UploadResultResponse:
+        return await self._stub.UploadResult(request, metadata=self._metadata(), timeout=self.timeout_s)

@@ -1,0 +1,481 @@
+"""The device-side bundle store and the agent's durable state.
+
+Layout of a state directory::
+
+    state.json                     credential, installed versions, run records (atomic writes)
+    blobs/sha256/<hex>             verified, read-only blobs, shared by every task and version
+    blobs/partial/<hex>.part       interrupted downloads; a pull resumes from the file's size
+    installs/<release>/<version>/  one installed bundle version (files hardlinked from blobs)
+    installs/<release>/current     the active version number (atomic pointer file)
+    installs/<release>/.staging-*  an install being assembled (removed by `gc`)
+    taskstate/<release>.json       `ctx.state` of a task, kept between runs
+    results/<key>.pb               a finished run's upload, kept until the controller acknowledged it
+
+`<release>` is the release name percent-encoded (`ns%2Fname`), so distinct
+releases never share a directory.
+
+Guarantees: a blob appears under `blobs/sha256/` only after its sha256 was
+checked; an install directory appears (by one `rename`) only complete and
+verified; `current` moves by one `rename`; the previous version is kept for
+rollback; a crash at any point leaves either the old or the new state.
+Blocking file I/O: call from a worker thread in async code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+import shutil
+import tempfile
+import urllib.parse
+from collections.abc import Iterable, Iterator
+from typing import Any, BinaryIO
+
+from tether.common import errors, manifest
+
+STATE_VERSION = 1
+MANIFEST_FILE = ".tether-manifest.json"
+MAX_RELEASE_LEN = 253
+MAX_STATE_BYTES = 1024 * 1024
+
+
+# ---------------------------------------------------------------- atomic files
+
+
+def fsync_dir(path: pathlib.Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: pathlib.Path, data: bytes) -> None:
+    """Write `data` to `path` so readers see the old or the new content, never a mix (tmp + fsync + rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_json(path: pathlib.Path, doc: Any) -> None:
+    atomic_write(path, json.dumps(doc, indent=1, sort_keys=True).encode("utf-8"))
+
+
+def release_dirname(release: str) -> str:
+    if not isinstance(release, str) or not release or len(release) > MAX_RELEASE_LEN or "\x00" in release:
+        raise errors.InvalidArgument(f"release: {release!r} must be a non-empty name of at most {MAX_RELEASE_LEN}")
+    name = urllib.parse.quote(release, safe="")
+    if name.startswith("."):  # ".", "..", and the store's own ".staging-*" / ".removing-*" names
+        raise errors.InvalidArgument(f"release: {release!r} is not a valid name")
+    return name
+
+
+def _hex(digest: str) -> str:
+    return manifest.check_digest(digest).split(":", 1)[1]
+
+
+# ---------------------------------------------------------------- agent state
+
+
+@dataclasses.dataclass
+class RunRecord:
+    """One run of a task. Written before the task runs, so a restart reuses `key` for the upload."""
+
+    key: str
+    release: str
+    version: int
+    trigger: str
+    status: str  # "running" | "uploading" | "uploaded" | "failed"
+    started_at: float
+    finished_at: float = 0.0
+    message: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> RunRecord:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in doc.items() if k in fields})
+
+
+@dataclasses.dataclass
+class InstalledTask:
+    release: str
+    version: int
+    manifest_digest: str
+
+
+@dataclasses.dataclass
+class AgentState:
+    device_id: str = ""
+    credential: str = ""
+    installed: dict[str, InstalledTask] = dataclasses.field(default_factory=dict)
+    # release -> {"version": int, "digest": str, "reason": str}: versions refused; not retried.
+    refused: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    runs: dict[str, RunRecord] = dataclasses.field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema": STATE_VERSION,
+            "device_id": self.device_id,
+            "credential": self.credential,
+            "installed": {k: dataclasses.asdict(v) for k, v in sorted(self.installed.items())},
+            "refused": dict(sorted(self.refused.items())),
+            "runs": {k: v.to_json() for k, v in self.runs.items()},
+        }
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> AgentState:
+        return cls(
+            device_id=str(doc.get("device_id", "")),
+            credential=str(doc.get("credential", "")),
+            installed={k: InstalledTask(**v) for k, v in (doc.get("installed") or {}).items()},
+            refused=dict(doc.get("refused") or {}),
+            runs={k: RunRecord.from_json(v) for k, v in (doc.get("runs") or {}).items()},
+        )
+
+    def runs_of(self, release: str, version: int | None = None) -> list[RunRecord]:
+        return [r for r in self.runs.values() if r.release == release and (version is None or r.version == version)]
+
+    def prune_runs(self, *, keep_per_release: int = 20) -> list[str]:
+        """Forget old finished runs; never a run whose upload is still pending. Returns removed keys."""
+        removed = []
+        by_release: dict[str, list[RunRecord]] = {}
+        for r in self.runs.values():
+            by_release.setdefault(r.release, []).append(r)
+        for runs in by_release.values():
+            done = sorted((r for r in runs if r.status in {"uploaded", "failed"}), key=lambda r: r.started_at)
+            for r in done[: max(0, len(done) - keep_per_release)]:
+                del self.runs[r.key]
+                removed.append(r.key)
+        return removed
+
+
+class StateFile:
+    """`state.json`, read once and rewritten atomically on every change."""
+
+    def __init__(self, path: pathlib.Path) -> None:
+        self.path = path
+
+    def load(self) -> AgentState:
+        if not self.path.exists():
+            return AgentState()
+        raw = self.path.read_bytes()
+        if len(raw) > MAX_STATE_BYTES * 16:
+            raise errors.FailedPrecondition(f"{self.path}: unreasonably large ({len(raw)} bytes)")
+        doc = json.loads(raw)
+        if doc.get("schema") != STATE_VERSION:
+            raise errors.FailedPrecondition(f"{self.path}: unknown schema {doc.get('schema')!r}")
+        return AgentState.from_json(doc)
+
+    def save(self, state: AgentState) -> None:
+        atomic_write_json(self.path, state.to_json())
+        with contextlib.suppress(OSError):
+            os.chmod(self.path, 0o600)  # holds the device credential
+
+
+# ---------------------------------------------------------------- blobs and installs
+
+
+class BlobWriter:
+    """Appends a download to `<hex>.part`; `commit` verifies the whole file and moves it into the cache."""
+
+    def __init__(self, store: BundleStore, digest: str, *, expected_size: int | None) -> None:
+        self.store = store
+        self.digest = digest
+        self.expected_size = expected_size
+        self.part = store.partial_path(digest)
+        self.part.parent.mkdir(parents=True, exist_ok=True)
+        self._file: BinaryIO = open(self.part, "ab")  # noqa: SIM115 - closed in commit/close
+        self.offset = self._file.tell()
+        if expected_size is not None and self.offset > expected_size:
+            # A partial longer than the blob can only be garbage: start again.
+            self._file.truncate(0)
+            self._file.seek(0)
+            self.offset = 0
+
+    def write(self, data: bytes, *, offset: int | None = None) -> None:
+        if offset is not None and offset != self.offset:
+            raise errors.InvalidArgument(f"blob {self.digest}: chunk at offset {offset}, expected {self.offset}")
+        if self.expected_size is not None and self.offset + len(data) > self.expected_size:
+            raise errors.DigestMismatch(
+                f"blob {self.digest}: more than the {self.expected_size} bytes the manifest announced"
+            )
+        self._file.write(data)
+        self.offset += len(data)
+
+    def close(self) -> None:
+        """Keep what was written for a later resume."""
+        if not self._file.closed:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+
+    def commit(self) -> pathlib.Path:
+        self.close()
+        try:
+            actual, size = manifest.file_digest(self.part)
+            if actual != self.digest or (self.expected_size is not None and size != self.expected_size):
+                raise errors.DigestMismatch(
+                    f"blob {self.digest}: received {size} bytes hashing to {actual}"
+                    + (f" (expected {self.expected_size} bytes)" if self.expected_size is not None else "")
+                )
+            final = self.store.blob_path(self.digest)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.chmod(self.part, 0o444)
+            os.replace(self.part, final)
+            fsync_dir(final.parent)
+            return final
+        except BaseException:
+            self.part.unlink(missing_ok=True)  # bad content must not be resumed from
+            raise
+
+    def __enter__(self) -> BlobWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class BundleStore:
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = pathlib.Path(root)
+        self.blobs = self.root / "blobs" / "sha256"
+        self.partials = self.root / "blobs" / "partial"
+        self.installs = self.root / "installs"
+        self.results = self.root / "results"
+        self.taskstate = self.root / "taskstate"
+        for d in (self.blobs, self.partials, self.installs, self.results, self.taskstate):
+            d.mkdir(parents=True, exist_ok=True)
+
+    # ---------------------------------------------------------- blobs
+    def blob_path(self, digest: str) -> pathlib.Path:
+        return self.blobs / _hex(digest)
+
+    def partial_path(self, digest: str) -> pathlib.Path:
+        return self.partials / f"{_hex(digest)}.part"
+
+    def has_blob(self, digest: str) -> bool:
+        return self.blob_path(digest).is_file()
+
+    def partial_size(self, digest: str) -> int:
+        try:
+            return self.partial_path(digest).stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def missing_blobs(self, m: manifest.Manifest) -> list[manifest.FileEntry]:
+        """One entry per distinct blob of `m` not in the cache yet."""
+        seen: set[str] = set()
+        out = []
+        for f in m.files:
+            if f.sha256 not in seen and not self.has_blob(f.sha256):
+                out.append(f)
+            seen.add(f.sha256)
+        return out
+
+    def open_blob(self, digest: str, *, expected_size: int | None = None) -> BlobWriter:
+        return BlobWriter(self, digest, expected_size=expected_size)
+
+    def put_blob(self, digest: str, data: bytes) -> pathlib.Path:
+        self.partial_path(digest).unlink(missing_ok=True)
+        with self.open_blob(digest, expected_size=len(data)) as w:
+            w.write(data)
+            return w.commit()
+
+    # ---------------------------------------------------------- installs
+    def release_dir(self, release: str) -> pathlib.Path:
+        return self.installs / release_dirname(release)
+
+    def install_dir(self, release: str, version: int) -> pathlib.Path:
+        return self.release_dir(release) / str(int(version))
+
+    def current(self, release: str) -> int | None:
+        try:
+            return int((self.release_dir(release) / "current").read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def current_dir(self, release: str) -> pathlib.Path | None:
+        version = self.current(release)
+        if version is None:
+            return None
+        path = self.install_dir(release, version)
+        return path if path.is_dir() else None
+
+    def versions(self, release: str) -> list[int]:
+        d = self.release_dir(release)
+        if not d.is_dir():
+            return []
+        return sorted(int(p.name) for p in d.iterdir() if p.is_dir() and p.name.isdigit())
+
+    def installed_manifest(self, release: str, version: int) -> manifest.Manifest:
+        return manifest.Manifest.from_bytes((self.install_dir(release, version) / MANIFEST_FILE).read_bytes())
+
+    def install(self, release: str, version: int, m: manifest.Manifest) -> pathlib.Path:
+        """Assemble version `version` of `release` from cached blobs, then make it current.
+
+        Every blob is re-hashed while it is linked in, so a corrupted cache is caught (the bad
+        blob is dropped and DigestMismatch raised) and nothing is installed.
+        """
+        version = int(version)
+        missing = self.missing_blobs(m)
+        if missing:
+            raise errors.FailedPrecondition(f"cannot install {release} v{version}: {len(missing)} blobs missing")
+        rdir = self.release_dir(release)
+        rdir.mkdir(parents=True, exist_ok=True)
+        final = rdir / str(version)
+        if final.is_dir() and not self._same_install(final, m):
+            shutil.rmtree(final)
+        if not final.is_dir():
+            staging = pathlib.Path(tempfile.mkdtemp(prefix=f".staging-{version}-", dir=rdir))
+            try:
+                verified: set[str] = set()
+                for f in m.files:
+                    blob = self.blob_path(f.sha256)
+                    if f.sha256 not in verified:
+                        actual, size = manifest.file_digest(blob)
+                        if actual != f.sha256 or size != f.size:
+                            blob.unlink(missing_ok=True)
+                            raise errors.DigestMismatch(f"cached blob {f.sha256} for {f.path} is corrupt")
+                        verified.add(f.sha256)
+                    dest = staging / f.path
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    try:
+                        os.link(blob, dest)
+                    except OSError:
+                        shutil.copyfile(blob, dest)
+                        os.chmod(dest, 0o444)
+                (staging / MANIFEST_FILE).write_bytes(m.canonical_bytes())
+                for d in sorted({p.parent for p in staging.rglob("*")}, key=lambda p: -len(p.parts)):
+                    fsync_dir(d)
+                os.rename(staging, final)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+            fsync_dir(rdir)
+        atomic_write(rdir / "current", f"{version}\n".encode())
+        self._prune_versions(release, keep={version, *self._previous(release, version)})
+        return final
+
+    @staticmethod
+    def _same_install(path: pathlib.Path, m: manifest.Manifest) -> bool:
+        try:
+            return (path / MANIFEST_FILE).read_bytes() == m.canonical_bytes()
+        except OSError:
+            return False
+
+    def _previous(self, release: str, version: int) -> list[int]:
+        older = [v for v in self.versions(release) if v < version]
+        return older[-1:]
+
+    def _prune_versions(self, release: str, *, keep: Iterable[int]) -> None:
+        keep = set(keep)
+        for v in self.versions(release):
+            if v not in keep:
+                shutil.rmtree(self.install_dir(release, v), ignore_errors=True)
+
+    def rollback(self, release: str) -> int | None:
+        """Make the version before the current one current again (if it is still kept)."""
+        current = self.current(release)
+        if current is None:
+            return None
+        older = self._previous(release, current)
+        if not older:
+            return None
+        atomic_write(self.release_dir(release) / "current", f"{older[0]}\n".encode())
+        return older[0]
+
+    def uninstall(self, release: str) -> None:
+        rdir = self.release_dir(release)
+        if rdir.exists():
+            # Rename first so a crash midway never leaves a half-deleted install that looks valid.
+            doomed = self.installs / f".removing-{rdir.name}-{os.getpid()}"
+            os.rename(rdir, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
+        (self.taskstate / f"{release_dirname(release)}.json").unlink(missing_ok=True)
+
+    def releases(self) -> list[str]:
+        return sorted(
+            urllib.parse.unquote(p.name) for p in self.installs.iterdir() if p.is_dir() and not p.name.startswith(".")
+        )
+
+    # ---------------------------------------------------------- task state and pending results
+    def load_task_state(self, release: str) -> dict[str, Any]:
+        path = self.taskstate / f"{release_dirname(release)}.json"
+        try:
+            doc = json.loads(path.read_bytes())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {}
+        return doc if isinstance(doc, dict) else {}
+
+    def save_task_state(self, release: str, state: dict[str, Any]) -> None:
+        data = json.dumps(state, sort_keys=True, allow_nan=False).encode("utf-8")
+        if len(data) > MAX_STATE_BYTES:
+            raise errors.TooLarge(f"task state is {len(data)} bytes; the limit is {MAX_STATE_BYTES}")
+        atomic_write(self.taskstate / f"{release_dirname(release)}.json", data)
+
+    def result_path(self, key: str) -> pathlib.Path:
+        return self.results / f"{urllib.parse.quote(key, safe='')}.pb"
+
+    # ---------------------------------------------------------- garbage collection
+    def referenced_blobs(self) -> set[str]:
+        refs: set[str] = set()
+        for release in self.releases():
+            for v in self.versions(release):
+                try:
+                    refs.update(self.installed_manifest(release, v).blob_digests())
+                except (OSError, errors.TetherError):
+                    continue
+        return refs
+
+    def gc(self, *, keep: Iterable[str] = ()) -> list[str]:
+        """Delete blobs no kept install references, partials not in `keep`, and leftover staging dirs.
+
+        `keep`: digests in use by an install in progress. Returns the removed blob digests.
+        """
+        keep = set(keep)
+        refs = self.referenced_blobs() | keep
+        removed = []
+        for p in self.blobs.iterdir():
+            digest = f"sha256:{p.name}"
+            if digest not in refs:
+                p.unlink(missing_ok=True)
+                removed.append(digest)
+        for p in self.partials.iterdir():
+            if f"sha256:{p.name.removesuffix('.part')}" not in keep:
+                p.unlink(missing_ok=True)
+        for p in self._leftovers():
+            shutil.rmtree(p, ignore_errors=True)
+        return sorted(removed)
+
+    def _leftovers(self) -> Iterator[pathlib.Path]:
+        for p in self.installs.iterdir():
+            if p.name.startswith(".removing-"):
+                yield p
+            elif p.is_dir():
+                yield from (s for s in p.iterdir() if s.name.startswith(".staging-"))
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()

@@ -1,0 +1,123 @@
+"""The agent against the REAL controller (gRPC on loopback, embedded Postgres): enrol, push, pull, run MNN, upload."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import pathlib
+import random
+
+import pytest
+
+from tether.agent import daemon
+from tether.common import admin, bundle_files, config
+
+pytest.importorskip("tether.controller.server")
+
+ADMIN_TOKEN = "admin-token-for-agent-tests"
+BOOTSTRAP_TOKEN = "bootstrap-token-for-agent-tests"
+FAST = daemon.Backoff(initial_s=0.05, max_s=0.5)
+
+
+class RecordingEnqueuer:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int]] = []
+
+    async def enqueue(self, *, release: str, version: int) -> None:
+        self.calls.append((release, version))
+
+
+@pytest.fixture()
+def enqueuer() -> RecordingEnqueuer:
+    return RecordingEnqueuer()
+
+
+@pytest.fixture()
+async def controller(database_url: str, tmp_path: pathlib.Path, enqueuer: RecordingEnqueuer):
+    from tether.controller import server
+
+    cfg = config.ControllerConfig(
+        database_url=database_url,
+        admin_token=ADMIN_TOKEN,
+        bootstrap_token=BOOTSTRAP_TOKEN,
+        listen="127.0.0.1:0",
+        blob_dir=tmp_path / "blobs",
+        grace_s=0.5,
+        pool_max_size=5,
+    )
+    running = await server.start_controller(cfg, enqueuer=enqueuer)
+    try:
+        yield running
+    finally:
+        await running.stop(grace=0.5)
+
+
+def agent_for(address: str, root: pathlib.Path, data_dir: pathlib.Path, device_id: str, app: str) -> daemon.Agent:
+    return daemon.Agent(
+        controller=address,
+        state_dir=root / device_id,
+        data_dir=data_dir,
+        bootstrap_token=BOOTSTRAP_TOKEN,
+        device_id=device_id,
+        attributes={"app": app, "os": "android", "tier": "mid"},
+        backends=["mnn/cpu", "onnxruntime/cpu"],
+        backoff=FAST,
+        rng=random.Random(0),
+    )
+
+
+async def until(predicate, timeout: float = 60.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await predicate():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.1)
+
+
+async def test_agent_enrolls_receives_push_pulls_runs_and_uploads(
+    controller, enqueuer, tmp_path, digits_dir, data_dir
+) -> None:
+    shop = agent_for(controller.address, tmp_path, data_dir, "phone-shop", "shop")
+    maps = agent_for(controller.address, tmp_path, data_dir, "phone-maps", "maps")
+    runs = [asyncio.create_task(a.run()) for a in (shop, maps)]
+    try:
+        async with admin.AdminClient(target=controller.address, token=ADMIN_TOKEN) as adm:
+            await until(lambda: _true(shop.connected.is_set() and maps.connected.is_set()), timeout=30)
+            bundle = bundle_files.build_manifest(digits_dir)
+            upload = await adm.upload_bundle(digits_dir, bundle)
+            assert upload.digest == bundle.digest
+            applied = await adm.apply_release(
+                release="default/digits-eval",
+                manifest_digest=bundle.digest,
+                target={"matchLabels": {"app": "shop"}},
+                trigger={"type": "onInstall"},
+                aggregation={"tensors": "weightedMean", "metrics": "weightedMean", "counts": "sum"},
+            )
+
+            async def succeeded() -> bool:
+                status = await adm.get_release_status("default/digits-eval")
+                return status.succeeded >= 1 and status.results >= 1
+
+            await until(succeeded)
+            status = await adm.get_release_status("default/digits-eval")
+            assert status.version == applied.version
+            assert (status.targeted, status.installed + status.succeeded >= 1, status.failed) == (1, True, 0)
+    finally:
+        for a in (shop, maps):
+            a.stop()
+        await asyncio.gather(*runs)
+
+    # Only the targeted device installed and ran it, on MNN, and recorded the upload.
+    assert shop.store.current("default/digits-eval") == applied.version
+    assert maps.store.current("default/digits-eval") is None
+    (record,) = shop.state.runs.values()
+    assert record.status == "uploaded" and record.message == "mnn/cpu"
+    assert enqueuer.calls and enqueuer.calls[-1][0] == "default/digits-eval"
+    state = json.loads((tmp_path / "phone-shop" / "state.json").read_text())
+    assert state["credential"].startswith("phone-shop.")
+
+
+def _true(value: bool):
+    async def f() -> bool:
+        return value
+
+    return f()
