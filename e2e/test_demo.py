@@ -25,7 +25,10 @@ def test_demo_rolls_out_runs_and_aggregates(e2e_env, tmp_path):
     out = tmp_path / "outcome.json"
     proc = subprocess.run(
         [sys.executable, "-m", "tether.cli.main", "demo", "--agents", "12", "--json-out", str(out)],
-        env=env, capture_output=True, text=True, timeout=240,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     outcome = json.loads(out.read_text())
@@ -52,8 +55,12 @@ def test_ctrl_c_stops_everything_the_demo_started(e2e_env):
     env, mark, tmp = e2e_env
     proc = subprocess.Popen(
         [sys.executable, "-m", "tether.cli.main", "demo", "--agents", "4"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
+
     # Wait until the fleet of devices is up (the last component to start), then interrupt.
     def fleet_running() -> bool:
         return any("fleet" in p.cmdline() for p in processes_marked(mark))
