@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import pathlib
 import time
 
 import numpy as np
@@ -71,7 +70,7 @@ def _shards(n: int) -> list[dict[str, np.ndarray]]:
 def _expected(shards: list[dict[str, np.ndarray]]) -> dict:
     """The aggregate, computed here with ONNX Runtime and NumPy only."""
     session = ort.InferenceSession(str(example_dir() / "task" / "model.onnx"), providers=["CPUExecutionProvider"])
-    n, acc, probs, conf = [], [], [], []
+    n, acc, correct, probs, conf = [], [], [], [], []
     for shard in shards:
         p = session.run(None, {session.get_inputs()[0].name: shard["X"].astype(np.float32)})[0]
         pred = p.argmax(axis=1)
@@ -79,13 +78,14 @@ def _expected(shards: list[dict[str, np.ndarray]]) -> dict:
         np.add.at(c, (shard["y"], pred), 1)
         n.append(len(shard["y"]))
         acc.append(float((pred == shard["y"]).mean()))
+        correct.append(int((pred == shard["y"]).sum()))
         probs.append(p.mean(axis=0))
         conf.append(c)
     w = np.array(n, dtype=float)
     return {
         "samples": int(w.sum()),
         "accuracy": float(np.average(acc, weights=w)),
-        "correct": int(round(sum(a * k for a, k in zip(acc, n, strict=True)))),
+        "correct": sum(correct),
         "mean_probs": np.average(np.array(probs), axis=0, weights=w),
         "confusion": np.average(np.array(conf), axis=0, weights=w),
     }
