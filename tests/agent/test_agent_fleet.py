@@ -55,7 +55,8 @@ async def test_fleet_runs_digits_on_every_device(tmp_path, digits_dir, digits_da
         )
     )
     try:
-        await wait_until(lambda: len(fake.uploads) == 4, timeout=60)
+        # A device uploads, then reports SUCCEEDED: wait for the last report, not the last upload.
+        await wait_until(lambda: fake.states(rel.name).count("SUCCEEDED") == 4, timeout=60)
         assert ready and len(ready[0]) == 4
         assert sum(u.sample_count for u in fake.uploads.values()) == len(digits_data["y"])
         assert len({u.idempotency_key.split(":")[0] for u in fake.uploads.values()}) == 4

@@ -9,6 +9,7 @@ and the same flow with `tether operator --kubeconfig FILE` as a separate OS proc
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import pathlib
 import signal
@@ -19,7 +20,7 @@ from typing import Any
 import pytest
 from operator_helpers import mltask, running_operator, wait_for
 
-from tether.common import admin, config, manifest
+from tether.common import admin, auth, config, manifest
 from tether.operator import admin as operator_admin
 from tether.operator.emulator import EmulatedCluster
 
@@ -131,7 +132,48 @@ async def test_a_valid_mltask_becomes_a_release_on_the_controller(
             return not await admin_client.list_releases()
 
         await wait_for(no_releases, what="the release to be deleted")
-        assert await cluster.get(None, "digits") is None
+
+        async def object_gone() -> bool:  # the finalizer is removed after the release is deleted
+            return await cluster.get(None, "digits") is None
+
+        await wait_for(object_gone, what="the object to be released by the finalizer")
+
+
+async def test_trigger_and_resources_reach_devices_and_a_resources_change_reapplies(
+    cluster: EmulatedCluster, controller: Any, bundle_digest: str
+) -> None:
+    import grpc
+
+    from tether.proto.v1 import tether_pb2 as pb
+    from tether.proto.v1 import tether_pb2_grpc as pb_grpc
+
+    async with grpc.aio.insecure_channel(controller.address) as channel:
+        devices = pb_grpc.DeviceServiceStub(channel)
+        enrolled = await devices.Enroll(
+            pb.EnrollRequest(bootstrap_token=BOOTSTRAP_TOKEN, device=pb.DeviceInfo(device_id="phone-1"))
+        )
+        stream = devices.Subscribe(pb.SubscribeRequest(), metadata=auth.bearer_metadata(enrolled.credential))
+        assert (await asyncio.wait_for(stream.read(), 10)).HasField("sync")
+        async with running_operator(cluster, lambda: operator_admin.connect(controller.address, ADMIN_TOKEN)):
+            task = mltask(
+                "ticker",
+                trigger={"type": "interval", "intervalSeconds": 90},
+                resources={"timeoutSeconds": 20, "memoryMB": 128},
+            )
+            task["spec"]["bundle"]["digest"] = bundle_digest
+            await cluster.create(task)
+            first = (await asyncio.wait_for(stream.read(), 15)).notify.task
+            assert (first.release, first.version) == ("default/ticker", 1)
+            assert json.loads(first.trigger_json) == {"type": "interval", "seconds": 90}
+            assert json.loads(first.resources_json) == {"timeoutSeconds": 20, "memoryMB": 128}
+
+            await cluster.patch(None, "ticker", {"spec": {"resources": {"cpuSeconds": 5}}})
+            second = (await asyncio.wait_for(stream.read(), 15)).notify.task
+            assert second.version == 2
+            assert json.loads(second.resources_json) == {"timeoutSeconds": 20, "memoryMB": 128, "cpuSeconds": 5}
+            status = await wait_for(lambda: _applied(cluster, "ticker", 2), what="generation 2")
+            assert status["version"] == 2
+        stream.cancel()
 
 
 @pytest.mark.parametrize(
