@@ -33,6 +33,7 @@ def test_demo_rolls_out_runs_and_aggregates(e2e_env, tmp_path):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     outcome = json.loads(out.read_text())
     assert outcome["ok"] is True
+    assert outcome["tls"] is True and outcome["signed_by"]  # the secure path (TLS, signed bundle) is the default
     assert outcome["phase"] == "Succeeded"
     assert 0 < outcome["targeted"] <= 12
     assert outcome["succeeded"] == outcome["targeted"] == outcome["installed"]

@@ -128,7 +128,8 @@ async def test_push_pull_run_upload_aggregate(controller, tmp_path):
             deadline = time.monotonic() + 60
             while True:
                 status = await client.get_release_status("default/digits")
-                if status.aggregate and status.aggregate["results"] == len(shop):
+                # Devices upload, then report SUCCEEDED: wait for both.
+                if status.aggregate and status.aggregate["results"] == len(shop) and status.succeeded == len(shop):
                     break
                 assert time.monotonic() < deadline, f"no complete aggregate: {status}"
                 await asyncio.sleep(0.2)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import pathlib
 import secrets
 
@@ -26,6 +27,8 @@ class Release:
     name: str
     version: int
     digest: str
+    trigger_json: str = ""
+    resources_json: str = ""
 
 
 class FakeController(pb_grpc.DeviceServiceServicer):
@@ -49,14 +52,29 @@ class FakeController(pb_grpc.DeviceServiceServicer):
         self.fail_uploads = 0
 
     # ------------------------------------------------------------ test API
-    def publish(self, release: str, bundle_dir: pathlib.Path, *, version: int | None = None) -> Release:
+    def publish(
+        self,
+        release: str,
+        bundle_dir: pathlib.Path,
+        *,
+        version: int | None = None,
+        trigger: dict | str | None = None,
+        resources: dict | str | None = None,
+    ) -> Release:
+        """Announce a bundle as the next version; `trigger` / `resources` as documents, or raw wire text."""
         m = bundle_files.build_manifest(bundle_dir)
         data = m.canonical_bytes()
         self.manifests[m.digest] = data
         for f in m.files:
             self.blobs[f.sha256] = (bundle_dir / f.path).read_bytes()
         previous = self.releases.get(release)
-        rel = Release(release, version or (previous.version + 1 if previous else 1), m.digest)
+        rel = Release(
+            release,
+            version or (previous.version + 1 if previous else 1),
+            m.digest,
+            trigger_json=_wire(trigger),
+            resources_json=_wire(resources),
+        )
         self.releases[release] = rel
         for q in self.queues.values():
             q.put_nowait(pb.ServerEvent(notify=pb.Notify(task=self._desired(rel))))
@@ -72,7 +90,13 @@ class FakeController(pb_grpc.DeviceServiceServicer):
 
     @staticmethod
     def _desired(rel: Release) -> pb.DesiredTask:
-        return pb.DesiredTask(release=rel.name, version=rel.version, manifest_digest=rel.digest)
+        return pb.DesiredTask(
+            release=rel.name,
+            version=rel.version,
+            manifest_digest=rel.digest,
+            trigger_json=rel.trigger_json,
+            resources_json=rel.resources_json,
+        )
 
     async def _device(self, context: grpc.aio.ServicerContext) -> str:
         try:
@@ -146,6 +170,12 @@ class FakeController(pb_grpc.DeviceServiceServicer):
         duplicate = request.idempotency_key in self.uploads
         self.uploads.setdefault(request.idempotency_key, request)
         return pb.UploadResultResponse(duplicate=duplicate)
+
+
+def _wire(doc: dict | str | None) -> str:
+    if doc is None:
+        return ""
+    return doc if isinstance(doc, str) else json.dumps(doc, sort_keys=True)
 
 
 async def start_fake() -> tuple[grpc.aio.Server, FakeController, str]:

@@ -8,6 +8,7 @@ import pathlib
 import random
 
 import pytest
+from agent_fakes import write_bundle
 
 from tether.agent import daemon
 from tether.common import admin, bundle_files, config
@@ -113,7 +114,45 @@ async def test_agent_enrolls_receives_push_pulls_runs_and_uploads(
     assert record.status == "uploaded" and record.message == "mnn/cpu"
     assert enqueuer.calls and enqueuer.calls[-1][0] == "default/digits-eval"
     state = json.loads((tmp_path / "phone-shop" / "state.json").read_text())
-    assert state["credential"].startswith("phone-shop.")
+    assert state["credential"].startswith("v1.phone-shop.")  # a signed credential
+
+
+async def test_agent_honours_the_release_trigger_and_timeout(controller, tmp_path) -> None:
+    sleeper = write_bundle(
+        tmp_path / "slow", "import time\n\ndef run(ctx):\n    time.sleep(20)\n    return {'sample_count': 1}\n"
+    )
+    ticker = write_bundle(tmp_path / "tick", "def run(ctx):\n    return {'sample_count': 1}\n")
+    # The device allows a minute per run (its cap); the slow release asks for one second.
+    device = agent_for(controller.address, tmp_path, tmp_path / "data", "phone-1", "shop")
+    assert device.limits.timeout_s == 60
+    run = asyncio.create_task(device.run())
+    try:
+        async with admin.AdminClient(target=controller.address, token=ADMIN_TOKEN) as adm:
+            for name, directory, policy in [
+                ("default/slow", sleeper, {"resources": {"timeoutSeconds": 1}}),
+                ("default/tick", ticker, {"trigger": {"type": "interval", "seconds": 1}}),
+            ]:
+                bundle = bundle_files.build_manifest(directory)
+                await adm.upload_bundle(directory, bundle)
+                await adm.apply_release(release=name, manifest_digest=bundle.digest, **policy)
+
+            async def done() -> bool:
+                slow = await adm.get_release_status("default/slow")
+                tick = await adm.get_release_status("default/tick")
+                return slow.failed == 1 and tick.results >= 2
+
+            await until(done, timeout=30)
+            slow = await adm.get_release_status("default/slow")
+            assert (slow.succeeded, slow.results) == (0, 0)
+    finally:
+        device.stop()
+        await run
+
+    (slow_run,) = device.state.runs_of("default/slow")
+    assert slow_run.status == "failed" and slow_run.message.startswith("task timed out after 1s")
+    assert slow_run.finished_at - slow_run.started_at < 10
+    ticks = device.state.runs_of("default/tick", 1)
+    assert len(ticks) >= 2 and {r.trigger for r in ticks} == {"interval"}
 
 
 def _true(value: bool):

@@ -7,6 +7,7 @@ here the fake can misbehave on purpose: tampered bytes, dropped streams, failing
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import pathlib
 import random
@@ -15,7 +16,8 @@ import numpy as np
 import pytest
 from agent_fakes import BOOTSTRAP, start_fake, wait_until, write_bundle
 
-from tether.agent import daemon, results
+from tether.agent import daemon, results, runtime
+from tether.proto.v1 import tether_pb2 as pb
 
 FAST = daemon.Backoff(initial_s=0.02, max_s=0.2)
 SIMPLE = """
@@ -215,3 +217,112 @@ def test_trigger_parsing() -> None:
     for bad in ['{"type": "interval"}', '{"type": "cron"}', "[]", "{"]:
         with pytest.raises(Exception, match="trigger"):
             daemon.Trigger.from_json(bad)
+
+
+# ---------------------------------------------------------------- release policy: trigger and resources
+
+SLEEPER = "import time\n\ndef run(ctx):\n    time.sleep(20)\n    return {'sample_count': 1}\n"
+HOG = (
+    "import numpy as np\n\ndef run(ctx):\n"
+    "    big = np.ones(400 * 1024 * 1024 // 8)\n    return {'sample_count': int(big.sum() > 0)}\n"
+)
+
+
+def failure(fake, release: str) -> str:
+    return next(m for _, r, _, s, m in fake.statuses if r == release and s == "FAILED")
+
+
+async def test_interval_trigger_runs_the_task_again_after_its_interval(fake, tmp_path) -> None:
+    interval = {"type": "interval", "seconds": 1}
+    rel = fake.publish("ns/tick", write_bundle(tmp_path / "b", SIMPLE), trigger=interval)
+    agent = make_agent(fake, tmp_path)
+    task = await running(agent)
+    await wait_until(lambda: len(fake.uploads) >= 3, timeout=20)
+    await stop(agent, task)
+
+    runs = sorted(agent.state.runs_of(rel.name, 1), key=lambda r: r.started_at)
+    assert len(runs) >= 3 and {r.trigger for r in runs} == {"interval"}
+    gaps = [b.started_at - a.started_at for a, b in itertools.pairwise(runs)]
+    assert all(g >= 0.95 for g in gaps), gaps  # not before its interval...
+    assert all(g < 5 for g in gaps), gaps  # ...and not much later
+    assert [u.counts["runs"] for u in fake.uploads.values()][:3] == [1, 2, 3]
+    # The policy is kept with the installed version: a restarted agent runs it the same way before its Sync.
+    installed = make_agent(fake, tmp_path).state.installed[rel.name]
+    assert json.loads(installed.trigger_json) == interval
+
+
+async def test_a_release_timeout_below_the_device_cap_kills_the_run(fake, tmp_path) -> None:
+    rel = fake.publish("ns/slow", write_bundle(tmp_path / "b", SLEEPER), resources={"timeoutSeconds": 1})
+    agent = make_agent(fake, tmp_path, limits=runtime.TaskLimits(timeout_s=30))
+    task = await running(agent)
+    await wait_until(lambda: "FAILED" in fake.states(rel.name), timeout=15)
+    await stop(agent, task)
+    assert fake.states(rel.name) == ["DOWNLOADING", "INSTALLED", "RUNNING", "FAILED"]
+    assert failure(fake, rel.name).startswith("task timed out after 1s")
+    (record,) = agent.state.runs.values()
+    assert record.status == "failed" and record.finished_at - record.started_at < 5
+    assert not fake.uploads
+
+
+async def test_the_device_caps_bound_what_a_release_asks_for(fake, tmp_path) -> None:
+    generous = {"timeoutSeconds": 3600, "memoryMB": 4096}
+    slow = fake.publish("ns/slow", write_bundle(tmp_path / "s", SLEEPER), resources=generous)
+    hog = fake.publish("ns/hog", write_bundle(tmp_path / "h", HOG), resources=generous)
+    agent = make_agent(fake, tmp_path, limits=runtime.TaskLimits(timeout_s=1.5, memory_mb=256))
+    task = await running(agent)
+    await wait_until(lambda: "FAILED" in fake.states(slow.name) and "FAILED" in fake.states(hog.name), timeout=15)
+    await stop(agent, task)
+    assert failure(fake, slow.name).startswith("task timed out after 1.5s")
+    assert failure(fake, hog.name).startswith("MemoryError")
+    assert not fake.uploads
+
+
+async def test_a_policy_the_agent_cannot_honour_is_refused_and_the_agent_keeps_going(fake, tmp_path) -> None:
+    bad = {
+        "ns/bad-json": ({}, "{not json", "release policy not usable by this agent: resources: not valid JSON"),
+        "ns/bad-limit": ({}, {"memoryMB": "lots"}, "resources.memoryMB: must be an integer"),
+        "ns/bad-key": ({}, {"gpus": 1}, "resources.gpus: unknown key"),
+        "ns/bad-trigger": ({"type": "lunar"}, {}, "trigger: type 'lunar' is not supported"),
+        "ns/bad-cron": ({"type": "cron", "schedule": "61 * * * *"}, {}, "trigger.schedule: minute: 61"),
+        "ns/bad-interval": ({"type": "interval", "seconds": "60"}, {}, "trigger: interval seconds"),
+    }
+    for i, (name, (trigger, resources, _)) in enumerate(bad.items()):
+        fake.publish(
+            name, write_bundle(tmp_path / f"b{i}", SIMPLE + f"\n# {i}\n"), trigger=trigger, resources=resources
+        )
+    good = fake.publish("ns/good", write_bundle(tmp_path / "good", SIMPLE), resources={"timeoutSeconds": 30})
+    agent = make_agent(fake, tmp_path)
+    task = await running(agent)
+    await wait_until(lambda: "SUCCEEDED" in fake.states(good.name) and all("REFUSED" in fake.states(n) for n in bad))
+    await asyncio.sleep(0.3)
+    for name, (*_, message) in bad.items():
+        assert fake.states(name) == ["REFUSED"], name  # refused before any download, once
+        assert message in next(m for _, r, _, s, m in fake.statuses if r == name and s == "REFUSED")
+        assert name not in agent.state.installed and agent.state.refused[name]["version"] == 1
+    assert {u.release for u in fake.uploads.values()} == {good.name}
+
+    # Refusal is per version: a corrected policy is installed and run.
+    fixed = fake.publish("ns/bad-json", write_bundle(tmp_path / "b0", SIMPLE + "\n# 0\n"), resources={"memoryMB": 256})
+    await wait_until(lambda: "SUCCEEDED" in fake.states(fixed.name))
+    await stop(agent, task)
+    assert fixed.version == 2 and agent.state.installed[fixed.name].version == 2
+
+
+@pytest.mark.parametrize(
+    ("resources", "caps", "limits"),
+    [
+        ("", runtime.TaskLimits(), runtime.TaskLimits()),
+        ("{}", runtime.TaskLimits(timeout_s=9, memory_mb=99), runtime.TaskLimits(timeout_s=9, memory_mb=99)),
+        ('{"timeoutSeconds": 5}', runtime.TaskLimits(timeout_s=60), runtime.TaskLimits(timeout_s=5)),
+        ('{"timeoutSeconds": 500}', runtime.TaskLimits(timeout_s=60), runtime.TaskLimits(timeout_s=60)),
+        ('{"memoryMB": 128}', runtime.TaskLimits(memory_mb=512), runtime.TaskLimits(memory_mb=128)),
+        ('{"memoryMB": 4096}', runtime.TaskLimits(memory_mb=512), runtime.TaskLimits(memory_mb=512)),
+        ('{"cpuSeconds": 10}', runtime.TaskLimits(), runtime.TaskLimits(cpu_seconds=10)),
+        ('{"cpuSeconds": 10}', runtime.TaskLimits(cpu_seconds=3), runtime.TaskLimits(cpu_seconds=3)),
+        ('{"cpuSeconds": 2}', runtime.TaskLimits(cpu_seconds=3), runtime.TaskLimits(cpu_seconds=2)),
+        ("{}", runtime.TaskLimits(cpu_seconds=3), runtime.TaskLimits(cpu_seconds=3)),
+    ],
+)
+def test_policy_limits_are_the_release_within_the_device_caps(resources, caps, limits) -> None:
+    task = pb.DesiredTask(release="ns/t", version=1, resources_json=resources)
+    assert daemon.Policy.of(task, caps=caps).limits == limits

@@ -147,3 +147,45 @@ def test_limits_from_spec() -> None:
     assert runtime.TaskLimits.from_json(None) == runtime.TaskLimits()
     with pytest.raises(errors.InvalidArgument):
         runtime.TaskLimits(timeout_s=0)
+    with pytest.raises(errors.InvalidArgument):
+        runtime.TaskLimits(cpu_seconds=0)
+    # The caps (the agent's own limits) bound each limit and stand in for the ones left out.
+    caps = runtime.TaskLimits(timeout_s=10, memory_mb=256, cpu_seconds=20)
+    both = runtime.TaskLimits.from_json({"timeoutSeconds": 600, "memoryMB": 64, "cpuSeconds": 5}, caps=caps)
+    assert both == runtime.TaskLimits(timeout_s=10, memory_mb=64, cpu_seconds=5)
+    assert runtime.TaskLimits.from_json({}, caps=caps) == caps
+    assert runtime.TaskLimits.from_wire("", caps=caps) == caps
+    assert runtime.TaskLimits.from_wire('{"memoryMB": 16}', caps=caps).memory_mb == 16
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [
+        ("{", "resources"),
+        ("[1]", "resources"),
+        ("null", "resources"),
+        ('{"timeoutSeconds": 0}', "resources.timeoutSeconds"),
+        ('{"timeoutSeconds": 2.5}', "resources.timeoutSeconds"),
+        ('{"memoryMB": 15}', "resources.memoryMB"),
+        ('{"memoryMB": true}', "resources.memoryMB"),
+        ('{"cpuSeconds": null}', "resources.cpuSeconds"),
+        ('{"cpuSeconds": 86401}', "resources.cpuSeconds"),
+        ('{"diskMB": 10}', "resources.diskMB"),
+    ],
+)
+def test_malformed_resources_name_the_field(text: str, field: str) -> None:
+    with pytest.raises(errors.InvalidSpec) as info:
+        runtime.TaskLimits.from_wire(text)
+    assert info.value.field == field
+
+
+async def test_cpu_time_limit(tmp_path) -> None:
+    spin = "def run(ctx):\n    while True:\n        pass\n"
+    started = time.monotonic()
+    with pytest.raises(errors.TaskFailed, match=r"CPU-time limit of 1s"):
+        await run(tmp_path, spin, limits=runtime.TaskLimits(timeout_s=30, cpu_seconds=1))
+    assert time.monotonic() - started < 10
+    # Sleeping costs no CPU time: only the wall-clock timeout applies to it.
+    nap = "import time\n\ndef run(ctx):\n    time.sleep(1.5)\n    return {'sample_count': 1}\n"
+    out = await run(tmp_path, nap, limits=runtime.TaskLimits(timeout_s=30, cpu_seconds=1))
+    assert out.result.sample_count == 1

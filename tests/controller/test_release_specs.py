@@ -18,6 +18,7 @@ def spec(**overrides):
         "trigger_json": json.dumps({"type": "onInstall"}),
         "aggregation_json": json.dumps({"tensors": "weightedMean"}),
         "paused": False,
+        "resources_json": json.dumps({"timeoutSeconds": 60, "memoryMB": 256}),
     }
     values.update(overrides)
     return releases.parse_spec(**values)
@@ -28,6 +29,7 @@ def test_valid_spec_parses():
     assert s.release == "ns/task"
     assert s.target == {"matchLabels": {"os": "android"}}
     assert s.trigger == {"type": "onInstall"}
+    assert s.resources == {"timeoutSeconds": 60, "memoryMB": 256}
 
 
 @pytest.mark.parametrize(
@@ -44,6 +46,8 @@ def test_valid_spec_parses():
         ({"trigger_json": json.dumps({"type": ""})}, "trigger.type"),
         ({"trigger_json": json.dumps({"type": "interval", "seconds": 0})}, "trigger.seconds"),
         ({"trigger_json": json.dumps({"type": "interval", "seconds": "10"})}, "trigger.seconds"),
+        ({"trigger_json": json.dumps({"type": "interval", "seconds": 0.5})}, "trigger.seconds"),
+        ({"trigger_json": json.dumps({"type": "interval", "seconds": 366 * 86400 + 1})}, "trigger.seconds"),
         ({"aggregation_json": json.dumps({"tensors": "median"})}, "aggregation.tensors"),
         ({"aggregation_json": json.dumps({"metrics": "sum"})}, "aggregation.metrics"),
         ({"aggregation_json": '{"tensors": NaN}'}, "aggregation"),
@@ -55,6 +59,77 @@ def test_invalid_specs_name_the_field(overrides, field):
         spec(**overrides)
     assert info.value.field == field
     assert info.value.code == "INVALID_ARGUMENT"
+
+
+@pytest.mark.parametrize(
+    ("resources", "field"),
+    [
+        ("{", "resources"),
+        ("[]", "resources"),
+        ('"60"', "resources"),
+        ('{"timeoutSeconds": NaN}', "resources"),
+        (json.dumps({"timeoutSeconds": 0}), "resources.timeoutSeconds"),
+        (json.dumps({"timeoutSeconds": 86401}), "resources.timeoutSeconds"),
+        (json.dumps({"timeoutSeconds": -5}), "resources.timeoutSeconds"),
+        (json.dumps({"timeoutSeconds": 1.5}), "resources.timeoutSeconds"),
+        (json.dumps({"timeoutSeconds": "60"}), "resources.timeoutSeconds"),
+        (json.dumps({"timeoutSeconds": True}), "resources.timeoutSeconds"),
+        (json.dumps({"timeoutSeconds": None}), "resources.timeoutSeconds"),
+        (json.dumps({"memoryMB": 15}), "resources.memoryMB"),
+        (json.dumps({"memoryMB": 65537}), "resources.memoryMB"),
+        (json.dumps({"memoryMB": "512Mi"}), "resources.memoryMB"),
+        (json.dumps({"cpuSeconds": 0}), "resources.cpuSeconds"),
+        (json.dumps({"cpuSeconds": 86401}), "resources.cpuSeconds"),
+        (json.dumps({"cpuSeconds": None}), "resources.cpuSeconds"),
+        (json.dumps({"gpus": 1}), "resources.gpus"),
+        (json.dumps({"timeout_seconds": 60}), "resources.timeout_seconds"),  # snake case is not the CRD's
+        (json.dumps({"memorymb": 64}), "resources.memorymb"),
+        (json.dumps({"timeoutSeconds": 60, "memoryMB": 256, "extra": {}}), "resources.extra"),
+    ],
+)
+def test_invalid_resources_name_the_field(resources, field):
+    with pytest.raises(errors.InvalidSpec) as info:
+        spec(resources_json=resources)
+    assert info.value.field == field
+    assert info.value.code == "INVALID_ARGUMENT"
+    assert str(info.value).startswith(f"{field}: ")
+
+
+@pytest.mark.parametrize(
+    "resources",
+    [
+        {},
+        {"timeoutSeconds": 1},
+        {"timeoutSeconds": 86400},
+        {"memoryMB": 16},
+        {"memoryMB": 65536},
+        {"cpuSeconds": 1},
+        {"cpuSeconds": 86400},
+        {"timeoutSeconds": 300, "memoryMB": 512, "cpuSeconds": 120},
+    ],
+)
+def test_resources_within_bounds_are_kept_as_sent(resources):
+    assert spec(resources_json=json.dumps(resources)).resources == resources
+
+
+def test_resources_are_optional():
+    assert spec(resources_json="").resources == {}
+    values = {
+        "release": "ns/task",
+        "generation": 1,
+        "manifest_digest": DIGEST,
+        "target_json": "",
+        "trigger_json": "",
+        "aggregation_json": "",
+        "paused": False,
+    }
+    assert releases.parse_spec(**values).resources == {}  # a caller that predates resources
+
+
+def test_policy_json_is_canonical_and_empty_for_the_default():
+    assert releases.policy_json({}) == ""
+    assert releases.policy_json({"type": "interval", "seconds": 5}) == '{"seconds":5,"type":"interval"}'
+    assert releases.policy_json({"memoryMB": 64, "cpuSeconds": 2}) == '{"cpuSeconds":2,"memoryMB":64}'
 
 
 def test_interval_trigger_and_unknown_trigger_types_pass():
@@ -74,6 +149,10 @@ def test_interval_trigger_and_unknown_trigger_types_pass():
         ({"target_json": json.dumps({"matchLabels": {"os": "ios"}})}, True),
         ({"trigger_json": json.dumps({"type": "interval", "seconds": 5})}, True),
         ({"aggregation_json": json.dumps({"tensors": "sum"})}, True),
+        ({"resources_json": json.dumps({"memoryMB": 256, "timeoutSeconds": 60})}, False),  # key order
+        ({"resources_json": json.dumps({"timeoutSeconds": 30, "memoryMB": 256})}, True),
+        ({"resources_json": json.dumps({"timeoutSeconds": 60, "memoryMB": 256, "cpuSeconds": 10})}, True),
+        ({"resources_json": ""}, True),
     ],
 )
 def test_content_changed(overrides, changed):

@@ -91,10 +91,58 @@ async def test_enroll_subscribe_sync_then_notify_on_apply(admin_client, devices_
     assert rows == [("phone-1", 1, "notified"), ("phone-2", 1, "notified")]
 
 
+async def test_sync_and_notify_carry_the_trigger_and_resources(admin_client, devices_stub, tmp_path):
+    md = await enroll(devices_stub, "phone-1", {"os": "android"})
+    stream = devices_stub.Subscribe(pb.SubscribeRequest(), metadata=md)
+    assert list((await next_event(stream)).sync.desired) == []
+
+    directory, bundle = make_bundle(tmp_path / "b")
+    await admin_client.upload_bundle(directory, bundle)
+    interval = {"type": "interval", "seconds": 30}
+    limits = {"timeoutSeconds": 20, "memoryMB": 128}
+
+    async def apply(**policy):
+        return await admin_client.apply_release(
+            release="ns/task", manifest_digest=bundle.digest, target=ANDROID, trigger=interval, **policy
+        )
+
+    assert (await apply(resources=limits)).version == 1
+    task = (await next_event(stream)).notify.task
+    assert (task.release, task.version, task.manifest_digest) == ("ns/task", 1, bundle.digest)
+    assert json.loads(task.trigger_json) == interval
+    assert json.loads(task.resources_json) == limits
+
+    # A change of the limits alone is a new version, pushed with the new limits.
+    tighter = {**limits, "cpuSeconds": 5}
+    applied = await apply(resources=tighter)
+    assert (applied.version, applied.changed) == (2, True)
+    task = (await next_event(stream)).notify.task
+    assert task.version == 2 and json.loads(task.resources_json) == tighter
+    assert json.loads(task.trigger_json) == interval
+    # The same limits again: nothing new.
+    assert (await apply(resources=tighter)).changed is False
+    with pytest.raises(asyncio.TimeoutError):
+        await next_event(stream, timeout=0.3)
+    stream.cancel()
+
+    # A device that (re)connects gets the same documents in its opening Sync.
+    again = devices_stub.Subscribe(pb.SubscribeRequest(), metadata=md)
+    (synced,) = (await next_event(again)).sync.desired
+    assert synced == task
+    again.cancel()
+
+    # No policy: empty documents (the agent's defaults), on the wire as in Sync.
+    await admin_client.apply_release(release="ns/task", manifest_digest=bundle.digest, target=ANDROID)
+    late = devices_stub.Subscribe(pb.SubscribeRequest(), metadata=md)
+    (plain,) = (await next_event(late)).sync.desired
+    assert (plain.version, plain.trigger_json, plain.resources_json) == (3, "", "")
+    late.cancel()
+
+
 async def test_enroll_without_an_id_gets_one_and_reenrolment_rotates_the_credential(devices_stub):
     response = await devices_stub.Enroll(pb.EnrollRequest(bootstrap_token=BOOTSTRAP_TOKEN, device=pb.DeviceInfo()))
     assert response.device_id.startswith("dev-")
-    assert response.credential.startswith(response.device_id + ".")
+    assert response.credential.startswith(f"v1.{response.device_id}.")  # a signed credential
     old = auth.bearer_metadata(response.credential)
     new = await enroll(devices_stub, response.device_id)
     err = await rpc_error(next_event(devices_stub.Subscribe(pb.SubscribeRequest(), metadata=old)))
@@ -455,6 +503,30 @@ async def test_bad_admin_input_is_refused_and_changes_nothing(controller, admin_
 
     assert snapshot(database_url) == before
     assert [p for p in blobs_root.rglob("*") if p.is_file()] == []
+
+
+async def test_bad_resources_are_refused_and_change_nothing(admin_client, devices_stub, tmp_path, database_url):
+    md = await enroll(devices_stub, "phone-1")
+    stream = devices_stub.Subscribe(pb.SubscribeRequest(), metadata=md)
+    await next_event(stream)
+    _, bundle, _ = await publish(admin_client, tmp_path)
+    assert (await next_event(stream)).notify.task.version == 1
+    before = snapshot(database_url)
+    for resources, field in [
+        ({"timeoutSeconds": 0}, "resources.timeoutSeconds"),
+        ({"timeoutSeconds": 86401}, "resources.timeoutSeconds"),
+        ({"memoryMB": 8}, "resources.memoryMB"),
+        ({"memoryMB": 1 << 20}, "resources.memoryMB"),
+        ({"cpuSeconds": "10"}, "resources.cpuSeconds"),
+        ({"gpuCount": 1}, "resources.gpuCount"),
+    ]:
+        with pytest.raises(errors.InvalidSpec, match=rf"^{field}: ") as info:
+            await admin_client.apply_release(release="ns/task", manifest_digest=bundle.digest, resources=resources)
+        assert info.value.code == "INVALID_ARGUMENT"
+    assert snapshot(database_url) == before
+    with pytest.raises(asyncio.TimeoutError):
+        await next_event(stream, timeout=0.3)
+    stream.cancel()
 
 
 async def test_put_blob_with_a_digest_change_mid_stream_is_refused(controller, tmp_path):

@@ -9,7 +9,7 @@ import pytest
 from controller_helpers import snapshot
 
 from tether.common import auth, errors, manifest
-from tether.controller import devices, releases, uploads
+from tether.controller import devices, releases, store, uploads
 
 
 def info(**attributes):
@@ -27,15 +27,18 @@ async def put_manifest(pg_store, *, name="t", content=b"print(1)\n"):
     return await pg_store.put_manifest(body=m.canonical_bytes())
 
 
-def spec(digest, *, release="ns/t", target=None, generation=1, paused=False, aggregation=None):
+def spec(
+    digest, *, release="ns/t", target=None, generation=1, paused=False, aggregation=None, trigger=None, resources=None
+):
     return releases.parse_spec(
         release=release,
         generation=generation,
         manifest_digest=digest,
         target_json=json.dumps(target or {}),
-        trigger_json="",
+        trigger_json=json.dumps(trigger) if trigger is not None else "",
         aggregation_json=json.dumps(aggregation or {}),
         paused=paused,
+        resources_json=json.dumps(resources) if resources is not None else "",
     )
 
 
@@ -137,6 +140,63 @@ async def test_apply_bumps_version_only_on_content_change(pg_store):
     ):
         outcome = await pg_store.apply_release(s)
         assert (outcome.release.version, outcome.changed) == (i, True)
+
+
+async def test_resources_round_trip_and_a_change_bumps_the_version(pg_store, database_url):
+    d = await put_manifest(pg_store)
+    limits = {"timeoutSeconds": 30, "memoryMB": 128, "cpuSeconds": 10}
+    interval = {"type": "interval", "seconds": 60}
+    first = await pg_store.apply_release(spec(d, trigger=interval, resources=limits))
+    assert (first.release.version, first.release.spec.resources) == (1, limits)
+    stored = await pg_store.get_release("ns/t")
+    assert (stored.spec.resources, stored.spec.trigger) == (limits, interval)
+    assert [r.spec.resources for r in await pg_store.list_releases()] == [limits]
+    with psycopg.connect(database_url) as conn:
+        assert conn.execute("SELECT resources FROM releases").fetchone()[0] == limits  # jsonb, not text
+
+    # The same limits in another key order, or a new generation: no new version.
+    same = await pg_store.apply_release(
+        spec(d, generation=2, trigger=interval, resources=dict(reversed(limits.items())))
+    )
+    assert (same.release.version, same.changed) == (1, False)
+    # Any change of the limits is news for devices, like a trigger change.
+    steps = [
+        {"timeoutSeconds": 30, "memoryMB": 128, "cpuSeconds": 20},
+        {"timeoutSeconds": 30, "memoryMB": 128},
+        {},
+    ]
+    for version, resources in enumerate(steps, start=2):
+        outcome = await pg_store.apply_release(spec(d, generation=2, trigger=interval, resources=resources))
+        assert (outcome.release.version, outcome.changed, outcome.release.spec.resources) == (version, True, resources)
+        assert outcome.previous.spec.resources == (limits if version == 2 else steps[version - 3])
+        assert (await pg_store.get_release("ns/t")).spec.resources == resources
+    trigger_only = await pg_store.apply_release(spec(d, generation=2, trigger={"type": "onInstall"}, resources={}))
+    assert (trigger_only.release.version, trigger_only.changed) == (5, True)
+
+
+async def test_desired_tasks_carry_trigger_and_resources(pg_store):
+    d = await put_manifest(pg_store)
+    await pg_store.enroll_device(device_id="a", info=info(os="android"))
+    [device] = await pg_store.active_devices()
+    await pg_store.apply_release(
+        spec(
+            d,
+            release="ns/tick",
+            trigger={"type": "interval", "seconds": 30},
+            resources={"timeoutSeconds": 5, "memoryMB": 64},
+        )
+    )
+    await pg_store.apply_release(spec(d, release="ns/plain"))
+    assert await pg_store.desired_tasks(device) == [
+        store.DesiredTask(release="ns/plain", version=1, manifest_digest=d),
+        store.DesiredTask(
+            release="ns/tick",
+            version=1,
+            manifest_digest=d,
+            trigger={"type": "interval", "seconds": 30},
+            resources={"timeoutSeconds": 5, "memoryMB": 64},
+        ),
+    ]
 
 
 async def test_apply_with_unknown_manifest_stores_nothing(pg_store, database_url):

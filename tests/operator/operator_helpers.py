@@ -39,7 +39,8 @@ class FakeAdmin:
         self._check()
         self.calls.append(action)
         old = self.specs.get(action.release)
-        changed = old is None or (old.manifest_digest, old.target_json) != (action.manifest_digest, action.target_json)
+        content = ("manifest_digest", "target_json", "trigger_json", "aggregation_json", "resources_json")
+        changed = old is None or any(getattr(old, f) != getattr(action, f) for f in content)
         if changed:
             self.versions[action.release] = self.versions.get(action.release, 0) + 1
         self.specs[action.release] = action

@@ -37,6 +37,7 @@ def test_create_asks_for_an_apply_with_the_release_documents() -> None:
         trigger={"type": "interval", "intervalSeconds": 60},
         target={"matchLabels": {"os": "android"}, "matchExpressions": [{"key": "tier", "operator": "Exists"}]},
         aggregation={"tensors": "sum"},
+        resources={"timeoutSeconds": 120, "memoryMB": 256, "cpuSeconds": 30},
         paused=True,
     )
     d = reconcile.decide(spec=doc, meta=META, status=MLTaskStatus(), observed=None, now=T0)
@@ -55,11 +56,34 @@ def test_create_asks_for_an_apply_with_the_release_documents() -> None:
             trigger_json='{"seconds":60,"type":"interval"}',
             aggregation_json='{"counts":"sum","metrics":"weightedMean","tensors":"sum"}',
             paused=True,
+            resources_json='{"cpuSeconds":30,"memoryMB":256,"timeoutSeconds":120}',
         ),
     )
     assert d.status.phase == Phase.PENDING
     assert d.status.observed_generation is None  # not before the controller accepted it
     assert cond.is_true(d.status.conditions, cond.VALID) and cond.is_true(d.status.conditions, cond.PAUSED)
+
+
+def test_resources_default_as_in_the_crd_and_unset_cpu_seconds_is_left_out() -> None:
+    (action,) = reconcile.decide(spec=spec(), meta=META, status=MLTaskStatus(), observed=None, now=T0).actions
+    assert json.loads(action.resources_json) == {"timeoutSeconds": 300, "memoryMB": 512}  # type: ignore[union-attr]
+    (action,) = reconcile.decide(
+        spec=spec(resources={"memoryMB": 64}), meta=META, status=MLTaskStatus(), observed=None, now=T0
+    ).actions
+    assert json.loads(action.resources_json) == {"timeoutSeconds": 300, "memoryMB": 64}  # type: ignore[union-attr]
+
+
+def test_a_resources_change_reapplies_with_the_new_resources() -> None:
+    status = applied(doc=spec(resources={"timeoutSeconds": 60}))
+    meta2 = reconcile.Meta(name="digits", namespace="ml", generation=2)
+    d = reconcile.decide(
+        spec=spec(resources={"timeoutSeconds": 30, "cpuSeconds": 10}), meta=meta2, status=status, observed=None, now=T1
+    )
+    (action,) = d.actions
+    assert isinstance(action, reconcile.ApplyRelease) and action.generation == 2
+    assert json.loads(action.resources_json) == {"timeoutSeconds": 30, "memoryMB": 512, "cpuSeconds": 10}
+    done = d.with_outcome(action, reconcile.Applied(version=2, changed=True), now=T1)
+    assert (done.actions, done.status.observed_generation, done.status.version) == ((), 2, 2)
 
 
 def test_a_successful_apply_records_generation_release_and_version() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import pathlib
 import signal
@@ -19,7 +20,8 @@ from typing import Any
 
 import click
 
-from tether.common import config
+from tether.common import config, signing
+from tether.common import tls as tls_mod
 
 DEFAULT_STATE_DIR = "~/.tether/agent"
 
@@ -67,12 +69,63 @@ def _token_option(f: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _limits_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """The device's caps on one task run; a release's `resources` apply within them (the default when it sets none)."""
     f = click.option(
-        "--task-timeout", type=float, default=60.0, show_default=True, help="Seconds a task run may take."
+        "--task-timeout",
+        type=click.FloatRange(min=0, min_open=True, max=24 * 3600),
+        default=60.0,
+        show_default=True,
+        help="Cap on the seconds a task run may take (a release's timeoutSeconds applies below it).",
+    )(f)
+    f = click.option(
+        "--task-memory-mb",
+        type=click.IntRange(min=16),
+        default=512,
+        show_default=True,
+        help="Cap on the address space of a run, MiB (a release's memoryMB applies below it).",
     )(f)
     return click.option(
-        "--task-memory-mb", type=int, default=512, show_default=True, help="Address-space limit per run."
+        "--task-cpu-seconds",
+        type=click.IntRange(min=1),
+        default=None,
+        help="Cap on the CPU time of a run, seconds (a release's cpuSeconds applies below it); default: no cap.",
     )(f)
+
+
+def _security_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """TLS to the controller (`tls`: a ClientTLS) and the bundle signing keys this device trusts (`trust_keys`)."""
+    f = click.option(
+        "--trust-key",
+        "trust_keys",
+        multiple=True,
+        envvar=signing.ENV_TRUSTED_KEYS,
+        type=click.Path(dir_okay=False),
+        help="Ed25519 public key (PEM) whose signed bundles this device runs; repeatable "
+        f"(env {signing.ENV_TRUSTED_KEYS}, paths separated by '{os.pathsep}'). With any, unsigned or "
+        "otherwise signed bundles are refused and reported; without, signatures are not checked.",
+    )(f)
+    return tls_mod.client_options(server_name=False)(f)
+
+
+def _trusted_keys(paths: tuple[str, ...]) -> dict[str, bytes] | None:
+    """The keys of --trust-key; None (no signature check, with a warning) when none is given."""
+    from tether.common import errors
+
+    if not paths:
+        logging.getLogger("tether.agent").warning(
+            "no --trust-key given: this agent runs bundles without checking their signature"
+        )
+        return None
+    try:
+        return signing.load_trusted_keys(paths)
+    except errors.TetherError as e:
+        raise click.BadParameter(str(e), param_hint="--trust-key") from None
+
+
+def _events_socket(value: str | None, state_path: pathlib.Path) -> pathlib.Path | None:
+    if value == "none":
+        return None
+    return pathlib.Path(os.path.expanduser(value)) if value else state_path / "events.sock"
 
 
 @click.group()
@@ -94,7 +147,13 @@ def agent() -> None:
 @click.option("--device-id", default=None, help="Device id to enrol with (default: generated once).")
 @click.option("--attr", "attrs", multiple=True, metavar="KEY=VALUE", help="Device attribute for targeting; repeatable.")
 @click.option("--threads", type=int, default=1, show_default=True, help="Engine threads per task run.")
+@click.option(
+    "--events-socket",
+    default=None,
+    help="Unix socket apps send behaviour events to (default: STATE_DIR/events.sock; 'none' disables it).",
+)
 @_limits_options
+@_security_options
 def run(
     controller: str,
     bootstrap_token: str,
@@ -105,6 +164,10 @@ def run(
     threads: int,
     task_timeout: float,
     task_memory_mb: int,
+    task_cpu_seconds: int | None,
+    tls: tls_mod.ClientTLS,
+    trust_keys: tuple[str, ...],
+    events_socket: str | None = None,
 ) -> None:
     """Run the agent until SIGTERM/SIGINT."""
     from tether.agent import daemon, runtime
@@ -113,6 +176,8 @@ def run(
     state_path = pathlib.Path(os.path.expanduser(state_dir))
     try:
         the_agent = daemon.Agent(
+            channel_credentials=tls.channel_credentials(),
+            trusted_keys=_trusted_keys(trust_keys),
             controller=controller,
             state_dir=state_path,
             data_dir=pathlib.Path(data_dir) if data_dir else state_path / "data",
@@ -120,7 +185,8 @@ def run(
             device_id=device_id,
             attributes=_parse_attrs(attrs),
             threads=threads,
-            limits=runtime.TaskLimits(timeout_s=task_timeout, memory_mb=task_memory_mb),
+            limits=runtime.TaskLimits(timeout_s=task_timeout, memory_mb=task_memory_mb, cpu_seconds=task_cpu_seconds),
+            events_socket=_events_socket(events_socket, state_path),
         )
     except errors.TetherError as e:
         raise click.ClickException(str(e)) from None
@@ -154,6 +220,7 @@ def run(
 @click.option("--prefix", default="sim", show_default=True, help="Device id prefix.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for attributes and sharding.")
 @_limits_options
+@_security_options
 def fleet(
     count: int,
     controller: str,
@@ -165,13 +232,22 @@ def fleet(
     seed: int,
     task_timeout: float,
     task_memory_mb: int,
+    task_cpu_seconds: int | None,
+    tls: tls_mod.ClientTLS,
+    trust_keys: tuple[str, ...],
 ) -> None:
     """Run COUNT simulated devices in one process until SIGTERM/SIGINT."""
     from tether.agent import fleet as fleet_mod
     from tether.agent import runtime
+    from tether.common import errors
 
     if not bootstrap_token:
         raise click.UsageError("--bootstrap-token (or TETHER_BOOTSTRAP_TOKEN) is required")
+    try:
+        channel_credentials = tls.channel_credentials()
+    except errors.TetherError as e:
+        raise click.ClickException(str(e)) from None
+    trusted_keys = _trusted_keys(trust_keys)
 
     def ready(agents: list[Any]) -> None:
         click.echo(f"fleet ready: {len(agents)} agents connected to {controller}")
@@ -187,9 +263,11 @@ def fleet(
             concurrency=concurrency,
             prefix=prefix,
             seed=seed,
-            limits=runtime.TaskLimits(timeout_s=task_timeout, memory_mb=task_memory_mb),
+            limits=runtime.TaskLimits(timeout_s=task_timeout, memory_mb=task_memory_mb, cpu_seconds=task_cpu_seconds),
             stop=stop,
             on_ready=ready,
+            channel_credentials=channel_credentials,
+            trusted_keys=trusted_keys,
         )
         click.echo("fleet stopped")
 
@@ -197,8 +275,22 @@ def fleet(
 
 
 @agent.command()
-def backends() -> None:
-    """Print the engine backends that really run on this device (JSON)."""
-    from tether.agent import engine
+@click.option(
+    "--state-dir",
+    envvar="TETHER_AGENT_STATE_DIR",
+    default=DEFAULT_STATE_DIR,
+    show_default=True,
+    help="The agent's state directory (its backend selection cache).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+def backends(state_dir: str, as_json: bool) -> None:
+    """This device's profile, the engine backends that really run, and the backend chosen per model."""
+    from tether.agent import backends_cli
 
-    click.echo(json.dumps({"backends": engine.detect_backends()}))
+    doc = backends_cli.describe(pathlib.Path(os.path.expanduser(state_dir)))
+    if as_json:
+        click.echo(json.dumps(doc))
+        return
+    from rich.console import Console
+
+    Console(width=None if sys.stdout.isatty() else 160).print(backends_cli.table(doc))

@@ -1,15 +1,15 @@
 """Async gRPC client of the controller's DeviceService.
 
 Every call but `enroll` carries `authorization: Bearer <credential>`
-(docs/internals.md, "Auth metadata"). The channel is insecure unless
-`channel_credentials` is given (TLS lands with a later issue; pass
-`grpc.ssl_channel_credentials(...)` here then). Errors are grpc.aio.AioRpcError;
+(docs/internals.md, "Auth metadata"). The channel is plaintext unless
+`channel_credentials` is given (`tether.common.tls.ClientTLS.channel_credentials()`:
+TLS trusting a CA, with a client certificate for mTLS). Errors are grpc.aio.AioRpcError;
 callers decide what is retryable with `is_retryable`.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 
 import grpc
 
@@ -80,6 +80,12 @@ class DeviceClient:
             pb.EnrollRequest(bootstrap_token=bootstrap_token, device=device), timeout=self.timeout_s
         )
 
+    async def renew_credential(self) -> pb.RenewCredentialResponse:
+        """A fresh credential for this device (the current one must still be valid; it stops working)."""
+        return await self._stub.RenewCredential(
+            pb.RenewCredentialRequest(), metadata=self._metadata(), timeout=self.timeout_s
+        )
+
     def subscribe(self, installed: Iterable[pb.DesiredTask]) -> grpc.aio.UnaryStreamCall:
         """The long-lived event stream; iterate it with `async for` and `cancel()` it to stop."""
         return self._stub.Subscribe(pb.SubscribeRequest(installed=list(installed)), metadata=self._metadata())
@@ -106,13 +112,28 @@ class DeviceClient:
             call.cancel()
 
     async def report_status(
-        self, *, release: str, version: int, state: pb.DeliveryState.ValueType, message: str = ""
+        self,
+        *,
+        release: str,
+        version: int,
+        state: pb.DeliveryState.ValueType,
+        message: str = "",
+        device_state: Mapping[str, str] | None = None,
     ) -> None:
         await self._stub.ReportStatus(
-            pb.ReportStatusRequest(release=release, version=version, state=state, message=message[:1000]),
+            pb.ReportStatusRequest(
+                release=release,
+                version=version,
+                state=state,
+                message=message[:1000],
+                device_state=dict(device_state or {}),
+            ),
             metadata=self._metadata(),
             timeout=self.timeout_s,
         )
 
     async def upload_result(self, request: pb.UploadResultRequest) -> pb.UploadResultResponse:
         return await self._stub.UploadResult(request, metadata=self._metadata(), timeout=self.timeout_s)
+
+    async def report_backends(self, request: pb.ReportBackendsRequest) -> pb.ReportBackendsResponse:
+        return await self._stub.ReportBackends(request, metadata=self._metadata(), timeout=self.timeout_s)

@@ -11,7 +11,15 @@ bytes must equal the announced digest; Ed25519 signature when trusted keys are
 configured), pull only missing blobs (resuming partial downloads, each blob
 digest-checked), install atomically, run on the trigger, upload. A tampered
 manifest or blob is refused (`REFUSED`), never run, and not retried until the
-release announces a different version. A failing task, a bad bundle or a lost
+release announces a different version.
+
+Each desired task carries its release's policy (`trigger_json`,
+`resources_json`). The trigger decides when it runs; the resources are its
+per-run limits, each capped by the agent's own limits (its `--task-*` flags,
+the device's caps), which are also the limits when the release sets none. A
+policy this agent cannot honour (malformed JSON, unknown trigger type or
+resource key, value out of bounds) refuses that version before anything is
+downloaded, like a tampered bundle. A failing task, a bad bundle or a lost
 connection affects only its own release; the agent keeps going.
 
 Exactly-once-ish uploads: before a run starts, a run record with an
@@ -38,8 +46,12 @@ from typing import Any
 
 import grpc
 
+from tether.agent import backends as backends_mod
 from tether.agent import client as client_mod
-from tether.agent import engine, results, runtime, store
+from tether.agent import engine, participation, renewal, results, runtime, store, triggers
+from tether.agent.stream import processor as stream_processor
+from tether.agent.stream import server as stream_server
+from tether.agent.stream import store as event_store
 from tether.common import errors, manifest
 from tether.proto.v1 import tether_pb2 as pb
 
@@ -73,41 +85,24 @@ class Backoff:
         return base * (1.0 - self.jitter * rng.random())
 
 
-@dataclasses.dataclass(frozen=True)
-class Trigger:
-    """When a task runs: once per installed version, or every `interval_s` seconds."""
+# When a task runs (onInstall, interval, cron, onDemand, pattern): parsed and timed in tether.agent.triggers.
+Trigger = triggers.Trigger
 
-    type: str = "onInstall"
-    interval_s: float = 0.0
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """How one desired task runs: its trigger and the limits of each run."""
+
+    trigger: Trigger
+    limits: runtime.TaskLimits
 
     @classmethod
-    def from_json(cls, text: str) -> Trigger:
-        if not text:
-            return cls()
-        try:
-            doc = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise errors.InvalidSpec(f"not JSON: {e}", field="trigger") from None
-        if not isinstance(doc, dict):
-            raise errors.InvalidSpec("must be an object", field="trigger")
-        kind = doc.get("type", "onInstall")
-        if kind == "onInstall":
-            return cls()
-        if kind == "interval":
-            seconds = doc.get("seconds")
-            if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not 1 <= seconds <= 366 * 86400:
-                raise errors.InvalidSpec("interval seconds must be a number in [1, 31622400]", field="trigger")
-            return cls("interval", float(seconds))
-        raise errors.InvalidSpec(f"type {kind!r} is not supported by this agent", field="trigger")
-
-
-def _optional_json(task: pb.DesiredTask, field: str) -> str:
-    """A JSON-string field the wire contract may gain on DesiredTask (trigger_json, resources_json)."""
-    try:
-        value = getattr(task, field)
-    except AttributeError:
-        return ""
-    return value if isinstance(value, str) else ""
+    def of(cls, task: pb.DesiredTask, *, caps: runtime.TaskLimits) -> Policy:
+        """The task's policy within the device caps; InvalidSpec (naming the field) when it is malformed."""
+        return cls(
+            trigger=Trigger.from_json(task.trigger_json),
+            limits=runtime.TaskLimits.from_wire(task.resources_json, caps=caps),
+        )
 
 
 def _state_name(state: int) -> str:
@@ -135,6 +130,11 @@ class Agent:
         backoff: Backoff = Backoff(),
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.time,
+        device_state: participation.StateProbe | None = None,
+        backend_selection: bool = True,
+        selector: backends_mod.Selector | None = None,
+        events_socket: str | os.PathLike[str] | None = None,
+        event_retention: tuple[int, float] = (event_store.DEFAULT_MAX_EVENTS, event_store.DEFAULT_MAX_AGE_S),
     ) -> None:
         self.controller = controller
         self.state_dir = pathlib.Path(state_dir)
@@ -147,6 +147,7 @@ class Agent:
         self.trusted_keys = dict(trusted_keys) if trusted_keys is not None else None
         self.backoff = backoff
         self.clock = clock
+        self.device_state = device_state or participation.default_probe  # charging / unmetered / idle
         self._rng = rng or random.Random()
         self._requested_device_id = device_id
         self._channel_credentials = channel_credentials
@@ -154,6 +155,15 @@ class Agent:
         self.store = store.BundleStore(self.state_dir)
         self._state_file = store.StateFile(self.state_dir / "state.json")
         self.state = self._state_file.load()
+        # Backend selection (tether.agent.backends): per model, before a version goes live. A simulated
+        # fleet passes one shared selector; `backend_selection=False` runs every model as its bundle says.
+        self.selector: backends_mod.Selector | None = None
+        if backend_selection:
+            self.selector = selector or backends_mod.Selector(
+                cache_path=self.state_dir / backends_mod.CACHE_FILE, backends=backends, memory_mb=limits.memory_mb
+            )
+        self._backends_dirty = True  # choices the controller has not heard of yet
+        self._backends_report: asyncio.Task[None] | None = None
         self._client: client_mod.DeviceClient | None = None
         self._desired: dict[str, pb.DesiredTask] = {}
         self._kicks: dict[str, asyncio.Event] = {}
@@ -164,6 +174,18 @@ class Agent:
         self._stopping = asyncio.Event()
         self.connected = asyncio.Event()  # set while the Subscribe stream is open
         self.synced = asyncio.Event()  # set once the first Sync was handled
+        # On-device stream processing: events (local socket or `self.stream.ingest`) -> bounded store ->
+        # pattern triggers; `events_socket` None means no socket (events can still be fed in-process).
+        max_events, max_age_s = event_retention
+        self.stream = stream_processor.StreamProcessor(
+            event_store.EventStore(
+                self.state_dir / "events.db", max_events=max_events, max_age_s=max_age_s, clock=clock
+            ),
+            clock=clock,
+        )
+        self.dispatch = triggers.Dispatcher(self.stream, clock=clock, kick=self._kick)
+        self._events_socket = events_socket
+        self._event_server: stream_server.EventServer | None = None
 
     # ------------------------------------------------------------ public
     @property
@@ -180,6 +202,9 @@ class Agent:
             self.controller, credential=self.state.credential, channel_credentials=self._channel_credentials
         )
         try:
+            if self._events_socket is not None:  # apps may report events before the device is enrolled
+                self._event_server = stream_server.EventServer(self.stream, self._events_socket)
+                await self._event_server.start()
             await self._until_stopped(self._enroll_with_retry())
             if self._stopping.is_set():
                 return
@@ -189,17 +214,29 @@ class Agent:
                 self._desired.setdefault(
                     release,
                     pb.DesiredTask(
-                        release=release, version=installed.version, manifest_digest=installed.manifest_digest
+                        release=release,
+                        version=installed.version,
+                        manifest_digest=installed.manifest_digest,
+                        trigger_json=installed.trigger_json,
+                        resources_json=installed.resources_json,
                     ),
                 )
                 self._kick(release)
-            await self._until_stopped(self._stream_forever())
+            # The credential expires: renew it while the stream runs (tether.agent.renewal).
+            await self._until_stopped(renewal.alongside(self, self._stream_forever()))
         finally:
             self.connected.clear()
             workers = list(self._workers.values())
+            if self._backends_report is not None:
+                workers.append(self._backends_report)
             for w in workers:
                 w.cancel()
             await asyncio.gather(*workers, return_exceptions=True)
+            if self._event_server is not None:
+                with contextlib.suppress(Exception):
+                    await self._event_server.stop()
+                self._event_server = None
+            self.stream.store.close()
             with contextlib.suppress(Exception):
                 await self._client.close()
             with contextlib.suppress(Exception):
@@ -231,14 +268,21 @@ class Agent:
         """ReportStatus, best effort: a lost report must not stop the work it reports on."""
         assert self._client is not None
         try:
-            await self._client.report_status(release=task.release, version=task.version, state=state, message=message)
+            await self._client.report_status(
+                release=task.release,
+                version=task.version,
+                state=state,
+                message=message,
+                device_state=self._device_state(),
+            )
         except Exception as e:
             log.debug("report %s %s v%d failed: %s", _state_name(state), task.release, task.version, e)
 
     # ------------------------------------------------------------ enrolment
     async def _enroll_with_retry(self) -> None:
         attempt = 0
-        while not self.state.credential:
+        # Also checks stopping: grpc.aio can swallow a cancel, and once stopping `_sleep` returns at once.
+        while not self.state.credential and not self._stopping.is_set():
             try:
                 await self._enroll()
             except grpc.aio.AioRpcError as e:
@@ -307,6 +351,7 @@ class Agent:
             for task in wanted.values():
                 self._set_desired(task)
             self.synced.set()
+            self._report_backends_soon()
         elif kind == "notify":
             self._set_desired(event.notify.task)
         elif kind == "revoke":
@@ -314,8 +359,21 @@ class Agent:
             self._kick(event.revoke.release)
         elif kind == "heartbeat":
             pass
+        elif kind == "run":
+            self._on_run_now(event.run)
         else:
             log.debug("ignoring unknown event %r", kind)
+
+    def _on_run_now(self, run: pb.RunNow) -> None:
+        """On-demand trigger: queue a run of an installed (or being installed) release."""
+        if run.release not in self._desired:
+            log.info("ignoring RunNow for %r: not installed here", run.release)
+            return
+        why = self.dispatch.on_demand(
+            release=run.release, version=run.version, request_id=run.request_id[:64], payload_json=run.payload_json
+        )
+        if why is not None:
+            log.warning("ignoring RunNow for %r: %s", run.release, why)
 
     def _set_desired(self, task: pb.DesiredTask) -> None:
         try:
@@ -325,8 +383,8 @@ class Agent:
             log.warning("ignoring malformed desired task %r: %s", task.release, e)
             return
         current = self._desired.get(task.release)
-        if current is not None and current.version > task.version:
-            return  # an older announcement arriving late
+        if current is not None and current.version > task.version and not task.rollback:
+            return  # an older announcement arriving late (a rollback to it is not late: it is meant)
         self._desired[task.release] = task
         self._kick(task.release)
 
@@ -358,13 +416,15 @@ class Agent:
                 if refused and refused.get("version") == task.version:
                     wait = None  # refused versions are not retried; a new version kicks us
                 else:
+                    # Before downloading anything: a policy this agent cannot honour refuses the version.
+                    policy = self._policy(task)
                     installed = self.state.installed.get(release)
                     if installed is None or (installed.version, installed.manifest_digest) != (
                         task.version,
                         task.manifest_digest,
                     ):
                         await self._install(task)
-                    wait = await self._maybe_run(task)
+                    wait = await self._maybe_run(task, policy)
                 attempt = 0
             except asyncio.CancelledError:
                 raise
@@ -387,23 +447,36 @@ class Agent:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(kick.wait(), timeout=wait)
 
+    def _policy(self, task: pb.DesiredTask) -> Policy:
+        try:
+            return Policy.of(task, caps=self.limits)
+        except errors.InvalidSpec as e:
+            raise errors.VerificationFailed(f"release policy not usable by this agent: {e}") from None
+
     # ------------------------------------------------------------ install
     async def _install(self, task: pb.DesiredTask) -> None:
         assert self._client is not None
-        await self._report(task, S.DELIVERY_STATE_DOWNLOADING)
-        response = await self._client.get_manifest(release=task.release, manifest_digest=task.manifest_digest)
-        bundle = self._verify_manifest(task, response)
+        bundle = self._kept(task)
+        if bundle is None:
+            await self._report(task, S.DELIVERY_STATE_DOWNLOADING)
+            response = await self._client.get_manifest(release=task.release, manifest_digest=task.manifest_digest)
+            bundle = self._verify_manifest(task, response)
         self._inflight[task.release] = set(bundle.blob_digests())
         try:
             for entry in self.store.missing_blobs(bundle):
                 await self._pull(task.release, entry)
+            await self._select_backends(bundle)  # a model that runs nowhere refuses the version here
             async with self._store_lock:
                 try:
                     await asyncio.to_thread(self.store.install, task.release, task.version, bundle)
                 except errors.DigestMismatch as e:
                     raise errors.VerificationFailed(str(e)) from None
                 self.state.installed[task.release] = store.InstalledTask(
-                    release=task.release, version=task.version, manifest_digest=task.manifest_digest
+                    release=task.release,
+                    version=task.version,
+                    manifest_digest=task.manifest_digest,
+                    trigger_json=task.trigger_json,
+                    resources_json=task.resources_json,
                 )
                 self.state.refused.pop(task.release, None)
                 await asyncio.to_thread(self._save)
@@ -411,7 +484,101 @@ class Agent:
             self._inflight.pop(task.release, None)
         log.info("installed %s v%d (%s)", task.release, task.version, task.manifest_digest[:19])
         await self._report(task, S.DELIVERY_STATE_INSTALLED)
+        self._backends_dirty = True
+        self._report_backends_soon()
         await self._gc()
+
+    # ------------------------------------------------------------ backend selection
+    async def _select_backends(self, bundle: manifest.Manifest) -> None:
+        """Choose how each model runs here (cached per model and device), before the version goes live.
+
+        A model no candidate can load or run raises ModelUnusable (a
+        VerificationFailed: the version is refused with the engines' errors and
+        nothing is installed). Selection that cannot finish (its process crashed
+        or overran) is not the bundle's fault: the models then run as declared.
+        """
+        if self.selector is None or not bundle.engines:
+            return
+        specs = backends_mod.specs_for(bundle, path_of=lambda f: self.store.blob_path(f.sha256))
+        try:
+            chosen = await self.selector.select(specs, work_dir=self.state_dir)
+        except backends_mod.ModelUnusable:
+            raise
+        except errors.TetherError as e:
+            log.warning("backend selection for %s did not finish (%s); running models as declared", bundle.name, e)
+            return
+        for name, sel in sorted(chosen.items()):
+            log.info("%s: %s runs on %s (%.3f ms)", bundle.name, name, sel.chosen.key, sel.latency_ms)
+
+    async def _backend_choices(self, bundle: manifest.Manifest) -> dict[str, Any]:
+        if self.selector is None:
+            return {}
+        await self.selector.profile()
+        return self.selector.choices(bundle)
+
+    def _report_backends_soon(self) -> None:
+        """Tell the controller the current choices (best effort, in the background, one report at a time)."""
+        if self.selector is None or self._client is None or not self._backends_dirty:
+            return
+        if self._backends_report is not None and not self._backends_report.done():
+            return  # the running report re-checks the dirty flag when it finishes
+        self._backends_report = asyncio.create_task(self._report_backends(), name="report-backends")
+
+    async def _report_backends(self) -> None:
+        assert self.selector is not None and self._client is not None
+        while self._backends_dirty and not self._stopping.is_set():
+            self._backends_dirty = False
+            try:
+                device_profile = await self.selector.profile()
+                choices: dict[str, pb.BackendChoice] = {}
+                for release, installed in sorted(self.state.installed.items()):
+                    try:
+                        bundle = self.store.installed_manifest(release, installed.version)
+                    except (OSError, errors.TetherError):
+                        continue
+                    for spec in backends_mod.specs_for(bundle, path_of=lambda f: f.path):
+                        sel = self.selector.cache.get(spec.key, device_profile.fingerprint)
+                        if sel is not None and spec.key not in choices:
+                            choices[spec.key] = pb.BackendChoice(
+                                model_key=spec.key,
+                                candidate=sel.chosen.key,
+                                latency_ms=sel.latency_ms,
+                                release=release,
+                                model=spec.name,
+                            )
+                if not choices:
+                    continue  # nothing to tell (yet): an install finishing meanwhile sets the flag again
+                await self._client.report_backends(
+                    pb.ReportBackendsRequest(
+                        choices=list(choices.values())[:64],
+                        fingerprint=device_profile.fingerprint,
+                        backends=list(device_profile.backends),
+                    )
+                )
+            except Exception as e:  # an older controller (UNIMPLEMENTED), a lost connection: next sync retries
+                self._backends_dirty = True
+                log.debug("reporting backend choices failed: %s", _describe(e))
+                return
+
+    def _kept(self, task: pb.DesiredTask) -> manifest.Manifest | None:
+        """The manifest of a kept install of exactly this version (a rollback switches back without downloading).
+
+        It was verified (digest, signature) when first installed; its digest must still be the announced one.
+        """
+        if task.version not in self.store.versions(task.release):
+            return None
+        try:
+            kept = self.store.installed_manifest(task.release, task.version)
+        except (OSError, errors.TetherError):
+            return None
+        return kept if kept.digest == task.manifest_digest else None
+
+    def _device_state(self) -> dict[str, str]:
+        try:
+            return {k: str(v) for k, v in self.device_state().items() if k in participation.KEYS}
+        except Exception as e:  # a probe must never stop the agent
+            log.debug("device state probe failed: %s", e)
+            return {}
 
     def _verify_manifest(self, task: pb.DesiredTask, response: pb.GetManifestResponse) -> manifest.Manifest:
         data = response.manifest
@@ -479,6 +646,7 @@ class Agent:
                     record.status, record.message = "failed", "revoked before upload"
                     self.store.result_path(record.key).unlink(missing_ok=True)
             await asyncio.to_thread(self._save)
+        self.dispatch.disarm(release)
         log.info("uninstalled %s", release)
         if installed is not None:
             task = pb.DesiredTask(release=release, version=installed.version)
@@ -486,48 +654,67 @@ class Agent:
         await self._gc()
 
     # ------------------------------------------------------------ runs
-    async def _maybe_run(self, task: pb.DesiredTask) -> float | None:
+    async def _maybe_run(self, task: pb.DesiredTask, policy: Policy) -> float | None:
         """Run when the trigger says so. Returns seconds until the next check (None: only when kicked)."""
-        try:
-            trigger = Trigger.from_json(_optional_json(task, "trigger_json"))
-        except errors.InvalidSpec as e:
-            raise errors.VerificationFailed(str(e)) from None
+        conditions = participation.conditions_of(task.trigger_json)
+        if conditions and not participation.met(conditions, self._device_state()):
+            # Participation conditions (charging / unmetered / idle) not met: look again later.
+            return participation.RECHECK_S
+        trigger = policy.trigger
+        self.dispatch.arm(task.release, task.version, trigger)  # pattern triggers start matching; cron is anchored
         runs = self.state.runs_of(task.release, task.version)
         interrupted = [r for r in runs if r.status == "running"]
         if interrupted:  # the agent stopped mid-run: run again under the same idempotency key
-            await self._run(task, trigger, key=interrupted[0].key)
+            await self._run(task, policy, key=interrupted[0].key)
             return self._next_check(task, trigger)
+        # Pattern matches and on-demand requests, one at a time: if a run raises, the rest stay queued.
+        while (pending := self.dispatch.next(task.release, task.version)) is not None:
+            await self._run(task, policy, pending=pending)
         if trigger.type == "onInstall":
             if not any(r.trigger == "onInstall" for r in runs):
-                await self._run(task, trigger)
+                await self._run(task, policy)
             return None
         due = self._next_check(task, trigger)
         if due is not None and due <= 0:
-            await self._run(task, trigger)
+            await self._run(task, policy)
             return self._next_check(task, trigger)
         return due
 
     def _next_check(self, task: pb.DesiredTask, trigger: Trigger) -> float | None:
-        if trigger.type != "interval":
+        """Seconds until an interval or cron trigger is due (0: now); None for triggers that are kicked."""
+        if not trigger.scheduled:
             return None
-        runs = self.state.runs_of(task.release, task.version)
-        if not runs:
-            return 0.0
-        last = max(r.started_at for r in runs)
-        return max(0.0, last + trigger.interval_s - self.clock())
+        own = [r.started_at for r in self.state.runs_of(task.release, task.version) if r.trigger == trigger.type]
+        armed_at = self.dispatch.armed_at(task.release)
+        due = trigger.next_due(last_run=max(own, default=None), armed_at=self.clock() if armed_at is None else armed_at)
+        return None if due is None else max(0.0, due - self.clock())
 
-    async def _run(self, task: pb.DesiredTask, trigger: Trigger, *, key: str | None = None) -> None:
+    async def _run(
+        self,
+        task: pb.DesiredTask,
+        policy: Policy,
+        *,
+        key: str | None = None,
+        pending: triggers.PendingRun | None = None,
+    ) -> None:
         release, version = task.release, task.version
         bundle_dir = self.store.current_dir(release)
         if bundle_dir is None or self.store.current(release) != version:
             raise errors.FailedPrecondition(f"{release} v{version} is not installed")
         bundle = self.store.installed_manifest(release, version)
-        limits = runtime.TaskLimits.from_json(
-            _json_or_none(_optional_json(task, "resources_json")), default=self.limits
-        )
+        if pending is not None and pending.request_id:  # on demand: a repeated request runs once
+            key = f"{self.device_id}:{release}:{version}:demand-{pending.request_id}"
+            if key in self.state.runs and self.state.runs[key].status != "running":
+                return
         key = key or f"{self.device_id}:{release}:{version}:{uuid.uuid4().hex}"
+        inputs = await asyncio.to_thread(self._run_inputs, key, policy.trigger, pending)
         record = self.state.runs.get(key) or store.RunRecord(
-            key=key, release=release, version=version, trigger=trigger.type, status="running", started_at=0.0
+            key=key,
+            release=release,
+            version=version,
+            trigger=pending.trigger if pending is not None else policy.trigger.type,
+            status="running",
+            started_at=0.0,
         )
         async with self._slots or contextlib.nullcontext():
             record.status, record.started_at = "running", self.clock()
@@ -540,12 +727,15 @@ class Agent:
                     bundle=bundle,
                     data_dir=self.data_dir,
                     state=self.store.load_task_state(release),
-                    limits=limits,
+                    limits=policy.limits,
                     threads=self.threads,
                     work_dir=self.state_dir,
+                    selection=await self._backend_choices(bundle),
+                    inputs=inputs,
                 )
             except errors.TaskFailed as e:
                 record.status, record.finished_at, record.message = "failed", self.clock(), str(e)[:2000]
+                self._inputs_path(key).unlink(missing_ok=True)
                 await asyncio.to_thread(self._save)
                 log.warning("%s v%d failed: %s", release, version, str(e).splitlines()[0] if str(e) else e)
                 await self._report(task, S.DELIVERY_STATE_FAILED, str(e))
@@ -562,9 +752,28 @@ class Agent:
             record.status, record.finished_at = "uploading", self.clock()
             record.message = outcome.backend
             self._save()
+            self._inputs_path(key).unlink(missing_ok=True)
 
         await asyncio.to_thread(persist)
         await self._upload(task, record)
+
+    def _inputs_path(self, key: str) -> pathlib.Path:
+        return self.store.result_path(key).with_suffix(".inputs.json")
+
+    def _run_inputs(self, key: str, trigger: Trigger, pending: triggers.PendingRun | None) -> dict[str, Any]:
+        """`ctx.inputs` of a run, kept beside its record until it finished: a re-run after a crash gets the same."""
+        path = self._inputs_path(key)
+        with contextlib.suppress(OSError, ValueError):
+            doc = json.loads(path.read_bytes())
+            if isinstance(doc, dict):
+                return doc
+        now = self.clock()
+        if pending is not None and pending.trigger == "pattern":
+            inputs = dict(pending.inputs)  # the match and the window as they were when it fired
+        else:
+            inputs = {**self.dispatch.scheduled_inputs(trigger, now=now), **(pending.inputs if pending else {})}
+        store.atomic_write(path, json.dumps(inputs, allow_nan=False).encode("utf-8"))
+        return inputs
 
     async def _flush_uploads(self, release: str) -> None:
         for record in self.state.runs_of(release):
@@ -608,16 +817,6 @@ class Agent:
             ", duplicate" if response.duplicate else "",
         )
         await self._report(task, S.DELIVERY_STATE_SUCCEEDED)
-
-
-def _json_or_none(text: str) -> dict[str, Any] | None:
-    if not text:
-        return None
-    try:
-        doc = json.loads(text)
-    except json.JSONDecodeError:
-        return None
-    return doc if isinstance(doc, dict) else None
 
 
 def _verify_signature(data: bytes, signature: bytes, key_id: str, trusted: Mapping[str, bytes]) -> None:

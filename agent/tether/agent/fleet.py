@@ -15,11 +15,12 @@ import logging
 import os
 import pathlib
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import grpc
 import numpy as np
 
+from tether.agent import backends as backends_mod
 from tether.agent import daemon, engine, runtime, store
 
 log = logging.getLogger(__name__)
@@ -106,6 +107,7 @@ async def run_fleet(
     seed: int = 0,
     limits: runtime.TaskLimits = runtime.TaskLimits(),
     channel_credentials: grpc.ChannelCredentials | None = None,
+    trusted_keys: Mapping[str, bytes] | None = None,
     stop: asyncio.Event | None = None,
     on_ready: Callable[[list[daemon.Agent]], None] | None = None,
     backoff: daemon.Backoff = daemon.Backoff(),
@@ -122,6 +124,10 @@ async def run_fleet(
     )
     backends = await asyncio.to_thread(engine.detect_backends)  # once for the whole (identical) fleet
     slots = asyncio.Semaphore(max(1, concurrency))
+    # Identical devices: one backend selection per model for the whole fleet.
+    selector = backends_mod.Selector(
+        cache_path=pathlib.Path(state_root) / backends_mod.CACHE_FILE, backends=backends, memory_mb=limits.memory_mb
+    )
     agents = [
         daemon.Agent(
             controller=controller,
@@ -132,8 +138,10 @@ async def run_fleet(
             attributes=d.attributes,
             backends=backends,
             channel_credentials=channel_credentials,
+            trusted_keys=trusted_keys,
             task_slots=slots,
             limits=limits,
+            selector=selector,
             backoff=backoff,
             rng=random.Random(f"{seed}:{d.device_id}"),
         )

@@ -2,8 +2,9 @@
 
 The daemon never executes bundle code itself. `run_task` starts
 `python -m tether.agent.worker <job dir>` in its own session (process group),
-with an address-space limit (RLIMIT_AS, from the task's memoryMB) that the
-worker applies to itself before loading anything, and a wall-clock timeout
+with an address-space limit (RLIMIT_AS, from the task's memoryMB) and, when
+set, a CPU-time limit (RLIMIT_CPU, from cpuSeconds) that the worker applies to
+itself before loading anything, and a wall-clock timeout (timeoutSeconds)
 after which the whole process group is killed. The model is loaded inside the
 worker. Job and answer travel as files in the job directory (native engine
 libraries print to stdout, so stdout is only a log):
@@ -46,30 +47,91 @@ MAX_LOG_BYTES = 64 * 1024
 MAX_ANSWER_BYTES = 1024 * 1024
 MAX_TENSORS_BYTES = 64 * 1024 * 1024
 MAX_STATE_BYTES = 1024 * 1024
+MAX_RESOURCES_BYTES = 64 * 1024
+MAX_INPUTS_BYTES = 16 * 1024 * 1024  # ctx.inputs as JSON (stream windows are capped well below this)
+# What a release's `resources_json` may hold (inclusive bounds), as the controller validates it.
+RESOURCE_BOUNDS: Mapping[str, tuple[int, int]] = {
+    "timeoutSeconds": (1, 24 * 3600),
+    "memoryMB": (16, 64 * 1024),
+    "cpuSeconds": (1, 24 * 3600),
+}
 
 
 @dataclasses.dataclass(frozen=True)
 class TaskLimits:
-    """Resources of one run (MLTask `spec.resources`)."""
+    """Resources of one run (MLTask `spec.resources`); `cpu_seconds` None means no CPU-time limit.
+
+    The agent's own limits (its `--task-*` flags) are the device's caps: a
+    release's limits apply within them (`from_json(doc, caps=...)`).
+    """
 
     timeout_s: float = 60.0
     memory_mb: int = 512
+    cpu_seconds: int | None = None
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.timeout_s, int | float) and 0 < self.timeout_s <= 24 * 3600):
+        if not (
+            isinstance(self.timeout_s, int | float)
+            and not isinstance(self.timeout_s, bool)
+            and 0 < self.timeout_s <= 24 * 3600
+        ):
             raise errors.InvalidArgument(f"timeout_s: {self.timeout_s!r} must be in (0, 86400]")
-        if not (isinstance(self.memory_mb, int) and 64 <= self.memory_mb <= 1 << 20):
-            raise errors.InvalidArgument(f"memory_mb: {self.memory_mb!r} must be an integer >= 64")
+        if not (isinstance(self.memory_mb, int) and not isinstance(self.memory_mb, bool) and self.memory_mb >= 16):
+            raise errors.InvalidArgument(f"memory_mb: {self.memory_mb!r} must be an integer >= 16")
+        if self.cpu_seconds is not None and not (
+            isinstance(self.cpu_seconds, int) and not isinstance(self.cpu_seconds, bool) and self.cpu_seconds >= 1
+        ):
+            raise errors.InvalidArgument(f"cpu_seconds: {self.cpu_seconds!r} must be an integer >= 1 (or unset)")
 
     @classmethod
-    def from_json(cls, doc: Mapping[str, Any] | None, *, default: TaskLimits | None = None) -> TaskLimits:
-        base = default or cls()
-        if not doc:
-            return base
+    def from_json(cls, doc: Mapping[str, Any] | None, *, caps: TaskLimits | None = None) -> TaskLimits:
+        """A release's limits (`{"timeoutSeconds", "memoryMB", "cpuSeconds"}`, each optional) within `caps`.
+
+        Each limit is the smaller of what the release asks for and the device's
+        cap; a limit the release leaves out is the cap. A document this agent
+        cannot honour exactly (unknown key, wrong type, out of bounds) raises
+        InvalidSpec naming the field: a limit is never silently dropped.
+        """
+        caps = caps or cls()
+        doc = doc or {}
+        if not isinstance(doc, Mapping):
+            raise errors.InvalidSpec("must be a JSON object", field="resources")
+        for key, value in doc.items():
+            bounds = RESOURCE_BOUNDS.get(key)
+            if bounds is None:
+                raise errors.InvalidSpec(
+                    f"unknown key; this agent supports {sorted(RESOURCE_BOUNDS)}", field=f"resources.{key}"
+                )
+            low, high = bounds
+            if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+                raise errors.InvalidSpec(
+                    f"must be an integer in [{low}, {high}], got {value!r}", field=f"resources.{key}"
+                )
+        timeout = doc.get("timeoutSeconds")
+        memory = doc.get("memoryMB")
+        cpu = doc.get("cpuSeconds")
+        if caps.cpu_seconds is not None:
+            cpu = caps.cpu_seconds if cpu is None else min(cpu, caps.cpu_seconds)
         return cls(
-            timeout_s=float(doc.get("timeoutSeconds", base.timeout_s)),
-            memory_mb=int(doc.get("memoryMB", base.memory_mb)),
+            timeout_s=caps.timeout_s if timeout is None else min(float(timeout), caps.timeout_s),
+            memory_mb=caps.memory_mb if memory is None else min(memory, caps.memory_mb),
+            cpu_seconds=cpu,
         )
+
+    @classmethod
+    def from_wire(cls, text: str, *, caps: TaskLimits | None = None) -> TaskLimits:
+        """`from_json` of a DesiredTask's `resources_json` ("" means: the caps); InvalidSpec when malformed."""
+        if not text.strip():
+            return caps or cls()
+        if len(text) > MAX_RESOURCES_BYTES:
+            raise errors.InvalidSpec(f"document larger than {MAX_RESOURCES_BYTES} bytes", field="resources")
+        try:
+            doc = json.loads(text)
+        except ValueError as e:
+            raise errors.InvalidSpec(f"not valid JSON: {e}", field="resources") from None
+        if not isinstance(doc, dict):
+            raise errors.InvalidSpec("must be a JSON object", field="resources")
+        return cls.from_json(doc, caps=caps)
 
 
 @dataclasses.dataclass
@@ -82,6 +144,8 @@ class TaskContext:
     bundle_dir: str
     log: Callable[[str], None]
     models: dict[str, Any] = dataclasses.field(default_factory=dict)  # every loaded model by bundle path
+    # What the trigger hands the run (docs/task-api.md): "trigger", "match", "events", "aggregates", "payload".
+    inputs: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,7 +232,12 @@ def _decode_answer(job_dir: pathlib.Path) -> tuple[results.TaskResult, dict[str,
     return result, state, backend[:64]
 
 
-def _failure(job_dir: pathlib.Path, returncode: int) -> errors.TaskFailed:
+def _failure(job_dir: pathlib.Path, returncode: int, limits: TaskLimits) -> errors.TaskFailed:
+    if returncode == -signal.SIGXCPU and limits.cpu_seconds is not None:
+        return errors.TaskFailed(
+            f"task exceeded its CPU-time limit of {limits.cpu_seconds}s and was killed (SIGXCPU)\n"
+            f"{_tail(job_dir / 'output.log')}".rstrip()
+        )
     raw = _read_bounded(job_dir / "error.json", MAX_ANSWER_BYTES)
     if raw is not None:
         with contextlib.suppress(json.JSONDecodeError, TypeError, AttributeError):
@@ -179,6 +248,17 @@ def _failure(job_dir: pathlib.Path, returncode: int) -> errors.TaskFailed:
             name = signal.Signals(-returncode).name
             return errors.TaskFailed(f"worker killed by {name}\n{_tail(job_dir / 'output.log')}".rstrip())
     return errors.TaskFailed(f"worker exited with status {returncode}\n{_tail(job_dir / 'output.log')}".rstrip())
+
+
+def _check_inputs(inputs: Mapping[str, Any] | None) -> dict[str, Any]:
+    """`ctx.inputs` must be JSON-able and bounded: a TaskFailed saying why, before any worker starts."""
+    try:
+        text = json.dumps(dict(inputs or {}), allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise errors.TaskFailed(f"task inputs are not JSON-able: {e}") from None
+    if len(text) > MAX_INPUTS_BYTES:
+        raise errors.TaskFailed(f"task inputs are {len(text)} bytes; the limit is {MAX_INPUTS_BYTES}")
+    return dict(inputs or {})
 
 
 def _kill_group(proc: asyncio.subprocess.Process) -> None:
@@ -198,8 +278,16 @@ async def run_task(
     backend: str = "cpu",
     threads: int = 1,
     work_dir: str | os.PathLike[str] | None = None,
+    selection: Mapping[str, Any] | None = None,
+    inputs: Mapping[str, Any] | None = None,
 ) -> TaskOutcome:
-    """Run `bundle`'s entrypoint once in a fresh worker process; raise TaskFailed on any failure."""
+    """Run `bundle`'s entrypoint once in a fresh worker process; raise TaskFailed on any failure.
+
+    `selection` (from `backends.Selector.choices`) maps a model to the file and
+    candidate backend selection chose for it; other models load on `backend`/`threads`.
+    `inputs` (JSON-able, at most MAX_INPUTS_BYTES encoded) becomes `ctx.inputs`.
+    """
+    inputs_doc = _check_inputs(inputs)
     bundle_dir = pathlib.Path(bundle_dir).resolve()
     job_dir = pathlib.Path(tempfile.mkdtemp(prefix="tether-job-", dir=work_dir))
     try:
@@ -210,8 +298,11 @@ async def run_task(
             "data_dir": str(pathlib.Path(data_dir).resolve()),
             "state": dict(state or {}),
             "memory_mb": limits.memory_mb,
+            "cpu_seconds": limits.cpu_seconds,
             "backend": backend,
             "threads": int(threads),
+            "selection": dict(selection or {}),
+            "inputs": inputs_doc,
         }
         (job_dir / "job.json").write_text(json.dumps(job))
         env = dict(os.environ)
@@ -257,7 +348,7 @@ async def run_task(
                 os.killpg(proc.pid, signal.SIGKILL)
         duration = time.monotonic() - started
         if returncode != 0:
-            raise _failure(job_dir, returncode)
+            raise _failure(job_dir, returncode, limits)
         result, new_state, real_backend = _decode_answer(job_dir)
         if not math.isfinite(duration):
             duration = 0.0

@@ -123,6 +123,15 @@ class InstalledTask:
     release: str
     version: int
     manifest_digest: str
+    # The version's policy as announced (DesiredTask), so a restarted agent runs it the same way
+    # before the stream's Sync arrives.
+    trigger_json: str = ""
+    resources_json: str = ""
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> InstalledTask:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in doc.items() if k in fields})
 
 
 @dataclasses.dataclass
@@ -149,7 +158,7 @@ class AgentState:
         return cls(
             device_id=str(doc.get("device_id", "")),
             credential=str(doc.get("credential", "")),
-            installed={k: InstalledTask(**v) for k, v in (doc.get("installed") or {}).items()},
+            installed={k: InstalledTask.from_json(v) for k, v in (doc.get("installed") or {}).items()},
             refused=dict(doc.get("refused") or {}),
             runs={k: RunRecord.from_json(v) for k, v in (doc.get("runs") or {}).items()},
         )

@@ -1,6 +1,6 @@
 """The task worker: `python -m tether.agent.worker <job dir>` (started by `runtime.run_task`).
 
-Applies its own memory limit first, then loads the bundle's model(s), imports
+Applies its own memory and CPU-time limits first, then loads the bundle's model(s), imports
 the entrypoint, calls `run(ctx)` and writes the answer files described in
 `tether.agent.runtime`. Exit status 0 means result.json was written; 1 means
 error.json was (the task raised, or its result was invalid).
@@ -25,6 +25,20 @@ def _limit_memory(memory_mb: int) -> None:
         limit = min(limit, hard)
     resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+
+def _limit_cpu(cpu_seconds: int | None) -> None:
+    """RLIMIT_CPU: SIGXCPU (fatal: not handled) at `cpu_seconds` of CPU time, SIGKILL a second later."""
+    if cpu_seconds is None:
+        return
+    soft = int(cpu_seconds)
+    _, hard = resource.getrlimit(resource.RLIMIT_CPU)
+    if hard != resource.RLIM_INFINITY:
+        soft = min(soft, hard)
+        new_hard = min(soft + 1, hard)
+    else:
+        new_hard = soft + 1
+    resource.setrlimit(resource.RLIMIT_CPU, (soft, new_hard))
 
 
 def _write_json(path: pathlib.Path, doc: Any) -> None:
@@ -71,10 +85,16 @@ def _execute(job_dir: pathlib.Path, job: dict[str, Any]) -> None:
 
     bundle_dir = pathlib.Path(job["bundle_dir"])
     models: dict[str, Any] = {}
+    chosen = job.get("selection") or {}
     for need in job.get("engines") or []:
-        model = engine.get_engine(need["engine"]).load(
-            str(bundle_dir / need["model"]), backend=job.get("backend", "cpu"), threads=job.get("threads", 1)
-        )
+        if need["model"] in chosen:  # backend selection's choice: maybe the other format of the model
+            from tether.agent import backends
+
+            model = backends.load_selected(bundle_dir, chosen[need["model"]])
+        else:
+            model = engine.get_engine(need["engine"]).load(
+                str(bundle_dir / need["model"]), backend=job.get("backend", "cpu"), threads=job.get("threads", 1)
+            )
         shapes = {k: tuple(v) for k, v in (need.get("inputs") or {}).items()}
         if shapes and hasattr(model, "resize"):
             model.resize(shapes)
@@ -87,6 +107,7 @@ def _execute(job_dir: pathlib.Path, job: dict[str, Any]) -> None:
         bundle_dir=str(bundle_dir),
         log=_Log(job_dir / "task.log"),
         models=models,
+        inputs=dict(job.get("inputs") or {}),
     )
     run = _load_entrypoint(bundle_dir, job["entrypoint"])
     result = results.validate(run(ctx))
@@ -113,6 +134,7 @@ def main(argv: list[str]) -> int:
     job = json.loads((job_dir / "job.json").read_text())
     try:
         _limit_memory(job["memory_mb"])
+        _limit_cpu(job.get("cpu_seconds"))
         _execute(job_dir, job)
     except BaseException as e:  # report everything, SystemExit and KeyboardInterrupt included
         try:

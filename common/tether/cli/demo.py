@@ -58,6 +58,8 @@ def load_mltask(path: pathlib.Path, *, digest: str, namespace: str) -> dict[str,
     help="Use this Celery broker instead of an embedded redis-server.",
 )
 @click.option("--keep", is_flag=True, help="Keep the working directory (logs, state) afterwards.")
+@click.option("--no-tls", is_flag=True, help="Plaintext gRPC instead of TLS with a local CA.")
+@click.option("--unsigned", is_flag=True, help="Do not sign the bundle (and let the devices run unsigned bundles).")
 @click.option(
     "--json-out",
     type=click.Path(dir_okay=False, path_type=pathlib.Path),
@@ -71,12 +73,24 @@ def demo(
     database_url: str | None,
     broker_url: str | None,
     keep: bool,
+    no_tls: bool,
+    unsigned: bool,
     json_out: pathlib.Path | None,
 ) -> None:
-    """Run the whole system locally with a simulated fleet and print the aggregate."""
+    """Run the whole system locally with a simulated fleet and print the aggregate.
+
+    By default the controller serves TLS (a CA made for this run) and the
+    bundle is signed with a key made for this run, which the devices trust.
+    """
     console = Console()
     config = stack_mod.StackConfig(
-        agents=agents, database_url=database_url, broker_url=broker_url, kubeconfig=kubeconfig, keep_workdir=keep
+        agents=agents,
+        database_url=database_url,
+        broker_url=broker_url,
+        kubeconfig=kubeconfig,
+        keep_workdir=keep,
+        tls=not no_tls,
+        sign=not unsigned,
     )
     try:
         outcome = asyncio.run(run_demo(config, console=console, timeout=timeout))
@@ -127,13 +141,23 @@ async def _scenario(stack: stack_mod.LocalStack, *, console: Console, timeout: f
 
     bundle_dir = ex / "task"
     manifest = build_manifest(bundle_dir)
+    signature = stack.sign(manifest)
+    signed = {} if signature is None else {"signature": signature.signature, "key_id": signature.key_id}
     async with stack.admin_client() as admin:
         upload = await _step(
-            console, f"bundle {manifest.name} built and uploaded", admin.upload_bundle(bundle_dir, manifest)
+            console,
+            f"bundle {manifest.name} built{', signed' if signature else ''} and uploaded",
+            admin.upload_bundle(bundle_dir, manifest, **signed),
         )
         console.print(
             f"  manifest {manifest.digest[:19]}…  {len(manifest.files)} files, "
             f"{upload.uploaded_blobs} blobs / {upload.uploaded_bytes} bytes uploaded"
+        )
+        console.print(
+            "  "
+            + ("TLS (local CA)" if stack.ca_file else "plaintext gRPC")
+            + ", "
+            + (f"signed by key {signature.key_id} (the devices trust only it)" if signature else "unsigned")
         )
         task = load_mltask(ex / "mltask.yaml", digest=manifest.digest, namespace=cfg.namespace)
         name = task["metadata"]["name"]
@@ -160,6 +184,8 @@ async def _scenario(stack: stack_mod.LocalStack, *, console: Console, timeout: f
         "failed": status.failed,
         "phase": cr_status.get("phase"),
         "aggregate": aggregate,
+        "tls": stack.ca_file is not None,
+        "signed_by": signature.key_id if signature else None,
     }
 
 

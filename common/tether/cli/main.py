@@ -17,10 +17,16 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("tether.cli.demo:demo", "Run the whole system locally with a simulated fleet."),
     "bundle": ("tether.cli.bundle:bundle", "Build and upload content-addressed task bundles."),
     "status": ("tether.cli.status:status", "Show a task's rollout progress and aggregate."),
+    "rollout": ("tether.cli.rollout:rollout", "Pause, resume, promote or abort a staged rollout."),
     "controller": ("tether.controller.cli:controller", "Run the controller (gRPC distribution service)."),
     "worker": ("tether.controller.worker_cli:worker", "Run a Celery aggregation worker."),
     "operator": ("tether.operator.cli:operator", "Run the Kubernetes operator (Kopf)."),
     "agent": ("tether.agent.cli:agent", "Run or inspect the edge agent."),
+    "device": ("tether.cli.device:device", "Manage enrolled devices (revoke)."),
+    "keys": ("tether.cli.keys:keys", "Make and inspect Ed25519 bundle signing keys."),
+    "certs": ("tether.cli.certs:certs", "Make a private CA and TLS certificates for the gRPC port."),
+    "model": ("tether.cli.model:model", "Convert models between engine formats (ONNX -> MNN)."),
+    "bench": ("tether.cli.bench:bench", "Run benchmarks that write machine-readable results."),
 }
 
 

@@ -11,6 +11,12 @@ caller names an existing service:
 - the operator process (`tether operator`) against that API;
 - a fleet of simulated devices (`tether agent fleet`), each a real agent on gRPC.
 
+The secure path is the default: a local CA and a server certificate are made
+in the working directory and the controller serves TLS, which every client
+(operator, fleet, the admin client) verifies against that CA; and an Ed25519
+key is made whose public half the fleet trusts, so only bundles signed with
+`sign()` run (`StackConfig(tls=False, sign=False)` turns both off).
+
 `stop()` takes everything down again and removes the working directory.
 """
 
@@ -37,6 +43,8 @@ class StackConfig:
     poll_interval: float = 1.0
     workdir: pathlib.Path | None = None
     keep_workdir: bool = False
+    tls: bool = True  # controller serves TLS with a CA made in the workdir; every client trusts it
+    sign: bool = True  # bundles are signed with a key made in the workdir; the fleet trusts only it
 
 
 class LocalStack:
@@ -51,12 +59,39 @@ class LocalStack:
         self.broker_url = config.broker_url
         self.controller_address = ""
         self.cluster: Any = None
+        self.ca_file: pathlib.Path | None = None
+        self.signing_key: pathlib.Path | None = None
+        self.trusted_key: pathlib.Path | None = None
         self._exit = contextlib.AsyncExitStack()
         self._services: list[Any] = []
 
     # ------------------------------------------------------------ lifecycle
+    def prepare_security(self) -> None:
+        """The local CA + server certificate and the bundle signing key (milliseconds: EC and Ed25519)."""
+        from tether.common import certs, signing
+
+        if self.config.tls and self.ca_file is None:
+            self.ca_file = certs.init_ca_dir(self._dir("tls"), hosts=("localhost", "127.0.0.1", "::1")).ca_cert
+        if self.config.sign and self.signing_key is None:
+            self.signing_key, self.trusted_key, _ = signing.generate(self._dir("keys") / "bundles.pem")
+
+    def client_tls(self) -> Any:
+        from tether.common.tls import ClientTLS
+
+        return ClientTLS(ca_file=self.ca_file)
+
+    def sign(self, manifest: Any) -> Any:
+        """The stack key's signature of a manifest (a `signing.Signature`), None when signing is off."""
+        from tether.common import signing
+
+        if self.signing_key is None:
+            return None
+        return signing.sign(manifest.canonical_bytes(), signing.load_private_key(self.signing_key))
+
     async def start_services(self) -> None:
         from tether.controller.embedded import EmbeddedPostgres, EmbeddedRedis
+
+        self.prepare_security()
 
         if not self.database_url:
             pg = EmbeddedPostgres(workdir=self._dir("postgres")).start()
@@ -84,6 +119,7 @@ class LocalStack:
                 self.admin_token,
                 "--bootstrap-token",
                 self.bootstrap_token,
+                *self._server_tls_args(),
             ),
         )
         m = await comp.wait_for(r"controller listening on (\S+:\d+)", timeout=60)
@@ -123,6 +159,7 @@ class LocalStack:
                 self.admin_token,
                 "--poll-interval",
                 str(self.config.poll_interval),
+                *self._client_tls_args(),
             ),
         )
 
@@ -142,6 +179,8 @@ class LocalStack:
                 str(self._dir("devices")),
                 "--data",
                 str(data),
+                *self._client_tls_args(),
+                *(["--trust-key", str(self.trusted_key)] if self.trusted_key is not None else []),
             ),
         )
         await comp.wait_for(r"fleet ready", timeout=60)
@@ -149,7 +188,7 @@ class LocalStack:
     def admin_client(self) -> Any:
         from tether.common.admin import AdminClient
 
-        return AdminClient(self.controller_address, token=self.admin_token)
+        return AdminClient(self.controller_address, token=self.admin_token, tls=self.client_tls())
 
     async def stop(self) -> None:
         # Devices and operator first, then the data plane, then the services under it.
@@ -165,6 +204,15 @@ class LocalStack:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
     # ------------------------------------------------------------ helpers
+    def _server_tls_args(self) -> list[str]:
+        if self.ca_file is None:
+            return []
+        tls_dir = self.ca_file.parent
+        return ["--tls-cert", str(tls_dir / "server.crt"), "--tls-key", str(tls_dir / "server.key")]
+
+    def _client_tls_args(self) -> list[str]:
+        return [] if self.ca_file is None else ["--ca-file", str(self.ca_file)]
+
     def _dir(self, name: str) -> pathlib.Path:
         path = self.workdir / name
         path.mkdir(parents=True, exist_ok=True)

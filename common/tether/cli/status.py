@@ -13,10 +13,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
 from tether.common import errors
+from tether.common import tls as tls_mod
 
 
-def render(status: Any) -> Group:
-    """Bars for the delivery counts and a table of the aggregate."""
+def render(status: Any, rollout: Any = None) -> Group:
+    """Bars for the delivery counts, the staged rollout (when there is one) and a table of the aggregate."""
     progress = Progress(TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn(), expand=False)
     total = max(status.targeted, 1)
     for label, done in (
@@ -31,6 +32,11 @@ def render(status: Any) -> Group:
     head.add_row("task", f"[bold]{status.release}[/]", "version", str(status.version))
     head.add_row("manifest", status.manifest_digest[:23] + "…", "targeted", str(status.targeted))
     parts: list[Any] = [head, progress]
+    health = getattr(status, "health", None)
+    if health:
+        from tether.cli import rollout_view
+
+        parts.append(rollout_view.render(health, rollout))
     agg = status.aggregate or {}
     if agg:
         table = Table(title=f"aggregate, round {status.aggregate_round}", title_justify="left")
@@ -59,13 +65,36 @@ def render(status: Any) -> Group:
 @click.option("--watch", "-w", is_flag=True, help="Keep refreshing until interrupted.")
 @click.option("--interval", default=1.0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+@click.option(
+    "--kubeconfig", default=None, help="Also read the MLTask (stage names, gate verdicts) with this kubeconfig."
+)
+@tls_mod.client_options
 def status(
-    task: str, namespace: str, controller: str | None, admin_token: str, watch: bool, interval: float, as_json: bool
+    task: str,
+    namespace: str,
+    controller: str | None,
+    admin_token: str,
+    watch: bool,
+    interval: float,
+    as_json: bool,
+    tls: tls_mod.ClientTLS,
+    kubeconfig: str | None = None,
 ) -> None:
     """Show TASK's rollout (namespace/name, or a name with -n) and its latest aggregate."""
     release = task if "/" in task else f"{namespace}/{task}"
     try:
-        asyncio.run(_show(release, controller, admin_token, watch=watch, interval=interval, as_json=as_json))
+        asyncio.run(
+            _show(
+                release,
+                controller,
+                admin_token,
+                watch=watch,
+                interval=interval,
+                as_json=as_json,
+                tls=tls,
+                kubeconfig=kubeconfig,
+            )
+        )
     except errors.TetherError as e:
         raise click.ClickException(str(e)) from None
     except KeyboardInterrupt:
@@ -73,21 +102,45 @@ def status(
 
 
 async def _show(
-    release: str, controller: str | None, token: str, *, watch: bool, interval: float, as_json: bool
+    release: str,
+    controller: str | None,
+    token: str,
+    *,
+    watch: bool,
+    interval: float,
+    as_json: bool,
+    tls: tls_mod.ClientTLS | None = None,
+    kubeconfig: str | None = None,
 ) -> None:
     from tether.common.admin import AdminClient
 
     console = Console()
-    async with AdminClient(controller, token=token) as admin:
+    async with AdminClient(controller, token=token, tls=tls) as admin:
         current = await admin.get_release_status(release)
+        rollout = await _rollout_status(release, kubeconfig)
         if as_json:
             doc = {k: v for k, v in vars(current).items() if k != "aggregate_json"}
+            if rollout is not None:
+                doc["rollout"] = rollout
             click.echo(json.dumps(doc, indent=2, sort_keys=True, default=dict))
             return
         if not watch:
-            console.print(render(current))
+            console.print(render(current, rollout))
             return
-        with Live(render(current), console=console, refresh_per_second=4) as live:
+        with Live(render(current, rollout), console=console, refresh_per_second=4) as live:
             while True:
                 await asyncio.sleep(interval)
-                live.update(render(await admin.get_release_status(release)))
+                rollout = await _rollout_status(release, kubeconfig)
+                live.update(render(await admin.get_release_status(release), rollout))
+
+
+async def _rollout_status(release: str, kubeconfig: str | None) -> Any:
+    """`status.rollout` of the MLTask when a kubeconfig was given (the operator's stage and gate verdicts)."""
+    if kubeconfig is None:
+        return None
+    from tether.common import kube
+
+    namespace, name = release.split("/", 1)
+    async with kube.KubeClient(kube.KubeConfig.load(kubeconfig)) as client:
+        obj = await client.get_mltask(namespace, name)
+    return (obj.get("status") or {}).get("rollout")

@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 import grpc
 
 from tether.common import auth, config, errors, manifest
+from tether.common import tls as tls_mod
 from tether.proto.v1 import tether_pb2 as pb
 from tether.proto.v1 import tether_pb2_grpc as pb_grpc
 
@@ -74,6 +75,20 @@ class BundleUpload(NamedTuple):
 
 
 @dataclasses.dataclass(frozen=True)
+class RevokeResult:
+    device_id: str
+    revoked: bool  # False when it already was
+    disconnected: bool  # its live stream on the answering controller process was ended
+
+
+@dataclasses.dataclass(frozen=True)
+class TriggerRunResult:
+    request_id: str
+    version: int  # the version devices are asked to run
+    devices: int  # connected devices the request was queued for
+
+
+@dataclasses.dataclass(frozen=True)
 class ApplyResult:
     release: str
     version: int
@@ -96,6 +111,7 @@ class ReleaseStatus:
     aggregate_round: int
     aggregate: Mapping[str, Any] | None  # the latest aggregate body, None before the first round
     aggregate_json: str  # the same, as the controller sent it ("" before the first round)
+    health: Mapping[str, Any] | None = None  # per-stage health of a staged rollout (docs/internals.md)
 
     @classmethod
     def from_proto(cls, m: pb.ReleaseStatus) -> ReleaseStatus:
@@ -114,6 +130,7 @@ class ReleaseStatus:
             aggregate_round=m.aggregate_round,
             aggregate=json.loads(m.aggregate_json) if m.aggregate_json else None,
             aggregate_json=m.aggregate_json,
+            health=json.loads(m.health_json) if m.health_json else None,
         )
 
 
@@ -129,7 +146,9 @@ class AdminClient:
         timeout_s: float = 30.0,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        tls: tls_mod.ClientTLS | None = None,
     ) -> None:
+        """`tls` (CA, optional client certificate for mTLS) wins over the bare `root_certificates`."""
         self.target = target or config.controller_target()
         self._metadata = auth.bearer_metadata(token)
         self._timeout_s = timeout_s
@@ -138,7 +157,11 @@ class AdminClient:
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
         ]
-        if root_certificates is not None:
+        if tls is not None and tls.enabled:
+            creds = tls.channel_credentials()
+            assert creds is not None
+            self._channel = grpc.aio.secure_channel(self.target, creds, options=[*options, *tls.channel_options()])
+        elif root_certificates is not None:
             creds = grpc.ssl_channel_credentials(root_certificates=root_certificates)
             self._channel = grpc.aio.secure_channel(self.target, creds, options=options)
         else:
@@ -227,7 +250,10 @@ class AdminClient:
         trigger: Mapping[str, Any] | None = None,
         aggregation: Mapping[str, Any] | None = None,
         paused: bool = False,
+        resources: Mapping[str, Any] | None = None,
+        rollout: Mapping[str, Any] | None = None,
     ) -> ApplyResult:
+        """Create or update a release. `resources`: `{"timeoutSeconds", "memoryMB", "cpuSeconds"}` (all optional)."""
         spec = pb.ReleaseSpec(
             release=release,
             generation=generation,
@@ -236,6 +262,8 @@ class AdminClient:
             trigger_json=json.dumps(dict(trigger or {}), sort_keys=True),
             aggregation_json=json.dumps(dict(aggregation or {}), sort_keys=True),
             paused=paused,
+            resources_json=json.dumps(dict(resources or {}), sort_keys=True),
+            rollout_json=json.dumps(dict(rollout), sort_keys=True) if rollout else "",
         )
         response = await self._call(self._stub.ApplyRelease, pb.ApplyReleaseRequest(spec=spec))
         return ApplyResult(release=response.release, version=response.version, changed=response.changed)
@@ -251,6 +279,25 @@ class AdminClient:
     async def list_releases(self) -> list[ReleaseStatus]:
         response = await self._call(self._stub.ListReleases, pb.ListReleasesRequest())
         return [ReleaseStatus.from_proto(r) for r in response.releases]
+
+    # ------------------------------------------------------------ devices
+
+    async def revoke_device(self, device_id: str) -> RevokeResult:
+        """Revoke a device: its credential stops working, its stream ends, it cannot enrol again."""
+        response = await self._call(self._stub.RevokeDevice, pb.RevokeDeviceRequest(device_id=device_id))
+        return RevokeResult(device_id=device_id, revoked=response.revoked, disconnected=response.disconnected)
+
+    # ------------------------------------------------------------ on-demand runs
+
+    async def trigger_run(
+        self, release: str, *, payload: Mapping[str, Any] | None = None, request_id: str = ""
+    ) -> TriggerRunResult:
+        """Run `release` now on the connected devices it targets (they get `payload` as ctx.inputs["payload"])."""
+        request = pb.TriggerRunRequest(
+            release=release, payload_json=json.dumps(dict(payload or {}), sort_keys=True), request_id=request_id
+        )
+        response = await self._call(self._stub.TriggerRun, request)
+        return TriggerRunResult(request_id=response.request_id, version=response.version, devices=response.devices)
 
 
 async def _file_chunks(path: pathlib.Path, *, digest: str, chunk_size: int) -> AsyncIterator[pb.PutBlobChunk]:

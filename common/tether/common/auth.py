@@ -30,6 +30,7 @@ MAX_TOKEN_LEN = 512
 # printable, bounded and free of the separator's ambiguity at the *end*.
 DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 _SECRET_RE = re.compile(r"^[A-Za-z0-9_-]{16,128}$")
+SECRET_RE = _SECRET_RE  # the secret part of a credential (tether.common.credentials parses it too)
 
 
 @dataclasses.dataclass(frozen=True)

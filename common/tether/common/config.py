@@ -74,6 +74,18 @@ class ControllerConfig:
     pool_max_size: int = 20
     tls_cert_file: pathlib.Path | None = None
     tls_key_file: pathlib.Path | None = None
+    # mTLS: require every client to present a certificate signed by this CA.
+    tls_client_ca_file: pathlib.Path | None = None
+    # Device credentials (tether.common.credentials): signing keys from this file (one per
+    # line, the first signs), else a key generated once and shared through Postgres.
+    credential_key_file: pathlib.Path | None = None
+    credential_ttl_s: int = 7 * 24 * 3600
+    # How long an authenticated device stays cached: the bound on how long a device revoked
+    # through another replica can still make calls here.
+    auth_cache_s: float = 5.0
+    # Bundle signatures checked at PutManifest (agents check their own trusted keys regardless).
+    require_signed_bundles: bool = False
+    trusted_key_files: tuple[pathlib.Path, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.database_url:
@@ -87,6 +99,12 @@ class ControllerConfig:
         split_host_port(self.listen)
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ConfigError("TLS needs both a certificate and a key file")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ConfigError("mTLS (a client CA file) needs TLS: give --tls-cert and --tls-key too")
+        if not 60 <= self.credential_ttl_s <= 366 * 24 * 3600:
+            raise ConfigError(f"credential TTL must be between 60 s and 366 days, got {self.credential_ttl_s}")
+        if self.auth_cache_s < 0:
+            raise ConfigError(f"auth_cache_s must be non-negative, got {self.auth_cache_s}")
         for name, number in (
             ("max_blob_bytes", self.max_blob_bytes),
             ("max_message_bytes", self.max_message_bytes),

@@ -16,7 +16,7 @@ import psycopg
 import psycopg_pool
 
 from tether.common import config as config_mod
-from tether.common import errors
+from tether.common import errors, tls
 
 READY_PREFIX = "controller listening on "
 
@@ -39,8 +39,53 @@ READY_PREFIX = "controller listening on "
 )
 @click.option("--grace", default=5.0, show_default=True, help="Seconds in-flight calls get to finish at stop.")
 @click.option("--heartbeat", default=30.0, show_default=True, help="Seconds between heartbeats on idle streams.")
-@click.option("--tls-cert", type=click.Path(dir_okay=False, path_type=pathlib.Path), help="PEM server certificate.")
-@click.option("--tls-key", type=click.Path(dir_okay=False, path_type=pathlib.Path), help="PEM server private key.")
+@click.option(
+    "--tls-cert",
+    envvar=tls.ENV_TLS_CERT,
+    type=click.Path(dir_okay=False, path_type=pathlib.Path),
+    help=f"PEM server certificate: serve TLS [env {tls.ENV_TLS_CERT}].",
+)
+@click.option(
+    "--tls-key",
+    envvar=tls.ENV_TLS_KEY,
+    type=click.Path(dir_okay=False, path_type=pathlib.Path),
+    help=f"PEM server private key [env {tls.ENV_TLS_KEY}].",
+)
+@click.option(
+    "--tls-client-ca",
+    envvar=tls.ENV_TLS_CLIENT_CA,
+    type=click.Path(dir_okay=False, path_type=pathlib.Path),
+    help=f"PEM CA: require every client to present a certificate it signed (mTLS) [env {tls.ENV_TLS_CLIENT_CA}].",
+)
+@click.option(
+    "--credential-key-file",
+    envvar="TETHER_CREDENTIAL_KEY_FILE",
+    type=click.Path(dir_okay=False, path_type=pathlib.Path),
+    help="Keys that sign device credentials, one per line, the first signs (default: a key kept in "
+    "PostgreSQL, shared by all replicas) [env TETHER_CREDENTIAL_KEY_FILE].",
+)
+@click.option(
+    "--credential-ttl",
+    envvar="TETHER_CREDENTIAL_TTL",
+    type=click.IntRange(60, 366 * 24 * 3600),
+    default=7 * 24 * 3600,
+    show_default=True,
+    help="Seconds a device credential is valid; agents renew it before then [env TETHER_CREDENTIAL_TTL].",
+)
+@click.option(
+    "--require-signed-bundles",
+    envvar="TETHER_REQUIRE_SIGNED_BUNDLES",
+    is_flag=True,
+    help="Refuse unsigned bundle manifests at upload [env TETHER_REQUIRE_SIGNED_BUNDLES].",
+)
+@click.option(
+    "--trust-key",
+    "trust_keys",
+    multiple=True,
+    type=click.Path(dir_okay=False, path_type=pathlib.Path),
+    help="Ed25519 public key (PEM) whose bundle signatures are accepted at upload; repeatable. "
+    "With any, a signature by another key is refused.",
+)
 def controller(
     listen: str,
     database_url: str | None,
@@ -52,6 +97,11 @@ def controller(
     heartbeat: float,
     tls_cert: pathlib.Path | None,
     tls_key: pathlib.Path | None,
+    tls_client_ca: pathlib.Path | None,
+    credential_key_file: pathlib.Path | None,
+    credential_ttl: int,
+    require_signed_bundles: bool,
+    trust_keys: tuple[pathlib.Path, ...],
 ) -> None:
     """Run the controller (gRPC distribution service, device registry, result ingestion)."""
     try:
@@ -66,6 +116,11 @@ def controller(
             heartbeat_s=heartbeat,
             tls_cert_file=tls_cert,
             tls_key_file=tls_key,
+            tls_client_ca_file=tls_client_ca,
+            credential_key_file=credential_key_file,
+            credential_ttl_s=credential_ttl,
+            require_signed_bundles=require_signed_bundles,
+            trusted_key_files=tuple(trust_keys),
         )
         asyncio.run(_serve(cfg))
     except errors.TetherError as e:
@@ -77,6 +132,7 @@ def controller(
 async def _serve(cfg: config_mod.ControllerConfig) -> None:
     from tether.controller.server import start_controller
 
+    _raise_fd_limit()  # one descriptor per connected agent: the soft limit is often far below the hard one
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -88,3 +144,14 @@ async def _serve(cfg: config_mod.ControllerConfig) -> None:
         await stop.wait()
     finally:
         await running.stop()
+
+
+def _raise_fd_limit() -> None:
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            return

@@ -11,8 +11,10 @@ Pure: no I/O.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 from tether.common import errors
 from tether.controller import targeting
@@ -22,12 +24,44 @@ MAX_BACKENDS = 32
 MAX_BACKEND_LEN = 64
 RESERVED_PREFIX = "tether.io/"
 _BACKEND_RE = re.compile(r"^[a-z0-9][a-z0-9._+/-]{0,63}$")
+MAX_CHOICES = 64
+_CANDIDATE_RE = re.compile(r"^[a-z0-9][a-z0-9._+-]{0,31}/[a-z0-9][a-z0-9._+-]{0,31}/t[0-9]{1,3}/[A-Za-z0-9]{1,16}$")
+_MODEL_KEY_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 
 
 @dataclasses.dataclass(frozen=True)
 class DeviceInfo:
     attributes: Mapping[str, str]
     backends: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendChoice:
+    """How the device runs one model, as its backend selection chose it (ReportBackends)."""
+
+    model_key: str
+    candidate: str  # "<engine>/<backend>/t<threads>/<precision>"
+    latency_ms: float
+    release: str = ""
+    model: str = ""
+
+    @property
+    def backend(self) -> str:
+        """ "<engine>/<backend>" of the candidate."""
+        return "/".join(self.candidate.split("/")[:2])
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any]) -> BackendChoice:
+        return cls(
+            model_key=str(doc.get("model_key", "")),
+            candidate=str(doc.get("candidate", "")),
+            latency_ms=float(doc.get("latency_ms") or 0.0),
+            release=str(doc.get("release", "")),
+            model=str(doc.get("model", "")),
+        )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -38,10 +72,36 @@ class Device:
     attributes: Mapping[str, str]
     backends: tuple[str, ...] = ()
     revoked: bool = False
+    backend_choices: tuple[BackendChoice, ...] = ()
 
     @property
     def facts(self) -> targeting.Facts:
-        return targeting.device_facts(device_id=self.device_id, attributes=self.attributes, backends=self.backends)
+        return targeting.device_facts(
+            device_id=self.device_id,
+            attributes=self.attributes,
+            backends=self.backends,
+            selected_backends=[c.backend for c in self.backend_choices],
+        )
+
+
+def validate_choices(choices: Iterable[Mapping[str, Any]]) -> tuple[BackendChoice, ...]:
+    """A ReportBackends set: bounded, each candidate in selection's spelling, latencies finite."""
+    out: list[BackendChoice] = []
+    for i, doc in enumerate(choices):
+        if i >= MAX_CHOICES:
+            raise errors.TooLarge(f"choices: more than {MAX_CHOICES} entries")
+        c = BackendChoice.from_json(doc)
+        field = f"choices[{i}]"
+        if not _MODEL_KEY_RE.match(c.model_key):
+            raise errors.InvalidArgument(f"{field}.model_key: must be sha256:<64 hex>")
+        if not _CANDIDATE_RE.match(c.candidate):
+            raise errors.InvalidArgument(f"{field}.candidate: {c.candidate[:64]!r} is not engine/backend/tN/precision")
+        if not (math.isfinite(c.latency_ms) and 0 <= c.latency_ms <= 3_600_000):
+            raise errors.InvalidArgument(f"{field}.latency_ms: must be a finite number of milliseconds")
+        if len(c.release) > 253 or len(c.model) > 1024:
+            raise errors.InvalidArgument(f"{field}: release or model name too long")
+        out.append(c)
+    return tuple(out)
 
 
 def validate_info(*, attributes: Mapping[str, str], backends: Iterable[str]) -> DeviceInfo:

@@ -17,11 +17,14 @@ import asyncio
 import dataclasses
 import enum
 import logging
+import time
+from collections.abc import Mapping
+from typing import Any
 
 import grpc
 
 from tether.common import errors
-from tether.controller import releases, targeting
+from tether.controller import releases, rollouts, targeting
 from tether.proto.v1 import tether_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -48,6 +51,57 @@ def fanout_action(*, before: releases.Release | None, after: releases.Release | 
     if was and not now:
         return Action.REVOKE
     return Action.NONE
+
+
+def desired_task(
+    *,
+    release: str,
+    version: int,
+    manifest_digest: str,
+    trigger: Mapping[str, Any],
+    resources: Mapping[str, Any],
+    rollback: bool = False,
+) -> pb.DesiredTask:
+    """The wire form of one desired release, policy included (every Sync and Notify builds it here)."""
+    return pb.DesiredTask(
+        release=release,
+        version=version,
+        manifest_digest=manifest_digest,
+        trigger_json=releases.policy_json(trigger),
+        resources_json=releases.policy_json(resources),
+        rollback=rollback,
+    )
+
+
+def served_task(served: rollouts.Served) -> pb.DesiredTask:
+    """The wire form of a version a staged rollout serves (the current one, or the stable one)."""
+    return desired_task(
+        release=served.release,
+        version=served.version,
+        manifest_digest=served.manifest_digest,
+        trigger=served.trigger,
+        resources=served.resources,
+        rollback=served.rollback,
+    )
+
+
+def _staged_change(
+    before: releases.Release | None,
+    after: releases.Release | None,
+    facts: targeting.Facts,
+    events: dict[tuple[int, str], tuple[pb.ServerEvent, rollouts.Served]],
+) -> tuple[Action, pb.ServerEvent | None, rollouts.Served | None]:
+    """A staged release's change for one device (`rollouts.change`), with its Notify built once per version."""
+    change = rollouts.change(before=before, after=after, facts=facts)
+    if change.revoke:
+        return Action.REVOKE, None, None
+    if change.notify is None:
+        return Action.NONE, None, None
+    served = change.notify
+    if served.key not in events:
+        notify = pb.Notify(task=served_task(served), sent_at_ms=int(time.time() * 1000))
+        events[served.key] = (pb.ServerEvent(notify=notify), served)
+    return Action.NOTIFY, *events[served.key]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +136,8 @@ class FanOut:
     notified: tuple[str, ...]
     revoked: tuple[str, ...]
     dropped: tuple[str, ...]
+    # Staged rollouts: devices sent back to the stable version (an older one), by version.
+    downgraded: Mapping[int, tuple[str, ...]] = dataclasses.field(default_factory=dict)
 
 
 class Hub:
@@ -95,6 +151,7 @@ class Hub:
         # Highest version fanned out per release: two concurrent applies may finish
         # their fan-outs in either order, and an older one must not follow a newer one.
         self._versions: dict[str, int] = {}
+        self.dropped = 0  # streams ended because their queue overflowed (a process-lifetime counter)
 
     def __len__(self) -> int:
         return len(self._connections)
@@ -116,6 +173,14 @@ class Hub:
     def is_connected(self, device_id: str) -> bool:
         return device_id in self._connections
 
+    def close_device(self, device_id: str, *, code: grpc.StatusCode, reason: str) -> bool:
+        """End one device's stream now (it was revoked); True when it had one on this process."""
+        conn = self._connections.pop(device_id, None)
+        if conn is None:
+            return False
+        conn.close(code, reason)
+        return True
+
     def update_facts(self, *, device_id: str, facts: targeting.Facts) -> None:
         """A connected device re-enrolled with new attributes: target it by what it says now."""
         conn = self._connections.get(device_id)
@@ -128,6 +193,7 @@ class Hub:
             return False
         if conn.queue.qsize() >= self._queue_size:  # one slot stays free for the closing sentinel
             log.warning("device %s is too slow (%d events queued): dropping it", conn.device_id, conn.queue.qsize())
+            self.dropped += 1
             if self._connections.get(conn.device_id) is conn:
                 del self._connections[conn.device_id]
             conn.close(grpc.StatusCode.UNAVAILABLE, "event queue overflowed; reconnect to resync")
@@ -147,29 +213,70 @@ class Hub:
         notified: list[str] = []
         revoked: list[str] = []
         dropped: list[str] = []
+        # The same small message for every device: built once, not once per connection.
+        notify_event: pb.ServerEvent | None = None
+        revoke_event: pb.ServerEvent | None = None
+        # A staged rollout serves each device the current or the stable version (tether.controller.rollouts).
+        staged = rollouts.staged(before) or rollouts.staged(after)
+        staged_events: dict[tuple[int, str], tuple[pb.ServerEvent, rollouts.Served]] = {}
+        downgraded: dict[int, list[str]] = {}
         for conn in list(self._connections.values()):
-            action = fanout_action(before=before, after=after, facts=conn.facts)
+            staged_event: pb.ServerEvent | None = None
+            if staged:
+                action, staged_event, served = _staged_change(before, after, conn.facts, staged_events)
+                if served is not None and served.rollback:
+                    if self.offer(conn, staged_event):  # type: ignore[arg-type]
+                        downgraded.setdefault(served.version, []).append(conn.device_id)
+                    else:
+                        dropped.append(conn.device_id)
+                    continue
+            else:
+                action = fanout_action(before=before, after=after, facts=conn.facts)
             if action is Action.NONE:
                 continue
-            if action is Action.NOTIFY:
+            if staged_event is not None:
+                event = staged_event
+            elif action is Action.NOTIFY:
                 assert after is not None
-                event = pb.ServerEvent(
-                    notify=pb.Notify(
-                        task=pb.DesiredTask(
-                            release=after.name, version=after.version, manifest_digest=after.manifest_digest
-                        )
+                if notify_event is None:
+                    task = desired_task(
+                        release=after.name,
+                        version=after.version,
+                        manifest_digest=after.manifest_digest,
+                        trigger=after.spec.trigger,
+                        resources=after.spec.resources,
                     )
-                )
+                    notify_event = pb.ServerEvent(notify=pb.Notify(task=task, sent_at_ms=int(time.time() * 1000)))
+                event = notify_event
             else:
-                event = pb.ServerEvent(revoke=pb.Revoke(release=subject.name))
+                if revoke_event is None:
+                    revoke_event = pb.ServerEvent(revoke=pb.Revoke(release=subject.name))
+                event = revoke_event
             if self.offer(conn, event):
                 (notified if action is Action.NOTIFY else revoked).append(conn.device_id)
             else:
                 dropped.append(conn.device_id)
-        return FanOut(notified=tuple(notified), revoked=tuple(revoked), dropped=tuple(dropped))
+        return FanOut(
+            notified=tuple(notified),
+            revoked=tuple(revoked),
+            dropped=tuple(dropped),
+            downgraded={v: tuple(ids) for v, ids in downgraded.items()},
+        )
 
     def connected_targeted(self, release: releases.Release) -> int:
         return sum(1 for conn in self._connections.values() if release.targets(conn.facts))
+
+    def run_now(self, release: releases.Release, run: pb.RunNow) -> tuple[str, ...]:
+        """Offer an on-demand RunNow to every connected device the release targets; the ids it was queued for.
+
+        Devices without the release installed (not in the rollout's stage yet) ignore it.
+        """
+        event = pb.ServerEvent(run=run)
+        return tuple(
+            conn.device_id
+            for conn in list(self._connections.values())
+            if release.targets(conn.facts) and self.offer(conn, event)
+        )
 
     def close_all(self, *, code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE, reason: str) -> None:
         """End every stream (shutdown): agents reconnect elsewhere and resync."""

@@ -1,8 +1,8 @@
 """Release specs as the controller accepts them: validation and change detection.
 
-The operator sends target, trigger and aggregation as JSON documents (so the
-wire contract does not change for each new policy field); they are validated
-here, once, before anything is stored. `content_changed` decides whether an
+The operator sends target, trigger, aggregation and resources as JSON
+documents (so the wire contract does not change for each new policy field);
+they are validated here, once, before anything is stored. `content_changed` decides whether an
 apply bumps the release version: only the manifest and the policy documents
 count, never the MLTask generation or the pause flag, so re-applying an
 unchanged MLTask notifies nobody.
@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from tether.common import errors, manifest
-from tether.controller import targeting
+from tether.controller import rollouts, targeting
 
 # "<namespace>/<name>": a Kubernetes namespace (DNS label) and object name (DNS subdomain).
 RELEASE_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?/[a-z0-9]([-.a-z0-9]{0,251}[a-z0-9])?$")
@@ -28,6 +28,14 @@ MAX_POLICY_BYTES = 64 * 1024
 TENSOR_AGGREGATIONS = frozenset({"weightedMean", "mean", "sum"})
 METRIC_AGGREGATIONS = frozenset({"weightedMean", "mean"})
 COUNT_AGGREGATIONS = frozenset({"sum"})
+MAX_INTERVAL_SECONDS = 366 * 24 * 3600  # what agents accept (tether.agent.daemon.Trigger)
+# Per-run limits a release may ask for (MLTask `spec.resources`), inclusive bounds.
+# The agent runs a task under the smaller of these and its own device caps.
+RESOURCE_BOUNDS: Mapping[str, tuple[int, int]] = {
+    "timeoutSeconds": (1, 24 * 3600),
+    "memoryMB": (16, 64 * 1024),
+    "cpuSeconds": (1, 24 * 3600),
+}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -39,16 +47,26 @@ class ReleaseSpec:
     trigger: Mapping[str, Any]
     aggregation: Mapping[str, Any]
     paused: bool = False
+    resources: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    # The operator's rollout decision (tether.controller.rollouts), normalised; {} = no staging.
+    rollout: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Release:
-    """A stored release: its spec, the controller-side version, and the parsed target."""
+    """A stored release: its spec, the controller-side version, and the parsed target.
+
+    With a rollout, also the parsed decision, the stage thresholds fixed so far
+    and the stable version that devices outside the current stage keep.
+    """
 
     spec: ReleaseSpec
     version: int
     deleted: bool = False
     target: targeting.Target = dataclasses.field(default_factory=targeting.Target, compare=False)
+    rollout: rollouts.Rollout | None = dataclasses.field(default=None, compare=False)
+    rollout_state: rollouts.RolloutState = dataclasses.field(default_factory=rollouts.RolloutState)
+    stable: rollouts.Stable | None = dataclasses.field(default=None, compare=False)
 
     @property
     def name(self) -> str:
@@ -82,6 +100,21 @@ def check_release_name(release: str, *, field: str = "release") -> str:
     return release
 
 
+REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+def check_request_id(request_id: str) -> str:
+    """An on-demand request id ("" means: generate one)."""
+    if request_id and not REQUEST_ID_RE.match(request_id):
+        raise errors.InvalidArgument(f"request_id {request_id!r} must match {REQUEST_ID_RE.pattern}")
+    return request_id
+
+
+def parse_payload(payload_json: str) -> dict[str, Any]:
+    """The JSON object an on-demand run hands its task (`ctx.inputs["payload"]`); bounded like a policy."""
+    return _object(payload_json, field="payload")
+
+
 def parse_spec(
     *,
     release: str,
@@ -91,6 +124,8 @@ def parse_spec(
     trigger_json: str,
     aggregation_json: str,
     paused: bool,
+    resources_json: str = "",
+    rollout_json: str = "",
 ) -> ReleaseSpec:
     """Validate a ReleaseSpec from the wire; `errors.InvalidSpec` names the field."""
     check_release_name(release)
@@ -103,8 +138,11 @@ def parse_spec(
     target = targeting.parse_target_json(target_json, field="target")
     trigger = _object(trigger_json, field="trigger")
     aggregation = _object(aggregation_json, field="aggregation")
+    resources = _object(resources_json, field="resources")
     check_trigger(trigger)
     check_aggregation(aggregation)
+    check_resources(resources)
+    rollout = rollouts.parse_rollout(_object(rollout_json, field="rollout"), field="rollout")
     return ReleaseSpec(
         release=release,
         generation=generation,
@@ -113,6 +151,8 @@ def parse_spec(
         trigger=trigger,
         aggregation=aggregation,
         paused=paused,
+        resources=resources,
+        rollout={} if rollout is None else rollout.to_json(),
     )
 
 
@@ -123,15 +163,29 @@ def check_trigger(trigger: Mapping[str, Any], *, field: str = "trigger") -> None
     kind = trigger.get("type")
     if not isinstance(kind, str) or not kind:
         raise errors.InvalidSpec("must name a non-empty string type", field=f"{field}.type")
+    conditions = trigger.get("conditions")
+    if conditions is not None:
+        # Participation conditions: run only while charging / on an unmetered network / idle.
+        if not isinstance(conditions, dict):
+            raise errors.InvalidSpec("must be an object", field=f"{field}.conditions")
+        for key, value in conditions.items():
+            if key not in rollouts.CONDITION_KEYS:
+                raise errors.InvalidSpec(
+                    f"unknown condition; allowed are {list(rollouts.CONDITION_KEYS)}", field=f"{field}.conditions.{key}"
+                )
+            if not isinstance(value, bool):
+                raise errors.InvalidSpec(f"must be true or false, got {value!r}", field=f"{field}.conditions.{key}")
     if kind == "interval":
         seconds = trigger.get("seconds")
         if (
             not isinstance(seconds, int | float)
             or isinstance(seconds, bool)
             or not math.isfinite(seconds)
-            or seconds <= 0
+            or not 1 <= seconds <= MAX_INTERVAL_SECONDS
         ):
-            raise errors.InvalidSpec(f"must be a positive number, got {seconds!r}", field=f"{field}.seconds")
+            raise errors.InvalidSpec(
+                f"must be a number in [1, {MAX_INTERVAL_SECONDS}], got {seconds!r}", field=f"{field}.seconds"
+            )
 
 
 def check_aggregation(aggregation: Mapping[str, Any], *, field: str = "aggregation") -> None:
@@ -145,6 +199,17 @@ def check_aggregation(aggregation: Mapping[str, Any], *, field: str = "aggregati
             raise errors.InvalidSpec(f"{aggregation[key]!r} is not one of {sorted(allowed)}", field=f"{field}.{key}")
 
 
+def check_resources(resources: Mapping[str, Any], *, field: str = "resources") -> None:
+    """Only the known limits, each an integer within its bounds; an absent key leaves the device's default."""
+    for key, value in resources.items():
+        bounds = RESOURCE_BOUNDS.get(key)
+        if bounds is None:
+            raise errors.InvalidSpec(f"unknown key; allowed are {sorted(RESOURCE_BOUNDS)}", field=f"{field}.{key}")
+        low, high = bounds
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            raise errors.InvalidSpec(f"must be an integer in [{low}, {high}], got {value!r}", field=f"{field}.{key}")
+
+
 def content_changed(old: ReleaseSpec, new: ReleaseSpec) -> bool:
     """Whether devices must hear about `new`: manifest or policy differ (generation and pause do not count)."""
     return (
@@ -152,7 +217,13 @@ def content_changed(old: ReleaseSpec, new: ReleaseSpec) -> bool:
         or _canonical(old.target) != _canonical(new.target)
         or _canonical(old.trigger) != _canonical(new.trigger)
         or _canonical(old.aggregation) != _canonical(new.aggregation)
+        or _canonical(old.resources) != _canonical(new.resources)
     )
+
+
+def policy_json(doc: Mapping[str, Any]) -> str:
+    """A policy document as it travels to agents (DesiredTask): canonical JSON, "" when empty (the default)."""
+    return _canonical(doc) if doc else ""
 
 
 def _canonical(doc: Mapping[str, Any]) -> str:

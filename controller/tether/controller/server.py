@@ -12,13 +12,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
 from tether.common import config as config_mod
-from tether.common import errors
-from tether.controller import blobs, db, hub, service, store
+from tether.common import errors, signing, tls
+from tether.controller import blobs, db, device_auth, hub, replicas, service, stats, store
 from tether.controller.enqueue import CeleryEnqueuer, Enqueuer
 from tether.proto.v1 import tether_pb2_grpc as pb_grpc
 
@@ -26,6 +26,8 @@ if TYPE_CHECKING:
     from psycopg_pool import AsyncConnectionPool
 
 log = logging.getLogger(__name__)
+
+MAX_STREAMS_PER_CONNECTION = 100
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -41,6 +43,11 @@ class RunningController:
     blobs: blobs.BlobStore
     hub: hub.Hub
     enqueuer: Enqueuer
+    # This process among the replicas sharing the database, and what it counts.
+    replica_id: str = ""
+    listener: replicas.ReleaseListener | None = None
+    counters: stats.RpcCounters | None = None
+    authenticator: device_auth.DeviceAuthenticator | None = None  # device credentials
 
     @property
     def address(self) -> str:
@@ -56,6 +63,8 @@ class RunningController:
         grace_s = self.config.grace_s if grace is None else grace
         self.hub.close_all(reason="controller shutting down; reconnect")
         await self.server.stop(grace_s)
+        if self.listener is not None:
+            await self.listener.stop()
         close = getattr(self.enqueuer, "close", None)
         if close is not None:
             try:
@@ -80,6 +89,9 @@ def server_options(cfg: config_mod.ControllerConfig) -> list[tuple[str, int]]:
         ("grpc.keepalive_timeout_ms", 20_000),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.keepalive_permit_without_calls", 1),
+        # Bounded state per connection: a device needs a stream and a few pulls. An L7 proxy that
+        # multiplexes many devices opens more connections when it reaches this (HTTP/2 SETTINGS).
+        ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
     ]
 
 
@@ -98,12 +110,37 @@ async def start_controller(
     if applied:
         log.info("applied migrations: %s", ", ".join(applied))
     blob_store = blob_store or blobs.FilesystemBlobStore(cfg.blob_dir, max_blob_bytes=cfg.max_blob_bytes)
-    pool = await db.open_pool(cfg.database_url, min_size=cfg.pool_min_size, max_size=cfg.pool_max_size)
+    replica_id = replicas.new_replica_id()
+    # The pool's sessions carry the replica id, so the release trigger can say who changed a release.
+    pool = await db.open_pool(
+        replicas.with_origin(cfg.database_url, replica_id), min_size=cfg.pool_min_size, max_size=cfg.pool_max_size
+    )
+    listener: replicas.ReleaseListener | None = None
     try:
         store_ = store.Store(pool)
         hub_ = hub.Hub(queue_size=cfg.device_queue_size)
         manifests = service.ManifestCache(store_=store_)
-        server = grpc.aio.server(options=server_options(cfg))
+        authenticator = device_auth.DeviceAuthenticator(
+            store_=store_,
+            signer=await device_auth.signer_for(
+                store_=store_,
+                key_file=str(cfg.credential_key_file) if cfg.credential_key_file else None,
+                ttl_s=cfg.credential_ttl_s,
+            ),
+            cache_s=cfg.auth_cache_s,
+        )
+        bundle_policy = signing.BundlePolicy(
+            require_signature=cfg.require_signed_bundles, trusted=signing.load_trusted_keys(cfg.trusted_key_files)
+        )
+
+        async def fan_out(before: Any, after: Any) -> None:  # a change made through another replica
+            await service._notify(hub_=hub_, store_=store_, before=before, after=after)
+
+        listener = replicas.ReleaseListener(
+            conninfo=cfg.database_url, store_=store_, replica_id=replica_id, on_change=fan_out
+        )
+        counters = stats.RpcCounters()
+        server = grpc.aio.server(options=server_options(cfg), interceptors=[counters])
         pb_grpc.add_DeviceServiceServicer_to_server(
             service.DeviceService(
                 store_=store_,
@@ -113,17 +150,39 @@ async def start_controller(
                 manifests=manifests,
                 bootstrap_token=cfg.bootstrap_token,
                 heartbeat_s=cfg.heartbeat_s,
+                authenticator=authenticator,
             ),
             server,
         )
         pb_grpc.add_AdminServiceServicer_to_server(
-            service.AdminService(store_=store_, blob_store=blob_store, hub_=hub_, admin_token=cfg.admin_token),
+            service.AdminService(
+                store_=store_,
+                blob_store=blob_store,
+                hub_=hub_,
+                admin_token=cfg.admin_token,
+                authenticator=authenticator,
+                bundle_policy=bundle_policy,
+            ),
+            server,
+        )
+        pb_grpc.add_StatsServiceServicer_to_server(
+            stats.StatsService(
+                admin_token=cfg.admin_token,
+                replica_id=replica_id,
+                counters=counters,
+                connected=lambda: len(hub_),
+                remote_changes=lambda: listener.remote_changes if listener is not None else 0,
+                dropped=lambda: hub_.dropped,
+            ),
             server,
         )
         host, _ = config_mod.split_host_port(cfg.listen)
         port = _bind(server, cfg)
+        await listener.start()  # before serving: no device can connect before changes are heard
         await server.start()
     except BaseException:
+        if listener is not None:
+            await listener.stop()
         await pool.close()
         raise
     log.info("controller listening on %s", config_mod.join_host_port(host, port))
@@ -137,13 +196,19 @@ async def start_controller(
         blobs=blob_store,
         hub=hub_,
         enqueuer=enqueuer,
+        replica_id=replica_id,
+        listener=listener,
+        counters=counters,
+        authenticator=authenticator,
     )
 
 
 def _bind(server: grpc.aio.Server, cfg: config_mod.ControllerConfig) -> int:
     try:
         if cfg.tls_cert_file is not None and cfg.tls_key_file is not None:
-            credentials = grpc.ssl_server_credentials([(cfg.tls_key_file.read_bytes(), cfg.tls_cert_file.read_bytes())])
+            credentials = tls.server_credentials(
+                cert_file=cfg.tls_cert_file, key_file=cfg.tls_key_file, client_ca_file=cfg.tls_client_ca_file
+            )
             port = server.add_secure_port(cfg.listen, credentials)
         else:
             port = server.add_insecure_port(cfg.listen)

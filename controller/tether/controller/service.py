@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import functools
 import logging
 import time
@@ -27,8 +28,8 @@ from typing import Any, TypeVar
 
 import grpc
 
-from tether.common import auth, errors, manifest
-from tether.controller import blobs, devices, hub, releases, store, uploads
+from tether.common import auth, credentials, errors, manifest, signing
+from tether.controller import blobcache, blobs, device_auth, devices, hub, releases, rollouts, store, uploads
 from tether.controller.enqueue import Enqueuer
 from tether.proto.v1 import tether_pb2 as pb
 from tether.proto.v1 import tether_pb2_grpc as pb_grpc
@@ -131,6 +132,9 @@ async def _notify(
     fan = hub_.release_changed(before=before, after=after)
     if after is not None and fan.notified:
         await store_.mark_notified(release=after.name, version=after.version, device_ids=fan.notified)
+    if after is not None:
+        for version, device_ids in fan.downgraded.items():  # a staged rollout sent them back to its stable version
+            await store_.mark_notified(release=after.name, version=version, device_ids=device_ids, downgrade=True)
     subject = after if after is not None else before
     if subject is not None and (fan.notified or fan.revoked or fan.dropped):
         log.info(
@@ -158,10 +162,16 @@ class DeviceService(pb_grpc.DeviceServiceServicer):
         heartbeat_s: float = 30.0,
         max_tensor_bytes: int = uploads.MAX_TENSOR_BYTES,
         clock: Callable[[], float] = time.time,
+        authenticator: device_auth.DeviceAuthenticator | None = None,
     ) -> None:
         self._store = store_
         self._blobs = blob_store
+        self._chunk_cache = blobcache.ChunkCache(chunk_size=BLOB_CHUNK_SIZE)
         self._hub = hub_
+        # Without one (tests that build the servicer directly): a key of this process only.
+        self._auth = authenticator or device_auth.DeviceAuthenticator(
+            store_=store_, signer=credentials.Signer([credentials.new_key()], clock=clock)
+        )
         self._enqueuer = enqueuer
         self._manifests = manifests
         self._bootstrap_token = bootstrap_token
@@ -170,8 +180,9 @@ class DeviceService(pb_grpc.DeviceServiceServicer):
         self._clock = clock
 
     async def _device(self, context: grpc.aio.ServicerContext) -> devices.Device:
+        """The calling device: signed, unexpired credential of a live device (`device_auth`)."""
         token = auth.bearer_token(context.invocation_metadata())
-        return await self._store.authenticate_device(auth.parse_credential(token))
+        return await self._auth.authenticate(token)
 
     @_edge
     async def Enroll(self, request: pb.EnrollRequest, context: grpc.aio.ServicerContext) -> pb.EnrollResponse:
@@ -181,10 +192,20 @@ class DeviceService(pb_grpc.DeviceServiceServicer):
         auth.check_device_id(device_id)
         info = devices.validate_info(attributes=dict(request.device.attributes), backends=request.device.backends)
         credential = await self._store.enroll_device(device_id=device_id, info=info)
+        token = self._auth.issue(credential)
         device = devices.Device(device_id=device_id, attributes=info.attributes, backends=info.backends)
         self._hub.update_facts(device_id=device_id, facts=device.facts)
         log.info("device %s enrolled", device_id)
-        return pb.EnrollResponse(device_id=device_id, credential=str(credential))
+        return pb.EnrollResponse(device_id=device_id, credential=str(token), expires_at=token.expires_at)
+
+    @_edge
+    async def RenewCredential(
+        self, request: pb.RenewCredentialRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RenewCredentialResponse:
+        device = await self._device(context)
+        token = self._auth.issue(await self._store.rotate_credential(device.device_id))
+        log.info("device %s renewed its credential (expires %d)", device.device_id, token.expires_at)
+        return pb.RenewCredentialResponse(credential=str(token), expires_at=token.expires_at)
 
     @_edge_stream
     async def Subscribe(
@@ -199,7 +220,14 @@ class DeviceService(pb_grpc.DeviceServiceServicer):
             yield pb.ServerEvent(
                 sync=pb.Sync(
                     desired=[
-                        pb.DesiredTask(release=t.release, version=t.version, manifest_digest=t.manifest_digest)
+                        hub.desired_task(
+                            release=t.release,
+                            version=t.version,
+                            manifest_digest=t.manifest_digest,
+                            trigger=t.trigger,
+                            resources=t.resources,
+                            rollback=t.rollback,
+                        )
                         for t in desired
                     ]
                 )
@@ -217,6 +245,26 @@ class DeviceService(pb_grpc.DeviceServiceServicer):
             self._hub.disconnect(conn)
 
     @_edge
+    async def GetDesired(self, request: pb.GetDesiredRequest, context: grpc.aio.ServicerContext) -> pb.Sync:
+        """The Sync that opens Subscribe, as one call: for devices that poll instead of holding a stream."""
+        device = await self._device(context)
+        desired = await self._store.desired_tasks(device)
+        await self._store.mark_synced(device_id=device.device_id, tasks=desired)
+        return pb.Sync(
+            desired=[
+                hub.desired_task(
+                    release=t.release,
+                    version=t.version,
+                    manifest_digest=t.manifest_digest,
+                    trigger=t.trigger,
+                    resources=t.resources,
+                    rollback=t.rollback,
+                )
+                for t in desired
+            ]
+        )
+
+    @_edge
     async def GetManifest(
         self, request: pb.GetManifestRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetManifestResponse:
@@ -226,8 +274,13 @@ class DeviceService(pb_grpc.DeviceServiceServicer):
             raise errors.NotFound(
                 f"release {release.name!r} is at manifest {release.manifest_digest}, not {request.manifest_digest!r}"
             )
-        stored, _ = await self._manifests.get(release.manifest_digest)
-        return pb.GetManifestResponse(manifest=stored.body, signature=stored.signature, key_id=stored.key_id)
+        stored, parsed = await self._manifests.get(release.manifest_digest)
+        # A blob store that can serve blobs itself (object store, CDN) hands out URLs; the agent
+        # verifies each blob's digest either way and falls back to PullBlob (docs/internals.md).
+        urls = {d: url for d in parsed.blob_digests() if (url := self._blobs.url_for(d)) is not None}
+        return pb.GetManifestResponse(
+            manifest=stored.body, signature=stored.signature, key_id=stored.key_id, blob_urls=urls
+        )
 
     @_edge_stream
     async def PullBlob(
@@ -241,23 +294,18 @@ class DeviceService(pb_grpc.DeviceServiceServicer):
             raise errors.PermissionDenied(f"blob {digest} is not part of release {release.name!r}")
         if request.offset < 0:
             raise errors.InvalidArgument(f"offset: must be >= 0, got {request.offset}")
-        total = await asyncio.to_thread(self._blobs.size, digest)
+        total = await self._chunk_cache.size(self._blobs, digest)
         if total is None:
             raise errors.NotFound(f"blob {digest} is not stored")
-        chunks = await asyncio.to_thread(
-            self._blobs.read_range, digest, offset=request.offset, chunk_size=BLOB_CHUNK_SIZE
-        )
-        try:
-            position = request.offset
-            sent = False
-            while (chunk := await asyncio.to_thread(next, chunks, None)) is not None:
-                yield pb.BlobChunk(offset=position, data=chunk, total_size=total)
-                position += len(chunk)
-                sent = True
-            if not sent:  # resumed at the very end: still tell the agent the size
-                yield pb.BlobChunk(offset=position, data=b"", total_size=total)
-        finally:
-            await asyncio.to_thread(_close, chunks)
+        # Chunks come from a bounded in-memory cache (every device of a rollout pulls the same blobs).
+        position = request.offset
+        sent = False
+        async for chunk in self._chunk_cache.chunks(self._blobs, digest, offset=request.offset, total=total):
+            yield pb.BlobChunk(offset=position, data=chunk, total_size=total)
+            position += len(chunk)
+            sent = True
+        if not sent:  # resumed at the very end: still tell the agent the size
+            yield pb.BlobChunk(offset=position, data=b"", total_size=total)
 
     @_edge
     async def ReportStatus(
@@ -273,8 +321,33 @@ class DeviceService(pb_grpc.DeviceServiceServicer):
             version=request.version,
             state=state,
             message=request.message[:MAX_STATUS_MESSAGE],
+            device_state=dict(request.device_state),
         )
         return pb.ReportStatusResponse()
+
+    @_edge
+    async def ReportBackends(
+        self, request: pb.ReportBackendsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ReportBackendsResponse:
+        """The device's backend selection results: stored on it, and its targeting facts follow."""
+        device = await self._device(context)
+        choices = devices.validate_choices(
+            {
+                "model_key": c.model_key,
+                "candidate": c.candidate,
+                "latency_ms": c.latency_ms,
+                "release": c.release,
+                "model": c.model,
+            }
+            for c in request.choices
+        )
+        info = devices.validate_info(attributes=device.attributes, backends=request.backends or device.backends)
+        await self._store.set_backend_choices(
+            device_id=device.device_id, choices=choices, fingerprint=request.fingerprint, backends=info.backends
+        )
+        updated = dataclasses.replace(device, backends=info.backends, backend_choices=choices)
+        self._hub.update_facts(device_id=device.device_id, facts=updated.facts)
+        return pb.ReportBackendsResponse()
 
     @_edge
     async def UploadResult(
@@ -309,11 +382,15 @@ class AdminService(pb_grpc.AdminServiceServicer):
         blob_store: blobs.BlobStore,
         hub_: hub.Hub,
         admin_token: str,
+        authenticator: device_auth.DeviceAuthenticator | None = None,
+        bundle_policy: signing.BundlePolicy | None = None,
     ) -> None:
         self._store = store_
         self._blobs = blob_store
         self._hub = hub_
         self._admin_token = admin_token
+        self._auth = authenticator
+        self._bundle_policy = bundle_policy or signing.BundlePolicy()
 
     def _admin(self, context: grpc.aio.ServicerContext) -> None:
         token = auth.bearer_token(context.invocation_metadata())
@@ -369,6 +446,7 @@ class AdminService(pb_grpc.AdminServiceServicer):
             raise errors.InvalidArgument(f"key_id: longer than {MAX_KEY_ID_LEN} characters")
         if request.signature and not request.key_id:
             raise errors.InvalidArgument("key_id: required when a signature is given")
+        self._bundle_policy.check(request.manifest, signature=request.signature, key_id_=request.key_id)
         digest = await self._store.put_manifest(
             body=request.manifest, signature=request.signature, key_id=request.key_id
         )
@@ -388,10 +466,16 @@ class AdminService(pb_grpc.AdminServiceServicer):
             trigger_json=s.trigger_json,
             aggregation_json=s.aggregation_json,
             paused=s.paused,
+            resources_json=s.resources_json,
+            rollout_json=s.rollout_json,
         )
         outcome = await self._store.apply_release(spec)
         previous = outcome.previous
-        if outcome.changed or (previous is not None and previous.paused != outcome.release.paused):
+        if (
+            outcome.changed
+            or (previous is not None and previous.paused != outcome.release.paused)
+            or rollouts.serving_changed(previous, outcome.release)
+        ):
             await _notify(hub_=self._hub, store_=self._store, before=previous, after=outcome.release)
         return pb.ApplyReleaseResponse(
             release=outcome.release.name, version=outcome.release.version, changed=outcome.changed
@@ -425,6 +509,42 @@ class AdminService(pb_grpc.AdminServiceServicer):
         counts = await self._store.release_counts()
         return pb.ListReleasesResponse(releases=[self._status(c) for c in counts])
 
+    @_edge
+    async def RevokeDevice(
+        self, request: pb.RevokeDeviceRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RevokeDeviceResponse:
+        self._admin(context)
+        device_id = auth.check_device_id(request.device_id)
+        revoked = await self._store.revoke_device(device_id)
+        if self._auth is not None:
+            self._auth.forget(device_id)
+        disconnected = self._hub.close_device(
+            device_id, code=grpc.StatusCode.UNAUTHENTICATED, reason=f"device {device_id} is revoked"
+        )
+        log.warning("device %s revoked%s", device_id, " (stream ended)" if disconnected else "")
+        return pb.RevokeDeviceResponse(revoked=revoked, disconnected=disconnected)
+
+    @_edge
+    async def TriggerRun(
+        self, request: pb.TriggerRunRequest, context: grpc.aio.ServicerContext
+    ) -> pb.TriggerRunResponse:
+        """On-demand trigger: a RunNow to every connected device the release targets."""
+        self._admin(context)
+        releases.check_release_name(request.release)
+        releases.parse_payload(request.payload_json)
+        request_id = releases.check_request_id(request.request_id) or uuid.uuid4().hex
+        release = await self._store.get_release(request.release)
+        if release is None:
+            raise errors.NotFound(f"release {request.release!r} does not exist")
+        if release.paused:
+            raise errors.FailedPrecondition(f"release {request.release!r} is paused")
+        run = pb.RunNow(
+            release=release.name, version=release.version, request_id=request_id, payload_json=request.payload_json
+        )
+        devices_ = self._hub.run_now(release, run)
+        log.info("run %s requested on %d devices (request %s)", release.name, len(devices_), request_id)
+        return pb.TriggerRunResponse(request_id=request_id, version=release.version, devices=len(devices_))
+
     def _status(self, counts: store.ReleaseCounts) -> pb.ReleaseStatus:
         connected = self._hub.connected_targeted(counts.subject)
         return pb.ReleaseStatus(
@@ -441,6 +561,7 @@ class AdminService(pb_grpc.AdminServiceServicer):
             aggregate_json=counts.aggregate_json,
             aggregate_round=counts.aggregate_round,
             connected_devices=connected,
+            health_json=counts.health_json,
         )
 
 
@@ -466,9 +587,3 @@ def _blocking_iter(chunks: AsyncIterator[bytes], loop: asyncio.AbstractEventLoop
 
 async def _next_or_end(chunks: AsyncIterator[bytes]) -> bytes | None:
     return await anext(chunks, None)
-
-
-def _close(chunks: Iterator[bytes]) -> None:
-    close = getattr(chunks, "close", None)
-    if close is not None:
-        close()

@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from tether.common import auth, errors, manifest
-from tether.controller import devices, releases, targeting, uploads
+from tether.controller import devices, releases, rollout_store, rollouts, targeting, uploads
 
 if TYPE_CHECKING:
     from psycopg import AsyncConnection
@@ -34,15 +34,44 @@ DELIVERY_STATES = frozenset(
 )
 # Cumulative funnel: a device that runs or succeeded has, by definition, installed.
 INSTALLED_STATES = ("installed", "running", "succeeded")
-_RELEASE_COLUMNS = "release, version, generation, manifest_digest, target, trigger, aggregation, paused, deleted"
+_RELEASE_COLUMNS = (
+    "release, version, generation, manifest_digest, target, trigger, aggregation, resources, paused, deleted, "
+    + rollout_store.COLUMNS
+)
 _R_RELEASE_COLUMNS = ", ".join("r." + c.strip() for c in _RELEASE_COLUMNS.split(","))
 
 
 @dataclasses.dataclass(frozen=True)
 class DesiredTask:
+    """One release as a device should have it: version, manifest, and the policy it runs under."""
+
     release: str
     version: int
     manifest_digest: str
+    trigger: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    resources: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    rollback: bool = False  # an older version on purpose (staged rollouts: the stable one)
+
+    @classmethod
+    def of(cls, rel: releases.Release) -> DesiredTask:
+        return cls(
+            release=rel.name,
+            version=rel.version,
+            manifest_digest=rel.manifest_digest,
+            trigger=rel.spec.trigger,
+            resources=rel.spec.resources,
+        )
+
+    @classmethod
+    def served(cls, s: rollouts.Served) -> DesiredTask:
+        return cls(
+            release=s.release,
+            version=s.version,
+            manifest_digest=s.manifest_digest,
+            trigger=s.trigger,
+            resources=s.resources,
+            rollback=s.rollback,
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +120,7 @@ class ReleaseCounts:
     aggregate_json: str
     aggregate_round: int
     subject: releases.Release = dataclasses.field(compare=False, repr=False)
+    health_json: str = ""  # staged rollouts: per-stage health (tether.controller.rollouts.health)
 
 
 class Store:
@@ -115,10 +145,11 @@ class Store:
             if row is not None and row[0]:
                 raise errors.PermissionDenied(f"device {device_id} is revoked and cannot re-enrol")
             await conn.execute(
-                "INSERT INTO devices (device_id, credential_hash, attributes, backends, last_seen_at)"
-                " VALUES (%s, %s, %s, %s, now())"
+                "INSERT INTO devices (device_id, credential_hash, attributes, backends, last_seen_at,"
+                " credential_issued_at) VALUES (%s, %s, %s, %s, now(), now())"
                 " ON CONFLICT (device_id) DO UPDATE SET credential_hash = EXCLUDED.credential_hash,"
-                " attributes = EXCLUDED.attributes, backends = EXCLUDED.backends, last_seen_at = now()",
+                " attributes = EXCLUDED.attributes, backends = EXCLUDED.backends, last_seen_at = now(),"
+                " credential_issued_at = now()",
                 (device_id, credential.secret_hash, Jsonb(dict(info.attributes)), list(info.backends)),
             )
         return credential
@@ -129,7 +160,7 @@ class Store:
             cur = conn.cursor(row_factory=dict_row)
             row = await (
                 await cur.execute(
-                    "SELECT device_id, credential_hash, attributes, backends, revoked FROM devices"
+                    "SELECT device_id, credential_hash, attributes, backends, revoked, backend_choices FROM devices"
                     " WHERE device_id = %s",
                     (credential.device_id,),
                 )
@@ -140,23 +171,74 @@ class Store:
             raise errors.Unauthenticated(f"device {credential.device_id} is revoked")
         return _device(row)
 
+    async def set_backend_choices(
+        self,
+        *,
+        device_id: str,
+        choices: Iterable[devices.BackendChoice],
+        fingerprint: str,
+        backends: Iterable[str],
+    ) -> None:
+        """Replace the device's backend selection results (ReportBackends) and its probed backends."""
+        async with self._pool.connection() as conn:
+            await conn.execute(
+                "UPDATE devices SET backend_choices = %s, backend_fingerprint = %s, backends = %s,"
+                " last_seen_at = now() WHERE device_id = %s",
+                (Jsonb([c.to_json() for c in choices]), fingerprint[:128], list(backends), device_id),
+            )
+
     async def touch_device(self, device_id: str) -> None:
         async with self._pool.connection() as conn:
             await conn.execute("UPDATE devices SET last_seen_at = now() WHERE device_id = %s", (device_id,))
 
     async def revoke_device(self, device_id: str) -> bool:
-        async with self._pool.connection() as conn:
+        """Revoke a device for good: True when it was live, False when already revoked; NotFound when unknown."""
+        async with self._pool.connection() as conn, conn.transaction():
             cur = await conn.execute(
-                "UPDATE devices SET revoked = true WHERE device_id = %s AND NOT revoked", (device_id,)
+                "UPDATE devices SET revoked = true, revoked_at = now() WHERE device_id = %s AND NOT revoked",
+                (device_id,),
             )
-            return cur.rowcount == 1
+            if cur.rowcount == 1:
+                return True
+            known = await (await conn.execute("SELECT 1 FROM devices WHERE device_id = %s", (device_id,))).fetchone()
+        if known is None:
+            raise errors.NotFound(f"device {device_id} is not enrolled")
+        return False
+
+    async def rotate_credential(self, device_id: str) -> auth.Credential:
+        """A new secret for a live device (credential renewal); the previous one stops working at once."""
+        auth.check_device_id(device_id)
+        credential = auth.Credential(device_id=device_id, secret=auth.new_secret())
+        async with self._pool.connection() as conn:
+            row = await (
+                await conn.execute(
+                    "UPDATE devices SET credential_hash = %s, credential_issued_at = now(), last_seen_at = now()"
+                    " WHERE device_id = %s AND NOT revoked RETURNING 1",
+                    (credential.secret_hash, device_id),
+                )
+            ).fetchone()
+        if row is None:
+            raise errors.Unauthenticated(f"device {device_id} is revoked or not enrolled")
+        return credential
+
+    async def controller_secret(self, name: str, *, generate: Callable[[], bytes]) -> bytes:
+        """A secret shared by every controller replica, created by the first one that asks (race-safe)."""
+        async with self._pool.connection() as conn, conn.transaction():
+            await conn.execute(
+                "INSERT INTO controller_secrets (name, value) VALUES (%s, %s) ON CONFLICT (name) DO NOTHING",
+                (name, generate()),
+            )
+            row = await (await conn.execute("SELECT value FROM controller_secrets WHERE name = %s", (name,))).fetchone()
+        assert row is not None
+        return bytes(row[0])
 
     async def active_devices(self) -> list[devices.Device]:
         async with self._pool.connection() as conn:
             cur = conn.cursor(row_factory=dict_row)
             rows = await (
                 await cur.execute(
-                    "SELECT device_id, attributes, backends, revoked FROM devices WHERE NOT revoked ORDER BY device_id"
+                    "SELECT device_id, attributes, backends, revoked, backend_choices FROM devices"
+                    " WHERE NOT revoked ORDER BY device_id"
                 )
             ).fetchall()
         return [_device(r) for r in rows]
@@ -244,7 +326,7 @@ class Store:
                 inserted = await (
                     await conn.execute(
                         "INSERT INTO releases (release, version, generation, manifest_digest, target, trigger,"
-                        " aggregation, paused) VALUES (%s, 1, %s, %s, %s, %s, %s, %s)"
+                        " aggregation, resources, paused) VALUES (%s, 1, %s, %s, %s, %s, %s, %s, %s)"
                         " ON CONFLICT (release) DO NOTHING RETURNING version",
                         (
                             spec.release,
@@ -253,12 +335,14 @@ class Store:
                             Jsonb(dict(spec.target)),
                             Jsonb(dict(spec.trigger)),
                             Jsonb(dict(spec.aggregation)),
+                            Jsonb(dict(spec.resources)),
                             spec.paused,
                         ),
                     )
                 ).fetchone()
                 if inserted is not None:
-                    return ApplyOutcome(release=_new_release(spec, version=1), previous=None, changed=True)
+                    created = await rollout_store.write(conn, rel=_new_release(spec, version=1), previous=None)
+                    return ApplyOutcome(release=created, previous=None, changed=True)
                 previous = await _lock_release(conn, spec.release)  # lost a race with a concurrent create
                 assert previous is not None
             changed = previous.deleted or releases.content_changed(previous.spec, spec)
@@ -267,7 +351,7 @@ class Store:
                 return ApplyOutcome(release=previous, previous=previous, changed=False)  # a no-op writes nothing
             await conn.execute(
                 "UPDATE releases SET version = %s, generation = %s, manifest_digest = %s, target = %s,"
-                " trigger = %s, aggregation = %s, paused = %s, deleted = false, updated_at = now()"
+                " trigger = %s, aggregation = %s, resources = %s, paused = %s, deleted = false, updated_at = now()"
                 " WHERE release = %s",
                 (
                     version,
@@ -276,11 +360,13 @@ class Store:
                     Jsonb(dict(spec.target)),
                     Jsonb(dict(spec.trigger)),
                     Jsonb(dict(spec.aggregation)),
+                    Jsonb(dict(spec.resources)),
                     spec.paused,
                     spec.release,
                 ),
             )
-        return ApplyOutcome(release=_new_release(spec, version=version), previous=previous, changed=changed)
+            updated = await rollout_store.write(conn, rel=_new_release(spec, version=version), previous=previous)
+        return ApplyOutcome(release=updated, previous=previous, changed=changed)
 
     async def delete_release(self, release: str) -> releases.Release | None:
         """Mark a release deleted (results and aggregates stay); return it as it was, None when absent."""
@@ -317,7 +403,7 @@ class Store:
             rows = await (
                 await cur.execute(
                     f"SELECT {_R_RELEASE_COLUMNS},"
-                    " (d.device_id IS NOT NULL) AS delivered"
+                    " (d.device_id IS NOT NULL) AS delivered, d.version AS delivered_version"
                     " FROM releases r LEFT JOIN deliveries d ON d.release = r.release AND d.device_id = %s"
                     " WHERE NOT r.deleted ORDER BY r.release",
                     (device.device_id,),
@@ -327,8 +413,9 @@ class Store:
         desired = []
         for row in rows:
             rel = _release(row)
-            if rel.offered_to(facts, delivered=row["delivered"]):
-                desired.append(DesiredTask(release=rel.name, version=rel.version, manifest_digest=rel.manifest_digest))
+            served = rollouts.served(rel, facts, delivered=_delivered(rel, row))
+            if served is not None:
+                desired.append(DesiredTask.served(served))
         return desired
 
     async def release_for_device(self, device: devices.Device, release: str) -> releases.Release:
@@ -338,7 +425,7 @@ class Store:
             row = await (
                 await cur.execute(
                     f"SELECT {_R_RELEASE_COLUMNS},"
-                    " (d.device_id IS NOT NULL) AS delivered"
+                    " (d.device_id IS NOT NULL) AS delivered, d.version AS delivered_version"
                     " FROM releases r LEFT JOIN deliveries d ON d.release = r.release AND d.device_id = %s"
                     " WHERE r.release = %s AND NOT r.deleted",
                     (device.device_id, release),
@@ -347,14 +434,24 @@ class Store:
         if row is None:
             raise errors.NotFound(f"release {release!r} does not exist")
         rel = _release(row)
-        if not rel.offered_to(device.facts, delivered=row["delivered"]):
+        served = rollouts.served(rel, device.facts, delivered=_delivered(rel, row))
+        if served is None:
             raise errors.PermissionDenied(f"release {release!r} does not target device {device.device_id}")
+        if served.manifest_digest != rel.manifest_digest:
+            # A staged rollout serves this device the stable version: it reads that version's content.
+            rel = dataclasses.replace(rel, spec=dataclasses.replace(rel.spec, manifest_digest=served.manifest_digest))
         return rel
 
     # ------------------------------------------------------------ deliveries
 
-    async def mark_notified(self, *, release: str, version: int, device_ids: Sequence[str]) -> None:
-        """Record that these devices were told about `version` (never moves a delivery backwards)."""
+    async def mark_notified(
+        self, *, release: str, version: int, device_ids: Sequence[str], downgrade: bool = False
+    ) -> None:
+        """Record that these devices were told about `version` (never moves a delivery backwards).
+
+        `downgrade`: they were sent back to an older version on purpose (a staged
+        rollout's stable version), so their deliveries move back to it.
+        """
         if not device_ids:
             return
         async with self._pool.connection() as conn, conn.transaction():
@@ -362,9 +459,9 @@ class Store:
                 "INSERT INTO deliveries (release, device_id, version, state)"
                 " SELECT %s, d, %s, 'notified' FROM unnest(%s::text[]) AS d"
                 " ON CONFLICT (release, device_id) DO UPDATE SET version = EXCLUDED.version,"
-                " state = 'notified', message = '', updated_at = now()"
-                " WHERE deliveries.version < EXCLUDED.version",
-                (release, version, list(device_ids)),
+                " state = 'notified', message = '', updated_at = now(), installed_at = NULL"
+                " WHERE deliveries.version < EXCLUDED.version OR (%s AND deliveries.version > EXCLUDED.version)",
+                (release, version, list(device_ids), downgrade),
             )
 
     async def mark_synced(self, *, device_id: str, tasks: Sequence[DesiredTask]) -> None:
@@ -372,21 +469,39 @@ class Store:
         if not tasks:
             return
         async with self._pool.connection() as conn, conn.transaction():
-            await conn.execute(
-                "INSERT INTO deliveries (release, device_id, version, state)"
-                " SELECT t.release, %s, t.version, 'notified'"
-                " FROM unnest(%s::text[], %s::bigint[]) AS t(release, version)"
-                " JOIN releases r ON r.release = t.release"
-                " ON CONFLICT (release, device_id) DO UPDATE SET version = EXCLUDED.version,"
-                " state = 'notified', message = '', updated_at = now()"
-                " WHERE deliveries.version < EXCLUDED.version",
-                (device_id, [t.release for t in tasks], [t.version for t in tasks]),
-            )
+            # Rollback tasks (a staged rollout's stable version) move a delivery back; the others never do.
+            for downgrade in (False, True):
+                batch = [t for t in tasks if t.rollback == downgrade]
+                if not batch:
+                    continue
+                await conn.execute(
+                    "INSERT INTO deliveries (release, device_id, version, state)"
+                    " SELECT t.release, %s, t.version, 'notified'"
+                    " FROM unnest(%s::text[], %s::bigint[]) AS t(release, version)"
+                    " JOIN releases r ON r.release = t.release"
+                    " ON CONFLICT (release, device_id) DO UPDATE SET version = EXCLUDED.version,"
+                    " state = 'notified', message = '', updated_at = now(), installed_at = NULL"
+                    " WHERE deliveries.version < EXCLUDED.version"
+                    " OR (%s AND deliveries.version > EXCLUDED.version)",
+                    (device_id, [t.release for t in batch], [t.version for t in batch], downgrade),
+                )
 
     async def report_delivery(
-        self, *, device: devices.Device, release: str, version: int, state: str, message: str = ""
+        self,
+        *,
+        device: devices.Device,
+        release: str,
+        version: int,
+        state: str,
+        message: str = "",
+        device_state: Mapping[str, str] | None = None,
     ) -> None:
-        """Keep the latest state a device reports; a stale report (older version) changes nothing."""
+        """Keep the latest state a device reports; a stale report (older version) changes nothing.
+
+        A report on the version a staged rollout serves this device (its stable
+        version, older than the current one) is not stale: it moves the delivery
+        back. `device_state`: the device's participation state, kept on the device.
+        """
         if state not in DELIVERY_STATES:
             raise errors.InvalidArgument(f"state: {state!r} is not one of {sorted(DELIVERY_STATES)}")
         async with self._pool.connection() as conn, conn.transaction():
@@ -403,11 +518,21 @@ class Store:
             # A device may still report on a release it held before it was untargeted or deleted (uninstalls).
             if delivered is None and not rel.targets(device.facts):
                 raise errors.PermissionDenied(f"release {release!r} does not target device {device.device_id}")
+            served = rollouts.served(rel, device.facts, delivered=True) if rel.rollout is not None else None
+            downgrade = served is not None and served.rollback and served.version == version
+            installed = state in INSTALLED_STATES
             await conn.execute(
-                "INSERT INTO deliveries (release, device_id, version, state, message) VALUES (%s, %s, %s, %s, %s)"
+                "INSERT INTO deliveries (release, device_id, version, state, message, installed_at)"
+                " VALUES (%s, %s, %s, %s, %s, CASE WHEN %s THEN now() END)"
                 " ON CONFLICT (release, device_id) DO UPDATE SET version = EXCLUDED.version, state = EXCLUDED.state,"
-                " message = EXCLUDED.message, updated_at = now() WHERE deliveries.version <= EXCLUDED.version",
-                (release, device.device_id, version, state, message),
+                " message = EXCLUDED.message, updated_at = now(),"
+                " installed_at = CASE WHEN deliveries.version = EXCLUDED.version"
+                " THEN COALESCE(deliveries.installed_at, EXCLUDED.installed_at) ELSE EXCLUDED.installed_at END"
+                " WHERE deliveries.version <= EXCLUDED.version OR %s",
+                (release, device.device_id, version, state, message, installed, downgrade),
+            )
+            await rollout_store.save_device_state(
+                conn, device_id=device.device_id, state=rollout_store.check_device_state(device_state or {})
             )
 
     # ------------------------------------------------------------ results
@@ -433,7 +558,8 @@ class Store:
                 raise errors.NotFound(f"release {record.release!r} does not exist")
             if not rel.targets(device.facts):
                 raise errors.PermissionDenied(f"release {record.release!r} does not target device {device.device_id}")
-            if record.version not in (rel.version, rel.version - 1):
+            stable = rel.stable.version if rel.stable is not None else rel.version - 1  # staged: what others keep
+            if record.version not in (rel.version, rel.version - 1, stable):
                 raise errors.FailedPrecondition(
                     f"release {record.release!r} is at version {rel.version}; results are accepted for versions "
                     f"{rel.version} and {rel.version - 1}, not {record.version}"
@@ -456,6 +582,17 @@ class Store:
                     ),
                 )
             ).fetchone()
+            if inserted is not None:
+                # A stored result is the run's success, committed with it: the agent's own SUCCEEDED report
+                # is best effort and is lost when the controller dies between the upload and the report.
+                await conn.execute(
+                    "INSERT INTO deliveries (release, device_id, version, state) VALUES (%s, %s, %s, 'succeeded')"
+                    " ON CONFLICT (release, device_id) DO UPDATE SET version = EXCLUDED.version,"
+                    " state = 'succeeded', message = '', updated_at = now()"
+                    " WHERE deliveries.version < EXCLUDED.version OR (deliveries.version = EXCLUDED.version"
+                    " AND deliveries.state IN ('notified', 'downloading', 'installed', 'running'))",
+                    (record.release, device.device_id, record.version),
+                )
             await conn.execute("UPDATE devices SET last_seen_at = now() WHERE device_id = %s", (device.device_id,))
         # A concurrent twin with the same key won the insert: this one is its duplicate.
         return InsertOutcome(duplicate=inserted is None, release=record.release, version=record.version)
@@ -484,7 +621,10 @@ class Store:
             fleet = [
                 _device(r)
                 for r in await (
-                    await cur.execute("SELECT device_id, attributes, backends, revoked FROM devices WHERE NOT revoked")
+                    await cur.execute(
+                        "SELECT device_id, attributes, backends, revoked, backend_choices FROM devices"
+                        " WHERE NOT revoked"
+                    )
                 ).fetchall()
             ]
             keys = ([r.name for r in rels], [r.version for r in rels])
@@ -520,6 +660,7 @@ class Store:
                     )
                 ).fetchall()
             }
+            health = await rollout_store.health(conn, rels=rels, fleet=fleet)
         out = []
         for rel in rels:
             s = states.get(rel.name, {})
@@ -539,6 +680,7 @@ class Store:
                     aggregate_json="" if body is None else json.dumps(body, sort_keys=True),
                     aggregate_round=round_,
                     subject=rel,
+                    health_json=health.get(rel.name, ""),
                 )
             )
         return out
@@ -553,6 +695,7 @@ def _device(row: Mapping[str, Any]) -> devices.Device:
         attributes=dict(row["attributes"] or {}),
         backends=tuple(row["backends"] or ()),
         revoked=bool(row["revoked"]),
+        backend_choices=tuple(devices.BackendChoice.from_json(c) for c in row.get("backend_choices") or ()),
     )
 
 
@@ -564,14 +707,24 @@ def _release(row: Mapping[str, Any]) -> releases.Release:
         target=row["target"] or {},
         trigger=row["trigger"] or {},
         aggregation=row["aggregation"] or {},
+        resources=row["resources"] or {},
         paused=bool(row["paused"]),
+        rollout=row.get("rollout") or {},
     )
-    return releases.Release(
+    rel = releases.Release(
         spec=spec,
         version=int(row["version"]),
         deleted=bool(row["deleted"]),
-        target=targeting.parse_target(spec.target),
+        target=targeting.parse_stored(spec.target),
     )
+    return rollout_store.from_row(rel, row)
+
+
+def _delivered(rel: releases.Release, row: Mapping[str, Any]) -> bool:
+    """Whether the device already has the release (staged: at its current version), for pause semantics."""
+    if rel.rollout is None:
+        return bool(row["delivered"])
+    return row.get("delivered_version") == rel.version
 
 
 def _new_release(spec: releases.ReleaseSpec, *, version: int) -> releases.Release:

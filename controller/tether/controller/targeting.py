@@ -3,15 +3,19 @@
 A target document is
 `{"matchLabels": {k: v}, "matchExpressions": [{"key", "operator", "values"}]}`
 with operators In | NotIn | Exists | DoesNotExist; every clause must hold (AND).
-An empty document targets every device.
+An empty document targets every device. A target may also carry
+`matchVersions` (`{"appVersion": ">=10.2,<11"}`, tether.common.versions),
+`deviceIds` (an explicit list) and `exclude` (selectors whose devices are
+never targeted); rollout cohorts use the same selector form.
 
 Devices are seen as *facts*: each key maps to a set of values. Ordinary
-attributes are single-valued; two pseudo attributes come from the registry:
+attributes are single-valued; three pseudo attributes come from the registry:
 `tether.io/backend` (every engine backend that really runs on the device, e.g.
-"mnn/cpu", so `In` means "has any of") and `tether.io/device-id` (explicit
-cohorts and exclusions by id). Because a typo such as "matchLabel" would
-otherwise silently widen a target to the whole fleet, unknown fields are
-refused rather than ignored.
+"mnn/cpu", so `In` means "has any of"), `tether.io/selected-backend` (the
+backends the device's backend selection chose for its models) and
+`tether.io/device-id` (explicit cohorts and exclusions by id). Because a
+typo such as "matchLabel" would otherwise silently widen a target to the
+whole fleet, unknown fields are refused rather than ignored.
 
 Pure: no I/O. Validation raises `errors.InvalidSpec` naming the field.
 """
@@ -20,14 +24,17 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import json
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from tether.common import errors
+from tether.common import versions as versions_mod
 
 BACKEND_KEY = "tether.io/backend"
+SELECTED_BACKEND_KEY = "tether.io/selected-backend"
 DEVICE_ID_KEY = "tether.io/device-id"
 
 MAX_LABELS = 64
@@ -78,24 +85,50 @@ class Target:
 
     requirements: tuple[Requirement, ...] = ()
     document: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False)
+    # matchVersions: (attribute, range) pairs; the attribute must parse as a version inside the range.
+    versions: tuple[tuple[str, versions_mod.VersionRange], ...] = ()
+    # deviceIds: an explicit list of devices (None: no such restriction).
+    device_ids: frozenset[str] | None = None
+    # exclude: selectors of devices that are never targeted, whatever else matches.
+    exclude: tuple[Target, ...] = ()
 
     def matches(self, facts: Facts) -> bool:
+        return self.selects(facts) and not any(e.selects(facts) for e in self.exclude)
+
+    def selects(self, facts: Facts) -> bool:
+        """Every clause holds (exclusions not considered)."""
+        if self.device_ids is not None and facts.get(DEVICE_ID_KEY, frozenset()).isdisjoint(self.device_ids):
+            return False
+        for key, allowed in self.versions:
+            if not any(allowed.contains(v) for v in facts.get(key, ())):
+                return False
         return all(r.matches(facts) for r in self.requirements)
 
     @property
     def matches_everything(self) -> bool:
-        return not self.requirements
+        return not self.requirements and not self.versions and self.device_ids is None and not self.exclude
 
 
-def device_facts(*, device_id: str, attributes: Mapping[str, str], backends: Iterable[str] = ()) -> Facts:
-    """The facts a target is evaluated against; pseudo attributes win over reported ones."""
+def device_facts(
+    *,
+    device_id: str,
+    attributes: Mapping[str, str],
+    backends: Iterable[str] = (),
+    selected_backends: Iterable[str] = (),
+) -> Facts:
+    """The facts a target is evaluated against; pseudo attributes win over reported ones.
+
+    `selected_backends`: the "<engine>/<backend>" the device's backend selection
+    chose for its models (`tether.io/selected-backend`, so `In` means "runs
+    some model on one of").
+    """
     facts: dict[str, frozenset[str]] = {k: frozenset((v,)) for k, v in attributes.items()}
     facts[DEVICE_ID_KEY] = frozenset((device_id,))
-    backend_set = frozenset(backends)
-    if backend_set:
-        facts[BACKEND_KEY] = backend_set
-    else:
-        facts.pop(BACKEND_KEY, None)
+    for key, values in ((BACKEND_KEY, frozenset(backends)), (SELECTED_BACKEND_KEY, frozenset(selected_backends))):
+        if values:
+            facts[key] = values
+        else:
+            facts.pop(key, None)
     return facts
 
 
@@ -123,17 +156,28 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not allowed")
 
 
-def parse_target(doc: Any, *, field: str = "target") -> Target:
-    """Validate a target document; `errors.InvalidSpec` names the offending path."""
+SELECTOR_EXTRAS = ("matchVersions", "deviceIds")
+MAX_DEVICE_IDS = 10_000
+MAX_EXCLUDES = 16
+
+
+def parse_target(doc: Any, *, field: str = "target", _nested: bool = False) -> Target:
+    """Validate a target document; `errors.InvalidSpec` names the offending path.
+
+    Besides matchLabels and matchExpressions a target may carry `matchVersions`
+    (`{attribute: ">=10.2,<11"}`), `deviceIds` (an explicit cohort) and
+    `exclude` (a list of selectors of the same form, without `exclude`, whose
+    devices are never targeted). An exclusion that selects everything is
+    refused: it would silently empty the target.
+    """
     if doc is None:
         return Target()
     if not isinstance(doc, dict):
         raise errors.InvalidSpec("must be an object with matchLabels and/or matchExpressions", field=field)
-    unknown = set(doc) - {"matchLabels", "matchExpressions"}
+    allowed = {"matchLabels", "matchExpressions", *SELECTOR_EXTRAS, *(("exclude",) if not _nested else ())}
+    unknown = set(doc) - allowed
     if unknown:
-        raise errors.InvalidSpec(
-            f"unknown fields {sorted(unknown)}; allowed are matchLabels and matchExpressions", field=field
-        )
+        raise errors.InvalidSpec(f"unknown fields {sorted(unknown)}; allowed are {sorted(allowed)}", field=field)
     requirements: list[Requirement] = []
     labels = doc.get("matchLabels")
     labels = {} if labels is None else labels
@@ -163,7 +207,73 @@ def parse_target(doc: Any, *, field: str = "target") -> Target:
             {"key": r.key, "operator": r.operator.value, **({"values": sorted(r.values)} if r.values else {})}
             for r in parsed
         ]
-    return Target(requirements=(*requirements, *parsed), document=normalized)
+    version_ranges = _parse_versions(doc.get("matchVersions"), field=f"{field}.matchVersions")
+    if version_ranges:
+        normalized["matchVersions"] = {k: str(r) for k, r in version_ranges}
+    device_ids = _parse_device_ids(doc.get("deviceIds"), field=f"{field}.deviceIds")
+    if device_ids is not None:
+        normalized["deviceIds"] = sorted(device_ids)
+    exclude: list[Target] = []
+    raw_exclude = doc.get("exclude")
+    if raw_exclude is not None:
+        if not isinstance(raw_exclude, list):
+            raise errors.InvalidSpec("must be a list of selectors", field=f"{field}.exclude")
+        if len(raw_exclude) > MAX_EXCLUDES:
+            raise errors.InvalidSpec(
+                f"{len(raw_exclude)} selectors; the limit is {MAX_EXCLUDES}", field=f"{field}.exclude"
+            )
+        for i, sel in enumerate(raw_exclude):
+            where = f"{field}.exclude[{i}]"
+            parsed_sel = parse_target(sel, field=where, _nested=True)
+            if parsed_sel.matches_everything:
+                raise errors.InvalidSpec("an empty selector would exclude every device", field=where)
+            exclude.append(parsed_sel)
+        if exclude:
+            normalized["exclude"] = [dict(e.document) for e in exclude]
+    return Target(
+        requirements=(*requirements, *parsed),
+        document=normalized,
+        versions=version_ranges,
+        device_ids=device_ids,
+        exclude=tuple(exclude),
+    )
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse_canonical(text: str) -> Target:
+    return parse_target(json.loads(text))
+
+
+def parse_stored(doc: Mapping[str, Any] | None) -> Target:
+    """`parse_target` of a stored (already validated) document, cached: every Sync and status re-reads them."""
+    return _parse_canonical(json.dumps(doc or {}, sort_keys=True, separators=(",", ":")))
+
+
+def _parse_versions(doc: Any, *, field: str) -> tuple[tuple[str, versions_mod.VersionRange], ...]:
+    if doc is None:
+        return ()
+    if not isinstance(doc, dict):
+        raise errors.InvalidSpec("must be an object of attribute: version range", field=field)
+    if len(doc) > MAX_LABELS:
+        raise errors.InvalidSpec(f"{len(doc)} ranges; the limit is {MAX_LABELS}", field=field)
+    out = []
+    for key, text in sorted(doc.items()):
+        where = f"{field}[{key!r}]"
+        _check_key(key, field=where)
+        out.append((key, versions_mod.parse_range(text, field=where)))
+    return tuple(out)
+
+
+def _parse_device_ids(doc: Any, *, field: str) -> frozenset[str] | None:
+    if doc is None:
+        return None
+    if not isinstance(doc, list) or not doc:
+        raise errors.InvalidSpec("must be a non-empty list of device ids", field=field)
+    if len(doc) > MAX_DEVICE_IDS:
+        raise errors.InvalidSpec(f"{len(doc)} device ids; the limit is {MAX_DEVICE_IDS}", field=field)
+    for j, value in enumerate(doc):
+        _check_value(value, field=f"{field}[{j}]")
+    return frozenset(doc)
 
 
 def _parse_expression(expr: Any, *, field: str) -> Requirement:

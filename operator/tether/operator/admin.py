@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 
 from tether.common import errors
 from tether.common.admin import AdminClient
+from tether.common.tls import ClientTLS
 from tether.operator import reconcile
 
 
@@ -31,6 +32,8 @@ class ControllerAdmin:
             trigger=json.loads(action.trigger_json),
             aggregation=json.loads(action.aggregation_json),
             paused=action.paused,
+            resources=json.loads(action.resources_json),
+            rollout=json.loads(action.rollout_json) if action.rollout_json else None,
         )
         return reconcile.Applied(version=result.version, changed=result.changed)
 
@@ -45,7 +48,9 @@ class ControllerAdmin:
 
 
 @contextlib.asynccontextmanager
-async def connect(target: str, token: str, *, timeout_s: float = 10.0) -> AsyncIterator[ControllerAdmin]:
-    """A `ControllerAdmin` on a fresh channel to `target`, closed on exit."""
-    async with AdminClient(target=target, token=token, timeout_s=timeout_s) as client:
+async def connect(
+    target: str, token: str, *, timeout_s: float = 10.0, tls: ClientTLS | None = None
+) -> AsyncIterator[ControllerAdmin]:
+    """A `ControllerAdmin` on a fresh channel to `target` (TLS when `tls` names a CA), closed on exit."""
+    async with AdminClient(target=target, token=token, timeout_s=timeout_s, tls=tls) as client:
         yield ControllerAdmin(client)

@@ -8,6 +8,7 @@ import pathlib
 import click
 
 from tether.common import config
+from tether.common.tls import ClientTLS, client_options
 
 
 @click.command("operator")
@@ -53,6 +54,7 @@ from tether.common import config
     default=None,
     help="Serve a liveness probe, e.g. http://0.0.0.0:8080/healthz.",
 )
+@client_options
 def operator(
     controller: str,
     admin_token: str,
@@ -60,12 +62,13 @@ def operator(
     kubeconfig: pathlib.Path | None,
     poll_interval: float,
     liveness_endpoint: str | None,
+    tls: ClientTLS,
 ) -> None:
     """Run the Kubernetes operator: MLTask objects in, releases on the controller out."""
     from tether.operator import admin, handlers
 
     async def main() -> None:
-        async with admin.connect(controller, admin_token) as release_admin:
+        async with admin.connect(controller, admin_token, tls=tls) as release_admin:
             await handlers.run(
                 admin=release_admin,
                 namespaces=list(namespaces),

@@ -22,10 +22,14 @@ from tether.operator.model import Condition, ConditionStatus
 
 VALID = "Valid"  # the spec passed the schema and the semantic checks
 APPLIED = "Applied"  # the controller holds a release for the current generation
-PAUSED = "Paused"  # spec.paused: no further devices are notified
+PROGRESSING = "Progressing"  # the staged rollout is moving (False: complete, paused or rolled back)
+PAUSED = "Paused"  # spec.paused or a failed gate: the rollout does not advance
+DEGRADED = "Degraded"  # a health gate of the current stage fails
+ROLLED_BACK = "RolledBack"  # every device was sent back to the previous version
 COMPLETE = "Complete"  # every targeted device reached a terminal state
 
-TYPES = (VALID, APPLIED, PAUSED, COMPLETE)
+TYPES = (VALID, APPLIED, PROGRESSING, PAUSED, DEGRADED, ROLLED_BACK, COMPLETE)
+ROLLOUT_TYPES = (PROGRESSING, DEGRADED, ROLLED_BACK)  # their transitions are reported as rollout events
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +64,40 @@ CONTROLLER_REJECTED = Reason(APPLIED, ConditionStatus.FALSE, "ControllerRejected
 
 PAUSED_BY_SPEC = Reason(PAUSED, ConditionStatus.TRUE, "PausedBySpec", "spec.paused is true: no device is notified.")
 NOT_PAUSED = Reason(PAUSED, ConditionStatus.FALSE, "NotPaused", "The rollout is not paused.")
+PAUSED_BY_GATE = Reason(
+    PAUSED,
+    ConditionStatus.TRUE,
+    "PausedByGate",
+    "Stage {stage} ({name}) failed its gates: {failures}. `tether rollout resume|promote|abort` decides.",
+)
+
+STAGE_PROGRESSING = Reason(
+    PROGRESSING, ConditionStatus.TRUE, "StageProgressing", "Version {version}, stage {stage} ({name}): {detail}."
+)
+ROLLOUT_COMPLETE = Reason(
+    PROGRESSING,
+    ConditionStatus.FALSE,
+    "RolloutComplete",
+    "Every stage passed: version {version} reaches every targeted device.",
+)
+ROLLOUT_PAUSED = Reason(PROGRESSING, ConditionStatus.FALSE, "RolloutPaused", "Paused at stage {stage} ({name}).")
+ROLLOUT_ROLLED_BACK = Reason(
+    PROGRESSING, ConditionStatus.FALSE, "RolloutRolledBack", "Version {version} was rolled back: {why}."
+)
+
+HEALTHY = Reason(DEGRADED, ConditionStatus.FALSE, "GatesHealthy", "No gate of the current stage fails.")
+GATES_FAILING = Reason(DEGRADED, ConditionStatus.TRUE, "GateFailed", "Stage {stage} ({name}): {failures}.")
+
+NOT_ROLLED_BACK = Reason(ROLLED_BACK, ConditionStatus.FALSE, "NotRolledBack", "The current version is not rolled back.")
+ROLLED_BACK_BY_GATE = Reason(
+    ROLLED_BACK,
+    ConditionStatus.TRUE,
+    "GateRollback",
+    "Stage {stage} ({name}) failed its gates ({failures}): every device returns to {target}.",
+)
+ROLLED_BACK_BY_ABORT = Reason(
+    ROLLED_BACK, ConditionStatus.TRUE, "Aborted", "The rollout was aborted: every device returns to {target}."
+)
 
 AWAITING_DEVICES = Reason(
     COMPLETE, ConditionStatus.FALSE, "AwaitingDevices", "No enrolled device matches the target yet."

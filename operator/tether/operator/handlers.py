@@ -33,7 +33,7 @@ import kopf
 import yaml
 
 from tether.common import errors
-from tether.operator import model, reconcile
+from tether.operator import model, reconcile, rollout
 
 logger = logging.getLogger(__name__)
 
@@ -115,10 +115,12 @@ def connection_from_kubeconfig(path: pathlib.Path) -> kopf.ConnectionInfo:
 
 
 def _meta(body: kopf.Body) -> reconcile.Meta:
+    annotations = body.metadata.annotations or {}
     return reconcile.Meta(
         name=body.metadata.name,
         namespace=body.metadata.namespace,
         generation=int(body.metadata.get("generation") or 1),
+        annotations={k: str(v) for k, v in annotations.items() if k in rollout.REQUEST_ANNOTATIONS.values()},
     )
 
 
@@ -143,8 +145,11 @@ async def _reconcile(ctx: OperatorContext, *, body: kopf.Body, patch: kopf.Patch
             logger.warning("polling release %s failed: %s", current.release, e)
     now = ctx.clock()
     decision = reconcile.decide(spec=body.get("spec"), meta=meta, status=current, observed=observed, now=now)
-    for action in decision.actions:
+    performed = 0
+    while decision.actions and performed < 4:  # an apply may ask for one follow-up (a new version's first stage)
+        action = decision.actions[0]
         decision = decision.with_outcome(action, await perform(ctx.admin, action), now=now)
+        performed += 1
     for event in reconcile.transition_events(current, decision.status):
         kopf.event(body, type=event.type, reason=event.reason, message=event.message)
     changes = reconcile.status_patch(current, decision.status)
@@ -186,6 +191,8 @@ def build_registry(
     kopf.on.create(**resource, registry=registry, id="reconcile")(on_change)
     kopf.on.update(**resource, registry=registry, id="reconcile", field="spec")(on_change)
     kopf.on.resume(**resource, registry=registry, id="reconcile")(on_change)
+    # `tether rollout promote|abort|resume` (or kubectl annotate) act at once, not at the next poll.
+    kopf.on.update(**resource, registry=registry, id="rollout-request", field="metadata.annotations")(on_poll)
     kopf.on.delete(**resource, registry=registry, id="delete-release")(on_delete)
     kopf.timer(
         **resource,

@@ -91,6 +91,21 @@ class Trigger(_Model):
         le=MAX_INTERVAL_SECONDS,
         description="Seconds between runs; required when `type` is `interval`, not allowed otherwise.",
     )
+    conditions: Conditions | None = pydantic.Field(
+        default=None,
+        description="Participation conditions: a device runs the task only while all that are true hold, "
+        "evaluated against the state the device reports (a state it cannot tell does not hold it back).",
+    )
+
+
+class Conditions(_Model):
+    """Device states required before a device runs the task."""
+
+    charging: bool = pydantic.Field(default=False, description="Run only while the device is charging.")
+    unmetered_network: bool = pydantic.Field(
+        default=False, description="Run only while the device is on an unmetered network (e.g. Wi-Fi)."
+    )
+    idle: bool = pydantic.Field(default=False, description="Run only while the device is idle.")
 
 
 class SelectorOperator(enum.StrEnum):
@@ -122,6 +137,26 @@ class MatchExpression(_Model):
     )
 
 
+class Selector(_Model):
+    """A set of devices: all given requirements must hold (used by cohorts and exclusions)."""
+
+    match_labels: dict[str, Annotated[str, pydantic.Field(max_length=256)]] = pydantic.Field(
+        default_factory=dict, max_length=64, description="Device attributes that must equal the given values."
+    )
+    match_expressions: list[MatchExpression] = pydantic.Field(
+        default_factory=list, max_length=MAX_EXPRESSIONS, description="Further requirements on device attributes."
+    )
+    match_versions: dict[str, Annotated[str, pydantic.Field(max_length=256)]] = pydantic.Field(
+        default_factory=dict,
+        max_length=16,
+        description="Version ranges by attribute, e.g. `{appVersion: '>=10.2,<11'}`: the attribute must be a "
+        "version inside the range (operators >=, >, <=, <, ==, !=, comma-separated clauses all hold).",
+    )
+    device_ids: list[Annotated[str, pydantic.Field(max_length=256)]] = pydantic.Field(
+        default_factory=list, max_length=10_000, description="Explicit device ids (an explicit cohort)."
+    )
+
+
 class Target(_Model):
     """Which devices the task is for: all requirements must hold (an empty target matches every device)."""
 
@@ -135,16 +170,79 @@ class Target(_Model):
         max_length=MAX_EXPRESSIONS,
         description="Further requirements on device attributes; all must hold.",
     )
+    match_versions: dict[str, Annotated[str, pydantic.Field(max_length=256)]] = pydantic.Field(
+        default_factory=dict,
+        max_length=16,
+        description="Version ranges by attribute, e.g. `{appVersion: '>=10.2,<11'}`.",
+    )
+    device_ids: list[Annotated[str, pydantic.Field(max_length=256)]] = pydantic.Field(
+        default_factory=list, max_length=10_000, description="Only these devices (an explicit cohort), when given."
+    )
+    exclude: list[Selector] = pydantic.Field(
+        default_factory=list,
+        max_length=16,
+        description="Devices matching any of these selectors are never targeted.",
+    )
+
+
+GATE_METRICS = ("devicesReporting", "successRate", "errorRate", "p95LatencySeconds")
+TASK_METRIC_PREFIX = "task."
+
+
+class GateFailureAction(enum.StrEnum):
+    """What a failed health gate does to the rollout."""
+
+    PAUSE = "Pause"
+    ROLLBACK = "Rollback"
+
+
+class Gate(_Model):
+    """A health gate: a bound on one metric of the stage's devices at the new version."""
+
+    metric: str = pydantic.Field(
+        min_length=1,
+        max_length=128,
+        description="`devicesReporting` (devices that finished a run), `successRate` and `errorRate` (0 to 1, "
+        "among devices reporting), `p95LatencySeconds` (of run durations), or `task.<name>` for the mean of a "
+        "metric the task reports, e.g. `task.accuracy`.",
+    )
+    min: float | None = pydantic.Field(default=None, description="The metric must be at least this.")
+    max: float | None = pydantic.Field(default=None, description="The metric must be at most this.")
 
 
 class Stage(_Model):
-    """One step of a staged rollout."""
+    """One step of a staged rollout: who it reaches, how long it bakes, and the gates it must pass."""
 
-    percent: int = pydantic.Field(
+    name: str | None = pydantic.Field(
+        default=None, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", description="A name, e.g. `beta`."
+    )
+    percent: int | None = pydantic.Field(
+        default=None,
         ge=1,
         le=100,
         description="Share of the targeted devices (by stable hash of the device id) that this stage reaches, "
         "1 to 100. Percents must increase from stage to stage and the last stage must be 100.",
+    )
+    count: int | None = pydantic.Field(
+        default=None,
+        ge=1,
+        le=100_000_000,
+        description="Number of targeted devices this stage reaches (instead of a percent); counts must increase.",
+    )
+    cohort: Selector | None = pydantic.Field(
+        default=None,
+        description="An explicit cohort (e.g. beta testers by label, or device ids) this stage always reaches; "
+        "a stage with only a cohort reaches just those devices.",
+    )
+    bake_seconds: int = pydantic.Field(
+        default=0, ge=0, le=MAX_INTERVAL_SECONDS, description="How long the stage runs before it may pass."
+    )
+    gates: list[Gate] = pydantic.Field(
+        default_factory=list, max_length=16, description="Health gates the stage must pass (all of them)."
+    )
+    on_gate_failure: GateFailureAction = pydantic.Field(
+        default=GateFailureAction.PAUSE,
+        description="`Pause` the rollout, or `Rollback` every device to the previous version, when a gate fails.",
     )
 
 
@@ -156,6 +254,13 @@ class Rollout(_Model):
         min_length=1,
         max_length=MAX_STAGES,
         description="Ordered rollout stages; the default is a single stage of 100 percent.",
+    )
+    salt: str | None = pydantic.Field(
+        default=None,
+        min_length=1,
+        max_length=128,
+        description="Salt of the stable cohort hash; defaults to `<namespace>/<name>`, so every task picks its "
+        "own cohorts and one task always picks the same devices.",
     )
 
 
@@ -226,6 +331,8 @@ class Phase(enum.StrEnum):
 
     PENDING = "Pending"
     PROGRESSING = "Progressing"
+    PAUSED = "Paused"
+    ROLLED_BACK = "RolledBack"
     SUCCEEDED = "Succeeded"
     FAILED = "Failed"
     INVALID = "Invalid"
@@ -263,6 +370,96 @@ class AggregateSummary(_Model):
     )
 
 
+class RolloutPhase(enum.StrEnum):
+    """Where the rollout of the current version stands (a state machine: tether.operator.rollout)."""
+
+    PROGRESSING = "Progressing"
+    PAUSED = "Paused"
+    COMPLETED = "Completed"
+    ROLLED_BACK = "RolledBack"
+
+
+class StagePhase(enum.StrEnum):
+    PENDING = "Pending"
+    PROGRESSING = "Progressing"
+    PASSED = "Passed"
+    PROMOTED = "Promoted"
+    FAILED = "Failed"
+
+
+class GateState(enum.StrEnum):
+    PASSED = "Passed"
+    FAILED = "Failed"
+    WAITING = "Waiting"
+
+
+class GateStatus(_Model):
+    """One gate of a stage, as last evaluated."""
+
+    model_config = pydantic.ConfigDict(extra="ignore")
+
+    metric: str = pydantic.Field(description="The gated metric.")
+    min: float | None = pydantic.Field(default=None, description="Lower bound.")
+    max: float | None = pydantic.Field(default=None, description="Upper bound.")
+    value: float | None = pydantic.Field(default=None, description="The metric's value; absent without data.")
+    state: GateState = pydantic.Field(description="`Passed`, `Failed`, or `Waiting` (not enough data yet).")
+
+
+class StageStatus(_Model):
+    """One stage: its state and the counts of the devices it reaches (cumulative over earlier stages)."""
+
+    model_config = pydantic.ConfigDict(extra="ignore")
+
+    name: str = pydantic.Field(description="The stage's name (or `stage-<n>`).")
+    phase: StagePhase = pydantic.Field(default=StagePhase.PENDING, description="Where the stage stands.")
+    started_at: str | None = pydantic.Field(default=None, description="When the stage began (RFC 3339).")
+    completed_at: str | None = pydantic.Field(default=None, description="When it passed, was promoted or failed.")
+    eligible: int = pydantic.Field(default=0, ge=0, description="Targeted devices the stage reaches.")
+    notified: int = pydantic.Field(default=0, ge=0, description="Of those, told about the new version.")
+    installed: int = pydantic.Field(default=0, ge=0, description="Of those, installed the new version.")
+    succeeded: int = pydantic.Field(default=0, ge=0, description="Of those, succeeded.")
+    failed: int = pydantic.Field(default=0, ge=0, description="Of those, failed or refused.")
+    waiting: int = pydantic.Field(
+        default=0, ge=0, description="Installed but waiting for their participation conditions."
+    )
+    success_rate: float | None = pydantic.Field(default=None, description="Succeeded / reporting.")
+    error_rate: float | None = pydantic.Field(default=None, description="Failed / reporting.")
+    p95_latency_seconds: float | None = pydantic.Field(default=None, description="p95 of run durations.")
+    metrics: dict[str, float] = pydantic.Field(default_factory=dict, description="Means of task metrics.")
+    coverage_seconds: dict[str, float] = pydantic.Field(
+        default_factory=dict,
+        description="Seconds from the stage's start until p50/p90/p99 of its eligible devices had installed.",
+    )
+    gates: list[GateStatus] = pydantic.Field(default_factory=list, description="The stage's gates.")
+
+
+class RolloutStatus(_Model):
+    """The rollout of one version: the state machine's state, kept in the CR so a restart resumes it."""
+
+    model_config = pydantic.ConfigDict(extra="ignore")
+
+    phase: RolloutPhase = pydantic.Field(description="Progressing, Paused, Completed or RolledBack.")
+    version: int = pydantic.Field(ge=0, description="The release version being rolled out.")
+    current_stage: int = pydantic.Field(default=0, ge=0, description="Index of the current stage.")
+    stages_hash: str = pydantic.Field(default="", description="Hash of spec.rollout.stages: edits are detected.")
+    stage_started_at: str | None = pydantic.Field(default=None, description="When the current stage's bake began.")
+    reason: str = pydantic.Field(default="", description="Why the rollout is where it is (CamelCase).")
+    message: str = pydantic.Field(default="", description="Human-readable details.")
+    stable_version: int = pydantic.Field(
+        default=0, ge=0, description="The version devices outside the stage keep (0: none, a first release)."
+    )
+    fail_fast: bool = pydantic.Field(
+        default=True, description="Whether a failing gate stops the stage before its bake ends (off after a resume)."
+    )
+    handled: dict[str, str] = pydantic.Field(
+        default_factory=dict, description="The promote/abort/resume annotation values already acted on."
+    )
+    applied_document: str | None = pydantic.Field(
+        default=None, description="The rollout document the controller last accepted."
+    )
+    stages: list[StageStatus] = pydantic.Field(default_factory=list, description="Every stage of the rollout.")
+
+
 class MLTaskStatus(_Model):
     """The observed state of the task, written by the operator only."""
 
@@ -297,6 +494,9 @@ class MLTaskStatus(_Model):
     results: int = pydantic.Field(default=0, ge=0, description="Results uploaded for the current version.")
     aggregate: AggregateSummary | None = pydantic.Field(
         default=None, description="Summary of the latest aggregate, once one exists."
+    )
+    rollout: RolloutStatus | None = pydantic.Field(
+        default=None, description="The staged rollout of the current version: stages, gates and counts."
     )
     conditions: list[Condition] = pydantic.Field(
         default_factory=list,

@@ -18,8 +18,14 @@ The steps run in a fixed order:
 The phase is never stored as a decision of its own: `derive_phase` computes
 it from the conditions, so status and phase cannot disagree.
 
-Staged rollout is a skeleton here: the whole target receives the release at
-once (the controller has no notion of stages yet), so `stage` reads `N/N`.
+Staged rollouts run through `tether.operator.rollout`: after the
+observation is folded in, its state machine moves the rollout (stage passed,
+gate failed, pause, promote, abort, rollback), and the rollout document it
+derives travels with every `ApplyRelease`. A document that differs from the
+one the controller last accepted (`status.rollout.appliedDocument`) asks for
+an apply, so a stage change reaches the controller even after a restart or a
+failed call. When an apply reveals a new version, the rollout restarts at
+stage 0 for it and a follow-up apply carries that decision.
 """
 
 from __future__ import annotations
@@ -32,8 +38,15 @@ from typing import Any, Protocol
 
 from tether.common import errors
 from tether.operator import conditions as cond
-from tether.operator import validate
-from tether.operator.model import AggregateSummary, ConditionStatus, MLTaskSpec, MLTaskStatus, Phase
+from tether.operator import rollout, validate
+from tether.operator.model import (
+    AggregateSummary,
+    ConditionStatus,
+    MLTaskSpec,
+    MLTaskStatus,
+    Phase,
+    RolloutPhase,
+)
 
 # ------------------------------------------------------------------ inputs
 
@@ -45,6 +58,7 @@ class Meta:
     name: str
     namespace: str
     generation: int
+    annotations: Mapping[str, str] = dataclasses.field(default_factory=dict)  # promote / abort / resume requests
 
     @property
     def release(self) -> str:
@@ -96,6 +110,7 @@ class Observation:
     results: int = 0
     aggregate: Mapping[str, Any] | None = None
     aggregate_round: int = 0
+    health: Mapping[str, Any] | None = None  # per-stage health of a staged rollout (ReleaseStatus.health_json)
 
 
 # ------------------------------------------------------------------ actions and outcomes
@@ -112,9 +127,11 @@ class ApplyRelease:
     trigger_json: str
     aggregation_json: str
     paused: bool
+    resources_json: str
+    rollout_json: str = ""  # tether.operator.rollout.document; "" = nothing to stage
 
     @classmethod
-    def from_spec(cls, spec: MLTaskSpec, meta: Meta) -> ApplyRelease:
+    def from_spec(cls, spec: MLTaskSpec, meta: Meta, *, rollout_json: str = "") -> ApplyRelease:
         return cls(
             release=meta.release,
             generation=meta.generation,
@@ -123,6 +140,8 @@ class ApplyRelease:
             trigger_json=_json(release_trigger(spec)),
             aggregation_json=_json(spec.aggregation.to_json()),
             paused=spec.paused,
+            resources_json=_json(release_resources(spec)),
+            rollout_json=rollout_json,
         )
 
 
@@ -175,12 +194,19 @@ TRANSIENT_CODES = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED", "U
 
 def release_target(spec: MLTaskSpec) -> dict[str, Any]:
     """`target_json` as the controller reads it (see docs/internals.md, Releases and delivery)."""
-    return {
+    doc: dict[str, Any] = {
         "matchLabels": dict(sorted(spec.target.match_labels.items())),
         "matchExpressions": [
             {"key": e.key, "operator": str(e.operator), "values": list(e.values)} for e in spec.target.match_expressions
         ],
     }
+    if spec.target.match_versions:
+        doc["matchVersions"] = dict(sorted(spec.target.match_versions.items()))
+    if spec.target.device_ids:
+        doc["deviceIds"] = sorted(spec.target.device_ids)
+    if spec.target.exclude:
+        doc["exclude"] = [rollout.selector_document(s) for s in spec.target.exclude]
+    return doc
 
 
 def release_trigger(spec: MLTaskSpec) -> dict[str, Any]:
@@ -188,7 +214,15 @@ def release_trigger(spec: MLTaskSpec) -> dict[str, Any]:
     doc: dict[str, Any] = {"type": str(spec.trigger.type)}
     if spec.trigger.interval_seconds is not None:
         doc["seconds"] = spec.trigger.interval_seconds
+    conditions = spec.trigger.conditions
+    if conditions is not None and (conditions.charging or conditions.unmetered_network or conditions.idle):
+        doc["conditions"] = {k: v for k, v in conditions.to_json().items() if v}
     return doc
+
+
+def release_resources(spec: MLTaskSpec) -> dict[str, Any]:
+    """`resources_json`: the CRD's camelCase keys (`timeoutSeconds`, `memoryMB`, `cpuSeconds` when set)."""
+    return spec.resources.to_json()
 
 
 def _json(doc: Any) -> str:
@@ -204,14 +238,31 @@ class Decision:
 
     status: MLTaskStatus
     actions: tuple[Action, ...] = ()
+    # What a follow-up apply needs (a new version restarts the rollout): the valid spec and the object.
+    spec: MLTaskSpec | None = dataclasses.field(default=None, compare=False)
+    meta: Meta | None = dataclasses.field(default=None, compare=False)
 
     def with_outcome(self, action: Action, outcome: Outcome, *, now: datetime.datetime) -> Decision:
-        """This decision with `action` done: its outcome folded into the status, the action dropped."""
+        """This decision with `action` done: its outcome folded into the status, the action dropped.
+
+        An accepted apply records the rollout document the controller now holds;
+        when it revealed a new version the rollout restarts at stage 0 for it,
+        and an apply of that decision is appended.
+        """
         remaining = tuple(a for a in self.actions if a != action)
         status = self.status
         if isinstance(action, ApplyRelease):
             status = _fold_apply(status, action, outcome, now=now)
-        return Decision(status=derive(status, now=now), actions=remaining)
+            if isinstance(outcome, Applied) and self.spec is not None and self.meta is not None:
+                status = advance(status, self.spec, self.meta, health=None, now=now)
+                if status.rollout is not None:
+                    status = status.model_copy(
+                        update={"rollout": status.rollout.model_copy(update={"applied_document": action.rollout_json})}
+                    )
+                    desired = rollout.document_json(self.spec, release=self.meta.release, state=status.rollout)
+                    if desired != action.rollout_json and not any(isinstance(a, ApplyRelease) for a in remaining):
+                        remaining = (*remaining, ApplyRelease.from_spec(self.spec, self.meta, rollout_json=desired))
+        return Decision(status=derive(status, now=now), actions=remaining, spec=self.spec, meta=self.meta)
 
 
 def decide(
@@ -236,17 +287,51 @@ def decide(
         )
         return Decision(status=derive(new, now=now))
 
-    total = len(typed.rollout.stages)
     conditions = cond.set_condition(status.conditions, cond.SPEC_VALID, now=now)
     conditions = cond.set_condition(conditions, cond.PAUSED_BY_SPEC if typed.paused else cond.NOT_PAUSED, now=now)
-    new = status.model_copy(update={"conditions": conditions, "stage": f"{total}/{total}"})
+    new = status.model_copy(update={"conditions": conditions})
+    health = None
     if observed is not None and observed.release == meta.release:
         new = observe(new, observed)
+        health = getattr(observed, "health", None)
+    new = advance(new, typed, meta, health=health, now=now)
 
+    desired = rollout.document_json(typed, release=meta.release, state=new.rollout)
+    applied = new.rollout.applied_document if new.rollout is not None else None
     actions: tuple[Action, ...] = ()
-    if status.observed_generation != meta.generation or not cond.is_true(status.conditions, cond.APPLIED):
-        actions = (ApplyRelease.from_spec(typed, meta),)
-    return Decision(status=derive(new, now=now), actions=actions)
+    if (
+        status.observed_generation != meta.generation
+        or not cond.is_true(status.conditions, cond.APPLIED)
+        or (new.rollout is not None and desired != applied)
+    ):
+        actions = (ApplyRelease.from_spec(typed, meta, rollout_json=desired),)
+    return Decision(status=derive(new, now=now), actions=actions, spec=typed, meta=meta)
+
+
+def advance(
+    status: MLTaskStatus,
+    spec: MLTaskSpec,
+    meta: Meta,
+    *,
+    health: Mapping[str, Any] | None,
+    now: datetime.datetime,
+) -> MLTaskStatus:
+    """`status` with the rollout state machine stepped (tether.operator.rollout) and its conditions set."""
+    inputs = rollout.Inputs(
+        spec=spec,
+        release=meta.release,
+        version=status.version,
+        health=health,
+        annotations=meta.annotations,
+        now=now,
+    )
+    state, _ = rollout.step(status.rollout, inputs)
+    total = len(spec.rollout.stages)
+    index = total - 1 if state is None else min(state.current_stage, total - 1)
+    conditions = status.conditions
+    for reason, fields in rollout.condition_updates(state, spec):
+        conditions = cond.set_condition(conditions, reason, now=now, refresh_message=True, **fields)
+    return status.model_copy(update={"rollout": state, "stage": f"{index + 1}/{total}", "conditions": conditions})
 
 
 def decide_delete(*, meta: Meta, status: MLTaskStatus) -> tuple[Action, ...]:
@@ -367,6 +452,14 @@ def derive_phase(status: MLTaskStatus) -> Phase:
         return Phase.PENDING
     if applied.status == ConditionStatus.FALSE:
         return Phase.FAILED if applied.reason in cond.PERMANENT_FAILURES else Phase.PENDING
+    if status.rollout is not None:  # a staged rollout under way decides the phase; a completed one leaves it to devices
+        by_rollout = {
+            RolloutPhase.ROLLED_BACK: Phase.ROLLED_BACK,
+            RolloutPhase.PAUSED: Phase.PAUSED,
+            RolloutPhase.PROGRESSING: Phase.PROGRESSING,
+        }
+        if status.rollout.phase in by_rollout:
+            return by_rollout[status.rollout.phase]
     complete = cond.get(status.conditions, cond.COMPLETE)
     if complete is None or complete.reason == cond.AWAITING_DEVICES.reason:
         return Phase.PENDING
@@ -422,6 +515,14 @@ def transition_events(old: MLTaskStatus, new: MLTaskStatus) -> list[Event]:
         )
         if not moved or type_ == cond.COMPLETE:  # completion shows as a phase change
             continue
+        if type_ in cond.ROLLOUT_TYPES or (type_ == cond.PAUSED and cond.PAUSED_BY_GATE.reason in (after.reason,)):
+            continue  # reported below as rollout events
+        if (
+            before is not None
+            and after.reason == cond.NOT_PAUSED.reason
+            and before.reason == cond.PAUSED_BY_GATE.reason
+        ):
+            continue
         if type_ == cond.APPLIED and after.status == ConditionStatus.TRUE:
             continue  # reported below, with the version
         if before is None and after.reason in (cond.NOT_PAUSED.reason, cond.SPEC_VALID.reason):
@@ -438,10 +539,12 @@ def transition_events(old: MLTaskStatus, new: MLTaskStatus) -> list[Event]:
                 message=f"Release {new.release} is at version {new.version}.",
             )
         )
+    for e in rollout.events(old.rollout, new.rollout):
+        events.append(Event(type=e.type, reason=e.reason, message=e.message))
     if new.phase is not None and new.phase != old.phase:
         events.append(
             Event(
-                type="Warning" if new.phase in (Phase.FAILED, Phase.INVALID) else "Normal",
+                type="Warning" if new.phase in (Phase.FAILED, Phase.INVALID, Phase.ROLLED_BACK) else "Normal",
                 reason=f"Phase{new.phase}",
                 message=f"Phase changed from {old.phase or 'none'} to {new.phase}.",
             )

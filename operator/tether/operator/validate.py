@@ -19,13 +19,19 @@ from typing import Any
 
 import pydantic
 
-from tether.common import errors
+from tether.common import errors, versions
 from tether.operator.model import (
     DIGEST_PATTERN,
+    GATE_METRICS,
+    TASK_METRIC_PREFIX,
+    MatchExpression,
     MLTaskSpec,
+    Selector,
     SelectorOperator,
     TriggerType,
 )
+
+RATE_METRICS = frozenset({"successRate", "errorRate"})
 
 ROOT = "spec"
 
@@ -139,28 +145,131 @@ def _trigger_issues(spec: MLTaskSpec) -> Iterator[Issue]:
 
 
 def _target_issues(spec: MLTaskSpec) -> Iterator[Issue]:
-    for i, expr in enumerate(spec.target.match_expressions):
-        field = f"{ROOT}.target.matchExpressions[{i}].values"
+    target = spec.target
+    yield from _selector_issues(
+        target.match_expressions, target.match_versions, target.device_ids, field=f"{ROOT}.target"
+    )
+    for i, sel in enumerate(target.exclude):
+        where = f"{ROOT}.target.exclude[{i}]"
+        yield from _selector_issues(sel.match_expressions, sel.match_versions, sel.device_ids, field=where)
+        if _empty(sel):
+            yield Issue(where, "an empty selector would exclude every device")
+
+
+def _empty(sel: Selector) -> bool:
+    return not (sel.match_labels or sel.match_expressions or sel.match_versions or sel.device_ids)
+
+
+def _selector_issues(
+    expressions: Sequence[MatchExpression],
+    match_versions: Mapping[str, str],
+    device_ids: Sequence[str],
+    *,
+    field: str,
+) -> Iterator[Issue]:
+    for i, expr in enumerate(expressions):
+        where = f"{field}.matchExpressions[{i}].values"
         if expr.operator in (SelectorOperator.IN, SelectorOperator.NOT_IN):
             if not expr.values:
-                yield Issue(field, f"must list at least one value for operator {expr.operator}")
+                yield Issue(where, f"must list at least one value for operator {expr.operator}")
             elif len(set(expr.values)) != len(expr.values):
-                yield Issue(field, "must not repeat a value")
+                yield Issue(where, "must not repeat a value")
         elif expr.values:
-            yield Issue(field, f"must be empty for operator {expr.operator}")
+            yield Issue(where, f"must be empty for operator {expr.operator}")
+    for key, text in match_versions.items():
+        try:
+            versions.parse_range(text, field=f"{field}.matchVersions.{key}")
+        except errors.InvalidSpec as e:
+            yield Issue(e.field, str(e).removeprefix(f"{e.field}: "))
+    if len(set(device_ids)) != len(device_ids):
+        yield Issue(f"{field}.deviceIds", "must not repeat a device id")
 
 
 def _rollout_issues(spec: MLTaskSpec) -> Iterator[Issue]:
+    """Stages must grow: percents and counts increase, cohort-only stages come first, the last reaches 100 %."""
     stages = spec.rollout.stages
-    for i in range(1, len(stages)):
-        previous, current = stages[i - 1].percent, stages[i].percent
-        if current <= previous:
-            yield Issue(
-                f"{ROOT}.rollout.stages[{i}].percent",
-                f"must be greater than the previous stage's {previous}, got {current}",
+    base = f"{ROOT}.rollout.stages"
+    last_percent: int | None = None
+    last_count: int | None = None
+    sized_seen = False
+    names: dict[str, int] = {}
+    cohorts: dict[str, int] = {}
+    for i, stage in enumerate(stages):
+        where = f"{base}[{i}]"
+        if stage.percent is not None and stage.count is not None:
+            yield Issue(where, "has both percent and count; a stage is sized by one of them")
+        if stage.percent is None and stage.count is None and stage.cohort is None:
+            yield Issue(where, "needs a percent, a count or a cohort")
+        if stage.name is not None:
+            if stage.name in names:
+                yield Issue(f"{where}.name", f"repeats the name of stages[{names[stage.name]}]")
+            names.setdefault(stage.name, i)
+        if stage.cohort is not None:
+            yield from _selector_issues(
+                stage.cohort.match_expressions,
+                stage.cohort.match_versions,
+                stage.cohort.device_ids,
+                field=f"{where}.cohort",
             )
+            if _empty(stage.cohort):
+                yield Issue(f"{where}.cohort", "an empty cohort would select every device")
+            key = stage.cohort.model_dump_json()
+            if key in cohorts and stage.percent is None and stage.count is None:
+                yield Issue(f"{where}.cohort", f"overlaps stages[{cohorts[key]}]: it reaches no new device")
+            cohorts.setdefault(key, i)
+        if stage.percent is not None:
+            if last_percent is not None and stage.percent <= last_percent:
+                yield Issue(
+                    f"{where}.percent",
+                    f"must be greater than the previous stage's {last_percent}, got {stage.percent}",
+                )
+            last_percent = stage.percent
+        if stage.count is not None:
+            if last_count is not None and stage.count <= last_count:
+                yield Issue(
+                    f"{where}.count", f"must be greater than the previous stage's {last_count}, got {stage.count}"
+                )
+            if last_percent is not None:
+                yield Issue(f"{where}.count", f"comes after a percent stage ({last_percent}); sizes must grow")
+            last_count = stage.count
+        if stage.percent is None and stage.count is None and sized_seen and stage.cohort is not None:
+            yield Issue(f"{where}.cohort", "a cohort-only stage must come before the percent and count stages")
+        sized_seen = sized_seen or stage.percent is not None or stage.count is not None
+        yield from _gate_issues(stage.gates, field=f"{where}.gates")
     if stages and stages[-1].percent != 100:
         yield Issue(
-            f"{ROOT}.rollout.stages[{len(stages) - 1}].percent",
+            f"{base}[{len(stages) - 1}].percent",
             f"the last stage must reach 100 percent, got {stages[-1].percent}",
         )
+
+
+def _gate_issues(gates: Sequence[Any], *, field: str) -> Iterator[Issue]:
+    seen: set[str] = set()
+    for j, gate in enumerate(gates):
+        where = f"{field}[{j}]"
+        metric = gate.metric
+        task_metric = metric.startswith(TASK_METRIC_PREFIX) and len(metric) > len(TASK_METRIC_PREFIX)
+        if metric not in GATE_METRICS and not task_metric:
+            yield Issue(
+                f"{where}.metric",
+                f"{metric!r} is not a known metric; use one of {', '.join(GATE_METRICS)} "
+                f"or {TASK_METRIC_PREFIX}<name> for a metric the task reports",
+            )
+            continue
+        if metric in seen:
+            yield Issue(f"{where}.metric", f"{metric!r} is gated twice in this stage")
+        seen.add(metric)
+        if gate.min is None and gate.max is None:
+            yield Issue(where, "needs a min and/or a max")
+        if gate.min is not None and gate.max is not None and gate.min > gate.max:
+            yield Issue(where, f"min {gate.min} is greater than max {gate.max}: the gate can never pass")
+        for bound in ("min", "max"):
+            value = getattr(gate, bound)
+            if value is None:
+                continue
+            if metric in RATE_METRICS and not 0 <= value <= 1:
+                yield Issue(f"{where}.{bound}", f"{metric} is a rate between 0 and 1, got {value}")
+            elif metric in ("devicesReporting", "p95LatencySeconds") and value < 0:
+                yield Issue(f"{where}.{bound}", f"must be at least 0, got {value}")
+        if metric == "devicesReporting" and gate.max is not None:
+            yield Issue(f"{where}.max", "devicesReporting takes a min only")

@@ -54,22 +54,42 @@ class EnrollRequest(_message.Message):
     def __init__(self, bootstrap_token: _Optional[str] = ..., device: _Optional[_Union[DeviceInfo, _Mapping]] = ...) -> None: ...
 
 class EnrollResponse(_message.Message):
-    __slots__ = ("device_id", "credential")
+    __slots__ = ("device_id", "credential", "expires_at")
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     CREDENTIAL_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     credential: str
-    def __init__(self, device_id: _Optional[str] = ..., credential: _Optional[str] = ...) -> None: ...
+    expires_at: int
+    def __init__(self, device_id: _Optional[str] = ..., credential: _Optional[str] = ..., expires_at: _Optional[int] = ...) -> None: ...
+
+class RenewCredentialRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class RenewCredentialResponse(_message.Message):
+    __slots__ = ("credential", "expires_at")
+    CREDENTIAL_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    credential: str
+    expires_at: int
+    def __init__(self, credential: _Optional[str] = ..., expires_at: _Optional[int] = ...) -> None: ...
 
 class DesiredTask(_message.Message):
-    __slots__ = ("release", "version", "manifest_digest")
+    __slots__ = ("release", "version", "manifest_digest", "trigger_json", "resources_json", "rollback")
     RELEASE_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    TRIGGER_JSON_FIELD_NUMBER: _ClassVar[int]
+    RESOURCES_JSON_FIELD_NUMBER: _ClassVar[int]
+    ROLLBACK_FIELD_NUMBER: _ClassVar[int]
     release: str
     version: int
     manifest_digest: str
-    def __init__(self, release: _Optional[str] = ..., version: _Optional[int] = ..., manifest_digest: _Optional[str] = ...) -> None: ...
+    trigger_json: str
+    resources_json: str
+    rollback: bool
+    def __init__(self, release: _Optional[str] = ..., version: _Optional[int] = ..., manifest_digest: _Optional[str] = ..., trigger_json: _Optional[str] = ..., resources_json: _Optional[str] = ..., rollback: _Optional[bool] = ...) -> None: ...
 
 class SubscribeRequest(_message.Message):
     __slots__ = ("installed",)
@@ -84,10 +104,12 @@ class Sync(_message.Message):
     def __init__(self, desired: _Optional[_Iterable[_Union[DesiredTask, _Mapping]]] = ...) -> None: ...
 
 class Notify(_message.Message):
-    __slots__ = ("task",)
+    __slots__ = ("task", "sent_at_ms")
     TASK_FIELD_NUMBER: _ClassVar[int]
+    SENT_AT_MS_FIELD_NUMBER: _ClassVar[int]
     task: DesiredTask
-    def __init__(self, task: _Optional[_Union[DesiredTask, _Mapping]] = ...) -> None: ...
+    sent_at_ms: int
+    def __init__(self, task: _Optional[_Union[DesiredTask, _Mapping]] = ..., sent_at_ms: _Optional[int] = ...) -> None: ...
 
 class Revoke(_message.Message):
     __slots__ = ("release",)
@@ -101,17 +123,31 @@ class Heartbeat(_message.Message):
     server_time_ms: int
     def __init__(self, server_time_ms: _Optional[int] = ...) -> None: ...
 
+class RunNow(_message.Message):
+    __slots__ = ("release", "version", "request_id", "payload_json")
+    RELEASE_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_JSON_FIELD_NUMBER: _ClassVar[int]
+    release: str
+    version: int
+    request_id: str
+    payload_json: str
+    def __init__(self, release: _Optional[str] = ..., version: _Optional[int] = ..., request_id: _Optional[str] = ..., payload_json: _Optional[str] = ...) -> None: ...
+
 class ServerEvent(_message.Message):
-    __slots__ = ("sync", "notify", "revoke", "heartbeat")
+    __slots__ = ("sync", "notify", "revoke", "heartbeat", "run")
     SYNC_FIELD_NUMBER: _ClassVar[int]
     NOTIFY_FIELD_NUMBER: _ClassVar[int]
     REVOKE_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
+    RUN_FIELD_NUMBER: _ClassVar[int]
     sync: Sync
     notify: Notify
     revoke: Revoke
     heartbeat: Heartbeat
-    def __init__(self, sync: _Optional[_Union[Sync, _Mapping]] = ..., notify: _Optional[_Union[Notify, _Mapping]] = ..., revoke: _Optional[_Union[Revoke, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ...) -> None: ...
+    run: RunNow
+    def __init__(self, sync: _Optional[_Union[Sync, _Mapping]] = ..., notify: _Optional[_Union[Notify, _Mapping]] = ..., revoke: _Optional[_Union[Revoke, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., run: _Optional[_Union[RunNow, _Mapping]] = ...) -> None: ...
 
 class GetManifestRequest(_message.Message):
     __slots__ = ("release", "manifest_digest")
@@ -122,14 +158,23 @@ class GetManifestRequest(_message.Message):
     def __init__(self, release: _Optional[str] = ..., manifest_digest: _Optional[str] = ...) -> None: ...
 
 class GetManifestResponse(_message.Message):
-    __slots__ = ("manifest", "signature", "key_id")
+    __slots__ = ("manifest", "signature", "key_id", "blob_urls")
+    class BlobUrlsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     MANIFEST_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    BLOB_URLS_FIELD_NUMBER: _ClassVar[int]
     manifest: bytes
     signature: bytes
     key_id: str
-    def __init__(self, manifest: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., key_id: _Optional[str] = ...) -> None: ...
+    blob_urls: _containers.ScalarMap[str, str]
+    def __init__(self, manifest: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., key_id: _Optional[str] = ..., blob_urls: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class PullBlobRequest(_message.Message):
     __slots__ = ("release", "digest", "offset")
@@ -152,16 +197,25 @@ class BlobChunk(_message.Message):
     def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ..., total_size: _Optional[int] = ...) -> None: ...
 
 class ReportStatusRequest(_message.Message):
-    __slots__ = ("release", "version", "state", "message")
+    __slots__ = ("release", "version", "state", "message", "device_state")
+    class DeviceStateEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     RELEASE_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_STATE_FIELD_NUMBER: _ClassVar[int]
     release: str
     version: int
     state: DeliveryState
     message: str
-    def __init__(self, release: _Optional[str] = ..., version: _Optional[int] = ..., state: _Optional[_Union[DeliveryState, str]] = ..., message: _Optional[str] = ...) -> None: ...
+    device_state: _containers.ScalarMap[str, str]
+    def __init__(self, release: _Optional[str] = ..., version: _Optional[int] = ..., state: _Optional[_Union[DeliveryState, str]] = ..., message: _Optional[str] = ..., device_state: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class ReportStatusResponse(_message.Message):
     __slots__ = ()
@@ -217,6 +271,38 @@ class UploadResultResponse(_message.Message):
     duplicate: bool
     def __init__(self, duplicate: _Optional[bool] = ...) -> None: ...
 
+class GetDesiredRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class BackendChoice(_message.Message):
+    __slots__ = ("model_key", "candidate", "latency_ms", "release", "model")
+    MODEL_KEY_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_MS_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model_key: str
+    candidate: str
+    latency_ms: float
+    release: str
+    model: str
+    def __init__(self, model_key: _Optional[str] = ..., candidate: _Optional[str] = ..., latency_ms: _Optional[float] = ..., release: _Optional[str] = ..., model: _Optional[str] = ...) -> None: ...
+
+class ReportBackendsRequest(_message.Message):
+    __slots__ = ("choices", "fingerprint", "backends")
+    CHOICES_FIELD_NUMBER: _ClassVar[int]
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    BACKENDS_FIELD_NUMBER: _ClassVar[int]
+    choices: _containers.RepeatedCompositeFieldContainer[BackendChoice]
+    fingerprint: str
+    backends: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, choices: _Optional[_Iterable[_Union[BackendChoice, _Mapping]]] = ..., fingerprint: _Optional[str] = ..., backends: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ReportBackendsResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class MissingBlobsRequest(_message.Message):
     __slots__ = ("digests",)
     DIGESTS_FIELD_NUMBER: _ClassVar[int]
@@ -262,7 +348,7 @@ class PutManifestResponse(_message.Message):
     def __init__(self, digest: _Optional[str] = ...) -> None: ...
 
 class ReleaseSpec(_message.Message):
-    __slots__ = ("release", "generation", "manifest_digest", "target_json", "trigger_json", "aggregation_json", "paused")
+    __slots__ = ("release", "generation", "manifest_digest", "target_json", "trigger_json", "aggregation_json", "paused", "resources_json", "rollout_json")
     RELEASE_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_DIGEST_FIELD_NUMBER: _ClassVar[int]
@@ -270,6 +356,8 @@ class ReleaseSpec(_message.Message):
     TRIGGER_JSON_FIELD_NUMBER: _ClassVar[int]
     AGGREGATION_JSON_FIELD_NUMBER: _ClassVar[int]
     PAUSED_FIELD_NUMBER: _ClassVar[int]
+    RESOURCES_JSON_FIELD_NUMBER: _ClassVar[int]
+    ROLLOUT_JSON_FIELD_NUMBER: _ClassVar[int]
     release: str
     generation: int
     manifest_digest: str
@@ -277,7 +365,9 @@ class ReleaseSpec(_message.Message):
     trigger_json: str
     aggregation_json: str
     paused: bool
-    def __init__(self, release: _Optional[str] = ..., generation: _Optional[int] = ..., manifest_digest: _Optional[str] = ..., target_json: _Optional[str] = ..., trigger_json: _Optional[str] = ..., aggregation_json: _Optional[str] = ..., paused: _Optional[bool] = ...) -> None: ...
+    resources_json: str
+    rollout_json: str
+    def __init__(self, release: _Optional[str] = ..., generation: _Optional[int] = ..., manifest_digest: _Optional[str] = ..., target_json: _Optional[str] = ..., trigger_json: _Optional[str] = ..., aggregation_json: _Optional[str] = ..., paused: _Optional[bool] = ..., resources_json: _Optional[str] = ..., rollout_json: _Optional[str] = ...) -> None: ...
 
 class ApplyReleaseRequest(_message.Message):
     __slots__ = ("spec",)
@@ -314,7 +404,7 @@ class GetReleaseStatusRequest(_message.Message):
     def __init__(self, release: _Optional[str] = ...) -> None: ...
 
 class ReleaseStatus(_message.Message):
-    __slots__ = ("release", "version", "manifest_digest", "targeted", "notified", "installed", "succeeded", "failed", "refused", "results", "aggregate_json", "aggregate_round", "connected_devices")
+    __slots__ = ("release", "version", "manifest_digest", "targeted", "notified", "installed", "succeeded", "failed", "refused", "results", "aggregate_json", "aggregate_round", "connected_devices", "health_json")
     RELEASE_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_DIGEST_FIELD_NUMBER: _ClassVar[int]
@@ -328,6 +418,7 @@ class ReleaseStatus(_message.Message):
     AGGREGATE_JSON_FIELD_NUMBER: _ClassVar[int]
     AGGREGATE_ROUND_FIELD_NUMBER: _ClassVar[int]
     CONNECTED_DEVICES_FIELD_NUMBER: _ClassVar[int]
+    HEALTH_JSON_FIELD_NUMBER: _ClassVar[int]
     release: str
     version: int
     manifest_digest: str
@@ -341,14 +432,89 @@ class ReleaseStatus(_message.Message):
     aggregate_json: str
     aggregate_round: int
     connected_devices: int
-    def __init__(self, release: _Optional[str] = ..., version: _Optional[int] = ..., manifest_digest: _Optional[str] = ..., targeted: _Optional[int] = ..., notified: _Optional[int] = ..., installed: _Optional[int] = ..., succeeded: _Optional[int] = ..., failed: _Optional[int] = ..., refused: _Optional[int] = ..., results: _Optional[int] = ..., aggregate_json: _Optional[str] = ..., aggregate_round: _Optional[int] = ..., connected_devices: _Optional[int] = ...) -> None: ...
+    health_json: str
+    def __init__(self, release: _Optional[str] = ..., version: _Optional[int] = ..., manifest_digest: _Optional[str] = ..., targeted: _Optional[int] = ..., notified: _Optional[int] = ..., installed: _Optional[int] = ..., succeeded: _Optional[int] = ..., failed: _Optional[int] = ..., refused: _Optional[int] = ..., results: _Optional[int] = ..., aggregate_json: _Optional[str] = ..., aggregate_round: _Optional[int] = ..., connected_devices: _Optional[int] = ..., health_json: _Optional[str] = ...) -> None: ...
 
 class ListReleasesRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class RevokeDeviceRequest(_message.Message):
+    __slots__ = ("device_id",)
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    def __init__(self, device_id: _Optional[str] = ...) -> None: ...
+
+class RevokeDeviceResponse(_message.Message):
+    __slots__ = ("revoked", "disconnected")
+    REVOKED_FIELD_NUMBER: _ClassVar[int]
+    DISCONNECTED_FIELD_NUMBER: _ClassVar[int]
+    revoked: bool
+    disconnected: bool
+    def __init__(self, revoked: _Optional[bool] = ..., disconnected: _Optional[bool] = ...) -> None: ...
+
+class TriggerRunRequest(_message.Message):
+    __slots__ = ("release", "payload_json", "request_id")
+    RELEASE_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_JSON_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    release: str
+    payload_json: str
+    request_id: str
+    def __init__(self, release: _Optional[str] = ..., payload_json: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class TriggerRunResponse(_message.Message):
+    __slots__ = ("request_id", "version", "devices")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    DEVICES_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    version: int
+    devices: int
+    def __init__(self, request_id: _Optional[str] = ..., version: _Optional[int] = ..., devices: _Optional[int] = ...) -> None: ...
 
 class ListReleasesResponse(_message.Message):
     __slots__ = ("releases",)
     RELEASES_FIELD_NUMBER: _ClassVar[int]
     releases: _containers.RepeatedCompositeFieldContainer[ReleaseStatus]
     def __init__(self, releases: _Optional[_Iterable[_Union[ReleaseStatus, _Mapping]]] = ...) -> None: ...
+
+class GetServerStatsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class RpcStats(_message.Message):
+    __slots__ = ("method", "calls", "request_messages", "request_bytes", "response_messages", "response_bytes")
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    CALLS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    method: str
+    calls: int
+    request_messages: int
+    request_bytes: int
+    response_messages: int
+    response_bytes: int
+    def __init__(self, method: _Optional[str] = ..., calls: _Optional[int] = ..., request_messages: _Optional[int] = ..., request_bytes: _Optional[int] = ..., response_messages: _Optional[int] = ..., response_bytes: _Optional[int] = ...) -> None: ...
+
+class ServerStats(_message.Message):
+    __slots__ = ("replica_id", "connected_devices", "rss_bytes", "cpu_seconds", "open_fds", "rpcs", "remote_changes", "dropped_slow_devices")
+    REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
+    CONNECTED_DEVICES_FIELD_NUMBER: _ClassVar[int]
+    RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CPU_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    OPEN_FDS_FIELD_NUMBER: _ClassVar[int]
+    RPCS_FIELD_NUMBER: _ClassVar[int]
+    REMOTE_CHANGES_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_SLOW_DEVICES_FIELD_NUMBER: _ClassVar[int]
+    replica_id: str
+    connected_devices: int
+    rss_bytes: int
+    cpu_seconds: float
+    open_fds: int
+    rpcs: _containers.RepeatedCompositeFieldContainer[RpcStats]
+    remote_changes: int
+    dropped_slow_devices: int
+    def __init__(self, replica_id: _Optional[str] = ..., connected_devices: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., cpu_seconds: _Optional[float] = ..., open_fds: _Optional[int] = ..., rpcs: _Optional[_Iterable[_Union[RpcStats, _Mapping]]] = ..., remote_changes: _Optional[int] = ..., dropped_slow_devices: _Optional[int] = ...) -> None: ...

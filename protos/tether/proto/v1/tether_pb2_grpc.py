@@ -64,6 +64,21 @@ class DeviceServiceStub:
                 request_serializer=tether_dot_proto_dot_v1_dot_tether__pb2.UploadResultRequest.SerializeToString,
                 response_deserializer=tether_dot_proto_dot_v1_dot_tether__pb2.UploadResultResponse.FromString,
                 _registered_method=True)
+        self.GetDesired = channel.unary_unary(
+                '/tether.v1.DeviceService/GetDesired',
+                request_serializer=tether_dot_proto_dot_v1_dot_tether__pb2.GetDesiredRequest.SerializeToString,
+                response_deserializer=tether_dot_proto_dot_v1_dot_tether__pb2.Sync.FromString,
+                _registered_method=True)
+        self.RenewCredential = channel.unary_unary(
+                '/tether.v1.DeviceService/RenewCredential',
+                request_serializer=tether_dot_proto_dot_v1_dot_tether__pb2.RenewCredentialRequest.SerializeToString,
+                response_deserializer=tether_dot_proto_dot_v1_dot_tether__pb2.RenewCredentialResponse.FromString,
+                _registered_method=True)
+        self.ReportBackends = channel.unary_unary(
+                '/tether.v1.DeviceService/ReportBackends',
+                request_serializer=tether_dot_proto_dot_v1_dot_tether__pb2.ReportBackendsRequest.SerializeToString,
+                response_deserializer=tether_dot_proto_dot_v1_dot_tether__pb2.ReportBackendsResponse.FromString,
+                _registered_method=True)
 
 
 class DeviceServiceServicer:
@@ -105,6 +120,27 @@ class DeviceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetDesired(self, request, context):
+        """The device's desired state, as the Sync that opens Subscribe: for devices
+        that cannot hold a stream, and the polling baseline of `tether bench fleet`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RenewCredential(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReportBackends(self, request, context):
+        """Backend selection results; stored on the device (targeting: tether.io/selected-backend).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DeviceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -137,6 +173,21 @@ def add_DeviceServiceServicer_to_server(servicer, server):
                     servicer.UploadResult,
                     request_deserializer=tether_dot_proto_dot_v1_dot_tether__pb2.UploadResultRequest.FromString,
                     response_serializer=tether_dot_proto_dot_v1_dot_tether__pb2.UploadResultResponse.SerializeToString,
+            ),
+            'GetDesired': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDesired,
+                    request_deserializer=tether_dot_proto_dot_v1_dot_tether__pb2.GetDesiredRequest.FromString,
+                    response_serializer=tether_dot_proto_dot_v1_dot_tether__pb2.Sync.SerializeToString,
+            ),
+            'RenewCredential': grpc.unary_unary_rpc_method_handler(
+                    servicer.RenewCredential,
+                    request_deserializer=tether_dot_proto_dot_v1_dot_tether__pb2.RenewCredentialRequest.FromString,
+                    response_serializer=tether_dot_proto_dot_v1_dot_tether__pb2.RenewCredentialResponse.SerializeToString,
+            ),
+            'ReportBackends': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportBackends,
+                    request_deserializer=tether_dot_proto_dot_v1_dot_tether__pb2.ReportBackendsRequest.FromString,
+                    response_serializer=tether_dot_proto_dot_v1_dot_tether__pb2.ReportBackendsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -311,6 +362,87 @@ class DeviceService:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def GetDesired(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tether.v1.DeviceService/GetDesired',
+            tether_dot_proto_dot_v1_dot_tether__pb2.GetDesiredRequest.SerializeToString,
+            tether_dot_proto_dot_v1_dot_tether__pb2.Sync.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RenewCredential(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tether.v1.DeviceService/RenewCredential',
+            tether_dot_proto_dot_v1_dot_tether__pb2.RenewCredentialRequest.SerializeToString,
+            tether_dot_proto_dot_v1_dot_tether__pb2.RenewCredentialResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportBackends(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tether.v1.DeviceService/ReportBackends',
+            tether_dot_proto_dot_v1_dot_tether__pb2.ReportBackendsRequest.SerializeToString,
+            tether_dot_proto_dot_v1_dot_tether__pb2.ReportBackendsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class AdminServiceStub:
     """Missing associated documentation comment in .proto file."""
@@ -355,6 +487,16 @@ class AdminServiceStub:
                 '/tether.v1.AdminService/ListReleases',
                 request_serializer=tether_dot_proto_dot_v1_dot_tether__pb2.ListReleasesRequest.SerializeToString,
                 response_deserializer=tether_dot_proto_dot_v1_dot_tether__pb2.ListReleasesResponse.FromString,
+                _registered_method=True)
+        self.RevokeDevice = channel.unary_unary(
+                '/tether.v1.AdminService/RevokeDevice',
+                request_serializer=tether_dot_proto_dot_v1_dot_tether__pb2.RevokeDeviceRequest.SerializeToString,
+                response_deserializer=tether_dot_proto_dot_v1_dot_tether__pb2.RevokeDeviceResponse.FromString,
+                _registered_method=True)
+        self.TriggerRun = channel.unary_unary(
+                '/tether.v1.AdminService/TriggerRun',
+                request_serializer=tether_dot_proto_dot_v1_dot_tether__pb2.TriggerRunRequest.SerializeToString,
+                response_deserializer=tether_dot_proto_dot_v1_dot_tether__pb2.TriggerRunResponse.FromString,
                 _registered_method=True)
 
 
@@ -403,6 +545,18 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RevokeDevice(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TriggerRun(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -440,6 +594,16 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.ListReleases,
                     request_deserializer=tether_dot_proto_dot_v1_dot_tether__pb2.ListReleasesRequest.FromString,
                     response_serializer=tether_dot_proto_dot_v1_dot_tether__pb2.ListReleasesResponse.SerializeToString,
+            ),
+            'RevokeDevice': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeDevice,
+                    request_deserializer=tether_dot_proto_dot_v1_dot_tether__pb2.RevokeDeviceRequest.FromString,
+                    response_serializer=tether_dot_proto_dot_v1_dot_tether__pb2.RevokeDeviceResponse.SerializeToString,
+            ),
+            'TriggerRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.TriggerRun,
+                    request_deserializer=tether_dot_proto_dot_v1_dot_tether__pb2.TriggerRunRequest.FromString,
+                    response_serializer=tether_dot_proto_dot_v1_dot_tether__pb2.TriggerRunResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -631,6 +795,132 @@ class AdminService:
             '/tether.v1.AdminService/ListReleases',
             tether_dot_proto_dot_v1_dot_tether__pb2.ListReleasesRequest.SerializeToString,
             tether_dot_proto_dot_v1_dot_tether__pb2.ListReleasesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeDevice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tether.v1.AdminService/RevokeDevice',
+            tether_dot_proto_dot_v1_dot_tether__pb2.RevokeDeviceRequest.SerializeToString,
+            tether_dot_proto_dot_v1_dot_tether__pb2.RevokeDeviceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TriggerRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tether.v1.AdminService/TriggerRun',
+            tether_dot_proto_dot_v1_dot_tether__pb2.TriggerRunRequest.SerializeToString,
+            tether_dot_proto_dot_v1_dot_tether__pb2.TriggerRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class StatsServiceStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.GetServerStats = channel.unary_unary(
+                '/tether.v1.StatsService/GetServerStats',
+                request_serializer=tether_dot_proto_dot_v1_dot_tether__pb2.GetServerStatsRequest.SerializeToString,
+                response_deserializer=tether_dot_proto_dot_v1_dot_tether__pb2.ServerStats.FromString,
+                _registered_method=True)
+
+
+class StatsServiceServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def GetServerStats(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_StatsServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'GetServerStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetServerStats,
+                    request_deserializer=tether_dot_proto_dot_v1_dot_tether__pb2.GetServerStatsRequest.FromString,
+                    response_serializer=tether_dot_proto_dot_v1_dot_tether__pb2.ServerStats.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'tether.v1.StatsService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('tether.v1.StatsService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class StatsService:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def GetServerStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tether.v1.StatsService/GetServerStats',
+            tether_dot_proto_dot_v1_dot_tether__pb2.GetServerStatsRequest.SerializeToString,
+            tether_dot_proto_dot_v1_dot_tether__pb2.ServerStats.FromString,
             options,
             channel_credentials,
             insecure,

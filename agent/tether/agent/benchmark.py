@@ -1,0 +1,447 @@
+"""`tether bench runtime`: backend selection and the agent's inference overhead, on real models.
+
+For each model (an MLP, a small CNN, EfficientNet-Lite0; `bench/models/`,
+built by `bench/models/build.py`, committed as .onnx + .mnn):
+
+1. Selection as the agent runs it: `backends.select_in_child` (a child
+   process, cost-model pruning, measuring within `--budget`) →
+   `chosen`, `selection_seconds` (wall time, process start included).
+2. Ground truth in the same run: every candidate the structural rules allow
+   (pruned ones included), measured round-robin for `--truth-seconds` →
+   the latency of every candidate, `best`, and `chosen_over_best` =
+   truth[chosen] / truth[best] (goal ≤ 1.05).
+3. `agent_over_raw`: the agent's real task path (a worker child started by
+   `runtime.run_task`, the chosen candidate loaded by the worker, an
+   entrypoint calling `ctx.model.run` K times and timing each call) against
+   the engine called directly (MNN's Interpreter/Session API, or an ONNX
+   Runtime session) in a child process with the same environment, on the same
+   input, timed the same way. The ratio of the per-inference medians (goal ≤
+   1.05), taken over `--trials` alternating pairs. The end-to-end ratio
+   (process start and model load included) is reported beside it.
+
+Writes JSON to --out; prints a table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import pathlib
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import click
+import numpy as np
+
+from tether.agent import backends, selection
+from tether.agent import profile as profile_mod
+from tether.agent import runtime as runtime_mod
+from tether.common import manifest
+
+MODELS = ("mlp", "cnn", "efficientnet_lite0")
+GOAL = 1.05
+
+TASK_SOURCE = '''"""Benchmark task: K timed inferences through ctx.model (the agent's task path)."""
+import time
+
+import numpy as np
+
+
+def run(ctx):
+    with np.load(f"{ctx.data_dir}/inputs.npz", allow_pickle=False) as npz:
+        inputs = {k: npz[k] for k in npz.files}
+    k, warmup = int(ctx.state["k"]), int(ctx.state["warmup"])
+    model = ctx.model
+    for _ in range(warmup):
+        model.run(inputs)
+    times = []
+    for _ in range(k):
+        t0 = time.perf_counter()
+        model.run(inputs)
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return {
+        "sample_count": k,
+        "metrics": {"median_ms": times[k // 2] * 1e3, "mean_ms": sum(times) / k * 1e3},
+        "counts": {"k": k},
+    }
+'''
+
+RAW_SOURCE = """
+import json, sys, time
+import numpy as np
+
+job = json.load(open(sys.argv[1]))
+with np.load(job["inputs"], allow_pickle=False) as npz:
+    inputs = {k: npz[k] for k in npz.files}
+k, warmup, threads = job["k"], job["warmup"], job["threads"]
+if job["engine"] == "mnn":
+    import MNN
+
+    interp = MNN.Interpreter(job["model"])
+    session = interp.createSession({"backend": job["backend"].upper(), "numThread": threads,
+                                    "precision": job["precision"]})
+    tensors = {n: interp.getSessionInput(session, n) for n in inputs}
+    for n, a in inputs.items():
+        interp.resizeTensor(tensors[n], a.shape)
+    interp.resizeSession(session)
+    # The best direct use: output tensors and their host copies prepared once, as the agent's wrapper does.
+    outs = []
+    for n in interp.getSessionOutputAll(session):
+        o = interp.getSessionOutput(session, n)
+        outs.append((n, o, MNN.Tensor(o.getShape(), MNN.Halide_Type_Float, np.zeros(o.getShape(), np.float32),
+                                      MNN.Tensor_DimensionType_Caffe)))
+
+    def once():
+        for n, a in inputs.items():
+            tensors[n].copyFrom(MNN.Tensor(a.shape, MNN.Halide_Type_Float, a, MNN.Tensor_DimensionType_Caffe))
+        interp.runSession(session)
+        out = {}
+        for n, o, host in outs:
+            o.copyToHostTensor(host)
+            out[n] = np.array(host.getNumpyData(), copy=True)
+        return out
+else:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    provider = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}[job["backend"]]
+    sess = ort.InferenceSession(job["model"], sess_options=options, providers=[provider, "CPUExecutionProvider"])
+
+    def once():
+        return sess.run(None, inputs)
+
+for _ in range(warmup):
+    once()
+times = []
+for _ in range(k):
+    t0 = time.perf_counter()
+    once()
+    times.append(time.perf_counter() - t0)
+times.sort()
+print(json.dumps({"median_ms": times[k // 2] * 1e3}))
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchModel:
+    name: str
+    spec: backends.ModelSpec
+    dir: pathlib.Path
+
+
+def load_models(models_dir: pathlib.Path, names: list[str]) -> list[BenchModel]:
+    index = json.loads((models_dir / "models.json").read_text())
+    out = []
+    for name in names:
+        info = index[name]
+        root = models_dir.resolve()
+        files = {"mnn": root / info["mnn"]["file"], "onnxruntime": root / info["onnx"]["file"]}
+        spec = backends.ModelSpec(
+            name=f"{name}.mnn",
+            files={e: str(p) for e, p in files.items()},
+            digests={"mnn": info["mnn"]["sha256"], "onnxruntime": info["onnx"]["sha256"]},
+            relpaths={"mnn": f"{name}.mnn", "onnxruntime": f"{name}.onnx"},
+            inputs={k: tuple(v) for k, v in info["inputs"].items()},
+        )
+        out.append(BenchModel(name, spec, models_dir))
+    return out
+
+
+def ground_truth(
+    spec: backends.ModelSpec, device: selection.Device, *, seconds: float, rounds: int = 5
+) -> dict[str, float | None]:
+    """Every structurally allowed candidate, measured round-robin (drift hits all alike); key -> median ms."""
+    stats = selection.ModelStats(engines=frozenset(spec.files))
+    candidates = selection.enumerate_candidates(engines=spec.files, device=device)
+    allowed, _ = selection.prune(candidates, model=stats, device=device, slack=float("inf"), max_measured=10**6)
+    loaded: dict[str, tuple[Any, dict[str, np.ndarray]]] = {}
+    samples: dict[str, list[float]] = {}
+    result: dict[str, float | None] = {}
+    for c, _ in allowed:
+        try:
+            model = backends.load(c, spec.files[c.engine])
+            if hasattr(model, "resize"):
+                model.resize(spec.inputs)
+            inputs = backends.input_arrays(model, spec.inputs)
+            for _ in range(3):
+                model.run(inputs)
+            loaded[c.key] = (model, inputs)
+            samples[c.key] = []
+        except Exception:
+            result[c.key] = None
+    per_slot = seconds / max(1, len(loaded) * rounds)
+    for _ in range(rounds):
+        for key, (model, inputs) in loaded.items():
+            deadline = time.perf_counter() + per_slot
+            n = 0
+            while n < 5 or time.perf_counter() < deadline:
+                t0 = time.perf_counter()
+                model.run(inputs)
+                samples[key].append(time.perf_counter() - t0)
+                n += 1
+    for key, values in samples.items():
+        result[key] = selection.median_ms(values)
+    return result
+
+
+def _worker_env(threads: int) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        {
+            "OMP_NUM_THREADS": str(threads),
+            "OPENBLAS_NUM_THREADS": str(threads),
+            "MKL_NUM_THREADS": str(threads),
+            "MALLOC_ARENA_MAX": "2",
+            "PYTHONDONTWRITEBYTECODE": "1",
+            "PYTHONNOUSERSITE": "1",
+        }
+    )
+    return env
+
+
+def agent_vs_raw(
+    m: BenchModel, chosen: selection.Candidate, *, k: int, warmup: int, trials: int, work: pathlib.Path
+) -> dict[str, Any]:
+    """Per-inference medians through the agent's worker and through the raw engine, alternating."""
+    bundle_dir, data_dir = work / "bundle", work / "data"
+    bundle_dir.mkdir(parents=True, exist_ok=True)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    rel = m.spec.relpaths[chosen.engine]
+    model_path = bundle_dir / rel
+    model_path.write_bytes(pathlib.Path(m.spec.files[chosen.engine]).read_bytes())
+    (bundle_dir / "task.py").write_text(TASK_SOURCE)
+    inputs = {n: np.random.default_rng(0).standard_normal(s).astype(np.float32) for n, s in m.spec.inputs.items()}
+    np.savez(data_dir / "inputs.npz", **inputs)
+    bundle = manifest.hash_directory(
+        bundle_dir,
+        name="bench-runtime",
+        entrypoint="task.py",
+        engines=[manifest.EngineNeeds(chosen.engine, rel, dict(m.spec.inputs))],
+    )
+    job = work / "raw.json"
+    job.write_text(
+        json.dumps(
+            {
+                "engine": chosen.engine,
+                "backend": chosen.backend,
+                "threads": chosen.threads,
+                "precision": chosen.precision,
+                "model": str(model_path),
+                "inputs": str(data_dir / "inputs.npz"),
+                "k": k,
+                "warmup": warmup,
+            }
+        )
+    )
+    limits = runtime_mod.TaskLimits(timeout_s=600, memory_mb=8192)
+    agent_ms, raw_ms, agent_wall, raw_wall = [], [], [], []
+    for _ in range(trials):
+        t0 = time.perf_counter()
+        outcome = asyncio.run(
+            runtime_mod.run_task(
+                bundle_dir=bundle_dir,
+                bundle=bundle,
+                data_dir=data_dir,
+                state={"k": k, "warmup": warmup},
+                limits=limits,
+                threads=chosen.threads,
+                work_dir=work,
+                selection={rel: {"candidate": chosen.key, "model": rel}},
+            )
+        )
+        agent_wall.append(time.perf_counter() - t0)
+        if outcome.backend != chosen.backend_name:
+            raise RuntimeError(f"the worker ran {outcome.backend}, not {chosen.backend_name}")
+        agent_ms.append(float(outcome.result.metrics["median_ms"]))
+        t0 = time.perf_counter()
+        proc = subprocess.run(
+            [sys.executable, "-c", RAW_SOURCE, str(job)],
+            capture_output=True,
+            text=True,
+            env=_worker_env(chosen.threads),
+            timeout=600,
+            check=True,
+        )
+        raw_wall.append(time.perf_counter() - t0)
+        raw_ms.append(float(json.loads(proc.stdout.strip().splitlines()[-1])["median_ms"]))
+    a, r = statistics.median(agent_ms), statistics.median(raw_ms)
+    return {
+        "agent_over_raw": a / r,
+        "agent_ms": a,
+        "raw_ms": r,
+        "agent_ms_trials": agent_ms,
+        "raw_ms_trials": raw_ms,
+        "agent_over_raw_end_to_end": statistics.median(agent_wall) / statistics.median(raw_wall),
+        "k": k,
+        "trials": trials,
+    }
+
+
+def run_benchmark(
+    *,
+    models_dir: pathlib.Path,
+    names: list[str],
+    budget_s: float,
+    truth_s: float,
+    k: int,
+    trials: int,
+    progress: Callable[[str], None] = lambda msg: None,
+) -> dict[str, Any]:
+    progress("profiling the device")
+    load_before = os.getloadavg()
+    device_profile = profile_mod.collect(measure=True)
+    device = backends.device_for(device_profile)
+    results: dict[str, Any] = {}
+    for m in load_models(models_dir, names):
+        progress(f"{m.name}: backend selection (budget {budget_s:g}s)")
+        t0 = time.perf_counter()
+        answers = asyncio.run(backends.select_in_child([m.spec], device_profile, budget_s=budget_s))
+        selection_wall = time.perf_counter() - t0
+        chosen_sel = answers[m.spec.name]
+        if not isinstance(chosen_sel, selection.Selection):
+            raise click.ClickException(f"{m.name}: no candidate runs it: {chosen_sel}")
+        progress(f"{m.name}: measuring every candidate ({truth_s:g}s)")
+        truth = ground_truth(m.spec, device, seconds=truth_s)
+        ok = {key: v for key, v in truth.items() if v is not None}
+        best = min(ok, key=lambda key: ok[key])
+        chosen = chosen_sel.chosen
+        progress(f"{m.name}: agent task path vs raw engine ({chosen.key})")
+        with tempfile.TemporaryDirectory(prefix="tether-bench-") as tmp:
+            overhead = agent_vs_raw(
+                m,
+                chosen,
+                k=_k_for(m, ok.get(chosen.key, 1.0), k),
+                warmup=20,
+                trials=trials,
+                work=pathlib.Path(tmp),
+            )
+        measured = {x.candidate.key: x for x in chosen_sel.measurements}
+        pruned = {p.candidate.key: p.reason for p in chosen_sel.pruned}
+        stats = backends.model_stats(m.spec)
+        results[m.name] = {
+            "inputs": {n: list(s) for n, s in m.spec.inputs.items()},
+            "flops": stats.flops,
+            "candidates": {
+                key: {
+                    "latency_ms": truth.get(key),
+                    "estimate_ms": measured[key].estimate_ms if key in measured else None,
+                    "selection_latency_ms": measured[key].latency_ms if key in measured else None,
+                    "pruned": pruned.get(key),
+                }
+                for key in sorted(set(truth) | set(pruned))
+            },
+            "chosen": chosen.key,
+            "best": best,
+            "chosen_over_best": (ok[chosen.key] / ok[best]) if chosen.key in ok else None,
+            "selection_seconds": selection_wall,
+            "selection_measure_seconds": chosen_sel.seconds,
+            **overhead,
+        }
+    return {
+        "benchmark": "runtime",
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "python": platform.python_version(),
+        "device": device_profile.to_json(),
+        "settings": {"budget_s": budget_s, "truth_seconds": truth_s, "k": k, "trials": trials},
+        # Other work on the machine skews every figure: the 1-minute load average before and after.
+        "load_average": {"before": load_before[0], "after": os.getloadavg()[0], "cores": device_profile.cores},
+        "goals": {"chosen_over_best": GOAL, "agent_over_raw": GOAL},
+        "models": results,
+    }
+
+
+def _k_for(m: BenchModel, latency_ms: float, k: int) -> int:
+    """At least `k` inferences, more for fast models, capped to about 3 s per run."""
+    return int(max(min(k, 3000 / max(latency_ms, 1e-3)), min(20000, 300 / max(latency_ms, 1e-3))))
+
+
+def _table(doc: Mapping[str, Any]) -> Any:
+    from rich.table import Table
+
+    table = Table(title="tether bench runtime", show_lines=False)
+    for col in ("model", "candidate", "latency ms", "selection", "chosen/best", "agent/raw", "select s"):
+        table.add_column(col, justify="left" if col in ("model", "candidate", "selection") else "right")
+    for name, r in doc["models"].items():
+        first = True
+        for key, c in r["candidates"].items():
+            mark = "chosen" if key == r["chosen"] else ("pruned" if c["pruned"] else "measured")
+            if key == r["best"]:
+                mark += ", best"
+            lat = "-" if c["latency_ms"] is None else f"{c['latency_ms']:.4f}"
+            table.add_row(
+                name if first else "",
+                key,
+                lat,
+                mark,
+                f"{r['chosen_over_best']:.3f}" if first and r["chosen_over_best"] else "",
+                f"{r['agent_over_raw']:.3f}" if first else "",
+                f"{r['selection_seconds']:.2f}" if first else "",
+            )
+            first = False
+    return table
+
+
+@click.command("runtime")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), default="runtime-bench.json", show_default=True)
+@click.option(
+    "--models-dir",
+    type=click.Path(file_okay=False, exists=True, path_type=pathlib.Path),
+    default="bench/models",
+    show_default=True,
+    help="Folder with models.json and the .onnx/.mnn files (bench/models/build.py).",
+)
+@click.option("--models", "names", default=",".join(MODELS), show_default=True, help="Comma-separated subset.")
+@click.option(
+    "--budget",
+    "budget_s",
+    type=float,
+    default=backends.DEFAULT_BUDGET_S,
+    show_default=True,
+    help="Selection's measuring budget per model, seconds.",
+)
+@click.option(
+    "--truth-seconds",
+    "truth_s",
+    type=float,
+    default=10.0,
+    show_default=True,
+    help="Time to measure every candidate for the ground truth, per model.",
+)
+@click.option("--k", type=int, default=300, show_default=True, help="Timed inferences per agent/raw run (at least).")
+@click.option("--trials", type=int, default=5, show_default=True, help="Alternating agent/raw pairs.")
+def runtime(
+    out_path: str, models_dir: pathlib.Path, names: str, budget_s: float, truth_s: float, k: int, trials: int
+) -> None:
+    """Backend selection (chosen vs best) and agent overhead (agent vs raw engine) per model; JSON to --out."""
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    wanted = [n.strip() for n in names.split(",") if n.strip()]
+    unknown = sorted(set(wanted) - set(MODELS))
+    if unknown:
+        raise click.BadParameter(f"unknown models {unknown}; known: {list(MODELS)}", param_hint="--models")
+    with console.status("starting") as status:
+        doc = run_benchmark(
+            models_dir=models_dir,
+            names=wanted,
+            budget_s=budget_s,
+            truth_s=truth_s,
+            k=k,
+            trials=trials,
+            progress=lambda msg: status.update(msg),
+        )
+    doc["command"] = "tether bench runtime " + " ".join(sys.argv[3:]) if len(sys.argv) > 2 else "tether bench runtime"
+    pathlib.Path(out_path).write_text(json.dumps(doc, indent=2) + "\n")
+    Console(width=None if sys.stdout.isatty() else 160).print(_table(doc))
+    click.echo(f"wrote {out_path}")

@@ -1,0 +1,56 @@
+"""`tether bench`: benchmarks that write machine-readable results (one module per benchmark).
+
+Subcommands load lazily, like the top-level CLI, so a benchmark's
+dependencies are imported only when it runs. Add one by naming its click
+command in `BENCHMARKS`.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import click
+
+# name -> ("module:attribute" of a click command, one-line help)
+BENCHMARKS: dict[str, tuple[str, str]] = {
+    "fleet": (
+        "tether.cli.bench_fleet:fleet",
+        "Simulated fleet vs one controller: connections, notify/install times, bytes, polling baseline.",
+    ),
+    "runtime": (
+        "tether.agent.benchmark:runtime",
+        "Backend selection and agent inference overhead on real models (MLP, CNN, EfficientNet-Lite0).",
+    ),
+    "stream": (
+        "tether.agent.stream.bench:stream",
+        "On-device event-pattern matching: events/s with 1, 100, 1000 patterns, trie vs naive per-pattern scan.",
+    ),
+}
+
+
+class _LazyBench(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(BENCHMARKS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in BENCHMARKS:
+            return None
+        module_name, attr = BENCHMARKS[cmd_name][0].split(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            raise click.ClickException(
+                f"`tether bench {cmd_name}` needs {e.name!r}, which is not installed here"
+            ) from e
+        command = getattr(module, attr)
+        assert isinstance(command, click.Command)
+        return command
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        with formatter.section("Benchmarks"):
+            formatter.write_dl([(name, BENCHMARKS[name][1]) for name in sorted(BENCHMARKS)])
+
+
+@click.group(cls=_LazyBench)
+def bench() -> None:
+    """Run a benchmark; each measures its baseline in the same run and writes JSON."""

@@ -1,0 +1,615 @@
+"""`tether bench fleet`: thousands of simulated agents against one real controller process.
+
+What runs: an embedded PostgreSQL and redis-server (or the services named by
+--database-url / --broker-url), one `tether controller` process, and
+`--processes` worker processes, each holding its share of the fleet as
+`tether.agent.simagent.SimAgent`s (real gRPC clients, one TCP connection per
+agent unless --share groups them onto shared HTTP/2 connections) on one event
+loop. The controller's own counters (`StatsService.GetServerStats`: serialized
+bytes per RPC, RSS, CPU) are read before and after each phase.
+
+Phases, in order (each measured, unless the output says "modelled"):
+1. connect: every push agent enrols and subscribes → max_connected_agents,
+   server_rss_bytes_per_agent (RSS growth over the idle controller, / agents).
+2. idle (push): messages per second per agent and controller CPU while nothing changes.
+3. rollout v1 to the whole fleet → notify_s and install_s, from the moment
+   ApplyRelease was sent to each agent's receipt of the Notify / verified install.
+4. v2 changes one file → bytes moved per agent / that file's size.
+5. push-whole-bundle baseline: a smaller group of agents that pull every blob
+   of a new version (what pushing the whole bundle would move), same update.
+6. polling baseline: a fleet (up to --poll-agents) polling GetDesired every
+   --poll-interval seconds at uniform phases: idle load, then the same v1 rollout.
+   Its install times are measured; for fleet sizes beyond the polling fleet,
+   the output also gives the model (uniform phase + the measured pull time).
+
+Ratios compare per-agent figures, so the polling fleet may be smaller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import multiprocessing
+import os
+import pathlib
+import platform
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import click
+
+log = logging.getLogger(__name__)
+
+RELEASE = "bench/fleet"
+FULL_RELEASE = "bench/full"
+POLL_RELEASE = "bench/poll"
+DEVICE_PREFIX = "/tether.v1.DeviceService/"
+
+
+# ---------------------------------------------------------------- pure helpers
+
+
+def percentiles(values: Sequence[float]) -> dict[str, float]:
+    """p50 / p90 / p100 by nearest rank (an empty sample gives NaN-free zeros and n=0)."""
+    if not values:
+        return {"p50": 0.0, "p90": 0.0, "p100": 0.0, "n": 0}
+    s = sorted(values)
+
+    def rank(q: float) -> float:
+        return s[min(len(s) - 1, max(0, int(-(-q * len(s) // 1)) - 1))]
+
+    return {"p50": round(rank(0.5), 4), "p90": round(rank(0.9), 4), "p100": round(s[-1], 4), "n": len(s)}
+
+
+def device_bytes(before: Any, after: Any) -> int:
+    """Serialized bytes both ways on device RPCs between two ServerStats."""
+    return _device_sum(after, "bytes") - _device_sum(before, "bytes")
+
+
+def device_messages(before: Any, after: Any) -> int:
+    return _device_sum(after, "messages") - _device_sum(before, "messages")
+
+
+def _device_sum(stats: Any, what: str) -> int:
+    total = 0
+    for r in stats.rpcs:
+        if r.method.startswith(DEVICE_PREFIX):
+            if what == "bytes":
+                total += r.request_bytes + r.response_bytes
+            else:
+                total += r.request_messages + r.response_messages
+    return total
+
+
+def modelled_polling_install(*, interval_s: float, pull_s: Sequence[float], n: int, seed: int = 0) -> dict[str, float]:
+    """Install times of `n` devices polling every `interval_s` at uniform phases: phase + a measured pull time."""
+    rng = random.Random(seed)
+    pulls = list(pull_s) or [0.0]
+    return percentiles([rng.uniform(0, interval_s) + rng.choice(pulls) for _ in range(n)])
+
+
+def machine_busy_s() -> float:
+    """CPU seconds this machine spent busy (all processes, all cores) since boot, from /proc/stat."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return 0.0
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def ratio(a: float, b: float) -> float:
+    return round(a / b, 4) if b else float("inf")
+
+
+# ---------------------------------------------------------------- the run
+
+
+class FleetBench:
+    def __init__(
+        self,
+        *,
+        agents: int,
+        processes: int,
+        share: int,
+        poll_agents: int,
+        poll_interval: float,
+        full_agents: int,
+        idle_s: float,
+        model_kib: int,
+        database_url: str | None,
+        broker_url: str | None,
+        workdir: pathlib.Path,
+        ramp_s: float | None,
+        tls: bool = False,
+        connect_only: bool = False,
+    ) -> None:
+        self.n = agents
+        self.connect_only = connect_only
+        self.tls = tls
+        self.root_pem: bytes | None = None
+        self.processes = max(1, processes)
+        self.share = max(1, share)
+        self.poll_n = min(poll_agents, agents) if poll_agents > 0 else 0
+        self.poll_s = poll_interval
+        self.full_n = max(1, min(full_agents, agents))
+        self.idle_s = idle_s
+        self.model_bytes = model_kib * 1024
+        self.workdir = workdir
+        self.ramp_s = ramp_s if ramp_s is not None else agents / 1500
+        self._database_url = database_url
+        self._broker_url = broker_url
+        self.stack: Any = None
+        self.workers: list[tuple[Any, Any]] = []
+        self.notes: list[str] = []
+
+    # ------------------------------------------------------------ plumbing
+    async def _start(self) -> None:
+        from tether.agent import simagent
+        from tether.cli import stack as stack_mod
+        from tether.common import admin
+
+        simagent.raise_fd_limit()
+        self.stack = stack_mod.LocalStack(
+            stack_mod.StackConfig(
+                agents=0,
+                database_url=self._database_url,
+                broker_url=self._broker_url,
+                workdir=self.workdir / "stack",
+                keep_workdir=True,
+                tls=self.tls,
+                sign=False,  # agents here do not run bundles; signatures are the real agent's concern
+            )
+        )
+        await self.stack.start_services()
+        await self.stack.start_controller()
+        self.admin = admin.AdminClient(
+            self.stack.controller_address,
+            token=self.stack.admin_token,
+            timeout_s=120,
+            tls=self.stack.client_tls() if self.tls else None,
+        )
+        self.root_pem = self.stack.ca_file.read_bytes() if self.tls else None
+        ctx = multiprocessing.get_context("spawn")
+        for _ in range(self.processes):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=simagent.run_worker, args=(child,), daemon=True)
+            proc.start()
+            self.workers.append((proc, parent))
+
+    async def _stop(self) -> None:
+        for proc, conn in self.workers:
+            with contextlib.suppress(Exception):
+                await self._ask(conn, {"cmd": "exit"}, timeout=30)
+            proc.join(5)
+            if proc.is_alive():
+                proc.kill()
+        with contextlib.suppress(Exception):
+            await self.admin.close()
+        if self.stack is not None:
+            await self.stack.stop()
+
+    async def _ask(self, conn: Any, msg: Mapping[str, Any], *, timeout: float = 300) -> Any:
+        def exchange() -> Any:
+            conn.send(dict(msg))
+            if not conn.poll(timeout):
+                raise TimeoutError(f"worker did not answer {msg.get('cmd')!r} within {timeout}s")
+            return conn.recv()
+
+        reply = await asyncio.to_thread(exchange)
+        if isinstance(reply, dict) and "error" in reply:
+            raise RuntimeError(f"worker: {reply['error']}")
+        return reply
+
+    async def _all(self, msg: Mapping[str, Any], **kw: Any) -> list[Any]:
+        return list(await asyncio.gather(*(self._ask(conn, msg, **kw) for _, conn in self.workers)))
+
+    async def _stats(self) -> Any:
+        import grpc
+
+        from tether.common import auth
+        from tether.proto.v1 import tether_pb2 as pb
+        from tether.proto.v1 import tether_pb2_grpc as pb_grpc
+
+        if self.root_pem is not None:
+            creds = grpc.ssl_channel_credentials(root_certificates=self.root_pem)
+            channel = grpc.aio.secure_channel(self.stack.controller_address, creds)
+        else:
+            channel = grpc.aio.insecure_channel(self.stack.controller_address)
+        async with channel as ch:
+            return await pb_grpc.StatsServiceStub(ch).GetServerStats(
+                pb.GetServerStatsRequest(), metadata=auth.bearer_metadata(self.stack.admin_token), timeout=60
+            )
+
+    async def _status(self) -> dict[str, Any]:
+        total: dict[str, Any] = {
+            "agents": 0,
+            "enrolled": 0,
+            "connected": 0,
+            "errors": 0,
+            "crashed": 0,
+            "cpu_s": 0.0,
+            "installed": {},
+        }
+        for s in await self._all({"cmd": "status"}, timeout=60):
+            for k in ("agents", "enrolled", "connected", "errors", "crashed", "cpu_s"):
+                total[k] += s[k]
+            for release, per in s["installed"].items():
+                into = total["installed"].setdefault(release, {})
+                for v, n in per.items():
+                    into[v] = into.get(v, 0) + n
+        return total
+
+    async def _launch(
+        self, *, group: str, count: int, mode: str = "push", full_pull: bool = False, ramp_s: float = 0.0
+    ) -> None:
+        """Start `count` agents of `group`, spread evenly over the worker processes."""
+        log.info("starting %d %s agents (%s)", count, group, mode)
+        ids = [(f"{group}-{i:06d}", {"group": group, "os": "android" if i % 5 else "ios"}) for i in range(count)]
+        shares = [ids[i :: self.processes] for i in range(self.processes)]
+        await asyncio.gather(
+            *(
+                self._ask(
+                    conn,
+                    {
+                        "cmd": "start",
+                        "target": self.stack.controller_address,
+                        "bootstrap_token": self.stack.bootstrap_token,
+                        "agents": part,
+                        "mode": mode,
+                        "poll_s": self.poll_s,
+                        "full_pull": full_pull,
+                        "share": self.share,
+                        "ramp_s": ramp_s,
+                        "root_pem": self.root_pem,
+                    },
+                )
+                for (_, conn), part in zip(self.workers, shares, strict=True)
+                if part
+            )
+        )
+
+    async def _wait(self, what: str, done: Any, *, timeout: float, every: float = 0.25) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        reported = time.monotonic()
+        while True:
+            status = await self._status()
+            if done(status):
+                return status
+            if time.monotonic() - reported > 10:
+                reported = time.monotonic()
+                log.info("%s: %s", what, {k: v for k, v in status.items() if k != "cpu_s"})
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{what}: not done within {timeout:.0f}s (status {status})")
+            await asyncio.sleep(every)
+
+    async def _installed(self, release: str, version: int, count: int, *, timeout: float) -> None:
+        await self._wait(
+            f"{release} v{version} on {count} agents",
+            lambda s: s["installed"].get(release, {}).get(str(version), 0) >= count,
+            timeout=timeout,
+        )
+
+    async def _collect(self, release: str, version: int) -> list[tuple[float, int, float]]:
+        records: list[tuple[float, int, float]] = []
+        for reply in await self._all({"cmd": "collect", "release": release, "version": version}):
+            records.extend(tuple(r) for r in reply["records"])
+        return records
+
+    def _bundle(self, name: str, *, model: bytes) -> tuple[pathlib.Path, Any]:
+        from tether.common import manifest
+
+        root = self.workdir / "bundles" / name
+        root.mkdir(parents=True, exist_ok=True)
+        files = {
+            "task.py": b"def run(ctx):\n    return {'sample_count': 0}\n",
+            "config.json": json.dumps({"labels": list(range(64)), "threshold": 0.5}).encode(),
+            "vocab.txt": b"\n".join(f"token-{i}".encode() for i in range(256)),
+            "model.bin": model,
+        }
+        for rel, data in files.items():
+            (root / rel).write_bytes(data)
+        return root, manifest.hash_directory(root, name="bench-task", entrypoint="task.py")
+
+    async def _publish(self, release: str, bundle: tuple[pathlib.Path, Any], group: str) -> tuple[float, int]:
+        root, m = bundle
+        await self.admin.upload_bundle(root, m)
+        t0 = time.time()
+        applied = await self.admin.apply_release(
+            release=release, manifest_digest=m.digest, target={"matchLabels": {"group": group}}
+        )
+        return t0, applied.version
+
+    # ------------------------------------------------------------ phases
+    async def run(self) -> dict[str, Any]:
+        await self._start()
+        try:
+            return await self._measure()
+        finally:
+            await self._stop()
+
+    async def _measure(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"agents": self.n, "processes": self.processes, "share_connections": self.share}
+        base: dict[str, Any] = {}
+        details: dict[str, Any] = {}
+        rng = random.Random(7)
+        v1 = self._bundle("v1", model=rng.randbytes(self.model_bytes))
+        v2 = self._bundle("v2", model=rng.randbytes(self.model_bytes))  # only model.bin differs
+        v2_file = self.model_bytes
+
+        # 1. connect
+        log.info("controller at %s; reading its idle counters", self.stack.controller_address)
+        idle = await self._stats()
+        sim0 = (await self._status())["cpu_s"]
+        t0 = time.monotonic()
+        await self._launch(group="push", count=self.n, ramp_s=self.ramp_s)
+        await self._wait("connect", lambda s: s["connected"] >= self.n, timeout=120 + self.n / 50)
+        connect_s = time.monotonic() - t0
+        await asyncio.sleep(2)  # let allocations settle
+        connected = await self._stats()
+        sim1 = (await self._status())["cpu_s"]
+        out["max_connected_agents"] = int(connected.connected_devices)
+        out["server_rss_bytes_per_agent"] = round((connected.rss_bytes - idle.rss_bytes) / max(1, self.n))
+        base["max_connected_agents"] = {"requested": self.n}
+        base["server_rss_bytes_per_agent"] = {
+            "idle_server_rss_bytes": idle.rss_bytes,
+            "connected_server_rss_bytes": connected.rss_bytes,
+        }
+        details["connect"] = {
+            "seconds": round(connect_s, 2),
+            "open_fds": connected.open_fds,
+            "server_cpu_s": round(connected.cpu_seconds - idle.cpu_seconds, 2),
+            "simulator_cpu_s": round(sim1 - sim0, 2),
+        }
+
+        if self.connect_only:
+            out["baselines"], out["details"] = base, details
+            out["method"] = {"measured": ["max_connected_agents", "server_rss_bytes_per_agent"], "modelled": []}
+            return out
+
+        # 2. idle load with push
+        a = await self._stats()
+        await asyncio.sleep(self.idle_s)
+        b = await self._stats()
+        push_idle = {
+            "messages_per_s_per_agent": device_messages(a, b) / self.idle_s / self.n,
+            "server_cpu_per_s": (b.cpu_seconds - a.cpu_seconds) / self.idle_s,
+        }
+
+        # 3. rollout v1 to the whole fleet
+        before = await self._stats()
+        sim0 = (await self._status())["cpu_s"]
+        busy0 = machine_busy_s()
+        t_apply, version = await self._publish(RELEASE, v1, "push")
+        await self._installed(RELEASE, version, self.n, timeout=120 + self.n / 20)
+        after = await self._stats()
+        sim1 = (await self._status())["cpu_s"]
+        busy1 = machine_busy_s()
+        records = await self._collect(RELEASE, version)
+        out["notify_s"] = percentiles([heard - t_apply for heard, _, _ in records])
+        out["install_s"] = percentiles([inst - t_apply for _, _, inst in records if inst])
+        pull_s = [inst - heard for heard, _, inst in records if inst]
+        details["v1"] = {
+            "fanout_to_receipt_s": percentiles([heard - sent / 1000 for heard, sent, _ in records if sent]),
+            "pull_after_notify_s": percentiles(pull_s),
+            "bytes_per_agent": device_bytes(before, after) / self.n,
+            "bundle_bytes": sum(f.size for f in v1[1].files),
+            "server_cpu_s": round(after.cpu_seconds - before.cpu_seconds, 2),
+            "simulator_cpu_s": round(sim1 - sim0, 2),
+            # Everything else busy meanwhile: PostgreSQL, the kernel, the benchmark itself.
+            "other_cpu_s": round((busy1 - busy0) - (after.cpu_seconds - before.cpu_seconds) - (sim1 - sim0), 2),
+            "machine_cores": os.cpu_count(),
+            "wall_s": round(max((i for _, _, i in records if i), default=t_apply) - t_apply, 2),
+        }
+
+        # 4. a version that changes one file
+        before = await self._stats()
+        t_apply2, version2 = await self._publish(RELEASE, v2, "push")
+        await self._installed(RELEASE, version2, self.n, timeout=120 + self.n / 20)
+        after = await self._stats()
+        records2 = await self._collect(RELEASE, version2)
+        push_update_bytes = device_bytes(before, after) / self.n
+        out["one_file_bytes_ratio"] = ratio(push_update_bytes, v2_file)
+        base["one_file_bytes_ratio"] = {"changed_file_bytes": v2_file, "bytes_per_agent": round(push_update_bytes)}
+        details["v2_one_file"] = {
+            "notify_s": percentiles([h - t_apply2 for h, _, _ in records2]),
+            "install_s": percentiles([i - t_apply2 for _, _, i in records2 if i]),
+            "bytes_per_agent": round(push_update_bytes),
+        }
+
+        # 5. push-the-whole-bundle baseline: the same update, every blob moved
+        await self._launch(group="full", count=self.full_n, full_pull=True)
+        await self._wait("full group connect", lambda s: s["connected"] >= self.n + self.full_n, timeout=120)
+        _, fv1 = await self._publish(FULL_RELEASE, v1, "full")
+        await self._installed(FULL_RELEASE, fv1, self.full_n, timeout=120)
+        before = await self._stats()
+        _, fv2 = await self._publish(FULL_RELEASE, v2, "full")
+        await self._installed(FULL_RELEASE, fv2, self.full_n, timeout=120)
+        after = await self._stats()
+        full_update_bytes = device_bytes(before, after) / self.full_n
+        out["push_full_bytes_ratio"] = ratio(push_update_bytes, full_update_bytes)
+        base["push_full_bytes_ratio"] = {
+            "push_whole_bundle_bytes_per_agent": round(full_update_bytes),
+            "push_then_pull_bytes_per_agent": round(push_update_bytes),
+            "agents": self.full_n,
+        }
+        details["first_install_bytes_ratio"] = ratio(details["v1"]["bytes_per_agent"], full_update_bytes)
+        await self._all({"cmd": "stop"})
+
+        # 6. polling baseline
+        poll = await self._polling(v1, push_idle)
+        if poll is not None:
+            base["notify_s"] = poll["heard_s"]
+            base["install_s"] = poll["install_s"]
+            out["polling_install_ratio"] = ratio(out["install_s"]["p50"], poll["install_s"]["p50"])
+            out["polling_idle_load_ratio"] = ratio(
+                push_idle["messages_per_s_per_agent"], poll["idle"]["messages_per_s_per_agent"]
+            )
+            base["polling_install_ratio"] = {
+                "push_install_p50_s": out["install_s"]["p50"],
+                "polling_install_p50_s": poll["install_s"]["p50"],
+                "polling_agents": self.poll_n,
+                "poll_interval_s": self.poll_s,
+                "p90_ratio": ratio(out["install_s"]["p90"], poll["install_s"]["p90"]),
+                "p100_ratio": ratio(out["install_s"]["p100"], poll["install_s"]["p100"]),
+                # The polling fleet's own pulls (spread over the interval, so uncongested) at the push fleet's size.
+                "modelled_polling_install_s_at_fleet_size": modelled_polling_install(
+                    interval_s=self.poll_s, pull_s=poll["pull_s"], n=self.n
+                ),
+            }
+            base["polling_idle_load_ratio"] = {
+                "push": push_idle,
+                "polling": poll["idle"],
+                "server_cpu_ratio_per_agent": ratio(
+                    push_idle["server_cpu_per_s"] / self.n, poll["idle"]["server_cpu_per_s"] / max(1, self.poll_n)
+                ),
+            }
+        out["baselines"] = base
+        out["details"] = details
+        out["goals"] = {
+            "connected_agents_ge_20000": out["max_connected_agents"] >= 20_000,
+            "notified_10000_within_2s": self.n >= 10_000 and out["notify_s"]["p100"] <= 2.0,
+            "polling_install_ratio_le_0.1": out.get("polling_install_ratio", float("inf")) <= 0.1,
+            "one_file_bytes_ratio_le_1.1": out["one_file_bytes_ratio"] <= 1.1,
+        }
+        out["method"] = {
+            "measured": [
+                "max_connected_agents",
+                "server_rss_bytes_per_agent",
+                "notify_s",
+                "install_s",
+                "one_file_bytes_ratio",
+                "push_full_bytes_ratio",
+                "polling_install_ratio (polling fleet of baselines.polling_install_ratio.polling_agents)",
+                "polling_idle_load_ratio (per agent)",
+            ],
+            "modelled": ["baselines.polling_install_ratio.modelled_polling_install_s_at_fleet_size"],
+            "bytes": "serialized protobuf bytes of device RPCs, both directions, counted by the controller "
+            "(HTTP/2 framing and TLS excluded)",
+            "times": "wall clock from the ApplyRelease call to each agent's receipt / verified install; "
+            "one machine, one clock",
+        }
+        out["environment"] = {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        }
+        return out
+
+    async def _polling(self, v1: tuple[pathlib.Path, Any], push_idle: Mapping[str, float]) -> dict[str, Any] | None:
+        if self.poll_n <= 0:
+            return None
+        await self._launch(group="poll", count=self.poll_n, mode="poll")
+        # Every poller makes its first call within one interval (uniform phase); then steady state.
+        await asyncio.sleep(self.poll_s + 1)
+        a = await self._stats()
+        await asyncio.sleep(self.idle_s)
+        b = await self._stats()
+        idle = {
+            "messages_per_s_per_agent": device_messages(a, b) / self.idle_s / self.poll_n,
+            "server_cpu_per_s": (b.cpu_seconds - a.cpu_seconds) / self.idle_s,
+        }
+        t_apply, version = await self._publish(POLL_RELEASE, v1, "poll")
+        await self._installed(POLL_RELEASE, version, self.poll_n, timeout=self.poll_s * 3 + 60)
+        records = await self._collect(POLL_RELEASE, version)
+        await self._all({"cmd": "stop"})
+        return {
+            "idle": idle,
+            "heard_s": percentiles([h - t_apply for h, _, _ in records]),
+            "pull_s": [i - h for h, _, i in records if i],
+            "install_s": percentiles([i - t_apply for _, _, i in records if i]),
+        }
+
+
+def run_fleet_bench(**kwargs: Any) -> dict[str, Any]:
+    return asyncio.run(FleetBench(**kwargs).run())
+
+
+@click.command("fleet")
+@click.option("--agents", type=click.IntRange(1, 100_000), default=2000, show_default=True, help="Push agents.")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), default="fleet-bench.json", show_default=True)
+@click.option(
+    "--processes", type=click.IntRange(1, 64), default=2, show_default=True, help="Simulator worker processes."
+)
+@click.option(
+    "--share",
+    type=click.IntRange(1, 100),
+    default=1,
+    show_default=True,
+    help="Agents per TCP connection (1: one connection each; more: HTTP/2-multiplexed, as behind an L7 proxy).",
+)
+@click.option("--poll-agents", type=int, default=1000, show_default=True, help="Polling-baseline fleet (0: skip).")
+@click.option("--poll-interval", type=float, default=30.0, show_default=True, help="Polling baseline interval (s).")
+@click.option("--full-agents", type=int, default=100, show_default=True, help="Push-whole-bundle baseline agents.")
+@click.option("--idle", "idle_s", type=float, default=30.0, show_default=True, help="Idle window, seconds.")
+@click.option("--model-kib", type=click.IntRange(1, 65536), default=64, show_default=True, help="Size of model.bin.")
+@click.option("--ramp", "ramp_s", type=float, default=None, help="Seconds over which agents connect (default N/1500).")
+@click.option("--database-url", envvar="TETHER_DATABASE_URL", default=None, help="Existing PostgreSQL (else embedded).")
+@click.option("--broker-url", envvar="TETHER_BROKER_URL", default=None, help="Existing Redis (else embedded).")
+@click.option("--tls", is_flag=True, help="Serve TLS with a CA made for the run (default: plaintext).")
+@click.option("--connect-only", is_flag=True, help="Stop after the connect phase (connections and memory only).")
+@click.option("--keep", is_flag=True, help="Keep the working directory (controller log, bundles).")
+def fleet(
+    agents: int,
+    out_path: str,
+    processes: int,
+    share: int,
+    poll_agents: int,
+    poll_interval: float,
+    full_agents: int,
+    idle_s: float,
+    model_kib: int,
+    ramp_s: float | None,
+    database_url: str | None,
+    broker_url: str | None,
+    tls: bool,
+    connect_only: bool,
+    keep: bool,
+) -> None:
+    """Measure push-then-pull at fleet scale against polling and push-the-whole-bundle; write JSON."""
+    workdir = pathlib.Path(tempfile.mkdtemp(prefix="tether-fleet-bench-"))
+    try:
+        result = run_fleet_bench(
+            agents=agents,
+            processes=processes,
+            share=share,
+            poll_agents=poll_agents,
+            poll_interval=poll_interval,
+            full_agents=full_agents,
+            idle_s=idle_s,
+            model_kib=model_kib,
+            database_url=database_url,
+            broker_url=broker_url,
+            workdir=workdir,
+            ramp_s=ramp_s,
+            tls=tls,
+            connect_only=connect_only,
+        )
+    finally:
+        if keep:
+            click.echo(f"working directory kept: {workdir}", err=True)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    pathlib.Path(out_path).write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    summary = {
+        k: result.get(k)
+        for k in (
+            "max_connected_agents",
+            "server_rss_bytes_per_agent",
+            "notify_s",
+            "install_s",
+            "polling_install_ratio",
+            "polling_idle_load_ratio",
+            "push_full_bytes_ratio",
+            "one_file_bytes_ratio",
+        )
+    }
+    click.echo(json.dumps(summary, indent=1))
+    click.echo(f"wrote {out_path}")

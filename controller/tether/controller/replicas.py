@@ -1,0 +1,176 @@
+"""Several controller replicas on one Postgres: every release change reaches every connected agent.
+
+An agent holds its Subscribe stream on whichever replica its load balancer
+picked, and the release may change on any other. The database announces each
+change: a trigger on `releases` (migration 0006) runs `pg_notify('tether_releases',
+{"release", "version", "origin"})` inside the writing transaction, so the
+announcement goes out exactly when, and only if, the change commits.
+
+Each replica runs one `ReleaseListener` on a dedicated connection (a LISTEN
+needs a session of its own; the pool's connections come and go). For every
+announcement it reads the release as committed, compares it with the release
+as this replica last saw it, and hands the pair to the same fan-out the local
+ApplyRelease path uses (`service._notify`: hub → Notify/Revoke, deliveries
+marked). The comparison is what makes it safe to receive anything twice:
+`fanout_action(r, r)` is NONE for every device.
+
+A replica's own changes carry its `origin` (its pool sets the `tether.origin`
+session setting, `with_origin`); ApplyRelease already fanned those out with
+the exact before/after of its transaction, so the listener only records them.
+
+Notifications are not queued for a listener that is not connected. So after
+every (re)connect, and every `resync_s` seconds as a safety net, the listener
+re-reads all live releases and fans out whatever differs from what it knew:
+a missed notification delays a change by at most `resync_s`, never loses it.
+Devices that connect later get everything in their opening Sync anyway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import secrets
+import socket
+from collections.abc import Awaitable, Callable
+
+import psycopg
+from psycopg import conninfo as conninfo_mod
+
+from tether.controller import releases, store
+
+log = logging.getLogger(__name__)
+
+CHANNEL = "tether_releases"
+ORIGIN_SETTING = "tether.origin"
+
+ChangeHandler = Callable[[releases.Release | None, releases.Release | None], Awaitable[None]]
+
+
+def new_replica_id() -> str:
+    """Unique per controller process; safe inside a libpq `options` string (no spaces or quotes)."""
+    host = "".join(c for c in socket.gethostname() if c.isalnum() or c in "-.")[:40] or "controller"
+    return f"{host}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+def with_origin(conninfo: str, replica_id: str) -> str:
+    """`conninfo` whose sessions set `tether.origin` to `replica_id` (keeps any existing `options`)."""
+    params = conninfo_mod.conninfo_to_dict(conninfo)
+    existing = str(params.get("options") or "").strip()
+    params["options"] = (existing + " " if existing else "") + f"-c {ORIGIN_SETTING}={replica_id}"
+    return conninfo_mod.make_conninfo(**params)
+
+
+class ReleaseListener:
+    """LISTEN for release changes made anywhere and fan out those made by other replicas."""
+
+    def __init__(
+        self,
+        *,
+        conninfo: str,
+        store_: store.Store,
+        replica_id: str,
+        on_change: ChangeHandler,
+        resync_s: float = 30.0,
+        retry_s: float = 1.0,
+        max_retry_s: float = 15.0,
+    ) -> None:
+        self._conninfo = conninfo
+        self._store = store_
+        self.replica_id = replica_id
+        self._on_change = on_change
+        self._resync_s = resync_s
+        self._retry_s = retry_s
+        self._max_retry_s = max_retry_s
+        self._known: dict[str, releases.Release] = {}
+        self._seeded = False
+        self._task: asyncio.Task[None] | None = None
+        self.listening = asyncio.Event()
+        self.remote_changes = 0  # changes fanned out on behalf of other replicas (and of resyncs)
+        self.application_name = f"tether-listener-{replica_id}"[:63]  # in pg_stat_activity
+
+    async def start(self, *, timeout: float = 30.0) -> None:
+        """Start listening; returns once the first LISTEN is in place (so no later change is missed)."""
+        self._task = asyncio.create_task(self._run(), name="tether-release-listener")
+        waiter = asyncio.ensure_future(self.listening.wait())
+        done, _ = await asyncio.wait({waiter, self._task}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        if waiter not in done:
+            waiter.cancel()
+            await self.stop()
+            raise TimeoutError(f"the release listener could not LISTEN within {timeout:.0f}s")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        self.listening.clear()
+
+    async def _run(self) -> None:
+        delay = self._retry_s
+        while True:
+            try:
+                conn = await psycopg.AsyncConnection.connect(
+                    self._conninfo, autocommit=True, application_name=self.application_name
+                )
+                async with conn:
+                    await conn.execute(f"LISTEN {CHANNEL}")
+                    await self._resync()  # whatever changed while nobody listened
+                    self.listening.set()
+                    delay = self._retry_s
+                    while True:
+                        async for note in conn.notifies(timeout=self._resync_s):
+                            await self._handle(note.payload)
+                        await self._resync()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                self.listening.clear()
+                log.warning(
+                    "release listener lost its connection (%s: %s); retrying in %.1fs", type(e).__name__, e, delay
+                )
+                await asyncio.sleep(delay)
+                delay = min(self._max_retry_s, delay * 2)
+
+    async def _handle(self, payload: str) -> None:
+        try:
+            doc = json.loads(payload)
+            name, origin = str(doc["release"]), str(doc.get("origin") or "")
+        except (ValueError, KeyError, TypeError):
+            log.warning("ignoring malformed %s payload %r", CHANNEL, payload[:200])
+            return
+        after = await self._store.get_release(name)
+        before = self._known.get(name)
+        self._remember(name, after)
+        if origin == self.replica_id or before == after:
+            return  # fanned out by our own ApplyRelease, or nothing new for this replica
+        await self._fan_out(before, after)
+
+    async def _resync(self) -> None:
+        current = {r.name: r for r in await self._store.list_releases()}
+        changed = [
+            (self._known.get(n), current.get(n))
+            for n in sorted(set(self._known) | set(current))
+            if self._known.get(n) != current.get(n)
+        ]
+        for before, after in changed:
+            name = (after or before).name  # type: ignore[union-attr]
+            self._remember(name, after)
+            if self._seeded:
+                await self._fan_out(before, after)
+        self._seeded = True
+
+    def _remember(self, name: str, release: releases.Release | None) -> None:
+        if release is None:
+            self._known.pop(name, None)
+        else:
+            self._known[name] = release
+
+    async def _fan_out(self, before: releases.Release | None, after: releases.Release | None) -> None:
+        self.remote_changes += 1
+        try:
+            await self._on_change(before, after)
+        except Exception:
+            # The devices concerned resync on their next reconnect; the listener must keep going.
+            log.exception("fanning out a change of %s failed", (after or before).name)  # type: ignore[union-attr]

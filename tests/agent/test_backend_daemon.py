@@ -1,0 +1,88 @@
+"""Backend selection in the daemon: before install, reported to the controller, used by the worker;
+a model that loads nowhere refuses the version with a clear message and the agent carries on."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import shutil
+
+import grpc
+import pytest
+from agent_fakes import BOOTSTRAP, FakeController, wait_until
+
+from tether.agent import backends, daemon
+from tether.proto.v1 import tether_pb2 as pb
+from tether.proto.v1 import tether_pb2_grpc as pb_grpc
+
+
+class BackendsFake(FakeController):
+    def __init__(self) -> None:
+        super().__init__()
+        self.backend_reports: list[pb.ReportBackendsRequest] = []
+
+    async def ReportBackends(self, request, context):
+        await self._device(context)
+        self.backend_reports.append(request)
+        return pb.ReportBackendsResponse()
+
+
+@pytest.fixture()
+async def fake():
+    server = grpc.aio.server()
+    ctl = BackendsFake()
+    pb_grpc.add_DeviceServiceServicer_to_server(ctl, server)
+    ctl.address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+    await server.start()
+    yield ctl
+    await server.stop(0)
+
+
+def make_agent(fake, tmp_path, data_dir) -> daemon.Agent:
+    return daemon.Agent(
+        controller=fake.address,
+        state_dir=tmp_path / "state",
+        data_dir=data_dir,
+        bootstrap_token=BOOTSTRAP,
+        device_id="dev-sel",
+        backends=["mnn/cpu", "onnxruntime/cpu"],
+        backoff=daemon.Backoff(initial_s=0.02, max_s=0.2),
+        rng=random.Random(0),
+    )
+
+
+async def test_bad_model_is_refused_with_a_clear_error_and_the_agent_keeps_going(
+    fake, tmp_path, digits_dir, data_dir
+) -> None:
+    bad = tmp_path / "bad-bundle"
+    shutil.copytree(digits_dir, bad)
+    (bad / "model.mnn").write_bytes(b"\x00garbage" * 64)
+    (bad / "model.onnx").write_bytes(b"\x00garbage" * 64)
+    bad_rel = fake.publish("ns/bad", bad)
+    good_rel = fake.publish("ns/good", digits_dir)
+
+    agent = make_agent(fake, tmp_path, data_dir)
+    task = asyncio.create_task(agent.run())
+    try:
+        await wait_until(lambda: "REFUSED" in fake.states(bad_rel.name) and "SUCCEEDED" in fake.states(good_rel.name))
+        await wait_until(lambda: bool(fake.backend_reports))
+    finally:
+        agent.stop()
+        await asyncio.wait_for(task, timeout=15)
+
+    (message,) = [m for _, r, _, s, m in fake.statuses if r == bad_rel.name and s == "REFUSED"]
+    assert "model 'model.mnn' does not run on this device" in message and "MNN cannot load model" in message
+    assert fake.states(bad_rel.name) == ["DOWNLOADING", "REFUSED"]  # never installed, never run
+    assert agent.store.current(bad_rel.name) is None and bad_rel.name not in agent.state.installed
+
+    # The good model: selected before install, run on the choice, the choice reported upstream.
+    choices = agent.selector.cache.entries()
+    assert len(choices) == 1
+    (record,) = agent.state.runs.values()
+    assert record.status == "uploaded" and record.message == choices[0].chosen.backend_name
+    report = fake.backend_reports[-1]
+    (choice,) = report.choices
+    assert choice.candidate == choices[0].chosen.key and choice.latency_ms == pytest.approx(choices[0].latency_ms)
+    assert choice.release == good_rel.name and choice.model == "model.mnn"
+    assert report.fingerprint.startswith("sha256:") and "mnn/cpu" in report.backends
+    assert (tmp_path / "state" / backends.CACHE_FILE).is_file()

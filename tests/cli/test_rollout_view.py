@@ -1,0 +1,84 @@
+"""`tether status` for a staged rollout: stages, gates and counts with bars (tether.cli.rollout_view)."""
+
+from __future__ import annotations
+
+import io
+
+from rich.console import Console
+
+from tether.cli import rollout_view
+
+HEALTH = {
+    "version": 2,
+    "stage": 1,
+    "action": "progress",
+    "stableVersion": 1,
+    "onStable": 30,
+    "stages": [
+        {
+            "index": 0,
+            "eligible": 4,
+            "installed": 4,
+            "succeeded": 4,
+            "failed": 0,
+            "successRate": 1.0,
+            "p95LatencySeconds": 0.4,
+            "coverageSeconds": {"p50": 2.0, "p90": 5.5, "p99": 5.5},
+        },
+        {
+            "index": 1,
+            "eligible": 10,
+            "installed": 5,
+            "succeeded": 4,
+            "failed": 1,
+            "successRate": 0.8,
+            "p95LatencySeconds": 0.9,
+            "coverageSeconds": {"p50": 3.0},
+        },
+        {"index": 2, "eligible": 40, "installed": 5, "succeeded": 4, "failed": 1},
+    ],
+}
+ROLLOUT = {
+    "phase": "Paused",
+    "currentStage": 1,
+    "message": "Stage 2 (gray) failed its gates (errorRate is 0.2, must be <= 0.1): paused.",
+    "stages": [
+        {
+            "name": "beta",
+            "phase": "Passed",
+            "gates": [{"metric": "successRate", "min": 0.9, "value": 1.0, "state": "Passed"}],
+        },
+        {
+            "name": "gray",
+            "phase": "Failed",
+            "gates": [{"metric": "errorRate", "max": 0.1, "value": 0.2, "state": "Failed"}],
+        },
+        {"name": "full", "phase": "Pending"},
+    ],
+}
+
+
+def text(renderable: object) -> str:
+    out = io.StringIO()
+    Console(file=out, width=160, color_system=None).print(renderable)
+    return out.getvalue()
+
+
+def test_bar() -> None:
+    assert rollout_view.bar(0, 10, width=10) == "░" * 10
+    assert rollout_view.bar(5, 10, width=10) == "█" * 5 + "░" * 5
+    assert rollout_view.bar(12, 10, width=4) == "████" and rollout_view.bar(1, 0, width=3) == "░░░"
+
+
+def test_stages_gates_and_counts_are_shown() -> None:
+    shown = text(rollout_view.render(HEALTH, ROLLOUT))
+    assert "version 2  stage 2/3" in shown and "Paused" in shown and "stable v1 (30 devices on it)" in shown
+    assert "▶ gray" in shown and "beta" in shown and "full" in shown
+    assert "80.0%" in shown and "p50=2s p90=5.5s p99=5.5s" in shown
+    assert "gray: errorRate <= 0.1" in shown and "0.2  Failed" in shown
+    assert "failed its gates" in shown
+
+
+def test_without_the_object_the_controller_counts_still_show() -> None:
+    shown = text(rollout_view.render(HEALTH))
+    assert "stage-2" in shown and "Current" in shown and "gates" not in shown

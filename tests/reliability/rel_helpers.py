@@ -1,0 +1,113 @@
+"""Helpers of the reliability tests (imported as a top-level module: tests have no packages)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import pathlib
+import socket
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+from tether.common import config
+
+ADMIN_TOKEN = "admin-token-for-reliability-tests"
+BOOTSTRAP_TOKEN = "bootstrap-token-for-reliability-tests"
+
+
+class NullEnqueuer:
+    async def enqueue(self, *, release: str, version: int) -> None:
+        return None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def controller_config(database_url: str, blob_dir: pathlib.Path, **overrides: Any) -> config.ControllerConfig:
+    values: dict[str, Any] = {
+        "database_url": database_url,
+        "admin_token": ADMIN_TOKEN,
+        "bootstrap_token": BOOTSTRAP_TOKEN,
+        "listen": "127.0.0.1:0",
+        "blob_dir": blob_dir,
+        "grace_s": 0.2,
+        "pool_max_size": 4,
+    }
+    values.update(overrides)
+    return config.ControllerConfig(**values)
+
+
+@contextlib.contextmanager
+def controller_in_thread(cfg: config.ControllerConfig) -> Iterator[Any]:
+    """A controller on its own event loop in a thread, for synchronous tests (hypothesis)."""
+    from tether.controller import server
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    running = asyncio.run_coroutine_threadsafe(server.start_controller(cfg, enqueuer=NullEnqueuer()), loop).result(60)
+    try:
+        yield running
+    finally:
+        asyncio.run_coroutine_threadsafe(running.stop(grace=0.1), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+
+
+class Proxy:
+    """A TCP relay that counts bytes and can throttle the server→client direction."""
+
+    def __init__(self, upstream: tuple[str, int], *, down_bytes_per_s: float | None = None) -> None:
+        self.upstream = upstream
+        self.rate = down_bytes_per_s
+        self.down = 0
+        self.up = 0
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> str:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        port = self._server.sockets[0].getsockname()[1]
+        return f"127.0.0.1:{port}"
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.upstream)
+        except OSError:
+            writer.close()
+            return
+        pumps = [
+            asyncio.create_task(self._pump(reader, up_writer, down=False)),
+            asyncio.create_task(self._pump(up_reader, writer, down=True)),
+        ]
+        self._tasks.update(pumps)
+        await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+        for t in pumps:
+            t.cancel()
+        for w in (writer, up_writer):
+            w.close()
+        self._tasks.difference_update(pumps)
+
+    async def _pump(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, *, down: bool) -> None:
+        size = 16 * 1024
+        while data := await src.read(size):
+            if down:
+                self.down += len(data)
+                if self.rate:
+                    await asyncio.sleep(len(data) / self.rate)
+            else:
+                self.up += len(data)
+            dst.write(data)
+            await dst.drain()
