@@ -27,6 +27,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, 
 from typing import Any, TypeVar
 
 import grpc
+import psycopg_pool
 
 from tether.common import auth, credentials, errors, manifest, signing
 from tether.controller import blobcache, blobs, device_auth, devices, hub, releases, rollouts, store, uploads
@@ -57,10 +58,20 @@ DELIVERY_STATES: dict[int, str] = {
 R = TypeVar("R")
 
 
+_overload_logged_at = -1e9
+
+
 async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
     if isinstance(exc, errors.TetherError):
         code = getattr(grpc.StatusCode, exc.code, grpc.StatusCode.INTERNAL)
         await context.abort(code, str(exc), trailing_metadata=((auth.ERROR_TYPE_METADATA, type(exc).__name__),))
+    if isinstance(exc, psycopg_pool.TooManyRequests | psycopg_pool.PoolTimeout):
+        # Overload, not a bug: shed the request cheaply (no traceback per request); clients back off and retry.
+        global _overload_logged_at
+        if time.monotonic() - _overload_logged_at > 10:  # once per 10 s: a log line per request is load too
+            _overload_logged_at = time.monotonic()
+            log.warning("database pool saturated (%s): answering UNAVAILABLE", type(exc).__name__)
+        await context.abort(grpc.StatusCode.UNAVAILABLE, "controller busy; retry with backoff")
     log.exception("unexpected error in %s", type(exc).__name__, exc_info=exc)
     await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the controller log")
 
