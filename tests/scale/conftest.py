@@ -5,16 +5,9 @@ from __future__ import annotations
 import pathlib
 
 import pytest
+from scale_helpers import ADMIN_TOKEN, BOOTSTRAP_TOKEN
 
 from tether.common import config
-
-ADMIN_TOKEN = "admin-token-for-scale-tests"
-BOOTSTRAP_TOKEN = "bootstrap-token-for-scale-tests"
-
-
-class NullEnqueuer:
-    async def enqueue(self, *, release: str, version: int) -> None:
-        return None
 
 
 @pytest.fixture()

@@ -8,7 +8,7 @@ import os
 import grpc
 import psycopg
 import pytest
-from conftest import ADMIN_TOKEN, BOOTSTRAP_TOKEN, NullEnqueuer
+from scale_helpers import ADMIN_TOKEN, BOOTSTRAP_TOKEN, NullEnqueuer
 
 from tether.common import admin, auth, manifest
 from tether.controller import replicas, server

@@ -23,6 +23,7 @@ the controller's `Notify.sent_at_ms`) and when the version was installed.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import hashlib
@@ -130,6 +131,7 @@ class SimAgent:
         self.credential = ""
         self.connected = False
         self.errors = 0
+        self.error_codes: collections.Counter[str] = collections.Counter()  # by status code and RPC
         self.installed: dict[str, tuple[int, str]] = {}  # release -> (version, manifest digest)
         self.cache: set[str] = set()  # blob digests held (content-addressed, shared by every release)
         self._manifests: dict[str, list[list[str]]] = {}  # release -> blob digests of [previous, current]
@@ -153,6 +155,10 @@ class SimAgent:
                 w.cancel()
             await asyncio.gather(*self._workers.values(), return_exceptions=True)
 
+    def _count(self, error: grpc.aio.AioRpcError, what: str) -> None:
+        self.errors += 1
+        self.error_codes[f"{what}:{error.code().name}"] += 1
+
     def _md(self) -> tuple[tuple[str, str], ...]:
         return auth.bearer_metadata(self.credential)
 
@@ -168,7 +174,7 @@ class SimAgent:
             except grpc.aio.AioRpcError as e:
                 if e.code() not in RETRYABLE:
                     raise
-                self.errors += 1
+                self._count(e, "Enroll")
                 await asyncio.sleep(self.backoff.delay(attempt, self._rng))
                 attempt += 1
 
@@ -182,7 +188,7 @@ class SimAgent:
                         self.connected, attempt = True, 0
                     self._on_event(event)
             except grpc.aio.AioRpcError as e:
-                self.errors += 1
+                self._count(e, "Subscribe")
                 if e.code() == grpc.StatusCode.UNAUTHENTICATED:
                     self.credential = ""
                     await self._enroll()
@@ -200,8 +206,8 @@ class SimAgent:
             try:
                 sync = await self._stub.GetDesired(pb.GetDesiredRequest(), metadata=self._md(), timeout=self._timeout_s)
                 self._on_sync(sync, heard_at=time.time())
-            except grpc.aio.AioRpcError:
-                self.errors += 1
+            except grpc.aio.AioRpcError as e:
+                self._count(e, "GetDesired")
             next_at += self.poll_s
             await asyncio.sleep(max(0.0, next_at - time.monotonic()))
 
@@ -262,7 +268,7 @@ class SimAgent:
             except asyncio.CancelledError:
                 raise
             except grpc.aio.AioRpcError as e:
-                self.errors += 1
+                self._count(e, "install")
                 if e.code() not in RETRYABLE:  # refused for good (e.g. untargeted meanwhile): wait for news
                     await kick.wait()
                     continue
@@ -394,6 +400,7 @@ class Batch:
             "connected": sum(1 for a in self.agents if a.connected),
             "installed": {r: {str(v): n for v, n in per.items()} for r, per in installed.items()},
             "errors": sum(a.errors for a in self.agents),
+            "error_codes": dict(sum((a.error_codes for a in self.agents), collections.Counter()).most_common(6)),
             "crashed": sum(1 for t in self.tasks if t.done() and not t.cancelled() and t.exception() is not None),
             "cpu_s": sum(os.times()[:2]),  # this worker process: where the simulator, not the server, is busy
         }

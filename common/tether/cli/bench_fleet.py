@@ -241,6 +241,8 @@ class FleetBench:
         for s in await self._all({"cmd": "status"}, timeout=60):
             for k in ("agents", "enrolled", "connected", "errors", "crashed", "cpu_s"):
                 total[k] += s[k]
+            for code, n in s.get("error_codes", {}).items():
+                total.setdefault("error_codes", {})[code] = total.get("error_codes", {}).get(code, 0) + n
             for release, per in s["installed"].items():
                 into = total["installed"].setdefault(release, {})
                 for v, n in per.items():

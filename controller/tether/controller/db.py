@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _MIGRATION_LOCK = 0x7E7E_0001  # arbitrary, constant: pg_advisory_xact_lock key
+MAX_WAITING = 20_000  # requests queued for a pooled connection (a waiter is a future: ~1 KB)
 
 
 def migration_files() -> list[tuple[str, str]]:
@@ -74,7 +75,9 @@ async def open_pool(
         # Autocommit: a lone read commits by itself; every write opens an explicit `conn.transaction()`.
         kwargs={"autocommit": True},
         # A request waits at most `timeout` for a connection, then fails clearly instead of piling up.
-        max_waiting=max_size * 50,
+        # The queue is deep enough for a fleet pulling at once: a rejected device retries the whole
+        # install after a backoff, so rejecting early costs more than waiting (tether bench fleet).
+        max_waiting=max(max_size * 50, MAX_WAITING),
     )
     try:
         await pool.open(wait=True, timeout=timeout)
