@@ -284,7 +284,7 @@ async def test_a_policy_the_agent_cannot_honour_is_refused_and_the_agent_keeps_g
         "ns/bad-key": ({}, {"gpus": 1}, "resources.gpus: unknown key"),
         "ns/bad-trigger": ({"type": "lunar"}, {}, "trigger: type 'lunar' is not supported"),
         "ns/bad-cron": ({"type": "cron", "schedule": "61 * * * *"}, {}, "trigger.schedule: minute: 61"),
-        "ns/bad-interval": ({"type": "interval", "seconds": "60"}, {}, "trigger: interval seconds"),
+        "ns/bad-interval": ({"type": "interval", "seconds": "60"}, {}, "trigger.seconds: interval seconds"),
     }
     for i, (name, (trigger, resources, _)) in enumerate(bad.items()):
         fake.publish(

@@ -132,10 +132,70 @@ def test_policy_json_is_canonical_and_empty_for_the_default():
     assert releases.policy_json({"memoryMB": 64, "cpuSeconds": 2}) == '{"cpuSeconds":2,"memoryMB":64}'
 
 
-def test_interval_trigger_and_unknown_trigger_types_pass():
-    assert spec(trigger_json=json.dumps({"type": "interval", "seconds": 60})).trigger["seconds"] == 60
-    assert spec(trigger_json=json.dumps({"type": "onDemand"})).trigger == {"type": "onDemand"}
+CRON = {"type": "cron", "schedule": "*/15 9-17 * * mon-fri", "timezone": "Europe/Berlin"}
+PATTERN = {
+    "type": "pattern",
+    "pattern": {"steps": [{"type": "page_view", "page": "item"}, {"type": "add_to_cart"}], "within": 30},
+    "cooldownSeconds": 60,
+}
+WINDOWED = {
+    "type": "cron",
+    "schedule": "0 * * * *",
+    "window": {"seconds": 3600, "types": ["page_view"]},
+    "aggregate": [{"name": "dwell", "by": "page", "value": "dwell_ms", "ops": ["count", "mean"]}],
+    "conditions": {"charging": True},
+}
+
+
+@pytest.mark.parametrize(
+    "trigger",
+    [
+        {"type": "interval", "seconds": 60},
+        {"type": "onDemand"},
+        {"type": "onInstall", "conditions": {"idle": True}},
+        CRON,
+        PATTERN,
+        WINDOWED,
+    ],
+)
+def test_every_trigger_type_the_agents_run_is_accepted_unchanged(trigger):
+    assert spec(trigger_json=json.dumps(trigger)).trigger == trigger
+
+
+def test_an_empty_trigger_is_the_default():
     assert spec(trigger_json="").trigger == {}
+
+
+@pytest.mark.parametrize(
+    ("trigger", "field", "words"),
+    [
+        ({"type": "lunar"}, "trigger.type", "is not one of"),
+        ({"type": "cron"}, "trigger.schedule", "non-empty string"),
+        ({"type": "cron", "schedule": "61 * * * *"}, "trigger.schedule", "minute: 61"),
+        ({"type": "cron", "schedule": "* * *"}, "trigger.schedule", "has 3 fields"),
+        ({"type": "cron", "schedule": "0 0 31 2 *"}, "trigger.schedule", "never fires"),
+        ({**CRON, "timezone": "Mars/Olympus"}, "trigger.timezone", "unknown time zone"),
+        ({"type": "pattern"}, "trigger.pattern", "must be an object"),
+        ({**PATTERN, "pattern": {"steps": []}}, "trigger.pattern.steps", "1 to 8 steps"),
+        ({**PATTERN, "pattern": {"steps": [{"page": "x"}]}}, "trigger.pattern.steps[0].type", "non-empty"),
+        (
+            {**PATTERN, "pattern": {"steps": [{"type": "a", "where": {"price": {"approx": 1}}}]}},
+            "trigger.pattern.steps[0].where.price",
+            "operator 'approx'",
+        ),
+        ({**PATTERN, "cooldownSeconds": -1}, "trigger.cooldownSeconds", "seconds in"),
+        ({"type": "cron", "schedule": "@daily", "cooldownSeconds": 5}, "trigger", "unknown keys"),
+        ({"type": "onInstall", "aggregate": [{"by": "page"}]}, "trigger.aggregate", "need a window"),
+        ({"type": "onInstall", "window": {"count": 0}}, "trigger.window.count", "integer in"),
+        ({"type": "onInstall", "conditions": {"sunny": True}}, "trigger.conditions.sunny", "unknown condition"),
+        ({"type": "onInstall", "conditions": {"charging": "yes"}}, "trigger.conditions.charging", "true or false"),
+    ],
+)
+def test_bad_triggers_are_refused_naming_the_field(trigger, field, words):
+    with pytest.raises(errors.InvalidSpec) as info:
+        spec(trigger_json=json.dumps(trigger))
+    assert info.value.field == field
+    assert words in str(info.value)
 
 
 @pytest.mark.parametrize(

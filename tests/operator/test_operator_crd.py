@@ -98,7 +98,15 @@ def test_the_schema_carries_enums_bounds_and_patterns(schema: dict[str, Any]) ->
     spec = schema["properties"]["spec"]
     assert spec["required"] == ["bundle"]
     assert spec["properties"]["bundle"]["properties"]["digest"]["pattern"] == model.DIGEST_PATTERN
-    assert spec["properties"]["trigger"]["properties"]["type"]["enum"] == ["onInstall", "interval"]
+    assert spec["properties"]["trigger"]["properties"]["type"]["enum"] == [
+        "onInstall",
+        "interval",
+        "cron",
+        "onDemand",
+        "pattern",
+    ]
+    where = spec["properties"]["trigger"]["properties"]["pattern"]["properties"]["steps"]["items"]["properties"]
+    assert where["where"]["x-kubernetes-preserve-unknown-fields"] is True  # free-form conditions survive pruning
     interval = spec["properties"]["trigger"]["properties"]["intervalSeconds"]
     assert interval["type"] == "integer" and interval["nullable"] is True and interval["minimum"] == 1
     stage = spec["properties"]["rollout"]["properties"]["stages"]["items"]["properties"]["percent"]

@@ -56,7 +56,7 @@ def test_a_minimal_spec_gets_the_defaults() -> None:
         pytest.param(spec(bundle={"digest": "sha256:xyz"}), "spec.bundle.digest", "sha256:<64", id="bad-digest"),
         pytest.param(spec(bundle={"digest": "md5:" + "a" * 64}), "spec.bundle.digest", "sha256:<64", id="algo"),
         pytest.param(spec(bundle={"digest": DIGEST.upper()}), "spec.bundle.digest", "lowercase", id="upper-hex"),
-        pytest.param(spec(trigger={"type": "cron"}), "spec.trigger.type", "must be one of", id="trigger-type"),
+        pytest.param(spec(trigger={"type": "lunar"}), "spec.trigger.type", "must be one of", id="trigger-type"),
         pytest.param(
             spec(trigger={"type": "interval"}), "spec.trigger.intervalSeconds", "is required when", id="no-interval"
         ),

@@ -15,7 +15,9 @@ Whatever the type, the controller can run an installed task on demand
 
 A document this agent cannot honour exactly (unknown type or key, bad value)
 raises InvalidSpec naming the field, and the daemon refuses that version
-before downloading anything.
+before downloading anything. The parser (`Trigger`) is pure and lives in
+`tether.common.triggers`, so the operator and the controller validate triggers
+with it at apply time; it is re-exported here.
 """
 
 from __future__ import annotations
@@ -25,90 +27,10 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from tether.agent import cron
 from tether.agent.stream import processor
-from tether.common import errors
+from tether.common.triggers import MAX_INTERVAL_S, MAX_TRIGGER_BYTES, TYPES, Trigger
 
-MAX_TRIGGER_BYTES = 64 * 1024
-MAX_INTERVAL_S = 366 * 86400
-TYPES = ("onInstall", "interval", "cron", "onDemand", "pattern")
-_STREAM_KEYS = frozenset({"window", "aggregate"})
-_COMMON_KEYS = frozenset({"conditions"})  # participation conditions, any type (tether.agent.participation)
-_KEYS = {
-    "onInstall": frozenset(),
-    "interval": frozenset({"seconds"}),
-    "cron": frozenset({"schedule", "timezone"}),
-    "onDemand": frozenset(),
-    "pattern": frozenset({"pattern", "cooldownSeconds"}),
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class Trigger:
-    """A parsed trigger. `stream` holds the pattern/window/aggregations (None when it has none)."""
-
-    type: str = "onInstall"
-    interval_s: float = 0.0
-    cron: cron.CronSchedule | None = None
-    stream: processor.StreamSpec | None = None
-
-    @classmethod
-    def from_json(cls, text: str) -> Trigger:
-        """Parse `trigger_json` ("" means onInstall); InvalidSpec (field "trigger...") when malformed."""
-        if not text.strip():
-            return cls()
-        if len(text) > MAX_TRIGGER_BYTES:
-            raise errors.InvalidSpec(f"document larger than {MAX_TRIGGER_BYTES} bytes", field="trigger")
-        try:
-            doc = json.loads(text)
-        except ValueError as e:
-            raise errors.InvalidSpec(f"not valid JSON: {e}", field="trigger") from None
-        if not isinstance(doc, dict):
-            raise errors.InvalidSpec("must be an object", field="trigger")
-        return cls.from_doc(doc)
-
-    @classmethod
-    def from_doc(cls, doc: Mapping[str, Any]) -> Trigger:
-        kind = doc.get("type", "onInstall")
-        if kind not in _KEYS:
-            raise errors.InvalidSpec(f"type {kind!r} is not supported by this agent", field="trigger")
-        unknown = set(doc) - {"type"} - _KEYS[kind] - _STREAM_KEYS - _COMMON_KEYS
-        if unknown:
-            raise errors.InvalidSpec(f"unknown keys {sorted(unknown)} for type {kind!r}", field="trigger")
-        stream = None
-        if kind == "pattern" or set(doc) & _STREAM_KEYS:
-            stream = processor.StreamSpec.from_trigger(doc, require_pattern=kind == "pattern")
-        if kind == "interval":
-            seconds = doc.get("seconds")
-            if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not 1 <= seconds <= MAX_INTERVAL_S:
-                raise errors.InvalidSpec(f"interval seconds must be a number in [1, {MAX_INTERVAL_S}]", field="trigger")
-            return cls("interval", float(seconds), stream=stream)
-        if kind == "cron":
-            timezone = doc.get("timezone", "UTC")
-            if not isinstance(timezone, str):
-                raise errors.InvalidSpec("must be a time zone name", field="trigger.timezone")
-            return cls("cron", cron=cron.CronSchedule.parse(doc.get("schedule"), timezone=timezone), stream=stream)
-        return cls(kind, stream=stream)
-
-    @property
-    def scheduled(self) -> bool:
-        return self.type in ("interval", "cron")
-
-    def next_due(self, *, last_run: float | None, armed_at: float) -> float | None:
-        """When an interval/cron trigger fires next, as a timestamp (None for the other types).
-
-        interval: `last_run + seconds`, or right away when it never ran. cron: the
-        first firing after the later of the last run and `armed_at` (when the
-        agent started watching this version): firings missed while the agent was
-        down are not made up.
-        """
-        if self.type == "interval":
-            return armed_at if last_run is None else last_run + self.interval_s
-        if self.type == "cron" and self.cron is not None:
-            after = armed_at if last_run is None else max(last_run, armed_at)
-            return self.cron.next_after(after)
-        return None
-
+__all__ = ["MAX_INTERVAL_S", "MAX_TRIGGER_BYTES", "TYPES", "Dispatcher", "PendingRun", "Trigger"]
 
 # ---------------------------------------------------------------- the agent side: armed triggers and pending runs
 

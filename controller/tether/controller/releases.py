@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import re
 from collections.abc import Mapping
 from typing import Any
 
-from tether.common import errors, manifest
+from tether.common import errors, manifest, triggers
 from tether.controller import rollouts, targeting
 
 # "<namespace>/<name>": a Kubernetes namespace (DNS label) and object name (DNS subdomain).
@@ -28,7 +27,7 @@ MAX_POLICY_BYTES = 64 * 1024
 TENSOR_AGGREGATIONS = frozenset({"weightedMean", "mean", "sum"})
 METRIC_AGGREGATIONS = frozenset({"weightedMean", "mean"})
 COUNT_AGGREGATIONS = frozenset({"sum"})
-MAX_INTERVAL_SECONDS = 366 * 24 * 3600  # what agents accept (tether.agent.daemon.Trigger)
+MAX_INTERVAL_SECONDS = triggers.MAX_INTERVAL_S  # what agents accept (tether.common.triggers)
 # Per-run limits a release may ask for (MLTask `spec.resources`), inclusive bounds.
 # The agent runs a task under the smaller of these and its own device caps.
 RESOURCE_BOUNDS: Mapping[str, tuple[int, int]] = {
@@ -156,36 +155,21 @@ def parse_spec(
     )
 
 
-def check_trigger(trigger: Mapping[str, Any], *, field: str = "trigger") -> None:
-    """A trigger names its type; the agent interprets it. Known types are checked here."""
+def check_trigger(trigger: Mapping[str, Any]) -> None:
+    """A trigger an agent of this version can honour: the agents' own parser (`tether.common.triggers`).
+
+    Every type agents run is accepted (onInstall, interval, cron, onDemand,
+    pattern, with stream windows, aggregations and participation conditions);
+    errors name the field (`trigger.schedule`, `trigger.pattern.steps[0].type`).
+    """
     if not trigger:
         return  # the agent's default (run on install)
     kind = trigger.get("type")
     if not isinstance(kind, str) or not kind:
-        raise errors.InvalidSpec("must name a non-empty string type", field=f"{field}.type")
-    conditions = trigger.get("conditions")
-    if conditions is not None:
-        # Participation conditions: run only while charging / on an unmetered network / idle.
-        if not isinstance(conditions, dict):
-            raise errors.InvalidSpec("must be an object", field=f"{field}.conditions")
-        for key, value in conditions.items():
-            if key not in rollouts.CONDITION_KEYS:
-                raise errors.InvalidSpec(
-                    f"unknown condition; allowed are {list(rollouts.CONDITION_KEYS)}", field=f"{field}.conditions.{key}"
-                )
-            if not isinstance(value, bool):
-                raise errors.InvalidSpec(f"must be true or false, got {value!r}", field=f"{field}.conditions.{key}")
-    if kind == "interval":
-        seconds = trigger.get("seconds")
-        if (
-            not isinstance(seconds, int | float)
-            or isinstance(seconds, bool)
-            or not math.isfinite(seconds)
-            or not 1 <= seconds <= MAX_INTERVAL_SECONDS
-        ):
-            raise errors.InvalidSpec(
-                f"must be a number in [1, {MAX_INTERVAL_SECONDS}], got {seconds!r}", field=f"{field}.seconds"
-            )
+        raise errors.InvalidSpec("must name a non-empty string type", field="trigger.type")
+    if kind not in triggers.TYPES:
+        raise errors.InvalidSpec(f"{kind!r} is not one of {list(triggers.TYPES)}", field="trigger.type")
+    triggers.Trigger.from_doc(trigger)
 
 
 def check_aggregation(aggregation: Mapping[str, Any], *, field: str = "aggregation") -> None:

@@ -11,16 +11,18 @@ only those can be expressed in the CRD's OpenAPI schema. Rules across fields
 (stage percents increase, an interval trigger names its interval) live in
 `validate.py`, which reports them with the path of the offending field.
 
-Pure: pydantic only, no I/O.
+Pure: pydantic and the shared trigger limits (tether.common), no I/O.
 """
 
 from __future__ import annotations
 
 import enum
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import pydantic
 from pydantic import alias_generators
+
+from tether.common import cron, streamspec
 
 GROUP = "tether.dev"
 VERSION = "v1alpha1"
@@ -71,19 +73,106 @@ class Bundle(_Model):
 
 
 class TriggerType(enum.StrEnum):
-    """When a device runs an installed task."""
+    """When a device runs an installed task (the trigger types agents accept: tether.common.triggers)."""
 
     ON_INSTALL = "onInstall"
     INTERVAL = "interval"
+    CRON = "cron"
+    ON_DEMAND = "onDemand"
+    PATTERN = "pattern"
+
+
+class PatternStep(_Model):
+    """One step of an event-sequence pattern: an event of this type (and page) meeting the conditions."""
+
+    type: str = pydantic.Field(
+        min_length=1, description="The event type the step matches, e.g. `page_view` or `add_to_cart`."
+    )
+    page: str | None = pydantic.Field(
+        default=None, description="The page (or scene) the event must have happened on; any page when unset."
+    )
+    where: dict[str, Any] | None = pydantic.Field(
+        default=None,
+        max_length=streamspec.MAX_CONDITIONS,
+        description="Conditions on the event's attributes (or its `key`): `{attr: value}` means equality, "
+        "`{attr: {op: value}}` uses one of `eq`, `ne`, `in`, `notIn` (a list), `gt`, `gte`, `lt`, `lte` "
+        "(a number), `exists` (true or false), `prefix` (a string).",
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+    )
+
+
+class Pattern(_Model):
+    """An ordered sequence of on-device events that fires a `pattern` trigger when it completes."""
+
+    steps: list[PatternStep] = pydantic.Field(
+        min_length=1,
+        max_length=streamspec.MAX_STEPS,
+        description="The events to match, in order (other events may come in between).",
+    )
+    within: float | None = pydantic.Field(
+        default=None,
+        ge=0,
+        le=streamspec.MAX_WITHIN_S,
+        description=f"Seconds from the first step's event to the last one's; defaults to "
+        f"{streamspec.MAX_WITHIN_S} (seven days).",
+    )
+
+
+class StreamWindow(_Model):
+    """The on-device events a run receives in `ctx.inputs["events"]`: the latest ones up to when it fires."""
+
+    seconds: float | None = pydantic.Field(
+        default=None,
+        gt=0,
+        le=streamspec.MAX_WINDOW_SECONDS,
+        description="A time window: the events of the last this many seconds. Give `seconds`, `count` or both.",
+    )
+    count: int | None = pydantic.Field(
+        default=None,
+        ge=1,
+        le=streamspec.MAX_WINDOW_EVENTS,
+        description="A count window: the last this many events (within `seconds` when both are given).",
+    )
+    types: list[Annotated[str, pydantic.Field(min_length=1)]] | None = pydantic.Field(
+        default=None, min_length=1, description="Only events of these types; every type when unset."
+    )
+
+
+AggregateOp = Literal["count", "sum", "mean", "min", "max"]
+
+
+class StreamAggregation(_Model):
+    """Per-group statistics over the window's events, handed to the run in `ctx.inputs["aggregates"]`."""
+
+    name: str | None = pydantic.Field(
+        default=None,
+        min_length=1,
+        description="The key of the result in `ctx.inputs['aggregates']`; defaults to `by_<by>`.",
+    )
+    by: str = pydantic.Field(
+        min_length=1, description="What events are grouped by: `type`, `page`, `key` or an attribute name."
+    )
+    value: str | None = pydantic.Field(
+        default=None,
+        min_length=1,
+        description="The numeric attribute that `sum`, `mean`, `min` and `max` are computed over.",
+    )
+    ops: list[AggregateOp] | None = pydantic.Field(
+        default=None,
+        min_length=1,
+        description="Statistics per group: `count`, `sum`, `mean`, `min`, `max`; `[count]` when unset.",
+    )
 
 
 class Trigger(_Model):
-    """When a device runs the task once it is installed."""
+    """When a device runs the task once it is installed (the controller can also run it on demand)."""
 
     type: TriggerType = pydantic.Field(
         default=TriggerType.ON_INSTALL,
         description="`onInstall`: run once, right after the task is installed. "
-        "`interval`: run every `intervalSeconds`.",
+        "`interval`: run every `intervalSeconds`. `cron`: run on the cron `schedule` (in `timezone`). "
+        "`onDemand`: run only when the controller asks (TriggerRun). "
+        "`pattern`: run when the device's event stream matches `pattern`.",
     )
     interval_seconds: int | None = pydantic.Field(
         default=None,
@@ -91,11 +180,71 @@ class Trigger(_Model):
         le=MAX_INTERVAL_SECONDS,
         description="Seconds between runs; required when `type` is `interval`, not allowed otherwise.",
     )
+    schedule: str | None = pydantic.Field(
+        default=None,
+        min_length=1,
+        max_length=cron.MAX_EXPRESSION_LEN,
+        description="A five-field cron expression (`minute hour day-of-month month day-of-week`, with ranges, "
+        "steps, lists, month and weekday names, or `@hourly`, `@daily`, `@weekly`, `@monthly`, `@yearly`), "
+        "e.g. `0 3 * * *`; required when `type` is `cron`, not allowed otherwise. Runs missed while a device "
+        "is off are not made up.",
+    )
+    timezone: str | None = pydantic.Field(
+        default=None,
+        min_length=1,
+        max_length=64,
+        description="The IANA time zone the cron `schedule` is evaluated in, e.g. `Europe/Berlin`; `UTC` when "
+        "unset. Only with `type: cron`.",
+    )
+    pattern: Pattern | None = pydantic.Field(
+        default=None,
+        description="The event sequence that fires the task; required when `type` is `pattern`, "
+        "not allowed otherwise. The run receives the matching events in `ctx.inputs['match']`.",
+    )
+    cooldown_seconds: float | None = pydantic.Field(
+        default=None,
+        ge=0,
+        le=streamspec.MAX_COOLDOWN_S,
+        description="Minimum seconds between two runs fired by the pattern; only with `type: pattern`.",
+    )
+    window: StreamWindow | None = pydantic.Field(
+        default=None,
+        description="The on-device events each run receives in `ctx.inputs['events']` (any trigger type).",
+    )
+    aggregate: list[StreamAggregation] | None = pydantic.Field(
+        default=None,
+        min_length=1,
+        max_length=streamspec.MAX_AGGREGATIONS,
+        description="Statistics over the `window`'s events each run receives in `ctx.inputs['aggregates']`; "
+        "needs a `window`. Names must be unique.",
+    )
     conditions: Conditions | None = pydantic.Field(
         default=None,
         description="Participation conditions: a device runs the task only while all that are true hold, "
         "evaluated against the state the device reports (a state it cannot tell does not hold it back).",
     )
+
+    def agent_document(self) -> dict[str, Any]:
+        """The trigger as agents read it in `trigger_json` (`tether.common.triggers`): only what is set."""
+        doc: dict[str, Any] = {"type": str(self.type)}
+        if self.interval_seconds is not None:
+            doc["seconds"] = self.interval_seconds
+        if self.schedule is not None:
+            doc["schedule"] = self.schedule
+        if self.timezone is not None:
+            doc["timezone"] = self.timezone
+        if self.pattern is not None:
+            doc["pattern"] = self.pattern.to_json()
+        if self.cooldown_seconds is not None:
+            doc["cooldownSeconds"] = self.cooldown_seconds
+        if self.window is not None:
+            doc["window"] = self.window.to_json()
+        if self.aggregate is not None:
+            doc["aggregate"] = [a.to_json() for a in self.aggregate]
+        conditions = self.conditions
+        if conditions is not None and (conditions.charging or conditions.unmetered_network or conditions.idle):
+            doc["conditions"] = {k: v for k, v in conditions.to_json().items() if v}
+        return doc
 
 
 class Conditions(_Model):

@@ -210,14 +210,9 @@ def release_target(spec: MLTaskSpec) -> dict[str, Any]:
 
 
 def release_trigger(spec: MLTaskSpec) -> dict[str, Any]:
-    """`trigger_json` as `tether.proto` documents it: `{"type": "interval", "seconds": N}`."""
-    doc: dict[str, Any] = {"type": str(spec.trigger.type)}
-    if spec.trigger.interval_seconds is not None:
-        doc["seconds"] = spec.trigger.interval_seconds
-    conditions = spec.trigger.conditions
-    if conditions is not None and (conditions.charging or conditions.unmetered_network or conditions.idle):
-        doc["conditions"] = {k: v for k, v in conditions.to_json().items() if v}
-    return doc
+    """`trigger_json` in the agents' format (`tether.common.triggers`), e.g. `{"type": "interval", "seconds": N}`
+    or `{"type": "cron", "schedule": "0 3 * * *"}`: only the fields the MLTask sets."""
+    return spec.trigger.agent_document()
 
 
 def release_resources(spec: MLTaskSpec) -> dict[str, Any]:

@@ -4,7 +4,9 @@ The API server already enforces the CRD's OpenAPI schema, but the operator
 checks everything again (a spec may come from an emulator, an older CRD, or
 `kubectl apply --validate=false`), then adds the rules no OpenAPI schema can
 say: stage percents that increase and end at 100, an interval trigger that
-names its interval, selector operators with the right number of values.
+names its interval, a cron schedule that parses, a pattern an agent can
+match (with the agents' own parser, `tether.common.triggers`), selector
+operators with the right number of values.
 
 Every problem is reported with the path of the offending field, in the form a
 user can find in their YAML: `spec.rollout.stages[1].percent: must be greater
@@ -19,7 +21,7 @@ from typing import Any
 
 import pydantic
 
-from tether.common import errors, versions
+from tether.common import errors, triggers, versions
 from tether.operator.model import (
     DIGEST_PATTERN,
     GATE_METRICS,
@@ -134,14 +136,43 @@ def semantic_issues(spec: MLTaskSpec) -> Iterator[Issue]:
     yield from _rollout_issues(spec)
 
 
+# Trigger fields that belong to one type: (CRD field, attribute, type).
+_TYPED_TRIGGER_FIELDS = (
+    ("intervalSeconds", "interval_seconds", TriggerType.INTERVAL),
+    ("schedule", "schedule", TriggerType.CRON),
+    ("timezone", "timezone", TriggerType.CRON),
+    ("pattern", "pattern", TriggerType.PATTERN),
+    ("cooldownSeconds", "cooldown_seconds", TriggerType.PATTERN),
+)
+_REQUIRED_TRIGGER_FIELDS = {
+    TriggerType.INTERVAL: ("intervalSeconds", "interval_seconds"),
+    TriggerType.CRON: ("schedule", "schedule"),
+    TriggerType.PATTERN: ("pattern", "pattern"),
+}
+# The agents' trigger document names a field differently from the CRD.
+_AGENT_FIELDS = {"trigger.seconds": "trigger.intervalSeconds"}
+
+
 def _trigger_issues(spec: MLTaskSpec) -> Iterator[Issue]:
+    """Fields that belong to the trigger's type, then the agents' own parser (cron syntax, patterns, windows)."""
     trigger = spec.trigger
-    if trigger.type == TriggerType.INTERVAL and trigger.interval_seconds is None:
-        yield Issue(f"{ROOT}.trigger.intervalSeconds", "is required when trigger.type is interval")
-    if trigger.type != TriggerType.INTERVAL and trigger.interval_seconds is not None:
-        yield Issue(
-            f"{ROOT}.trigger.intervalSeconds", f"is only allowed when trigger.type is interval, not {trigger.type}"
-        )
+    base = f"{ROOT}.trigger"
+    found = False
+    required = _REQUIRED_TRIGGER_FIELDS.get(trigger.type)
+    if required is not None and getattr(trigger, required[1]) is None:
+        found = True
+        yield Issue(f"{base}.{required[0]}", f"is required when trigger.type is {trigger.type}")
+    for name, attr, kind in _TYPED_TRIGGER_FIELDS:
+        if trigger.type != kind and getattr(trigger, attr) is not None:
+            found = True
+            yield Issue(f"{base}.{name}", f"is only allowed when trigger.type is {kind}, not {trigger.type}")
+    if found:
+        return
+    try:  # exactly what an agent of this version will accept (tether.common.triggers, shared with it)
+        triggers.Trigger.from_doc(trigger.agent_document())
+    except errors.InvalidSpec as e:
+        field = _AGENT_FIELDS.get(e.field, e.field or "trigger")
+        yield Issue(f"{ROOT}.{field}", str(e).removeprefix(f"{e.field}: "))
 
 
 def _target_issues(spec: MLTaskSpec) -> Iterator[Issue]:

@@ -1,5 +1,9 @@
 """Event-sequence patterns: the spec, a trie matcher, and the naive per-pattern scan (pure).
 
+The spec (`Pattern`, `Step`, `Condition` and their parser) lives in
+`tether.common.streamspec` so the operator and controller validate patterns
+with the same code; it is re-exported here.
+
 A pattern is an ordered list of steps and a time bound::
 
     {"steps": [{"type": "page_view", "page": "item"},
@@ -38,156 +42,39 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Iterable, Sequence
 
 from tether.agent.stream.events import Event
-from tether.common import errors
+from tether.common.streamspec import (  # the pure spec, shared with the operator and the controller
+    MAX_CONDITIONS,
+    MAX_IN_VALUES,
+    MAX_STEPS,
+    MAX_WITHIN_S,
+    OPS,
+    Condition,
+    InvalidPattern,
+    Pattern,
+    Step,
+)
 
-MAX_STEPS = 8
-MAX_CONDITIONS = 16
-MAX_IN_VALUES = 64
-MAX_WITHIN_S = 7 * 86400
-OPS = frozenset({"eq", "ne", "in", "notIn", "gt", "gte", "lt", "lte", "exists", "prefix"})
-_NUMERIC_OPS = frozenset({"gt", "gte", "lt", "lte"})
+__all__ = [
+    "MAX_CONDITIONS",
+    "MAX_IN_VALUES",
+    "MAX_STEPS",
+    "MAX_WITHIN_S",
+    "NEG_INF",
+    "OPS",
+    "Condition",
+    "InvalidPattern",
+    "Match",
+    "NaiveMatcher",
+    "Pattern",
+    "Step",
+    "TrieMatcher",
+    "feed_all",
+]
+
 NEG_INF = -math.inf
-
-
-class InvalidPattern(errors.InvalidSpec):
-    """A pattern spec is malformed (`field` names where)."""
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool)
-
-
-def _equal(a: Any, b: Any) -> bool:
-    """Strings equal strings, numbers numbers (1 == 1.0), booleans booleans (True != 1)."""
-    if isinstance(a, bool) or isinstance(b, bool):
-        return isinstance(a, bool) and isinstance(b, bool) and a == b
-    if _is_number(a) and _is_number(b):
-        return bool(a == b)
-    return type(a) is type(b) and a == b
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Condition:
-    attr: str
-    op: str
-    value: Any  # a scalar, a frozenset for in/notIn, a bool for exists
-
-    def test(self, event: Event) -> bool:
-        actual = event.get(self.attr)
-        op = self.op
-        if op == "exists":
-            return (actual is not None) == self.value
-        if actual is None:
-            return op in ("ne", "notIn")
-        if op == "eq":
-            return _equal(actual, self.value)
-        if op == "ne":
-            return not _equal(actual, self.value)
-        if op == "in":
-            return any(_equal(actual, v) for v in self.value)
-        if op == "notIn":
-            return not any(_equal(actual, v) for v in self.value)
-        if op == "prefix":
-            return isinstance(actual, str) and actual.startswith(self.value)
-        if not _is_number(actual):
-            return False
-        if op == "gt":
-            return actual > self.value
-        if op == "gte":
-            return actual >= self.value
-        if op == "lt":
-            return actual < self.value
-        return actual <= self.value  # lte
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Step:
-    type: str
-    page: str | None = None
-    where: tuple[Condition, ...] = ()
-
-    def test(self, event: Event) -> bool:
-        if event.type != self.type or (self.page is not None and event.page != self.page):
-            return False
-        return all(c.test(event) for c in self.where)
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Pattern:
-    steps: tuple[Step, ...]
-    within_s: float
-
-    @classmethod
-    def from_json(cls, doc: Any, *, field: str = "pattern") -> Pattern:
-        if not isinstance(doc, Mapping):
-            raise InvalidPattern("must be an object", field=field)
-        unknown = set(doc) - {"steps", "within"}
-        if unknown:
-            raise InvalidPattern(f"unknown keys {sorted(map(str, unknown))}", field=field)
-        steps = doc.get("steps")
-        if not isinstance(steps, list) or not 1 <= len(steps) <= MAX_STEPS:
-            raise InvalidPattern(f"must be a list of 1 to {MAX_STEPS} steps", field=f"{field}.steps")
-        within = doc.get("within", MAX_WITHIN_S)
-        if not _is_number(within) or not 0 <= within <= MAX_WITHIN_S:
-            raise InvalidPattern(f"must be seconds in [0, {MAX_WITHIN_S}], got {within!r}", field=f"{field}.within")
-        return cls(
-            steps=tuple(_step(s, field=f"{field}.steps[{i}]") for i, s in enumerate(steps)), within_s=float(within)
-        )
-
-
-def _step(doc: Any, *, field: str) -> Step:
-    if not isinstance(doc, Mapping):
-        raise InvalidPattern("must be an object", field=field)
-    unknown = set(doc) - {"type", "page", "where"}
-    if unknown:
-        raise InvalidPattern(f"unknown keys {sorted(map(str, unknown))}", field=field)
-    kind = doc.get("type")
-    if not isinstance(kind, str) or not kind:
-        raise InvalidPattern("must be a non-empty string", field=f"{field}.type")
-    page = doc.get("page")
-    if page is not None and not isinstance(page, str):
-        raise InvalidPattern("must be a string", field=f"{field}.page")
-    where = doc.get("where") or {}
-    if not isinstance(where, Mapping) or len(where) > MAX_CONDITIONS:
-        raise InvalidPattern(f"must be an object of at most {MAX_CONDITIONS} conditions", field=f"{field}.where")
-    conditions = []
-    for attr, spec in where.items():
-        f = f"{field}.where.{attr}"
-        if not isinstance(attr, str) or not attr:
-            raise InvalidPattern("attribute names must be non-empty strings", field=f)
-        items = spec.items() if isinstance(spec, Mapping) else [("eq", spec)]
-        for op, value in items:
-            conditions.append(_condition(attr, op, value, field=f))
-    conditions.sort(key=lambda c: (c.attr, c.op, repr(c.value)))
-    return Step(type=kind, page=page, where=tuple(conditions))
-
-
-def _scalar(value: Any) -> bool:
-    return isinstance(value, str | bool) or (_is_number(value) and math.isfinite(value))
-
-
-def _condition(attr: str, op: Any, value: Any, *, field: str) -> Condition:
-    if op not in OPS:
-        raise InvalidPattern(f"operator {op!r} is not one of {sorted(OPS)}", field=field)
-    if op in ("in", "notIn"):
-        if not isinstance(value, list) or len(value) > MAX_IN_VALUES or not all(_scalar(v) for v in value):
-            raise InvalidPattern(f"{op} takes a list of at most {MAX_IN_VALUES} scalars", field=field)
-        return Condition(attr, op, frozenset(value))
-    if op == "exists":
-        if not isinstance(value, bool):
-            raise InvalidPattern("exists takes true or false", field=field)
-        return Condition(attr, op, value)
-    if op in _NUMERIC_OPS and not (_is_number(value) and math.isfinite(value)):
-        raise InvalidPattern(f"{op} takes a finite number", field=field)
-    if op == "prefix" and not isinstance(value, str):
-        raise InvalidPattern("prefix takes a string", field=field)
-    if not _scalar(value):
-        raise InvalidPattern(f"{op} takes a string, number or boolean", field=field)
-    return Condition(attr, op, value)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -19,43 +19,20 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from tether.agent.stream import events as events_mod
 from tether.agent.stream import patterns, windows
 from tether.agent.stream.store import EventStore
-from tether.common import errors
+from tether.common.streamspec import MAX_COOLDOWN_S, StreamSpec  # pure, shared with operator/controller
+
+__all__ = ["MAX_BATCH", "MAX_COOLDOWN_S", "Fire", "IngestResult", "StreamProcessor", "StreamSpec"]
 
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 1000
 MAX_ERRORS_REPORTED = 10
-MAX_COOLDOWN_S = 86400
-
-
-@dataclasses.dataclass(frozen=True)
-class StreamSpec:
-    """What a trigger asks of the stream: an optional pattern, window and aggregations."""
-
-    pattern: patterns.Pattern | None = None
-    window: windows.WindowSpec | None = None
-    aggregates: tuple[windows.AggregateSpec, ...] = ()
-    cooldown_s: float = 0.0
-
-    @classmethod
-    def from_trigger(cls, doc: Mapping[str, Any], *, require_pattern: bool) -> StreamSpec:
-        pattern = None
-        if require_pattern or "pattern" in doc:
-            pattern = patterns.Pattern.from_json(doc.get("pattern"), field="trigger.pattern")
-        window = windows.WindowSpec.from_json(doc["window"]) if "window" in doc else None
-        aggregates = windows.parse_aggregates(doc["aggregate"]) if "aggregate" in doc else ()
-        if aggregates and window is None:
-            raise windows.InvalidWindow("aggregations need a window", field="trigger.aggregate")
-        cooldown = doc.get("cooldownSeconds", 0)
-        if isinstance(cooldown, bool) or not isinstance(cooldown, int | float) or not 0 <= cooldown <= MAX_COOLDOWN_S:
-            raise errors.InvalidSpec(f"must be seconds in [0, {MAX_COOLDOWN_S}]", field="trigger.cooldownSeconds")
-        return cls(pattern=pattern, window=window, aggregates=aggregates, cooldown_s=float(cooldown))
 
 
 @dataclasses.dataclass(frozen=True)

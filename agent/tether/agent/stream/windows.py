@@ -17,121 +17,43 @@ An aggregation groups the window's events by `by` (`type`, `page`, `key` or
 an attribute name; events without it are skipped) and computes `ops` over the
 numeric attribute `value` (`count` needs no value). Only raw events stay on
 the device: a task decides what of this leaves it.
+
+The specs (`WindowSpec`, `AggregateSpec`, `parse_aggregates`) live in
+`tether.common.streamspec` and are re-exported here.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from tether.agent.stream.events import Event
-from tether.common import errors
+from tether.common.streamspec import (  # the pure spec, shared with the operator and the controller
+    AGG_OPS,
+    MAX_AGGREGATIONS,
+    MAX_GROUPS,
+    MAX_WINDOW_EVENTS,
+    MAX_WINDOW_SECONDS,
+    AggregateSpec,
+    InvalidWindow,
+    WindowSpec,
+    parse_aggregates,
+)
 
-MAX_WINDOW_EVENTS = 10_000
-MAX_WINDOW_SECONDS = 30 * 86400
-MAX_AGGREGATIONS = 16
-MAX_GROUPS = 1000
-AGG_OPS = ("count", "sum", "mean", "min", "max")
-
-
-class InvalidWindow(errors.InvalidSpec):
-    pass
-
-
-@dataclasses.dataclass(frozen=True)
-class WindowSpec:
-    seconds: float | None = None
-    count: int | None = None
-    types: frozenset[str] | None = None
-
-    @classmethod
-    def from_json(cls, doc: Any, *, field: str = "trigger.window") -> WindowSpec:
-        if not isinstance(doc, Mapping):
-            raise InvalidWindow("must be an object", field=field)
-        unknown = set(doc) - {"seconds", "count", "types"}
-        if unknown:
-            raise InvalidWindow(f"unknown keys {sorted(map(str, unknown))}", field=field)
-        seconds, count, types = doc.get("seconds"), doc.get("count"), doc.get("types")
-        if seconds is None and count is None:
-            raise InvalidWindow("needs seconds, count or both", field=field)
-        if seconds is not None and (
-            isinstance(seconds, bool) or not isinstance(seconds, int | float) or not 0 < seconds <= MAX_WINDOW_SECONDS
-        ):
-            raise InvalidWindow(f"must be in (0, {MAX_WINDOW_SECONDS}]", field=f"{field}.seconds")
-        if count is not None and (
-            isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_WINDOW_EVENTS
-        ):
-            raise InvalidWindow(f"must be an integer in [1, {MAX_WINDOW_EVENTS}]", field=f"{field}.count")
-        if types is not None and (
-            not isinstance(types, list) or not types or not all(isinstance(t, str) and t for t in types)
-        ):
-            raise InvalidWindow("must be a non-empty list of event types", field=f"{field}.types")
-        return cls(
-            seconds=None if seconds is None else float(seconds),
-            count=count,
-            types=None if types is None else frozenset(types),
-        )
-
-    @property
-    def limit(self) -> int:
-        return min(self.count or MAX_WINDOW_EVENTS, MAX_WINDOW_EVENTS)
-
-    def since(self, now: float) -> float | None:
-        return None if self.seconds is None else now - self.seconds
-
-    def select(self, events: Sequence[Event], *, now: float) -> list[Event]:
-        """The window's events out of `events` (oldest first), as the store's query returns them."""
-        since = self.since(now)
-        chosen = [
-            e
-            for e in events
-            if e.ts <= now and (since is None or e.ts > since) and (self.types is None or e.type in self.types)
-        ]
-        return chosen[-self.limit :]
-
-
-@dataclasses.dataclass(frozen=True)
-class AggregateSpec:
-    name: str
-    by: str
-    value: str | None
-    ops: tuple[str, ...]
-
-    @classmethod
-    def from_json(cls, doc: Any, *, field: str) -> AggregateSpec:
-        if not isinstance(doc, Mapping):
-            raise InvalidWindow("must be an object", field=field)
-        unknown = set(doc) - {"name", "by", "value", "ops"}
-        if unknown:
-            raise InvalidWindow(f"unknown keys {sorted(map(str, unknown))}", field=field)
-        by = doc.get("by")
-        if not isinstance(by, str) or not by:
-            raise InvalidWindow("must name what to group by (type, page, key or an attribute)", field=f"{field}.by")
-        value = doc.get("value")
-        if value is not None and (not isinstance(value, str) or not value):
-            raise InvalidWindow("must name a numeric attribute", field=f"{field}.value")
-        ops = doc.get("ops", ["count"])
-        if not isinstance(ops, list) or not ops or not all(op in AGG_OPS for op in ops):
-            raise InvalidWindow(f"must be a non-empty list of {list(AGG_OPS)}", field=f"{field}.ops")
-        if value is None and set(ops) - {"count"}:
-            raise InvalidWindow("ops other than count need a value attribute", field=f"{field}.value")
-        name = doc.get("name", f"by_{by}")
-        if not isinstance(name, str) or not name:
-            raise InvalidWindow("must be a non-empty string", field=f"{field}.name")
-        return cls(name=name, by=by, value=value, ops=tuple(dict.fromkeys(ops)))
-
-
-def parse_aggregates(doc: Any, *, field: str = "trigger.aggregate") -> tuple[AggregateSpec, ...]:
-    items = [doc] if isinstance(doc, Mapping) else doc
-    if not isinstance(items, list) or len(items) > MAX_AGGREGATIONS:
-        raise InvalidWindow(f"must be an object or a list of at most {MAX_AGGREGATIONS}", field=field)
-    specs = tuple(AggregateSpec.from_json(d, field=f"{field}[{i}]") for i, d in enumerate(items))
-    names = [s.name for s in specs]
-    if len(set(names)) != len(names):
-        raise InvalidWindow(f"names must be unique, got {names}", field=field)
-    return specs
+__all__ = [
+    "AGG_OPS",
+    "MAX_AGGREGATIONS",
+    "MAX_GROUPS",
+    "MAX_WINDOW_EVENTS",
+    "MAX_WINDOW_SECONDS",
+    "AggregateSpec",
+    "InvalidWindow",
+    "WindowSpec",
+    "aggregate",
+    "aggregate_all",
+    "parse_aggregates",
+]
 
 
 def _group(event: Event, by: str) -> str | None:
