@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 
@@ -47,6 +48,29 @@ def _tail(path: pathlib.Path, n: int = 30) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
     except OSError:
         return "(no log)"
+
+
+def _die_with_parent(sig: int) -> object:
+    """A `preexec_fn` asking Linux to send `sig` to the server when the process that started it dies.
+
+    Without it, a test run or demo killed with SIGKILL leaves its embedded servers running.
+    The request is bound to the starting *thread*, so it is made only from the main thread
+    (a worker thread that exits would otherwise stop the server with it).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+    pr_set_pdeathsig = 1
+
+    def preexec() -> None:  # runs in the child, after it switched user, before exec
+        libc.prctl(pr_set_pdeathsig, sig, 0, 0, 0)
+
+    return preexec
 
 
 def _stop_process(proc: subprocess.Popen[bytes] | None, sig: int = signal.SIGTERM, timeout: float = 10) -> None:
@@ -134,6 +158,7 @@ class EmbeddedPostgres:
                 stdout=logf,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                preexec_fn=_die_with_parent(signal.SIGINT),  # type: ignore[arg-type]
                 **run_as,  # type: ignore[arg-type]
             )
         _wait_port(self.host, self.port, timeout=timeout, proc=self._proc, log=log)
@@ -236,6 +261,7 @@ class EmbeddedRedis:
                 stdout=logf,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                preexec_fn=_die_with_parent(signal.SIGTERM),  # type: ignore[arg-type]
             )
         _wait_port(self.host, self.port, timeout=timeout, proc=self._proc, log=log)
         return self
