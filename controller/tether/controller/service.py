@@ -226,23 +226,7 @@ class DeviceService(pb_grpc.DeviceServiceServicer):
         conn = self._hub.connect(device_id=device.device_id, facts=device.facts)
         try:
             await self._store.touch_device(device.device_id)
-            desired = await self._store.desired_tasks(device)
-            await self._store.mark_synced(device_id=device.device_id, tasks=desired)
-            yield pb.ServerEvent(
-                sync=pb.Sync(
-                    desired=[
-                        hub.desired_task(
-                            release=t.release,
-                            version=t.version,
-                            manifest_digest=t.manifest_digest,
-                            trigger=t.trigger,
-                            resources=t.resources,
-                            rollback=t.rollback,
-                        )
-                        for t in desired
-                    ]
-                )
-            )
+            yield pb.ServerEvent(sync=await self._sync(device))
             while True:
                 try:
                     item = await asyncio.wait_for(conn.queue.get(), timeout=self._heartbeat_s)
@@ -258,7 +242,10 @@ class DeviceService(pb_grpc.DeviceServiceServicer):
     @_edge
     async def GetDesired(self, request: pb.GetDesiredRequest, context: grpc.aio.ServicerContext) -> pb.Sync:
         """The Sync that opens Subscribe, as one call: for devices that poll instead of holding a stream."""
-        device = await self._device(context)
+        return await self._sync(await self._device(context))
+
+    async def _sync(self, device: devices.Device) -> pb.Sync:
+        """This device's whole desired state, recorded as synced: what Subscribe opens with and GetDesired returns."""
         desired = await self._store.desired_tasks(device)
         await self._store.mark_synced(device_id=device.device_id, tasks=desired)
         return pb.Sync(
