@@ -16,14 +16,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+import psycopg
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from tether.common import auth, errors, manifest
-from tether.controller import devices, releases, rollout_store, rollouts, targeting, uploads
+from tether.controller import devices, groupcommit, releases, rollout_store, rollouts, targeting, uploads
 
 if TYPE_CHECKING:
     from psycopg import AsyncConnection
@@ -34,6 +36,8 @@ DELIVERY_STATES = frozenset(
 )
 # Cumulative funnel: a device that runs or succeeded has, by definition, installed.
 INSTALLED_STATES = ("installed", "running", "succeeded")
+READABLE_CACHE_S = 2.0
+READABLE_CACHE_SIZE = 200_000
 _RELEASE_COLUMNS = (
     "release, version, generation, manifest_digest, target, trigger, aggregation, resources, paused, deleted, "
     + rollout_store.COLUMNS
@@ -128,6 +132,10 @@ class Store:
 
     def __init__(self, pool: AsyncConnectionPool) -> None:
         self._pool = pool
+        self._deliveries: groupcommit.GroupCommit[DeliveryReport] = groupcommit.GroupCommit(self._report_batch)
+        # (device id, release) -> (monotonic time, device facts, release as readable): see release_for_device.
+        self._readable: dict[tuple[str, str], tuple[float, Mapping[str, str], releases.Release]] = {}
+        self._readable_epoch = 0
 
     # ------------------------------------------------------------ devices
 
@@ -204,6 +212,17 @@ class Store:
         if known is None:
             raise errors.NotFound(f"device {device_id} is not enrolled")
         return False
+
+    async def not_live(self, device_ids: Iterable[str]) -> set[str]:
+        """Those of `device_ids` that are revoked or no longer enrolled (one query for the whole set)."""
+        wanted = list(dict.fromkeys(device_ids))
+        if not wanted:
+            return set()
+        async with self._pool.connection() as conn:
+            rows = await (
+                await conn.execute("SELECT device_id FROM devices WHERE device_id = ANY(%s) AND NOT revoked", (wanted,))
+            ).fetchall()
+        return set(wanted) - {r[0] for r in rows}
 
     async def rotate_credential(self, device_id: str) -> auth.Credential:
         """A new secret for a live device (credential renewal); the previous one stops working at once."""
@@ -342,6 +361,7 @@ class Store:
                 ).fetchone()
                 if inserted is not None:
                     created = await rollout_store.write(conn, rel=_new_release(spec, version=1), previous=None)
+                    self.releases_changed()  # before commit, yet nothing readable is cached for a new release
                     return ApplyOutcome(release=created, previous=None, changed=True)
                 previous = await _lock_release(conn, spec.release)  # lost a race with a concurrent create
                 assert previous is not None
@@ -366,6 +386,7 @@ class Store:
                 ),
             )
             updated = await rollout_store.write(conn, rel=_new_release(spec, version=version), previous=previous)
+        self.releases_changed()
         return ApplyOutcome(release=updated, previous=previous, changed=changed)
 
     async def delete_release(self, release: str) -> releases.Release | None:
@@ -375,6 +396,7 @@ class Store:
             if previous is None or previous.deleted:
                 return None
             await conn.execute("UPDATE releases SET deleted = true, updated_at = now() WHERE release = %s", (release,))
+        self.releases_changed()
         return previous
 
     async def get_release(self, release: str) -> releases.Release | None:
@@ -418,8 +440,37 @@ class Store:
                 desired.append(DesiredTask.served(served))
         return desired
 
+    def releases_changed(self) -> None:
+        """A release changed (here, or on another replica: `replicas.ReleaseListener`): forget cached answers."""
+        self._readable.clear()
+        self._readable_epoch += 1
+
     async def release_for_device(self, device: devices.Device, release: str) -> releases.Release:
-        """A release this device may read (manifest, blobs): NotFound / PermissionDenied otherwise."""
+        """A release this device may read (manifest, blobs): NotFound / PermissionDenied otherwise.
+
+        An installing device asks this for its GetManifest and again for its
+        PullBlobs within milliseconds, so a "yes" is kept for `READABLE_CACHE_S`
+        per (device, release, device facts). Any release change this process
+        makes or hears of (LISTEN/NOTIFY) drops every kept answer at once;
+        the time-to-live bounds staleness should an announcement be missed. A
+        "no" is never kept.
+        """
+        if not releases.RELEASE_RE.match(release):  # no such release can exist; keep garbage off the database
+            raise errors.NotFound(f"release {release!r} does not exist")
+        key = (device.device_id, release)
+        hit = self._readable.get(key)
+        now = time.monotonic()
+        if hit is not None and now - hit[0] < READABLE_CACHE_S and hit[1] == device.facts:
+            return hit[2]
+        epoch = self._readable_epoch
+        rel = await self._release_for_device(device, release)
+        if epoch == self._readable_epoch:  # no change was announced while this read ran
+            if len(self._readable) >= READABLE_CACHE_SIZE:
+                self._readable.clear()
+            self._readable[key] = (now, device.facts, rel)
+        return rel
+
+    async def _release_for_device(self, device: devices.Device, release: str) -> releases.Release:
         async with self._pool.connection() as conn:
             cur = conn.cursor(row_factory=dict_row)
             row = await (
@@ -501,39 +552,41 @@ class Store:
         A report on the version a staged rollout serves this device (its stable
         version, older than the current one) is not stale: it moves the delivery
         back. `device_state`: the device's participation state, kept on the device.
+
+        Reports that arrive together are written together (`groupcommit`): one
+        transaction for a batch, each report still checked on its own and
+        refused on its own. This returns once the report's batch committed.
         """
         if state not in DELIVERY_STATES:
             raise errors.InvalidArgument(f"state: {state!r} is not one of {sorted(DELIVERY_STATES)}")
-        async with self._pool.connection() as conn, conn.transaction():
-            rel = await _share_release(conn, release)
-            if rel is None:
-                raise errors.NotFound(f"release {release!r} does not exist")
-            if not 1 <= version <= rel.version:
-                raise errors.FailedPrecondition(f"release {release!r} has no version {version} (current {rel.version})")
-            delivered = await (
-                await conn.execute(
-                    "SELECT 1 FROM deliveries WHERE release = %s AND device_id = %s", (release, device.device_id)
-                )
-            ).fetchone()
-            # A device may still report on a release it held before it was untargeted or deleted (uninstalls).
-            if delivered is None and not rel.targets(device.facts):
-                raise errors.PermissionDenied(f"release {release!r} does not target device {device.device_id}")
-            served = rollouts.served(rel, device.facts, delivered=True) if rel.rollout is not None else None
-            downgrade = served is not None and served.rollback and served.version == version
-            installed = state in INSTALLED_STATES
-            await conn.execute(
-                "INSERT INTO deliveries (release, device_id, version, state, message, installed_at)"
-                " VALUES (%s, %s, %s, %s, %s, CASE WHEN %s THEN now() END)"
-                " ON CONFLICT (release, device_id) DO UPDATE SET version = EXCLUDED.version, state = EXCLUDED.state,"
-                " message = EXCLUDED.message, updated_at = now(),"
-                " installed_at = CASE WHEN deliveries.version = EXCLUDED.version"
-                " THEN COALESCE(deliveries.installed_at, EXCLUDED.installed_at) ELSE EXCLUDED.installed_at END"
-                " WHERE deliveries.version <= EXCLUDED.version OR %s",
-                (release, device.device_id, version, state, message, installed, downgrade),
-            )
-            await rollout_store.save_device_state(
-                conn, device_id=device.device_id, state=rollout_store.check_device_state(device_state or {})
-            )
+        if not releases.RELEASE_RE.match(release):
+            raise errors.NotFound(f"release {release!r} does not exist")
+        report = DeliveryReport(
+            device=device,
+            release=release,
+            version=version,
+            state=state,
+            message=message,
+            device_state=rollout_store.check_device_state(device_state or {}),
+        )
+        await self._deliveries.submit(report)
+
+    async def _report_batch(self, reports: Sequence[DeliveryReport]) -> list[BaseException | None]:
+        """One transaction for the batch; when the database refuses it, each report alone (to find the bad one)."""
+        if len(reports) > 1:
+            try:
+                async with self._pool.connection() as conn, conn.transaction():
+                    return await _write_deliveries(conn, reports)
+            except psycopg.DataError:
+                pass
+        outcomes: list[BaseException | None] = []
+        for report in reports:
+            try:
+                async with self._pool.connection() as conn, conn.transaction():
+                    outcomes.extend(await _write_deliveries(conn, [report]))
+            except psycopg.DataError as e:
+                outcomes.append(errors.InvalidArgument(f"report on {report.release!r} could not be stored: {e}"))
+        return outcomes
 
     # ------------------------------------------------------------ results
 
@@ -745,3 +798,113 @@ async def _share_release(conn: AsyncConnection[Any], release: str) -> releases.R
         await cur.execute(f"SELECT {_RELEASE_COLUMNS} FROM releases WHERE release = %s FOR SHARE", (release,))
     ).fetchone()
     return None if row is None else _release(row)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DeliveryReport:
+    """One ReportStatus, as `report_delivery` queues it for its batch."""
+
+    device: devices.Device
+    release: str
+    version: int
+    state: str
+    message: str
+    device_state: Mapping[str, str]
+
+
+async def _write_deliveries(
+    conn: AsyncConnection[Any], reports: Sequence[DeliveryReport]
+) -> list[BaseException | None]:
+    """Check and store a batch of reports in the caller's transaction; one outcome per report.
+
+    The same checks a single report gets, on the release rows read `FOR SHARE`
+    once per batch (one share-locker per release, not one per report), then one
+    set-based upsert per round (a round holds at most one report per
+    (release, device): a statement may not update a row twice), rows in key
+    order so that concurrent batches on other replicas lock them in one order.
+    """
+    names = sorted({r.release for r in reports})
+    cur = conn.cursor(row_factory=dict_row)
+    rows = await (
+        await cur.execute(
+            f"SELECT {_RELEASE_COLUMNS} FROM releases WHERE release = ANY(%s) ORDER BY release FOR SHARE", (names,)
+        )
+    ).fetchall()
+    rels = {row["release"]: _release(row) for row in rows}
+    keyed = [(r.release, r.device.device_id) for r in reports if r.release in rels]
+    delivered: set[tuple[str, str]] = set()
+    if keyed:
+        found = await (
+            await conn.execute(
+                "SELECT d.release, d.device_id FROM deliveries d"
+                " JOIN unnest(%s::text[], %s::text[]) AS k(release, device_id)"
+                " ON d.release = k.release AND d.device_id = k.device_id",
+                ([k[0] for k in keyed], [k[1] for k in keyed]),
+            )
+        ).fetchall()
+        delivered = {(row[0], row[1]) for row in found}
+    outcomes: list[BaseException | None] = []
+    rounds: list[dict[tuple[str, str], tuple[Any, ...]]] = []
+    device_states: dict[str, Mapping[str, str]] = {}
+    for r in reports:
+        rel = rels.get(r.release)
+        device_id = r.device.device_id
+        if rel is None:
+            outcomes.append(errors.NotFound(f"release {r.release!r} does not exist"))
+            continue
+        if not 1 <= r.version <= rel.version:
+            outcomes.append(
+                errors.FailedPrecondition(f"release {r.release!r} has no version {r.version} (current {rel.version})")
+            )
+            continue
+        # A device may still report on a release it held before it was untargeted or deleted (uninstalls).
+        if (r.release, device_id) not in delivered and not rel.targets(r.device.facts):
+            outcomes.append(errors.PermissionDenied(f"release {r.release!r} does not target device {device_id}"))
+            continue
+        served = rollouts.served(rel, r.device.facts, delivered=True) if rel.rollout is not None else None
+        downgrade = served is not None and served.rollback and served.version == r.version
+        key = (r.release, device_id)
+        for batch in rounds:
+            if key not in batch:
+                break
+        else:
+            batch = {}
+            rounds.append(batch)
+        batch[key] = (r.version, r.state, r.message, r.state in INSTALLED_STATES, downgrade)
+        if r.device_state:
+            device_states[device_id] = r.device_state
+        outcomes.append(None)
+    for batch in rounds:
+        for downgrade in (False, True):  # a downgrade may move a delivery back; nothing else may
+            keys = sorted(k for k, v in batch.items() if v[4] == downgrade)
+            if not keys:
+                continue
+            values = [batch[k] for k in keys]
+            await conn.execute(
+                "INSERT INTO deliveries (release, device_id, version, state, message, installed_at)"
+                " SELECT t.release, t.device_id, t.version, t.state, t.message, CASE WHEN t.installed THEN now() END"
+                " FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::text[], %s::text[], %s::bool[])"
+                " AS t(release, device_id, version, state, message, installed)"
+                " ON CONFLICT (release, device_id) DO UPDATE SET version = EXCLUDED.version, state = EXCLUDED.state,"
+                " message = EXCLUDED.message, updated_at = now(),"
+                " installed_at = CASE WHEN deliveries.version = EXCLUDED.version"
+                " THEN COALESCE(deliveries.installed_at, EXCLUDED.installed_at) ELSE EXCLUDED.installed_at END"
+                " WHERE deliveries.version <= EXCLUDED.version OR %s",
+                (
+                    [k[0] for k in keys],
+                    [k[1] for k in keys],
+                    [v[0] for v in values],
+                    [v[1] for v in values],
+                    [v[2] for v in values],
+                    [v[3] for v in values],
+                    downgrade,
+                ),
+            )
+    if device_states:
+        ids = sorted(device_states)
+        await conn.execute(
+            "UPDATE devices SET state = s.state FROM unnest(%s::text[], %s::jsonb[]) AS s(device_id, state)"
+            " WHERE devices.device_id = s.device_id",
+            (ids, [Jsonb(dict(device_states[i])) for i in ids]),
+        )
+    return outcomes
