@@ -12,10 +12,25 @@ Every device RPC but `Enroll` presents `authorization: Bearer <credential>`
    `cache_s`, not one per call.
 
 A positive answer is cached under the sha256 of the secret, so a renewed or
-re-enrolled credential (a new secret) misses the cache and is checked again.
-Enrolment, renewal and revocation on this process drop the device's entry
-at once; on other replicas an entry lives at most `cache_s` (the bound on
-how long a revoked device can still make a call there).
+re-enrolled credential (a new secret) misses the cache and is checked again,
+on this replica or any other. The replica that renewed or re-enrolled drops
+the entry of the superseded credential at once; another replica may answer
+the superseded one from its entry for at most `cache_s` (a renewal is the
+device's own doing, not a security event: to cut a device off, revoke it).
+
+Revocation is not bounded by `cache_s`: a revocation made anywhere (any
+replica, or psql) is announced by Postgres when it commits (migration 0008,
+`tether.controller.replicas`), and every replica `forget`s the device at once
+and ends its stream. While a replica's LISTEN connection is down it may miss
+that announcement, so on reconnect it `clear`s the whole cache and re-checks
+its connected devices: only during such a gap does the `cache_s` bound apply.
+
+A lookup that was in flight when its device was forgotten (or the cache
+cleared) may carry an answer read before the revocation committed: it is
+neither cached nor returned, the registry is asked again. `authenticate`
+returns without yielding to the event loop after that check, so a Subscribe
+registers its stream in the hub before any later revocation is processed
+(which then finds the stream and ends it).
 
 Failures raise `errors.Unauthenticated` with a message that says why
 (malformed, bad signature, expired, revoked, superseded) but never which
@@ -38,6 +53,11 @@ log = logging.getLogger(__name__)
 KEY_NAME = "device-credential-hmac-v1"
 DEFAULT_CACHE_S = 5.0
 DEFAULT_CACHE_SIZE = 100_000
+MAX_LOOKUPS = 4  # registry lookups per call when the device is forgotten meanwhile (then UNAVAILABLE)
+
+
+class _Busy(errors.TetherError):
+    code = "UNAVAILABLE"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,33 +83,58 @@ class DeviceAuthenticator:
         self._cache_size = cache_size
         self._monotonic = monotonic
         self._cache: collections.OrderedDict[str, _Entry] = collections.OrderedDict()
+        # Registry lookups in flight, per device: how many, and how often the device was forgotten
+        # meanwhile (an answer read before a forget may predate a revocation). Empty when idle.
+        self._inflight: dict[str, int] = {}
+        self._forgotten: dict[str, int] = {}
 
     async def authenticate(self, token: str) -> devices.Device:
         parsed = self.signer.verify(token)  # signature and expiry: no database work for garbage
         credential = parsed.credential
+        device_id = parsed.device_id
         secret_hash = credential.secret_hash
         now = self._monotonic()
-        hit = self._cache.get(parsed.device_id)
+        hit = self._cache.get(device_id)
         if hit is not None and hit.secret_hash == secret_hash and now - hit.at < self._cache_s:
-            self._cache.move_to_end(parsed.device_id)
+            self._cache.move_to_end(device_id)
             return hit.device
+        self._inflight[device_id] = self._inflight.get(device_id, 0) + 1
+        self._forgotten.setdefault(device_id, 0)
         try:
-            device = await self._store.authenticate_device(credential)
+            for _ in range(MAX_LOOKUPS):
+                forgotten = self._forgotten[device_id]
+                device = await self._lookup(credential)
+                if self._forgotten[device_id] == forgotten:
+                    break  # nothing was revoked or renewed while we asked: the answer is current
+            else:
+                raise _Busy(f"the credential of device {device_id} keeps changing; retry")
+        finally:
+            left = self._inflight[device_id] - 1
+            if left:
+                self._inflight[device_id] = left
+            else:
+                del self._inflight[device_id], self._forgotten[device_id]
+        # No await from here on: the caller acts on the answer (Subscribe: hub.connect) before any
+        # revocation announced later is processed.
+        if self._cache_s > 0:
+            self._cache[device_id] = _Entry(secret_hash=secret_hash, device=device, at=now)
+            self._cache.move_to_end(device_id)
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        return device
+
+    async def _lookup(self, credential: auth.Credential) -> devices.Device:
+        try:
+            return await self._store.authenticate_device(credential)
         except errors.Unauthenticated as e:
-            self.forget(parsed.device_id)
+            self.forget(credential.device_id)
             if "revoked" in str(e):
                 raise
             # Validly signed, yet not the secret the registry holds: renewed or re-enrolled since.
             raise errors.Unauthenticated(
-                f"credential of device {parsed.device_id} is no longer valid (superseded by a renewal or "
+                f"credential of device {credential.device_id} is no longer valid (superseded by a renewal or "
                 "re-enrolment, or the device is unknown); enrol again"
             ) from None
-        if self._cache_s > 0:
-            self._cache[parsed.device_id] = _Entry(secret_hash=secret_hash, device=device, at=now)
-            self._cache.move_to_end(parsed.device_id)
-            while len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
-        return device
 
     def issue(self, credential: auth.Credential) -> credentials.DeviceToken:
         """Sign a fresh registry credential; the device's cached entry (old secret) is dropped."""
@@ -97,7 +142,21 @@ class DeviceAuthenticator:
         return self.signer.issue(credential)
 
     def forget(self, device_id: str) -> None:
+        """Drop the device's cached answer (revoked, renewed, re-enrolled); lookups in flight ask again."""
         self._cache.pop(device_id, None)
+        if device_id in self._forgotten:
+            self._forgotten[device_id] += 1
+
+    def clear(self) -> None:
+        """Forget every device (revocations may have been missed: the replica's LISTEN connection was down)."""
+        self._cache.clear()
+        for device_id in self._forgotten:
+            self._forgotten[device_id] += 1
+
+    @property
+    def cached(self) -> int:
+        """Devices with a cached answer (not `__len__`: an empty authenticator must stay truthy)."""
+        return len(self._cache)
 
 
 async def signer_for(

@@ -173,6 +173,10 @@ class Hub:
     def is_connected(self, device_id: str) -> bool:
         return device_id in self._connections
 
+    def device_ids(self) -> list[str]:
+        """The devices with a stream on this process now (a snapshot)."""
+        return list(self._connections)
+
     def close_device(self, device_id: str, *, code: grpc.StatusCode, reason: str) -> bool:
         """End one device's stream now (it was revoked); True when it had one on this process."""
         conn = self._connections.pop(device_id, None)

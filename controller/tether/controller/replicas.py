@@ -23,6 +23,19 @@ every (re)connect, and every `resync_s` seconds as a safety net, the listener
 re-reads all live releases and fans out whatever differs from what it knew:
 a missed notification delays a change by at most `resync_s`, never loses it.
 Devices that connect later get everything in their opening Sync anyway.
+
+Device revocations travel the same way on a second channel of the same
+connection: a trigger on `devices` (migration 0008) runs
+`pg_notify('tether_devices', {"device", "event": "revoked", "origin"})` in the
+revoking transaction, and the listener hands the device id to `on_revoked`
+(`service.end_revoked_device`: forget its cached authentication, end its
+Subscribe stream with UNAUTHENTICATED). That is idempotent, so it runs for
+every announcement, this replica's own included. A revocation has no state to
+diff later, so a gap is handled differently: after every (re)connect, once
+LISTEN is in place and before anything else, `on_gap` runs
+(`service.end_revoked_streams`: clear the whole authentication cache, then one
+query for the connected devices, ending the streams of revoked ones). If it
+fails, the listener reconnects and runs it again.
 """
 
 from __future__ import annotations
@@ -43,9 +56,12 @@ from tether.controller import releases, store
 log = logging.getLogger(__name__)
 
 CHANNEL = "tether_releases"
+DEVICES_CHANNEL = "tether_devices"
 ORIGIN_SETTING = "tether.origin"
 
 ChangeHandler = Callable[[releases.Release | None, releases.Release | None], Awaitable[None]]
+RevokedHandler = Callable[[str], Awaitable[None]]
+GapHandler = Callable[[], Awaitable[None]]
 
 
 def new_replica_id() -> str:
@@ -63,7 +79,7 @@ def with_origin(conninfo: str, replica_id: str) -> str:
 
 
 class ReleaseListener:
-    """LISTEN for release changes made anywhere and fan out those made by other replicas."""
+    """LISTEN for release changes and device revocations made anywhere; act on them for this replica."""
 
     def __init__(
         self,
@@ -72,6 +88,8 @@ class ReleaseListener:
         store_: store.Store,
         replica_id: str,
         on_change: ChangeHandler,
+        on_revoked: RevokedHandler | None = None,
+        on_gap: GapHandler | None = None,
         resync_s: float = 30.0,
         retry_s: float = 1.0,
         max_retry_s: float = 15.0,
@@ -80,6 +98,8 @@ class ReleaseListener:
         self._store = store_
         self.replica_id = replica_id
         self._on_change = on_change
+        self._on_revoked = on_revoked
+        self._on_gap = on_gap
         self._resync_s = resync_s
         self._retry_s = retry_s
         self._max_retry_s = max_retry_s
@@ -88,6 +108,8 @@ class ReleaseListener:
         self._task: asyncio.Task[None] | None = None
         self.listening = asyncio.Event()
         self.remote_changes = 0  # changes fanned out on behalf of other replicas (and of resyncs)
+        self.revocations = 0  # revocation announcements handled (this replica's own included)
+        self.catch_ups = 0  # (re)connects after which missed revocations were looked for (`on_gap`)
         self.application_name = f"tether-listener-{replica_id}"[:63]  # in pg_stat_activity
 
     async def start(self, *, timeout: float = 30.0) -> None:
@@ -116,12 +138,18 @@ class ReleaseListener:
                 )
                 async with conn:
                     await conn.execute(f"LISTEN {CHANNEL}")
+                    await conn.execute(f"LISTEN {DEVICES_CHANNEL}")
+                    # Whatever was revoked while nobody listened: first, the authentication cache may be stale.
+                    await self._catch_up_revocations()
                     await self._resync()  # whatever changed while nobody listened
                     self.listening.set()
                     delay = self._retry_s
                     while True:
                         async for note in conn.notifies(timeout=self._resync_s):
-                            await self._handle(note.payload)
+                            if note.channel == DEVICES_CHANNEL:
+                                await self._handle_device(note.payload)
+                            else:
+                                await self._handle(note.payload)
                         await self._resync()
             except asyncio.CancelledError:
                 raise
@@ -140,6 +168,7 @@ class ReleaseListener:
         except (ValueError, KeyError, TypeError):
             log.warning("ignoring malformed %s payload %r", CHANNEL, payload[:200])
             return
+        self._store.releases_changed()  # cached "may read" answers (Store.release_for_device)
         after = await self._store.get_release(name)
         before = self._known.get(name)
         self._remember(name, after)
@@ -147,7 +176,29 @@ class ReleaseListener:
             return  # fanned out by our own ApplyRelease, or nothing new for this replica
         await self._fan_out(before, after)
 
+    async def _handle_device(self, payload: str) -> None:
+        try:
+            doc = json.loads(payload)
+            device_id, event = str(doc["device"]), str(doc.get("event") or "revoked")
+        except (ValueError, KeyError, TypeError):
+            log.warning("ignoring malformed %s payload %r", DEVICES_CHANNEL, payload[:200])
+            return
+        if event != "revoked" or self._on_revoked is None:
+            return
+        self.revocations += 1
+        try:
+            await self._on_revoked(device_id)
+        except Exception:
+            log.exception("ending the streams of revoked device %s failed", device_id)
+
+    async def _catch_up_revocations(self) -> None:
+        """Runs after every LISTEN: an exception here makes the listener reconnect and try again."""
+        if self._on_gap is not None:
+            await self._on_gap()
+            self.catch_ups += 1
+
     async def _resync(self) -> None:
+        self._store.releases_changed()
         current = {r.name: r for r in await self._store.list_releases()}
         changed = [
             (self._known.get(n), current.get(n))

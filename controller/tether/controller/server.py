@@ -136,8 +136,19 @@ async def start_controller(
         async def fan_out(before: Any, after: Any) -> None:  # a change made through another replica
             await service._notify(hub_=hub_, store_=store_, before=before, after=after)
 
+        async def revoked(device_id: str) -> None:  # revoked anywhere, this replica included
+            service.end_revoked_device(hub_=hub_, authenticator=authenticator, device_id=device_id)
+
+        async def gap() -> None:  # (re)connected: revocations may have gone unheard meanwhile
+            await service.end_revoked_streams(hub_=hub_, store_=store_, authenticator=authenticator)
+
         listener = replicas.ReleaseListener(
-            conninfo=cfg.database_url, store_=store_, replica_id=replica_id, on_change=fan_out
+            conninfo=cfg.database_url,
+            store_=store_,
+            replica_id=replica_id,
+            on_change=fan_out,
+            on_revoked=revoked,
+            on_gap=gap,
         )
         counters = stats.RpcCounters()
         server = grpc.aio.server(options=server_options(cfg), interceptors=[counters])
