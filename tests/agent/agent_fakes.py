@@ -43,13 +43,15 @@ class FakeController(pb_grpc.DeviceServiceServicer):
         self.statuses: list[tuple[str, str, int, str, str]] = []
         self.uploads: dict[str, pb.UploadResultRequest] = {}
         self.upload_attempts: list[str] = []
-        self.pulls: list[tuple[str, int]] = []
+        self.pulls: list[tuple[str, int]] = []  # (digest, offset) per blob asked for, by PullBlob or PullBlobs
+        self.pull_calls: list[str] = []  # "PullBlob" / "PullBlobs", one per call
         self.enrollments = 0
         # misbehaviour knobs
         self.tamper_blobs: set[str] = set()
         self.tamper_manifests: set[str] = set()
         self.drop_after: dict[str, int] = {}  # digest -> bytes served before the stream breaks (once)
         self.fail_uploads = 0
+        self.pull_blobs_unimplemented = False  # act as a controller older than PullBlobs
 
     # ------------------------------------------------------------ test API
     def publish(
@@ -146,6 +148,7 @@ class FakeController(pb_grpc.DeviceServiceServicer):
         if request.digest in self.tamper_blobs:
             data = bytes([data[0] ^ 0xFF]) + data[1:]
         self.pulls.append((request.digest, request.offset))
+        self.pull_calls.append("PullBlob")
         limit = self.drop_after.pop(request.digest, None)
         offset = request.offset
         while offset < len(data):
@@ -154,6 +157,30 @@ class FakeController(pb_grpc.DeviceServiceServicer):
             chunk = data[offset : offset + self.chunk_size]
             yield pb.BlobChunk(offset=offset, data=chunk, total_size=len(data))
             offset += len(chunk)
+
+    async def PullBlobs(self, request, context):
+        if self.pull_blobs_unimplemented:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
+        await self._device(context)
+        self.pull_calls.append("PullBlobs")
+        for r in request.blobs:
+            if r.digest not in self.blobs:
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"no such blob {r.digest}")
+        for r in request.blobs:
+            data = self.blobs[r.digest]
+            if r.digest in self.tamper_blobs:
+                data = bytes([data[0] ^ 0xFF]) + data[1:]
+            self.pulls.append((r.digest, r.offset))
+            limit = self.drop_after.pop(r.digest, None)
+            offset = r.offset
+            while True:
+                if limit is not None and offset >= limit:
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, "connection reset (simulated)")
+                chunk = data[offset : offset + self.chunk_size]
+                yield pb.BlobChunk(offset=offset, data=chunk, total_size=len(data), digest=r.digest)
+                offset += len(chunk)
+                if offset >= len(data):
+                    break
 
     async def ReportStatus(self, request, context):
         device = await self._device(context)

@@ -159,6 +159,7 @@ async def test_agent_sigkilled_mid_pull_resumes_from_its_partial_and_installs_a_
     via_proxy = await proxy.start()
     size = 4 * 1024 * 1024
     model = os.urandom(size)
+    weights = os.urandom(1024 * 1024)  # a second blob, after the model in the manifest: one PullBlobs call for both
     state_dir = tmp_path / "device" / "state"
     agent: procs.Component | None = None
 
@@ -182,16 +183,26 @@ async def test_agent_sigkilled_mid_pull_resumes_from_its_partial_and_installs_a_
         ]
         return procs.Component("agent", argv, tmp_path / log).start()
 
-    def pulled_bytes() -> int:
-        stats = running.counters.methods.get("/tether.v1.DeviceService/PullBlob") if running.counters else None
-        return stats.response_bytes if stats else 0
+    def pull_stats(method: str):
+        return running.counters.methods.get(f"/tether.v1.DeviceService/{method}") if running.counters else None
+
+    def pulled_bytes() -> int:  # by either pull call: a fallback to PullBlob would count too
+        return sum(s.response_bytes for m in ("PullBlob", "PullBlobs") if (s := pull_stats(m)) is not None)
+
+    def pull_calls() -> int:
+        stats = pull_stats("PullBlobs")
+        return stats.calls if stats else 0
 
     try:
         directory = _bundle(
-            tmp_path / "bundle", "def run(ctx):\n    return {'sample_count': 1}\n", {"model.bin": model}
+            tmp_path / "bundle",
+            "def run(ctx):\n    return {'sample_count': 1}\n",
+            {"model.bin": model, "weights.bin": weights},
         )
         bundle = bundle_files.build_manifest(directory)
         (model_entry,) = [f for f in bundle.files if f.path == "model.bin"]
+        (weights_entry,) = [f for f in bundle.files if f.path == "weights.bin"]
+        small = sum(f.size for f in bundle.files if f.path not in ("model.bin", "weights.bin"))
         partial = state_dir / "blobs" / "partial" / f"{model_entry.sha256.removeprefix('sha256:')}.part"
         async with admin.AdminClient(running.address, token=ADMIN_TOKEN) as adm:
             await adm.upload_bundle(directory, bundle)
@@ -211,6 +222,8 @@ async def test_agent_sigkilled_mid_pull_resumes_from_its_partial_and_installs_a_
         kept = partial.stat().st_size
         assert 0 < kept < size
         sent_before = pulled_bytes()
+        calls_before = pull_calls()
+        assert calls_before >= 1  # the agent pulled with PullBlobs
 
         # Then, restarted, it resumes from what it kept and installs the verified bundle
         agent = agent_process(running.address, "agent-2.log")
@@ -224,12 +237,19 @@ async def test_agent_sigkilled_mid_pull_resumes_from_its_partial_and_installs_a_
 
         await _until(installed, timeout=60, what="the install after the restart")
         resent = pulled_bytes() - sent_before
-        assert resent <= size - kept + 64 * 1024, f"re-sent {resent} bytes; {size - kept} were missing"
+        missing = size - kept + len(weights) + small
+        assert resent <= missing + 64 * 1024, f"re-sent {resent} bytes; {missing} were missing"
+        # Everything still missing came in one PullBlobs call, the model resumed from its partial.
+        assert pull_calls() - calls_before == 1
+        assert pull_stats("PullBlob") is None
         blob = state_dir / "blobs" / "sha256" / model_entry.sha256.removeprefix("sha256:")
         assert blob.read_bytes() == model and not partial.exists()
+        weights_blob = state_dir / "blobs" / "sha256" / weights_entry.sha256.removeprefix("sha256:")
+        assert weights_blob.read_bytes() == weights
         installed_dirs = list((state_dir / "installs").iterdir())
         assert len(installed_dirs) == 1
         assert (installed_dirs[0] / str(applied.version) / "model.bin").read_bytes() == model
+        assert (installed_dirs[0] / str(applied.version) / "weights.bin").read_bytes() == weights
     finally:
         if agent is not None:
             agent.stop(timeout=5)

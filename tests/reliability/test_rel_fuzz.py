@@ -25,7 +25,7 @@ from tether.proto.v1 import tether_pb2_grpc as pb_grpc
 TABLES = ("devices", "blobs", "manifests", "releases", "deliveries", "results", "aggregates")
 # RenewCredential is left out: an empty request is a valid renewal (and rotates the credential).
 DEVICE_UNARY = ["Enroll", "GetManifest", "ReportStatus", "UploadResult", "GetDesired"]
-DEVICE_STREAM = ["Subscribe", "PullBlob"]
+DEVICE_STREAM = ["Subscribe", "PullBlob", "PullBlobs"]
 ADMIN_UNARY = ["MissingBlobs", "PutManifest", "ApplyRelease", "DeleteRelease", "GetReleaseStatus", "ListReleases"]
 # What a bad request may be answered with: documented, specific codes (UNKNOWN would be a crash).
 CLEAN = {
@@ -133,9 +133,16 @@ def test_arbitrary_bytes_get_a_clean_status_and_change_nothing(served, target, p
     message=st.text(max_size=5000),
     digest=st.text(max_size=100),
     offset=st.integers(min_value=-(2**63), max_value=2**63 - 1),
+    blobs=st.lists(
+        st.tuples(
+            st.one_of(st.text(max_size=80), st.just("sha256:" + "0" * 64)),
+            st.integers(min_value=-(2**63), max_value=2**63 - 1),
+        ),
+        max_size=8,
+    ),
 )
 def test_well_formed_but_wrong_device_requests_are_refused_cleanly(
-    served, release, version, state, message, digest, offset
+    served, release, version, state, message, digest, offset, blobs
 ):
     _, channel, device_md, url = served
     before = _counts(url)
@@ -143,6 +150,7 @@ def test_well_formed_but_wrong_device_requests_are_refused_cleanly(
         ("ReportStatus", pb.ReportStatusRequest(release=release, version=version, state=state, message=message)),
         ("GetManifest", pb.GetManifestRequest(release=release, manifest_digest=digest)),
         ("PullBlob", pb.PullBlobRequest(release=release, digest=digest, offset=offset)),
+        ("PullBlobs", pb.PullBlobsRequest(release=release, blobs=[pb.BlobRange(digest=d, offset=o) for d, o in blobs])),
     ]
     for method, request in raw:
         code = _call(channel, "DeviceService", method, request.SerializeToString(), device_md)

@@ -49,6 +49,9 @@ def every_device_call(stub: pb_grpc.DeviceServiceStub, metadata, *, release="ns/
         "Subscribe": first_event(stub.Subscribe(pb.SubscribeRequest(), **kw)),
         "GetManifest": stub.GetManifest(pb.GetManifestRequest(release=release, manifest_digest=digest), **kw),
         "PullBlob": drain(stub.PullBlob(pb.PullBlobRequest(release=release, digest=digest), **kw)),
+        "PullBlobs": drain(
+            stub.PullBlobs(pb.PullBlobsRequest(release=release, blobs=[pb.BlobRange(digest=digest)]), **kw)
+        ),
         "ReportStatus": stub.ReportStatus(
             pb.ReportStatusRequest(release=release, version=1, state=pb.DELIVERY_STATE_REFUSED), **kw
         ),
@@ -161,6 +164,14 @@ async def test_another_devices_releases_and_results_are_out_of_reach(
         drain(
             devices_stub.PullBlob(
                 pb.PullBlobRequest(release="ns/ios-only", digest=bundle.files[0].sha256), metadata=md(android)
+            )
+        ),
+        drain(
+            devices_stub.PullBlobs(
+                pb.PullBlobsRequest(
+                    release="ns/ios-only", blobs=[pb.BlobRange(digest=d) for d in bundle.blob_digests()]
+                ),
+                metadata=md(android),
             )
         ),
         devices_stub.UploadResult(upload_request(release="ns/ios-only"), metadata=md(android)),
@@ -301,7 +312,7 @@ async def test_every_device_rpc_but_enroll_demands_a_valid_credential(controller
     expired = str(controller.authenticator.signer.issue(credentials.parse(good).credential, ttl_s=-1))
     service = pb.DESCRIPTOR.services_by_name["DeviceService"]
     methods = [m for m in service.methods if m.name != "Enroll"]
-    assert {"Subscribe", "GetManifest", "PullBlob", "ReportStatus", "UploadResult", "RenewCredential"} <= {
+    assert {"Subscribe", "GetManifest", "PullBlob", "PullBlobs", "ReportStatus", "UploadResult", "RenewCredential"} <= {
         m.name for m in methods
     }
     async with grpc.aio.insecure_channel(controller.address) as ch:

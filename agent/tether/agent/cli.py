@@ -122,6 +122,36 @@ def _trusted_keys(paths: tuple[str, ...]) -> dict[str, bytes] | None:
         raise click.BadParameter(str(e), param_hint="--trust-key") from None
 
 
+def _disk_budget(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    """--disk-budget as bytes (None: unlimited); a clear usage error when it is not a size."""
+    from tether.agent import store
+    from tether.common import errors
+
+    if value is None:
+        return store.DEFAULT_DISK_BUDGET
+    try:
+        return store.parse_size(value, what="")
+    except errors.InvalidArgument as e:
+        raise click.BadParameter(str(e)) from None
+
+
+def _disk_budget_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--disk-budget",
+        envvar="TETHER_AGENT_DISK_BUDGET",
+        default="1GiB",
+        show_default=True,
+        callback=_disk_budget,
+        metavar="SIZE",
+        help="Most disk the bundle store may use: blobs, partial downloads and installed versions (not the "
+        "state file, results waiting for upload or the event store, which have their own bounds). Before a "
+        "pull the agent frees unreferenced blobs, then old versions, then rollback copies; a version that "
+        "still does not fit is not downloaded and is reported FAILED. 500MB, 2GiB (MB = 1000^2, MiB = "
+        "1024^2), bytes, or 'unlimited'. Bounded by default because a device's disk is shared with its "
+        "owner's data (env TETHER_AGENT_DISK_BUDGET).",
+    )(f)
+
+
 def _events_socket(value: str | None, state_path: pathlib.Path) -> pathlib.Path | None:
     if value == "none":
         return None
@@ -152,6 +182,7 @@ def agent() -> None:
     default=None,
     help="Unix socket apps send behaviour events to (default: STATE_DIR/events.sock; 'none' disables it).",
 )
+@_disk_budget_option
 @_limits_options
 @_security_options
 def run(
@@ -168,6 +199,7 @@ def run(
     tls: tls_mod.ClientTLS,
     trust_keys: tuple[str, ...],
     events_socket: str | None = None,
+    disk_budget: int | None = None,
 ) -> None:
     """Run the agent until SIGTERM/SIGINT."""
     from tether.agent import daemon, runtime
@@ -187,6 +219,7 @@ def run(
             threads=threads,
             limits=runtime.TaskLimits(timeout_s=task_timeout, memory_mb=task_memory_mb, cpu_seconds=task_cpu_seconds),
             events_socket=_events_socket(events_socket, state_path),
+            disk_budget=disk_budget,
         )
     except errors.TetherError as e:
         raise click.ClickException(str(e)) from None
@@ -294,3 +327,29 @@ def backends(state_dir: str, as_json: bool) -> None:
     from rich.console import Console
 
     Console(width=None if sys.stdout.isatty() else 160).print(backends_cli.table(doc))
+
+
+@agent.command()
+@click.option(
+    "--state-dir",
+    envvar="TETHER_AGENT_STATE_DIR",
+    default=DEFAULT_STATE_DIR,
+    show_default=True,
+    help="The agent's state directory (its bundle store).",
+)
+@_disk_budget_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (sizes in bytes).")
+def disk(state_dir: str, disk_budget: int | None, as_json: bool) -> None:
+    """How much disk the bundle store uses, against the budget, and per installed version."""
+    from tether.agent import store
+
+    root = pathlib.Path(os.path.expanduser(state_dir))
+    if not (root / "blobs").is_dir():
+        raise click.ClickException(f"{root} holds no bundle store (is --state-dir the agent's?)")
+    usage = store.BundleStore(root).snapshot()
+    if as_json:
+        click.echo(json.dumps(usage.to_json(disk_budget)))
+        return
+    click.echo(f"bundle store {root}: {usage.describe(disk_budget)}")
+    for v in usage.to_json(disk_budget)["versions"]:
+        click.echo(f"  {v['release']} v{v['version']} ({v['role']}): {store.format_size(v['bytes'])}")

@@ -111,6 +111,27 @@ class DeviceClient:
         finally:
             call.cancel()
 
+    async def pull_blobs(
+        self, *, release: str, blobs: Sequence[tuple[str, int]], timeout_s: float | None = None
+    ) -> AsyncIterator[pb.BlobChunk]:
+        """Several blobs of `release` in one stream: (digest, offset) pairs, at most `MAX_BLOBS_PER_PULL`.
+
+        Chunks come in request order, each carrying its blob's digest (docs/internals.md, "Pull").
+        A controller without PullBlobs answers UNIMPLEMENTED; the caller falls back to `pull_blob`.
+        """
+        call = self._stub.PullBlobs(
+            pb.PullBlobsRequest(
+                release=release, blobs=[pb.BlobRange(digest=digest, offset=offset) for digest, offset in blobs]
+            ),
+            metadata=self._metadata(),
+            timeout=timeout_s,
+        )
+        try:
+            async for chunk in call:
+                yield chunk
+        finally:
+            call.cancel()
+
     async def report_status(
         self,
         *,

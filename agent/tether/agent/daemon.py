@@ -41,7 +41,7 @@ import pathlib
 import random
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -84,6 +84,9 @@ class Backoff:
         base = min(self.max_s, self.initial_s * self.multiplier ** min(attempt, 64))
         return base * (1.0 - self.jitter * rng.random())
 
+
+# A version refused for the disk budget is tried again at least this often (space may free up meanwhile).
+OVER_BUDGET_RECHECK_S = 60.0
 
 # When a task runs (onInstall, interval, cron, onDemand, pattern): parsed and timed in tether.agent.triggers.
 Trigger = triggers.Trigger
@@ -135,6 +138,7 @@ class Agent:
         selector: backends_mod.Selector | None = None,
         events_socket: str | os.PathLike[str] | None = None,
         event_retention: tuple[int, float] = (event_store.DEFAULT_MAX_EVENTS, event_store.DEFAULT_MAX_AGE_S),
+        disk_budget: int | None = store.DEFAULT_DISK_BUDGET,
     ) -> None:
         self.controller = controller
         self.state_dir = pathlib.Path(state_dir)
@@ -168,8 +172,15 @@ class Agent:
         self._desired: dict[str, pb.DesiredTask] = {}
         self._kicks: dict[str, asyncio.Event] = {}
         self._workers: dict[str, asyncio.Task[None]] = {}
-        self._blob_locks: dict[str, asyncio.Lock] = {}
+        # Blobs being fetched right now, each by one install (blobs are shared between releases): set when done.
+        self._blob_claims: dict[str, asyncio.Event] = {}
+        self._pull_blobs_ok = True  # False after the controller answered PullBlobs with UNIMPLEMENTED
         self._inflight: dict[str, set[str]] = {}  # release -> digests of an install in progress
+        # Disk budget of the bundle store (bytes; None: unlimited), enforced before each pull (`_make_room`).
+        self.disk_budget = disk_budget
+        self._reserved: dict[str, dict[str, int]] = {}  # release -> digest -> declared size, of a pull under way
+        # release -> (version, manifest digest, manifest) of a version refused for the disk budget
+        self._over_budget: dict[str, tuple[int, str, manifest.Manifest | None]] = {}
         self._store_lock = asyncio.Lock()
         self._stopping = asyncio.Event()
         self.connected = asyncio.Event()  # set while the Subscribe stream is open
@@ -198,6 +209,8 @@ class Agent:
     async def run(self) -> None:
         """Enrol if needed, then hold the event stream until `stop()`; always cleans up."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        usage = await asyncio.to_thread(self.store.snapshot)
+        log.info("bundle store %s: %s", self.state_dir, usage.describe(self.disk_budget))
         self._client = client_mod.DeviceClient(
             self.controller, credential=self.state.credential, channel_credentials=self._channel_credentials
         )
@@ -324,6 +337,7 @@ class Agent:
                 async for event in call:
                     if not self.connected.is_set():
                         attempt = 0
+                        self._pull_blobs_ok = True  # maybe a newer controller now: try PullBlobs again
                         self.connected.set()
                     self._on_event(event)
                 log.info("controller closed the stream")
@@ -423,11 +437,16 @@ class Agent:
                         task.version,
                         task.manifest_digest,
                     ):
+                        await self._still_over_budget(task)  # a version refused for space: only once it fits
                         await self._install(task)
+                        self._over_budget.pop(release, None)
                     wait = await self._maybe_run(task, policy)
                 attempt = 0
+                self._over_budget.pop(release, None)
             except asyncio.CancelledError:
                 raise
+            except store.DiskBudgetExceeded as e:
+                wait = await self._over_budget_wait(task, e) if task is not None else None
             except errors.VerificationFailed as e:
                 log.error("refused %s v%d: %s", release, task.version if task else 0, e)
                 if task is not None:
@@ -463,8 +482,8 @@ class Agent:
             bundle = self._verify_manifest(task, response)
         self._inflight[task.release] = set(bundle.blob_digests())
         try:
-            for entry in self.store.missing_blobs(bundle):
-                await self._pull(task.release, entry)
+            await self._make_room(task, bundle)  # the disk budget: free space, or refuse before any download
+            await self._pull_missing(task.release, self.store.missing_blobs(bundle))
             await self._select_backends(bundle)  # a model that runs nowhere refuses the version here
             async with self._store_lock:
                 try:
@@ -597,36 +616,217 @@ class Agent:
                 raise errors.VerificationFailed(f"bundle needs engine {need.engine!r}; this device has {self.backends}")
         return bundle
 
-    async def _pull(self, release: str, entry: manifest.FileEntry) -> None:
-        assert self._client is not None
-        lock = self._blob_locks.setdefault(entry.sha256, asyncio.Lock())
-        async with lock:
-            if self.store.has_blob(entry.sha256):
-                return
-            writer = self.store.open_blob(entry.sha256, expected_size=entry.size)
+    async def _pull_missing(self, release: str, entries: Sequence[manifest.FileEntry]) -> None:
+        """Fetch these blobs: one PullBlobs stream for all of them (blob by blob from an older controller).
+
+        Blobs are shared between releases: one another install is fetching right now is left to it and
+        waited for, and fetched here after all if that install did not get it.
+        """
+        pending = list(entries)
+        while pending:
+            mine = [e for e in pending if e.sha256 not in self._blob_claims]
+            if not mine:  # every one is being fetched by other installs: wait for one, then look again
+                await self._blob_claims[pending[0].sha256].wait()
+            else:
+                for e in mine:
+                    self._blob_claims[e.sha256] = asyncio.Event()
+                try:
+                    await self._fetch(release, [e for e in mine if not self.store.has_blob(e.sha256)])
+                finally:
+                    for e in mine:
+                        self._blob_claims.pop(e.sha256).set()
+            pending = [e for e in pending if not self.store.has_blob(e.sha256)]
+
+    async def _fetch(self, release: str, entries: Sequence[manifest.FileEntry]) -> None:
+        """Store every one of these blobs (claimed by this install), verified, or raise."""
+        for start in range(0, len(entries), manifest.MAX_BLOBS_PER_PULL):
+            group = entries[start : start + manifest.MAX_BLOBS_PER_PULL]
+            if self._pull_blobs_ok:
+                try:
+                    await self._pull_group(release, group)
+                    continue
+                except grpc.aio.AioRpcError as e:
+                    if e.code() != grpc.StatusCode.UNIMPLEMENTED:
+                        raise
+                    self._pull_blobs_ok = False
+                    log.info("the controller has no PullBlobs (an older version): pulling blob by blob")
+            for entry in group:
+                if not self.store.has_blob(entry.sha256):
+                    await self._pull(release, entry)
+
+    def _held(self, entries: Sequence[manifest.FileEntry]) -> int:
+        """Bytes of these blobs on disk, whole or partial: grows with every chunk received."""
+        return sum(e.size if self.store.has_blob(e.sha256) else self.store.partial_size(e.sha256) for e in entries)
+
+    async def _pull_group(self, release: str, group: Sequence[manifest.FileEntry]) -> None:
+        """One PullBlobs stream for the group, resumed at once after a break that made progress.
+
+        The next call asks for what is still missing, each blob from the offset it reached; a break
+        without progress goes back to the release's backoff.
+        """
+        while missing := [e for e in group if not self.store.has_blob(e.sha256)]:
+            held = self._held(missing)
             try:
-                async for chunk in self._client.pull_blob(release=release, digest=entry.sha256, offset=writer.offset):
-                    if chunk.total_size and chunk.total_size != entry.size:
-                        raise errors.DigestMismatch(
-                            f"blob {entry.sha256} is {chunk.total_size} bytes; the manifest says {entry.size}"
-                        )
-                    writer.write(chunk.data, offset=chunk.offset)
-            except errors.DigestMismatch as e:
-                writer.close()
-                self.store.partial_path(entry.sha256).unlink(missing_ok=True)
-                raise errors.VerificationFailed(str(e)) from None
+                await self._pull_stream(release, missing)
             except grpc.aio.AioRpcError as e:
-                writer.close()  # keep the partial: the next attempt resumes from its size
-                if e.code() == grpc.StatusCode.OUT_OF_RANGE:
-                    self.store.partial_path(entry.sha256).unlink(missing_ok=True)
-                raise
-            except BaseException:
+                if not client_mod.is_retryable(e) or self._held(missing) <= held:
+                    raise
+                log.info("%s: blob stream broke (%s); resuming from the offsets reached", release, _describe(e))
+
+    async def _pull_stream(self, release: str, entries: Sequence[manifest.FileEntry]) -> None:
+        """One PullBlobs call: each blob from its partial's size into its partial, verified as it completes."""
+        assert self._client is not None
+        order = [(e.sha256, _resume_offset(self.store.partial_size(e.sha256), e.size)) for e in entries]
+        sizes = {e.sha256: e.size for e in entries}
+        index = 0  # the blob expected next
+        writer: store.BlobWriter | None = None
+        try:
+            async for chunk in self._client.pull_blobs(release=release, blobs=order):
+                if writer is None:
+                    if index >= len(order) or chunk.digest != order[index][0]:
+                        expected = order[index][0] if index < len(order) else "nothing more"
+                        raise errors.FailedPrecondition(f"PullBlobs sent {chunk.digest!r}, expected {expected}")
+                    writer = self.store.open_blob(chunk.digest, expected_size=sizes[chunk.digest])
+                    index += 1
+                elif chunk.digest != writer.digest:
+                    raise errors.FailedPrecondition(
+                        f"PullBlobs moved on to {chunk.digest!r} with blob {writer.digest} at {writer.offset}"
+                        f" of {writer.expected_size} bytes"
+                    )
+                if chunk.total_size and chunk.total_size != writer.expected_size:
+                    raise errors.DigestMismatch(
+                        f"blob {writer.digest} is {chunk.total_size} bytes; the manifest says {writer.expected_size}"
+                    )
+                writer.write(chunk.data, offset=chunk.offset)
+                if writer.offset == writer.expected_size:
+                    done, writer = writer, None
+                    await self._commit(done)
+        except errors.DigestMismatch as e:
+            if writer is not None:
                 writer.close()
-                raise
+                self.store.partial_path(writer.digest).unlink(missing_ok=True)
+            raise errors.VerificationFailed(str(e)) from None
+        except BaseException:
+            if writer is not None:
+                writer.close()  # keep the partial: the next attempt resumes from its size
+            raise
+        if writer is not None or index < len(order):
+            if writer is not None:
+                writer.close()
+            raise errors.FailedPrecondition(f"PullBlobs ended after {index} of {len(order)} blobs, the last unfinished")
+
+    async def _commit(self, writer: store.BlobWriter) -> None:
+        try:
+            await asyncio.to_thread(writer.commit)
+        except errors.DigestMismatch as e:
+            raise errors.VerificationFailed(str(e)) from None
+
+    async def _pull(self, release: str, entry: manifest.FileEntry) -> None:
+        """One blob with PullBlob (a controller without PullBlobs); the caller has claimed it."""
+        assert self._client is not None
+        if self.store.has_blob(entry.sha256):
+            return
+        writer = self.store.open_blob(entry.sha256, expected_size=entry.size)
+        try:
+            async for chunk in self._client.pull_blob(release=release, digest=entry.sha256, offset=writer.offset):
+                if chunk.total_size and chunk.total_size != entry.size:
+                    raise errors.DigestMismatch(
+                        f"blob {entry.sha256} is {chunk.total_size} bytes; the manifest says {entry.size}"
+                    )
+                writer.write(chunk.data, offset=chunk.offset)
+        except errors.DigestMismatch as e:
+            writer.close()
+            self.store.partial_path(entry.sha256).unlink(missing_ok=True)
+            raise errors.VerificationFailed(str(e)) from None
+        except grpc.aio.AioRpcError as e:
+            writer.close()  # keep the partial: the next attempt resumes from its size
+            if e.code() == grpc.StatusCode.OUT_OF_RANGE:
+                self.store.partial_path(entry.sha256).unlink(missing_ok=True)
+            raise
+        except BaseException:
+            writer.close()
+            raise
+        await self._commit(writer)
+
+    # ------------------------------------------------------------ disk budget
+    async def _make_room(self, task: pb.DesiredTask, bundle: manifest.Manifest) -> None:
+        """Fit the pull of `bundle` in the disk budget (freeing space), or raise DiskBudgetExceeded.
+
+        Downloads under way for other releases keep their blobs and partials and count with the
+        bytes they still need (their declared sizes), so concurrent pulls cannot add up past the budget.
+        """
+        if self.disk_budget is None:
+            return
+        async with self._store_lock:
+            plan = await asyncio.to_thread(
+                self.store.make_room, task.release, task.version, bundle, **self._budget_args(task.release)
+            )
+            self._reserved[task.release] = {f.sha256: f.size for f in bundle.files}
+        if plan.gc:
+            log.info(
+                "disk budget %s: freed %s for %s v%d (%s)",
+                store.format_size(self.disk_budget),
+                store.format_size(plan.used - plan.after),
+                task.release,
+                task.version,
+                ", ".join(f"removed {r} v{v}" for r, v in plan.evict) or "unreferenced blobs only",
+            )
+
+    def _budget_args(self, release: str) -> dict[str, Any]:
+        """The budget, and what installs of other releases under way keep and still need (under the store lock)."""
+        for r in [r for r in self._reserved if r not in self._inflight or r == release]:
+            del self._reserved[r]  # finished (or this release's previous attempt)
+        return {
+            "budget": self.disk_budget,
+            "keep": set().union(*(d for r, d in self._inflight.items() if r != release)),
+            "reserved": {d: n for sizes in self._reserved.values() for d, n in sizes.items()},
+        }
+
+    async def _still_over_budget(self, task: pb.DesiredTask) -> None:
+        """Raise DiskBudgetExceeded again, without fetching or reporting anything, while a refused version
+        still does not fit (`_install` reports DOWNLOADING, which would hide the refusal)."""
+        blocked = self._over_budget.get(task.release)
+        if self.disk_budget is None or blocked is None or blocked[:2] != (task.version, task.manifest_digest):
+            return
+        bundle = blocked[2]
+        if bundle is None:
+            return
+        async with self._store_lock:
+            plan = await asyncio.to_thread(
+                self.store.plan_room, task.release, task.version, bundle, **self._budget_args(task.release)
+            )
+        if not plan.fits:
+            raise store.DiskBudgetExceeded(plan.message, plan=plan, manifest=bundle)
+
+    async def _over_budget_wait(self, task: pb.DesiredTask, e: store.DiskBudgetExceeded) -> float | None:
+        """A version that does not fit: report it FAILED (once), keep the installed version serving.
+
+        Tried again when the release changes, when space is freed (`_gc` kicks), and every
+        OVER_BUDGET_RECHECK_S. Returns the loop's wait.
+        """
+        release = task.release
+        blocked = self._over_budget.get(release)
+        self._over_budget[release] = (task.version, task.manifest_digest, e.manifest)
+        if blocked is None or blocked[:2] != (task.version, task.manifest_digest):
+            log.warning("%s v%d not installed: %s", release, task.version, e)
+            await self._report(task, S.DELIVERY_STATE_FAILED, str(e))
+        wait: float | None = None
+        installed = self.state.installed.get(release)
+        if installed is not None and self.store.current(release) == installed.version:
+            running = pb.DesiredTask(
+                release=release,
+                version=installed.version,
+                manifest_digest=installed.manifest_digest,
+                trigger_json=installed.trigger_json,
+                resources_json=installed.resources_json,
+            )
             try:
-                await asyncio.to_thread(writer.commit)
-            except errors.DigestMismatch as e:
-                raise errors.VerificationFailed(str(e)) from None
+                wait = await self._maybe_run(running, self._policy(running))
+            except asyncio.CancelledError:
+                raise
+            except Exception as run_error:  # retried with the next check; the refusal stands meanwhile
+                log.warning("%s v%d: %s", release, installed.version, _describe(run_error))
+        return OVER_BUDGET_RECHECK_S if wait is None else min(wait, OVER_BUDGET_RECHECK_S)
 
     async def _gc(self) -> None:
         keep = set().union(*self._inflight.values()) if self._inflight else set()
@@ -634,6 +834,14 @@ class Agent:
             removed = await asyncio.to_thread(self.store.gc, keep=keep)
         if removed:
             log.debug("gc removed %d blobs", len(removed))
+        if log.isEnabledFor(logging.DEBUG):
+            usage = await asyncio.to_thread(self.store.snapshot)
+            log.debug("bundle store: %s", usage.describe(self.disk_budget))
+        for release in list(self._over_budget):  # space may have been freed: try those versions again
+            if release in self._desired:
+                self._kick(release)
+            else:
+                del self._over_budget[release]
 
     async def _uninstall(self, release: str) -> None:
         installed = self.state.installed.get(release)
@@ -832,6 +1040,11 @@ def _verify_signature(data: bytes, signature: bytes, key_id: str, trusted: Mappi
         Ed25519PublicKey.from_public_bytes(raw).verify(signature, data)
     except (InvalidSignature, ValueError):
         raise errors.VerificationFailed(f"manifest signature by {key_id!r} does not verify") from None
+
+
+def _resume_offset(partial_size: int, size: int) -> int:
+    """Where a blob's download resumes: its partial's size (a partial longer than the blob starts over)."""
+    return partial_size if partial_size <= size else 0
 
 
 def _describe(e: BaseException) -> str:

@@ -3,9 +3,10 @@
 A `SimAgent` speaks the device protocol exactly as `tether.agent.daemon.Agent`
 does — Enroll, then Subscribe (opening Sync, Notify, Revoke, heartbeats) with
 jittered exponential backoff, GetManifest (sha256-checked against the
-announced digest), PullBlob for the blobs it lacks only (resumed from the last
-received offset after an error, sha256-verified), ReportStatus DOWNLOADING and
-INSTALLED — but keeps its content-addressed cache as a set of digests in
+announced digest), one PullBlobs call for all the blobs it lacks (each resumed
+from the last received offset after an error, sha256-verified; PullBlob per blob
+from a controller without PullBlobs), ReportStatus DOWNLOADING and INSTALLED —
+but keeps its content-addressed cache as a set of digests in
 memory and never runs a task. Thousands share one event loop; `run_worker`
 runs a batch in a child process controlled over a pipe, so a benchmark can
 spread a fleet over several processes (`tether bench fleet`).
@@ -140,6 +141,7 @@ class SimAgent:
         self._workers: dict[str, asyncio.Task[None]] = {}
         self._kicks: dict[str, asyncio.Event] = {}
         self._partials: dict[str, _Partial] = {}
+        self.pull_blobs = True  # False after the controller answered PullBlobs with UNIMPLEMENTED
 
     # ------------------------------------------------------------ lifecycle
     async def run(self) -> None:
@@ -186,6 +188,7 @@ class SimAgent:
                 async for event in call:
                     if not self.connected:
                         self.connected, attempt = True, 0
+                        self.pull_blobs = True  # maybe a newer controller now
                     self._on_event(event)
             except grpc.aio.AioRpcError as e:
                 self._count(e, "Subscribe")
@@ -285,9 +288,7 @@ class SimAgent:
         if "sha256:" + hashlib.sha256(response.manifest).hexdigest() != task.manifest_digest:
             raise RuntimeError(f"{self.device_id}: manifest of {task.release} does not match its digest")
         blobs = _blob_sizes(response.manifest)
-        for digest, size in blobs.items():
-            if self.full_pull or digest not in self.cache:
-                await self._pull(task.release, digest, size)
+        await self._pull_all(task.release, {d: n for d, n in blobs.items() if self.full_pull or d not in self.cache})
         self.installed[task.release] = (task.version, task.manifest_digest)
         history = self._manifests.setdefault(task.release, [])
         history.append(list(blobs))
@@ -296,10 +297,70 @@ class SimAgent:
         await self._report(task, S.DELIVERY_STATE_INSTALLED)
         self._gc()
 
-    async def _pull(self, release: str, digest: str, size: int) -> None:
+    async def _pull_all(self, release: str, sizes: Mapping[str, int]) -> None:
+        """Every blob of `sizes` with one PullBlobs call (per MAX_BLOBS_PER_PULL), as the real agent does."""
+        digests = list(sizes)
+        for start in range(0, len(digests), manifest.MAX_BLOBS_PER_PULL):
+            group = digests[start : start + manifest.MAX_BLOBS_PER_PULL]
+            if self.pull_blobs:
+                try:
+                    await self._pull_group(release, group, sizes)
+                    continue
+                except grpc.aio.AioRpcError as e:
+                    if e.code() != grpc.StatusCode.UNIMPLEMENTED:
+                        raise
+                    self.pull_blobs = False  # an older controller: blob by blob (nothing of the group arrived)
+            for digest in group:
+                await self._pull(release, digest, sizes[digest])
+
+    async def _pull_group(self, release: str, digests: Sequence[str], sizes: Mapping[str, int]) -> None:
+        """A broken stream that made progress is asked again at once for the rest, from the offsets reached."""
+        remaining = list(digests)
+        while remaining:
+            before = (len(remaining), self._received(remaining))
+            try:
+                await self._pull_stream(release, remaining, sizes)
+            except grpc.aio.AioRpcError as e:
+                if e.code() not in RETRYABLE or (len(remaining), self._received(remaining)) == before:
+                    raise
+                self._count(e, "PullBlobs")
+
+    def _received(self, digests: Sequence[str]) -> int:
+        return sum(p.offset for d in digests if (p := self._partials.get(d)) is not None)
+
+    def _partial(self, digest: str) -> _Partial:
         partial = self._partials.setdefault(digest, _Partial())
         if self.full_pull and partial.offset == 0:
             partial.hasher = hashlib.sha256()
+        return partial
+
+    async def _pull_stream(self, release: str, remaining: list[str], sizes: Mapping[str, int]) -> None:
+        """One PullBlobs call; removes each blob from `remaining` once it is complete and verified."""
+        ranges = [pb.BlobRange(digest=d, offset=self._partial(d).offset) for d in remaining]
+        call = self._stub.PullBlobs(
+            pb.PullBlobsRequest(release=release, blobs=ranges), metadata=self._md(), timeout=self._timeout_s
+        )
+        try:
+            async for chunk in call:
+                if not remaining or chunk.digest != remaining[0]:
+                    raise RuntimeError(f"{self.device_id}: PullBlobs sent {chunk.digest!r} out of order")
+                digest = remaining[0]
+                partial = self._partials[digest]
+                if chunk.offset != partial.offset:
+                    raise RuntimeError(f"{digest}: chunk at {chunk.offset}, expected {partial.offset}")
+                partial.hasher.update(chunk.data)
+                partial.offset += len(chunk.data)
+                if partial.offset >= sizes[digest]:
+                    self._verified(digest, sizes[digest])
+                    remaining.pop(0)
+        finally:
+            call.cancel()
+        if remaining:
+            raise RuntimeError(f"{self.device_id}: PullBlobs ended before blob {remaining[0]} was complete")
+
+    async def _pull(self, release: str, digest: str, size: int) -> None:
+        """One blob with PullBlob (a controller without PullBlobs)."""
+        partial = self._partial(digest)
         call = self._stub.PullBlob(
             pb.PullBlobRequest(release=release, digest=digest, offset=partial.offset),
             metadata=self._md(),
@@ -313,7 +374,11 @@ class SimAgent:
                 partial.offset += len(chunk.data)
         finally:
             call.cancel()
-        del self._partials[digest]
+        self._verified(digest, size)
+
+    def _verified(self, digest: str, size: int) -> None:
+        """The blob's download is complete: check size and digest, then hold it."""
+        partial = self._partials.pop(digest)
         if partial.offset != size or "sha256:" + partial.hasher.hexdigest() != digest:
             raise RuntimeError(f"{self.device_id}: blob {digest} failed verification")
         self.cache.add(digest)

@@ -28,6 +28,8 @@ MAX_FILES = 10_000
 MAX_FILE_SIZE = 2 * 1024**3
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 MAX_PATH_LEN = 512
+# Wire contract: one PullBlobs request names at most this many blobs (a larger set takes several calls).
+MAX_BLOBS_PER_PULL = 1024
 IGNORED_NAMES = frozenset({"__pycache__", ".git", ".DS_Store", "mltask.yaml", ".tether"})
 
 

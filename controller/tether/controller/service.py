@@ -23,7 +23,7 @@ import functools
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -155,6 +155,48 @@ async def _notify(
             len(fan.revoked),
             len(fan.dropped),
         )
+
+
+def end_revoked_device(
+    *,
+    hub_: hub.Hub,
+    authenticator: device_auth.DeviceAuthenticator | None,
+    device_id: str,
+    reason: str = "",
+) -> bool:
+    """A device was revoked (here, or on another replica): drop its cached authentication, end its stream.
+
+    The same for the replica that revoked and for every other one (`replicas`); True when this process held a
+    stream of the device. The stream ends with UNAUTHENTICATED, as every later call of the device does.
+    """
+    if authenticator is not None:
+        authenticator.forget(device_id)
+    return hub_.close_device(
+        device_id, code=grpc.StatusCode.UNAUTHENTICATED, reason=reason or f"device {device_id} is revoked"
+    )
+
+
+async def end_revoked_streams(
+    *, hub_: hub.Hub, store_: store.Store, authenticator: device_auth.DeviceAuthenticator | None
+) -> tuple[str, ...]:
+    """Revocations may have been missed (the LISTEN connection was down): start over from the registry.
+
+    Every cached authentication is dropped, and the streams of connected devices that are now revoked (or
+    gone) end: one query for all of them. Returns those device ids.
+    """
+    if authenticator is not None:
+        authenticator.clear()
+    gone = sorted(await store_.not_live(hub_.device_ids()))
+    for device_id in gone:
+        end_revoked_device(
+            hub_=hub_,
+            authenticator=authenticator,
+            device_id=device_id,
+            reason=f"device {device_id} is revoked or no longer enrolled",
+        )
+    if gone:
+        log.warning("ended the streams of %d device(s) revoked while revocations went unheard", len(gone))
+    return tuple(gone)
 
 
 # ---------------------------------------------------------------- devices
@@ -292,18 +334,55 @@ class DeviceService(pb_grpc.DeviceServiceServicer):
             raise errors.PermissionDenied(f"blob {digest} is not part of release {release.name!r}")
         if request.offset < 0:
             raise errors.InvalidArgument(f"offset: must be >= 0, got {request.offset}")
+        total = await self._blob_size(digest)
+        async for chunk in self._blob_chunks(digest, offset=request.offset, total=total, tag=""):
+            yield chunk
+
+    @_edge_stream
+    async def PullBlobs(
+        self, request: pb.PullBlobsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.BlobChunk]:
+        """Several blobs of one release in one stream: one authentication and one release lookup per call.
+
+        The whole request is checked before the first chunk (docs/internals.md, "Pull"): a bad one
+        sends nothing. Blobs follow in request order, each from its offset, each blob's chunks contiguous.
+        """
+        device = await self._device(context)
+        wanted = _blob_ranges(request.blobs)  # shape first: a malformed request costs no database work
+        release = await self._store.release_for_device(device, request.release)
+        _, parsed = await self._manifests.get(release.manifest_digest)
+        allowed = set(parsed.blob_digests())
+        outside = [digest for digest, _ in wanted if digest not in allowed]
+        if outside:
+            more = f" (and {len(outside) - 1} more)" if len(outside) > 1 else ""
+            raise errors.PermissionDenied(f"blob {outside[0]} is not part of release {release.name!r}{more}")
+        totals = []
+        for i, (digest, offset) in enumerate(wanted):
+            total = await self._blob_size(digest)
+            if offset > total:
+                raise errors.InvalidArgument(f"blobs[{i}].offset: {offset} is beyond blob {digest} of {total} bytes")
+            totals.append(total)
+        for (digest, offset), total in zip(wanted, totals, strict=True):
+            async for chunk in self._blob_chunks(digest, offset=offset, total=total, tag=digest):
+                yield chunk
+
+    async def _blob_size(self, digest: str) -> int:
         total = await self._chunk_cache.size(self._blobs, digest)
         if total is None:
             raise errors.NotFound(f"blob {digest} is not stored")
+        return total
+
+    async def _blob_chunks(self, digest: str, *, offset: int, total: int, tag: str) -> AsyncIterator[pb.BlobChunk]:
+        """One blob from `offset` as BlobChunks (`digest` = `tag`); at least one, empty when resumed at its end."""
         # Chunks come from a bounded in-memory cache (every device of a rollout pulls the same blobs).
-        position = request.offset
+        position = offset
         sent = False
-        async for chunk in self._chunk_cache.chunks(self._blobs, digest, offset=request.offset, total=total):
-            yield pb.BlobChunk(offset=position, data=chunk, total_size=total)
+        async for chunk in self._chunk_cache.chunks(self._blobs, digest, offset=offset, total=total):
+            yield pb.BlobChunk(offset=position, data=chunk, total_size=total, digest=tag)
             position += len(chunk)
             sent = True
         if not sent:  # resumed at the very end: still tell the agent the size
-            yield pb.BlobChunk(offset=position, data=b"", total_size=total)
+            yield pb.BlobChunk(offset=position, data=b"", total_size=total, digest=tag)
 
     @_edge
     async def ReportStatus(
@@ -513,12 +592,9 @@ class AdminService(pb_grpc.AdminServiceServicer):
     ) -> pb.RevokeDeviceResponse:
         self._admin(context)
         device_id = auth.check_device_id(request.device_id)
+        # Committed: the database announces it to every replica (`replicas`), which do the same as here.
         revoked = await self._store.revoke_device(device_id)
-        if self._auth is not None:
-            self._auth.forget(device_id)
-        disconnected = self._hub.close_device(
-            device_id, code=grpc.StatusCode.UNAUTHENTICATED, reason=f"device {device_id} is revoked"
-        )
+        disconnected = end_revoked_device(hub_=self._hub, authenticator=self._auth, device_id=device_id)
         log.warning("device %s revoked%s", device_id, " (stream ended)" if disconnected else "")
         return pb.RevokeDeviceResponse(revoked=revoked, disconnected=disconnected)
 
@@ -571,6 +647,30 @@ def _digest(value: str) -> str:
         return manifest.check_digest(value)
     except errors.InvalidManifest as e:
         raise errors.InvalidArgument(str(e)) from None
+
+
+def _blob_ranges(ranges: Sequence[pb.BlobRange]) -> list[tuple[str, int]]:
+    """A PullBlobs request's (digest, offset) pairs, in order: bounded, well-formed, distinct, non-negative."""
+    if not ranges:
+        raise errors.InvalidArgument("blobs: name at least one blob")
+    if len(ranges) > manifest.MAX_BLOBS_PER_PULL:
+        raise errors.InvalidArgument(
+            f"blobs: {len(ranges)} named, at most {manifest.MAX_BLOBS_PER_PULL} per call (split into several)"
+        )
+    out: list[tuple[str, int]] = []
+    seen: set[str] = set()
+    for i, r in enumerate(ranges):
+        try:  # (a digest can only be 71 characters: an error message need not quote more)
+            digest = manifest.check_digest(r.digest[:80], field=f"blobs[{i}].digest")
+        except errors.InvalidManifest as e:
+            raise errors.InvalidArgument(str(e)) from None
+        if digest in seen:
+            raise errors.InvalidArgument(f"blobs[{i}].digest: {digest} is named twice")
+        if r.offset < 0:
+            raise errors.InvalidArgument(f"blobs[{i}].offset: must be >= 0, got {r.offset}")
+        seen.add(digest)
+        out.append((digest, r.offset))
+    return out
 
 
 def _blocking_iter(chunks: AsyncIterator[bytes], loop: asyncio.AbstractEventLoop) -> Iterator[bytes]:

@@ -186,15 +186,33 @@ class PullBlobRequest(_message.Message):
     offset: int
     def __init__(self, release: _Optional[str] = ..., digest: _Optional[str] = ..., offset: _Optional[int] = ...) -> None: ...
 
+class BlobRange(_message.Message):
+    __slots__ = ("digest", "offset")
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    digest: str
+    offset: int
+    def __init__(self, digest: _Optional[str] = ..., offset: _Optional[int] = ...) -> None: ...
+
+class PullBlobsRequest(_message.Message):
+    __slots__ = ("release", "blobs")
+    RELEASE_FIELD_NUMBER: _ClassVar[int]
+    BLOBS_FIELD_NUMBER: _ClassVar[int]
+    release: str
+    blobs: _containers.RepeatedCompositeFieldContainer[BlobRange]
+    def __init__(self, release: _Optional[str] = ..., blobs: _Optional[_Iterable[_Union[BlobRange, _Mapping]]] = ...) -> None: ...
+
 class BlobChunk(_message.Message):
-    __slots__ = ("offset", "data", "total_size")
+    __slots__ = ("offset", "data", "total_size", "digest")
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     TOTAL_SIZE_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
     offset: int
     data: bytes
     total_size: int
-    def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ..., total_size: _Optional[int] = ...) -> None: ...
+    digest: str
+    def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ..., total_size: _Optional[int] = ..., digest: _Optional[str] = ...) -> None: ...
 
 class ReportStatusRequest(_message.Message):
     __slots__ = ("release", "version", "state", "message", "device_state")

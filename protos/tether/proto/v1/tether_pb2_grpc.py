@@ -54,6 +54,11 @@ class DeviceServiceStub:
                 request_serializer=tether_dot_proto_dot_v1_dot_tether__pb2.PullBlobRequest.SerializeToString,
                 response_deserializer=tether_dot_proto_dot_v1_dot_tether__pb2.BlobChunk.FromString,
                 _registered_method=True)
+        self.PullBlobs = channel.unary_stream(
+                '/tether.v1.DeviceService/PullBlobs',
+                request_serializer=tether_dot_proto_dot_v1_dot_tether__pb2.PullBlobsRequest.SerializeToString,
+                response_deserializer=tether_dot_proto_dot_v1_dot_tether__pb2.BlobChunk.FromString,
+                _registered_method=True)
         self.ReportStatus = channel.unary_unary(
                 '/tether.v1.DeviceService/ReportStatus',
                 request_serializer=tether_dot_proto_dot_v1_dot_tether__pb2.ReportStatusRequest.SerializeToString,
@@ -104,6 +109,13 @@ class DeviceServiceServicer:
 
     def PullBlob(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PullBlobs(self, request, context):
+        """All of a version's missing blobs in one stream (see PullBlobsRequest).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -162,6 +174,11 @@ def add_DeviceServiceServicer_to_server(servicer, server):
             'PullBlob': grpc.unary_stream_rpc_method_handler(
                     servicer.PullBlob,
                     request_deserializer=tether_dot_proto_dot_v1_dot_tether__pb2.PullBlobRequest.FromString,
+                    response_serializer=tether_dot_proto_dot_v1_dot_tether__pb2.BlobChunk.SerializeToString,
+            ),
+            'PullBlobs': grpc.unary_stream_rpc_method_handler(
+                    servicer.PullBlobs,
+                    request_deserializer=tether_dot_proto_dot_v1_dot_tether__pb2.PullBlobsRequest.FromString,
                     response_serializer=tether_dot_proto_dot_v1_dot_tether__pb2.BlobChunk.SerializeToString,
             ),
             'ReportStatus': grpc.unary_unary_rpc_method_handler(
@@ -297,6 +314,33 @@ class DeviceService:
             target,
             '/tether.v1.DeviceService/PullBlob',
             tether_dot_proto_dot_v1_dot_tether__pb2.PullBlobRequest.SerializeToString,
+            tether_dot_proto_dot_v1_dot_tether__pb2.BlobChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PullBlobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/tether.v1.DeviceService/PullBlobs',
+            tether_dot_proto_dot_v1_dot_tether__pb2.PullBlobsRequest.SerializeToString,
             tether_dot_proto_dot_v1_dot_tether__pb2.BlobChunk.FromString,
             options,
             channel_credentials,
