@@ -16,8 +16,14 @@ built by `bench/models/build.py`, committed as .onnx + .mnn):
    the engine called directly (MNN's Interpreter/Session API, or an ONNX
    Runtime session) in a child process with the same environment, on the same
    input, timed the same way. The ratio of the per-inference medians (goal ≤
-   1.05), taken over `--trials` alternating pairs. The end-to-end ratio
+   1.05), taken over `--trials` alternating runs. The end-to-end ratio
    (process start and model load included) is reported beside it.
+4. `agent_over_raw_same_io`: the agent against a second direct baseline that
+   moves data the way the agent's MNN wrapper does (the caller's array written
+   into the session's own input memory, outputs copied out of the session's
+   output memory: no host tensors, no copyFrom/copyToHostTensor), so what is
+   left is the wrapper's own cost (validation, the lock, the dict). For ONNX
+   Runtime there is no other way to call it: the second baseline is the first.
 
 Writes JSON to --out; prints a table.
 """
@@ -109,6 +115,26 @@ if job["engine"] == "mnn":
             o.copyToHostTensor(host)
             out[n] = np.array(host.getNumpyData(), copy=True)
         return out
+
+    if job.get("io") == "session":
+        # The second baseline ("same I/O"): data moved as the agent's wrapper moves it. On the CPU backend a
+        # session tensor of host layout (NCHW/NHWC) is the session's own memory as an array: write inputs
+        # into it, copy outputs out of it. Checked once against the documented path above.
+        host_layouts = (MNN.Tensor_DimensionType_Caffe, MNN.Tensor_DimensionType_Tensorflow)
+        session_tensors = list(tensors.values()) + [o for _, o, _ in outs]
+        assert all(t.getDimensionType() in host_layouts for t in session_tensors), "no host layout: no views"
+        expected = once()
+        views = {n: t.getNumpyData() for n, t in tensors.items()}
+        out_views = [(n, o.getNumpyData()) for n, o, _ in outs]
+
+        def once():
+            for n, a in inputs.items():
+                views[n][...] = a
+            interp.runSession(session)
+            return {n: v.copy() for n, v in out_views}
+
+        got = once()
+        assert all(np.array_equal(got[n], expected[n]) for n in expected), "same-I/O baseline differs"
 else:
     import onnxruntime as ort
 
@@ -213,7 +239,7 @@ def _worker_env(threads: int) -> dict[str, str]:
 def agent_vs_raw(
     m: BenchModel, chosen: selection.Candidate, *, k: int, warmup: int, trials: int, work: pathlib.Path
 ) -> dict[str, Any]:
-    """Per-inference medians through the agent's worker and through the raw engine, alternating."""
+    """Per-inference medians through the agent's worker and through the raw engine (both baselines), alternating."""
     bundle_dir, data_dir = work / "bundle", work / "data"
     bundle_dir.mkdir(parents=True, exist_ok=True)
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -244,8 +270,22 @@ def agent_vs_raw(
             }
         )
     )
+    same_io_job = work / "raw-same-io.json"
+    same_io_job.write_text(json.dumps({**json.loads(job.read_text()), "io": "session"}))
     limits = runtime_mod.TaskLimits(timeout_s=600, memory_mb=8192)
-    agent_ms, raw_ms, agent_wall, raw_wall = [], [], [], []
+    agent_ms, raw_ms, same_io_ms, agent_wall, raw_wall = [], [], [], [], []
+
+    def raw_run(job_path: pathlib.Path) -> float:
+        proc = subprocess.run(
+            [sys.executable, "-c", RAW_SOURCE, str(job_path)],
+            capture_output=True,
+            text=True,
+            env=_worker_env(chosen.threads),
+            timeout=600,
+            check=True,
+        )
+        return float(json.loads(proc.stdout.strip().splitlines()[-1])["median_ms"])
+
     for _ in range(trials):
         t0 = time.perf_counter()
         outcome = asyncio.run(
@@ -265,23 +305,22 @@ def agent_vs_raw(
             raise RuntimeError(f"the worker ran {outcome.backend}, not {chosen.backend_name}")
         agent_ms.append(float(outcome.result.metrics["median_ms"]))
         t0 = time.perf_counter()
-        proc = subprocess.run(
-            [sys.executable, "-c", RAW_SOURCE, str(job)],
-            capture_output=True,
-            text=True,
-            env=_worker_env(chosen.threads),
-            timeout=600,
-            check=True,
-        )
+        raw_ms.append(raw_run(job))
         raw_wall.append(time.perf_counter() - t0)
-        raw_ms.append(float(json.loads(proc.stdout.strip().splitlines()[-1])["median_ms"]))
-    a, r = statistics.median(agent_ms), statistics.median(raw_ms)
+        if chosen.engine == "mnn":
+            same_io_ms.append(raw_run(same_io_job))
+    if not same_io_ms:  # ONNX Runtime: one way to call it, so the second baseline is the first
+        same_io_ms = list(raw_ms)
+    a, r, rs = statistics.median(agent_ms), statistics.median(raw_ms), statistics.median(same_io_ms)
     return {
         "agent_over_raw": a / r,
+        "agent_over_raw_same_io": a / rs,
         "agent_ms": a,
         "raw_ms": r,
+        "raw_same_io_ms": rs,
         "agent_ms_trials": agent_ms,
         "raw_ms_trials": raw_ms,
+        "raw_same_io_ms_trials": same_io_ms,
         "agent_over_raw_end_to_end": statistics.median(agent_wall) / statistics.median(raw_wall),
         "k": k,
         "trials": trials,
@@ -356,7 +395,7 @@ def run_benchmark(
         "settings": {"budget_s": budget_s, "truth_seconds": truth_s, "k": k, "trials": trials},
         # Other work on the machine skews every figure: the 1-minute load average before and after.
         "load_average": {"before": load_before[0], "after": os.getloadavg()[0], "cores": device_profile.cores},
-        "goals": {"chosen_over_best": GOAL, "agent_over_raw": GOAL},
+        "goals": {"chosen_over_best": GOAL, "agent_over_raw": GOAL},  # agent_over_raw_same_io has no goal
         "models": results,
     }
 
@@ -370,7 +409,7 @@ def _table(doc: Mapping[str, Any]) -> Any:
     from rich.table import Table
 
     table = Table(title="tether bench runtime", show_lines=False)
-    for col in ("model", "candidate", "latency ms", "selection", "chosen/best", "agent/raw", "select s"):
+    for col in ("model", "candidate", "latency ms", "selection", "chosen/best", "agent/raw", "same I/O", "select s"):
         table.add_column(col, justify="left" if col in ("model", "candidate", "selection") else "right")
     for name, r in doc["models"].items():
         first = True
@@ -386,6 +425,7 @@ def _table(doc: Mapping[str, Any]) -> Any:
                 mark,
                 f"{r['chosen_over_best']:.3f}" if first and r["chosen_over_best"] else "",
                 f"{r['agent_over_raw']:.3f}" if first else "",
+                f"{r['agent_over_raw_same_io']:.3f}" if first else "",
                 f"{r['selection_seconds']:.2f}" if first else "",
             )
             first = False
@@ -419,7 +459,7 @@ def _table(doc: Mapping[str, Any]) -> Any:
     help="Time to measure every candidate for the ground truth, per model.",
 )
 @click.option("--k", type=int, default=300, show_default=True, help="Timed inferences per agent/raw run (at least).")
-@click.option("--trials", type=int, default=5, show_default=True, help="Alternating agent/raw pairs.")
+@click.option("--trials", type=int, default=5, show_default=True, help="Alternating agent/raw (/same-I/O raw) runs.")
 def runtime(
     out_path: str, models_dir: pathlib.Path, names: str, budget_s: float, truth_s: float, k: int, trials: int
 ) -> None:

@@ -17,6 +17,7 @@ MNN's Interpreter/Session API (used here) releases the GIL during inference;
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 import subprocess
@@ -24,7 +25,7 @@ import sys
 import tempfile
 import threading
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
@@ -92,8 +93,63 @@ class Engine(Protocol):
 # ---------------------------------------------------------------- MNN
 
 
+class _Input(NamedTuple):
+    """How one input reaches the session, for the current shapes."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: np.dtype[Any] | None  # the session tensor's element type; None: one this wrapper cannot feed
+    view: np.ndarray | None  # the session's own input memory (checked), written in place; None: copyFrom
+    tensor: Any  # the session tensor
+    halide: Any  # for copyFrom: the session tensor's halide type
+    dim: Any  # for copyFrom: the host dimension type
+
+
+class _Output(NamedTuple):
+    """How one output leaves the session, for the current shapes."""
+
+    name: str
+    view: np.ndarray | None  # the session's own output memory, checked to agree with copyToHostTensor
+    tensor: Any  # the session tensor
+    host: Any  # a host tensor of the output's shape, for copyToHostTensor
+    host_view: np.ndarray  # the host tensor's memory
+    candidate: np.ndarray | None  # a view of the session's memory not checked yet (after the first run)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """Everything one inference needs for the current input shapes; made after each resize."""
+
+    inputs: tuple[_Input, ...]
+    outputs: tuple[_Output, ...]
+    checked: bool = False  # the first run on it checked the output views and that no memory moved
+    undecided_runs: int = 0  # runs whose outputs could not decide an output view (see _check_plan)
+    # Once checked, and if every output has a view: (name, view) of each, for the fast path.
+    direct_outputs: tuple[tuple[str, np.ndarray], ...] | None = None
+    # Once checked, for one input and one output that both have views: (input name, shape, dtype, view,
+    # output name, view).
+    one: tuple[str, tuple[int, ...], np.dtype[Any], np.ndarray, str, np.ndarray] | None = None
+
+
 class MNNModel:
-    """An MNN Interpreter + Session. Input shapes follow the arrays passed to `run`."""
+    """An MNN Interpreter + Session. Input shapes follow the arrays passed to `run`; `run` is thread-safe.
+
+    Every inference is on the task path, so its cost matters next to small models (a few µs). After
+    each resize the model makes a plan: on the CPU backend, an input tensor with a host layout (NCHW
+    or NHWC, not the internal NC4HW4) exposes the session's own input memory as an array, and writing
+    the caller's array into it replaces building an MNN host tensor and `copyFrom` per call; an output
+    of host layout is read the same way instead of `copyToHostTensor`. Neither is assumed: an input
+    view is used only if a `copyFrom` of a known pattern shows up in it exactly (same memory, layout
+    and element type: a backend storing half precision would fail this), an output view only once it
+    agrees with `copyToHostTensor` on a run, and after that first run the memory must still be where
+    the plan found it. The views are fetched again after every resize (the session's memory may move).
+    Outputs are always copies: callers never hold memory the next inference overwrites.
+
+    A call whose inputs are a dict of exactly the input names holding arrays of the planned shapes
+    and dtypes takes the fast path; anything else (float64 or other dtypes, a new shape, another
+    mapping type, errors) takes the general path, which validates, converts and resizes, with the
+    same results.
+    """
 
     def __init__(self, interpreter: Any, session: Any, backend: str, mnn: Any) -> None:
         self._mnn = mnn
@@ -105,8 +161,11 @@ class MNNModel:
         self._input_names = list(self._inputs)
         self._output_names = list(interpreter.getSessionOutputAll(session))
         self._shapes: dict[str, tuple[int, ...]] = {n: tuple(t.getShape()) for n, t in self._inputs.items()}
-        self._in_meta: dict[str, tuple[Any, Any, Any, Any]] = {}  # input name -> see _input_meta
-        self._outputs: list[tuple[str, Any, Any]] = []  # (name, session tensor, host tensor); [] after a resize
+        self._plan: _Plan | None = None  # None until the first run after a resize
+        # Views of session memory only where host memory is what runs (the CPU backend), and until
+        # memory is seen to move under a plan.
+        self._zero_copy = backend == "mnn/cpu"
+        self._halide_dtypes = {getattr(mnn, h): d for d, h in _NUMPY_TO_HALIDE.items()}
 
     @property
     def input_names(self) -> list[str]:
@@ -135,7 +194,7 @@ class MNNModel:
                 self._shapes[name] = shape
                 changed = True
         if changed:
-            self._outputs = []
+            self._plan = None  # the session's memory may move: views and host tensors are made again
             self._interp.resizeSession(self._session)
             if float(self._interp.getSessionInfo(self._session, _MNN_SESSION_INFO_RESIZE_STATUS)) != 0.0:
                 self._shapes.clear()  # the session is unusable until a resize succeeds
@@ -144,65 +203,206 @@ class MNNModel:
                 )
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        # On every inference: per-input types and per-output host tensors are prepared once per shape
-        # (`_outputs` is dropped on resize), so a call costs about what calling MNN directly does.
+        lock = self._lock
+        lock.acquire()  # not `with`: on every inference, and its __exit__ costs as much as acquire + release
+        try:
+            plan = self._plan
+            if plan is not None and type(inputs) is dict and len(inputs) == len(plan.inputs):
+                # The fast paths: exactly the input names, arrays of the planned shapes and dtypes. Anything
+                # else goes on to the general path, which writes every input again.
+                if plan.one is not None:  # the common case, unrolled: one input and one output, both views
+                    name, shape, dtype, view, out_name, out_view = plan.one
+                    a = inputs.get(name)
+                    if type(a) is np.ndarray and a.dtype is dtype and a.shape == shape:
+                        view[...] = a  # any strides: numpy copies element by element into the session
+                        code = self._interp.runSession(self._session)
+                        if code != 0:
+                            raise _run_failed(code)
+                        return {out_name: out_view.copy()}  # the next inference overwrites it: a copy
+                for name, shape, dtype, view, tensor, halide, dim in plan.inputs:
+                    a = inputs.get(name)
+                    if type(a) is not np.ndarray or a.dtype is not dtype or a.shape != shape:
+                        break
+                    if view is not None:
+                        view[...] = a
+                    elif a.flags.c_contiguous:
+                        tensor.copyFrom(self._mnn.Tensor(shape, halide, a, dim))
+                    else:
+                        break
+                else:
+                    code = self._interp.runSession(self._session)
+                    if code != 0:
+                        raise _run_failed(code)
+                    if plan.direct_outputs is None:
+                        return self._outputs(plan, inputs)
+                    outputs = {}
+                    for name, view in plan.direct_outputs:
+                        outputs[name] = view.copy()
+                    return outputs
+        finally:
+            lock.release()
         arrays = _check_inputs(inputs, self._input_names)
         with self._lock:
-            shapes = self._shapes
-            for name, a in arrays.items():
-                if shapes.get(name) != a.shape:
-                    self._resize_locked({n: tuple(x.shape) for n, x in arrays.items()})
-                    break
-            mnn = self._mnn
-            for name, a in arrays.items():
-                meta = self._in_meta.get(name)
-                if meta is None or meta[0] != a.dtype:
-                    meta = self._input_meta(name, a.dtype)
-                if meta[1] is None:
-                    a = a.astype(np.float32)
-                    meta = self._input_meta(name, a.dtype)
-                meta[3].copyFrom(mnn.Tensor(a.shape, meta[1], a, meta[2]))
-            code = self._interp.runSession(self._session)
-            if code != 0:
-                raise errors.TaskFailed(f"MNN runSession failed with error code {code}")
-            outs = self._outputs or self._prepare_outputs()
-            outputs = {}
-            for name, out, host in outs:
-                out.copyToHostTensor(host)
-                # The host tensor is reused: hand out a copy of its data.
-                outputs[name] = np.array(host.getNumpyData(), copy=True)
-            return outputs
+            return self._run_general(arrays)
 
-    def _input_meta(self, name: str, dtype: np.dtype[Any]) -> tuple[Any, Any, Any, Any]:
-        """(dtype, MNN halide type or None when unsupported, host dimension type, session tensor)."""
-        halide = _NUMPY_TO_HALIDE.get(dtype)
-        tensor = self._inputs[name]
-        meta = (
-            dtype,
-            None if halide is None else getattr(self._mnn, halide),
-            _host_dim_type(self._mnn, tensor),
-            tensor,
-        )
-        self._in_meta[name] = meta
-        return meta
+    def _run_general(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Validated arrays (float64 made float32 already): resize if needed, convert, write, run."""
+        if any(self._shapes.get(name) != a.shape for name, a in arrays.items()):
+            self._resize_locked({n: tuple(a.shape) for n, a in arrays.items()})
+        plan = self._plan or self._make_plan()
+        for name, _, dtype, view, tensor, halide, dim in plan.inputs:
+            a = arrays[name]
+            if dtype is None:
+                raise errors.InvalidArgument(f"model input {name!r} has an element type MNN's Python API cannot fill")
+            if a.dtype != dtype:
+                a = _convert_input(name, a, dtype)
+            if view is not None:
+                view[...] = a
+            else:  # contiguous already unless the fast path fell back to here
+                tensor.copyFrom(self._mnn.Tensor(a.shape, halide, np.ascontiguousarray(a), dim))
+        code = self._interp.runSession(self._session)
+        if code != 0:
+            raise _run_failed(code)
+        return self._outputs(plan, arrays)
 
-    def _prepare_outputs(self) -> list[tuple[str, Any, Any]]:
-        """Each output's session tensor and a host tensor of its current shape."""
-        mnn = self._mnn
-        prepared = []
+    def _outputs(self, plan: _Plan, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Copies of the outputs of the run just done; the first run on a plan checks it."""
+        if not plan.checked:
+            checked = self._check_plan(plan)
+            if checked is None:  # memory moved under the plan: never use views on this model again
+                self._zero_copy = False
+                self._plan = None
+                return self._run_general(arrays)
+            plan = self._plan = checked
+        outputs = {}
+        for name, view, tensor, host, host_view, _ in plan.outputs:
+            if view is None:
+                tensor.copyToHostTensor(host)
+                view = host_view
+            outputs[name] = view.copy()  # the memory is reused by the next inference: hand out a copy
+        return outputs
+
+    def _make_plan(self) -> _Plan:
+        mnn, interp, session = self._mnn, self._interp, self._session
+        inputs = []
+        for name in self._input_names:
+            tensor = interp.getSessionInput(session, name)
+            shape, dim, halide = self._shapes[name], _host_dim_type(mnn, tensor), tensor.getDataType()
+            dtype = self._halide_dtypes.get(halide)
+            view = _input_view(mnn, tensor, shape) if self._zero_copy and dtype is not None else None
+            if view is not None and view.dtype != dtype:
+                view = None
+            inputs.append(_Input(name, shape, dtype, view, tensor, halide, dim))
+        outputs = []
         for name in self._output_names:
-            out = self._interp.getSessionOutput(self._session, name)
-            shape = tuple(out.getShape())
-            host = mnn.Tensor(shape, mnn.Halide_Type_Float, np.zeros(shape, np.float32), _host_dim_type(mnn, out))
-            prepared.append((name, out, host))
-        self._outputs = prepared
-        return prepared
+            tensor = interp.getSessionOutput(session, name)
+            shape = tuple(tensor.getShape())
+            host = mnn.Tensor(shape, mnn.Halide_Type_Float, np.zeros(shape, np.float32), _host_dim_type(mnn, tensor))
+            host_view = host.getNumpyData()
+            candidate = _session_view(mnn, tensor) if self._zero_copy else None
+            if candidate is not None and (candidate.shape != host_view.shape or candidate.dtype != host_view.dtype):
+                candidate = None
+            outputs.append(_Output(name, None, tensor, host, host_view, candidate))
+        self._plan = _Plan(tuple(inputs), tuple(outputs))
+        return self._plan
+
+    def _check_plan(self, plan: _Plan) -> _Plan | None:
+        """After a run: None if session memory moved away from the plan's views; else the plan with each
+        output view decided (used if it agrees with `copyToHostTensor`). An output with no finite non-zero
+        value proves nothing (zeros read the same in any element type): decided on a later run, or after
+        `_UNDECIDED_RUNS` such runs, copied with `copyToHostTensor` for good."""
+        interp, session = self._interp, self._session
+        for inp in plan.inputs:
+            if inp.view is not None and not _same_memory(inp.view, interp.getSessionInput(session, inp.name)):
+                return None
+        outputs, undecided = [], False
+        for out in plan.outputs:
+            if out.candidate is not None:
+                if not _same_memory(out.candidate, out.tensor):
+                    return None
+                out.tensor.copyToHostTensor(out.host)
+                ref = out.host_view
+                informative = bool((np.isfinite(ref) & (ref != 0)).any())
+                if informative and _holds(out.candidate, ref):
+                    out = out._replace(view=out.candidate, candidate=None)
+                elif informative or plan.undecided_runs + 1 >= _UNDECIDED_RUNS:
+                    out = out._replace(candidate=None)
+                else:
+                    undecided = True
+            outputs.append(out)
+        if undecided:
+            return dataclasses.replace(plan, outputs=tuple(outputs), undecided_runs=plan.undecided_runs + 1)
+        direct = None if any(o.view is None for o in outputs) else tuple((o.name, o.view) for o in outputs)
+        one = None
+        if direct is not None and len(direct) == 1 and len(plan.inputs) == 1 and plan.inputs[0].view is not None:
+            i = plan.inputs[0]
+            one = (i.name, i.shape, i.dtype, i.view, *direct[0])
+        return dataclasses.replace(plan, outputs=tuple(outputs), checked=True, direct_outputs=direct, one=one)
+
+
+_UNDECIDED_RUNS = 8  # runs an output may prove nothing before it is copied with copyToHostTensor for good
+_HOST_LAYOUTS = ("Tensor_DimensionType_Caffe", "Tensor_DimensionType_Tensorflow")  # NCHW, NHWC; not NC4HW4
+
+
+def _session_view(mnn: Any, tensor: Any) -> np.ndarray | None:
+    """The session tensor's memory as a writable array, where its layout is a host one; unchecked."""
+    if tensor.getDimensionType() not in tuple(getattr(mnn, d) for d in _HOST_LAYOUTS):
+        return None
+    try:
+        view = tensor.getNumpyData()
+    except Exception:  # element types numpy has no equivalent for
+        return None
+    if type(view) is not np.ndarray or view.size == 0 or not view.flags.c_contiguous or not view.flags.writeable:
+        return None
+    return view
+
+
+def _input_view(mnn: Any, tensor: Any, shape: tuple[int, ...]) -> np.ndarray | None:
+    """The session's input memory as an array, if writing there is exactly what `copyFrom` does."""
+    view = _session_view(mnn, tensor)
+    if view is None or view.shape != shape or view.dtype not in _NUMPY_TO_HALIDE:
+        return None
+    # A pattern of distinct, non-round values through copyFrom must appear in the view unchanged.
+    pattern = ((np.arange(view.size) % 8191 + 1) * (0.3 if view.dtype.kind == "f" else 1)).astype(view.dtype)
+    pattern = pattern.reshape(shape)
+    halide = getattr(mnn, _NUMPY_TO_HALIDE[view.dtype])
+    tensor.copyFrom(mnn.Tensor(shape, halide, pattern, _host_dim_type(mnn, tensor)))
+    return view if _holds(view, pattern) else None
+
+
+def _holds(view: np.ndarray, expected: np.ndarray) -> bool:
+    """view == expected, comparing the first half first: if the session stores fewer bytes per element
+    than the view claims (half precision), reading only that half stays inside its memory."""
+    flat, ref = view.reshape(-1), expected.reshape(-1)
+    half = (flat.size + 1) // 2
+    return bool(np.array_equal(flat[:half], ref[:half], equal_nan=True) and np.array_equal(flat, ref, equal_nan=True))
+
+
+def _convert_input(name: str, a: np.ndarray, dtype: np.dtype[Any]) -> np.ndarray:
+    """An array as the session input's element type: real numbers to float, integers in range to integers."""
+    kind = a.dtype.kind
+    if kind not in "biuf" or (kind == "f" and dtype.kind != "f"):
+        raise errors.InvalidArgument(f"model input {name!r} takes {dtype} values; got an array of {a.dtype}")
+    if dtype.kind in "iu" and a.size:
+        info = np.iinfo(dtype)
+        if a.min() < info.min or a.max() > info.max:
+            raise errors.InvalidArgument(f"model input {name!r} takes {dtype} values; got values out of its range")
+    return a.astype(dtype)
+
+
+def _run_failed(code: int) -> errors.TaskFailed:
+    return errors.TaskFailed(f"MNN runSession failed with error code {code}")
 
 
 def _host_dim_type(mnn: Any, tensor: Any) -> Any:
     """Host copies use the device tensor's layout, except NC4HW4 which is internal: use NCHW."""
     dim = tensor.getDimensionType()
     return mnn.Tensor_DimensionType_Caffe if dim == mnn.Tensor_DimensionType_Caffe_C4 else dim
+
+
+def _same_memory(view: np.ndarray, tensor: Any) -> bool:
+    fresh = tensor.getNumpyData()
+    return bool(fresh.__array_interface__["data"][0] == view.__array_interface__["data"][0])
 
 
 class MNNEngine:
