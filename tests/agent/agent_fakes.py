@@ -52,6 +52,8 @@ class FakeController(pb_grpc.DeviceServiceServicer):
         self.drop_after: dict[str, int] = {}  # digest -> bytes served before the stream breaks (once)
         self.fail_uploads = 0
         self.pull_blobs_unimplemented = False  # act as a controller older than PullBlobs
+        self.inline_manifests = False  # carry GetManifest's answer in each Notify, as the controller does
+        self.manifest_calls = 0  # GetManifest calls served
 
     # ------------------------------------------------------------ test API
     def publish(
@@ -78,17 +80,31 @@ class FakeController(pb_grpc.DeviceServiceServicer):
             resources_json=_wire(resources),
         )
         self.releases[release] = rel
+        notify = pb.Notify(task=self._desired(rel))
+        if self.inline_manifests:
+            notify.manifest.CopyFrom(self._manifest_response(m.digest, data))
         for q in self.queues.values():
-            q.put_nowait(pb.ServerEvent(notify=pb.Notify(task=self._desired(rel))))
+            q.put_nowait(pb.ServerEvent(notify=notify))
         return rel
+
+    def _manifest_response(self, digest: str, data: bytes) -> pb.GetManifestResponse:
+        if digest in self.tamper_manifests:
+            data = data.replace(b'"size":', b'"size": ', 1)
+        return pb.GetManifestResponse(manifest=data)
 
     def revoke(self, release: str) -> None:
         self.releases.pop(release)
         for q in self.queues.values():
             q.put_nowait(pb.ServerEvent(revoke=pb.Revoke(release=release)))
 
-    def states(self, release: str, device: str | None = None) -> list[str]:
-        return [s for d, r, _, s, _ in self.statuses if r == release and (device is None or d == device)]
+    def states(self, release: str, device: str | None = None, *, progress: bool = True) -> list[str]:
+        """States reported on `release`; `progress=False` leaves out DOWNLOADING, which an agent reports
+        only for an install still running after `client.DOWNLOADING_REPORT_AFTER_S` (timing-dependent)."""
+        return [
+            s
+            for d, r, _, s, _ in self.statuses
+            if r == release and (device is None or d == device) and (progress or s != "DOWNLOADING")
+        ]
 
     @staticmethod
     def _desired(rel: Release) -> pb.DesiredTask:
@@ -133,12 +149,11 @@ class FakeController(pb_grpc.DeviceServiceServicer):
 
     async def GetManifest(self, request, context):
         await self._device(context)
+        self.manifest_calls += 1
         data = self.manifests.get(request.manifest_digest)
         if data is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, "no such manifest")
-        if request.manifest_digest in self.tamper_manifests:
-            data = data.replace(b'"size":', b'"size": ', 1)
-        return pb.GetManifestResponse(manifest=data)
+        return self._manifest_response(request.manifest_digest, data)
 
     async def PullBlob(self, request, context):
         await self._device(context)

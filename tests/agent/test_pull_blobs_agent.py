@@ -72,7 +72,7 @@ async def test_all_missing_blobs_come_in_one_pull_blobs_call(fake, tmp_path) -> 
     await install(agent, fake, rel.name)
     assert fake.pull_calls == ["PullBlobs"]
     assert sorted(fake.pulls) == sorted((d, 0) for d in fake.blobs)  # every blob once, from 0
-    assert fake.states(rel.name)[:2] == ["DOWNLOADING", "INSTALLED"]
+    assert fake.states(rel.name, progress=False)[:1] == ["INSTALLED"]
     for path, content in EXTRA.items():
         assert (agent.store.current_dir(rel.name) / path).read_bytes() == content
 
@@ -101,7 +101,7 @@ async def test_a_broken_stream_resumes_every_blob_from_the_offset_it_reached(fak
     assert offsets == [0, 3 * fake.chunk_size]
     assert [o for d, o in fake.pulls if d == digests["a.bin"]] == [0]
     # The stream was resumed at once (progress was made): one DOWNLOADING, one manifest fetch.
-    assert fake.states(rel.name).count("DOWNLOADING") == 1
+    assert fake.states(rel.name).count("DOWNLOADING") <= 1  # one install (reported only past 1 s)
     for path, content in EXTRA.items():
         assert (agent.store.current_dir(rel.name) / path).read_bytes() == content
     assert list(agent.store.partials.iterdir()) == []
@@ -223,7 +223,7 @@ async def test_the_simulated_agent_pulls_with_one_call_and_resumes(fake, tmp_pat
     assert fake.pull_calls == ["PullBlobs", "PullBlobs"]
     assert [o for d, o in fake.pulls if d == digests["b.bin"]] == [0, 2 * fake.chunk_size]
     assert agent.cache == set(fake.blobs) and agent.error_codes == {"PullBlobs:UNAVAILABLE": 1}
-    assert fake.states("ns/t").count("DOWNLOADING") == 1
+    assert fake.states("ns/t").count("DOWNLOADING") <= 1
 
 
 async def test_the_simulated_agent_falls_back_to_pull_blob(fake, tmp_path) -> None:

@@ -87,6 +87,7 @@ class Backoff:
 
 # A version refused for the disk budget is tried again at least this often (space may free up meanwhile).
 OVER_BUDGET_RECHECK_S = 60.0
+MAX_INLINE_MANIFESTS = 64  # manifests carried by Notify events, kept until their install starts
 
 # When a task runs (onInstall, interval, cron, onDemand, pattern): parsed and timed in tether.agent.triggers.
 Trigger = triggers.Trigger
@@ -176,6 +177,7 @@ class Agent:
         self._blob_claims: dict[str, asyncio.Event] = {}
         self._pull_blobs_ok = True  # False after the controller answered PullBlobs with UNIMPLEMENTED
         self._inflight: dict[str, set[str]] = {}  # release -> digests of an install in progress
+        self._inline_manifests: dict[str, pb.GetManifestResponse] = {}  # digest -> from a Notify, until installed
         # Disk budget of the bundle store (bytes; None: unlimited), enforced before each pull (`_make_room`).
         self.disk_budget = disk_budget
         self._reserved: dict[str, dict[str, int]] = {}  # release -> digest -> declared size, of a pull under way
@@ -367,7 +369,12 @@ class Agent:
             self.synced.set()
             self._report_backends_soon()
         elif kind == "notify":
-            self._set_desired(event.notify.task)
+            notify = event.notify
+            if notify.HasField("manifest"):  # GetManifest's answer, carried along: checked like it at install
+                if len(self._inline_manifests) >= MAX_INLINE_MANIFESTS:
+                    self._inline_manifests.clear()
+                self._inline_manifests[notify.task.manifest_digest] = notify.manifest
+            self._set_desired(notify.task)
         elif kind == "revoke":
             self._desired.pop(event.revoke.release, None)
             self._kick(event.revoke.release)
@@ -476,10 +483,19 @@ class Agent:
     async def _install(self, task: pb.DesiredTask) -> None:
         assert self._client is not None
         bundle = self._kept(task)
+        progress = None
         if bundle is None:
-            await self._report(task, S.DELIVERY_STATE_DOWNLOADING)
-            response = await self._client.get_manifest(release=task.release, manifest_digest=task.manifest_digest)
-            bundle = self._verify_manifest(task, response)
+            progress = client_mod.LateReport(lambda: self._report(task, S.DELIVERY_STATE_DOWNLOADING))
+            try:
+                response = self._inline_manifests.pop(task.manifest_digest, None)
+                if response is None:
+                    response = await self._client.get_manifest(
+                        release=task.release, manifest_digest=task.manifest_digest
+                    )
+                bundle = self._verify_manifest(task, response)
+            except BaseException:
+                await progress.settle()
+                raise
         self._inflight[task.release] = set(bundle.blob_digests())
         try:
             await self._make_room(task, bundle)  # the disk budget: free space, or refuse before any download
@@ -501,6 +517,8 @@ class Agent:
                 await asyncio.to_thread(self._save)
         finally:
             self._inflight.pop(task.release, None)
+            if progress is not None:
+                await progress.settle()
         log.info("installed %s v%d (%s)", task.release, task.version, task.manifest_digest[:19])
         await self._report(task, S.DELIVERY_STATE_INSTALLED)
         self._backends_dirty = True

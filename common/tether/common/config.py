@@ -80,9 +80,10 @@ class ControllerConfig:
     # line, the first signs), else a key generated once and shared through Postgres.
     credential_key_file: pathlib.Path | None = None
     credential_ttl_s: int = 7 * 24 * 3600
-    # How long an authenticated device stays cached: the bound on how long a device revoked
-    # through another replica can still make calls here.
-    auth_cache_s: float = 5.0
+    # How long an authenticated device stays cached. Revocation does not wait for it (every replica
+    # hears of it through LISTEN/NOTIFY and forgets the device at once); it bounds how long another
+    # replica may use a device's superseded credential or its old attributes (backend choices).
+    auth_cache_s: float = 60.0
     # Bundle signatures checked at PutManifest (agents check their own trusted keys regardless).
     require_signed_bundles: bool = False
     trusted_key_files: tuple[pathlib.Path, ...] = ()

@@ -51,7 +51,7 @@ from tether.controller import devices, store
 log = logging.getLogger(__name__)
 
 KEY_NAME = "device-credential-hmac-v1"
-DEFAULT_CACHE_S = 5.0
+DEFAULT_CACHE_S = 60.0
 DEFAULT_CACHE_SIZE = 100_000
 MAX_LOOKUPS = 4  # registry lookups per call when the device is forgotten meanwhile (then UNAVAILABLE)
 

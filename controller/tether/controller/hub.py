@@ -205,8 +205,18 @@ class Hub:
         conn.queue.put_nowait(event)
         return True
 
-    def release_changed(self, *, before: releases.Release | None, after: releases.Release | None) -> FanOut:
-        """Push Notify / Revoke to every connected device the change concerns."""
+    def release_changed(
+        self,
+        *,
+        before: releases.Release | None,
+        after: releases.Release | None,
+        manifest: pb.GetManifestResponse | None = None,
+    ) -> FanOut:
+        """Push Notify / Revoke to every connected device the change concerns.
+
+        `manifest`: GetManifest's answer for `after`'s manifest, carried in the
+        Notify (`Notify.manifest`) of the devices served `after`'s own version.
+        """
         subject = after if after is not None else before
         if subject is None:
             return FanOut(notified=(), revoked=(), dropped=())
@@ -250,7 +260,10 @@ class Hub:
                         trigger=after.spec.trigger,
                         resources=after.spec.resources,
                     )
-                    notify_event = pb.ServerEvent(notify=pb.Notify(task=task, sent_at_ms=int(time.time() * 1000)))
+                    notify = pb.Notify(task=task, sent_at_ms=int(time.time() * 1000))
+                    if manifest is not None:
+                        notify.manifest.CopyFrom(manifest)
+                    notify_event = pb.ServerEvent(notify=notify)
                 event = notify_event
             else:
                 if revoke_event is None:

@@ -119,7 +119,7 @@ async def start_controller(
     try:
         store_ = store.Store(pool)
         hub_ = hub.Hub(queue_size=cfg.device_queue_size)
-        manifests = service.ManifestCache(store_=store_)
+        manifests = service.ManifestCache(store_=store_, blob_store=blob_store)
         authenticator = device_auth.DeviceAuthenticator(
             store_=store_,
             signer=await device_auth.signer_for(
@@ -134,7 +134,7 @@ async def start_controller(
         )
 
         async def fan_out(before: Any, after: Any) -> None:  # a change made through another replica
-            await service._notify(hub_=hub_, store_=store_, before=before, after=after)
+            await service._notify(hub_=hub_, store_=store_, manifests=manifests, before=before, after=after)
 
         async def revoked(device_id: str) -> None:  # revoked anywhere, this replica included
             service.end_revoked_device(hub_=hub_, authenticator=authenticator, device_id=device_id)
@@ -173,6 +173,7 @@ async def start_controller(
                 admin_token=cfg.admin_token,
                 authenticator=authenticator,
                 bundle_policy=bundle_policy,
+                manifests=manifests,
             ),
             server,
         )

@@ -41,6 +41,8 @@ BLOB_CHUNK_SIZE = 256 * 1024
 MAX_SIGNATURE_BYTES = 1024
 MAX_KEY_ID_LEN = 256
 MAX_STATUS_MESSAGE = 4096
+# A signed manifest up to this size rides in the Notify itself (`Notify.manifest`): one call less per device.
+MAX_INLINE_MANIFEST_BYTES = 8 * 1024
 MAX_DIGESTS_PER_QUERY = manifest.MAX_FILES
 _BRIDGE_TIMEOUT_S = 300.0  # a PutBlob client silent this long is abandoned
 
@@ -114,8 +116,9 @@ def _edge_stream(fn: Callable[..., AsyncGenerator[R, None]]) -> Callable[..., As
 class ManifestCache:
     """Parsed manifests by digest. Content-addressed, hence immutable: caching is always correct."""
 
-    def __init__(self, *, store_: store.Store, size: int = 256) -> None:
+    def __init__(self, *, store_: store.Store, blob_store: blobs.BlobStore, size: int = 256) -> None:
         self._store = store_
+        self._blobs = blob_store
         self._size = size
         self._items: collections.OrderedDict[str, tuple[store.StoredManifest, manifest.Manifest]] = (
             collections.OrderedDict()
@@ -135,12 +138,39 @@ class ManifestCache:
             self._items.popitem(last=False)
         return item
 
+    async def response(self, digest: str) -> pb.GetManifestResponse:
+        """GetManifest's answer for a stored manifest: body, signature, and any direct blob URLs.
+
+        A blob store that can serve blobs itself (object store, CDN) hands out URLs; the agent
+        verifies each blob's digest either way and falls back to PullBlobs (docs/internals.md).
+        """
+        stored, parsed = await self.get(digest)
+        urls = {d: url for d in parsed.blob_digests() if (url := self._blobs.url_for(d)) is not None}
+        return pb.GetManifestResponse(
+            manifest=stored.body, signature=stored.signature, key_id=stored.key_id, blob_urls=urls
+        )
+
+    async def inline(self, release: releases.Release | None) -> pb.GetManifestResponse | None:
+        """The manifest answer to carry in this release's Notify, when it is small enough (`Notify.manifest`)."""
+        if release is None or release.deleted:
+            return None
+        try:
+            response = await self.response(release.manifest_digest)
+        except errors.NotFound:
+            return None  # the devices will ask GetManifest, which says so
+        return response if response.ByteSize() <= MAX_INLINE_MANIFEST_BYTES else None
+
 
 async def _notify(
-    *, hub_: hub.Hub, store_: store.Store, before: releases.Release | None, after: releases.Release | None
+    *,
+    hub_: hub.Hub,
+    store_: store.Store,
+    manifests: ManifestCache,
+    before: releases.Release | None,
+    after: releases.Release | None,
 ) -> None:
     """Push a release change to connected devices and record who was notified."""
-    fan = hub_.release_changed(before=before, after=after)
+    fan = hub_.release_changed(before=before, after=after, manifest=await manifests.inline(after))
     if after is not None and fan.notified:
         await store_.mark_notified(release=after.name, version=after.version, device_ids=fan.notified)
     if after is not None:
@@ -314,13 +344,7 @@ class DeviceService(pb_grpc.DeviceServiceServicer):
             raise errors.NotFound(
                 f"release {release.name!r} is at manifest {release.manifest_digest}, not {request.manifest_digest!r}"
             )
-        stored, parsed = await self._manifests.get(release.manifest_digest)
-        # A blob store that can serve blobs itself (object store, CDN) hands out URLs; the agent
-        # verifies each blob's digest either way and falls back to PullBlob (docs/internals.md).
-        urls = {d: url for d in parsed.blob_digests() if (url := self._blobs.url_for(d)) is not None}
-        return pb.GetManifestResponse(
-            manifest=stored.body, signature=stored.signature, key_id=stored.key_id, blob_urls=urls
-        )
+        return await self._manifests.response(release.manifest_digest)
 
     @_edge_stream
     async def PullBlob(
@@ -424,6 +448,7 @@ class DeviceService(pb_grpc.DeviceServiceServicer):
         )
         updated = dataclasses.replace(device, backends=info.backends, backend_choices=choices)
         self._hub.update_facts(device_id=device.device_id, facts=updated.facts)
+        self._auth.forget(device.device_id)  # its cached entry holds the old facts: read them again next call
         return pb.ReportBackendsResponse()
 
     @_edge
@@ -461,9 +486,11 @@ class AdminService(pb_grpc.AdminServiceServicer):
         admin_token: str,
         authenticator: device_auth.DeviceAuthenticator | None = None,
         bundle_policy: signing.BundlePolicy | None = None,
+        manifests: ManifestCache | None = None,
     ) -> None:
         self._store = store_
         self._blobs = blob_store
+        self._manifests = manifests or ManifestCache(store_=store_, blob_store=blob_store)
         self._hub = hub_
         self._admin_token = admin_token
         self._auth = authenticator
@@ -553,7 +580,9 @@ class AdminService(pb_grpc.AdminServiceServicer):
             or (previous is not None and previous.paused != outcome.release.paused)
             or rollouts.serving_changed(previous, outcome.release)
         ):
-            await _notify(hub_=self._hub, store_=self._store, before=previous, after=outcome.release)
+            await _notify(
+                hub_=self._hub, store_=self._store, manifests=self._manifests, before=previous, after=outcome.release
+            )
         return pb.ApplyReleaseResponse(
             release=outcome.release.name, version=outcome.release.version, changed=outcome.changed
         )
@@ -566,7 +595,7 @@ class AdminService(pb_grpc.AdminServiceServicer):
         releases.check_release_name(request.release)
         previous = await self._store.delete_release(request.release)
         if previous is not None:
-            await _notify(hub_=self._hub, store_=self._store, before=previous, after=None)
+            await _notify(hub_=self._hub, store_=self._store, manifests=self._manifests, before=previous, after=None)
         return pb.DeleteReleaseResponse(deleted=previous is not None)
 
     @_edge

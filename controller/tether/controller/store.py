@@ -136,6 +136,7 @@ class Store:
         # (device id, release) -> (monotonic time, device facts, release as readable): see release_for_device.
         self._readable: dict[tuple[str, str], tuple[float, Mapping[str, str], releases.Release]] = {}
         self._readable_epoch = 0
+        self._live: dict[str, tuple[float, releases.Release]] = {}  # live releases by name: see release_for_device
 
     # ------------------------------------------------------------ devices
 
@@ -443,28 +444,50 @@ class Store:
     def releases_changed(self) -> None:
         """A release changed (here, or on another replica: `replicas.ReleaseListener`): forget cached answers."""
         self._readable.clear()
+        self._live.clear()
         self._readable_epoch += 1
 
     async def release_for_device(self, device: devices.Device, release: str) -> releases.Release:
         """A release this device may read (manifest, blobs): NotFound / PermissionDenied otherwise.
 
-        An installing device asks this for its GetManifest and again for its
-        PullBlobs within milliseconds, so a "yes" is kept for `READABLE_CACHE_S`
-        per (device, release, device facts). Any release change this process
-        makes or hears of (LISTEN/NOTIFY) drops every kept answer at once;
-        the time-to-live bounds staleness should an announcement be missed. A
-        "no" is never kept.
+        Every device of a rollout asks this within the same seconds (PullBlobs,
+        GetManifest), so answers are kept in memory for `READABLE_CACHE_S`:
+
+        - the live release itself, by name: for a release that is neither
+          paused nor staged, whether a device may read it is its target applied
+          to the device's facts, decided here without the database;
+        - otherwise (a paused release serves only devices that already have it,
+          a staged one serves by cohort and stage), the answer per (device,
+          release, device facts), a "yes" only.
+
+        Any release change this process makes or hears of (LISTEN/NOTIFY,
+        `releases_changed`) drops everything kept at once; the time-to-live
+        bounds staleness should an announcement be missed.
         """
         if not releases.RELEASE_RE.match(release):  # no such release can exist; keep garbage off the database
             raise errors.NotFound(f"release {release!r} does not exist")
+        now = time.monotonic()
+        live = self._live.get(release)
+        if live is None or now - live[0] >= READABLE_CACHE_S:
+            epoch = self._readable_epoch
+            rel = await self.get_release(release)
+            if rel is None:
+                raise errors.NotFound(f"release {release!r} does not exist")
+            if epoch == self._readable_epoch:  # no change was announced while this read ran
+                self._live[release] = (now, rel)
+        else:
+            rel = live[1]
+        if rel.rollout is None and not rel.paused:
+            if not rel.targets(device.facts):
+                raise errors.PermissionDenied(f"release {release!r} does not target device {device.device_id}")
+            return rel
         key = (device.device_id, release)
         hit = self._readable.get(key)
-        now = time.monotonic()
         if hit is not None and now - hit[0] < READABLE_CACHE_S and hit[1] == device.facts:
             return hit[2]
         epoch = self._readable_epoch
         rel = await self._release_for_device(device, release)
-        if epoch == self._readable_epoch:  # no change was announced while this read ran
+        if epoch == self._readable_epoch:
             if len(self._readable) >= READABLE_CACHE_SIZE:
                 self._readable.clear()
             self._readable[key] = (now, device.facts, rel)

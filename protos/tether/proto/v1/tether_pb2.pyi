@@ -104,12 +104,14 @@ class Sync(_message.Message):
     def __init__(self, desired: _Optional[_Iterable[_Union[DesiredTask, _Mapping]]] = ...) -> None: ...
 
 class Notify(_message.Message):
-    __slots__ = ("task", "sent_at_ms")
+    __slots__ = ("task", "sent_at_ms", "manifest")
     TASK_FIELD_NUMBER: _ClassVar[int]
     SENT_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_FIELD_NUMBER: _ClassVar[int]
     task: DesiredTask
     sent_at_ms: int
-    def __init__(self, task: _Optional[_Union[DesiredTask, _Mapping]] = ..., sent_at_ms: _Optional[int] = ...) -> None: ...
+    manifest: GetManifestResponse
+    def __init__(self, task: _Optional[_Union[DesiredTask, _Mapping]] = ..., sent_at_ms: _Optional[int] = ..., manifest: _Optional[_Union[GetManifestResponse, _Mapping]] = ...) -> None: ...
 
 class Revoke(_message.Message):
     __slots__ = ("release",)
