@@ -69,6 +69,10 @@ class ControllerConfig:
     heartbeat_s: float = 30.0
     # Events buffered per connected device before it is dropped as too slow.
     device_queue_size: int = 64
+    # Blob pulls streaming at once; more wait their turn in arrival order, each turn at most
+    # `pull_quantum_bytes` (tether.controller.admission).
+    max_concurrent_pulls: int = 64
+    pull_quantum_bytes: int = 1024 * 1024
     grace_s: float = 5.0
     pool_min_size: int = 1
     pool_max_size: int = 20
@@ -110,6 +114,8 @@ class ControllerConfig:
             ("max_blob_bytes", self.max_blob_bytes),
             ("max_message_bytes", self.max_message_bytes),
             ("device_queue_size", self.device_queue_size),
+            ("max_concurrent_pulls", self.max_concurrent_pulls),
+            ("pull_quantum_bytes", self.pull_quantum_bytes),
             ("pool_max_size", self.pool_max_size),
         ):
             if number <= 0:

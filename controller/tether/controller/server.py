@@ -18,7 +18,7 @@ import grpc
 
 from tether.common import config as config_mod
 from tether.common import errors, signing, tls
-from tether.controller import blobs, db, device_auth, hub, replicas, service, stats, store
+from tether.controller import admission, blobs, db, device_auth, hub, replicas, service, stats, store
 from tether.controller.enqueue import CeleryEnqueuer, Enqueuer
 from tether.proto.v1 import tether_pb2_grpc as pb_grpc
 
@@ -151,8 +151,9 @@ async def start_controller(
             on_gap=gap,
         )
         counters = stats.RpcCounters()
-        server = grpc.aio.server(options=server_options(cfg), interceptors=[counters])
-        pb_grpc.add_DeviceServiceServicer_to_server(
+        server = grpc.aio.server(options=server_options(cfg))
+        counters.add_servicer(
+            pb_grpc.add_DeviceServiceServicer_to_server,
             service.DeviceService(
                 store_=store_,
                 blob_store=blob_store,
@@ -162,10 +163,12 @@ async def start_controller(
                 bootstrap_token=cfg.bootstrap_token,
                 heartbeat_s=cfg.heartbeat_s,
                 authenticator=authenticator,
+                pull_gate=admission.FifoGate(cfg.max_concurrent_pulls, quantum_bytes=cfg.pull_quantum_bytes),
             ),
             server,
         )
-        pb_grpc.add_AdminServiceServicer_to_server(
+        counters.add_servicer(
+            pb_grpc.add_AdminServiceServicer_to_server,
             service.AdminService(
                 store_=store_,
                 blob_store=blob_store,
@@ -177,7 +180,8 @@ async def start_controller(
             ),
             server,
         )
-        pb_grpc.add_StatsServiceServicer_to_server(
+        counters.add_servicer(
+            pb_grpc.add_StatsServiceServicer_to_server,
             stats.StatsService(
                 admin_token=cfg.admin_token,
                 replica_id=replica_id,

@@ -30,7 +30,7 @@ import grpc
 import psycopg_pool
 
 from tether.common import auth, credentials, errors, manifest, signing
-from tether.controller import blobcache, blobs, device_auth, devices, hub, releases, rollouts, store, uploads
+from tether.controller import admission, blobcache, blobs, device_auth, devices, hub, releases, rollouts, store, uploads
 from tether.controller.enqueue import Enqueuer
 from tether.proto.v1 import tether_pb2 as pb
 from tether.proto.v1 import tether_pb2_grpc as pb_grpc
@@ -246,9 +246,11 @@ class DeviceService(pb_grpc.DeviceServiceServicer):
         max_tensor_bytes: int = uploads.MAX_TENSOR_BYTES,
         clock: Callable[[], float] = time.time,
         authenticator: device_auth.DeviceAuthenticator | None = None,
+        pull_gate: admission.FifoGate | None = None,
     ) -> None:
         self._store = store_
         self._blobs = blob_store
+        self._pulls = pull_gate or admission.FifoGate()
         self._chunk_cache = blobcache.ChunkCache(chunk_size=BLOB_CHUNK_SIZE)
         self._hub = hub_
         # Without one (tests that build the servicer directly): a key of this process only.
@@ -359,8 +361,10 @@ class DeviceService(pb_grpc.DeviceServiceServicer):
         if request.offset < 0:
             raise errors.InvalidArgument(f"offset: must be >= 0, got {request.offset}")
         total = await self._blob_size(digest)
-        async for chunk in self._blob_chunks(digest, offset=request.offset, total=total, tag=""):
-            yield chunk
+        async with self._pulls.slot() as quantum:  # admission: see tether.controller.admission
+            async for chunk in self._blob_chunks(digest, offset=request.offset, total=total, tag=""):
+                yield chunk
+                await quantum.sent(len(chunk.data))
 
     @_edge_stream
     async def PullBlobs(
@@ -386,9 +390,12 @@ class DeviceService(pb_grpc.DeviceServiceServicer):
             if offset > total:
                 raise errors.InvalidArgument(f"blobs[{i}].offset: {offset} is beyond blob {digest} of {total} bytes")
             totals.append(total)
-        for (digest, offset), total in zip(wanted, totals, strict=True):
-            async for chunk in self._blob_chunks(digest, offset=offset, total=total, tag=digest):
-                yield chunk
+        # Admission (tether.controller.admission): a fleet told at once pulls in arrival order, a few at a time.
+        async with self._pulls.slot() as quantum:
+            for (digest, offset), total in zip(wanted, totals, strict=True):
+                async for chunk in self._blob_chunks(digest, offset=offset, total=total, tag=digest):
+                    yield chunk
+                    await quantum.sent(len(chunk.data))
 
     async def _blob_size(self, digest: str) -> int:
         total = await self._chunk_cache.size(self._blobs, digest)

@@ -1,6 +1,6 @@
 """Operational counters of one controller process, and the admin RPC that reads them.
 
-`RpcCounters` is a server interceptor that wraps each method's (de)serializer,
+`RpcCounters` wraps each method's handler and (de)serializer once, when a servicer is added,
 so it counts exactly the protobuf bytes the server read and wrote, per method
 and per direction, for unary and streaming RPCs alike, without touching the
 servicers (HTTP/2 framing and TLS are not included). It also parses requests
@@ -20,7 +20,7 @@ import dataclasses
 import inspect
 import os
 import resource
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -39,29 +39,40 @@ class MethodCounters:
     response_bytes: int = 0
 
 
-class RpcCounters(grpc.aio.ServerInterceptor):
-    """Counts calls and serialized bytes per method (one dict update per message: cheap)."""
+class RpcCounters:
+    """Counts calls and serialized bytes per method (one dict update per message: cheap).
+
+    Not an interceptor: a server interceptor runs Python on every call (the
+    handler lookup, a wrapper built per call) and keeps grpcio off its
+    registered-method fast path. `add_servicer` wraps each method handler once,
+    when the servicer is added to the server.
+    """
 
     def __init__(self) -> None:
-        self.methods: dict[str, MethodCounters] = {}
+        self._all: dict[str, MethodCounters] = {}
+
+    @property
+    def methods(self) -> dict[str, MethodCounters]:
+        """Counters of the methods called so far, by full method name."""
+        return {name: c for name, c in self._all.items() if c.calls}
 
     def _counters(self, method: str) -> MethodCounters:
-        c = self.methods.get(method)
+        c = self._all.get(method)
         if c is None:
-            c = self.methods[method] = MethodCounters()
+            c = self._all[method] = MethodCounters()
         return c
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
-        c = self._counters(handler_call_details.method)
-        c.calls += 1
-        return _counting_handler(handler, c)
+    def add_servicer(self, add_to_server: Callable[[Any, Any], None], servicer: Any, server: grpc.aio.Server) -> None:
+        """`add_XServicer_to_server(servicer, server)` of the generated code, every method counted."""
+        capture = _Registrations()
+        add_to_server(servicer, capture)
+        for service, handlers in capture.registered:
+            wrapped = {
+                name: _counting_handler(handler, self._counters(f"/{service}/{name}"))
+                for name, handler in handlers.items()
+            }
+            server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, wrapped),))
+            server.add_registered_method_handlers(service, wrapped)
 
     def snapshot(self) -> list[pb.RpcStats]:
         return [
@@ -75,6 +86,19 @@ class RpcCounters(grpc.aio.ServerInterceptor):
             )
             for name, c in sorted(self.methods.items())
         ]
+
+
+class _Registrations:
+    """Stands in for the server while generated code adds a servicer: keeps its method handlers."""
+
+    def __init__(self) -> None:
+        self.registered: list[tuple[str, dict[str, grpc.RpcMethodHandler]]] = []
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        pass  # the same handlers also come by name, through add_registered_method_handlers
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+        self.registered.append((service, dict(handlers)))
 
 
 def _counting_handler(handler: grpc.RpcMethodHandler, c: MethodCounters) -> grpc.RpcMethodHandler:
@@ -109,6 +133,7 @@ def _counting_handler(handler: grpc.RpcMethodHandler, c: MethodCounters) -> grpc
         unary = handler.unary_unary
 
         async def unary_unary(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+            c.calls += 1
             return await _maybe_await(unary(await decode(raw, context), context))
 
         return grpc.unary_unary_rpc_method_handler(
@@ -118,6 +143,7 @@ def _counting_handler(handler: grpc.RpcMethodHandler, c: MethodCounters) -> grpc
         streaming = handler.unary_stream
 
         async def unary_stream(raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            c.calls += 1
             result = streaming(await decode(raw, context), context)
             if hasattr(result, "__aiter__"):
                 async for item in result:
@@ -137,6 +163,7 @@ def _counting_handler(handler: grpc.RpcMethodHandler, c: MethodCounters) -> grpc
         client_streaming = handler.stream_unary
 
         async def stream_unary(raws: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> Any:
+            c.calls += 1
             return await _maybe_await(client_streaming(decoded(raws, context), context))
 
         return grpc.stream_unary_rpc_method_handler(
@@ -145,6 +172,7 @@ def _counting_handler(handler: grpc.RpcMethodHandler, c: MethodCounters) -> grpc
     bidi = handler.stream_stream
 
     async def stream_stream(raws: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        c.calls += 1
         result = bidi(decoded(raws, context), context)
         if hasattr(result, "__aiter__"):
             async for item in result:

@@ -1,0 +1,101 @@
+"""Admission control for blob pulls: a push makes a whole fleet pull in the same second.
+
+Left alone, the event loop interleaves every pull stream it has accepted: with
+2,000 devices pulling at once each makes a little progress per turn and they
+all finish together, at the end (processor sharing: the median device waits
+about as long as the last). `FifoGate` lets `slots` pulls stream at a time and
+queues the rest in arrival order, so devices finish one after another and the
+median install takes half as long, for the same total work; the queue also
+bounds the memory of chunks in flight.
+
+A slot is held per `quantum_bytes` sent, not per stream: after a quantum the
+stream goes to the back of the queue (`requeue`), so a large bundle or a slow
+device (its stream waiting on HTTP/2 flow control) cannot hold a slot for long
+while small pulls wait; a bundle smaller than a quantum streams in one go.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+from collections.abc import AsyncIterator
+
+DEFAULT_SLOTS = 64
+DEFAULT_QUANTUM_BYTES = 1024 * 1024
+
+
+class FifoGate:
+    """A counting semaphore that grants slots strictly in arrival order."""
+
+    def __init__(self, slots: int = DEFAULT_SLOTS, *, quantum_bytes: int = DEFAULT_QUANTUM_BYTES) -> None:
+        if slots < 1:
+            raise ValueError(f"slots must be >= 1, got {slots}")
+        if quantum_bytes < 1:
+            raise ValueError(f"quantum_bytes must be >= 1, got {quantum_bytes}")
+        self.slots = slots
+        self.quantum_bytes = quantum_bytes
+        self._free = slots
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    @property
+    def active(self) -> int:
+        return self.slots - self._free
+
+    @property
+    def waiting(self) -> int:
+        return sum(1 for f in self._waiters if not f.done())
+
+    async def acquire(self) -> None:
+        if self._free > 0 and not self._waiters:
+            self._free -= 1
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(future)
+        try:
+            await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled():
+                self.release()  # granted just as the caller went away: hand the slot on
+            else:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(future)
+            raise
+
+    def release(self) -> None:
+        while self._waiters:
+            future = self._waiters.popleft()
+            if not future.done():
+                future.set_result(None)  # the slot passes straight to the next in line
+                return
+        self._free += 1
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[Quantum]:
+        """Hold a slot for the body; `Quantum.sent(n)` requeues after every `quantum_bytes`."""
+        await self.acquire()
+        quantum = Quantum(self)
+        try:
+            yield quantum
+        finally:
+            if quantum.held:
+                self.release()
+
+
+class Quantum:
+    """Bytes sent on one slot; `sent` gives the slot up and queues again once a quantum is used."""
+
+    def __init__(self, gate: FifoGate) -> None:
+        self._gate = gate
+        self._used = 0
+        self.held = True
+
+    async def sent(self, n: int) -> None:
+        self._used += n
+        if self._used < self._gate.quantum_bytes or not self._gate._waiters:
+            return
+        self._used = 0
+        self.held = False
+        self._gate.release()
+        await self._gate.acquire()
+        self.held = True
