@@ -54,6 +54,8 @@ class FakeController(pb_grpc.DeviceServiceServicer):
         self.pull_blobs_unimplemented = False  # act as a controller older than PullBlobs
         self.inline_manifests = False  # carry GetManifest's answer in each Notify, as the controller does
         self.manifest_calls = 0  # GetManifest calls served
+        self.pull_spread_ms = 0  # Notify.pull_spread_ms of each publish
+        self.pull_times: list[float] = []  # loop time of each PullBlob(s) call
 
     # ------------------------------------------------------------ test API
     def publish(
@@ -80,7 +82,7 @@ class FakeController(pb_grpc.DeviceServiceServicer):
             resources_json=_wire(resources),
         )
         self.releases[release] = rel
-        notify = pb.Notify(task=self._desired(rel))
+        notify = pb.Notify(task=self._desired(rel), pull_spread_ms=self.pull_spread_ms)
         if self.inline_manifests:
             notify.manifest.CopyFrom(self._manifest_response(m.digest, data))
         for q in self.queues.values():
@@ -164,6 +166,7 @@ class FakeController(pb_grpc.DeviceServiceServicer):
             data = bytes([data[0] ^ 0xFF]) + data[1:]
         self.pulls.append((request.digest, request.offset))
         self.pull_calls.append("PullBlob")
+        self.pull_times.append(asyncio.get_running_loop().time())
         limit = self.drop_after.pop(request.digest, None)
         offset = request.offset
         while offset < len(data):
@@ -178,6 +181,7 @@ class FakeController(pb_grpc.DeviceServiceServicer):
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
         await self._device(context)
         self.pull_calls.append("PullBlobs")
+        self.pull_times.append(asyncio.get_running_loop().time())
         for r in request.blobs:
             if r.digest not in self.blobs:
                 await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"no such blob {r.digest}")

@@ -178,6 +178,7 @@ class Agent:
         self._pull_blobs_ok = True  # False after the controller answered PullBlobs with UNIMPLEMENTED
         self._inflight: dict[str, set[str]] = {}  # release -> digests of an install in progress
         self._inline_manifests: dict[str, pb.GetManifestResponse] = {}  # digest -> from a Notify, until installed
+        self._pull_at: dict[str, float] = {}  # release -> monotonic time its pull may start (Notify.pull_spread_ms)
         # Disk budget of the bundle store (bytes; None: unlimited), enforced before each pull (`_make_room`).
         self.disk_budget = disk_budget
         self._reserved: dict[str, dict[str, int]] = {}  # release -> digest -> declared size, of a pull under way
@@ -374,6 +375,10 @@ class Agent:
                 if len(self._inline_manifests) >= MAX_INLINE_MANIFESTS:
                     self._inline_manifests.clear()
                 self._inline_manifests[notify.task.manifest_digest] = notify.manifest
+            if notify.pull_spread_ms:  # the controller spreads a fleet's pulls: start at a random moment in it
+                self._pull_at[notify.task.release] = time.monotonic() + self._rng.uniform(
+                    0, notify.pull_spread_ms / 1000
+                )
             self._set_desired(notify.task)
         elif kind == "revoke":
             self._desired.pop(event.revoke.release, None)
@@ -445,6 +450,11 @@ class Agent:
                         task.manifest_digest,
                     ):
                         await self._still_over_budget(task)  # a version refused for space: only once it fits
+                        delay = self._pull_at.pop(release, 0.0) - time.monotonic()
+                        if delay > 0 and self._kept(task) is None:  # Notify.pull_spread_ms: its turn comes later
+                            log.debug("%s v%d: pulls in %.2fs (controller's spread)", release, task.version, delay)
+                            await self._sleep(delay)
+                            continue  # then as desired by then
                         await self._install(task)
                         self._over_budget.pop(release, None)
                     wait = await self._maybe_run(task, policy)

@@ -139,6 +139,7 @@ class SimAgent:
         self.cache: set[str] = set()  # blob digests held (content-addressed, shared by every release)
         self._manifests: dict[str, list[list[str]]] = {}  # release -> blob digests of [previous, current]
         self._inline: dict[str, bytes] = {}  # manifest digest -> manifest bytes carried by a Notify
+        self._pull_at: dict[str, float] = {}  # release -> when its pull may start (Notify.pull_spread_ms)
         self.timelines: dict[tuple[str, int], Timeline] = {}
         self._desired: dict[str, pb.DesiredTask] = {}
         self._workers: dict[str, asyncio.Task[None]] = {}
@@ -228,6 +229,10 @@ class SimAgent:
                 if len(self._inline) >= 64:
                     self._inline.clear()
                 self._inline[event.notify.task.manifest_digest] = event.notify.manifest.manifest
+            if event.notify.pull_spread_ms:  # as the real agent: start pulling at a random moment in the window
+                self._pull_at[event.notify.task.release] = time.monotonic() + self._rng.uniform(
+                    0, event.notify.pull_spread_ms / 1000
+                )
             self._want(event.notify.task, heard_at=now, sent_at_ms=event.notify.sent_at_ms)
         elif kind == "revoke":
             self._desired.pop(event.revoke.release, None)
@@ -271,6 +276,10 @@ class SimAgent:
             current = self.installed.get(release)
             if task is None or (current is not None and current[0] >= task.version):
                 await kick.wait()
+                continue
+            delay = self._pull_at.pop(release, 0.0) - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
                 continue
             try:
                 await self._install(task)

@@ -130,8 +130,10 @@ class FleetBench:
         ramp_s: float | None,
         tls: bool = False,
         connect_only: bool = False,
+        pull_rate: float | None = None,
     ) -> None:
         self.n = agents
+        self.pull_rate = pull_rate
         self.connect_only = connect_only
         self.tls = tls
         self.root_pem: bytes | None = None
@@ -166,6 +168,7 @@ class FleetBench:
                 keep_workdir=True,
                 tls=self.tls,
                 sign=False,  # agents here do not run bundles; signatures are the real agent's concern
+                controller_args=("--pull-rate", str(self.pull_rate)) if self.pull_rate is not None else (),
             )
         )
         await self.stack.start_services()
@@ -338,7 +341,12 @@ class FleetBench:
             await self._stop()
 
     async def _measure(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"agents": self.n, "processes": self.processes, "share_connections": self.share}
+        out: dict[str, Any] = {
+            "agents": self.n,
+            "processes": self.processes,
+            "share_connections": self.share,
+            "pull_rate": self.pull_rate,  # None: the controller's default (tether controller --pull-rate)
+        }
         base: dict[str, Any] = {}
         details: dict[str, Any] = {}
         rng = random.Random(7)
@@ -558,6 +566,12 @@ def run_fleet_bench(**kwargs: Any) -> dict[str, Any]:
 @click.option("--tls", is_flag=True, help="Serve TLS with a CA made for the run (default: plaintext).")
 @click.option("--connect-only", is_flag=True, help="Stop after the connect phase (connections and memory only).")
 @click.option("--keep", is_flag=True, help="Keep the working directory (controller log, bundles).")
+@click.option(
+    "--pull-rate",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="The controller's --pull-rate (installs/s a push plans for; 0: no spreading). Default: its default.",
+)
 def fleet(
     agents: int,
     out_path: str,
@@ -574,6 +588,7 @@ def fleet(
     tls: bool,
     connect_only: bool,
     keep: bool,
+    pull_rate: float | None,
 ) -> None:
     """Measure push-then-pull at fleet scale against polling and push-the-whole-bundle; write JSON."""
     workdir = pathlib.Path(tempfile.mkdtemp(prefix="tether-fleet-bench-"))
@@ -593,6 +608,7 @@ def fleet(
             ramp_s=ramp_s,
             tls=tls,
             connect_only=connect_only,
+            pull_rate=pull_rate,
         )
     finally:
         if keep:

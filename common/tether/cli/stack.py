@@ -45,6 +45,7 @@ class StackConfig:
     keep_workdir: bool = False
     tls: bool = True  # controller serves TLS with a CA made in the workdir; every client trusts it
     sign: bool = True  # bundles are signed with a key made in the workdir; the fleet trusts only it
+    controller_args: tuple[str, ...] = ()  # more `tether controller` options (benchmarks)
 
 
 class LocalStack:
@@ -120,6 +121,7 @@ class LocalStack:
                 "--bootstrap-token",
                 self.bootstrap_token,
                 *self._server_tls_args(),
+                *self.config.controller_args,
             ),
         )
         m = await comp.wait_for(r"controller listening on (\S+:\d+)", timeout=60)

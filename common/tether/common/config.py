@@ -73,6 +73,10 @@ class ControllerConfig:
     # `pull_quantum_bytes` (tether.controller.admission).
     max_concurrent_pulls: int = 64
     pull_quantum_bytes: int = 1024 * 1024
+    # Installs per second a fan-out plans for: a change told to N devices at once asks them to
+    # start pulling within N / pull_rate seconds (at most max_pull_spread_s); 0 = all at once.
+    pull_rate: float = 500.0
+    max_pull_spread_s: float = 120.0
     grace_s: float = 5.0
     pool_min_size: int = 1
     pool_max_size: int = 20
@@ -108,6 +112,8 @@ class ControllerConfig:
             raise ConfigError("mTLS (a client CA file) needs TLS: give --tls-cert and --tls-key too")
         if not 60 <= self.credential_ttl_s <= 366 * 24 * 3600:
             raise ConfigError(f"credential TTL must be between 60 s and 366 days, got {self.credential_ttl_s}")
+        if self.pull_rate < 0 or self.max_pull_spread_s < 0:
+            raise ConfigError("pull_rate and max_pull_spread_s must not be negative")
         if self.auth_cache_s < 0:
             raise ConfigError(f"auth_cache_s must be non-negative, got {self.auth_cache_s}")
         for name, number in (

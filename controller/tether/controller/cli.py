@@ -79,6 +79,23 @@ READY_PREFIX = "controller listening on "
     help="Refuse unsigned bundle manifests at upload [env TETHER_REQUIRE_SIGNED_BUNDLES].",
 )
 @click.option(
+    "--pull-rate",
+    envvar="TETHER_PULL_RATE",
+    type=click.FloatRange(min=0),
+    default=500.0,
+    show_default=True,
+    help="Installs per second a push plans for: N devices told at once start pulling within N / rate "
+    "seconds (Notify.pull_spread_ms); 0 = all at once [env TETHER_PULL_RATE].",
+)
+@click.option(
+    "--max-concurrent-pulls",
+    envvar="TETHER_MAX_CONCURRENT_PULLS",
+    type=click.IntRange(min=1),
+    default=64,
+    show_default=True,
+    help="Blob pulls streamed at once; more wait their turn in arrival order [env TETHER_MAX_CONCURRENT_PULLS].",
+)
+@click.option(
     "--trust-key",
     "trust_keys",
     multiple=True,
@@ -101,6 +118,8 @@ def controller(
     credential_key_file: pathlib.Path | None,
     credential_ttl: int,
     require_signed_bundles: bool,
+    pull_rate: float,
+    max_concurrent_pulls: int,
     trust_keys: tuple[pathlib.Path, ...],
 ) -> None:
     """Run the controller (gRPC distribution service, device registry, result ingestion)."""
@@ -121,6 +140,8 @@ def controller(
             credential_ttl_s=credential_ttl,
             require_signed_bundles=require_signed_bundles,
             trusted_key_files=tuple(trust_keys),
+            pull_rate=pull_rate,
+            max_concurrent_pulls=max_concurrent_pulls,
         )
         asyncio.run(_serve(cfg))
     except errors.TetherError as e:

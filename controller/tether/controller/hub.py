@@ -143,10 +143,15 @@ class FanOut:
 class Hub:
     """All connected devices of this controller process."""
 
-    def __init__(self, *, queue_size: int = 64) -> None:
+    def __init__(self, *, queue_size: int = 64, pull_rate: float = 0.0, max_pull_spread_s: float = 120.0) -> None:
+        """`pull_rate`: installs per second a fan-out plans for (`Notify.pull_spread_ms`); 0 spreads nothing."""
         if queue_size < 1:
             raise errors.InvalidArgument(f"queue_size must be positive, got {queue_size}")
+        if pull_rate < 0 or max_pull_spread_s < 0:
+            raise errors.InvalidArgument("pull_rate and max_pull_spread_s must not be negative")
         self._queue_size = queue_size
+        self._pull_rate = pull_rate
+        self._max_pull_spread_s = max_pull_spread_s
         self._connections: dict[str, Connection] = {}
         # Highest version fanned out per release: two concurrent applies may finish
         # their fan-outs in either order, and an older one must not follow a newer one.
@@ -234,16 +239,13 @@ class Hub:
         staged = rollouts.staged(before) or rollouts.staged(after)
         staged_events: dict[tuple[int, str], tuple[pb.ServerEvent, rollouts.Served]] = {}
         downgraded: dict[int, list[str]] = {}
+        # First who hears what; the events are offered once the number of devices told to pull is known.
+        plan: list[tuple[Connection, Action, pb.ServerEvent, rollouts.Served | None]] = []
         for conn in list(self._connections.values()):
             staged_event: pb.ServerEvent | None = None
+            served: rollouts.Served | None = None
             if staged:
                 action, staged_event, served = _staged_change(before, after, conn.facts, staged_events)
-                if served is not None and served.rollback:
-                    if self.offer(conn, staged_event):  # type: ignore[arg-type]
-                        downgraded.setdefault(served.version, []).append(conn.device_id)
-                    else:
-                        dropped.append(conn.device_id)
-                    continue
             else:
                 action = fanout_action(before=before, after=after, facts=conn.facts)
             if action is Action.NONE:
@@ -269,16 +271,32 @@ class Hub:
                 if revoke_event is None:
                     revoke_event = pb.ServerEvent(revoke=pb.Revoke(release=subject.name))
                 event = revoke_event
-            if self.offer(conn, event):
-                (notified if action is Action.NOTIFY else revoked).append(conn.device_id)
-            else:
+            plan.append((conn, action, event, served))
+        spread_ms = self.pull_spread_ms(sum(1 for _, action, _, _ in plan if action is Action.NOTIFY))
+        if spread_ms:
+            for event in [notify_event, *(e for e, _ in staged_events.values())]:
+                if event is not None:
+                    event.notify.pull_spread_ms = spread_ms
+        for conn, action, event, served in plan:
+            offered = self.offer(conn, event)
+            if not offered:
                 dropped.append(conn.device_id)
+            elif served is not None and served.rollback:
+                downgraded.setdefault(served.version, []).append(conn.device_id)
+            else:
+                (notified if action is Action.NOTIFY else revoked).append(conn.device_id)
         return FanOut(
             notified=tuple(notified),
             revoked=tuple(revoked),
             dropped=tuple(dropped),
             downgraded={v: tuple(ids) for v, ids in downgraded.items()},
         )
+
+    def pull_spread_ms(self, devices: int) -> int:
+        """The window over which `devices` told at once should start pulling: devices / the planned rate."""
+        if self._pull_rate <= 0 or devices <= 1:
+            return 0
+        return int(min(self._max_pull_spread_s, devices / self._pull_rate) * 1000)
 
     def connected_targeted(self, release: releases.Release) -> int:
         return sum(1 for conn in self._connections.values() if release.targets(conn.facts))

@@ -118,7 +118,9 @@ async def start_controller(
     listener: replicas.ReleaseListener | None = None
     try:
         store_ = store.Store(pool)
-        hub_ = hub.Hub(queue_size=cfg.device_queue_size)
+        hub_ = hub.Hub(
+            queue_size=cfg.device_queue_size, pull_rate=cfg.pull_rate, max_pull_spread_s=cfg.max_pull_spread_s
+        )
         manifests = service.ManifestCache(store_=store_, blob_store=blob_store)
         authenticator = device_auth.DeviceAuthenticator(
             store_=store_,

@@ -104,14 +104,16 @@ class Sync(_message.Message):
     def __init__(self, desired: _Optional[_Iterable[_Union[DesiredTask, _Mapping]]] = ...) -> None: ...
 
 class Notify(_message.Message):
-    __slots__ = ("task", "sent_at_ms", "manifest")
+    __slots__ = ("task", "sent_at_ms", "manifest", "pull_spread_ms")
     TASK_FIELD_NUMBER: _ClassVar[int]
     SENT_AT_MS_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_FIELD_NUMBER: _ClassVar[int]
+    PULL_SPREAD_MS_FIELD_NUMBER: _ClassVar[int]
     task: DesiredTask
     sent_at_ms: int
     manifest: GetManifestResponse
-    def __init__(self, task: _Optional[_Union[DesiredTask, _Mapping]] = ..., sent_at_ms: _Optional[int] = ..., manifest: _Optional[_Union[GetManifestResponse, _Mapping]] = ...) -> None: ...
+    pull_spread_ms: int
+    def __init__(self, task: _Optional[_Union[DesiredTask, _Mapping]] = ..., sent_at_ms: _Optional[int] = ..., manifest: _Optional[_Union[GetManifestResponse, _Mapping]] = ..., pull_spread_ms: _Optional[int] = ...) -> None: ...
 
 class Revoke(_message.Message):
     __slots__ = ("release",)
