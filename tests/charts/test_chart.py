@@ -86,6 +86,7 @@ def test_controller_service_and_environment(helm: pathlib.Path) -> None:
     assert env["TETHER_DATABASE_URL"]["value"] == "postgresql://tether@tether-postgresql:5432/tether"
     assert env["PGPASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "tether-postgresql"
     assert env["TETHER_BROKER_URL"]["value"] == "redis://tether-redis:6379/0"
+    assert {"--pull-rate=500", "--max-concurrent-pulls=64"} <= set(container["args"])
     operator = by_kind(docs, "Deployment")["tether-operator"]["spec"]["template"]["spec"]
     assert "--controller=tether-controller.tether.svc:7443" in operator["containers"][0]["args"]
     assert operator["serviceAccountName"] == "tether-operator"
@@ -166,6 +167,8 @@ def test_given_tokens_are_used(helm: pathlib.Path) -> None:
         (["--set", "logLevel=LOUD"], "/logLevel"),
         (["--set", "surprise=1"], "surprise"),
         (["--set", "postgresql.image.tag="], "/postgresql/image/tag"),
+        (["--set", "controller.pullRate=-1"], "/controller/pullRate"),
+        (["--set", "controller.maxConcurrentPulls=0"], "/controller/maxConcurrentPulls"),
     ],
 )
 def test_the_values_schema_rejects_bad_values(helm: pathlib.Path, args: list[str], words: str) -> None:
