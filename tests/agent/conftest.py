@@ -1,9 +1,11 @@
 from __future__ import annotations
 
 import pathlib
+from collections.abc import AsyncIterator
 
 import numpy as np
 import pytest
+from agent_fakes import FakeController, start_fake
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 DIGITS = REPO / "examples" / "digits"
@@ -27,3 +29,12 @@ def data_dir(tmp_path: pathlib.Path, digits_data: dict[str, np.ndarray]) -> path
     d.mkdir()
     np.savez(d / "digits.npz", X=digits_data["X"][:150], y=digits_data["y"][:150])
     return d
+
+
+@pytest.fixture()
+async def fake() -> AsyncIterator[FakeController]:
+    """The scriptable fake controller (agent_fakes.py), its `address` set; stopped after the test."""
+    server, ctl, address = await start_fake()
+    ctl.address = address
+    yield ctl
+    await server.stop(0)

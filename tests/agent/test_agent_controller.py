@@ -9,48 +9,14 @@ import random
 
 import pytest
 from agent_fakes import write_bundle
+from controller_support import ADMIN_TOKEN, BOOTSTRAP_TOKEN
 
 from tether.agent import daemon
-from tether.common import admin, bundle_files, config
+from tether.common import admin, bundle_files
 
 pytest.importorskip("tether.controller.server")
 
-ADMIN_TOKEN = "admin-token-for-agent-tests"
-BOOTSTRAP_TOKEN = "bootstrap-token-for-agent-tests"
 FAST = daemon.Backoff(initial_s=0.05, max_s=0.5)
-
-
-class RecordingEnqueuer:
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, int]] = []
-
-    async def enqueue(self, *, release: str, version: int) -> None:
-        self.calls.append((release, version))
-
-
-@pytest.fixture()
-def enqueuer() -> RecordingEnqueuer:
-    return RecordingEnqueuer()
-
-
-@pytest.fixture()
-async def controller(database_url: str, tmp_path: pathlib.Path, enqueuer: RecordingEnqueuer):
-    from tether.controller import server
-
-    cfg = config.ControllerConfig(
-        database_url=database_url,
-        admin_token=ADMIN_TOKEN,
-        bootstrap_token=BOOTSTRAP_TOKEN,
-        listen="127.0.0.1:0",
-        blob_dir=tmp_path / "blobs",
-        grace_s=0.5,
-        pool_max_size=5,
-    )
-    running = await server.start_controller(cfg, enqueuer=enqueuer)
-    try:
-        yield running
-    finally:
-        await running.stop(grace=0.5)
 
 
 def agent_for(address: str, root: pathlib.Path, data_dir: pathlib.Path, device_id: str, app: str) -> daemon.Agent:

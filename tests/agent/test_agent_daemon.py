@@ -30,14 +30,6 @@ def run(ctx):
 """
 
 
-@pytest.fixture()
-async def fake():
-    server, ctl, address = await start_fake()
-    ctl.address = address
-    yield ctl
-    await server.stop(0)
-
-
 def make_agent(fake, tmp_path: pathlib.Path, data_dir=None, name: str = "dev-1", **kw) -> daemon.Agent:
     return daemon.Agent(
         controller=fake.address,

@@ -12,7 +12,8 @@ import pathlib
 import random
 
 import pytest
-from agent_fakes import BOOTSTRAP, start_fake, wait_until, write_bundle
+from agent_fakes import BOOTSTRAP, wait_until, write_bundle
+from controller_support import ADMIN_TOKEN, BOOTSTRAP_TOKEN
 
 from tether.agent import daemon, store
 from tether.agent.cli import agent as agent_cli
@@ -314,14 +315,6 @@ def test_the_running_version_is_never_removed(tmp_path) -> None:
 # ---------------------------------------------------------------- the daemon (fake controller)
 
 
-@pytest.fixture()
-async def fake():
-    server, ctl, address = await start_fake()
-    ctl.address = address
-    yield ctl
-    await server.stop(0)
-
-
 def make_agent(fake, tmp_path: pathlib.Path, *, budget: int | None) -> daemon.Agent:
     return daemon.Agent(
         controller=fake.address,
@@ -412,35 +405,6 @@ async def test_a_server_sending_more_than_the_manifest_says_cannot_exceed_the_bu
 
 # ---------------------------------------------------------------- the daemon and the real controller
 
-ADMIN_TOKEN = "admin-token-for-disk-budget-tests"
-CONTROLLER_BOOTSTRAP = "bootstrap-token-for-disk-budget-tests"
-
-
-@pytest.fixture()
-async def controller(database_url: str, tmp_path: pathlib.Path):
-    pytest.importorskip("tether.controller.server")
-    from tether.common import config
-    from tether.controller import server
-
-    class Enqueuer:
-        async def enqueue(self, *, release: str, version: int) -> None:
-            pass
-
-    cfg = config.ControllerConfig(
-        database_url=database_url,
-        admin_token=ADMIN_TOKEN,
-        bootstrap_token=CONTROLLER_BOOTSTRAP,
-        listen="127.0.0.1:0",
-        blob_dir=tmp_path / "blobs",
-        grace_s=0.5,
-        pool_max_size=5,
-    )
-    running = await server.start_controller(cfg, enqueuer=Enqueuer())
-    try:
-        yield running
-    finally:
-        await running.stop(grace=0.5)
-
 
 async def test_refused_for_space_is_visible_on_the_controller_and_the_old_version_keeps_working(
     controller, tmp_path
@@ -455,7 +419,7 @@ async def test_refused_for_space_is_visible_on_the_controller_and_the_old_versio
         controller=controller.address,
         state_dir=tmp_path / "phone" / "state",
         data_dir=tmp_path / "phone" / "data",
-        bootstrap_token=CONTROLLER_BOOTSTRAP,
+        bootstrap_token=BOOTSTRAP_TOKEN,
         device_id="phone-1",
         attributes={"app": "shop"},
         backends=["mnn/cpu"],

@@ -15,20 +15,13 @@ import pathlib
 import random
 
 import pytest
-from agent_fakes import BOOTSTRAP, start_fake, wait_until, write_bundle
+from agent_fakes import BOOTSTRAP, wait_until, write_bundle
+from controller_support import ADMIN_TOKEN, controller_config, running_controller
 
 from tether.agent import client, daemon
 
 FAST = daemon.Backoff(initial_s=0.02, max_s=0.2)
 TASK = "def run(ctx):\n    return {'sample_count': 1}\n"
-
-
-@pytest.fixture()
-async def fake():
-    server, ctl, address = await start_fake()
-    ctl.address = address
-    yield ctl
-    await server.stop(0)
 
 
 def make_agent(address: str, state_dir: pathlib.Path) -> daemon.Agent:
@@ -159,26 +152,11 @@ def device_calls(running, before: dict[str, int] | None = None) -> dict[str, int
 
 async def test_against_the_real_controller_an_install_takes_two_calls(database_url, tmp_path, monkeypatch):
     pytest.importorskip("tether.controller.server")
-    from tether.common import admin, bundle_files, config
-    from tether.controller import server
-
-    class NoEnqueuer:
-        async def enqueue(self, *, release: str, version: int) -> None:
-            return None
+    from tether.common import admin, bundle_files
 
     monkeypatch.setattr(client, "DOWNLOADING_REPORT_AFTER_S", 3600.0)
-    admin_token = "admin-token-for-inline-manifests"
-    cfg = config.ControllerConfig(
-        database_url=database_url,
-        admin_token=admin_token,
-        bootstrap_token=BOOTSTRAP,
-        listen="127.0.0.1:0",
-        blob_dir=tmp_path / "blobs",
-        grace_s=0.2,
-        pool_max_size=4,
-    )
-    running = await server.start_controller(cfg, enqueuer=NoEnqueuer())
-    try:
+    cfg = controller_config(database_url, tmp_path / "blobs", bootstrap_token=BOOTSTRAP, grace_s=0.2, pool_max_size=4)
+    async with running_controller(cfg, grace=0.1) as running:
         small = write_bundle(tmp_path / "small", TASK, extra={"model.bin": os.urandom(100_000)})
         # 200 files: a manifest of ~25 KB, over the 8 KiB a Notify carries.
         large = write_bundle(tmp_path / "large", TASK, extra={f"shard-{i:03d}.bin": os.urandom(64) for i in range(200)})
@@ -187,7 +165,7 @@ async def test_against_the_real_controller_an_install_takes_two_calls(database_u
         agent = make_agent(running.address, tmp_path / "dev" / "state")
         task = await connected(agent)
         try:
-            async with admin.AdminClient(running.address, token=admin_token) as adm:
+            async with admin.AdminClient(running.address, token=ADMIN_TOKEN) as adm:
                 for name, directory in (("small", small), ("large", large)):
                     await adm.upload_bundle(directory, bundles[name])
                     before = device_calls(running)
@@ -205,5 +183,3 @@ async def test_against_the_real_controller_an_install_takes_two_calls(database_u
                         assert counted == {"GetManifest": 1, "PullBlobs": 1, "ReportStatus": 1}, counted
         finally:
             await stop(agent, task)
-    finally:
-        await running.stop(grace=0.1)

@@ -13,21 +13,14 @@ import random
 
 import grpc
 import pytest
-from agent_fakes import BOOTSTRAP, start_fake, wait_until, write_bundle
+from agent_fakes import BOOTSTRAP, wait_until, write_bundle
+from controller_support import ADMIN_TOKEN, controller_config, running_controller
 
 from tether.agent import daemon, simagent
 from tether.common import manifest
 
 FAST = daemon.Backoff(initial_s=0.02, max_s=0.2)
 TASK = "def run(ctx):\n    return {'sample_count': 1}\n"
-
-
-@pytest.fixture()
-async def fake():
-    server, ctl, address = await start_fake()
-    ctl.address = address
-    yield ctl
-    await server.stop(0)
 
 
 def make_agent(address: str, state_dir: pathlib.Path, name: str = "dev-1") -> daemon.Agent:
@@ -239,29 +232,14 @@ async def test_the_simulated_agent_falls_back_to_pull_blob(fake, tmp_path) -> No
 
 async def test_against_the_real_controller_one_pull_blobs_call_per_install(database_url, tmp_path) -> None:
     pytest.importorskip("tether.controller.server")
-    from tether.common import admin, bundle_files, config
-    from tether.controller import server
+    from tether.common import admin, bundle_files
 
-    class NoEnqueuer:
-        async def enqueue(self, *, release: str, version: int) -> None:
-            return None
-
-    admin_token = "admin-token-for-pull-blobs"
-    cfg = config.ControllerConfig(
-        database_url=database_url,
-        admin_token=admin_token,
-        bootstrap_token=BOOTSTRAP,
-        listen="127.0.0.1:0",
-        blob_dir=tmp_path / "blobs",
-        grace_s=0.2,
-        pool_max_size=4,
-    )
-    running = await server.start_controller(cfg, enqueuer=NoEnqueuer())
-    try:
+    cfg = controller_config(database_url, tmp_path / "blobs", bootstrap_token=BOOTSTRAP, grace_s=0.2, pool_max_size=4)
+    async with running_controller(cfg, grace=0.1) as running:
         extra = {"model.bin": os.urandom(700_000), "labels.txt": b"a\nb\n", "empty.bin": b""}
         directory = write_bundle(tmp_path / "bundle", TASK, extra=extra)
         bundle = bundle_files.build_manifest(directory)
-        async with admin.AdminClient(running.address, token=admin_token) as adm:
+        async with admin.AdminClient(running.address, token=ADMIN_TOKEN) as adm:
             await adm.upload_bundle(directory, bundle)
             await adm.apply_release(release="ns/real", manifest_digest=bundle.digest)
         state_dir = tmp_path / "dev" / "state"
@@ -282,5 +260,3 @@ async def test_against_the_real_controller_one_pull_blobs_call_per_install(datab
         assert content < pulled.response_bytes < content + 2_000
         for path, data in extra.items():
             assert (agent.store.current_dir("ns/real") / path).read_bytes() == data
-    finally:
-        await running.stop(grace=0.1)

@@ -7,7 +7,7 @@ import random
 
 import grpc
 import pytest
-from agent_fakes import BOOTSTRAP, start_fake, wait_until, write_bundle
+from agent_fakes import BOOTSTRAP, wait_until, write_bundle
 
 from tether.agent import daemon, simagent
 from tether.controller import hub, releases, targeting
@@ -64,14 +64,6 @@ async def test_a_single_device_pulls_at_once():
 
 
 # ---------------------------------------------------------------- the agents' side
-
-
-@pytest.fixture()
-async def fake():
-    server, ctl, address = await start_fake()
-    ctl.address = address
-    yield ctl
-    await server.stop(0)
 
 
 class LatestMoment(random.Random):

@@ -11,7 +11,7 @@ import tempfile
 import time
 
 import pytest
-from agent_fakes import start_fake, wait_until, write_bundle
+from agent_fakes import wait_until, write_bundle
 from test_agent_daemon import make_agent, running, stop
 
 from tether.agent import events as events_client
@@ -47,14 +47,6 @@ CART = {
     "aggregate": {"name": "views", "by": "page"},
     "cooldownSeconds": 0,
 }
-
-
-@pytest.fixture()
-async def fake():
-    server, ctl, address = await start_fake()
-    ctl.address = address
-    yield ctl
-    await server.stop(0)
 
 
 @pytest.fixture()

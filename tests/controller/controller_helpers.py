@@ -6,32 +6,11 @@ import os
 import pathlib
 
 import psycopg
+from controller_support import BOOTSTRAP_TOKEN, TABLES
 
 from tether.common import auth, manifest
 from tether.proto.v1 import tether_pb2 as pb
 from tether.proto.v1 import tether_pb2_grpc as pb_grpc
-
-ADMIN_TOKEN = "admin-token-for-tests"
-BOOTSTRAP_TOKEN = "bootstrap-token-for-tests"
-TABLES = ("devices", "blobs", "manifests", "releases", "deliveries", "results", "aggregates")
-
-
-class RecordingEnqueuer:
-    """Test double of the broker: records what would have been sent to Celery."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, int]] = []
-        self.fail = False
-
-    async def enqueue(self, *, release: str, version: int) -> None:
-        if self.fail:
-            from tether.controller.enqueue import EnqueueFailed
-
-            raise EnqueueFailed("broker down (test)")
-        self.calls.append((release, version))
-
-
-# ---------------------------------------------------------------- helpers
 
 
 def make_bundle(root: pathlib.Path, *, name: str = "demo-task", files: dict[str, bytes] | None = None):
@@ -69,20 +48,3 @@ async def enroll(
 def table_counts(database_url: str) -> dict[str, int]:
     with psycopg.connect(database_url) as conn:
         return {t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in TABLES}  # type: ignore[index]
-
-
-def snapshot(database_url: str) -> dict[str, list[tuple]]:
-    """Every row of every table (minus timestamps): for "nothing changed" assertions."""
-    out = {}
-    with psycopg.connect(database_url) as conn:
-        for t in TABLES:
-            cols = [
-                r[0]
-                for r in conn.execute(
-                    "SELECT column_name FROM information_schema.columns WHERE table_name = %s"
-                    " AND data_type NOT LIKE 'timestamp%%' ORDER BY ordinal_position",
-                    (t,),
-                )
-            ]
-            out[t] = sorted(map(repr, conn.execute(f"SELECT {', '.join(cols)} FROM {t}").fetchall()))
-    return out

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from controller_helpers import ADMIN_TOKEN, BOOTSTRAP_TOKEN
+from controller_support import ADMIN_TOKEN, BOOTSTRAP_TOKEN
 
 from tether.common import admin
 

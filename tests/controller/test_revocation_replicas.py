@@ -16,7 +16,8 @@ from collections.abc import AsyncIterator
 import grpc
 import psycopg
 import pytest
-from controller_helpers import ADMIN_TOKEN, RecordingEnqueuer, enroll
+from controller_helpers import enroll
+from controller_support import ADMIN_TOKEN, start_controller
 
 from tether.common import admin, auth, credentials, errors
 from tether.controller import device_auth, devices, replicas, server
@@ -42,7 +43,7 @@ async def replicas_ab(controller_config) -> AsyncIterator[tuple[Replica, Replica
     started: list[Replica] = []
     try:
         for _ in range(2):
-            running = await server.start_controller(cfg, enqueuer=RecordingEnqueuer())
+            running = await start_controller(cfg)
             channel = grpc.aio.insecure_channel(running.address)
             client = admin.AdminClient(target=running.address, token=ADMIN_TOKEN)
             await client.__aenter__()

@@ -11,18 +11,10 @@ import grpc
 import numpy as np
 import psycopg
 import pytest
-from controller_helpers import (
-    ADMIN_TOKEN,
-    BOOTSTRAP_TOKEN,
-    RecordingEnqueuer,
-    enroll,
-    make_bundle,
-    snapshot,
-    table_counts,
-)
+from controller_helpers import enroll, make_bundle, table_counts
+from controller_support import ADMIN_TOKEN, BOOTSTRAP_TOKEN, running_controller, snapshot, start_controller
 
 from tether.common import admin, auth, errors, manifest
-from tether.controller import server
 from tether.proto.v1 import tether_pb2 as pb
 from tether.proto.v1 import tether_pb2_grpc as pb_grpc
 
@@ -195,17 +187,16 @@ async def test_retarget_and_delete_push_revoke(admin_client, devices_stub, tmp_p
 
 async def test_heartbeats_on_idle_streams(controller_config, enqueuer, tmp_path):
     cfg = dataclasses.replace(controller_config, heartbeat_s=0.1)
-    running = await server.start_controller(cfg, enqueuer=enqueuer)
-    try:
-        async with grpc.aio.insecure_channel(running.address) as ch:
-            stub = pb_grpc.DeviceServiceStub(ch)
-            stream = stub.Subscribe(pb.SubscribeRequest(), metadata=await enroll(stub, "idle"))
-            assert (await next_event(stream)).HasField("sync")
-            beat = await next_event(stream, timeout=2)
-            assert beat.heartbeat.server_time_ms > 0
-            stream.cancel()
-    finally:
-        await running.stop(grace=0.2)
+    async with (
+        running_controller(cfg, enqueuer=enqueuer, grace=0.2) as running,
+        grpc.aio.insecure_channel(running.address) as ch,
+    ):
+        stub = pb_grpc.DeviceServiceStub(ch)
+        stream = stub.Subscribe(pb.SubscribeRequest(), metadata=await enroll(stub, "idle"))
+        assert (await next_event(stream)).HasField("sync")
+        beat = await next_event(stream, timeout=2)
+        assert beat.heartbeat.server_time_ms > 0
+        stream.cancel()
 
 
 async def test_a_second_connection_supersedes_the_first(devices_stub):
@@ -574,8 +565,7 @@ async def test_upload_bundle_sends_only_missing_blobs(admin_client, tmp_path):
 
 
 async def test_state_survives_a_controller_restart(controller_config, tmp_path, database_url):
-    first_enqueuer = RecordingEnqueuer()
-    running = await server.start_controller(controller_config, enqueuer=first_enqueuer)
+    running = await start_controller(controller_config)
     async with admin.AdminClient(target=running.address, token=ADMIN_TOKEN) as client:
         directory, bundle, _ = await publish(client, tmp_path, target=ANDROID)
     async with grpc.aio.insecure_channel(running.address) as ch:
@@ -589,8 +579,7 @@ async def test_state_survives_a_controller_restart(controller_config, tmp_path, 
         err = await rpc_error(next_event(stream))
         assert err.code() == grpc.StatusCode.UNAVAILABLE
 
-    restarted = await server.start_controller(controller_config, enqueuer=RecordingEnqueuer())
-    try:
+    async with running_controller(controller_config) as restarted:
         async with grpc.aio.insecure_channel(restarted.address) as ch:
             stub = pb_grpc.DeviceServiceStub(ch)
             stream = stub.Subscribe(pb.SubscribeRequest(), metadata=md)  # the old credential still works
@@ -607,12 +596,10 @@ async def test_state_survives_a_controller_restart(controller_config, tmp_path, 
         async with admin.AdminClient(target=restarted.address, token=ADMIN_TOKEN) as client:
             status = await client.get_release_status("ns/task")
             assert (status.version, status.results) == (1, 1)
-    finally:
-        await restarted.stop(grace=0.5)
     assert table_counts(database_url)["results"] == 1
 
 
 async def test_binding_a_busy_port_fails_clearly(controller, controller_config):
     busy = dataclasses.replace(controller_config, listen=f"127.0.0.1:{controller.port}")
     with pytest.raises(errors.FailedPrecondition, match="cannot listen"):
-        await server.start_controller(busy, enqueuer=RecordingEnqueuer())
+        await start_controller(busy)

@@ -6,7 +6,7 @@ import json
 
 import psycopg
 import pytest
-from controller_helpers import snapshot
+from controller_support import snapshot
 
 from tether.common import auth, errors, manifest
 from tether.controller import devices, releases, store, uploads

@@ -8,14 +8,13 @@ import ipaddress
 
 import grpc
 import pytest
-from controller_helpers import ADMIN_TOKEN
+from controller_support import ADMIN_TOKEN, running_controller
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from tether.common import admin
-from tether.controller import server
 
 
 def self_signed(tmp_path):
@@ -48,13 +47,10 @@ def self_signed(tmp_path):
 async def test_tls_controller_and_admin_client(controller_config, enqueuer, tmp_path):
     cert, key, cert_pem = self_signed(tmp_path)
     cfg = dataclasses.replace(controller_config, tls_cert_file=cert, tls_key_file=key)
-    running = await server.start_controller(cfg, enqueuer=enqueuer)
-    try:
+    async with running_controller(cfg, enqueuer=enqueuer, grace=0.2) as running:
         async with admin.AdminClient(target=running.address, token=ADMIN_TOKEN, root_certificates=cert_pem) as client:
             assert await client.list_releases() == []
         # A plaintext client cannot talk to it.
         async with grpc.aio.insecure_channel(running.address) as ch:
             with pytest.raises(grpc.aio.AioRpcError):
                 await ch.unary_unary("/tether.v1.AdminService/ListReleases")(b"", timeout=3)
-    finally:
-        await running.stop(grace=0.2)

@@ -14,54 +14,17 @@ import os
 import pathlib
 import signal
 import sys
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from controller_support import ADMIN_TOKEN, BOOTSTRAP_TOKEN
 from operator_helpers import mltask, running_operator, wait_for
 
-from tether.common import admin, auth, config, manifest
+from tether.common import admin, auth, manifest
 from tether.operator import admin as operator_admin
 from tether.operator.emulator import EmulatedCluster
 
 pytest.importorskip("tether.controller.server")
-
-ADMIN_TOKEN = "admin-token-for-operator-tests"
-BOOTSTRAP_TOKEN = "bootstrap-token-for-operator-tests"
-
-
-class RecordingEnqueuer:
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, int]] = []
-
-    async def enqueue(self, *, release: str, version: int) -> None:
-        self.calls.append((release, version))
-
-
-@pytest.fixture()
-async def controller(database_url: str, tmp_path: pathlib.Path) -> AsyncIterator[Any]:
-    from tether.controller import server
-
-    cfg = config.ControllerConfig(
-        database_url=database_url,
-        admin_token=ADMIN_TOKEN,
-        bootstrap_token=BOOTSTRAP_TOKEN,
-        listen="127.0.0.1:0",
-        blob_dir=tmp_path / "blobs",
-        grace_s=0.5,
-        pool_max_size=5,
-    )
-    running = await server.start_controller(cfg, enqueuer=RecordingEnqueuer())
-    try:
-        yield running
-    finally:
-        await running.stop(grace=0.5)
-
-
-@pytest.fixture()
-async def admin_client(controller: Any) -> AsyncIterator[admin.AdminClient]:
-    async with admin.AdminClient(target=controller.address, token=ADMIN_TOKEN) as client:
-        yield client
 
 
 @pytest.fixture()

@@ -4,21 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import pathlib
 import socket
 import threading
 from collections.abc import Iterator
 from typing import Any
 
+from controller_support import start_controller
+
 from tether.common import config
-
-ADMIN_TOKEN = "admin-token-for-reliability-tests"
-BOOTSTRAP_TOKEN = "bootstrap-token-for-reliability-tests"
-
-
-class NullEnqueuer:
-    async def enqueue(self, *, release: str, version: int) -> None:
-        return None
 
 
 def free_port() -> int:
@@ -27,29 +20,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def controller_config(database_url: str, blob_dir: pathlib.Path, **overrides: Any) -> config.ControllerConfig:
-    values: dict[str, Any] = {
-        "database_url": database_url,
-        "admin_token": ADMIN_TOKEN,
-        "bootstrap_token": BOOTSTRAP_TOKEN,
-        "listen": "127.0.0.1:0",
-        "blob_dir": blob_dir,
-        "grace_s": 0.2,
-        "pool_max_size": 4,
-    }
-    values.update(overrides)
-    return config.ControllerConfig(**values)
-
-
 @contextlib.contextmanager
 def controller_in_thread(cfg: config.ControllerConfig) -> Iterator[Any]:
     """A controller on its own event loop in a thread, for synchronous tests (hypothesis)."""
-    from tether.controller import server
-
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
-    running = asyncio.run_coroutine_threadsafe(server.start_controller(cfg, enqueuer=NullEnqueuer()), loop).result(60)
+    running = asyncio.run_coroutine_threadsafe(start_controller(cfg), loop).result(60)
     try:
         yield running
     finally:

@@ -17,7 +17,8 @@ import sys
 
 import psycopg
 import pytest
-from rel_helpers import ADMIN_TOKEN, BOOTSTRAP_TOKEN, NullEnqueuer, Proxy, controller_config, free_port
+from controller_support import ADMIN_TOKEN, BOOTSTRAP_TOKEN, controller_config, start_controller
+from rel_helpers import Proxy, free_port
 
 from tether.agent import daemon
 from tether.cli import procs
@@ -149,11 +150,7 @@ async def _true(value: bool) -> bool:
 
 
 async def test_agent_sigkilled_mid_pull_resumes_from_its_partial_and_installs_a_verified_bundle(tmp_path, database_url):
-    from tether.controller import server
-
-    running = await server.start_controller(
-        controller_config(database_url, tmp_path / "blobs"), enqueuer=NullEnqueuer()
-    )
+    running = await start_controller(controller_config(database_url, tmp_path / "blobs", grace_s=0.2, pool_max_size=4))
     # A slow link: about 1 MiB/s from the controller to the device, so the pull takes seconds.
     proxy = Proxy(("127.0.0.1", running.port), down_bytes_per_s=1024 * 1024)
     via_proxy = await proxy.start()

@@ -14,9 +14,10 @@ import pathlib
 import grpc
 import psycopg
 import pytest
+from controller_support import ADMIN_TOKEN, BOOTSTRAP_TOKEN, controller_config
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from rel_helpers import ADMIN_TOKEN, BOOTSTRAP_TOKEN, controller_config, controller_in_thread
+from rel_helpers import controller_in_thread
 
 from tether.common import auth
 from tether.proto.v1 import tether_pb2 as pb
@@ -59,7 +60,7 @@ def served(postgres_server_url, tmp_path_factory):
     params["dbname"] = name
     url = conninfo.make_conninfo(**params)
     blob_dir = pathlib.Path(tmp_path_factory.mktemp("fuzz")) / "blobs"
-    cfg = controller_config(url, blob_dir, max_message_bytes=1024 * 1024)
+    cfg = controller_config(url, blob_dir, grace_s=0.2, pool_max_size=4, max_message_bytes=1024 * 1024)
     try:
         with controller_in_thread(cfg) as running, grpc.insecure_channel(running.address) as channel:
             stub = pb_grpc.DeviceServiceStub(channel)

@@ -21,35 +21,16 @@ from collections.abc import Mapping
 from typing import Any
 
 import psycopg
+from controller_support import controller_config, start_controller
 from psycopg import sql
 
-from tether.common import admin, config, manifest
+from tether.common import admin, manifest
 from tether.controller import devices, server, store, uploads
 from tether.operator import admin as operator_admin
 from tether.operator import reconcile
 from tether.operator.model import MLTaskStatus
 
-ADMIN_TOKEN = "admin-token-for-rollout-tests"
-BOOTSTRAP_TOKEN = "bootstrap-token-for-rollout-tests"
 T0 = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
-
-
-class NullEnqueuer:
-    async def enqueue(self, *, release: str, version: int) -> None:
-        return None
-
-
-def controller_config(database_url: str, tmp_path: pathlib.Path) -> config.ControllerConfig:
-    return config.ControllerConfig(
-        database_url=database_url,
-        admin_token=ADMIN_TOKEN,
-        bootstrap_token=BOOTSTRAP_TOKEN,
-        listen="127.0.0.1:0",
-        blob_dir=tmp_path / "blobs",
-        grace_s=0.5,
-        pool_max_size=12,
-        max_blob_bytes=8 * 1024 * 1024,
-    )
 
 
 async def start(database_url: str, tmp_path: pathlib.Path) -> server.RunningController:
@@ -57,7 +38,8 @@ async def start(database_url: str, tmp_path: pathlib.Path) -> server.RunningCont
     with psycopg.connect(database_url, autocommit=True) as conn:
         name = conn.info.dbname
         conn.execute(sql.SQL("ALTER DATABASE {} SET synchronous_commit = off").format(sql.Identifier(name)))
-    return await server.start_controller(controller_config(database_url, tmp_path), enqueuer=NullEnqueuer())
+    cfg = controller_config(database_url, tmp_path / "blobs", pool_max_size=12, max_blob_bytes=8 * 1024 * 1024)
+    return await start_controller(cfg)
 
 
 async def upload(client: admin.AdminClient, root: pathlib.Path, files: Mapping[str, bytes]) -> str:

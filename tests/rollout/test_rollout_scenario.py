@@ -13,8 +13,8 @@ import math
 import pathlib
 
 import pytest
+from controller_support import ADMIN_TOKEN
 from rollout_helpers import (
-    ADMIN_TOKEN,
     OperatorLoop,
     SimDevice,
     Simulation,

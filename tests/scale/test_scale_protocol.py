@@ -8,10 +8,10 @@ import os
 
 import grpc
 import pytest
-from scale_helpers import ADMIN_TOKEN, BOOTSTRAP_TOKEN, NullEnqueuer
+from controller_support import ADMIN_TOKEN, BOOTSTRAP_TOKEN, start_controller
 
 from tether.common import admin, auth, manifest
-from tether.controller import blobcache, blobs, hub, server, stats
+from tether.controller import blobcache, blobs, hub, stats
 from tether.proto.v1 import tether_pb2 as pb
 from tether.proto.v1 import tether_pb2_grpc as pb_grpc
 
@@ -34,9 +34,7 @@ async def _publish(client: admin.AdminClient, root, files: dict[str, bytes]) -> 
 
 
 async def test_get_desired_polls_the_sync_and_get_manifest_offers_blob_urls(scale_config, tmp_path):
-    running = await server.start_controller(
-        scale_config, enqueuer=NullEnqueuer(), blob_store=CdnBlobStore(scale_config.blob_dir)
-    )
+    running = await start_controller(scale_config, blob_store=CdnBlobStore(scale_config.blob_dir))
     try:
         async with (
             grpc.aio.insecure_channel(running.address) as ch,

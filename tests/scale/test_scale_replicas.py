@@ -8,18 +8,14 @@ import os
 import grpc
 import psycopg
 import pytest
-from scale_helpers import ADMIN_TOKEN, BOOTSTRAP_TOKEN, NullEnqueuer
+from controller_support import ADMIN_TOKEN, BOOTSTRAP_TOKEN, start_controller
 
 from tether.common import admin, auth, manifest
-from tether.controller import replicas, server
+from tether.controller import replicas
 from tether.proto.v1 import tether_pb2 as pb
 from tether.proto.v1 import tether_pb2_grpc as pb_grpc
 
 ANDROID = {"matchLabels": {"os": "android"}}
-
-
-async def _replica(cfg):
-    return await server.start_controller(cfg, enqueuer=NullEnqueuer())
 
 
 async def _device(address: str, device_id: str) -> tuple[grpc.aio.Channel, grpc.aio.UnaryStreamCall]:
@@ -55,8 +51,8 @@ async def _stats(address: str) -> pb.ServerStats:
 async def test_a_release_applied_on_replica_a_reaches_an_agent_connected_to_replica_b(
     scale_config, tmp_path, database_url
 ):
-    a = await _replica(scale_config)
-    b = await _replica(scale_config)
+    a = await start_controller(scale_config)
+    b = await start_controller(scale_config)
     channels = []
     try:
         assert a.replica_id != b.replica_id
@@ -93,8 +89,8 @@ async def test_a_release_applied_on_replica_a_reaches_an_agent_connected_to_repl
 
 
 async def test_a_replica_that_lost_its_listen_connection_catches_up(scale_config, tmp_path, database_url):
-    a = await _replica(scale_config)
-    b = await _replica(scale_config)
+    a = await start_controller(scale_config)
+    b = await start_controller(scale_config)
     ch_b = None
     try:
         ch_b, on_b = await _device(b.address, "phone-b")

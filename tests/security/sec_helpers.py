@@ -9,23 +9,13 @@ import grpc
 import numpy as np
 import psycopg
 import pytest
+from controller_support import BOOTSTRAP_TOKEN
 
 from tether.common import auth, bundle_files
 from tether.proto.v1 import tether_pb2 as pb
 from tether.proto.v1 import tether_pb2_grpc as pb_grpc
 
-ADMIN_TOKEN = "admin-token-for-security-tests"
-BOOTSTRAP_TOKEN = "bootstrap-token-for-security-tests"
-TABLES = ("devices", "blobs", "manifests", "releases", "deliveries", "results", "aggregates")
 SIMPLE_TASK = "def run(ctx):\n    return {'sample_count': 3, 'metrics': {'m': 1.0}}\n"
-
-
-class RecordingEnqueuer:
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, int]] = []
-
-    async def enqueue(self, *, release: str, version: int) -> None:
-        self.calls.append((release, version))
 
 
 def write_bundle(root: pathlib.Path, source: str = SIMPLE_TASK, *, name: str = "sec-task", extra=None):
@@ -75,23 +65,6 @@ async def drain(stream) -> list:
 
 async def first_event(stream, timeout: float = 5.0) -> pb.ServerEvent:
     return await asyncio.wait_for(stream.read(), timeout)
-
-
-def snapshot(database_url: str) -> dict[str, list[str]]:
-    """Every row of every table, minus timestamps: for "nothing changed" assertions."""
-    out = {}
-    with psycopg.connect(database_url) as conn:
-        for t in TABLES:
-            cols = [
-                r[0]
-                for r in conn.execute(
-                    "SELECT column_name FROM information_schema.columns WHERE table_name = %s"
-                    " AND data_type NOT LIKE 'timestamp%%' ORDER BY ordinal_position",
-                    (t,),
-                )
-            ]
-            out[t] = sorted(map(repr, conn.execute(f"SELECT {', '.join(cols)} FROM {t}").fetchall()))
-    return out
 
 
 def query(database_url: str, sql: str, *args) -> list[tuple]:

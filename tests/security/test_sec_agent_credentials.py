@@ -9,7 +9,8 @@ import time
 
 import grpc
 import pytest
-from sec_helpers import ADMIN_TOKEN, BOOTSTRAP_TOKEN, md, query, rpc_error, until, write_bundle
+from controller_support import ADMIN_TOKEN, BOOTSTRAP_TOKEN
+from sec_helpers import md, query, rpc_error, until, write_bundle
 
 from tether.agent import daemon
 from tether.common import admin, credentials

@@ -12,19 +12,8 @@ import dataclasses
 
 import grpc
 import pytest
-from sec_helpers import (
-    ADMIN_TOKEN,
-    BOOTSTRAP_TOKEN,
-    drain,
-    enroll,
-    first_event,
-    md,
-    query,
-    rpc_error,
-    snapshot,
-    upload_request,
-    write_bundle,
-)
+from controller_support import ADMIN_TOKEN, BOOTSTRAP_TOKEN, snapshot
+from sec_helpers import drain, enroll, first_event, md, query, rpc_error, upload_request, write_bundle
 
 from tether.common import admin, auth, credentials, errors
 from tether.proto.v1 import tether_pb2 as pb

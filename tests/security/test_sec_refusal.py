@@ -19,7 +19,8 @@ import random
 from collections.abc import Iterator
 
 import pytest
-from sec_helpers import ADMIN_TOKEN, BOOTSTRAP_TOKEN, query, until, write_bundle
+from controller_support import ADMIN_TOKEN, BOOTSTRAP_TOKEN
+from sec_helpers import query, until, write_bundle
 
 from tether.agent import daemon
 from tether.common import admin, signing

@@ -7,7 +7,8 @@ import sys
 
 import grpc
 import pytest
-from sec_helpers import ADMIN_TOKEN, BOOTSTRAP_TOKEN, first_event
+from controller_support import ADMIN_TOKEN, BOOTSTRAP_TOKEN
+from sec_helpers import first_event
 
 from tether.agent import client as client_mod
 from tether.common import admin, certs, errors, tls
