@@ -141,3 +141,22 @@ async def test_the_simulated_agent_spreads_its_pull_like_the_real_one(fake, tmp_
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
     assert fake.pull_times[0] - told >= 0.29
+
+
+def test_the_pull_moment_is_in_the_window_and_never_pushed_back():
+    from tether.agent import client
+
+    rng = random.Random(1)
+    first = client.pull_moment(None, spread_ms=10_000, now=100.0, rng=rng)
+    assert first is not None and 100.0 <= first <= 110.0
+    again = client.pull_moment(first, spread_ms=10_000, now=101.0, rng=LatestMoment(0))
+    assert again == first  # a later Notify with a later draw keeps the sooner moment
+    sooner = client.pull_moment(first, spread_ms=10_000, now=101.0, rng=EarliestMoment(0))
+    assert sooner == 101.0  # a sooner draw wins
+    assert client.pull_moment(first, spread_ms=0, now=101.0, rng=rng) is None  # no window: at once
+    assert client.pull_moment(50.0, spread_ms=1000, now=101.0, rng=LatestMoment(0)) == 102.0  # a past moment is gone
+
+
+class EarliestMoment(random.Random):
+    def uniform(self, a: float, b: float) -> float:
+        return a

@@ -89,3 +89,28 @@ def test_bad_sizes_are_refused():
         admission.FifoGate(0)
     with pytest.raises(ValueError, match="quantum"):
         admission.FifoGate(1, quantum_bytes=0)
+
+
+async def test_a_stream_stuck_on_its_reader_loses_its_turn_and_queues_again():
+    gate = admission.FifoGate(1, turn_s=0.05)
+    reader_back = asyncio.Event()
+    order: list[str] = []
+
+    async def stalled() -> None:
+        async with gate.slot() as quantum:
+            await reader_back.wait()  # blocked in its `yield`: the client stopped reading
+            await quantum.sent(10)  # its turn was taken back: it queues before the next chunk
+            order.append("stalled resumed")
+
+    async def patient() -> None:
+        async with gate.slot():
+            order.append("patient")
+
+    first = asyncio.create_task(stalled())
+    await asyncio.sleep(0)
+    await asyncio.wait_for(patient(), 1)  # got the slot although the first stream never gave it back
+    assert gate.expired_turns == 1 and order == ["patient"]
+    reader_back.set()
+    await asyncio.wait_for(first, 1)
+    assert order == ["patient", "stalled resumed"]
+    assert gate.active == 0 and gate.waiting == 0

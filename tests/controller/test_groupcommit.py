@@ -174,3 +174,43 @@ async def test_a_report_the_database_refuses_is_isolated_from_its_batch(pg_store
     assert ids == [d.device_id for i, d in enumerate(fleet) if i != 2]
     with pytest.raises(errors.InvalidArgument, match="could not be stored"):  # alone, too
         await pg_store.report_delivery(device=fleet[2], release="ns/t", version=1, state="failed", message="\x00")
+
+
+async def test_a_batch_that_deadlocks_is_tried_again(pg_store, database_url, monkeypatch):
+    """A deadlock against another writer of deliveries rolled the batch back: it runs again, nothing is lost."""
+    from tether.controller import store as store_mod
+
+    await _release(pg_store)
+    fleet = await _fleet(pg_store, 4)
+    real = store_mod._write_deliveries
+    calls = 0
+
+    async def deadlocks_once(conn, reports):
+        nonlocal calls
+        calls += 1
+        if calls == 1 and len(reports) > 1:
+            raise psycopg.errors.DeadlockDetected("deadlock detected")
+        return await real(conn, reports)
+
+    monkeypatch.setattr(store_mod, "_write_deliveries", deadlocks_once)
+    outcomes = await asyncio.gather(
+        *(pg_store.report_delivery(device=d, release="ns/t", version=1, state="installed") for d in fleet)
+    )
+    assert outcomes == [None] * 4
+    with psycopg.connect(database_url) as conn:
+        assert conn.execute("SELECT count(*) FROM deliveries WHERE state = 'installed'").fetchone() == (4,)
+
+
+async def test_reports_and_a_fleet_wide_notify_do_not_deadlock(pg_store):
+    """`mark_notified` and report batches lock delivery rows in the same (key) order."""
+    await _release(pg_store)
+    fleet = await _fleet(pg_store, 300)
+    ids = [d.device_id for d in fleet]
+    rounds = []
+    for _ in range(5):
+        rounds.append(pg_store.mark_notified(release="ns/t", version=1, device_ids=list(reversed(ids))))
+        rounds.extend(
+            pg_store.report_delivery(device=d, release="ns/t", version=1, state="installed") for d in fleet[::3]
+        )
+    outcomes = await asyncio.gather(*rounds, return_exceptions=True)
+    assert [o for o in outcomes if o is not None] == []

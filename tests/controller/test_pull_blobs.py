@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 
 import grpc
@@ -188,3 +189,36 @@ async def test_pull_blob_is_unchanged_beside_it(admin_client, devices_stub, tmp_
     ]
     assert b"".join(c.data for c in chunks) == (directory / "model.bin").read_bytes()
     assert {c.digest for c in chunks} == {""}
+
+
+async def test_a_device_may_have_only_a_few_pulls_in_progress(admin_client, devices_stub, controller, tmp_path):
+    from tether.controller import service
+
+    md = await enroll(devices_stub, "greedy", {"os": "android"})
+    big = {"task.py": FILES["task.py"], "model.bin": os.urandom(30 * CHUNK)}  # 7.5 MiB: more than flow control lets by
+    _, bundle = await publish(admin_client, tmp_path, target=ANDROID, files=big)
+    model = bundle.file("model.bin").sha256
+    calls = []
+    try:
+        for _ in range(service.MAX_PULLS_PER_DEVICE):  # each reads one chunk, then stops reading
+            call = devices_stub.PullBlobs(pb.PullBlobsRequest(release="ns/task", blobs=ranges((model, 0))), metadata=md)
+            await call.read()
+            calls.append(call)
+        chunks, err = await pull(devices_stub, md, "ns/task", ranges((model, 0)))
+        assert err is not None and err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and chunks == []
+        assert "pulls in progress" in err.details()
+        other = await enroll(devices_stub, "patient", {"os": "android"})  # another device is not affected
+        chunks, err = await pull(devices_stub, other, "ns/task", ranges((bundle.file("task.py").sha256, 0)))
+        assert err is None and b"".join(c.data for c in chunks) == FILES["task.py"]
+    finally:
+        for call in calls:
+            call.cancel()
+    calls[0].cancel()
+    chunks, err = await pull(devices_stub, md, "ns/task", ranges((bundle.file("task.py").sha256, 0)))
+    # A cancelled pull frees its place (the server sees the cancellation asynchronously: retry briefly).
+    for _ in range(50):
+        if err is None:
+            break
+        await asyncio.sleep(0.05)
+        chunks, err = await pull(devices_stub, md, "ns/task", ranges((bundle.file("task.py").sha256, 0)))
+    assert err is None

@@ -200,6 +200,37 @@ async def test_a_renewal_on_replica_a_is_honoured_on_replica_b_at_once(replicas_
     stream.cancel()
 
 
+async def test_a_superseded_credential_and_old_facts_are_dropped_on_replica_b_at_once(replicas_ab):
+    """Re-enrolment on A (a new secret, new attributes) is announced: B forgets its hour-long entry."""
+    a, b = replicas_ab
+    old = await enroll(a.stub, "phone-1", {"os": "android"})
+    await warm_cache(b, old, "phone-1")
+    stream = await subscribe(b, old)
+    await enroll(a.stub, "phone-1", {"os": "ios"})  # the same device enrols again: old secret superseded
+
+    async def refused() -> grpc.aio.AioRpcError | None:
+        try:
+            await b.stub.GetDesired(pb.GetDesiredRequest(), metadata=old)
+        except grpc.aio.AioRpcError as e:
+            return e
+        return None
+
+    for _ in range(int(BOUND_S / 0.05)):  # the announcement lands within milliseconds; bounded wait
+        err = await refused()
+        if err is not None:
+            break
+        await asyncio.sleep(0.05)
+    assert err is not None and err.code() == U and "no longer valid" in err.details()
+    # The stream B holds for the device now carries its new facts (what fan-outs target by).
+    for _ in range(int(BOUND_S / 0.05)):
+        conn = b.running.hub._connections.get("phone-1")
+        if conn is not None and conn.facts.get("os") == frozenset({"ios"}):
+            break
+        await asyncio.sleep(0.05)
+    assert b.running.hub._connections["phone-1"].facts.get("os") == frozenset({"ios"})
+    stream.cancel()
+
+
 # ---------------------------------------------------------------- the authenticator's in-flight race
 
 

@@ -10,7 +10,7 @@ callers decide what is retryable with `is_retryable`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 
 import grpc
@@ -189,5 +189,27 @@ class LateReport:
     async def settle(self) -> None:
         if not self.sent:
             self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):  # a lost progress report changes nothing
-            await self._task
+        # Wait without awaiting the task itself: a cancellation of the caller must reach the caller, not be
+        # taken for the report's. A lost progress report changes nothing: its outcome is read and dropped.
+        try:
+            await asyncio.wait({self._task})
+        except asyncio.CancelledError:
+            self._task.cancel()  # the caller is going away (shutdown): so is its report
+            raise
+        if not self._task.cancelled():
+            self._task.exception()
+
+
+def pull_moment(pending: float | None, *, spread_ms: int, now: float, rng: random.Random) -> float | None:
+    """When to start the pull a Notify announces (`Notify.pull_spread_ms`), on the monotonic clock; None: at once.
+
+    A uniformly random moment in the window. A moment already drawn for this
+    release that comes sooner is kept: a run of changes does not push a
+    device's pull back again and again. A Notify without a window drops it.
+    """
+    if spread_ms <= 0:
+        return None
+    moment = now + rng.uniform(0, spread_ms / 1000)
+    if pending is not None and now < pending < moment:
+        return pending
+    return moment

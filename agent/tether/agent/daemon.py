@@ -375,13 +375,21 @@ class Agent:
                 if len(self._inline_manifests) >= MAX_INLINE_MANIFESTS:
                     self._inline_manifests.clear()
                 self._inline_manifests[notify.task.manifest_digest] = notify.manifest
-            if notify.pull_spread_ms:  # the controller spreads a fleet's pulls: start at a random moment in it
-                self._pull_at[notify.task.release] = time.monotonic() + self._rng.uniform(
-                    0, notify.pull_spread_ms / 1000
-                )
+            # The controller spreads a fleet's pulls: start at a random moment in the window (or at once).
+            moment = client_mod.pull_moment(
+                self._pull_at.get(notify.task.release),
+                spread_ms=notify.pull_spread_ms,
+                now=time.monotonic(),
+                rng=self._rng,
+            )
+            if moment is None:
+                self._pull_at.pop(notify.task.release, None)
+            else:
+                self._pull_at[notify.task.release] = moment
             self._set_desired(notify.task)
         elif kind == "revoke":
             self._desired.pop(event.revoke.release, None)
+            self._pull_at.pop(event.revoke.release, None)
             self._kick(event.revoke.release)
         elif kind == "heartbeat":
             pass
@@ -493,11 +501,11 @@ class Agent:
     async def _install(self, task: pb.DesiredTask) -> None:
         assert self._client is not None
         bundle = self._kept(task)
+        response = self._inline_manifests.pop(task.manifest_digest, None)  # from the Notify, if it carried it
         progress = None
         if bundle is None:
             progress = client_mod.LateReport(lambda: self._report(task, S.DELIVERY_STATE_DOWNLOADING))
             try:
-                response = self._inline_manifests.pop(task.manifest_digest, None)
                 if response is None:
                     response = await self._client.get_manifest(
                         release=task.release, manifest_digest=task.manifest_digest

@@ -229,13 +229,18 @@ class SimAgent:
                 if len(self._inline) >= 64:
                     self._inline.clear()
                 self._inline[event.notify.task.manifest_digest] = event.notify.manifest.manifest
-            if event.notify.pull_spread_ms:  # as the real agent: start pulling at a random moment in the window
-                self._pull_at[event.notify.task.release] = time.monotonic() + self._rng.uniform(
-                    0, event.notify.pull_spread_ms / 1000
-                )
+            release = event.notify.task.release  # as the real agent: start pulling at its moment in the window
+            moment = client.pull_moment(
+                self._pull_at.get(release), spread_ms=event.notify.pull_spread_ms, now=time.monotonic(), rng=self._rng
+            )
+            if moment is None:
+                self._pull_at.pop(release, None)
+            else:
+                self._pull_at[release] = moment
             self._want(event.notify.task, heard_at=now, sent_at_ms=event.notify.sent_at_ms)
         elif kind == "revoke":
             self._desired.pop(event.revoke.release, None)
+            self._pull_at.pop(event.revoke.release, None)
             self.installed.pop(event.revoke.release, None)
             self._manifests.pop(event.revoke.release, None)
             self._gc()

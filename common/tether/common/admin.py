@@ -197,13 +197,21 @@ class AdminClient:
         if digest is None:
             digest, _ = await asyncio.to_thread(manifest.file_digest, path)
         manifest.check_digest(digest)
+        call = self._stub.PutBlob(
+            metadata=self._metadata,
+            # A 2 GiB blob on a slow link takes a while: scale the deadline with the size.
+            timeout=self._timeout_s + path.stat().st_size / (1024 * 1024),
+        )
         try:
-            response = await self._stub.PutBlob(
-                _file_chunks(path, digest=digest, chunk_size=self._chunk_size),
-                metadata=self._metadata,
-                # A 2 GiB blob on a slow link takes a while: scale the deadline with the size.
-                timeout=self._timeout_s + path.stat().st_size / (1024 * 1024),
-            )
+            async for chunk in _file_chunks(path, digest=digest, chunk_size=self._chunk_size):
+                await call.write(chunk)
+            await call.done_writing()
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            # The controller ended the call before reading everything (too large, a bad digest): a write
+            # then fails with whatever the transport saw; the call's own status says why.
+            pass
+        try:
+            response = await call
         except grpc.aio.AioRpcError as e:
             raise error_from_rpc(e) from None
         return int(response.size)

@@ -88,9 +88,9 @@ class ControllerConfig:
     # line, the first signs), else a key generated once and shared through Postgres.
     credential_key_file: pathlib.Path | None = None
     credential_ttl_s: int = 7 * 24 * 3600
-    # How long an authenticated device stays cached. Revocation does not wait for it (every replica
-    # hears of it through LISTEN/NOTIFY and forgets the device at once); it bounds how long another
-    # replica may use a device's superseded credential or its old attributes (backend choices).
+    # How long an authenticated device stays cached. Revocation and changes of a device's credential
+    # or facts do not wait for it (every replica hears of them through LISTEN/NOTIFY and forgets the
+    # device at once); it bounds staleness only while a replica's LISTEN connection is down.
     auth_cache_s: float = 60.0
     # Bundle signatures checked at PutManifest (agents check their own trusted keys regardless).
     require_signed_bundles: bool = False

@@ -37,6 +37,12 @@ class TooLarge(TetherError):
     code = "RESOURCE_EXHAUSTED"
 
 
+class Busy(TetherError):
+    """A limit on work in progress (not on the request's size): retry later, with backoff."""
+
+    code = "RESOURCE_EXHAUSTED"
+
+
 class NotFound(TetherError):
     code = "NOT_FOUND"
 

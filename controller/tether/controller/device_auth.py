@@ -13,10 +13,10 @@ Every device RPC but `Enroll` presents `authorization: Bearer <credential>`
 
 A positive answer is cached under the sha256 of the secret, so a renewed or
 re-enrolled credential (a new secret) misses the cache and is checked again,
-on this replica or any other. The replica that renewed or re-enrolled drops
-the entry of the superseded credential at once; another replica may answer
-the superseded one from its entry for at most `cache_s` (a renewal is the
-device's own doing, not a security event: to cut a device off, revoke it).
+on this replica or any other. A change of a device's credential or facts
+(re-enrolment, renewal, ReportBackends) is announced by Postgres (migration
+0009) and every replica `forget`s the device, so a superseded credential or
+stale attributes are not answered from another replica's entry either.
 
 Revocation is not bounded by `cache_s`: a revocation made anywhere (any
 replica, or psql) is announced by Postgres when it commits (migration 0008,

@@ -62,6 +62,7 @@ ORIGIN_SETTING = "tether.origin"
 ChangeHandler = Callable[[releases.Release | None, releases.Release | None], Awaitable[None]]
 RevokedHandler = Callable[[str], Awaitable[None]]
 GapHandler = Callable[[], Awaitable[None]]
+DeviceChangedHandler = Callable[[str, bool], Awaitable[None]]  # (device id, changed by this replica)
 
 
 def new_replica_id() -> str:
@@ -90,6 +91,7 @@ class ReleaseListener:
         on_change: ChangeHandler,
         on_revoked: RevokedHandler | None = None,
         on_gap: GapHandler | None = None,
+        on_device_changed: DeviceChangedHandler | None = None,
         resync_s: float = 30.0,
         retry_s: float = 1.0,
         max_retry_s: float = 15.0,
@@ -100,6 +102,7 @@ class ReleaseListener:
         self._on_change = on_change
         self._on_revoked = on_revoked
         self._on_gap = on_gap
+        self._on_device_changed = on_device_changed
         self._resync_s = resync_s
         self._retry_s = retry_s
         self._max_retry_s = max_retry_s
@@ -180,8 +183,16 @@ class ReleaseListener:
         try:
             doc = json.loads(payload)
             device_id, event = str(doc["device"]), str(doc.get("event") or "revoked")
+            origin = str(doc.get("origin") or "")
         except (ValueError, KeyError, TypeError):
             log.warning("ignoring malformed %s payload %r", DEVICES_CHANNEL, payload[:200])
+            return
+        if event == "changed":  # credential or facts (migration 0009)
+            if self._on_device_changed is not None:
+                try:
+                    await self._on_device_changed(device_id, origin == self.replica_id)
+                except Exception:
+                    log.exception("refreshing changed device %s failed", device_id)
             return
         if event != "revoked" or self._on_revoked is None:
             return

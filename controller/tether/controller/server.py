@@ -141,6 +141,13 @@ async def start_controller(
         async def revoked(device_id: str) -> None:  # revoked anywhere, this replica included
             service.end_revoked_device(hub_=hub_, authenticator=authenticator, device_id=device_id)
 
+        async def device_changed(device_id: str, here: bool) -> None:  # new credential or facts, anywhere
+            authenticator.forget(device_id)  # its cached entry holds the old facts (and secret)
+            if not here and hub_.is_connected(device_id):  # this replica changed its own stream's facts already
+                device = await store_.device(device_id)
+                if device is not None:
+                    hub_.update_facts(device_id=device_id, facts=device.facts)
+
         async def gap() -> None:  # (re)connected: revocations may have gone unheard meanwhile
             await service.end_revoked_streams(hub_=hub_, store_=store_, authenticator=authenticator)
 
@@ -151,6 +158,7 @@ async def start_controller(
             on_change=fan_out,
             on_revoked=revoked,
             on_gap=gap,
+            on_device_changed=device_changed,
         )
         counters = stats.RpcCounters()
         server = grpc.aio.server(options=server_options(cfg))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -43,6 +44,8 @@ MAX_KEY_ID_LEN = 256
 MAX_STATUS_MESSAGE = 4096
 # A signed manifest up to this size rides in the Notify itself (`Notify.manifest`): one call less per device.
 MAX_INLINE_MANIFEST_BYTES = 8 * 1024
+# Pulls one device may have in progress at once (an agent makes one per release it installs).
+MAX_PULLS_PER_DEVICE = 4
 MAX_DIGESTS_PER_QUERY = manifest.MAX_FILES
 _BRIDGE_TIMEOUT_S = 300.0  # a PutBlob client silent this long is abandoned
 
@@ -151,13 +154,20 @@ class ManifestCache:
         )
 
     async def inline(self, release: releases.Release | None) -> pb.GetManifestResponse | None:
-        """The manifest answer to carry in this release's Notify, when it is small enough (`Notify.manifest`)."""
-        if release is None or release.deleted:
+        """The manifest answer to carry in this release's Notify, when it is small enough (`Notify.manifest`).
+
+        Best effort: the push must go out whatever happens here (the devices then call GetManifest).
+        Staged and paused releases never use it (per-cohort events; nothing pushed).
+        """
+        if release is None or release.deleted or release.paused or rollouts.staged(release):
             return None
         try:
             response = await self.response(release.manifest_digest)
         except errors.NotFound:
             return None  # the devices will ask GetManifest, which says so
+        except Exception:
+            log.warning("manifest of %s not inlined in its Notify", release.name, exc_info=True)
+            return None
         return response if response.ByteSize() <= MAX_INLINE_MANIFEST_BYTES else None
 
 
@@ -251,6 +261,7 @@ class DeviceService(pb_grpc.DeviceServiceServicer):
         self._store = store_
         self._blobs = blob_store
         self._pulls = pull_gate or admission.FifoGate()
+        self._device_pulls: collections.Counter[str] = collections.Counter()
         self._chunk_cache = blobcache.ChunkCache(chunk_size=BLOB_CHUNK_SIZE)
         self._hub = hub_
         # Without one (tests that build the servicer directly): a key of this process only.
@@ -361,10 +372,11 @@ class DeviceService(pb_grpc.DeviceServiceServicer):
         if request.offset < 0:
             raise errors.InvalidArgument(f"offset: must be >= 0, got {request.offset}")
         total = await self._blob_size(digest)
-        async with self._pulls.slot() as quantum:  # admission: see tether.controller.admission
-            async for chunk in self._blob_chunks(digest, offset=request.offset, total=total, tag=""):
-                yield chunk
-                await quantum.sent(len(chunk.data))
+        with self._device_pull(device.device_id):
+            async with self._pulls.slot() as quantum:  # admission: see tether.controller.admission
+                async for chunk in self._blob_chunks(digest, offset=request.offset, total=total, tag=""):
+                    yield chunk
+                    await quantum.sent(len(chunk.data))
 
     @_edge_stream
     async def PullBlobs(
@@ -391,11 +403,27 @@ class DeviceService(pb_grpc.DeviceServiceServicer):
                 raise errors.InvalidArgument(f"blobs[{i}].offset: {offset} is beyond blob {digest} of {total} bytes")
             totals.append(total)
         # Admission (tether.controller.admission): a fleet told at once pulls in arrival order, a few at a time.
-        async with self._pulls.slot() as quantum:
-            for (digest, offset), total in zip(wanted, totals, strict=True):
-                async for chunk in self._blob_chunks(digest, offset=offset, total=total, tag=digest):
-                    yield chunk
-                    await quantum.sent(len(chunk.data))
+        with self._device_pull(device.device_id):
+            async with self._pulls.slot() as quantum:
+                for (digest, offset), total in zip(wanted, totals, strict=True):
+                    async for chunk in self._blob_chunks(digest, offset=offset, total=total, tag=digest):
+                        yield chunk
+                        await quantum.sent(len(chunk.data))
+
+    @contextlib.contextmanager
+    def _device_pull(self, device_id: str) -> Iterator[None]:
+        """At most MAX_PULLS_PER_DEVICE pulls of one device at a time: none can take the gate's slots for itself."""
+        if self._device_pulls[device_id] >= MAX_PULLS_PER_DEVICE:
+            raise errors.Busy(
+                f"device {device_id} already has {MAX_PULLS_PER_DEVICE} pulls in progress; retry when one ends"
+            )
+        self._device_pulls[device_id] += 1
+        try:
+            yield
+        finally:
+            self._device_pulls[device_id] -= 1
+            if not self._device_pulls[device_id]:
+                del self._device_pulls[device_id]
 
     async def _blob_size(self, digest: str) -> int:
         total = await self._chunk_cache.size(self._blobs, digest)
@@ -423,6 +451,8 @@ class DeviceService(pb_grpc.DeviceServiceServicer):
         state = DELIVERY_STATES.get(request.state)
         if state is None:
             raise errors.InvalidArgument(f"state: {request.state} is not a reportable delivery state")
+        if "\x00" in request.message or any("\x00" in k or "\x00" in v for k, v in request.device_state.items()):
+            raise errors.InvalidArgument("message and device_state must not contain NUL characters")
         await self._store.report_delivery(
             device=device,
             release=request.release,
@@ -527,21 +557,25 @@ class AdminService(pb_grpc.AdminServiceServicer):
     async def PutBlob(
         self, request_iterator: AsyncIterator[pb.PutBlobChunk], context: grpc.aio.ServicerContext
     ) -> pb.PutBlobResponse:
-        self._admin(context)
-        first = await anext(aiter(request_iterator), None)
-        if first is None:
-            raise errors.InvalidArgument("PutBlob stream is empty: the first message must carry the digest")
-        digest = _digest(first.digest)
+        try:
+            self._admin(context)
+            first = await anext(aiter(request_iterator), None)
+            if first is None:
+                raise errors.InvalidArgument("PutBlob stream is empty: the first message must carry the digest")
+            digest = _digest(first.digest)
 
-        async def chunks() -> AsyncIterator[bytes]:
-            yield first.data
-            async for message in request_iterator:
-                if message.digest and message.digest != digest:
-                    raise errors.InvalidArgument(f"digest changed mid-stream from {digest} to {message.digest}")
-                yield message.data
+            async def chunks() -> AsyncIterator[bytes]:
+                yield first.data
+                async for message in request_iterator:
+                    if message.digest and message.digest != digest:
+                        raise errors.InvalidArgument(f"digest changed mid-stream from {digest} to {message.digest}")
+                    yield message.data
 
-        loop = asyncio.get_running_loop()
-        size = await asyncio.to_thread(self._blobs.put_stream, digest, _blocking_iter(chunks(), loop))
+            loop = asyncio.get_running_loop()
+            size = await asyncio.to_thread(self._blobs.put_stream, digest, _blocking_iter(chunks(), loop))
+        except errors.TetherError:
+            await _drain(request_iterator)
+            raise
         await self._store.put_blob(digest=digest, size=size)
         log.info("stored blob %s (%d bytes)", digest, size)
         return pb.PutBlobResponse(digest=digest, size=size)
@@ -707,6 +741,24 @@ def _blob_ranges(ranges: Sequence[pb.BlobRange]) -> list[tuple[str, int]]:
         seen.add(digest)
         out.append((digest, r.offset))
     return out
+
+
+async def _drain(messages: AsyncIterator[Any], *, max_bytes: int = 64 * 1024 * 1024, max_s: float = 5.0) -> None:
+    """Read and drop what a refused client is still sending (bounded), before answering.
+
+    A status sent while the client is still writing races with its writes, and
+    the client may then see the transport's reset ("Internal error from Core")
+    instead of the refusal; like an HTTP server's lingering close, reading the
+    rest first lets the client hear why. Bounded in bytes and time: a client
+    that keeps sending is cut off anyway.
+    """
+    total = 0
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(max_s):
+            async for message in messages:
+                total += len(getattr(message, "data", b""))
+                if total > max_bytes:
+                    return
 
 
 def _blocking_iter(chunks: AsyncIterator[bytes], loop: asyncio.AbstractEventLoop) -> Iterator[bytes]:

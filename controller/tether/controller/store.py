@@ -36,6 +36,12 @@ DELIVERY_STATES = frozenset(
 )
 # Cumulative funnel: a device that runs or succeeded has, by definition, installed.
 INSTALLED_STATES = ("installed", "running", "succeeded")
+# A transaction the server rolled back because of other transactions (class 40): worth running again.
+_ROLLED_BACK = (
+    psycopg.errors.TransactionRollback,
+    psycopg.errors.DeadlockDetected,
+    psycopg.errors.SerializationFailure,
+)
 READABLE_CACHE_S = 2.0
 READABLE_CACHE_SIZE = 200_000
 _RELEASE_COLUMNS = (
@@ -179,6 +185,19 @@ class Store:
         if row["revoked"]:
             raise errors.Unauthenticated(f"device {credential.device_id} is revoked")
         return _device(row)
+
+    async def device(self, device_id: str) -> devices.Device | None:
+        """A registered device as stored (revoked ones too), None when unknown."""
+        async with self._pool.connection() as conn:
+            cur = conn.cursor(row_factory=dict_row)
+            row = await (
+                await cur.execute(
+                    "SELECT device_id, attributes, backends, revoked, backend_choices FROM devices"
+                    " WHERE device_id = %s",
+                    (device_id,),
+                )
+            ).fetchone()
+        return None if row is None else _device(row)
 
     async def set_backend_choices(
         self,
@@ -535,7 +554,8 @@ class Store:
                 " ON CONFLICT (release, device_id) DO UPDATE SET version = EXCLUDED.version,"
                 " state = 'notified', message = '', updated_at = now(), installed_at = NULL"
                 " WHERE deliveries.version < EXCLUDED.version OR (%s AND deliveries.version > EXCLUDED.version)",
-                (release, version, list(device_ids), downgrade),
+                # Rows in key order, as every writer of deliveries locks them (no deadlock with a report batch).
+                (release, version, sorted(device_ids), downgrade),
             )
 
     async def mark_synced(self, *, device_id: str, tasks: Sequence[DesiredTask]) -> None:
@@ -545,7 +565,7 @@ class Store:
         async with self._pool.connection() as conn, conn.transaction():
             # Rollback tasks (a staged rollout's stable version) move a delivery back; the others never do.
             for downgrade in (False, True):
-                batch = [t for t in tasks if t.rollback == downgrade]
+                batch = sorted((t for t in tasks if t.rollback == downgrade), key=lambda t: t.release)  # lock order
                 if not batch:
                     continue
                 await conn.execute(
@@ -595,13 +615,22 @@ class Store:
         await self._deliveries.submit(report)
 
     async def _report_batch(self, reports: Sequence[DeliveryReport]) -> list[BaseException | None]:
-        """One transaction for the batch; when the database refuses it, each report alone (to find the bad one)."""
+        """One transaction for the batch; each report alone when the database refuses it (to find the bad one).
+
+        A deadlock or serialization failure (the batch's rows locked against another writer of
+        deliveries: `mark_notified` on this or another replica) rolled everything back: the batch
+        is tried once more, then report by report.
+        """
         if len(reports) > 1:
-            try:
-                async with self._pool.connection() as conn, conn.transaction():
-                    return await _write_deliveries(conn, reports)
-            except psycopg.DataError:
-                pass
+            for attempt in range(2):
+                try:
+                    async with self._pool.connection() as conn, conn.transaction():
+                        return await _write_deliveries(conn, reports)
+                except _ROLLED_BACK:
+                    if attempt:
+                        break
+                except psycopg.DataError:
+                    break
         outcomes: list[BaseException | None] = []
         for report in reports:
             try:
@@ -609,6 +638,8 @@ class Store:
                     outcomes.extend(await _write_deliveries(conn, [report]))
             except psycopg.DataError as e:
                 outcomes.append(errors.InvalidArgument(f"report on {report.release!r} could not be stored: {e}"))
+            except Exception as e:  # its own failure only: the reports before it are committed
+                outcomes.append(e)
         return outcomes
 
     # ------------------------------------------------------------ results
