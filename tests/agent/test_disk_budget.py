@@ -351,8 +351,18 @@ async def test_a_version_over_the_budget_is_reported_and_the_installed_one_keeps
 
         # Still v1, still running on its interval; nothing of v2 was downloaded; the refusal is reported once.
         uploads = sum(u.version == 1 for u in fake.uploads.values())
+        measured = 0
+        plan_room = agent.store.plan_room
+
+        def counted(*args, **kwargs):
+            nonlocal measured
+            measured += 1
+            return plan_room(*args, **kwargs)
+
+        agent.store.plan_room = counted
         agent._kick("ns/t")
         await wait_until(lambda: sum(u.version == 1 for u in fake.uploads.values()) >= uploads + 2, timeout=10)
+        assert measured == 0  # the store did not change: the refusal stands without walking it on every pass
         assert agent.store.current("ns/t") == v1.version and agent.state.installed["ns/t"].version == 1
         digest = manifest.sha256_digest(big)
         assert digest not in {d for d, _ in fake.pulls} and not agent.store.has_blob(digest)

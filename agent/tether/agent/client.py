@@ -10,6 +10,7 @@ callers decide what is retryable with `is_retryable`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 
@@ -30,6 +31,22 @@ RETRYABLE = frozenset(
         grpc.StatusCode.CANCELLED,
     }
 )
+
+
+@dataclasses.dataclass(frozen=True)
+class Backoff:
+    """Exponential backoff with jitter: attempt n waits in [(1 - jitter) * b, b], b = min(max, initial * m**n)."""
+
+    initial_s: float = 0.5
+    max_s: float = 30.0
+    multiplier: float = 2.0
+    jitter: float = 0.5
+
+    def delay(self, attempt: int, rng: random.Random) -> float:
+        base = min(self.max_s, self.initial_s * self.multiplier ** min(attempt, 64))
+        return base * (1.0 - self.jitter * rng.random())
+
+
 # An install still running after this long is reported DOWNLOADING; a quicker one goes from NOTIFIED
 # straight to INSTALLED (one call and one database write less per device when a whole fleet installs).
 DOWNLOADING_REPORT_AFTER_S = 1.0
@@ -111,11 +128,8 @@ class DeviceClient:
             metadata=self._metadata(),
             timeout=timeout_s,
         )
-        try:
-            async for chunk in call:
-                yield chunk
-        finally:
-            call.cancel()
+        async for chunk in _chunks(call):
+            yield chunk
 
     async def pull_blobs(
         self, *, release: str, blobs: Sequence[tuple[str, int]], timeout_s: float | None = None
@@ -132,11 +146,8 @@ class DeviceClient:
             metadata=self._metadata(),
             timeout=timeout_s,
         )
-        try:
-            async for chunk in call:
-                yield chunk
-        finally:
-            call.cancel()
+        async for chunk in _chunks(call):
+            yield chunk
 
     async def report_status(
         self,
@@ -164,6 +175,15 @@ class DeviceClient:
 
     async def report_backends(self, request: pb.ReportBackendsRequest) -> pb.ReportBackendsResponse:
         return await self._stub.ReportBackends(request, metadata=self._metadata(), timeout=self.timeout_s)
+
+
+async def _chunks(call: grpc.aio.UnaryStreamCall) -> AsyncIterator[pb.BlobChunk]:
+    """A pull's chunks; the call is cancelled however the caller stops reading (no stream left open)."""
+    try:
+        async for chunk in call:
+            yield chunk
+    finally:
+        call.cancel()
 
 
 class LateReport:

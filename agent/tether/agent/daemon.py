@@ -71,18 +71,19 @@ _PERMANENT = frozenset(
 )
 
 
-@dataclasses.dataclass(frozen=True)
-class Backoff:
-    """Exponential backoff with jitter: attempt n waits in [(1 - jitter) * b, b], b = min(max, initial * m**n)."""
+Backoff = client_mod.Backoff  # reconnects, enrolment and install retries
 
-    initial_s: float = 0.5
-    max_s: float = 30.0
-    multiplier: float = 2.0
-    jitter: float = 0.5
 
-    def delay(self, attempt: int, rng: random.Random) -> float:
-        base = min(self.max_s, self.initial_s * self.multiplier ** min(attempt, 64))
-        return base * (1.0 - self.jitter * rng.random())
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _Blocked:
+    """A version refused for the disk budget, and when the store was last measured for it."""
+
+    version: int
+    digest: str
+    bundle: manifest.Manifest | None  # its manifest, so a retry plans again without fetching it
+    refusal: store.DiskBudgetExceeded
+    gcs: int  # Agent._gcs when measured
+    checked_at: float  # monotonic
 
 
 # A version refused for the disk budget is tried again at least this often (space may free up meanwhile).
@@ -183,7 +184,8 @@ class Agent:
         self.disk_budget = disk_budget
         self._reserved: dict[str, dict[str, int]] = {}  # release -> digest -> declared size, of a pull under way
         # release -> (version, manifest digest, manifest) of a version refused for the disk budget
-        self._over_budget: dict[str, tuple[int, str, manifest.Manifest | None]] = {}
+        self._over_budget: dict[str, _Blocked] = {}  # release -> its version refused for the disk budget
+        self._gcs = 0  # garbage collections so far: the store changes only through installs and uninstalls
         self._store_lock = asyncio.Lock()
         self._stopping = asyncio.Event()
         self.connected = asyncio.Event()  # set while the Subscribe stream is open
@@ -820,19 +822,32 @@ class Agent:
 
     async def _still_over_budget(self, task: pb.DesiredTask) -> None:
         """Raise DiskBudgetExceeded again, without fetching or reporting anything, while a refused version
-        still does not fit (`_install` reports DOWNLOADING, which would hide the refusal)."""
+        still does not fit (`_install` reports DOWNLOADING, which would hide the refusal).
+
+        The store is measured again only when it may have changed (a garbage collection ran, after an
+        install or uninstall) or every OVER_BUDGET_RECHECK_S, not on each pass of the release loop.
+        """
         blocked = self._over_budget.get(task.release)
-        if self.disk_budget is None or blocked is None or blocked[:2] != (task.version, task.manifest_digest):
+        if (
+            self.disk_budget is None
+            or blocked is None
+            or (blocked.version, blocked.digest)
+            != (
+                task.version,
+                task.manifest_digest,
+            )
+        ):
             return
-        bundle = blocked[2]
-        if bundle is None:
+        if blocked.bundle is None:
             return
+        if blocked.gcs == self._gcs and time.monotonic() - blocked.checked_at < OVER_BUDGET_RECHECK_S:
+            raise blocked.refusal
         async with self._store_lock:
             plan = await asyncio.to_thread(
-                self.store.plan_room, task.release, task.version, bundle, **self._budget_args(task.release)
+                self.store.plan_room, task.release, task.version, blocked.bundle, **self._budget_args(task.release)
             )
         if not plan.fits:
-            raise store.DiskBudgetExceeded(plan.message, plan=plan, manifest=bundle)
+            raise store.DiskBudgetExceeded(plan.message, plan=plan, manifest=blocked.bundle)
 
     async def _over_budget_wait(self, task: pb.DesiredTask, e: store.DiskBudgetExceeded) -> float | None:
         """A version that does not fit: report it FAILED (once), keep the installed version serving.
@@ -842,8 +857,15 @@ class Agent:
         """
         release = task.release
         blocked = self._over_budget.get(release)
-        self._over_budget[release] = (task.version, task.manifest_digest, e.manifest)
-        if blocked is None or blocked[:2] != (task.version, task.manifest_digest):
+        self._over_budget[release] = _Blocked(
+            version=task.version,
+            digest=task.manifest_digest,
+            bundle=e.manifest,
+            refusal=e,
+            gcs=self._gcs,
+            checked_at=time.monotonic(),
+        )
+        if blocked is None or (blocked.version, blocked.digest) != (task.version, task.manifest_digest):
             log.warning("%s v%d not installed: %s", release, task.version, e)
             await self._report(task, S.DELIVERY_STATE_FAILED, str(e))
         wait: float | None = None
@@ -868,6 +890,7 @@ class Agent:
         keep = set().union(*self._inflight.values()) if self._inflight else set()
         async with self._store_lock:
             removed = await asyncio.to_thread(self.store.gc, keep=keep)
+        self._gcs += 1
         if removed:
             log.debug("gc removed %d blobs", len(removed))
         if log.isEnabledFor(logging.DEBUG):

@@ -90,6 +90,26 @@ class Engine(Protocol):
     def load(self, model_path: str, *, backend: str = "cpu", threads: int = 1) -> Model: ...
 
 
+class _Names:
+    """`Model`'s names and backend, for the engines' models."""
+
+    _input_names: list[str]
+    _output_names: list[str]
+    _backend: str
+
+    @property
+    def input_names(self) -> list[str]:
+        return list(self._input_names)
+
+    @property
+    def output_names(self) -> list[str]:
+        return list(self._output_names)
+
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+
 # ---------------------------------------------------------------- MNN
 
 
@@ -131,7 +151,7 @@ class _Plan:
     one: tuple[str, tuple[int, ...], np.dtype[Any], np.ndarray, str, np.ndarray] | None = None
 
 
-class MNNModel:
+class MNNModel(_Names):
     """An MNN Interpreter + Session. Input shapes follow the arrays passed to `run`; `run` is thread-safe.
 
     Every inference is on the task path, so its cost matters next to small models (a few µs). After
@@ -166,18 +186,6 @@ class MNNModel:
         # memory is seen to move under a plan.
         self._zero_copy = backend == "mnn/cpu"
         self._halide_dtypes = {getattr(mnn, h): d for d, h in _NUMPY_TO_HALIDE.items()}
-
-    @property
-    def input_names(self) -> list[str]:
-        return list(self._input_names)
-
-    @property
-    def output_names(self) -> list[str]:
-        return list(self._output_names)
-
-    @property
-    def backend(self) -> str:
-        return self._backend
 
     def resize(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
         """Resize inputs (e.g. to a manifest's declared shapes) before the first run."""
@@ -436,24 +444,12 @@ class MNNEngine:
 # ---------------------------------------------------------------- ONNX Runtime
 
 
-class OnnxRuntimeModel:
+class OnnxRuntimeModel(_Names):
     def __init__(self, session: Any, backend: str) -> None:
         self._session = session
         self._backend = backend
         self._input_names = [i.name for i in session.get_inputs()]
         self._output_names = [o.name for o in session.get_outputs()]
-
-    @property
-    def input_names(self) -> list[str]:
-        return list(self._input_names)
-
-    @property
-    def output_names(self) -> list[str]:
-        return list(self._output_names)
-
-    @property
-    def backend(self) -> str:
-        return self._backend
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         arrays = _check_inputs(inputs, self._input_names)

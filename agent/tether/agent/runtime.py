@@ -268,6 +268,23 @@ def _kill_group(proc: asyncio.subprocess.Process) -> None:
         proc.kill()
 
 
+def worker_env(threads: int) -> dict[str, str]:
+    """A task worker's environment: the agent's, with the worker's footprint kept proportional to its work
+    (as many BLAS threads as its engine threads, few malloc arenas)."""
+    env = dict(os.environ)
+    env.update(
+        {
+            "OMP_NUM_THREADS": str(threads),
+            "OPENBLAS_NUM_THREADS": str(threads),
+            "MKL_NUM_THREADS": str(threads),
+            "MALLOC_ARENA_MAX": "2",
+            "PYTHONDONTWRITEBYTECODE": "1",
+            "PYTHONNOUSERSITE": "1",
+        }
+    )
+    return env
+
+
 async def run_task(
     *,
     bundle_dir: str | os.PathLike[str],
@@ -305,18 +322,7 @@ async def run_task(
             "inputs": inputs_doc,
         }
         (job_dir / "job.json").write_text(json.dumps(job))
-        env = dict(os.environ)
-        # Keep the worker's virtual footprint proportional to its work: one BLAS thread, few malloc arenas.
-        env.update(
-            {
-                "OMP_NUM_THREADS": str(threads),
-                "OPENBLAS_NUM_THREADS": str(threads),
-                "MKL_NUM_THREADS": str(threads),
-                "MALLOC_ARENA_MAX": "2",
-                "PYTHONDONTWRITEBYTECODE": "1",
-                "PYTHONNOUSERSITE": "1",
-            }
-        )
+        env = worker_env(threads)
         started = time.monotonic()
         with (job_dir / "output.log").open("wb") as out:
             proc = await asyncio.create_subprocess_exec(

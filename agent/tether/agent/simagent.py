@@ -32,7 +32,6 @@ import hashlib
 import logging
 import os
 import random
-import resource
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -40,24 +39,15 @@ from typing import Any
 import grpc
 
 from tether.agent import client
-from tether.common import auth, manifest
+from tether.common import auth, manifest, rlimits
 from tether.proto.v1 import tether_pb2 as pb
 from tether.proto.v1 import tether_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
 S = pb.DeliveryState
-RETRYABLE = frozenset(
-    {
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-        grpc.StatusCode.ABORTED,
-        grpc.StatusCode.INTERNAL,
-        grpc.StatusCode.UNKNOWN,
-        grpc.StatusCode.CANCELLED,
-    }
-)
+RETRYABLE = client.RETRYABLE
+Backoff = client.Backoff  # the real agent's, so simulated retries pace like real ones
 CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.keepalive_time_ms", 60_000),
     ("grpc.keepalive_timeout_ms", 20_000),
@@ -66,19 +56,6 @@ CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.max_reconnect_backoff_ms", 10_000),
     ("grpc.max_receive_message_length", 8 * 1024 * 1024),
 )
-
-
-@dataclasses.dataclass(frozen=True)
-class Backoff:
-    """Same shape as the real agent's: attempt n waits in [(1 - jitter) * b, b], b = min(max, initial * 2**n)."""
-
-    initial_s: float = 0.5
-    max_s: float = 30.0
-    jitter: float = 0.5
-
-    def delay(self, attempt: int, rng: random.Random) -> float:
-        base = min(self.max_s, self.initial_s * 2.0 ** min(attempt, 32))
-        return base * (1.0 - self.jitter * rng.random())
 
 
 @dataclasses.dataclass
@@ -434,15 +411,6 @@ def _blob_sizes(body: bytes) -> dict[str, int]:
 # ---------------------------------------------------------------- worker processes
 
 
-def raise_fd_limit() -> int:
-    """Raise this process's open-file soft limit to its hard limit; return the new soft limit."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-
-
 class Batch:
     """The agents of one worker process, and the answers to the benchmark's commands."""
 
@@ -529,7 +497,7 @@ def run_worker(conn: Any) -> None:
     Commands are dicts with a "cmd" key: start (Batch.start's keyword arguments),
     status, collect (release, version), stop, exit. Every command gets one reply.
     """
-    raise_fd_limit()
+    rlimits.raise_open_files_limit()
     logging.basicConfig(level=logging.WARNING)
     asyncio.run(_serve(conn))
 

@@ -156,9 +156,9 @@ class FleetBench:
     async def _start(self) -> None:
         from tether.agent import simagent
         from tether.cli import stack as stack_mod
-        from tether.common import admin
+        from tether.common import admin, rlimits
 
-        simagent.raise_fd_limit()
+        rlimits.raise_open_files_limit()
         self.stack = stack_mod.LocalStack(
             stack_mod.StackConfig(
                 agents=0,

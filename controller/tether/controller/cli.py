@@ -16,7 +16,7 @@ import psycopg
 import psycopg_pool
 
 from tether.common import config as config_mod
-from tether.common import errors, tls
+from tether.common import errors, rlimits, tls
 
 READY_PREFIX = "controller listening on "
 
@@ -153,7 +153,7 @@ def controller(
 async def _serve(cfg: config_mod.ControllerConfig) -> None:
     from tether.controller.server import start_controller
 
-    _raise_fd_limit()  # one descriptor per connected agent: the soft limit is often far below the hard one
+    rlimits.raise_open_files_limit()  # one descriptor per connected agent
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -165,14 +165,3 @@ async def _serve(cfg: config_mod.ControllerConfig) -> None:
         await stop.wait()
     finally:
         await running.stop()
-
-
-def _raise_fd_limit() -> None:
-    import resource
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        except (ValueError, OSError):
-            return

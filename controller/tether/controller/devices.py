@@ -11,6 +11,7 @@ Pure: no I/O.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from collections.abc import Iterable, Mapping
@@ -74,8 +75,9 @@ class Device:
     revoked: bool = False
     backend_choices: tuple[BackendChoice, ...] = ()
 
-    @property
+    @functools.cached_property
     def facts(self) -> targeting.Facts:
+        """What targets are evaluated against; computed once per Device (the authenticator caches Devices)."""
         return targeting.device_facts(
             device_id=self.device_id,
             attributes=self.attributes,

