@@ -112,7 +112,7 @@ async def test_without_a_window_the_agent_pulls_at_once(fake, tmp_path):
     finally:
         agent.stop()
         await asyncio.wait_for(task, timeout=15)
-    assert agent._pull_at == {}
+    assert agent._notified.pending_pulls == {}
 
 
 async def test_the_simulated_agent_spreads_its_pull_like_the_real_one(fake, tmp_path):

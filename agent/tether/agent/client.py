@@ -220,6 +220,50 @@ class LateReport:
             self._task.exception()
 
 
+class NotifyExtras:
+    """What a Notify carries beside its task, kept until the install it announces starts.
+
+    The manifest (`Notify.manifest`: GetManifest's answer, checked like it at install) by digest, a
+    bounded few; and the moment the release's pull may start (`Notify.pull_spread_ms`,
+    `pull_moment`). The real agent and the fleet simulator keep them the same way.
+    """
+
+    MAX_MANIFESTS = 64
+
+    def __init__(self, rng: random.Random) -> None:
+        self._rng = rng
+        self._manifests: dict[str, pb.GetManifestResponse] = {}
+        self._pull_at: dict[str, float] = {}
+
+    def heard(self, notify: pb.Notify, *, now: float) -> None:
+        if notify.HasField("manifest"):
+            if len(self._manifests) >= self.MAX_MANIFESTS:
+                self._manifests.clear()
+            self._manifests[notify.task.manifest_digest] = notify.manifest
+        release = notify.task.release
+        moment = pull_moment(self._pull_at.get(release), spread_ms=notify.pull_spread_ms, now=now, rng=self._rng)
+        if moment is None:
+            self._pull_at.pop(release, None)
+        else:
+            self._pull_at[release] = moment
+
+    def manifest(self, digest: str) -> pb.GetManifestResponse | None:
+        """The manifest a Notify carried for this digest (taken: an install uses it once)."""
+        return self._manifests.pop(digest, None)
+
+    def pull_delay(self, release: str, *, now: float) -> float:
+        """Seconds until this release's pull may start (0 or less: now); asked once per Notify."""
+        return self._pull_at.pop(release, now) - now
+
+    def forget(self, release: str) -> None:
+        """The release was revoked: no pull is owed."""
+        self._pull_at.pop(release, None)
+
+    @property
+    def pending_pulls(self) -> dict[str, float]:
+        return dict(self._pull_at)
+
+
 def pull_moment(pending: float | None, *, spread_ms: int, now: float, rng: random.Random) -> float | None:
     """When to start the pull a Notify announces (`Notify.pull_spread_ms`), on the monotonic clock; None: at once.
 

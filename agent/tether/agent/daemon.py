@@ -88,7 +88,6 @@ class _Blocked:
 
 # A version refused for the disk budget is tried again at least this often (space may free up meanwhile).
 OVER_BUDGET_RECHECK_S = 60.0
-MAX_INLINE_MANIFESTS = 64  # manifests carried by Notify events, kept until their install starts
 
 # When a task runs (onInstall, interval, cron, onDemand, pattern): parsed and timed in tether.agent.triggers.
 Trigger = triggers.Trigger
@@ -178,8 +177,7 @@ class Agent:
         self._blob_claims: dict[str, asyncio.Event] = {}
         self._pull_blobs_ok = True  # False after the controller answered PullBlobs with UNIMPLEMENTED
         self._inflight: dict[str, set[str]] = {}  # release -> digests of an install in progress
-        self._inline_manifests: dict[str, pb.GetManifestResponse] = {}  # digest -> from a Notify, until installed
-        self._pull_at: dict[str, float] = {}  # release -> monotonic time its pull may start (Notify.pull_spread_ms)
+        self._notified = client_mod.NotifyExtras(self._rng)  # manifests and pull moments Notifies carried
         # Disk budget of the bundle store (bytes; None: unlimited), enforced before each pull (`_make_room`).
         self.disk_budget = disk_budget
         self._reserved: dict[str, dict[str, int]] = {}  # release -> digest -> declared size, of a pull under way
@@ -373,25 +371,11 @@ class Agent:
             self._report_backends_soon()
         elif kind == "notify":
             notify = event.notify
-            if notify.HasField("manifest"):  # GetManifest's answer, carried along: checked like it at install
-                if len(self._inline_manifests) >= MAX_INLINE_MANIFESTS:
-                    self._inline_manifests.clear()
-                self._inline_manifests[notify.task.manifest_digest] = notify.manifest
-            # The controller spreads a fleet's pulls: start at a random moment in the window (or at once).
-            moment = client_mod.pull_moment(
-                self._pull_at.get(notify.task.release),
-                spread_ms=notify.pull_spread_ms,
-                now=time.monotonic(),
-                rng=self._rng,
-            )
-            if moment is None:
-                self._pull_at.pop(notify.task.release, None)
-            else:
-                self._pull_at[notify.task.release] = moment
+            self._notified.heard(notify, now=time.monotonic())  # its manifest and pull moment, for _install
             self._set_desired(notify.task)
         elif kind == "revoke":
             self._desired.pop(event.revoke.release, None)
-            self._pull_at.pop(event.revoke.release, None)
+            self._notified.forget(event.revoke.release)
             self._kick(event.revoke.release)
         elif kind == "heartbeat":
             pass
@@ -460,7 +444,7 @@ class Agent:
                         task.manifest_digest,
                     ):
                         await self._still_over_budget(task)  # a version refused for space: only once it fits
-                        delay = self._pull_at.pop(release, 0.0) - time.monotonic()
+                        delay = self._notified.pull_delay(release, now=time.monotonic())
                         if delay > 0 and self._kept(task) is None:  # Notify.pull_spread_ms: its turn comes later
                             log.debug("%s v%d: pulls in %.2fs (controller's spread)", release, task.version, delay)
                             await self._sleep(delay)
@@ -503,7 +487,7 @@ class Agent:
     async def _install(self, task: pb.DesiredTask) -> None:
         assert self._client is not None
         bundle = self._kept(task)
-        response = self._inline_manifests.pop(task.manifest_digest, None)  # from the Notify, if it carried it
+        response = self._notified.manifest(task.manifest_digest)  # from the Notify, if it carried it
         progress = None
         if bundle is None:
             progress = client_mod.LateReport(lambda: self._report(task, S.DELIVERY_STATE_DOWNLOADING))
@@ -731,18 +715,13 @@ class Agent:
                         f"PullBlobs moved on to {chunk.digest!r} with blob {writer.digest} at {writer.offset}"
                         f" of {writer.expected_size} bytes"
                     )
-                if chunk.total_size and chunk.total_size != writer.expected_size:
-                    raise errors.DigestMismatch(
-                        f"blob {writer.digest} is {chunk.total_size} bytes; the manifest says {writer.expected_size}"
-                    )
-                writer.write(chunk.data, offset=chunk.offset)
+                _write_chunk(writer, chunk)
                 if writer.offset == writer.expected_size:
                     done, writer = writer, None
                     await self._commit(done)
         except errors.DigestMismatch as e:
             if writer is not None:
-                writer.close()
-                self.store.partial_path(writer.digest).unlink(missing_ok=True)
+                self._discard(writer)
             raise errors.VerificationFailed(str(e)) from None
         except BaseException:
             if writer is not None:
@@ -752,6 +731,11 @@ class Agent:
             if writer is not None:
                 writer.close()
             raise errors.FailedPrecondition(f"PullBlobs ended after {index} of {len(order)} blobs, the last unfinished")
+
+    def _discard(self, writer: store.BlobWriter) -> None:
+        """A blob that cannot be the one the manifest names: its partial goes, the next attempt starts over."""
+        writer.close()
+        self.store.partial_path(writer.digest).unlink(missing_ok=True)
 
     async def _commit(self, writer: store.BlobWriter) -> None:
         try:
@@ -767,14 +751,9 @@ class Agent:
         writer = self.store.open_blob(entry.sha256, expected_size=entry.size)
         try:
             async for chunk in self._client.pull_blob(release=release, digest=entry.sha256, offset=writer.offset):
-                if chunk.total_size and chunk.total_size != entry.size:
-                    raise errors.DigestMismatch(
-                        f"blob {entry.sha256} is {chunk.total_size} bytes; the manifest says {entry.size}"
-                    )
-                writer.write(chunk.data, offset=chunk.offset)
+                _write_chunk(writer, chunk)
         except errors.DigestMismatch as e:
-            writer.close()
-            self.store.partial_path(entry.sha256).unlink(missing_ok=True)
+            self._discard(writer)
             raise errors.VerificationFailed(str(e)) from None
         except grpc.aio.AioRpcError as e:
             writer.close()  # keep the partial: the next attempt resumes from its size
@@ -1099,6 +1078,15 @@ def _verify_signature(data: bytes, signature: bytes, key_id: str, trusted: Mappi
         Ed25519PublicKey.from_public_bytes(raw).verify(signature, data)
     except (InvalidSignature, ValueError):
         raise errors.VerificationFailed(f"manifest signature by {key_id!r} does not verify") from None
+
+
+def _write_chunk(writer: store.BlobWriter, chunk: pb.BlobChunk) -> None:
+    """One received chunk into its blob's partial; a blob whose size differs from the manifest's is refused."""
+    if chunk.total_size and chunk.total_size != writer.expected_size:
+        raise errors.DigestMismatch(
+            f"blob {writer.digest} is {chunk.total_size} bytes; the manifest says {writer.expected_size}"
+        )
+    writer.write(chunk.data, offset=chunk.offset)
 
 
 def _resume_offset(partial_size: int, size: int) -> int:

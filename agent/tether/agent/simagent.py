@@ -115,8 +115,7 @@ class SimAgent:
         self.installed: dict[str, tuple[int, str]] = {}  # release -> (version, manifest digest)
         self.cache: set[str] = set()  # blob digests held (content-addressed, shared by every release)
         self._manifests: dict[str, list[list[str]]] = {}  # release -> blob digests of [previous, current]
-        self._inline: dict[str, bytes] = {}  # manifest digest -> manifest bytes carried by a Notify
-        self._pull_at: dict[str, float] = {}  # release -> when its pull may start (Notify.pull_spread_ms)
+        self._notified = client.NotifyExtras(self._rng)  # manifests and pull moments Notifies carried
         self.timelines: dict[tuple[str, int], Timeline] = {}
         self._desired: dict[str, pb.DesiredTask] = {}
         self._workers: dict[str, asyncio.Task[None]] = {}
@@ -202,22 +201,11 @@ class SimAgent:
         if kind == "sync":
             self._on_sync(event.sync, heard_at=now)
         elif kind == "notify":
-            if event.notify.HasField("manifest"):
-                if len(self._inline) >= 64:
-                    self._inline.clear()
-                self._inline[event.notify.task.manifest_digest] = event.notify.manifest.manifest
-            release = event.notify.task.release  # as the real agent: start pulling at its moment in the window
-            moment = client.pull_moment(
-                self._pull_at.get(release), spread_ms=event.notify.pull_spread_ms, now=time.monotonic(), rng=self._rng
-            )
-            if moment is None:
-                self._pull_at.pop(release, None)
-            else:
-                self._pull_at[release] = moment
+            self._notified.heard(event.notify, now=time.monotonic())  # as the real agent does
             self._want(event.notify.task, heard_at=now, sent_at_ms=event.notify.sent_at_ms)
         elif kind == "revoke":
             self._desired.pop(event.revoke.release, None)
-            self._pull_at.pop(event.revoke.release, None)
+            self._notified.forget(event.revoke.release)
             self.installed.pop(event.revoke.release, None)
             self._manifests.pop(event.revoke.release, None)
             self._gc()
@@ -259,7 +247,7 @@ class SimAgent:
             if task is None or (current is not None and current[0] >= task.version):
                 await kick.wait()
                 continue
-            delay = self._pull_at.pop(release, 0.0) - time.monotonic()
+            delay = self._notified.pull_delay(release, now=time.monotonic())
             if delay > 0:
                 await asyncio.sleep(delay)
                 continue
@@ -279,7 +267,8 @@ class SimAgent:
     async def _install(self, task: pb.DesiredTask) -> None:
         progress = client.LateReport(lambda: self._report(task, S.DELIVERY_STATE_DOWNLOADING))
         try:
-            body = self._inline.pop(task.manifest_digest, None)  # carried by the Notify, as the real agent uses it
+            inline = self._notified.manifest(task.manifest_digest)  # carried by the Notify, as the real agent uses it
+            body = inline.manifest if inline is not None else None
             if body is None:
                 response = await self._stub.GetManifest(
                     pb.GetManifestRequest(release=task.release, manifest_digest=task.manifest_digest),
