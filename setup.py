@@ -9,7 +9,7 @@ library's `operator` module. `examples/` ships as `tether.examples` so that
 
 from setuptools import find_namespace_packages, setup
 
-SOURCE_ROOTS = ("protos", "common", "agent", "controller", "operator")
+SOURCE_ROOTS = ("protos", "common", "agent", "controller", "operator", "cli", "devtools")
 
 packages: list[str] = []
 package_dir: dict[str, str] = {}

@@ -42,7 +42,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from tether.controller import aggregation, db, embedded
+from tether.controller import aggregation, db
+from tether.devtools import embedded
 
 console = Console(stderr=True)
 
@@ -169,7 +170,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import psycopg
     from celery import Celery
 
-    from tether.controller import worker
+    from tether.controller import tasks
 
     r_count, k = args.results, args.size
     rng = np.random.default_rng(args.seed)
@@ -202,7 +203,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         setup = progress.add_task("start postgres, redis, worker", total=3)
         progress.advance(setup)
         db.migrate(database_url)
-        sender: Celery = worker.make_app(broker_url)
+        sender: Celery = tasks.make_app(broker_url)
         with (
             psycopg.connect(database_url, autocommit=True) as conn,
             worker_process(broker_url=broker_url, database_url=database_url, queue=queue, concurrency=args.concurrency),
@@ -210,7 +211,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             progress.advance(setup, 2)
 
             def send(version: int) -> None:
-                sender.send_task(worker.AGGREGATE_TASK, kwargs={"release": release, "version": version}, queue=queue)
+                sender.send_task(tasks.AGGREGATE_TASK, kwargs={"release": release, "version": version}, queue=queue)
 
             # -- batch: every result stored, one message
             seed_release(conn, release, 1)

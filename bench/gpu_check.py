@@ -21,8 +21,9 @@ HERE = pathlib.Path(__file__).resolve().parent
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tether.agent import backends, benchmark
+    from tether.agent import backends
     from tether.agent import profile as profile_mod
+    from tether.devtools import bench_runtime
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="efficientnet_lite0,cnn,mlp")
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     print("probed backends:", ", ".join(p.backends), "| gpus:", ", ".join(p.gpus) or "none")
     report = {"device": p.to_json(), "models": {}}
     chose_cuda = False
-    for m in benchmark.load_models(HERE / "models", args.models.split(",")):
+    for m in bench_runtime.load_models(HERE / "models", args.models.split(",")):
         sel = backends.select_model(m.spec, p, budget_s=args.budget)
         print(f"\n{m.name}: chosen {sel.chosen.key} ({sel.latency_ms:.4f} ms, selection {sel.seconds:.2f}s)")
         for x in sorted(sel.measurements, key=lambda x: (x.latency_ms is None, x.latency_ms or 0.0)):

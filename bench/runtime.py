@@ -1,6 +1,6 @@
 """Benchmark: backend selection and the agent's inference overhead on real models.
 
-The same as `tether bench runtime` (see `tether.agent.benchmark` for what is
+The same as `tether bench runtime` (see `tether.devtools.bench_runtime` for what is
 measured): for an MLP, a small CNN and EfficientNet-Lite0 (`bench/models/`),
 the latency of every candidate (engine x backend x threads x precision), the
 candidate backend selection chose within its budget and `chosen_over_best`,
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import sys
 
-from tether.agent.benchmark import runtime
+from tether.devtools.bench_runtime import runtime
 
 if __name__ == "__main__":
     runtime.main(args=sys.argv[1:], prog_name="bench/runtime.py")

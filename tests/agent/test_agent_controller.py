@@ -12,7 +12,7 @@ from agent_fakes import write_bundle
 from controller_support import ADMIN_TOKEN, BOOTSTRAP_TOKEN
 
 from tether.agent import daemon
-from tether.common import admin, bundle_files
+from tether.common import admin_client, bundle_files
 
 pytest.importorskip("tether.controller.server")
 
@@ -47,7 +47,7 @@ async def test_agent_enrolls_receives_push_pulls_runs_and_uploads(
     maps = agent_for(controller.address, tmp_path, data_dir, "phone-maps", "maps")
     runs = [asyncio.create_task(a.run()) for a in (shop, maps)]
     try:
-        async with admin.AdminClient(target=controller.address, token=ADMIN_TOKEN) as adm:
+        async with admin_client.AdminClient(target=controller.address, token=ADMIN_TOKEN) as adm:
             await until(lambda: _true(shop.connected.is_set() and maps.connected.is_set()), timeout=30)
             bundle = bundle_files.build_manifest(digits_dir)
             upload = await adm.upload_bundle(digits_dir, bundle)
@@ -93,7 +93,7 @@ async def test_agent_honours_the_release_trigger_and_timeout(controller, tmp_pat
     assert device.limits.timeout_s == 60
     run = asyncio.create_task(device.run())
     try:
-        async with admin.AdminClient(target=controller.address, token=ADMIN_TOKEN) as adm:
+        async with admin_client.AdminClient(target=controller.address, token=ADMIN_TOKEN) as adm:
             for name, directory, policy in [
                 ("default/slow", sleeper, {"resources": {"timeoutSeconds": 1}}),
                 ("default/tick", ticker, {"trigger": {"type": "interval", "seconds": 1}}),

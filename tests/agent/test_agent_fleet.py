@@ -7,7 +7,8 @@ import asyncio
 import numpy as np
 from agent_fakes import BOOTSTRAP, start_fake, wait_until
 
-from tether.agent import daemon, fleet
+from tether.agent import daemon
+from tether.devtools import fleet
 
 
 def test_attributes_are_varied_and_deterministic() -> None:

@@ -26,9 +26,12 @@ BLOCKER = textwrap.dedent(
 CHECK = BLOCKER + textwrap.dedent(
     """
     import importlib, pkgutil
-    import tether.agent
+    import tether.agent, tether.spec, tether.common
     names = [m.name for m in pkgutil.walk_packages(tether.agent.__path__, "tether.agent.")]
-    assert {"tether.agent.daemon", "tether.agent.fleet", "tether.agent.cli", "tether.agent.worker"} <= set(names)
+    assert {"tether.agent.daemon", "tether.agent.taskworker"} <= set(names)
+    # the shared layers the agent stands on, and what `tether agent ...` loads
+    names += [m.name for m in pkgutil.walk_packages(tether.spec.__path__, "tether.spec.")]
+    names += ["tether.cli.agent_cmd", "tether.cli.agent_backends_cmd", "tether.devtools.fleet"]
     for name in names:
         importlib.import_module(name)
     leaked = [m for m in sys.modules if m.split(".")[0] in {"kopf", "celery", "psycopg"}

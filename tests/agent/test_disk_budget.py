@@ -16,7 +16,7 @@ from agent_fakes import BOOTSTRAP, wait_until, write_bundle
 from controller_support import ADMIN_TOKEN, BOOTSTRAP_TOKEN
 
 from tether.agent import daemon, store
-from tether.agent.cli import agent as agent_cli
+from tether.cli.agent_cmd import agent as agent_cli
 from tether.common import errors, manifest
 
 FAST = daemon.Backoff(initial_s=0.02, max_s=0.2)
@@ -419,7 +419,7 @@ async def test_a_server_sending_more_than_the_manifest_says_cannot_exceed_the_bu
 async def test_refused_for_space_is_visible_on_the_controller_and_the_old_version_keeps_working(
     controller, tmp_path
 ) -> None:
-    from tether.common import admin, bundle_files
+    from tether.common import admin_client, bundle_files
 
     async def query(sql: str, *args) -> list[tuple]:
         async with controller.pool.connection() as conn:
@@ -440,7 +440,7 @@ async def test_refused_for_space_is_visible_on_the_controller_and_the_old_versio
     )
     run = asyncio.create_task(device.run())
     try:
-        async with admin.AdminClient(target=controller.address, token=ADMIN_TOKEN) as adm:
+        async with admin_client.AdminClient(target=controller.address, token=ADMIN_TOKEN) as adm:
             await wait_until(lambda: device.connected.is_set())
 
             async def apply(directory: pathlib.Path) -> int:

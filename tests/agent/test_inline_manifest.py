@@ -152,7 +152,7 @@ def device_calls(running, before: dict[str, int] | None = None) -> dict[str, int
 
 async def test_against_the_real_controller_an_install_takes_two_calls(database_url, tmp_path, monkeypatch):
     pytest.importorskip("tether.controller.server")
-    from tether.common import admin, bundle_files
+    from tether.common import admin_client, bundle_files
 
     monkeypatch.setattr(client, "DOWNLOADING_REPORT_AFTER_S", 3600.0)
     cfg = controller_config(database_url, tmp_path / "blobs", bootstrap_token=BOOTSTRAP, grace_s=0.2, pool_max_size=4)
@@ -165,7 +165,7 @@ async def test_against_the_real_controller_an_install_takes_two_calls(database_u
         agent = make_agent(running.address, tmp_path / "dev" / "state")
         task = await connected(agent)
         try:
-            async with admin.AdminClient(running.address, token=ADMIN_TOKEN) as adm:
+            async with admin_client.AdminClient(running.address, token=ADMIN_TOKEN) as adm:
                 for name, directory in (("small", small), ("large", large)):
                     await adm.upload_bundle(directory, bundles[name])
                     before = device_calls(running)

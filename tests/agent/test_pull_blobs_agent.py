@@ -16,8 +16,9 @@ import pytest
 from agent_fakes import BOOTSTRAP, wait_until, write_bundle
 from controller_support import ADMIN_TOKEN, controller_config, running_controller
 
-from tether.agent import daemon, simagent
+from tether.agent import daemon
 from tether.common import manifest
+from tether.devtools import simagent
 
 FAST = daemon.Backoff(initial_s=0.02, max_s=0.2)
 TASK = "def run(ctx):\n    return {'sample_count': 1}\n"
@@ -232,14 +233,14 @@ async def test_the_simulated_agent_falls_back_to_pull_blob(fake, tmp_path) -> No
 
 async def test_against_the_real_controller_one_pull_blobs_call_per_install(database_url, tmp_path) -> None:
     pytest.importorskip("tether.controller.server")
-    from tether.common import admin, bundle_files
+    from tether.common import admin_client, bundle_files
 
     cfg = controller_config(database_url, tmp_path / "blobs", bootstrap_token=BOOTSTRAP, grace_s=0.2, pool_max_size=4)
     async with running_controller(cfg, grace=0.1) as running:
         extra = {"model.bin": os.urandom(700_000), "labels.txt": b"a\nb\n", "empty.bin": b""}
         directory = write_bundle(tmp_path / "bundle", TASK, extra=extra)
         bundle = bundle_files.build_manifest(directory)
-        async with admin.AdminClient(running.address, token=ADMIN_TOKEN) as adm:
+        async with admin_client.AdminClient(running.address, token=ADMIN_TOKEN) as adm:
             await adm.upload_bundle(directory, bundle)
             await adm.apply_release(release="ns/real", manifest_digest=bundle.digest)
         state_dir = tmp_path / "dev" / "state"

@@ -9,8 +9,9 @@ import grpc
 import pytest
 from agent_fakes import BOOTSTRAP, wait_until, write_bundle
 
-from tether.agent import daemon, simagent
+from tether.agent import daemon
 from tether.controller import hub, releases, targeting
+from tether.devtools import simagent
 
 FAST = daemon.Backoff(initial_s=0.02, max_s=0.2)
 TASK = "def run(ctx):\n    return {'sample_count': 1}\n"

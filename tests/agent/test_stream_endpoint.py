@@ -12,7 +12,7 @@ import pytest
 
 from tether.agent import events as client_mod
 from tether.agent.stream import processor, server
-from tether.agent.stream.store import EventStore
+from tether.agent.stream.eventstore import EventStore
 from tether.common import errors
 
 T0 = 1_700_000_000.0

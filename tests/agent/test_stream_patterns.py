@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tether.agent.stream import patterns
-from tether.agent.stream.events import Event
+from tether.agent.stream.records import Event
 
 T0 = 1_700_000_000.0
 

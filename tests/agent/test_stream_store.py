@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from tether.agent.stream import events, processor, windows
-from tether.agent.stream.store import EventStore
+from tether.agent.stream import processor, records, windows
+from tether.agent.stream.eventstore import EventStore
 
 T0 = 1_700_000_000.0
 
@@ -28,7 +28,7 @@ def doc(kind="page_view", t=0.0, page="item", **attrs):
 
 
 def test_a_valid_event_parses_and_defaults_its_time() -> None:
-    e = events.parse_event({"type": "add_to_cart", "page": "item", "attrs": {"price": 12.5, "sku": "a"}}, now=T0)
+    e = records.parse_event({"type": "add_to_cart", "page": "item", "attrs": {"price": 12.5, "sku": "a"}}, now=T0)
     assert (e.type, e.page, e.ts, dict(e.attrs)) == ("add_to_cart", "item", T0, {"price": 12.5, "sku": "a"})
 
 
@@ -52,40 +52,40 @@ def test_a_valid_event_parses_and_defaults_its_time() -> None:
     ],
 )
 def test_malformed_events_get_a_clear_error(bad, message) -> None:
-    with pytest.raises(events.InvalidEvent, match=message):
-        events.parse_event(bad, now=T0)
+    with pytest.raises(records.InvalidEvent, match=message):
+        records.parse_event(bad, now=T0)
 
 
 # ---------------------------------------------------------------- the store
 
 
 def test_store_keeps_order_and_numbers_and_applies_count_retention(tmp_path) -> None:
-    store = EventStore(tmp_path / "events.db", max_events=5, clock=Clock(T0 + 10))
-    seqs = store.append([events.parse_event(doc(t=i, n=i)) for i in range(3)])
-    seqs += store.append([events.parse_event(doc(t=3 + i, n=3 + i)) for i in range(4)])
+    store = EventStore(tmp_path / "records.db", max_events=5, clock=Clock(T0 + 10))
+    seqs = store.append([records.parse_event(doc(t=i, n=i)) for i in range(3)])
+    seqs += store.append([records.parse_event(doc(t=3 + i, n=3 + i)) for i in range(4)])
     assert seqs == list(range(1, 8))
     assert store.count() == 5 and store.expired == 2
     assert [e.attrs["n"] for e in store.query()] == [2, 3, 4, 5, 6]
     assert [e.attrs["n"] for e in store.get([7, 1, 3])] == [6, 2]  # 1 expired
     store.close()
-    reopened = EventStore(tmp_path / "events.db", max_events=5, clock=Clock(T0 + 10))
-    assert reopened.append([events.parse_event(doc(t=9))]) == [8]  # numbers are never reused
+    reopened = EventStore(tmp_path / "records.db", max_events=5, clock=Clock(T0 + 10))
+    assert reopened.append([records.parse_event(doc(t=9))]) == [8]  # numbers are never reused
 
 
 def test_store_applies_age_retention_with_an_injected_clock(tmp_path) -> None:
     clock = Clock(T0)
     store = EventStore(tmp_path / "e.db", max_age_s=60, clock=clock)
-    store.append([events.parse_event(doc(t=0)), events.parse_event(doc(t=30))])
+    store.append([records.parse_event(doc(t=0)), records.parse_event(doc(t=30))])
     clock.t = T0 + 75
     assert store.expire() == 1 and store.count() == 1
     clock.t = T0 + 200
-    store.append([events.parse_event(doc(t=190))])
+    store.append([records.parse_event(doc(t=190))])
     assert [e.ts for e in store.query()] == [T0 + 190]
 
 
 def test_store_queries_time_windows_types_and_limits(tmp_path) -> None:
     store = EventStore(tmp_path / "e.db", clock=Clock(T0 + 100))
-    store.append([events.parse_event(doc("page_view" if i % 2 else "click", t=i)) for i in range(10)])
+    store.append([records.parse_event(doc("page_view" if i % 2 else "click", t=i)) for i in range(10)])
     assert [e.ts - T0 for e in store.query(since=T0 + 5, until=T0 + 8)] == [6, 7, 8]
     assert [e.ts - T0 for e in store.query(limit=3)] == [7, 8, 9]
     assert [e.ts - T0 for e in store.query(types=["click"], limit=2)] == [6, 8]
@@ -95,7 +95,7 @@ def test_store_queries_time_windows_types_and_limits(tmp_path) -> None:
 
 
 def test_windows_select_by_time_count_and_type() -> None:
-    evs = [events.parse_event(doc("page_view" if i % 3 else "click", t=i)) for i in range(20)]
+    evs = [records.parse_event(doc("page_view" if i % 3 else "click", t=i)) for i in range(20)]
     now = T0 + 19
     assert len(windows.WindowSpec.from_json({"seconds": 5}).select(evs, now=now)) == 5
     assert [e.ts - T0 for e in windows.WindowSpec.from_json({"count": 2}).select(evs, now=now)] == [18, 19]
@@ -105,11 +105,11 @@ def test_windows_select_by_time_count_and_type() -> None:
 
 def test_per_key_aggregations() -> None:
     evs = [
-        events.parse_event(doc(page="home", dwell_ms=100)),
-        events.parse_event(doc(page="home", dwell_ms=300)),
-        events.parse_event(doc(page="item", dwell_ms=50)),
-        events.parse_event(doc(page="item", dwell_ms="n/a")),
-        events.parse_event(doc(page="", dwell_ms=1)),  # no page: not grouped
+        records.parse_event(doc(page="home", dwell_ms=100)),
+        records.parse_event(doc(page="home", dwell_ms=300)),
+        records.parse_event(doc(page="item", dwell_ms=50)),
+        records.parse_event(doc(page="item", dwell_ms="n/a")),
+        records.parse_event(doc(page="", dwell_ms=1)),  # no page: not grouped
     ]
     (spec,) = windows.parse_aggregates({"by": "page", "value": "dwell_ms", "ops": ["count", "sum", "mean", "max"]})
     assert windows.aggregate(evs, spec) == {

@@ -10,10 +10,10 @@ import sys
 
 import pytest
 
-from tether.cli import procs
 from tether.cli.demo import example_dir
 from tether.common import manifest
-from tether.common.admin import AdminClient
+from tether.common.admin_client import AdminClient
+from tether.devtools import procs
 
 ADMIN = "admin-token-for-cli-tests"
 

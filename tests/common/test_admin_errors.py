@@ -3,7 +3,7 @@
 import grpc
 import pytest
 
-from tether.common import admin, auth, errors
+from tether.common import admin_client, auth, errors
 
 
 def rpc_error(code, details, trailing=()):
@@ -21,7 +21,7 @@ def rpc_error(code, details, trailing=()):
     ],
 )
 def test_the_named_error_class_is_restored(name, code, cls):
-    err = admin.error_from_rpc(rpc_error(code, "the message", [(auth.ERROR_TYPE_METADATA, name)]))
+    err = admin_client.error_from_rpc(rpc_error(code, "the message", [(auth.ERROR_TYPE_METADATA, name)]))
     assert type(err) is cls
     assert str(err) == "the message"
 
@@ -34,23 +34,23 @@ def test_the_named_error_class_is_restored(name, code, cls):
         (grpc.StatusCode.UNAUTHENTICATED, errors.Unauthenticated),
         (grpc.StatusCode.PERMISSION_DENIED, errors.PermissionDenied),
         (grpc.StatusCode.RESOURCE_EXHAUSTED, errors.TooLarge),
-        (grpc.StatusCode.UNAVAILABLE, admin.Unavailable),
-        (grpc.StatusCode.DEADLINE_EXCEEDED, admin.Unavailable),
+        (grpc.StatusCode.UNAVAILABLE, admin_client.Unavailable),
+        (grpc.StatusCode.DEADLINE_EXCEEDED, admin_client.Unavailable),
         (grpc.StatusCode.INTERNAL, errors.TetherError),
     ],
 )
 def test_otherwise_the_status_code_decides(code, cls):
-    err = admin.error_from_rpc(rpc_error(code, "why"))
+    err = admin_client.error_from_rpc(rpc_error(code, "why"))
     assert type(err) is cls
     assert "why" in str(err)
 
 
 def test_unknown_or_hostile_class_names_are_ignored():
-    err = admin.error_from_rpc(rpc_error(grpc.StatusCode.NOT_FOUND, "x", [(auth.ERROR_TYPE_METADATA, "Path")]))
+    err = admin_client.error_from_rpc(rpc_error(grpc.StatusCode.NOT_FOUND, "x", [(auth.ERROR_TYPE_METADATA, "Path")]))
     assert type(err) is errors.NotFound
 
 
 async def test_an_unreachable_controller_is_unavailable():
-    async with admin.AdminClient("127.0.0.1:9", token="whatever-token", timeout_s=2) as client:
-        with pytest.raises(admin.Unavailable):
+    async with admin_client.AdminClient("127.0.0.1:9", token="whatever-token", timeout_s=2) as client:
+        with pytest.raises(admin_client.Unavailable):
             await client.list_releases()

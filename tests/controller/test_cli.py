@@ -10,7 +10,7 @@ import sys
 import pytest
 from controller_support import ADMIN_TOKEN, BOOTSTRAP_TOKEN
 
-from tether.common import admin
+from tether.common import admin_client
 
 
 def _env(database_url: str, tmp_path) -> dict[str, str]:
@@ -42,7 +42,7 @@ async def test_controller_command_prints_ready_line_serves_and_stops_on_signal(d
         assert line.startswith("controller listening on 127.0.0.1:"), (line, proc.stderr.read() if proc.poll() else "")
         address = line.removeprefix("controller listening on ")
         assert not address.endswith(":0")
-        async with admin.AdminClient(target=address, token=ADMIN_TOKEN) as client:
+        async with admin_client.AdminClient(target=address, token=ADMIN_TOKEN) as client:
             assert await client.list_releases() == []
         proc.send_signal(sig)
         assert proc.wait(timeout=20) == 0

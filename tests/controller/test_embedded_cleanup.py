@@ -13,7 +13,7 @@ import psutil
 
 SCRIPT = """
 import sys
-from tether.controller.embedded import EmbeddedPostgres, EmbeddedRedis
+from tether.devtools.embedded import EmbeddedPostgres, EmbeddedRedis
 pg = EmbeddedPostgres().start()
 redis = EmbeddedRedis().start()
 print(pg._proc.pid, redis._proc.pid, flush=True)

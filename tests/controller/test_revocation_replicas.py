@@ -19,7 +19,7 @@ import pytest
 from controller_helpers import enroll
 from controller_support import ADMIN_TOKEN, start_controller
 
-from tether.common import admin, auth, credentials, errors
+from tether.common import admin_client, auth, credentials, errors
 from tether.controller import device_auth, devices, replicas, server
 from tether.proto.v1 import tether_pb2 as pb
 from tether.proto.v1 import tether_pb2_grpc as pb_grpc
@@ -34,7 +34,7 @@ class Replica:
     running: server.RunningController
     channel: grpc.aio.Channel
     stub: pb_grpc.DeviceServiceStub
-    admin: admin.AdminClient
+    admin: admin_client.AdminClient
 
 
 @pytest.fixture()
@@ -45,7 +45,7 @@ async def replicas_ab(controller_config) -> AsyncIterator[tuple[Replica, Replica
         for _ in range(2):
             running = await start_controller(cfg)
             channel = grpc.aio.insecure_channel(running.address)
-            client = admin.AdminClient(target=running.address, token=ADMIN_TOKEN)
+            client = admin_client.AdminClient(target=running.address, token=ADMIN_TOKEN)
             await client.__aenter__()
             started.append(Replica(running, channel, pb_grpc.DeviceServiceStub(channel), client))
         a, b = started

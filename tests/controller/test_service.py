@@ -14,7 +14,8 @@ import pytest
 from controller_helpers import enroll, make_bundle, table_counts
 from controller_support import ADMIN_TOKEN, BOOTSTRAP_TOKEN, running_controller, snapshot, start_controller
 
-from tether.common import admin, auth, errors, manifest
+from tether.common import auth, errors, manifest
+from tether.common.admin_client import AdminClient
 from tether.proto.v1 import tether_pb2 as pb
 from tether.proto.v1 import tether_pb2_grpc as pb_grpc
 
@@ -453,7 +454,7 @@ async def test_bad_admin_input_is_refused_and_changes_nothing(controller, admin_
     blobs_root = controller.config.blob_dir
 
     # Wrong admin token.
-    async with admin.AdminClient(target=controller.address, token="not-the-admin-token") as intruder:
+    async with AdminClient(target=controller.address, token="not-the-admin-token") as intruder:
         with pytest.raises(errors.Unauthenticated):
             await intruder.list_releases()
         with pytest.raises(errors.Unauthenticated):
@@ -566,7 +567,7 @@ async def test_upload_bundle_sends_only_missing_blobs(admin_client, tmp_path):
 
 async def test_state_survives_a_controller_restart(controller_config, tmp_path, database_url):
     running = await start_controller(controller_config)
-    async with admin.AdminClient(target=running.address, token=ADMIN_TOKEN) as client:
+    async with AdminClient(target=running.address, token=ADMIN_TOKEN) as client:
         directory, bundle, _ = await publish(client, tmp_path, target=ANDROID)
     async with grpc.aio.insecure_channel(running.address) as ch:
         stub = pb_grpc.DeviceServiceStub(ch)
@@ -593,7 +594,7 @@ async def test_state_survives_a_controller_restart(controller_config, tmp_path, 
             )
             assert b"".join(c.data for c in pulled) == (directory / "model.bin").read_bytes()
             stream.cancel()
-        async with admin.AdminClient(target=restarted.address, token=ADMIN_TOKEN) as client:
+        async with AdminClient(target=restarted.address, token=ADMIN_TOKEN) as client:
             status = await client.get_release_status("ns/task")
             assert (status.version, status.results) == (1, 1)
     assert table_counts(database_url)["results"] == 1

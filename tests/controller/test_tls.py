@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from tether.common import admin
+from tether.common import admin_client
 
 
 def self_signed(tmp_path):
@@ -48,7 +48,9 @@ async def test_tls_controller_and_admin_client(controller_config, enqueuer, tmp_
     cert, key, cert_pem = self_signed(tmp_path)
     cfg = dataclasses.replace(controller_config, tls_cert_file=cert, tls_key_file=key)
     async with running_controller(cfg, enqueuer=enqueuer, grace=0.2) as running:
-        async with admin.AdminClient(target=running.address, token=ADMIN_TOKEN, root_certificates=cert_pem) as client:
+        async with admin_client.AdminClient(
+            target=running.address, token=ADMIN_TOKEN, root_certificates=cert_pem
+        ) as client:
             assert await client.list_releases() == []
         # A plaintext client cannot talk to it.
         async with grpc.aio.insecure_channel(running.address) as ch:

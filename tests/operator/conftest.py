@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from tether.operator.emulator import EmulatedCluster, emulated_cluster
+from tether.devtools.emulator import EmulatedCluster, emulated_cluster
 
 
 @pytest.fixture()

@@ -9,8 +9,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 from tether.common import errors
+from tether.devtools.emulator import EmulatedCluster
 from tether.operator import handlers, reconcile
-from tether.operator.emulator import EmulatedCluster
 
 T = TypeVar("T")
 POLL = 0.2  # the operator's status poll in these tests, seconds

@@ -20,15 +20,16 @@ import pytest
 from controller_support import ADMIN_TOKEN, BOOTSTRAP_TOKEN
 from operator_helpers import mltask, running_operator, wait_for
 
-from tether.common import admin, auth, manifest
-from tether.operator import admin as operator_admin
-from tether.operator.emulator import EmulatedCluster
+from tether.common import auth, manifest
+from tether.common.admin_client import AdminClient
+from tether.devtools.emulator import EmulatedCluster
+from tether.operator import release_client as operator_admin
 
 pytest.importorskip("tether.controller.server")
 
 
 @pytest.fixture()
-async def bundle_digest(admin_client: admin.AdminClient, tmp_path: pathlib.Path) -> str:
+async def bundle_digest(admin_client: AdminClient, tmp_path: pathlib.Path) -> str:
     """A small bundle uploaded to the controller; its manifest digest."""
     root = tmp_path / "task"
     root.mkdir()
@@ -54,7 +55,7 @@ async def _applied(cluster: EmulatedCluster, name: str, generation: int = 1) -> 
 
 
 async def test_a_valid_mltask_becomes_a_release_on_the_controller(
-    cluster: EmulatedCluster, controller: Any, admin_client: admin.AdminClient, bundle_digest: str
+    cluster: EmulatedCluster, controller: Any, admin_client: AdminClient, bundle_digest: str
 ) -> None:
     async with running_operator(cluster, lambda: operator_admin.connect(controller.address, ADMIN_TOKEN)):
         task = mltask(
@@ -153,7 +154,7 @@ async def test_trigger_and_resources_reach_devices_and_a_resources_change_reappl
 async def test_a_malformed_mltask_is_invalid_and_the_controller_gets_nothing(
     cluster: EmulatedCluster,
     controller: Any,
-    admin_client: admin.AdminClient,
+    admin_client: AdminClient,
     bundle_digest: str,
     spec: dict[str, Any],
     field: str,
@@ -186,7 +187,7 @@ async def test_a_malformed_mltask_is_invalid_and_the_controller_gets_nothing(
 
 
 async def test_an_unknown_manifest_is_reported_until_the_bundle_is_uploaded(
-    cluster: EmulatedCluster, controller: Any, admin_client: admin.AdminClient, tmp_path: pathlib.Path
+    cluster: EmulatedCluster, controller: Any, admin_client: AdminClient, tmp_path: pathlib.Path
 ) -> None:
     root = tmp_path / "late"
     root.mkdir()
@@ -212,7 +213,7 @@ async def test_an_unknown_manifest_is_reported_until_the_bundle_is_uploaded(
 
 
 async def test_tether_operator_as_a_separate_process(
-    cluster: EmulatedCluster, controller: Any, admin_client: admin.AdminClient, bundle_digest: str
+    cluster: EmulatedCluster, controller: Any, admin_client: AdminClient, bundle_digest: str
 ) -> None:
     env = {**os.environ, "TETHER_ADMIN_TOKEN": ADMIN_TOKEN, "TETHER_LOG_LEVEL": "INFO"}
     proc = await asyncio.create_subprocess_exec(

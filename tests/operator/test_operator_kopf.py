@@ -6,8 +6,8 @@ from typing import Any
 
 from operator_helpers import DIGEST, FakeAdmin, mltask, running_operator, wait_for
 
+from tether.devtools.emulator import EmulatedCluster
 from tether.operator import reconcile
-from tether.operator.emulator import EmulatedCluster
 
 
 async def status_of(cluster: EmulatedCluster, name: str) -> dict[str, Any]:

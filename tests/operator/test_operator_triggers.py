@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tether.agent import triggers as agent_triggers
+from tether.agent import schedule as agent_triggers
 from tether.common import errors
 from tether.operator import model, reconcile, validate
 

@@ -9,8 +9,8 @@ from typing import Any
 from operator_helpers import FakeAdmin, mltask, running_operator, wait_for
 
 from tether.cli import rollout as rollout_cli
+from tether.devtools.emulator import EmulatedCluster
 from tether.operator import reconcile
-from tether.operator.emulator import EmulatedCluster
 
 STAGES = [
     {"name": "canary", "percent": 50, "bakeSeconds": 3600, "gates": [{"metric": "errorRate", "max": 0.1}]},

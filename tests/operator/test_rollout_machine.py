@@ -1,4 +1,4 @@
-"""The rollout state machine (tether.operator.rollout) and its place in decide(): every transition pair,
+"""The rollout state machine (tether.operator.progression) and its place in decide(): every transition pair,
 gates passing and failing, pause / resume / promote / abort, rollback, a spec edited mid-rollout, and a
 restart mid-stage (state comes only from the stored status)."""
 
@@ -13,12 +13,12 @@ from typing import Any
 import pytest
 
 from tether.operator import conditions as cond
-from tether.operator import reconcile, rollout
+from tether.operator import progression, reconcile
 from tether.operator.model import GateState, MLTaskSpec, MLTaskStatus, Phase, RolloutPhase, StagePhase, StageStatus
 
 T0 = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
 DIGEST = "sha256:" + "0" * 64
-P, S = RolloutPhase, rollout.Signal
+P, S = RolloutPhase, progression.Signal
 
 
 def spec_doc(**rollout_changes: Any) -> dict[str, Any]:
@@ -145,8 +145,8 @@ EXPECTED = {
 
 
 @pytest.mark.parametrize(("phase", "signal"), list(itertools.product(P, S)))
-def test_every_phase_signal_pair(phase: RolloutPhase, signal: rollout.Signal) -> None:
-    assert rollout.transition(phase, signal) == EXPECTED[phase].get(signal)
+def test_every_phase_signal_pair(phase: RolloutPhase, signal: progression.Signal) -> None:
+    assert progression.transition(phase, signal) == EXPECTED[phase].get(signal)
 
 
 # ------------------------------------------------------------------ stages and gates
@@ -230,7 +230,7 @@ def test_resume_after_a_gate_failure_restarts_the_bake_and_judges_at_its_end() -
     drv.started()
     drv.step(health(0), seconds=600)
     drv.step(health(1, failed=1, succeeded=4), seconds=1)
-    drv.annotations[rollout.RESUME_ANNOTATION] = "r1"
+    drv.annotations[progression.RESUME_ANNOTATION] = "r1"
     status = drv.step(health(1, failed=1, succeeded=4), seconds=1)
     assert ro(status).phase == P.PROGRESSING and not ro(status).fail_fast and ro(status).handled["resume"] == "r1"
     status = drv.step(health(1, failed=1, succeeded=4), seconds=30)
@@ -244,12 +244,12 @@ def test_resume_after_a_gate_failure_restarts_the_bake_and_judges_at_its_end() -
 def test_promote_skips_the_bake_and_the_gates_and_then_completes() -> None:
     drv = Driver(spec_doc())
     drv.started()
-    drv.annotations[rollout.PROMOTE_ANNOTATION] = "p1"
+    drv.annotations[progression.PROMOTE_ANNOTATION] = "p1"
     status = drv.step(health(0, succeeded=0), seconds=1)
     assert ro(status).current_stage == 1 and ro(status).stages[0].phase == StagePhase.PROMOTED
-    drv.annotations[rollout.PROMOTE_ANNOTATION] = "p2"
+    drv.annotations[progression.PROMOTE_ANNOTATION] = "p2"
     assert ro(drv.step(health(1), seconds=1)).current_stage == 2
-    drv.annotations[rollout.PROMOTE_ANNOTATION] = "p3"
+    drv.annotations[progression.PROMOTE_ANNOTATION] = "p3"
     status = drv.step(health(2), seconds=1)
     assert ro(status).phase == P.COMPLETED and drv.sent[-1]["action"] == "complete"
     assert cond.get(status.conditions, cond.PROGRESSING).reason == "RolloutComplete"  # type: ignore[union-attr]
@@ -272,7 +272,7 @@ def test_spec_paused_holds_the_stage_and_clearing_it_resumes() -> None:
 def test_abort_rolls_back_and_a_first_release_is_uninstalled() -> None:
     drv = Driver(spec_doc())
     drv.started()
-    drv.annotations[rollout.ABORT_ANNOTATION] = "a1"
+    drv.annotations[progression.ABORT_ANNOTATION] = "a1"
     status = drv.step(health(0), seconds=1)
     assert ro(status).phase == P.ROLLED_BACK and status.phase == Phase.ROLLED_BACK
     assert drv.sent[-1]["action"] == "rollback"
@@ -357,7 +357,7 @@ def test_the_default_single_stage_completes_at_once_without_rollout_noise() -> N
 
 def test_document_of_a_trivial_rollout_is_empty_unless_rolling_back() -> None:
     spec = MLTaskSpec.model_validate({"bundle": {"digest": DIGEST}})
-    state = rollout._fresh(spec, version=3, handled={}, now=T0)
-    assert rollout.document(spec, release="ml/t", state=state) == {}
+    state = progression._fresh(spec, version=3, handled={}, now=T0)
+    assert progression.document(spec, release="ml/t", state=state) == {}
     back = state.model_copy(update={"phase": P.ROLLED_BACK})
-    assert rollout.document(spec, release="ml/t", state=back)["action"] == "rollback"
+    assert progression.document(spec, release="ml/t", state=back)["action"] == "rollback"

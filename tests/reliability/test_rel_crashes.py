@@ -21,8 +21,8 @@ from controller_support import ADMIN_TOKEN, BOOTSTRAP_TOKEN, controller_config, 
 from rel_helpers import Proxy, free_port
 
 from tether.agent import daemon
-from tether.cli import procs
-from tether.common import admin, bundle_files
+from tether.common import admin_client, bundle_files
+from tether.devtools import procs
 
 FAST = daemon.Backoff(initial_s=0.05, max_s=0.5)
 
@@ -96,7 +96,7 @@ async def test_controller_sigkilled_mid_rollout_loses_nothing_and_the_rollout_co
         runs = [asyncio.create_task(a.run()) for a in agents]
         source = "import time\n\ndef run(ctx):\n    time.sleep(0.5)\n    return {'sample_count': 1}\n"
         directory = _bundle(tmp_path / "bundle", source)
-        async with admin.AdminClient(address, token=ADMIN_TOKEN) as adm:
+        async with admin_client.AdminClient(address, token=ADMIN_TOKEN) as adm:
             await _until(lambda: _true(all(a.connected.is_set() for a in agents)), timeout=60, what="agents connect")
             bundle = bundle_files.build_manifest(directory)
             await adm.upload_bundle(directory, bundle)
@@ -115,7 +115,7 @@ async def test_controller_sigkilled_mid_rollout_loses_nothing_and_the_rollout_co
         await ctl.wait_for(r"controller listening on", timeout=60)
 
         # Then the agents reconnect, the rollout completes, and nothing acknowledged is lost
-        async with admin.AdminClient(address, token=ADMIN_TOKEN) as adm:
+        async with admin_client.AdminClient(address, token=ADMIN_TOKEN) as adm:
 
             async def complete() -> bool:
                 status = await adm.get_release_status("ns/crash")
@@ -201,7 +201,7 @@ async def test_agent_sigkilled_mid_pull_resumes_from_its_partial_and_installs_a_
         (weights_entry,) = [f for f in bundle.files if f.path == "weights.bin"]
         small = sum(f.size for f in bundle.files if f.path not in ("model.bin", "weights.bin"))
         partial = state_dir / "blobs" / "partial" / f"{model_entry.sha256.removeprefix('sha256:')}.part"
-        async with admin.AdminClient(running.address, token=ADMIN_TOKEN) as adm:
+        async with admin_client.AdminClient(running.address, token=ADMIN_TOKEN) as adm:
             await adm.upload_bundle(directory, bundle)
             applied = await adm.apply_release(release="ns/big", manifest_digest=bundle.digest)
 

@@ -24,10 +24,11 @@ import psycopg
 from controller_support import controller_config, start_controller
 from psycopg import sql
 
-from tether.common import admin, manifest
+from tether.common import manifest
+from tether.common.admin_client import AdminClient
 from tether.controller import devices, server, store, uploads
-from tether.operator import admin as operator_admin
 from tether.operator import reconcile
+from tether.operator import release_client as operator_admin
 from tether.operator.model import MLTaskStatus
 
 T0 = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
@@ -42,7 +43,7 @@ async def start(database_url: str, tmp_path: pathlib.Path) -> server.RunningCont
     return await start_controller(cfg)
 
 
-async def upload(client: admin.AdminClient, root: pathlib.Path, files: Mapping[str, bytes]) -> str:
+async def upload(client: AdminClient, root: pathlib.Path, files: Mapping[str, bytes]) -> str:
     """A bundle with `files` built under `root` and uploaded; its manifest digest."""
     root.mkdir(parents=True, exist_ok=True)
     for rel, data in files.items():
@@ -176,7 +177,7 @@ class Simulation:
 class OperatorLoop:
     """decide-then-act against a real controller, with the clock in the test's hands."""
 
-    client: admin.AdminClient
+    client: AdminClient
     spec: dict[str, Any]
     name: str = "scenario"
     namespace: str = "ml"

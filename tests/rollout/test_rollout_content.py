@@ -81,7 +81,7 @@ def test_participation_conditions_on_the_agent() -> None:
 
 
 def test_a_trigger_with_conditions_is_accepted_by_the_agent() -> None:
-    from tether.agent import triggers
+    from tether.agent import schedule
 
-    t = triggers.Trigger.from_json('{"type": "interval", "seconds": 60, "conditions": {"charging": true}}')
+    t = schedule.Trigger.from_json('{"type": "interval", "seconds": 60, "conditions": {"charging": true}}')
     assert t.type == "interval" and t.interval_s == 60

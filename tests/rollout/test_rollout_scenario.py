@@ -25,9 +25,10 @@ from rollout_helpers import (
     upload,
 )
 
-from tether.common import admin, versions
+from tether.common import admin_client
 from tether.controller import cohorts, devices
 from tether.operator.model import Phase, RolloutPhase
+from tether.spec import versions
 
 RELEASE = "ml/scenario"
 N = 1000
@@ -92,7 +93,7 @@ async def test_beta_gray_full_reach_exactly_the_named_devices_and_a_failing_gate
 
     running = await start(database_url, tmp_path)
     try:
-        async with admin.AdminClient(target=running.address, token=ADMIN_TOKEN) as client:
+        async with admin_client.AdminClient(target=running.address, token=ADMIN_TOKEN) as client:
             v1_digest = await upload(client, tmp_path / "v1", {"task.py": b"def run(ctx):\n    return {}\n"})
             v2_digest = await upload(
                 client,
@@ -142,7 +143,7 @@ async def test_beta_gray_full_reach_exactly_the_named_devices_and_a_failing_gate
             await running.stop(grace=0.2)
             running = await start(database_url, tmp_path)
             sim.st = running.store
-            async with admin.AdminClient(target=running.address, token=ADMIN_TOKEN) as client2:
+            async with admin_client.AdminClient(target=running.address, token=ADMIN_TOKEN) as client2:
                 op.client = client2
                 assert await desired(running.store, fleet, RELEASE) == served
 

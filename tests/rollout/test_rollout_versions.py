@@ -1,10 +1,11 @@
-"""Version numbers and ranges (tether.common.versions): ordering, ranges, and refusals naming the field."""
+"""Version numbers and ranges (tether.spec.versions): ordering, ranges, and refusals naming the field."""
 
 from __future__ import annotations
 
 import pytest
 
-from tether.common import errors, versions
+from tether.common import errors
+from tether.spec import versions
 
 
 @pytest.mark.parametrize(

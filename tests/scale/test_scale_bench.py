@@ -6,7 +6,8 @@ import json
 
 from click.testing import CliRunner
 
-from tether.cli import bench, bench_fleet
+from tether.cli import bench
+from tether.devtools import bench_fleet
 
 KEYS = (
     "max_connected_agents",

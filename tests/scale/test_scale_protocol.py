@@ -10,7 +10,8 @@ import grpc
 import pytest
 from controller_support import ADMIN_TOKEN, BOOTSTRAP_TOKEN, start_controller
 
-from tether.common import admin, auth, manifest
+from tether.common import auth, manifest
+from tether.common.admin_client import AdminClient
 from tether.controller import blobcache, blobs, hub, stats
 from tether.proto.v1 import tether_pb2 as pb
 from tether.proto.v1 import tether_pb2_grpc as pb_grpc
@@ -23,7 +24,7 @@ class CdnBlobStore(blobs.FilesystemBlobStore):
         return "https://cdn.example/blobs/" + digest.removeprefix("sha256:")
 
 
-async def _publish(client: admin.AdminClient, root, files: dict[str, bytes]) -> manifest.Manifest:
+async def _publish(client: AdminClient, root, files: dict[str, bytes]) -> manifest.Manifest:
     root.mkdir(parents=True)
     for name, data in files.items():
         (root / name).write_bytes(data)
@@ -38,7 +39,7 @@ async def test_get_desired_polls_the_sync_and_get_manifest_offers_blob_urls(scal
     try:
         async with (
             grpc.aio.insecure_channel(running.address) as ch,
-            admin.AdminClient(running.address, token=ADMIN_TOKEN) as client,
+            AdminClient(running.address, token=ADMIN_TOKEN) as client,
         ):
             stub = pb_grpc.DeviceServiceStub(ch)
             enrolled = await stub.Enroll(

@@ -10,7 +10,8 @@ import psycopg
 import pytest
 from controller_support import ADMIN_TOKEN, BOOTSTRAP_TOKEN, start_controller
 
-from tether.common import admin, auth, manifest
+from tether.common import auth, manifest
+from tether.common.admin_client import AdminClient
 from tether.controller import replicas
 from tether.proto.v1 import tether_pb2 as pb
 from tether.proto.v1 import tether_pb2_grpc as pb_grpc
@@ -32,7 +33,7 @@ async def _device(address: str, device_id: str) -> tuple[grpc.aio.Channel, grpc.
     return channel, stream
 
 
-async def _publish(client: admin.AdminClient, tmp_path, name: str) -> str:
+async def _publish(client: AdminClient, tmp_path, name: str) -> str:
     root = tmp_path / name
     root.mkdir()
     (root / "task.py").write_bytes(b"def run(ctx):\n    return {'sample_count': 1}\n")
@@ -59,7 +60,7 @@ async def test_a_release_applied_on_replica_a_reaches_an_agent_connected_to_repl
         ch_b, on_b = await _device(b.address, "phone-b")
         ch_a, on_a = await _device(a.address, "phone-a")
         channels += [ch_a, ch_b]
-        async with admin.AdminClient(a.address, token=ADMIN_TOKEN) as client:
+        async with AdminClient(a.address, token=ADMIN_TOKEN) as client:
             digest = await _publish(client, tmp_path, "v1")
             applied = await client.apply_release(release="ns/task", manifest_digest=digest, target=ANDROID)
 
@@ -103,7 +104,7 @@ async def test_a_replica_that_lost_its_listen_connection_catches_up(scale_config
                 (b.listener.application_name,),
             ).fetchall()
         assert killed == [(True,)]
-        async with admin.AdminClient(a.address, token=ADMIN_TOKEN) as client:
+        async with AdminClient(a.address, token=ADMIN_TOKEN) as client:
             digest = await _publish(client, tmp_path, "v1")
             await client.apply_release(release="ns/task", manifest_digest=digest, target=ANDROID)
         # On reconnect it re-reads the releases and fans out what changed.

@@ -13,7 +13,7 @@ from controller_support import ADMIN_TOKEN, BOOTSTRAP_TOKEN
 from sec_helpers import md, query, rpc_error, until, write_bundle
 
 from tether.agent import daemon
-from tether.common import admin, credentials
+from tether.common import admin_client, credentials
 from tether.proto.v1 import tether_pb2 as pb
 from tether.proto.v1 import tether_pb2_grpc as pb_grpc
 
@@ -41,7 +41,7 @@ async def connected(agent) -> bool:
 
 async def publish_and_wait(controller, tmp_path, database_url, release="default/after"):
     directory, bundle = write_bundle(tmp_path / release.replace("/", "-"))
-    async with admin.AdminClient(target=controller.address, token=ADMIN_TOKEN) as adm:
+    async with admin_client.AdminClient(target=controller.address, token=ADMIN_TOKEN) as adm:
         await adm.upload_bundle(directory, bundle)
         await adm.apply_release(release=release, manifest_digest=bundle.digest, target={})
 
@@ -120,7 +120,7 @@ async def test_a_revoked_agent_is_cut_off_and_cannot_come_back(controller_config
     try:
         await until(lambda: connected(revoked))
         await until(lambda: connected(witness))
-        async with admin.AdminClient(target=controller.address, token=ADMIN_TOKEN) as adm:
+        async with admin_client.AdminClient(target=controller.address, token=ADMIN_TOKEN) as adm:
             result = await adm.revoke_device("phone-1")
         assert (result.revoked, result.disconnected) == (True, True)
 

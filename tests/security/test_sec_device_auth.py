@@ -15,7 +15,8 @@ import pytest
 from controller_support import ADMIN_TOKEN, BOOTSTRAP_TOKEN, snapshot
 from sec_helpers import drain, enroll, first_event, md, query, rpc_error, upload_request, write_bundle
 
-from tether.common import admin, auth, credentials, errors
+from tether.common import auth, credentials, errors
+from tether.common.admin_client import AdminClient
 from tether.proto.v1 import tether_pb2 as pb
 from tether.proto.v1 import tether_pb2_grpc as pb_grpc
 
@@ -182,7 +183,7 @@ async def test_another_devices_releases_and_results_are_out_of_reach(
     )
     assert err.code() == grpc.StatusCode.PERMISSION_DENIED
     # Device credentials are not admin credentials.
-    async with admin.AdminClient(target=controller.address, token=ios) as as_device:
+    async with AdminClient(target=controller.address, token=ios) as as_device:
         with pytest.raises(errors.Unauthenticated, match="invalid admin token"):
             await as_device.list_releases()
         with pytest.raises(errors.Unauthenticated):
@@ -253,7 +254,7 @@ async def test_replicas_share_the_signing_key_and_learn_of_a_revocation_within_t
         stream = stub.Subscribe(pb.SubscribeRequest(), metadata=md(token))  # issued by the first replica
         assert (await first_event(stream)).HasField("sync")
         stream.cancel()
-        async with admin.AdminClient(target=controller.address, token=ADMIN_TOKEN) as first_admin:
+        async with AdminClient(target=controller.address, token=ADMIN_TOKEN) as first_admin:
             await first_admin.revoke_device("phone-1")  # through the first replica
         await asyncio.sleep(0.4)  # the other replica's cache bound
         err = await rpc_error(

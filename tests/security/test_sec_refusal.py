@@ -23,7 +23,7 @@ from controller_support import ADMIN_TOKEN, BOOTSTRAP_TOKEN
 from sec_helpers import query, until, write_bundle
 
 from tether.agent import daemon
-from tether.common import admin, signing
+from tether.common import admin_client, signing
 from tether.controller import blobs
 
 FAST = daemon.Backoff(initial_s=0.05, max_s=0.3)
@@ -114,7 +114,7 @@ async def test_defective_bundles_are_refused_reported_and_never_run(
     agents = [make_agent(controller.address, tmp_path, f"phone-{i}", keys["trust"]) for i in range(2)]
     runs = [asyncio.create_task(a.run()) for a in agents]
     try:
-        async with admin.AdminClient(target=controller.address, token=ADMIN_TOKEN) as adm:
+        async with admin_client.AdminClient(target=controller.address, token=ADMIN_TOKEN) as adm:
             extra = {} if signature is None else {"signature": signature.signature, "key_id": signature.key_id}
             await adm.upload_bundle(directory, bundle, **extra)
             if scenario == "tampered blob":  # at rest on the controller: same size, one byte changed
@@ -190,7 +190,7 @@ async def test_the_controller_can_refuse_unsigned_and_wrongly_signed_bundles_at_
     body = bundle.canonical_bytes()
     from tether.common import errors
 
-    async with admin.AdminClient(target=controller.address, token=ADMIN_TOKEN) as adm:
+    async with admin_client.AdminClient(target=controller.address, token=ADMIN_TOKEN) as adm:
         with pytest.raises(errors.FailedPrecondition, match="only signed bundles"):
             await adm.upload_bundle(directory, bundle)
         bad = signing.sign(body, keys["other"])

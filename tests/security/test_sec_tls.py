@@ -11,7 +11,7 @@ from controller_support import ADMIN_TOKEN, BOOTSTRAP_TOKEN
 from sec_helpers import first_event
 
 from tether.agent import client as client_mod
-from tether.common import admin, certs, errors, tls
+from tether.common import admin_client, certs, errors, tls
 from tether.proto.v1 import tether_pb2 as pb
 
 
@@ -24,10 +24,10 @@ def server_tls(ca_dir, *, mtls: bool = False) -> dict:
 
 
 async def admin_works(address: str, client_tls: tls.ClientTLS) -> bool:
-    async with admin.AdminClient(target=address, token=ADMIN_TOKEN, tls=client_tls, timeout_s=3) as client:
+    async with admin_client.AdminClient(target=address, token=ADMIN_TOKEN, tls=client_tls, timeout_s=3) as client:
         try:
             await client.list_releases()
-        except admin.Unavailable:
+        except admin_client.Unavailable:
             return False
     return True
 

@@ -40,9 +40,9 @@ def workers(broker_url: str, database_url: str, tmp_path: pathlib.Path) -> Itera
 @pytest.fixture()
 def sender(broker_url: str) -> Iterator[Any]:
     """A producer-only Celery app, as the controller would hold."""
-    from tether.controller import worker
+    from tether.controller import tasks
 
-    app = worker.make_app(broker_url)
+    app = tasks.make_app(broker_url)
     try:
         yield app
     finally:

@@ -12,8 +12,8 @@ import pytest
 from worker_helpers import Upload, assert_body_matches, insert_result, random_uploads, read_aggregate, seed_release
 
 from tether.common import errors
-from tether.controller import worker
-from tether.controller.worker import fold_pending
+from tether.controller import tasks
+from tether.controller.tasks import fold_pending
 
 REL, V = "default/digits", 1
 
@@ -190,7 +190,7 @@ def task_env(migrated_url, monkeypatch):
     try:
         yield migrated_url
     finally:
-        worker.close_pool()
+        tasks.close_pool()
 
 
 def test_task_runs_in_process_and_permanent_errors_are_dropped(conn, task_env, caplog):
@@ -198,12 +198,12 @@ def test_task_runs_in_process_and_permanent_errors_are_dropped(conn, task_env, c
     uploads = random_uploads(np.random.default_rng(10), 2)
     for u in uploads:
         insert_result(conn, REL, V, u)
-    out = worker.aggregate.apply(kwargs={"release": REL, "version": V}).get()
+    out = tasks.aggregate.apply(kwargs={"release": REL, "version": V}).get()
     assert out["status"] == "folded" and out["result_count"] == 2
 
     seed_release(conn, "default/bad-spec", spec={"tensors": "median"})
-    assert worker.aggregate.apply(kwargs={"release": "default/bad-spec", "version": 1}).get() is None
-    assert worker.aggregate.apply(kwargs={"release": "", "version": 1}).get() is None
+    assert tasks.aggregate.apply(kwargs={"release": "default/bad-spec", "version": 1}).get() is None
+    assert tasks.aggregate.apply(kwargs={"release": "", "version": 1}).get() is None
     assert "failed permanently" in caplog.text and "InvalidSpec" in caplog.text
 
 
@@ -211,7 +211,7 @@ def test_transient_errors_are_retried(conn, task_env, monkeypatch):
     seed_release(conn, REL)
     insert_result(conn, REL, V, random_uploads(np.random.default_rng(11), 1)[0])
     calls = []
-    real = worker.fold_pending
+    real = tasks.fold_pending
 
     def flaky(c, **kw):
         calls.append(kw)
@@ -219,16 +219,16 @@ def test_transient_errors_are_retried(conn, task_env, monkeypatch):
             raise psycopg.errors.LockNotAvailable("canceling statement due to lock timeout")
         return real(c, **kw)
 
-    monkeypatch.setattr(worker, "fold_pending", flaky)
-    worker.aggregate.apply(kwargs={"release": REL, "version": V})
+    monkeypatch.setattr(tasks, "fold_pending", flaky)
+    tasks.aggregate.apply(kwargs={"release": REL, "version": V})
     assert len(calls) == 3
     assert read_aggregate(conn, REL, V)[1] == 1
 
 
 def test_the_task_is_configured_for_at_least_once_delivery():
-    t = worker.app.tasks[worker.AGGREGATE_TASK]
+    t = tasks.app.tasks[tasks.AGGREGATE_TASK]
     assert t.acks_late and t.reject_on_worker_lost
-    conf = worker.app.conf
+    conf = tasks.app.conf
     assert conf.worker_prefetch_multiplier == 1 and conf.accept_content == ["json"]
     assert conf.result_backend is None and conf.task_ignore_result
     assert isinstance(errors.InvalidSpec("x"), errors.TetherError)

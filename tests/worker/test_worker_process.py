@@ -6,13 +6,13 @@ import numpy as np
 import psycopg
 from worker_helpers import assert_body_matches, insert_result, random_uploads, read_aggregate, seed_release, wait_for
 
-from tether.controller import worker
+from tether.controller import tasks
 
 REL, V = "default/digits", 3
 
 
 def send(sender, queue: str, release: str = REL, version: int = V) -> None:
-    sender.send_task(worker.AGGREGATE_TASK, kwargs={"release": release, "version": version}, queue=queue)
+    sender.send_task(tasks.AGGREGATE_TASK, kwargs={"release": release, "version": version}, queue=queue)
 
 
 def drain(sender, conn, queue: str, probe: str) -> None:

@@ -217,9 +217,9 @@ class WorkerFactory:
         return env
 
     def celery(self, **extra_env: str) -> WorkerProcess:
-        """`python -m celery -A tether.controller.worker worker --pool solo` on this test's queue."""
+        """`python -m celery -A tether.controller.tasks worker --pool solo` on this test's queue."""
         argv = [
-            sys.executable, "-m", "celery", "-A", "tether.controller.worker", "worker",
+            sys.executable, "-m", "celery", "-A", "tether.controller.tasks", "worker",
             "--pool", "solo", "--concurrency", "1", "-Q", self.queue, "--loglevel", "INFO",
             "--without-gossip", "--without-mingle", "--without-heartbeat",
             "--hostname", f"test-{uuid.uuid4().hex[:8]}@%h",

@@ -48,10 +48,10 @@ import grpc
 
 from tether.agent import backends as backends_mod
 from tether.agent import client as client_mod
-from tether.agent import engine, participation, renewal, results, runtime, store, triggers
+from tether.agent import engine, participation, renewal, results, runtime, schedule, store
+from tether.agent.stream import eventstore as event_store
 from tether.agent.stream import processor as stream_processor
 from tether.agent.stream import server as stream_server
-from tether.agent.stream import store as event_store
 from tether.common import errors, manifest
 from tether.proto.v1 import tether_pb2 as pb
 
@@ -89,8 +89,8 @@ class _Blocked:
 # A version refused for the disk budget is tried again at least this often (space may free up meanwhile).
 OVER_BUDGET_RECHECK_S = 60.0
 
-# When a task runs (onInstall, interval, cron, onDemand, pattern): parsed and timed in tether.agent.triggers.
-Trigger = triggers.Trigger
+# When a task runs (onInstall, interval, cron, onDemand, pattern): parsed and timed in tether.agent.schedule.
+Trigger = schedule.Trigger
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,7 +197,7 @@ class Agent:
             ),
             clock=clock,
         )
-        self.dispatch = triggers.Dispatcher(self.stream, clock=clock, kick=self._kick)
+        self.dispatch = schedule.Dispatcher(self.stream, clock=clock, kick=self._kick)
         self._events_socket = events_socket
         self._event_server: stream_server.EventServer | None = None
 
@@ -941,7 +941,7 @@ class Agent:
         policy: Policy,
         *,
         key: str | None = None,
-        pending: triggers.PendingRun | None = None,
+        pending: schedule.PendingRun | None = None,
     ) -> None:
         release, version = task.release, task.version
         bundle_dir = self.store.current_dir(release)
@@ -1006,7 +1006,7 @@ class Agent:
     def _inputs_path(self, key: str) -> pathlib.Path:
         return self.store.result_path(key).with_suffix(".inputs.json")
 
-    def _run_inputs(self, key: str, trigger: Trigger, pending: triggers.PendingRun | None) -> dict[str, Any]:
+    def _run_inputs(self, key: str, trigger: Trigger, pending: schedule.PendingRun | None) -> dict[str, Any]:
         """`ctx.inputs` of a run, kept beside its record until it finished: a re-run after a crash gets the same."""
         path = self._inputs_path(key)
         with contextlib.suppress(OSError, ValueError):

@@ -1,7 +1,7 @@
 """Running a bundle's entrypoint: an isolated worker process with limits.
 
 The daemon never executes bundle code itself. `run_task` starts
-`python -m tether.agent.worker <job dir>` in its own session (process group),
+`python -m tether.agent.taskworker <job dir>` in its own session (process group),
 with an address-space limit (RLIMIT_AS, from the task's memoryMB) and, when
 set, a CPU-time limit (RLIMIT_CPU, from cpuSeconds) that the worker applies to
 itself before loading anything, and a wall-clock timeout (timeoutSeconds)
@@ -328,7 +328,7 @@ async def run_task(
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
-                "tether.agent.worker",
+                "tether.agent.taskworker",
                 str(job_dir),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=out,

@@ -18,8 +18,9 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from tether.common import errors, manifest, triggers
+from tether.common import errors, manifest
 from tether.controller import rollouts, targeting
+from tether.spec import triggers
 
 # "<namespace>/<name>": a Kubernetes namespace (DNS label) and object name (DNS subdomain).
 RELEASE_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?/[a-z0-9]([-.a-z0-9]{0,251}[a-z0-9])?$")
@@ -27,7 +28,7 @@ MAX_POLICY_BYTES = 64 * 1024
 TENSOR_AGGREGATIONS = frozenset({"weightedMean", "mean", "sum"})
 METRIC_AGGREGATIONS = frozenset({"weightedMean", "mean"})
 COUNT_AGGREGATIONS = frozenset({"sum"})
-MAX_INTERVAL_SECONDS = triggers.MAX_INTERVAL_S  # what agents accept (tether.common.triggers)
+MAX_INTERVAL_SECONDS = triggers.MAX_INTERVAL_S  # what agents accept (tether.spec.triggers)
 # Per-run limits a release may ask for (MLTask `spec.resources`), inclusive bounds.
 # The agent runs a task under the smaller of these and its own device caps.
 RESOURCE_BOUNDS: Mapping[str, tuple[int, int]] = {
@@ -156,7 +157,7 @@ def parse_spec(
 
 
 def check_trigger(trigger: Mapping[str, Any]) -> None:
-    """A trigger an agent of this version can honour: the agents' own parser (`tether.common.triggers`).
+    """A trigger an agent of this version can honour: the agents' own parser (`tether.spec.triggers`).
 
     Every type agents run is accepted (onInstall, interval, cron, onDemand,
     pattern, with stream windows, aggregations and participation conditions);

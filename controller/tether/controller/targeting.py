@@ -4,7 +4,7 @@ A target document is
 `{"matchLabels": {k: v}, "matchExpressions": [{"key", "operator", "values"}]}`
 with operators In | NotIn | Exists | DoesNotExist; every clause must hold (AND).
 An empty document targets every device. A target may also carry
-`matchVersions` (`{"appVersion": ">=10.2,<11"}`, tether.common.versions),
+`matchVersions` (`{"appVersion": ">=10.2,<11"}`, tether.spec.versions),
 `deviceIds` (an explicit list) and `exclude` (selectors whose devices are
 never targeted); rollout cohorts use the same selector form.
 
@@ -31,7 +31,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from tether.common import errors
-from tether.common import versions as versions_mod
+from tether.spec import versions as versions_mod
 
 BACKEND_KEY = "tether.io/backend"
 SELECTED_BACKEND_KEY = "tether.io/selected-backend"

@@ -33,7 +33,7 @@ import kopf
 import yaml
 
 from tether.common import errors
-from tether.operator import model, reconcile, rollout
+from tether.operator import model, progression, reconcile
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ def _meta(body: kopf.Body) -> reconcile.Meta:
         name=body.metadata.name,
         namespace=body.metadata.namespace,
         generation=int(body.metadata.get("generation") or 1),
-        annotations={k: str(v) for k, v in annotations.items() if k in rollout.REQUEST_ANNOTATIONS.values()},
+        annotations={k: str(v) for k, v in annotations.items() if k in progression.REQUEST_ANNOTATIONS.values()},
     )
 
 

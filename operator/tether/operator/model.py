@@ -22,7 +22,7 @@ from typing import Annotated, Any, Literal
 import pydantic
 from pydantic import alias_generators
 
-from tether.common import cron, streamspec
+from tether.spec import cron, streams
 
 GROUP = "tether.dev"
 VERSION = "v1alpha1"
@@ -73,7 +73,7 @@ class Bundle(_Model):
 
 
 class TriggerType(enum.StrEnum):
-    """When a device runs an installed task (the trigger types agents accept: tether.common.triggers)."""
+    """When a device runs an installed task (the trigger types agents accept: tether.spec.triggers)."""
 
     ON_INSTALL = "onInstall"
     INTERVAL = "interval"
@@ -93,7 +93,7 @@ class PatternStep(_Model):
     )
     where: dict[str, Any] | None = pydantic.Field(
         default=None,
-        max_length=streamspec.MAX_CONDITIONS,
+        max_length=streams.MAX_CONDITIONS,
         description="Conditions on the event's attributes (or its `key`): `{attr: value}` means equality, "
         "`{attr: {op: value}}` uses one of `eq`, `ne`, `in`, `notIn` (a list), `gt`, `gte`, `lt`, `lte` "
         "(a number), `exists` (true or false), `prefix` (a string).",
@@ -106,15 +106,15 @@ class Pattern(_Model):
 
     steps: list[PatternStep] = pydantic.Field(
         min_length=1,
-        max_length=streamspec.MAX_STEPS,
+        max_length=streams.MAX_STEPS,
         description="The events to match, in order (other events may come in between).",
     )
     within: float | None = pydantic.Field(
         default=None,
         ge=0,
-        le=streamspec.MAX_WITHIN_S,
+        le=streams.MAX_WITHIN_S,
         description=f"Seconds from the first step's event to the last one's; defaults to "
-        f"{streamspec.MAX_WITHIN_S} (seven days).",
+        f"{streams.MAX_WITHIN_S} (seven days).",
     )
 
 
@@ -124,13 +124,13 @@ class StreamWindow(_Model):
     seconds: float | None = pydantic.Field(
         default=None,
         gt=0,
-        le=streamspec.MAX_WINDOW_SECONDS,
+        le=streams.MAX_WINDOW_SECONDS,
         description="A time window: the events of the last this many seconds. Give `seconds`, `count` or both.",
     )
     count: int | None = pydantic.Field(
         default=None,
         ge=1,
-        le=streamspec.MAX_WINDOW_EVENTS,
+        le=streams.MAX_WINDOW_EVENTS,
         description="A count window: the last this many events (within `seconds` when both are given).",
     )
     types: list[Annotated[str, pydantic.Field(min_length=1)]] | None = pydantic.Field(
@@ -204,7 +204,7 @@ class Trigger(_Model):
     cooldown_seconds: float | None = pydantic.Field(
         default=None,
         ge=0,
-        le=streamspec.MAX_COOLDOWN_S,
+        le=streams.MAX_COOLDOWN_S,
         description="Minimum seconds between two runs fired by the pattern; only with `type: pattern`.",
     )
     window: StreamWindow | None = pydantic.Field(
@@ -214,7 +214,7 @@ class Trigger(_Model):
     aggregate: list[StreamAggregation] | None = pydantic.Field(
         default=None,
         min_length=1,
-        max_length=streamspec.MAX_AGGREGATIONS,
+        max_length=streams.MAX_AGGREGATIONS,
         description="Statistics over the `window`'s events each run receives in `ctx.inputs['aggregates']`; "
         "needs a `window`. Names must be unique.",
     )
@@ -225,7 +225,7 @@ class Trigger(_Model):
     )
 
     def agent_document(self) -> dict[str, Any]:
-        """The trigger as agents read it in `trigger_json` (`tether.common.triggers`): only what is set."""
+        """The trigger as agents read it in `trigger_json` (`tether.spec.triggers`): only what is set."""
         doc: dict[str, Any] = {"type": str(self.type)}
         if self.interval_seconds is not None:
             doc["seconds"] = self.interval_seconds
@@ -520,7 +520,7 @@ class AggregateSummary(_Model):
 
 
 class RolloutPhase(enum.StrEnum):
-    """Where the rollout of the current version stands (a state machine: tether.operator.rollout)."""
+    """Where the rollout of the current version stands (a state machine: tether.operator.progression)."""
 
     PROGRESSING = "Progressing"
     PAUSED = "Paused"

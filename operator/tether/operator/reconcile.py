@@ -18,7 +18,7 @@ The steps run in a fixed order:
 The phase is never stored as a decision of its own: `derive_phase` computes
 it from the conditions, so status and phase cannot disagree.
 
-Staged rollouts run through `tether.operator.rollout`: after the
+Staged rollouts run through `tether.operator.progression`: after the
 observation is folded in, its state machine moves the rollout (stage passed,
 gate failed, pause, promote, abort, rollback), and the rollout document it
 derives travels with every `ApplyRelease`. A document that differs from the
@@ -38,7 +38,7 @@ from typing import Any, Protocol
 
 from tether.common import errors
 from tether.operator import conditions as cond
-from tether.operator import rollout, validate
+from tether.operator import progression, validate
 from tether.operator.model import (
     AggregateSummary,
     ConditionStatus,
@@ -66,7 +66,7 @@ class Meta:
 
 
 class ObservedRelease(Protocol):
-    """What the controller reports about a release (`tether.common.admin.ReleaseStatus` has these fields)."""
+    """What the controller reports about a release (`tether.common.admin_client.ReleaseStatus` has these fields)."""
 
     @property
     def release(self) -> str: ...
@@ -128,7 +128,7 @@ class ApplyRelease:
     aggregation_json: str
     paused: bool
     resources_json: str
-    rollout_json: str = ""  # tether.operator.rollout.document; "" = nothing to stage
+    rollout_json: str = ""  # tether.operator.progression.document; "" = nothing to stage
 
     @classmethod
     def from_spec(cls, spec: MLTaskSpec, meta: Meta, *, rollout_json: str = "") -> ApplyRelease:
@@ -205,12 +205,12 @@ def release_target(spec: MLTaskSpec) -> dict[str, Any]:
     if spec.target.device_ids:
         doc["deviceIds"] = sorted(spec.target.device_ids)
     if spec.target.exclude:
-        doc["exclude"] = [rollout.selector_document(s) for s in spec.target.exclude]
+        doc["exclude"] = [progression.selector_document(s) for s in spec.target.exclude]
     return doc
 
 
 def release_trigger(spec: MLTaskSpec) -> dict[str, Any]:
-    """`trigger_json` in the agents' format (`tether.common.triggers`), e.g. `{"type": "interval", "seconds": N}`
+    """`trigger_json` in the agents' format (`tether.spec.triggers`), e.g. `{"type": "interval", "seconds": N}`
     or `{"type": "cron", "schedule": "0 3 * * *"}`: only the fields the MLTask sets."""
     return spec.trigger.agent_document()
 
@@ -254,7 +254,7 @@ class Decision:
                     status = status.model_copy(
                         update={"rollout": status.rollout.model_copy(update={"applied_document": action.rollout_json})}
                     )
-                    desired = rollout.document_json(self.spec, release=self.meta.release, state=status.rollout)
+                    desired = progression.document_json(self.spec, release=self.meta.release, state=status.rollout)
                     if desired != action.rollout_json and not any(isinstance(a, ApplyRelease) for a in remaining):
                         remaining = (*remaining, ApplyRelease.from_spec(self.spec, self.meta, rollout_json=desired))
         return Decision(status=derive(status, now=now), actions=remaining, spec=self.spec, meta=self.meta)
@@ -291,7 +291,7 @@ def decide(
         health = getattr(observed, "health", None)
     new = advance(new, typed, meta, health=health, now=now)
 
-    desired = rollout.document_json(typed, release=meta.release, state=new.rollout)
+    desired = progression.document_json(typed, release=meta.release, state=new.rollout)
     applied = new.rollout.applied_document if new.rollout is not None else None
     actions: tuple[Action, ...] = ()
     if (
@@ -311,8 +311,8 @@ def advance(
     health: Mapping[str, Any] | None,
     now: datetime.datetime,
 ) -> MLTaskStatus:
-    """`status` with the rollout state machine stepped (tether.operator.rollout) and its conditions set."""
-    inputs = rollout.Inputs(
+    """`status` with the rollout state machine stepped (tether.operator.progression) and its conditions set."""
+    inputs = progression.Inputs(
         spec=spec,
         release=meta.release,
         version=status.version,
@@ -320,11 +320,11 @@ def advance(
         annotations=meta.annotations,
         now=now,
     )
-    state, _ = rollout.step(status.rollout, inputs)
+    state, _ = progression.step(status.rollout, inputs)
     total = len(spec.rollout.stages)
     index = total - 1 if state is None else min(state.current_stage, total - 1)
     conditions = status.conditions
-    for reason, fields in rollout.condition_updates(state, spec):
+    for reason, fields in progression.condition_updates(state, spec):
         conditions = cond.set_condition(conditions, reason, now=now, refresh_message=True, **fields)
     return status.model_copy(update={"rollout": state, "stage": f"{index + 1}/{total}", "conditions": conditions})
 
@@ -534,7 +534,7 @@ def transition_events(old: MLTaskStatus, new: MLTaskStatus) -> list[Event]:
                 message=f"Release {new.release} is at version {new.version}.",
             )
         )
-    for e in rollout.events(old.rollout, new.rollout):
+    for e in progression.events(old.rollout, new.rollout):
         events.append(Event(type=e.type, reason=e.reason, message=e.message))
     if new.phase is not None and new.phase != old.phase:
         events.append(

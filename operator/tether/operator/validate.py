@@ -5,7 +5,7 @@ checks everything again (a spec may come from an emulator, an older CRD, or
 `kubectl apply --validate=false`), then adds the rules no OpenAPI schema can
 say: stage percents that increase and end at 100, an interval trigger that
 names its interval, a cron schedule that parses, a pattern an agent can
-match (with the agents' own parser, `tether.common.triggers`), selector
+match (with the agents' own parser, `tether.spec.triggers`), selector
 operators with the right number of values.
 
 Every problem is reported with the path of the offending field, in the form a
@@ -21,7 +21,7 @@ from typing import Any
 
 import pydantic
 
-from tether.common import errors, triggers, versions
+from tether.common import errors
 from tether.operator.model import (
     DIGEST_PATTERN,
     GATE_METRICS,
@@ -32,6 +32,7 @@ from tether.operator.model import (
     SelectorOperator,
     TriggerType,
 )
+from tether.spec import triggers, versions
 
 RATE_METRICS = frozenset({"successRate", "errorRate"})
 
@@ -168,7 +169,7 @@ def _trigger_issues(spec: MLTaskSpec) -> Iterator[Issue]:
             yield Issue(f"{base}.{name}", f"is only allowed when trigger.type is {kind}, not {trigger.type}")
     if found:
         return
-    try:  # exactly what an agent of this version will accept (tether.common.triggers, shared with it)
+    try:  # exactly what an agent of this version will accept (tether.spec.triggers, shared with it)
         triggers.Trigger.from_doc(trigger.agent_document())
     except errors.InvalidSpec as e:
         field = _AGENT_FIELDS.get(e.field, e.field or "trigger")

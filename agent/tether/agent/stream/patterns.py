@@ -1,7 +1,7 @@
 """Event-sequence patterns: the spec, a trie matcher, and the naive per-pattern scan (pure).
 
 The spec (`Pattern`, `Step`, `Condition` and their parser) lives in
-`tether.common.streamspec` so the operator and controller validate patterns
+`tether.spec.streams` so the operator and controller validate patterns
 with the same code; it is re-exported here.
 
 A pattern is an ordered list of steps and a time bound::
@@ -44,8 +44,8 @@ import dataclasses
 import math
 from collections.abc import Iterable, Sequence
 
-from tether.agent.stream.events import Event
-from tether.common.streamspec import (  # the pure spec, shared with the operator and the controller
+from tether.agent.stream.records import Event
+from tether.spec.streams import (  # the pure spec, shared with the operator and the controller
     MAX_CONDITIONS,
     MAX_IN_VALUES,
     MAX_STEPS,

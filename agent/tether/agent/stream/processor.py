@@ -22,10 +22,10 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from tether.agent.stream import events as events_mod
 from tether.agent.stream import patterns, windows
-from tether.agent.stream.store import EventStore
-from tether.common.streamspec import MAX_COOLDOWN_S, StreamSpec  # pure, shared with operator/controller
+from tether.agent.stream import records as events_mod
+from tether.agent.stream.eventstore import EventStore
+from tether.spec.streams import MAX_COOLDOWN_S, StreamSpec  # pure, shared with operator/controller
 
 __all__ = ["MAX_BATCH", "MAX_COOLDOWN_S", "Fire", "IngestResult", "StreamProcessor", "StreamSpec"]
 

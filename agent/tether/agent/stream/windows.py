@@ -19,7 +19,7 @@ numeric attribute `value` (`count` needs no value). Only raw events stay on
 the device: a task decides what of this leaves it.
 
 The specs (`WindowSpec`, `AggregateSpec`, `parse_aggregates`) live in
-`tether.common.streamspec` and are re-exported here.
+`tether.spec.streams` and are re-exported here.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from tether.agent.stream.events import Event
-from tether.common.streamspec import (  # the pure spec, shared with the operator and the controller
+from tether.agent.stream.records import Event
+from tether.spec.streams import (  # the pure spec, shared with the operator and the controller
     AGG_OPS,
     MAX_AGGREGATIONS,
     MAX_GROUPS,

@@ -112,7 +112,7 @@ async def _show(
     tls: tls_mod.ClientTLS | None = None,
     kubeconfig: str | None = None,
 ) -> None:
-    from tether.common.admin import AdminClient
+    from tether.common.admin_client import AdminClient
 
     console = Console()
     async with AdminClient(controller, token=token, tls=tls) as admin:

@@ -29,7 +29,7 @@ def device() -> None:
 @tls_mod.client_options
 def revoke(device_id: str, controller: str | None, admin_token: str, tls: tls_mod.ClientTLS) -> None:
     """Revoke DEVICE_ID: its credential stops working, its stream is ended, it cannot enrol again."""
-    from tether.common.admin import AdminClient
+    from tether.common.admin_client import AdminClient
 
     async def main() -> None:
         async with AdminClient(controller, token=admin_token, tls=tls) as admin:

@@ -16,7 +16,7 @@ Whatever the type, the controller can run an installed task on demand
 A document this agent cannot honour exactly (unknown type or key, bad value)
 raises InvalidSpec naming the field, and the daemon refuses that version
 before downloading anything. The parser (`Trigger`) is pure and lives in
-`tether.common.triggers`, so the operator and the controller validate triggers
+`tether.spec.triggers`, so the operator and the controller validate triggers
 with it at apply time; it is re-exported here.
 """
 
@@ -28,7 +28,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from tether.agent.stream import processor
-from tether.common.triggers import MAX_INTERVAL_S, MAX_TRIGGER_BYTES, TYPES, Trigger
+from tether.spec.triggers import MAX_INTERVAL_S, MAX_TRIGGER_BYTES, TYPES, Trigger
 
 __all__ = ["MAX_INTERVAL_S", "MAX_TRIGGER_BYTES", "TYPES", "Dispatcher", "PendingRun", "Trigger"]
 

@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 
-from tether.agent.stream.events import Event
+from tether.agent.stream.records import Event
 
 DEFAULT_MAX_EVENTS = 100_000
 DEFAULT_MAX_AGE_S = 7 * 86400

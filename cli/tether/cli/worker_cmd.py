@@ -63,7 +63,7 @@ def worker(
     if applied:
         click.echo(f"applied migrations: {', '.join(applied)}", err=True)
 
-    from tether.controller import worker as worker_mod
+    from tether.controller import tasks as worker_mod
 
     worker_mod.app.conf.broker_url = broker_url
     if pool == "auto":

@@ -3,7 +3,7 @@
 What runs: an embedded PostgreSQL and redis-server (or the services named by
 --database-url / --broker-url), one `tether controller` process, and
 `--processes` worker processes, each holding its share of the fleet as
-`tether.agent.simagent.SimAgent`s (real gRPC clients, one TCP connection per
+`tether.devtools.simagent.SimAgent`s (real gRPC clients, one TCP connection per
 agent unless --share groups them onto shared HTTP/2 connections) on one event
 loop. The controller's own counters (`StatsService.GetServerStats`: serialized
 bytes per RPC, RSS, CPU) are read before and after each phase.
@@ -154,9 +154,9 @@ class FleetBench:
 
     # ------------------------------------------------------------ plumbing
     async def _start(self) -> None:
-        from tether.agent import simagent
-        from tether.cli import stack as stack_mod
-        from tether.common import admin, rlimits
+        from tether.common import admin_client, rlimits
+        from tether.devtools import simagent
+        from tether.devtools import stack as stack_mod
 
         rlimits.raise_open_files_limit()
         self.stack = stack_mod.LocalStack(
@@ -173,7 +173,7 @@ class FleetBench:
         )
         await self.stack.start_services()
         await self.stack.start_controller()
-        self.admin = admin.AdminClient(
+        self.admin = admin_client.AdminClient(
             self.stack.controller_address,
             token=self.stack.admin_token,
             timeout_s=120,

@@ -8,12 +8,12 @@
                                                             when the on-device event stream matches
 
 Every type may add a stream window and aggregations that become the task's
-`ctx.inputs` (`"window": {...}, "aggregate": [...]`, `tether.common.streamspec`)
+`ctx.inputs` (`"window": {...}, "aggregate": [...]`, `tether.spec.streams`)
 and participation conditions (`"conditions": {"charging": true}`,
 `tether.agent.participation`).
 
 One parser for everyone: the agent refuses a version whose trigger it cannot
-honour with it (`tether.agent.triggers` re-exports `Trigger`), and the operator
+honour with it (`tether.agent.schedule` re-exports `Trigger`), and the operator
 (MLTask `spec.trigger`) and the controller (release specs) validate with it at
 apply time, so a trigger that `kubectl apply` accepts is one every agent of
 this version runs. Errors are `errors.InvalidSpec` whose `field` names the
@@ -30,7 +30,8 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from tether.common import cron, errors, streamspec
+from tether.common import errors
+from tether.spec import cron, streams
 
 MAX_TRIGGER_BYTES = 64 * 1024
 MAX_INTERVAL_S = 366 * 86400
@@ -54,7 +55,7 @@ class Trigger:
     type: str = "onInstall"
     interval_s: float = 0.0
     cron: cron.CronSchedule | None = None
-    stream: streamspec.StreamSpec | None = None
+    stream: streams.StreamSpec | None = None
 
     @classmethod
     def from_json(cls, text: str) -> Trigger:
@@ -86,7 +87,7 @@ class Trigger:
             check_conditions(doc["conditions"])
         stream = None
         if kind == "pattern" or set(doc) & _STREAM_KEYS:
-            stream = streamspec.StreamSpec.from_trigger(doc, require_pattern=kind == "pattern")
+            stream = streams.StreamSpec.from_trigger(doc, require_pattern=kind == "pattern")
         if kind == "interval":
             seconds = doc.get("seconds")
             if (

@@ -32,7 +32,7 @@ from tether.common import errors
 
 
 class EventLike(Protocol):
-    """What the specs test: a behaviour event (`tether.agent.stream.events.Event`)."""
+    """What the specs test: a behaviour event (`tether.agent.stream.records.Event`)."""
 
     @property
     def type(self) -> str: ...

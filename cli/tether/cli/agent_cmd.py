@@ -270,9 +270,9 @@ def fleet(
     trust_keys: tuple[str, ...],
 ) -> None:
     """Run COUNT simulated devices in one process until SIGTERM/SIGINT."""
-    from tether.agent import fleet as fleet_mod
     from tether.agent import runtime
     from tether.common import errors
+    from tether.devtools import fleet as fleet_mod
 
     if not bootstrap_token:
         raise click.UsageError("--bootstrap-token (or TETHER_BOOTSTRAP_TOKEN) is required")
@@ -318,15 +318,15 @@ def fleet(
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
 def backends(state_dir: str, as_json: bool) -> None:
     """This device's profile, the engine backends that really run, and the backend chosen per model."""
-    from tether.agent import backends_cli
+    from tether.cli import agent_backends_cmd
 
-    doc = backends_cli.describe(pathlib.Path(os.path.expanduser(state_dir)))
+    doc = agent_backends_cmd.describe(pathlib.Path(os.path.expanduser(state_dir)))
     if as_json:
         click.echo(json.dumps(doc))
         return
     from rich.console import Console
 
-    Console(width=None if sys.stdout.isatty() else 160).print(backends_cli.table(doc))
+    Console(width=None if sys.stdout.isatty() else 160).print(agent_backends_cmd.table(doc))
 
 
 @agent.command()

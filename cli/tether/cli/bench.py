@@ -14,15 +14,15 @@ import click
 # name -> ("module:attribute" of a click command, one-line help)
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "fleet": (
-        "tether.cli.bench_fleet:fleet",
+        "tether.devtools.bench_fleet:fleet",
         "Simulated fleet vs one controller: connections, notify/install times, bytes, polling baseline.",
     ),
     "runtime": (
-        "tether.agent.benchmark:runtime",
+        "tether.devtools.bench_runtime:runtime",
         "Backend selection and agent inference overhead on real models (MLP, CNN, EfficientNet-Lite0).",
     ),
     "stream": (
-        "tether.agent.stream.bench:stream",
+        "tether.devtools.bench_stream:stream",
         "On-device event-pattern matching: events/s with 1, 100, 1000 patterns, trie vs naive per-pattern scan.",
     ),
 }

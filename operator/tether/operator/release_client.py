@@ -12,7 +12,7 @@ import json
 from collections.abc import AsyncIterator
 
 from tether.common import errors
-from tether.common.admin import AdminClient
+from tether.common.admin_client import AdminClient
 from tether.common.tls import ClientTLS
 from tether.operator import reconcile
 

@@ -1,6 +1,6 @@
 """`tether demo`: the whole system on one machine, with a simulated fleet.
 
-Starts every component as its own process (see `tether.cli.stack`), builds and
+Starts every component as its own process (see `tether.devtools.stack`), builds and
 uploads the example bundle, applies the example MLTask to the Kubernetes API,
 shows the rollout live, prints the aggregate, and stops everything it started,
 also on Ctrl-C.
@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from tether.cli import stack as stack_mod
+from tether.devtools import stack as stack_mod
 
 EXAMPLE = "digits"
 

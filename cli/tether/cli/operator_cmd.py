@@ -65,10 +65,10 @@ def operator(
     tls: ClientTLS,
 ) -> None:
     """Run the Kubernetes operator: MLTask objects in, releases on the controller out."""
-    from tether.operator import admin, handlers
+    from tether.operator import handlers, release_client
 
     async def main() -> None:
-        async with admin.connect(controller, admin_token, tls=tls) as release_admin:
+        async with release_client.connect(controller, admin_token, tls=tls) as release_admin:
             await handlers.run(
                 admin=release_admin,
                 namespaces=list(namespaces),

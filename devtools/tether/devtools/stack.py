@@ -30,7 +30,7 @@ import shutil
 import tempfile
 from typing import Any
 
-from tether.cli import procs
+from tether.devtools import procs
 
 
 @dataclasses.dataclass
@@ -90,7 +90,7 @@ class LocalStack:
         return signing.sign(manifest.canonical_bytes(), signing.load_private_key(self.signing_key))
 
     async def start_services(self) -> None:
-        from tether.controller.embedded import EmbeddedPostgres, EmbeddedRedis
+        from tether.devtools.embedded import EmbeddedPostgres, EmbeddedRedis
 
         self.prepare_security()
 
@@ -136,7 +136,7 @@ class LocalStack:
         await comp.wait_for(r"worker ready", timeout=60)
 
     async def start_cluster(self) -> None:
-        from tether.operator import emulator
+        from tether.devtools import emulator
 
         if self.config.kubeconfig:
             self.cluster = emulator.KubectlCluster(kubeconfig=self.config.kubeconfig)
@@ -188,7 +188,7 @@ class LocalStack:
         await comp.wait_for(r"fleet ready", timeout=60)
 
     def admin_client(self) -> Any:
-        from tether.common.admin import AdminClient
+        from tether.common.admin_client import AdminClient
 
         return AdminClient(self.controller_address, token=self.admin_token, tls=self.client_tls())
 

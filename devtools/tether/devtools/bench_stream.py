@@ -28,8 +28,8 @@ from typing import Any
 import click
 
 from tether.agent.stream import patterns, processor
-from tether.agent.stream.events import Event
-from tether.agent.stream.store import EventStore
+from tether.agent.stream.eventstore import EventStore
+from tether.agent.stream.records import Event
 
 TYPES = [
     "page_view",

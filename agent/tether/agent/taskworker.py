@@ -1,4 +1,4 @@
-"""The task worker: `python -m tether.agent.worker <job dir>` (started by `runtime.run_task`).
+"""The task worker: `python -m tether.agent.taskworker <job dir>` (started by `runtime.run_task`).
 
 Applies its own memory and CPU-time limits first, then loads the bundle's model(s), imports
 the entrypoint, calls `run(ctx)` and writes the answer files described in

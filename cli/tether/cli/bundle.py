@@ -116,7 +116,7 @@ async def _upload(  # type: ignore[no-untyped-def]
     signature: signing.Signature | None = None,
     tls: tls_mod.ClientTLS | None = None,
 ):
-    from tether.common.admin import AdminClient
+    from tether.common.admin_client import AdminClient
 
     async with AdminClient(controller, token=token, tls=tls) as admin:
         try:

@@ -14,7 +14,7 @@ Times are evaluated in UTC unless a `zoneinfo` time zone name is given. The
 agent passes its injectable clock's timestamp to `next_after`, so tests never
 sleep for a schedule.
 
-Shared: the agent schedules with it (`tether.agent.cron` re-exports it), the
+Shared: the agent schedules with it, the
 operator and the controller validate MLTask/release triggers with it.
 """
 
