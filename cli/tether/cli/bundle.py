@@ -16,7 +16,7 @@ from tether.common import errors, signing
 from tether.common import tls as tls_mod
 
 
-def write_local_bundle(directory: pathlib.Path, manifest, out: pathlib.Path) -> pathlib.Path:  # type: ignore[no-untyped-def]
+def write_local_bundle(directory: pathlib.Path, manifest, out: pathlib.Path) -> pathlib.Path:
     """Lay the bundle out content-addressed under `out`: blobs/sha256/<hex> and manifests/<hex>.json."""
     blob_root = out / "blobs" / "sha256"
     blob_root.mkdir(parents=True, exist_ok=True)
@@ -94,7 +94,7 @@ def build(
     click.echo(manifest.digest)
 
 
-def sign_manifest(manifest, key_path: pathlib.Path) -> signing.Signature:  # type: ignore[no-untyped-def]
+def sign_manifest(manifest, key_path: pathlib.Path) -> signing.Signature:
     """Sign the manifest's canonical bytes (the preimage of its digest) with an Ed25519 key file."""
     return signing.sign(manifest.canonical_bytes(), signing.load_private_key(key_path))
 
@@ -107,7 +107,7 @@ def write_signature(manifest_path: pathlib.Path, signature: signing.Signature) -
     return sig_path
 
 
-async def _upload(  # type: ignore[no-untyped-def]
+async def _upload(
     controller: str,
     token: str,
     directory: pathlib.Path,

@@ -49,15 +49,15 @@ def load_bundle_spec(directory: str | pathlib.Path) -> tuple[str, str, tuple[man
     if not isinstance(raw_engines, list):
         raise errors.InvalidManifest(f"{path}: engines: must be a list")
     engines = []
-    for i, e in enumerate(raw_engines):
+    for i, need in enumerate(raw_engines):
         where = f"{path}: engines[{i}]"
-        if not isinstance(e, dict) or set(e) - _ENGINE_FIELDS or not {"engine", "model"} <= set(e):
+        if not isinstance(need, dict) or set(need) - _ENGINE_FIELDS or not {"engine", "model"} <= set(need):
             raise errors.InvalidManifest(f"{where}: must have engine, model and optional inputs")
-        if e["engine"] not in manifest.ENGINES:
-            raise errors.InvalidManifest(f"{where}.engine: {e['engine']!r} not in {sorted(manifest.ENGINES)}")
-        if not isinstance(e["model"], str):
+        if need["engine"] not in manifest.ENGINES:
+            raise errors.InvalidManifest(f"{where}.engine: {need['engine']!r} not in {sorted(manifest.ENGINES)}")
+        if not isinstance(need["model"], str):
             raise errors.InvalidManifest(f"{where}.model: must be a path inside the bundle")
-        inputs = e.get("inputs") or {}
+        inputs = need.get("inputs") or {}
         if not isinstance(inputs, dict) or not all(
             isinstance(k, str)
             and isinstance(v, list)
@@ -65,7 +65,7 @@ def load_bundle_spec(directory: str | pathlib.Path) -> tuple[str, str, tuple[man
             for k, v in inputs.items()
         ):
             raise errors.InvalidManifest(f"{where}.inputs: must map input names to lists of non-negative ints")
-        engines.append(manifest.EngineNeeds(e["engine"], e["model"], {k: tuple(v) for k, v in inputs.items()}))
+        engines.append(manifest.EngineNeeds(need["engine"], need["model"], {k: tuple(v) for k, v in inputs.items()}))
     return name, entrypoint, tuple(engines)
 
 

@@ -147,7 +147,7 @@ def client_options(f: Callable[..., Any] | None = None, *, server_name: bool = T
         return f(*args, tls=tls, **kwargs)
 
     path = click.Path(dir_okay=False, path_type=pathlib.Path)
-    options = (
+    options: tuple[Callable[[Any], Any], ...] = (
         click.option(
             "--ca-file",
             "tls_ca_file",

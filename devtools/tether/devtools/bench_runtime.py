@@ -233,7 +233,7 @@ def agent_vs_raw(
     model_path.write_bytes(pathlib.Path(m.spec.files[chosen.engine]).read_bytes())
     (bundle_dir / "task.py").write_text(TASK_SOURCE)
     inputs = {n: np.random.default_rng(0).standard_normal(s).astype(np.float32) for n, s in m.spec.inputs.items()}
-    np.savez(data_dir / "inputs.npz", **inputs)
+    np.savez(data_dir / "inputs.npz", **inputs)  # type: ignore[arg-type]  # numpy types **kwds by allow_pickle
     bundle = manifest.hash_directory(
         bundle_dir,
         name="bench-runtime",

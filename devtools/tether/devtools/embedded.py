@@ -21,7 +21,8 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 PG_SYSTEM_USER = "tether_pg"  # PostgreSQL refuses to run as root
 
@@ -50,7 +51,7 @@ def _tail(path: pathlib.Path, n: int = 30) -> str:
         return "(no log)"
 
 
-def _die_with_parent(sig: int) -> object:
+def _die_with_parent(sig: int) -> Callable[[], object] | None:
     """A `preexec_fn` asking Linux to send `sig` to the server when the process that started it dies.
 
     Without it, a test run or demo killed with SIGKILL leaves its embedded servers running.
@@ -109,7 +110,7 @@ class EmbeddedPostgres:
             self._own_workdir = True
         pgdata = self.workdir / "data"
         log = self.workdir / "postgres.log"
-        run_as: dict[str, object] = {}
+        run_as: dict[str, Any] = {}
         if os.geteuid() == 0:
             uid, gid = _ensure_system_user(PG_SYSTEM_USER)
             _make_traversable(self.workdir)
@@ -132,7 +133,7 @@ class EmbeddedPostgres:
                 check=True,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
-                **run_as,  # type: ignore[arg-type]
+                **run_as,
             )
         if not self.port:
             self.port = free_port(self.host)
@@ -158,8 +159,8 @@ class EmbeddedPostgres:
                 stdout=logf,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=_die_with_parent(signal.SIGINT),  # type: ignore[arg-type]
-                **run_as,  # type: ignore[arg-type]
+                preexec_fn=_die_with_parent(signal.SIGINT),
+                **run_as,
             )
         _wait_port(self.host, self.port, timeout=timeout, proc=self._proc, log=log)
         self._create_database(bindir, timeout=timeout)
@@ -261,7 +262,7 @@ class EmbeddedRedis:
                 stdout=logf,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=_die_with_parent(signal.SIGTERM),  # type: ignore[arg-type]
+                preexec_fn=_die_with_parent(signal.SIGTERM),
             )
         _wait_port(self.host, self.port, timeout=timeout, proc=self._proc, log=log)
         return self

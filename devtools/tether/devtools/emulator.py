@@ -116,6 +116,8 @@ class TetherEmulator(kmock.KubernetesEmulator):
         meta["resourceVersion"] = str(next(self._versions))
 
     def _on_patch(self, request: kmock.Request) -> None:
+        if request.resource is None or request.name is None:
+            return  # not an object's path: the emulator answers 404
         key = (request.resource, request.namespace, request.name)
         current = self.objects[key] if key in self.objects and not self.objects[key].deleted else None
         if current is None:
