@@ -18,6 +18,7 @@ import onnxruntime as ort
 import pytest
 
 from tether.agent import daemon
+from tether.agent.client import Backoff
 from tether.cli.demo import example_dir
 from tether.common import admin_client, bundle_files, config
 from tether.devtools import procs
@@ -106,7 +107,7 @@ async def test_push_pull_run_upload_aggregate(controller, tmp_path):
                 bootstrap_token=BOOTSTRAP_TOKEN,
                 device_id=f"dev-{i}",
                 attributes={"app": "shop" if i < len(shop) else "maps", "os": "android"},
-                backoff=daemon.Backoff(initial_s=0.05, max_s=0.5),
+                backoff=Backoff(initial_s=0.05, max_s=0.5),
             )
         )
     runs = [asyncio.create_task(a.run()) for a in agents]

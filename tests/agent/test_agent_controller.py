@@ -11,12 +11,12 @@ import pytest
 from agent_fakes import write_bundle
 from controller_support import ADMIN_TOKEN, BOOTSTRAP_TOKEN
 
-from tether.agent import daemon
+from tether.agent import client, daemon
 from tether.common import admin_client, bundle_files
 
 pytest.importorskip("tether.controller.server")
 
-FAST = daemon.Backoff(initial_s=0.05, max_s=0.5)
+FAST = client.Backoff(initial_s=0.05, max_s=0.5)
 
 
 def agent_for(address: str, root: pathlib.Path, data_dir: pathlib.Path, device_id: str, app: str) -> daemon.Agent:

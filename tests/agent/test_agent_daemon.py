@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 from agent_fakes import BOOTSTRAP, start_fake, wait_until, write_bundle
 
-from tether.agent import daemon, results, runtime
+from tether.agent import client, daemon, results, runs, runtime, schedule
 from tether.proto.v1 import tether_pb2 as pb
 
-FAST = daemon.Backoff(initial_s=0.02, max_s=0.2)
+FAST = client.Backoff(initial_s=0.02, max_s=0.2)
 SIMPLE = """
 import numpy as np
 
@@ -194,7 +194,7 @@ async def test_reconnects_after_controller_restart(tmp_path, digits_dir) -> None
 
 
 def test_backoff_is_exponential_jittered_and_capped() -> None:
-    b = daemon.Backoff(initial_s=1, max_s=10, multiplier=2, jitter=0.5)
+    b = client.Backoff(initial_s=1, max_s=10, multiplier=2, jitter=0.5)
     rng = random.Random(1)
     delays = [b.delay(n, rng) for n in range(8)]
     for n, d in enumerate(delays):
@@ -204,11 +204,11 @@ def test_backoff_is_exponential_jittered_and_capped() -> None:
 
 
 def test_trigger_parsing() -> None:
-    assert daemon.Trigger.from_json("") == daemon.Trigger()
-    assert daemon.Trigger.from_json('{"type": "interval", "seconds": 30}') == daemon.Trigger("interval", 30.0)
+    assert schedule.Trigger.from_json("") == schedule.Trigger()
+    assert schedule.Trigger.from_json('{"type": "interval", "seconds": 30}') == schedule.Trigger("interval", 30.0)
     for bad in ['{"type": "interval"}', '{"type": "cron"}', "[]", "{"]:
         with pytest.raises(Exception, match="trigger"):
-            daemon.Trigger.from_json(bad)
+            schedule.Trigger.from_json(bad)
 
 
 # ---------------------------------------------------------------- release policy: trigger and resources
@@ -317,4 +317,4 @@ async def test_a_policy_the_agent_cannot_honour_is_refused_and_the_agent_keeps_g
 )
 def test_policy_limits_are_the_release_within_the_device_caps(resources, caps, limits) -> None:
     task = pb.DesiredTask(release="ns/t", version=1, resources_json=resources)
-    assert daemon.Policy.of(task, caps=caps).limits == limits
+    assert runs.Policy.of(task, caps=caps).limits == limits

@@ -7,7 +7,7 @@ import asyncio
 import numpy as np
 from agent_fakes import BOOTSTRAP, start_fake, wait_until
 
-from tether.agent import daemon
+from tether.agent import client
 from tether.devtools import fleet
 
 
@@ -52,7 +52,7 @@ async def test_fleet_runs_digits_on_every_device(tmp_path, digits_dir, digits_da
             concurrency=2,
             stop=stop,
             on_ready=ready.append,
-            backoff=daemon.Backoff(initial_s=0.02, max_s=0.2),
+            backoff=client.Backoff(initial_s=0.02, max_s=0.2),
         )
     )
     try:

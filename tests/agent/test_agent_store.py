@@ -8,7 +8,7 @@ import pathlib
 
 import pytest
 
-from tether.agent import store
+from tether.agent import bundles, statefile
 from tether.common import errors, manifest
 
 
@@ -22,14 +22,14 @@ def make_bundle(tmp_path: pathlib.Path, files: dict[str, bytes], name: str = "b"
     return m, {f.sha256: (root / f.path).read_bytes() for f in m.files}
 
 
-def fill(s: store.BundleStore, blobs: dict[str, bytes]) -> None:
+def fill(s: bundles.BundleStore, blobs: dict[str, bytes]) -> None:
     for digest, data in blobs.items():
         s.put_blob(digest, data)
 
 
 @pytest.fixture()
-def s(tmp_path: pathlib.Path) -> store.BundleStore:
-    return store.BundleStore(tmp_path / "state")
+def s(tmp_path: pathlib.Path) -> bundles.BundleStore:
+    return bundles.BundleStore(tmp_path / "state")
 
 
 def test_install_is_complete_and_current(s, tmp_path) -> None:
@@ -147,28 +147,28 @@ def test_reinstall_same_version_is_idempotent(s, tmp_path) -> None:
 def test_release_names_are_validated() -> None:
     for bad in ["", "x" * 300, "a\x00b", ".", "..", ".staging-1"]:
         with pytest.raises(errors.InvalidArgument):
-            store.release_dirname(bad)
-    assert store.release_dirname("ns/../x") == "ns%2F..%2Fx"
+            bundles.release_dirname(bad)
+    assert bundles.release_dirname("ns/../x") == "ns%2F..%2Fx"
 
 
 def test_state_file_roundtrip_and_atomic(tmp_path) -> None:
-    sf = store.StateFile(tmp_path / "state.json")
+    sf = statefile.StateFile(tmp_path / "state.json")
     st = sf.load()
     assert st.credential == ""
     st.device_id, st.credential = "d1", "d1.secret"
-    st.installed["r"] = store.InstalledTask("r", 2, "sha256:" + "0" * 64)
-    st.runs["k"] = store.RunRecord("k", "r", 2, "onInstall", "uploading", 1.0)
+    st.installed["r"] = statefile.InstalledTask("r", 2, "sha256:" + "0" * 64)
+    st.runs["k"] = statefile.RunRecord("k", "r", 2, "onInstall", "uploading", 1.0)
     sf.save(st)
     assert sf.load() == st
     assert oct(os.stat(tmp_path / "state.json").st_mode & 0o777) == "0o600"
     assert [p.name for p in tmp_path.iterdir()] == ["state.json"]  # no temp files left
-    assert json.loads((tmp_path / "state.json").read_text())["schema"] == store.STATE_VERSION
+    assert json.loads((tmp_path / "state.json").read_text())["schema"] == statefile.STATE_VERSION
 
 
 def test_prune_runs_keeps_pending(tmp_path) -> None:
-    st = store.AgentState()
+    st = statefile.AgentState()
     for i in range(30):
-        st.runs[f"k{i}"] = store.RunRecord(f"k{i}", "r", 1, "interval", "uploaded", float(i))
-    st.runs["pending"] = store.RunRecord("pending", "r", 1, "interval", "uploading", 0.0)
+        st.runs[f"k{i}"] = statefile.RunRecord(f"k{i}", "r", 1, "interval", "uploaded", float(i))
+    st.runs["pending"] = statefile.RunRecord("pending", "r", 1, "interval", "uploading", 0.0)
     st.prune_runs(keep_per_release=5)
     assert "pending" in st.runs and len(st.runs) == 6 and "k29" in st.runs

@@ -11,7 +11,7 @@ import grpc
 import pytest
 from agent_fakes import BOOTSTRAP, FakeController, wait_until
 
-from tether.agent import backends, daemon
+from tether.agent import backends, client, daemon
 from tether.proto.v1 import tether_pb2 as pb
 from tether.proto.v1 import tether_pb2_grpc as pb_grpc
 
@@ -46,7 +46,7 @@ def make_agent(fake, tmp_path, data_dir) -> daemon.Agent:
         bootstrap_token=BOOTSTRAP,
         device_id="dev-sel",
         backends=["mnn/cpu", "onnxruntime/cpu"],
-        backoff=daemon.Backoff(initial_s=0.02, max_s=0.2),
+        backoff=client.Backoff(initial_s=0.02, max_s=0.2),
         rng=random.Random(0),
     )
 

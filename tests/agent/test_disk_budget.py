@@ -15,11 +15,11 @@ import pytest
 from agent_fakes import BOOTSTRAP, wait_until, write_bundle
 from controller_support import ADMIN_TOKEN, BOOTSTRAP_TOKEN
 
-from tether.agent import daemon, store
+from tether.agent import bundles, client, daemon, diskbudget, sizes
 from tether.cli.agent_cmd import agent as agent_cli
 from tether.common import errors, manifest
 
-FAST = daemon.Backoff(initial_s=0.02, max_s=0.2)
+FAST = client.Backoff(initial_s=0.02, max_s=0.2)
 TICK = "def run(ctx):\n    return {'sample_count': 1}\n"
 
 
@@ -45,7 +45,7 @@ TICK = "def run(ctx):\n    return {'sample_count': 1}\n"
     ],
 )
 def test_sizes_parse(text, expected) -> None:
-    assert store.parse_size(text) == expected
+    assert sizes.parse_size(text) == expected
 
 
 @pytest.mark.parametrize(
@@ -63,13 +63,13 @@ def test_sizes_parse(text, expected) -> None:
 )
 def test_bad_sizes_say_what_is_wrong(text, says) -> None:
     with pytest.raises(errors.InvalidArgument, match="disk budget: ") as info:
-        store.parse_size(text)
+        sizes.parse_size(text)
     assert says in str(info.value)
     assert "500MB" in str(info.value) or "GiB" in str(info.value) or "unlimited" in str(info.value)
 
 
 def test_sizes_format_exactly_when_they_can() -> None:
-    assert [store.format_size(n) for n in (0, 12, 1024, 1536, 500_000_000, 1024**3, 123_456_789)] == [
+    assert [sizes.format_size(n) for n in (0, 12, 1024, 1536, 500_000_000, 1024**3, 123_456_789)] == [
         "0 B",
         "12 B",
         "1 KiB",
@@ -86,8 +86,8 @@ def test_cli_flag_default_env_and_errors(tmp_path, monkeypatch) -> None:
     run = agent_cli.commands["run"]
     option = next(p for p in run.params if p.name == "disk_budget")
     ctx = run.make_context("run", [], resilient_parsing=True)
-    assert option.process_value(ctx, option.get_default(ctx)) == store.DEFAULT_DISK_BUDGET == 1024**3
-    assert option.envvar == store.ENV_DISK_BUDGET
+    assert option.process_value(ctx, option.get_default(ctx)) == sizes.DEFAULT_DISK_BUDGET == 1024**3
+    assert option.envvar == sizes.ENV_DISK_BUDGET
 
     result = CliRunner().invoke(agent_cli, ["run", "--disk-budget", "5 parsecs"])
     assert result.exit_code == 2
@@ -95,13 +95,13 @@ def test_cli_flag_default_env_and_errors(tmp_path, monkeypatch) -> None:
 
     # `tether agent disk` shows what the store holds against the budget.
     m, blobs = make_bundle(tmp_path, {"task.py": TICK.encode(), "w.bin": b"w" * 5000})
-    s = store.BundleStore(tmp_path / "state")
+    s = bundles.BundleStore(tmp_path / "state")
     fill(s, blobs)
     s.install("ns/a", 1, m)
     result = CliRunner().invoke(agent_cli, ["disk", "--state-dir", str(tmp_path / "state"), "--disk-budget", "1MiB"])
     assert result.exit_code == 0, result.output
     assert "of 1 MiB" in result.output and "ns/a v1 (running)" in result.output
-    monkeypatch.setenv(store.ENV_DISK_BUDGET, "unlimited")
+    monkeypatch.setenv(sizes.ENV_DISK_BUDGET, "unlimited")
     result = CliRunner().invoke(agent_cli, ["disk", "--state-dir", str(tmp_path / "state"), "--json"])
     assert '"budget": null' in result.output and '"role": "running"' in result.output
 
@@ -109,12 +109,12 @@ def test_cli_flag_default_env_and_errors(tmp_path, monkeypatch) -> None:
 # ---------------------------------------------------------------- the budget maths (no files)
 
 
-def install(digests: set[str], own: int = 0, mtime: float = 0.0) -> store.InstallSize:
-    return store.InstallSize(digests=frozenset(digests), own_bytes=own, mtime=mtime)
+def install(digests: set[str], own: int = 0, mtime: float = 0.0) -> diskbudget.InstallSize:
+    return diskbudget.InstallSize(digests=frozenset(digests), own_bytes=own, mtime=mtime)
 
 
 def test_need_is_what_is_missing_less_partials_plus_the_install_files() -> None:
-    snap = store.StoreSnapshot(
+    snap = diskbudget.StoreSnapshot(
         blobs={"a": 100, "b": 50},
         partials={"n1": 30, "n3": 999},
         installs={("r", 1): install({"a"}, own=10)},
@@ -123,19 +123,19 @@ def test_need_is_what_is_missing_less_partials_plus_the_install_files() -> None:
     assert snap.total == 100 + 50 + 30 + 999 + 10
     sizes = {"a": 100, "n1": 80, "n2": 20, "n3": 40}  # n3's partial is longer than the blob: it starts over
 
-    def plan(budget: int | None) -> store.RoomPlan:
-        return store.plan_room(snap, release="r", version=2, sizes=sizes, overhead=5, budget=budget)
+    def plan(budget: int | None) -> diskbudget.RoomPlan:
+        return diskbudget.plan_room(snap, release="r", version=2, sizes=sizes, overhead=5, budget=budget)
 
     assert plan(None).need == (80 - 30) + 20 + 40 + 5
     exact = snap.total + 115
-    assert plan(exact) == store.RoomPlan(
+    assert plan(exact) == diskbudget.RoomPlan(
         fits=True, need=115, used=snap.total, reserved=0, after=snap.total, budget=exact
     )
     # One byte less: the unreferenced blob b and the useless partial n3 go first (and suffice).
     short = plan(exact - 1)
     assert (short.fits, short.gc, short.evict, short.after) == (True, True, (), snap.total - 50 - 999)
     # Nothing to fetch: fits even over the budget (nothing grows).
-    assert store.plan_room(snap, release="r", version=1, sizes={"a": 100}, budget=1).fits
+    assert diskbudget.plan_room(snap, release="r", version=1, sizes={"a": 100}, budget=1).fits
 
 
 @pytest.mark.parametrize(
@@ -152,13 +152,13 @@ def test_need_is_what_is_missing_less_partials_plus_the_install_files() -> None:
 )
 def test_eviction_order(budget, evicted) -> None:
     versions = {("r", 1): 2, ("r", 3): 9, ("s", 2): 1, ("s", 4): 4, ("s", 5): 9, ("t", 1): 3, ("t", 2): 9}
-    snap = store.StoreSnapshot(
+    snap = diskbudget.StoreSnapshot(
         blobs={"x": 10, **{f"{r}{v}": 100 for r, v in versions}},
         partials={},
         installs={(r, v): install({f"{r}{v}"}, mtime=t) for (r, v), t in versions.items()},
         current={"r": 3, "s": 5, "t": 2},
     )
-    plan = store.plan_room(snap, release="r", version=4, sizes={"new": 100}, budget=budget)
+    plan = diskbudget.plan_room(snap, release="r", version=4, sizes={"new": 100}, budget=budget)
     if evicted is None:
         assert not plan.fits and plan.evict == () and plan.after == 300
         assert plan.message == (
@@ -172,20 +172,20 @@ def test_eviction_order(budget, evicted) -> None:
 
 def test_a_rollback_to_an_older_version_keeps_what_its_install_would_keep() -> None:
     # Running v5 of r, v3 kept; the release goes back to v2 (not kept): its install keeps v2 and v1.
-    snap = store.StoreSnapshot(
+    snap = diskbudget.StoreSnapshot(
         blobs={"r1": 100, "r3": 100, "r5": 100},
         partials={},
         installs={("r", 1): install({"r1"}, mtime=1), ("r", 3): install({"r3"}, mtime=2), ("r", 5): install({"r5"})},
         current={"r": 5},
     )
-    plan = store.plan_room(snap, release="r", version=2, sizes={"r2": 100}, budget=300)
+    plan = diskbudget.plan_room(snap, release="r", version=2, sizes={"r2": 100}, budget=300)
     assert plan.evict == (("r", 3),)  # v1 is what v2 will roll back to: it goes last
-    plan = store.plan_room(snap, release="r", version=2, sizes={"r2": 100}, budget=200)
+    plan = diskbudget.plan_room(snap, release="r", version=2, sizes={"r2": 100}, budget=200)
     assert plan.evict == (("r", 3), ("r", 1))
 
 
 def test_shared_blobs_free_nothing_and_other_downloads_keep_their_room() -> None:
-    snap = store.StoreSnapshot(
+    snap = diskbudget.StoreSnapshot(
         blobs={"big": 500, "c": 100},
         partials={"o": 50},
         installs={("r", 1): install({"big"}, mtime=1), ("r", 2): install({"c"}, mtime=2)},
@@ -194,13 +194,13 @@ def test_shared_blobs_free_nothing_and_other_downloads_keep_their_room() -> None
     # r v1 shares `big` with v3: removing it frees nothing, so v3 does not fit in 849 and nothing is removed.
     # Another release is downloading `o` (200 declared, 50 here): it keeps its partial and 150 more.
     kw = {"release": "r", "version": 3, "sizes": {"big": 500, "n": 50}, "keep": {"o"}, "reserved": {"o": 200}}
-    refused = store.plan_room(snap, budget=849, **kw)
+    refused = diskbudget.plan_room(snap, budget=849, **kw)
     assert (refused.fits, refused.need, refused.reserved, refused.after, refused.evict) == (False, 50, 150, 650, ())
     assert "50 B more, 650 B in use" in refused.message and "150 B reserved for other downloads" in refused.message
-    assert store.plan_room(snap, budget=850, **kw).fits
-    alone = store.plan_room(snap, release="r", version=3, sizes={"big": 500, "n": 50}, budget=650)
+    assert diskbudget.plan_room(snap, budget=850, **kw).fits
+    alone = diskbudget.plan_room(snap, release="r", version=3, sizes={"big": 500, "n": 50}, budget=650)
     assert (alone.fits, alone.gc, alone.evict) == (True, True, ())  # without the other download, `o` is garbage
-    whole = store.plan_room(snap, release="r", version=3, sizes={"huge": 10_000}, budget=1000)
+    whole = diskbudget.plan_room(snap, release="r", version=3, sizes={"huge": 10_000}, budget=1000)
     assert not whole.fits and "needs 10 kB more, more than the whole budget" in whole.message
 
 
@@ -216,13 +216,13 @@ def make_bundle(tmp_path: pathlib.Path, files: dict[str, bytes]) -> tuple[manife
     return m, {f.sha256: (root / f.path).read_bytes() for f in m.files}
 
 
-def fill(s: store.BundleStore, blobs: dict[str, bytes]) -> None:
+def fill(s: bundles.BundleStore, blobs: dict[str, bytes]) -> None:
     for digest, data in blobs.items():
         if not s.has_blob(digest):
             s.put_blob(digest, data)
 
 
-def listing(s: store.BundleStore) -> dict[str, int]:
+def listing(s: bundles.BundleStore) -> dict[str, int]:
     return {
         str(p.relative_to(s.root)): p.stat().st_size
         for p in sorted(s.root.rglob("*"))
@@ -230,7 +230,7 @@ def listing(s: store.BundleStore) -> dict[str, int]:
     }
 
 
-def installed(s: store.BundleStore, tmp_path: pathlib.Path, release: str, version: int, payload: bytes):
+def installed(s: bundles.BundleStore, tmp_path: pathlib.Path, release: str, version: int, payload: bytes):
     m, blobs = make_bundle(tmp_path, {"task.py": TICK.encode() + f"# {release} {version}\n".encode(), "w.bin": payload})
     fill(s, blobs)
     s.install(release, version, m)
@@ -238,7 +238,7 @@ def installed(s: store.BundleStore, tmp_path: pathlib.Path, release: str, versio
 
 
 def test_usage_counts_each_file_once(tmp_path) -> None:
-    s = store.BundleStore(tmp_path / "state")
+    s = bundles.BundleStore(tmp_path / "state")
     m = installed(s, tmp_path, "ns/a", 1, b"w" * 10_000)
     blob_bytes = sum({f.sha256: f.size for f in m.files}.values())
     assert s.snapshot().total == blob_bytes + len(m.canonical_bytes()) == blob_bytes + s.install_overhead(m)
@@ -251,17 +251,17 @@ def test_usage_counts_each_file_once(tmp_path) -> None:
     doc = snap.to_json(1000)
     assert (doc["blobs"], doc["partial"], doc["used"], doc["budget"]) == (blob_bytes, 40, snap.total, 1000)
     assert doc["versions"] == [{"release": "ns/a", "version": 1, "role": "running", "bytes": s.snapshot().total - 47}]
-    assert snap.describe(None).startswith(f"{store.format_size(snap.total)}: blobs ")
+    assert snap.describe(None).startswith(f"{sizes.format_size(snap.total)}: blobs ")
 
 
 def test_refusal_leaves_the_store_unchanged(tmp_path) -> None:
-    s = store.BundleStore(tmp_path / "state")
+    s = bundles.BundleStore(tmp_path / "state")
     installed(s, tmp_path, "ns/a", 1, b"1" * 10_000)
     installed(s, tmp_path, "ns/a", 2, b"2" * 10_000)  # v1 is kept for rollback
     s.put_blob(manifest.sha256_digest(b"stray"), b"stray")  # unreferenced
     big, _ = make_bundle(tmp_path, {"task.py": TICK.encode(), "w.bin": b"3" * 50_000})
     before = listing(s)
-    with pytest.raises(store.DiskBudgetExceeded) as info:
+    with pytest.raises(diskbudget.DiskBudgetExceeded) as info:
         s.make_room("ns/a", 3, big, budget=55_000)
     assert listing(s) == before
     assert info.value.manifest is big and not info.value.plan.fits
@@ -271,7 +271,7 @@ def test_refusal_leaves_the_store_unchanged(tmp_path) -> None:
 
 
 def test_make_room_frees_in_order_and_the_install_fits(tmp_path) -> None:
-    s = store.BundleStore(tmp_path / "state")
+    s = bundles.BundleStore(tmp_path / "state")
     installed(s, tmp_path, "ns/a", 1, b"1" * 10_000)
     installed(s, tmp_path, "ns/a", 2, b"2" * 10_000)
     installed(s, tmp_path, "ns/b", 1, b"b" * 10_000)
@@ -294,7 +294,7 @@ def test_make_room_frees_in_order_and_the_install_fits(tmp_path) -> None:
 
 
 def test_switching_back_to_a_kept_version_needs_nothing(tmp_path) -> None:
-    s = store.BundleStore(tmp_path / "state")
+    s = bundles.BundleStore(tmp_path / "state")
     m1 = installed(s, tmp_path, "ns/a", 1, b"1" * 10_000)
     installed(s, tmp_path, "ns/a", 2, b"2" * 10_000)
     before = listing(s)
@@ -305,7 +305,7 @@ def test_switching_back_to_a_kept_version_needs_nothing(tmp_path) -> None:
 
 
 def test_the_running_version_is_never_removed(tmp_path) -> None:
-    s = store.BundleStore(tmp_path / "state")
+    s = bundles.BundleStore(tmp_path / "state")
     installed(s, tmp_path, "ns/a", 1, b"1" * 10_000)
     with pytest.raises(errors.FailedPrecondition):
         s._remove_install("ns/a", 1)
@@ -373,7 +373,7 @@ async def test_a_version_over_the_budget_is_reported_and_the_installed_one_keeps
         v3 = fake.publish("ns/t", write_bundle(tmp_path / "b3", TICK, extra={"w.bin": os.urandom(20_000)}))
         await wait_until(lambda: "INSTALLED" in fake.states(v3.name) and agent.store.current("ns/t") == 3)
         assert agent.store.versions("ns/t") == [1, 3] and agent.store.snapshot().total <= 60_000
-        await wait_until(lambda: "ns/t" not in agent._over_budget)  # forgotten once a version installs
+        await wait_until(lambda: "ns/t" not in agent.installer.blocked)  # forgotten once a version installs
     finally:
         agent.stop()
         await asyncio.wait_for(task, timeout=15)
@@ -436,7 +436,7 @@ async def test_refused_for_space_is_visible_on_the_controller_and_the_old_versio
         backoff=FAST,
         rng=random.Random(0),
         backend_selection=False,
-        disk_budget=store.parse_size("100KB"),
+        disk_budget=sizes.parse_size("100KB"),
     )
     run = asyncio.create_task(device.run())
     try:

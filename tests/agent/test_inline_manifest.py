@@ -3,7 +3,7 @@
 A device told about a new version gets GetManifest's answer in the Notify
 itself (when small) and checks it exactly as it would the call's; it reports
 DOWNLOADING only when its install is still running after
-`client.DOWNLOADING_REPORT_AFTER_S`, and never after the report that ends the
+`reporting.DOWNLOADING_REPORT_AFTER_S`, and never after the report that ends the
 install. Against the fake controller and once against the real one.
 """
 
@@ -18,9 +18,9 @@ import pytest
 from agent_fakes import BOOTSTRAP, wait_until, write_bundle
 from controller_support import ADMIN_TOKEN, controller_config, running_controller
 
-from tether.agent import client, daemon
+from tether.agent import client, daemon, reporting
 
-FAST = daemon.Backoff(initial_s=0.02, max_s=0.2)
+FAST = client.Backoff(initial_s=0.02, max_s=0.2)
 TASK = "def run(ctx):\n    return {'sample_count': 1}\n"
 
 
@@ -58,7 +58,7 @@ async def test_a_quick_piece_of_work_sends_no_progress_report():
     async def send():
         sent.append("DOWNLOADING")
 
-    progress = client.LateReport(send, after_s=3600)
+    progress = reporting.LateReport(send, after_s=3600)
     await progress.settle()
     assert sent == [] and not progress.sent
 
@@ -73,7 +73,7 @@ async def test_a_slow_piece_of_work_reports_and_settle_waits_for_the_report_in_f
         order.append("progress arrived")
         arrived.set()
 
-    progress = client.LateReport(send, after_s=0)
+    progress = reporting.LateReport(send, after_s=0)
     await wait_until(lambda: progress.sent)
     await progress.settle()
     order.append("final report")
@@ -84,7 +84,7 @@ async def test_a_failing_progress_report_is_swallowed():
     async def send():
         raise ConnectionError("controller away")
 
-    progress = client.LateReport(send, after_s=0)
+    progress = reporting.LateReport(send, after_s=0)
     await wait_until(lambda: progress.sent)
     await progress.settle()  # does not raise: a lost progress report changes nothing
 
@@ -93,7 +93,7 @@ async def test_a_failing_progress_report_is_swallowed():
 
 
 async def test_the_manifest_carried_by_the_notify_saves_the_get_manifest_call(fake, tmp_path, monkeypatch):
-    monkeypatch.setattr(client, "DOWNLOADING_REPORT_AFTER_S", 3600.0)
+    monkeypatch.setattr(reporting, "DOWNLOADING_REPORT_AFTER_S", 3600.0)
     fake.inline_manifests = True
     agent = make_agent(fake.address, tmp_path / "dev" / "state")
     task = await connected(agent)
@@ -125,7 +125,7 @@ async def test_a_tampered_inline_manifest_is_refused_like_a_tampered_answer(fake
 
 
 async def test_a_slow_install_reports_downloading_first_and_installed_last(fake, tmp_path, monkeypatch):
-    monkeypatch.setattr(client, "DOWNLOADING_REPORT_AFTER_S", 0.0)
+    monkeypatch.setattr(reporting, "DOWNLOADING_REPORT_AFTER_S", 0.0)
     agent = make_agent(fake.address, tmp_path / "dev" / "state")
     task = await connected(agent)
     try:
@@ -154,7 +154,7 @@ async def test_against_the_real_controller_an_install_takes_two_calls(database_u
     pytest.importorskip("tether.controller.server")
     from tether.common import admin_client, bundle_files
 
-    monkeypatch.setattr(client, "DOWNLOADING_REPORT_AFTER_S", 3600.0)
+    monkeypatch.setattr(reporting, "DOWNLOADING_REPORT_AFTER_S", 3600.0)
     cfg = controller_config(database_url, tmp_path / "blobs", bootstrap_token=BOOTSTRAP, grace_s=0.2, pool_max_size=4)
     async with running_controller(cfg, grace=0.1) as running:
         small = write_bundle(tmp_path / "small", TASK, extra={"model.bin": os.urandom(100_000)})

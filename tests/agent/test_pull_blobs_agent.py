@@ -16,11 +16,11 @@ import pytest
 from agent_fakes import BOOTSTRAP, wait_until, write_bundle
 from controller_support import ADMIN_TOKEN, controller_config, running_controller
 
-from tether.agent import daemon
+from tether.agent import client, daemon
 from tether.common import manifest
 from tether.devtools import simagent
 
-FAST = daemon.Backoff(initial_s=0.02, max_s=0.2)
+FAST = client.Backoff(initial_s=0.02, max_s=0.2)
 TASK = "def run(ctx):\n    return {'sample_count': 1}\n"
 
 
@@ -197,7 +197,7 @@ async def _sim_install(fake, *, full_pull: bool = False) -> simagent.SimAgent:
         attributes={"os": "android"},
         bootstrap_token=BOOTSTRAP,
         full_pull=full_pull,
-        backoff=simagent.Backoff(initial_s=0.02, max_s=0.2),
+        backoff=client.Backoff(initial_s=0.02, max_s=0.2),
     )
     task = asyncio.create_task(agent.run())
     try:
@@ -216,7 +216,7 @@ async def test_the_simulated_agent_pulls_with_one_call_and_resumes(fake, tmp_pat
     agent = await _sim_install(fake)
     assert fake.pull_calls == ["PullBlobs", "PullBlobs"]
     assert [o for d, o in fake.pulls if d == digests["b.bin"]] == [0, 2 * fake.chunk_size]
-    assert agent.cache == set(fake.blobs) and agent.error_codes == {"PullBlobs:UNAVAILABLE": 1}
+    assert agent.sink.cache == set(fake.blobs) and agent.error_codes == {"PullBlobs:UNAVAILABLE": 1}
     assert fake.states("ns/t").count("DOWNLOADING") <= 1
 
 
@@ -225,7 +225,7 @@ async def test_the_simulated_agent_falls_back_to_pull_blob(fake, tmp_path) -> No
     fake.publish("ns/t", write_bundle(tmp_path / "b", TASK, extra=EXTRA))
     agent = await _sim_install(fake)
     assert fake.pull_calls == ["PullBlob"] * len(fake.blobs)
-    assert agent.cache == set(fake.blobs) and not agent.pull_blobs
+    assert agent.sink.cache == set(fake.blobs) and not agent.puller.pull_blobs_ok
 
 
 # ---------------------------------------------------------------- the real controller

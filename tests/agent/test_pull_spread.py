@@ -9,11 +9,11 @@ import grpc
 import pytest
 from agent_fakes import BOOTSTRAP, wait_until, write_bundle
 
-from tether.agent import daemon
+from tether.agent import client, daemon
 from tether.controller import hub, releases, targeting
 from tether.devtools import simagent
 
-FAST = daemon.Backoff(initial_s=0.02, max_s=0.2)
+FAST = client.Backoff(initial_s=0.02, max_s=0.2)
 TASK = "def run(ctx):\n    return {'sample_count': 1}\n"
 
 
@@ -113,7 +113,7 @@ async def test_without_a_window_the_agent_pulls_at_once(fake, tmp_path):
     finally:
         agent.stop()
         await asyncio.wait_for(task, timeout=15)
-    assert agent._notified.pending_pulls == {}
+    assert agent.puller.notified.pending_pulls == {}
 
 
 async def test_the_simulated_agent_spreads_its_pull_like_the_real_one(fake, tmp_path):
@@ -123,7 +123,7 @@ async def test_the_simulated_agent_spreads_its_pull_like_the_real_one(fake, tmp_
         device_id="sim-1",
         attributes={"os": "android"},
         bootstrap_token=BOOTSTRAP,
-        backoff=simagent.Backoff(initial_s=0.02, max_s=0.2),
+        backoff=client.Backoff(initial_s=0.02, max_s=0.2),
         rng=LatestMoment(0),
     )
     task = asyncio.create_task(sim.run())
@@ -139,17 +139,17 @@ async def test_the_simulated_agent_spreads_its_pull_like_the_real_one(fake, tmp_
 
 
 def test_the_pull_moment_is_in_the_window_and_never_pushed_back():
-    from tether.agent import client
+    from tether.agent import pull
 
     rng = random.Random(1)
-    first = client.pull_moment(None, spread_ms=10_000, now=100.0, rng=rng)
+    first = pull.pull_moment(None, spread_ms=10_000, now=100.0, rng=rng)
     assert first is not None and 100.0 <= first <= 110.0
-    again = client.pull_moment(first, spread_ms=10_000, now=101.0, rng=LatestMoment(0))
+    again = pull.pull_moment(first, spread_ms=10_000, now=101.0, rng=LatestMoment(0))
     assert again == first  # a later Notify with a later draw keeps the sooner moment
-    sooner = client.pull_moment(first, spread_ms=10_000, now=101.0, rng=EarliestMoment(0))
+    sooner = pull.pull_moment(first, spread_ms=10_000, now=101.0, rng=EarliestMoment(0))
     assert sooner == 101.0  # a sooner draw wins
-    assert client.pull_moment(first, spread_ms=0, now=101.0, rng=rng) is None  # no window: at once
-    assert client.pull_moment(50.0, spread_ms=1000, now=101.0, rng=LatestMoment(0)) == 102.0  # a past moment is gone
+    assert pull.pull_moment(first, spread_ms=0, now=101.0, rng=rng) is None  # no window: at once
+    assert pull.pull_moment(50.0, spread_ms=1000, now=101.0, rng=LatestMoment(0)) == 102.0  # a past moment is gone
 
 
 class EarliestMoment(random.Random):

@@ -20,11 +20,11 @@ import pytest
 from controller_support import ADMIN_TOKEN, BOOTSTRAP_TOKEN, controller_config, start_controller
 from rel_helpers import Proxy, free_port
 
-from tether.agent import daemon
+from tether.agent import client, daemon
 from tether.common import admin_client, bundle_files
 from tether.devtools import procs
 
-FAST = daemon.Backoff(initial_s=0.05, max_s=0.5)
+FAST = client.Backoff(initial_s=0.05, max_s=0.5)
 
 
 def _bundle(root: pathlib.Path, source: str, extra: dict[str, bytes] | None = None) -> pathlib.Path:

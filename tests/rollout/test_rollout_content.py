@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pathlib
 
-from tether.agent import daemon, participation, store
+from tether.agent import bundles, daemon, participation
 from tether.common import manifest
 from tether.proto.v1 import tether_pb2 as pb
 
@@ -18,7 +18,7 @@ def bundle(root: pathlib.Path, files: dict[str, bytes], name: str = "t") -> tupl
     return root, manifest.hash_directory(root, name=name, entrypoint="task.py")
 
 
-def fetch(s: store.BundleStore, root: pathlib.Path, m: manifest.Manifest) -> list[str]:
+def fetch(s: bundles.BundleStore, root: pathlib.Path, m: manifest.Manifest) -> list[str]:
     """What a device would pull for `m`: only the blobs it lacks (returned by path)."""
     pulled = []
     for f in s.missing_blobs(m):
@@ -28,7 +28,7 @@ def fetch(s: store.BundleStore, root: pathlib.Path, m: manifest.Manifest) -> lis
 
 
 def test_changed_files_shared_resources_supersede_rollback_and_exclusive_cleanup(tmp_path: pathlib.Path) -> None:
-    s = store.BundleStore(tmp_path / "device")
+    s = bundles.BundleStore(tmp_path / "device")
     shared = b"vocabulary shared by both tasks" * 100
     r1, a1 = bundle(tmp_path / "a1", {"task.py": b"v1", "model.bin": b"M" * 5000, "vocab.txt": shared})
     assert sorted(fetch(s, r1, a1)) == ["model.bin", "task.py", "vocab.txt"]

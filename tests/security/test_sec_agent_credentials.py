@@ -12,12 +12,12 @@ import pytest
 from controller_support import ADMIN_TOKEN, BOOTSTRAP_TOKEN
 from sec_helpers import md, query, rpc_error, until, write_bundle
 
-from tether.agent import daemon
+from tether.agent import client, daemon
 from tether.common import admin_client, credentials
 from tether.proto.v1 import tether_pb2 as pb
 from tether.proto.v1 import tether_pb2_grpc as pb_grpc
 
-FAST = daemon.Backoff(initial_s=0.05, max_s=0.3)
+FAST = client.Backoff(initial_s=0.05, max_s=0.3)
 
 
 def make_agent(address, root, name="phone-1", **kw) -> daemon.Agent:
@@ -143,4 +143,8 @@ async def test_a_revoked_agent_is_cut_off_and_cannot_come_back(controller_config
 def test_renewal_module_is_wired_into_the_daemon(reason):
     import inspect
 
-    assert "renewal.alongside" in inspect.getsource(daemon.Agent.run), reason
+    from tether.agent import session
+
+    # Renewal lives in the session room now: the daemon holds the stream through it, and holding renews.
+    assert "self.session.hold(" in inspect.getsource(daemon.Agent.run), reason
+    assert "self.keep_fresh()" in inspect.getsource(session.Session.hold), reason

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tether.agent import renewal
+from tether.agent import session
 from tether.common import auth, credentials, errors
 
 KEY = b"k" * 32
@@ -158,4 +158,4 @@ def test_key_files_hex_or_text_first_signs_comments_ignored(tmp_path):
 
 @pytest.mark.parametrize(("remaining", "jitter", "expected"), [(3600, 0.0, 2400), (3600, 1.0, 2160), (0.5, 0.0, 1.0)])
 def test_agents_renew_after_two_thirds_of_the_remaining_lifetime(remaining, jitter, expected):
-    assert renewal.renewal_delay(remaining_s=remaining, jitter=jitter) == pytest.approx(expected)
+    assert session.renewal_delay(remaining_s=remaining, jitter=jitter) == pytest.approx(expected)

@@ -22,11 +22,11 @@ import pytest
 from controller_support import ADMIN_TOKEN, BOOTSTRAP_TOKEN
 from sec_helpers import query, until, write_bundle
 
-from tether.agent import daemon
+from tether.agent import client, daemon
 from tether.common import admin_client, signing
 from tether.controller import blobs
 
-FAST = daemon.Backoff(initial_s=0.05, max_s=0.3)
+FAST = client.Backoff(initial_s=0.05, max_s=0.3)
 RELEASE = "default/secure-task"
 MODEL = os.urandom(600_000)  # several 256 KiB chunks
 

@@ -331,11 +331,11 @@ class SelectionCache:
         self.save()
 
     def save(self) -> None:
-        from tether.agent import store
+        from tether.agent import files
 
         doc = {"version": 1, "entries": {k: v.to_json() for k, v in sorted(self._entries.items())}}
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        store.atomic_write_json(self.path, doc)
+        files.atomic_write_json(self.path, doc)
 
     def entries(self, *, fingerprint: str | None = None) -> list[selection.Selection]:
         return [s for s in self._entries.values() if fingerprint is None or s.fingerprint == fingerprint]

@@ -4,15 +4,21 @@ Every call but `enroll` carries `authorization: Bearer <credential>`
 (docs/internals.md, "Auth metadata"). The channel is plaintext unless
 `channel_credentials` is given (`tether.common.tls.ClientTLS.channel_credentials()`:
 TLS trusting a CA, with a client certificate for mTLS). Errors are grpc.aio.AioRpcError;
-callers decide what is retryable with `is_retryable`.
+callers decide what is retryable with `is_retryable`, and tell a `CallObserver`
+about the failures they ride out (the agent logs them; the fleet simulator
+counts them).
+
+The channel opens on the first call, so an agent can be built before its
+event loop runs. The fleet simulator passes a `channel` of its own instead:
+many simulated devices share one connection.
 """
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from typing import Protocol
 
 import grpc
 
@@ -47,10 +53,6 @@ class Backoff:
         return base * (1.0 - self.jitter * rng.random())
 
 
-# An install still running after this long is reported DOWNLOADING; a quicker one goes from NOTIFIED
-# straight to INSTALLED (one call and one database write less per device when a whole fleet installs).
-DOWNLOADING_REPORT_AFTER_S = 1.0
-
 DEFAULT_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
@@ -67,6 +69,20 @@ def is_retryable(error: BaseException) -> bool:
     return isinstance(error, grpc.aio.AioRpcError) and error.code() in RETRYABLE
 
 
+def describe(e: BaseException) -> str:
+    """An error in one line: `CODE: details` for an RPC error."""
+    if isinstance(e, grpc.aio.AioRpcError):
+        return f"{e.code().name}: {e.details()}"
+    return f"{type(e).__name__}: {e}"
+
+
+class CallObserver(Protocol):
+    """Told of each failed call that the caller rides out (retries, resumes, or gives up on)."""
+
+    def failed(self, what: str, error: grpc.aio.AioRpcError, *, release: str = "") -> None:
+        """`what`: the RPC (Enroll, Subscribe, PullBlobs); `release` where the call was for one."""
+
+
 class DeviceClient:
     def __init__(
         self,
@@ -76,21 +92,35 @@ class DeviceClient:
         channel_credentials: grpc.ChannelCredentials | None = None,
         options: Sequence[tuple[str, int | str]] = DEFAULT_OPTIONS,
         timeout_s: float = 30.0,
+        channel: grpc.aio.Channel | None = None,
     ) -> None:
         self.target = target
         self.credential = credential
         self.timeout_s = timeout_s
-        if channel_credentials is None:
-            self._channel = grpc.aio.insecure_channel(target, options=list(options))
-        else:
-            self._channel = grpc.aio.secure_channel(target, channel_credentials, options=list(options))
-        self._stub = pb_grpc.DeviceServiceStub(self._channel)
+        self._channel_credentials = channel_credentials
+        self._options = list(options)
+        self._own_channel = channel is None  # a channel passed in is the caller's to close
+        self._channel = channel
+        self._device_stub = pb_grpc.DeviceServiceStub(channel) if channel is not None else None
+
+    @property
+    def _stub(self) -> pb_grpc.DeviceServiceStub:
+        if self._device_stub is None:
+            if self._channel_credentials is None:
+                self._channel = grpc.aio.insecure_channel(self.target, options=self._options)
+            else:
+                self._channel = grpc.aio.secure_channel(self.target, self._channel_credentials, options=self._options)
+            self._device_stub = pb_grpc.DeviceServiceStub(self._channel)
+        return self._device_stub
 
     def _metadata(self) -> tuple[tuple[str, str], ...]:
         return auth.bearer_metadata(self.credential)
 
     async def close(self, grace: float | None = None) -> None:
-        await self._channel.close(grace)
+        """Close the channel this client opened (a later call opens a new one)."""
+        if self._own_channel and self._channel is not None:
+            channel, self._channel, self._device_stub = self._channel, None, None
+            await channel.close(grace)
 
     async def __aenter__(self) -> DeviceClient:
         return self
@@ -112,6 +142,10 @@ class DeviceClient:
     def subscribe(self, installed: Iterable[pb.DesiredTask]) -> grpc.aio.UnaryStreamCall:
         """The long-lived event stream; iterate it with `async for` and `cancel()` it to stop."""
         return self._stub.Subscribe(pb.SubscribeRequest(installed=list(installed)), metadata=self._metadata())
+
+    async def get_desired(self) -> pb.Sync:
+        """The desired state, asked for (what a polling device does instead of holding the stream)."""
+        return await self._stub.GetDesired(pb.GetDesiredRequest(), metadata=self._metadata(), timeout=self.timeout_s)
 
     async def get_manifest(self, *, release: str, manifest_digest: str) -> pb.GetManifestResponse:
         return await self._stub.GetManifest(
@@ -184,96 +218,3 @@ async def _chunks(call: grpc.aio.UnaryStreamCall) -> AsyncIterator[pb.BlobChunk]
             yield chunk
     finally:
         call.cancel()
-
-
-class LateReport:
-    """A progress report sent only if the work it describes is still going after `after_s`.
-
-    `settle()` (in a `finally` around the work) cancels a report not yet begun,
-    or waits for one already on its way, so it can never arrive after the
-    report that ends the work (both carry the same version: the later write
-    wins).
-    """
-
-    def __init__(self, send: Callable[[], Awaitable[None]], *, after_s: float | None = None) -> None:
-        self._send = send
-        self._after_s = DOWNLOADING_REPORT_AFTER_S if after_s is None else after_s
-        self.sent = False
-        self._task = asyncio.create_task(self._run(), name="late-report")
-
-    async def _run(self) -> None:
-        await asyncio.sleep(self._after_s)
-        self.sent = True
-        await self._send()
-
-    async def settle(self) -> None:
-        if not self.sent:
-            self._task.cancel()
-        # Wait without awaiting the task itself: a cancellation of the caller must reach the caller, not be
-        # taken for the report's. A lost progress report changes nothing: its outcome is read and dropped.
-        try:
-            await asyncio.wait({self._task})
-        except asyncio.CancelledError:
-            self._task.cancel()  # the caller is going away (shutdown): so is its report
-            raise
-        if not self._task.cancelled():
-            self._task.exception()
-
-
-class NotifyExtras:
-    """What a Notify carries beside its task, kept until the install it announces starts.
-
-    The manifest (`Notify.manifest`: GetManifest's answer, checked like it at install) by digest, a
-    bounded few; and the moment the release's pull may start (`Notify.pull_spread_ms`,
-    `pull_moment`). The real agent and the fleet simulator keep them the same way.
-    """
-
-    MAX_MANIFESTS = 64
-
-    def __init__(self, rng: random.Random) -> None:
-        self._rng = rng
-        self._manifests: dict[str, pb.GetManifestResponse] = {}
-        self._pull_at: dict[str, float] = {}
-
-    def heard(self, notify: pb.Notify, *, now: float) -> None:
-        if notify.HasField("manifest"):
-            if len(self._manifests) >= self.MAX_MANIFESTS:
-                self._manifests.clear()
-            self._manifests[notify.task.manifest_digest] = notify.manifest
-        release = notify.task.release
-        moment = pull_moment(self._pull_at.get(release), spread_ms=notify.pull_spread_ms, now=now, rng=self._rng)
-        if moment is None:
-            self._pull_at.pop(release, None)
-        else:
-            self._pull_at[release] = moment
-
-    def manifest(self, digest: str) -> pb.GetManifestResponse | None:
-        """The manifest a Notify carried for this digest (taken: an install uses it once)."""
-        return self._manifests.pop(digest, None)
-
-    def pull_delay(self, release: str, *, now: float) -> float:
-        """Seconds until this release's pull may start (0 or less: now); asked once per Notify."""
-        return self._pull_at.pop(release, now) - now
-
-    def forget(self, release: str) -> None:
-        """The release was revoked: no pull is owed."""
-        self._pull_at.pop(release, None)
-
-    @property
-    def pending_pulls(self) -> dict[str, float]:
-        return dict(self._pull_at)
-
-
-def pull_moment(pending: float | None, *, spread_ms: int, now: float, rng: random.Random) -> float | None:
-    """When to start the pull a Notify announces (`Notify.pull_spread_ms`), on the monotonic clock; None: at once.
-
-    A uniformly random moment in the window. A moment already drawn for this
-    release that comes sooner is kept: a run of changes does not push a
-    device's pull back again and again. A Notify without a window drops it.
-    """
-    if spread_ms <= 0:
-        return None
-    moment = now + rng.uniform(0, spread_ms / 1000)
-    if pending is not None and now < pending < moment:
-        return pending
-    return moment

@@ -51,10 +51,6 @@ def met(conditions: Mapping[str, bool], state: Mapping[str, str]) -> bool:
     return all(str(state[k]).lower() == "true" for k, required in conditions.items() if required and k in state)
 
 
-def unmet(conditions: Mapping[str, bool], state: Mapping[str, str]) -> list[str]:
-    return [k for k, required in conditions.items() if required and k in state and str(state[k]).lower() != "true"]
-
-
 def default_probe() -> dict[str, str]:
     """What this machine can tell about itself: the power plug, via psutil when it is installed."""
     try:

@@ -217,12 +217,6 @@ class NoUsableCandidate(Exception):
 # ---------------------------------------------------------------- candidates
 
 
-def engine_for(path: str) -> str | None:
-    """The engine that runs a model file, by extension (None: not a model file)."""
-    lower = path.lower()
-    return next((engine for ext, engine in FORMATS.items() if lower.endswith(ext)), None)
-
-
 def thread_counts(cores: int, *, max_threads: int = MAX_THREADS) -> tuple[int, ...]:
     """1, 2, 4, ... up to the cores, plus the core count itself (capped at `max_threads`)."""
     top = max(1, min(int(cores), max_threads))

@@ -24,10 +24,10 @@ def _models_by_key(state_dir: pathlib.Path) -> dict[str, list[dict[str, str]]]:
         return found
     for release, installed in (state.get("installed") or {}).items():
         try:
-            from tether.agent import store
+            from tether.agent import bundles
 
-            path = state_dir / "installs" / store.release_dirname(release) / str(int(installed["version"]))
-            bundle = manifest.Manifest.from_bytes((path / store.MANIFEST_FILE).read_bytes())
+            path = state_dir / "installs" / bundles.release_dirname(release) / str(int(installed["version"]))
+            bundle = manifest.Manifest.from_bytes((path / bundles.MANIFEST_FILE).read_bytes())
         except Exception:
             continue
         for spec in backends.specs_for(bundle, path_of=lambda f: f.path):

@@ -124,13 +124,13 @@ def _trusted_keys(paths: tuple[str, ...]) -> dict[str, bytes] | None:
 
 def _disk_budget(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
     """--disk-budget as bytes (None: unlimited); a clear usage error when it is not a size."""
-    from tether.agent import store
+    from tether.agent import sizes
     from tether.common import errors
 
     if value is None:
-        return store.DEFAULT_DISK_BUDGET
+        return sizes.DEFAULT_DISK_BUDGET
     try:
-        return store.parse_size(value, what="")
+        return sizes.parse_size(value, what="")
     except errors.InvalidArgument as e:
         raise click.BadParameter(str(e)) from None
 
@@ -341,15 +341,15 @@ def backends(state_dir: str, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (sizes in bytes).")
 def disk(state_dir: str, disk_budget: int | None, as_json: bool) -> None:
     """How much disk the bundle store uses, against the budget, and per installed version."""
-    from tether.agent import store
+    from tether.agent import bundles, sizes
 
     root = pathlib.Path(os.path.expanduser(state_dir))
     if not (root / "blobs").is_dir():
         raise click.ClickException(f"{root} holds no bundle store (is --state-dir the agent's?)")
-    usage = store.BundleStore(root).snapshot()
+    usage = bundles.BundleStore(root).snapshot()
     if as_json:
         click.echo(json.dumps(usage.to_json(disk_budget)))
         return
     click.echo(f"bundle store {root}: {usage.describe(disk_budget)}")
     for v in usage.to_json(disk_budget)["versions"]:
-        click.echo(f"  {v['release']} v{v['version']} ({v['role']}): {store.format_size(v['bytes'])}")
+        click.echo(f"  {v['release']} v{v['version']} ({v['role']}): {sizes.format_size(v['bytes'])}")

@@ -20,8 +20,7 @@ from collections.abc import Callable, Mapping
 import grpc
 import numpy as np
 
-from tether.agent import backends as backends_mod
-from tether.agent import daemon, engine, runtime, store
+from tether.agent import backends, client, daemon, engine, files, runtime
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +88,7 @@ def prepare_devices(
         if shard is not None:
             tmp = data_dir / f".{data_name}.tmp.npz"
             np.savez(tmp, **shard)
-            store.atomic_write(data_dir / data_name, tmp.read_bytes())
+            files.atomic_write(data_dir / data_name, tmp.read_bytes())
             tmp.unlink()
         devices.append(SimulatedDevice(device_id, device_attributes(i, seed=seed), state_dir, data_dir))
     return devices
@@ -110,7 +109,7 @@ async def run_fleet(
     trusted_keys: Mapping[str, bytes] | None = None,
     stop: asyncio.Event | None = None,
     on_ready: Callable[[list[daemon.Agent]], None] | None = None,
-    backoff: daemon.Backoff = daemon.Backoff(),
+    backoff: client.Backoff = client.Backoff(),
 ) -> list[daemon.Agent]:
     """Run `count` agents until `stop` is set (or the call is cancelled); returns the stopped agents.
 
@@ -122,11 +121,11 @@ async def run_fleet(
     devices = await asyncio.to_thread(
         prepare_devices, count=count, state_root=state_root, data=data, prefix=prefix, seed=seed
     )
-    backends = await asyncio.to_thread(engine.detect_backends)  # once for the whole (identical) fleet
+    detected = await asyncio.to_thread(engine.detect_backends)  # once for the whole (identical) fleet
     slots = asyncio.Semaphore(max(1, concurrency))
     # Identical devices: one backend selection per model for the whole fleet.
-    selector = backends_mod.Selector(
-        cache_path=pathlib.Path(state_root) / backends_mod.CACHE_FILE, backends=backends, memory_mb=limits.memory_mb
+    selector = backends.Selector(
+        cache_path=pathlib.Path(state_root) / backends.CACHE_FILE, backends=detected, memory_mb=limits.memory_mb
     )
     agents = [
         daemon.Agent(
@@ -136,7 +135,7 @@ async def run_fleet(
             bootstrap_token=bootstrap_token,
             device_id=d.device_id,
             attributes=d.attributes,
-            backends=backends,
+            backends=detected,
             channel_credentials=channel_credentials,
             trusted_keys=trusted_keys,
             task_slots=slots,

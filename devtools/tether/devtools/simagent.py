@@ -1,16 +1,17 @@
-"""Lightweight simulated agents for the fleet benchmark: the real protocol, no models.
+"""Lightweight simulated agents for the fleet benchmark: the agent's own protocol code, no models.
 
-A `SimAgent` speaks the device protocol exactly as `tether.agent.daemon.Agent`
-does — Enroll, then Subscribe (opening Sync, Notify, Revoke, heartbeats) with
-jittered exponential backoff, the manifest from the Notify or else GetManifest
-(sha256-checked against the announced digest), one PullBlobs call for all the
-blobs it lacks (each resumed from the last received offset after an error,
-sha256-verified; PullBlob per blob from a controller without PullBlobs),
-ReportStatus DOWNLOADING (only when an install runs past 1 s) and INSTALLED —
-but keeps its content-addressed cache as a set of digests in
-memory and never runs a task. Thousands share one event loop; `run_worker`
-runs a batch in a child process controlled over a pipe, so a benchmark can
-spread a fleet over several processes (`tether bench fleet`).
+A `SimAgent` runs the real agent's session and pull rooms — `tether.agent.session`
+(Enroll, then Subscribe: opening Sync, Notify, Revoke, heartbeats, reconnects
+with jittered exponential backoff) and `tether.agent.pull` (the manifest from
+the Notify or else GetManifest, verified; one PullBlobs call for all the blobs
+it lacks, resumed from the offsets reached after an error; PullBlob per blob
+from a controller without PullBlobs; the Notify's pull spread) — and reports
+like it (`tether.agent.reporting`: DOWNLOADING only when an install runs past
+1 s, then INSTALLED). What it does not do is keep files or run tasks: its
+`DigestSink` hashes and counts each blob and keeps only the digest, so
+thousands share one event loop. `run_worker` runs a batch in a child process
+controlled over a pipe, so a benchmark can spread a fleet over several
+processes (`tether bench fleet`).
 
 Two baselines run the same code:
 - `mode="poll"`: no stream; GetDesired every `poll_s` seconds, starting at a
@@ -38,16 +39,13 @@ from typing import Any
 
 import grpc
 
-from tether.agent import client
-from tether.common import auth, manifest, rlimits
+from tether.agent import client, pull, reporting, session, statefile
+from tether.common import errors, rlimits
 from tether.proto.v1 import tether_pb2 as pb
-from tether.proto.v1 import tether_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
 S = pb.DeliveryState
-RETRYABLE = client.RETRYABLE
-Backoff = client.Backoff  # the real agent's, so simulated retries pace like real ones
 CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.keepalive_time_ms", 60_000),
     ("grpc.keepalive_timeout_ms", 20_000),
@@ -67,18 +65,87 @@ class Timeline:
     installed_at: float = 0.0
 
 
-@dataclasses.dataclass
-class _Partial:
-    offset: int = 0
-    hasher: Any = dataclasses.field(default_factory=hashlib.sha256)
-
-
 def new_channel(target: str, *, root_pem: bytes | None = None) -> grpc.aio.Channel:
     """A channel with its own TCP connection (gRPC otherwise shares subchannels between equal channels)."""
     options = [*CHANNEL_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
     if root_pem is not None:
         return grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=root_pem), options)
     return grpc.aio.insecure_channel(target, options=options)
+
+
+# ---------------------------------------------------------------- a sink that keeps digests only
+
+
+class DigestSink:
+    """The simulator's `pull.BlobSink`: hashes and counts each blob, keeps its digest, stores no bytes.
+
+    With `full_pull`, blobs it holds are received again (the whole-bundle baseline).
+    """
+
+    def __init__(self, *, full_pull: bool = False) -> None:
+        self.full_pull = full_pull
+        self.cache: set[str] = set()  # blob digests held (content-addressed, shared by every release)
+        self._partials: dict[str, _DigestWrite] = {}
+
+    def has(self, digest: str) -> bool:
+        return digest in self.cache
+
+    def partial_size(self, digest: str) -> int:
+        partial = self._partials.get(digest)
+        return 0 if partial is None else partial.offset
+
+    def open(self, digest: str, *, size: int) -> _DigestWrite:
+        partial = self._partials.get(digest)
+        if partial is None or partial.offset == 0:
+            partial = self._partials[digest] = _DigestWrite(self, digest, size)
+        return partial
+
+    def verified(self, write: _DigestWrite) -> None:
+        self._partials.pop(write.digest, None)
+        self.cache.add(write.digest)
+
+    def drop(self, digest: str) -> None:
+        self._partials.pop(digest, None)
+
+
+class _DigestWrite:
+    """One blob being received: its running sha256 and byte count."""
+
+    __slots__ = ("_hasher", "_sink", "digest", "offset", "size")
+
+    def __init__(self, sink: DigestSink, digest: str, size: int) -> None:
+        self._sink = sink
+        self.digest = digest
+        self.size = size
+        self.offset = 0
+        self._hasher = hashlib.sha256()
+
+    def append(self, data: bytes, *, offset: int) -> None:
+        if offset != self.offset:
+            raise errors.InvalidArgument(f"blob {self.digest}: chunk at offset {offset}, expected {self.offset}")
+        if self.offset + len(data) > self.size:
+            raise errors.DigestMismatch(f"blob {self.digest}: more than the {self.size} bytes the manifest announced")
+        self._hasher.update(data)
+        self.offset += len(data)
+
+    async def commit(self) -> None:
+        if self.offset != self.size or "sha256:" + self._hasher.hexdigest() != self.digest:
+            self._sink.drop(self.digest)
+            raise errors.DigestMismatch(f"blob {self.digest}: received {self.offset} bytes that do not hash to it")
+        self._sink.verified(self)
+
+    def close(self) -> None:
+        pass  # kept for a resume
+
+    def discard(self) -> None:
+        self._sink.drop(self.digest)
+
+
+# ---------------------------------------------------------------- one simulated device
+
+
+async def _nothing() -> None:
+    """Persisting the simulator's state: it keeps none."""
 
 
 class SimAgent:
@@ -92,7 +159,7 @@ class SimAgent:
         mode: str = "push",
         poll_s: float = 30.0,
         full_pull: bool = False,
-        backoff: Backoff = Backoff(),
+        backoff: client.Backoff = client.Backoff(),
         rng: random.Random | None = None,
         timeout_s: float = 120.0,
     ) -> None:
@@ -102,34 +169,48 @@ class SimAgent:
         self.attributes = dict(attributes)
         self.mode = mode
         self.poll_s = poll_s
-        self.full_pull = full_pull
-        self.backoff = backoff
-        self._bootstrap_token = bootstrap_token
-        self._stub = pb_grpc.DeviceServiceStub(channel)
         self._rng = rng or random.Random(device_id)
-        self._timeout_s = timeout_s
-        self.credential = ""
-        self.connected = False
         self.errors = 0
         self.error_codes: collections.Counter[str] = collections.Counter()  # by status code and RPC
         self.installed: dict[str, tuple[int, str]] = {}  # release -> (version, manifest digest)
-        self.cache: set[str] = set()  # blob digests held (content-addressed, shared by every release)
         self._manifests: dict[str, list[list[str]]] = {}  # release -> blob digests of [previous, current]
-        self._notified = client.NotifyExtras(self._rng)  # manifests and pull moments Notifies carried
         self.timelines: dict[tuple[str, int], Timeline] = {}
         self._desired: dict[str, pb.DesiredTask] = {}
         self._workers: dict[str, asyncio.Task[None]] = {}
         self._kicks: dict[str, asyncio.Event] = {}
-        self._partials: dict[str, _Partial] = {}
-        self.pull_blobs = True  # False after the controller answered PullBlobs with UNIMPLEMENTED
+        # The agent's own rooms, on a shared channel, with state in memory and failures counted.
+        self.client = client.DeviceClient("", channel=channel, timeout_s=timeout_s)
+        self.state = statefile.AgentState(device_id=device_id)
+        self.session = session.Session(
+            device=self.client,
+            state=self.state,
+            persist=_nothing,
+            describe=self._describe,
+            bootstrap_token=bootstrap_token,
+            backoff=backoff,
+            rng=self._rng,
+            observer=self,
+            give_up=lambda e: e.code() not in client.RETRYABLE,
+        )
+        self.sink = DigestSink(full_pull=full_pull)
+        self.puller = pull.Puller(device=self.client, sink=self.sink, rng=self._rng, observer=self, timeout_s=timeout_s)
+        self.reporter = reporting.Reporter(device=self.client)
+
+    @property
+    def credential(self) -> str:
+        return self.state.credential
+
+    @property
+    def connected(self) -> bool:
+        return self.session.connected.is_set()
 
     # ------------------------------------------------------------ lifecycle
     async def run(self) -> None:
         """Enrol, then hold the stream (or poll) until cancelled."""
         try:
-            await self._enroll()
+            await self.session.enrol_with_retry()
             if self.mode == "push":
-                await self._stream_forever()
+                await self.session.hold(on_event=self._on_event, on_connected=self.puller.connected, renew=False)
             else:
                 await self._poll_forever()
         finally:
@@ -137,60 +218,23 @@ class SimAgent:
                 w.cancel()
             await asyncio.gather(*self._workers.values(), return_exceptions=True)
 
-    def _count(self, error: grpc.aio.AioRpcError, what: str) -> None:
+    def failed(self, what: str, error: grpc.aio.AioRpcError, *, release: str = "") -> None:
+        """CallObserver: count it (by RPC and status code)."""
         self.errors += 1
         self.error_codes[f"{what}:{error.code().name}"] += 1
 
-    def _md(self) -> tuple[tuple[str, str], ...]:
-        return auth.bearer_metadata(self.credential)
-
-    async def _enroll(self) -> None:
-        attempt = 0
-        while not self.credential:
-            try:
-                info = pb.DeviceInfo(device_id=self.device_id, attributes=self.attributes, backends=["mnn/cpu"])
-                response = await self._stub.Enroll(
-                    pb.EnrollRequest(bootstrap_token=self._bootstrap_token, device=info), timeout=self._timeout_s
-                )
-                self.credential = response.credential
-            except grpc.aio.AioRpcError as e:
-                if e.code() not in RETRYABLE:
-                    raise
-                self._count(e, "Enroll")
-                await asyncio.sleep(self.backoff.delay(attempt, self._rng))
-                attempt += 1
-
-    async def _stream_forever(self) -> None:
-        attempt = 0
-        while True:
-            call = self._stub.Subscribe(pb.SubscribeRequest(), metadata=self._md())
-            try:
-                async for event in call:
-                    if not self.connected:
-                        self.connected, attempt = True, 0
-                        self.pull_blobs = True  # maybe a newer controller now
-                    self._on_event(event)
-            except grpc.aio.AioRpcError as e:
-                self._count(e, "Subscribe")
-                if e.code() == grpc.StatusCode.UNAUTHENTICATED:
-                    self.credential = ""
-                    await self._enroll()
-            finally:
-                call.cancel()
-                self.connected = False
-            await asyncio.sleep(self.backoff.delay(attempt, self._rng))
-            attempt += 1
+    async def _describe(self) -> pb.DeviceInfo:
+        return pb.DeviceInfo(device_id=self.device_id, attributes=self.attributes, backends=["mnn/cpu"])
 
     async def _poll_forever(self) -> None:
         await asyncio.sleep(self._rng.uniform(0, self.poll_s))  # devices poll at independent phases
-        self.connected = True
+        self.session.connected.set()
         next_at = time.monotonic()
         while True:
             try:
-                sync = await self._stub.GetDesired(pb.GetDesiredRequest(), metadata=self._md(), timeout=self._timeout_s)
-                self._on_sync(sync, heard_at=time.time())
+                self._on_sync(await self.client.get_desired(), heard_at=time.time())
             except grpc.aio.AioRpcError as e:
-                self._count(e, "GetDesired")
+                self.failed("GetDesired", e)
             next_at += self.poll_s
             await asyncio.sleep(max(0.0, next_at - time.monotonic()))
 
@@ -201,11 +245,11 @@ class SimAgent:
         if kind == "sync":
             self._on_sync(event.sync, heard_at=now)
         elif kind == "notify":
-            self._notified.heard(event.notify, now=time.monotonic())  # as the real agent does
+            self.puller.notified.heard(event.notify, now=time.monotonic())  # as the real agent does
             self._want(event.notify.task, heard_at=now, sent_at_ms=event.notify.sent_at_ms)
         elif kind == "revoke":
             self._desired.pop(event.revoke.release, None)
-            self._notified.forget(event.revoke.release)
+            self.puller.notified.forget(event.revoke.release)
             self.installed.pop(event.revoke.release, None)
             self._manifests.pop(event.revoke.release, None)
             self._gc()
@@ -247,7 +291,7 @@ class SimAgent:
             if task is None or (current is not None and current[0] >= task.version):
                 await kick.wait()
                 continue
-            delay = self._notified.pull_delay(release, now=time.monotonic())
+            delay = self.puller.notified.pull_delay(release, now=time.monotonic())
             if delay > 0:
                 await asyncio.sleep(delay)
                 continue
@@ -257,31 +301,20 @@ class SimAgent:
             except asyncio.CancelledError:
                 raise
             except grpc.aio.AioRpcError as e:
-                self._count(e, "install")
-                if e.code() not in RETRYABLE:  # refused for good (e.g. untargeted meanwhile): wait for news
+                self.failed("install", e)
+                if e.code() not in client.RETRYABLE:  # refused for good (e.g. untargeted meanwhile): wait for news
                     await kick.wait()
                     continue
-                await asyncio.sleep(self.backoff.delay(attempt, self._rng))
+                await asyncio.sleep(self.session.backoff.delay(attempt, self._rng))
                 attempt += 1
 
     async def _install(self, task: pb.DesiredTask) -> None:
-        progress = client.LateReport(lambda: self._report(task, S.DELIVERY_STATE_DOWNLOADING))
+        progress = self.reporter.downloading(task)
         try:
-            inline = self._notified.manifest(task.manifest_digest)  # carried by the Notify, as the real agent uses it
-            body = inline.manifest if inline is not None else None
-            if body is None:
-                response = await self._stub.GetManifest(
-                    pb.GetManifestRequest(release=task.release, manifest_digest=task.manifest_digest),
-                    metadata=self._md(),
-                    timeout=self._timeout_s,
-                )
-                body = response.manifest
-            if "sha256:" + hashlib.sha256(body).hexdigest() != task.manifest_digest:
-                raise RuntimeError(f"{self.device_id}: manifest of {task.release} does not match its digest")
-            blobs = _blob_sizes(body)
-            await self._pull_all(
-                task.release, {d: n for d, n in blobs.items() if self.full_pull or d not in self.cache}
-            )
+            bundle = await self.puller.manifest(task)  # the Notify's, or GetManifest; verified as the agent does
+            blobs = {f.sha256: f for f in bundle.files}  # distinct blobs
+            wanted = [f for d, f in blobs.items() if self.sink.full_pull or not self.sink.has(d)]
+            await self.puller.fetch(task.release, wanted)
         finally:
             await progress.settle()
         self.installed[task.release] = (task.version, task.manifest_digest)
@@ -289,112 +322,13 @@ class SimAgent:
         history.append(list(blobs))
         del history[:-2]  # keep the previous version for rollback, like the real agent
         self.timelines.setdefault((task.release, task.version), Timeline()).installed_at = time.time()
-        await self._report(task, S.DELIVERY_STATE_INSTALLED)
+        await self.reporter.status(task, S.DELIVERY_STATE_INSTALLED)
         self._gc()
-
-    async def _pull_all(self, release: str, sizes: Mapping[str, int]) -> None:
-        """Every blob of `sizes` with one PullBlobs call (per MAX_BLOBS_PER_PULL), as the real agent does."""
-        digests = list(sizes)
-        for start in range(0, len(digests), manifest.MAX_BLOBS_PER_PULL):
-            group = digests[start : start + manifest.MAX_BLOBS_PER_PULL]
-            if self.pull_blobs:
-                try:
-                    await self._pull_group(release, group, sizes)
-                    continue
-                except grpc.aio.AioRpcError as e:
-                    if e.code() != grpc.StatusCode.UNIMPLEMENTED:
-                        raise
-                    self.pull_blobs = False  # an older controller: blob by blob (nothing of the group arrived)
-            for digest in group:
-                await self._pull(release, digest, sizes[digest])
-
-    async def _pull_group(self, release: str, digests: Sequence[str], sizes: Mapping[str, int]) -> None:
-        """A broken stream that made progress is asked again at once for the rest, from the offsets reached."""
-        remaining = list(digests)
-        while remaining:
-            before = (len(remaining), self._received(remaining))
-            try:
-                await self._pull_stream(release, remaining, sizes)
-            except grpc.aio.AioRpcError as e:
-                if e.code() not in RETRYABLE or (len(remaining), self._received(remaining)) == before:
-                    raise
-                self._count(e, "PullBlobs")
-
-    def _received(self, digests: Sequence[str]) -> int:
-        return sum(p.offset for d in digests if (p := self._partials.get(d)) is not None)
-
-    def _partial(self, digest: str) -> _Partial:
-        partial = self._partials.setdefault(digest, _Partial())
-        if self.full_pull and partial.offset == 0:
-            partial.hasher = hashlib.sha256()
-        return partial
-
-    async def _pull_stream(self, release: str, remaining: list[str], sizes: Mapping[str, int]) -> None:
-        """One PullBlobs call; removes each blob from `remaining` once it is complete and verified."""
-        ranges = [pb.BlobRange(digest=d, offset=self._partial(d).offset) for d in remaining]
-        call = self._stub.PullBlobs(
-            pb.PullBlobsRequest(release=release, blobs=ranges), metadata=self._md(), timeout=self._timeout_s
-        )
-        try:
-            async for chunk in call:
-                if not remaining or chunk.digest != remaining[0]:
-                    raise RuntimeError(f"{self.device_id}: PullBlobs sent {chunk.digest!r} out of order")
-                digest = remaining[0]
-                partial = self._partials[digest]
-                if chunk.offset != partial.offset:
-                    raise RuntimeError(f"{digest}: chunk at {chunk.offset}, expected {partial.offset}")
-                partial.hasher.update(chunk.data)
-                partial.offset += len(chunk.data)
-                if partial.offset >= sizes[digest]:
-                    self._verified(digest, sizes[digest])
-                    remaining.pop(0)
-        finally:
-            call.cancel()
-        if remaining:
-            raise RuntimeError(f"{self.device_id}: PullBlobs ended before blob {remaining[0]} was complete")
-
-    async def _pull(self, release: str, digest: str, size: int) -> None:
-        """One blob with PullBlob (a controller without PullBlobs)."""
-        partial = self._partial(digest)
-        call = self._stub.PullBlob(
-            pb.PullBlobRequest(release=release, digest=digest, offset=partial.offset),
-            metadata=self._md(),
-            timeout=self._timeout_s,
-        )
-        try:
-            async for chunk in call:
-                if chunk.offset != partial.offset:
-                    raise RuntimeError(f"{digest}: chunk at {chunk.offset}, expected {partial.offset}")
-                partial.hasher.update(chunk.data)
-                partial.offset += len(chunk.data)
-        finally:
-            call.cancel()
-        self._verified(digest, size)
-
-    def _verified(self, digest: str, size: int) -> None:
-        """The blob's download is complete: check size and digest, then hold it."""
-        partial = self._partials.pop(digest)
-        if partial.offset != size or "sha256:" + partial.hasher.hexdigest() != digest:
-            raise RuntimeError(f"{self.device_id}: blob {digest} failed verification")
-        self.cache.add(digest)
-
-    async def _report(self, task: pb.DesiredTask, state: int) -> None:
-        with contextlib.suppress(grpc.aio.AioRpcError):
-            await self._stub.ReportStatus(
-                pb.ReportStatusRequest(release=task.release, version=task.version, state=state),
-                metadata=self._md(),
-                timeout=self._timeout_s,
-            )
 
     def _gc(self) -> None:
         """Drop blobs no kept version references (the real agent's `BundleStore.gc`)."""
         keep = {d for versions in self._manifests.values() for blobs in versions for d in blobs}
-        self.cache &= keep
-
-
-def _blob_sizes(body: bytes) -> dict[str, int]:
-    """Distinct blobs of a manifest and their sizes (validated like the real agent does)."""
-    return {f.sha256: f.size for f in manifest.Manifest.from_bytes(body).files}
+        self.sink.cache &= keep
 
 
 # ---------------------------------------------------------------- worker processes

@@ -1,8 +1,8 @@
-"""The device-side bundle store and the agent's durable state.
+"""The device-side bundle store: verified blobs, partial downloads, installed versions, task state, results.
 
 Layout of a state directory::
 
-    state.json                     credential, installed versions, run records (atomic writes)
+    state.json                     the agent's durable state (tether.agent.statefile)
     blobs/sha256/<hex>             verified, read-only blobs, shared by every task and version
     blobs/partial/<hex>.part       interrupted downloads; a pull resumes from the file's size
     installs/<release>/<version>/  one installed bundle version (files hardlinked from blobs)
@@ -20,16 +20,10 @@ verified; `current` moves by one `rename`; the previous version is kept for
 rollback; a crash at any point leaves either the old or the new state.
 Blocking file I/O: call from a worker thread in async code.
 
-Disk budget (`tether agent run --disk-budget`, `make_room`): what counts is
-`blobs/` (verified and partial) and `installs/`, by apparent file size, each
-file once however many hard links it has (an install's files are links to its
-blobs, so a version costs its blobs plus its manifest copy). Before a pull the
-agent computes what the new version still needs (declared sizes of the blobs it
-lacks, less their partial bytes) and, if that does not fit, frees space in
-this order: unreferenced blobs, partials and leftovers; installed versions
-that are neither running nor a rollback target; rollback targets, oldest
-first. The running version of every release is never removed. If the version
-still does not fit, nothing is removed and `DiskBudgetExceeded` says why.
+Disk budget (`tether agent run --disk-budget`, `make_room`): the store
+measures itself (`snapshot`) and carries out what the pure planner
+`tether.agent.diskbudget.plan_room` decides (what counts and the eviction order
+are described there).
 A download never grows past the size its manifest declares (`BlobWriter`), so
 a lying server cannot push the store over the budget. Not counted, and bounded
 on their own: `state.json` and task state (`MAX_STATE_BYTES` each), results
@@ -38,68 +32,23 @@ waiting for upload (pruned run records), `events.db` (count and age retention).
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import hashlib
 import json
 import os
 import pathlib
-import re
 import shutil
 import stat
 import tempfile
 import urllib.parse
 from collections.abc import Collection, Iterable, Iterator, Mapping
-from decimal import Decimal, InvalidOperation
 from typing import Any, BinaryIO
 
+from tether.agent import diskbudget
+from tether.agent.files import atomic_write, fsync_dir
+from tether.agent.statefile import MAX_STATE_BYTES
 from tether.common import errors, manifest
 
-STATE_VERSION = 1
 MANIFEST_FILE = ".tether-manifest.json"
 MAX_RELEASE_LEN = 253
-MAX_STATE_BYTES = 1024 * 1024
-# Bounded by default: a device's disk is small and shared with its owner's data. Bundles of on-device
-# models are megabytes to a few hundred; 1 GiB holds a few of them plus a rollback copy each.
-DEFAULT_DISK_BUDGET = 1024**3
-ENV_DISK_BUDGET = "TETHER_AGENT_DISK_BUDGET"
-
-
-# ---------------------------------------------------------------- atomic files
-
-
-def fsync_dir(path: pathlib.Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: pathlib.Path, data: bytes) -> None:
-    """Write `data` to `path` so readers see the old or the new content, never a mix (tmp + fsync + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
-
-
-def atomic_write_json(path: pathlib.Path, doc: Any) -> None:
-    atomic_write(path, json.dumps(doc, indent=1, sort_keys=True).encode("utf-8"))
 
 
 def release_dirname(release: str) -> str:
@@ -113,119 +62,6 @@ def release_dirname(release: str) -> str:
 
 def _hex(digest: str) -> str:
     return manifest.check_digest(digest).split(":", 1)[1]
-
-
-# ---------------------------------------------------------------- agent state
-
-
-@dataclasses.dataclass
-class RunRecord:
-    """One run of a task. Written before the task runs, so a restart reuses `key` for the upload."""
-
-    key: str
-    release: str
-    version: int
-    trigger: str
-    status: str  # "running" | "uploading" | "uploaded" | "failed"
-    started_at: float
-    finished_at: float = 0.0
-    message: str = ""
-
-    def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_json(cls, doc: dict[str, Any]) -> RunRecord:
-        fields = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in doc.items() if k in fields})
-
-
-@dataclasses.dataclass
-class InstalledTask:
-    release: str
-    version: int
-    manifest_digest: str
-    # The version's policy as announced (DesiredTask), so a restarted agent runs it the same way
-    # before the stream's Sync arrives.
-    trigger_json: str = ""
-    resources_json: str = ""
-
-    @classmethod
-    def from_json(cls, doc: dict[str, Any]) -> InstalledTask:
-        fields = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in doc.items() if k in fields})
-
-
-@dataclasses.dataclass
-class AgentState:
-    device_id: str = ""
-    credential: str = ""
-    installed: dict[str, InstalledTask] = dataclasses.field(default_factory=dict)
-    # release -> {"version": int, "digest": str, "reason": str}: versions refused; not retried.
-    refused: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
-    runs: dict[str, RunRecord] = dataclasses.field(default_factory=dict)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "schema": STATE_VERSION,
-            "device_id": self.device_id,
-            "credential": self.credential,
-            "installed": {k: dataclasses.asdict(v) for k, v in sorted(self.installed.items())},
-            "refused": dict(sorted(self.refused.items())),
-            "runs": {k: v.to_json() for k, v in self.runs.items()},
-        }
-
-    @classmethod
-    def from_json(cls, doc: dict[str, Any]) -> AgentState:
-        return cls(
-            device_id=str(doc.get("device_id", "")),
-            credential=str(doc.get("credential", "")),
-            installed={k: InstalledTask.from_json(v) for k, v in (doc.get("installed") or {}).items()},
-            refused=dict(doc.get("refused") or {}),
-            runs={k: RunRecord.from_json(v) for k, v in (doc.get("runs") or {}).items()},
-        )
-
-    def runs_of(self, release: str, version: int | None = None) -> list[RunRecord]:
-        return [r for r in self.runs.values() if r.release == release and (version is None or r.version == version)]
-
-    def prune_runs(self, *, keep_per_release: int = 20) -> list[str]:
-        """Forget old finished runs; never a run whose upload is still pending. Returns removed keys."""
-        removed = []
-        by_release: dict[str, list[RunRecord]] = {}
-        for r in self.runs.values():
-            by_release.setdefault(r.release, []).append(r)
-        for runs in by_release.values():
-            done = sorted((r for r in runs if r.status in {"uploaded", "failed"}), key=lambda r: r.started_at)
-            for r in done[: max(0, len(done) - keep_per_release)]:
-                del self.runs[r.key]
-                removed.append(r.key)
-        return removed
-
-
-class StateFile:
-    """`state.json`, read once and rewritten atomically on every change."""
-
-    def __init__(self, path: pathlib.Path) -> None:
-        self.path = path
-
-    def load(self) -> AgentState:
-        if not self.path.exists():
-            return AgentState()
-        raw = self.path.read_bytes()
-        if len(raw) > MAX_STATE_BYTES * 16:
-            raise errors.FailedPrecondition(f"{self.path}: unreasonably large ({len(raw)} bytes)")
-        doc = json.loads(raw)
-        if doc.get("schema") != STATE_VERSION:
-            raise errors.FailedPrecondition(f"{self.path}: unknown schema {doc.get('schema')!r}")
-        return AgentState.from_json(doc)
-
-    def save(self, state: AgentState) -> None:
-        atomic_write_json(self.path, state.to_json())
-        with contextlib.suppress(OSError):
-            os.chmod(self.path, 0o600)  # holds the device credential
-
-
-# ---------------------------------------------------------------- blobs and installs
 
 
 class BlobWriter:
@@ -509,7 +345,7 @@ class BundleStore:
                 yield from (s for s in p.iterdir() if s.name.startswith(".staging-"))
 
     # ---------------------------------------------------------- disk budget
-    def snapshot(self) -> StoreSnapshot:
+    def snapshot(self) -> diskbudget.StoreSnapshot:
         """What the store holds and how big it is (see the module docstring for what counts)."""
         seen: set[tuple[int, int]] = set()
 
@@ -531,7 +367,7 @@ class BundleStore:
 
         blobs = {f"sha256:{p.name}": sized(p) for p in self.blobs.iterdir()}
         partials = {f"sha256:{p.name.removesuffix('.part')}": sized(p) for p in self.partials.iterdir()}
-        installs: dict[tuple[str, int], InstallSize] = {}
+        installs: dict[tuple[str, int], diskbudget.InstallSize] = {}
         current: dict[str, int] = {}
         for release in self.releases():
             cur = self.current(release)
@@ -551,12 +387,14 @@ class BundleStore:
                     mtime = path.stat().st_mtime
                 except OSError:
                     mtime = 0.0
-                installs[(release, v)] = InstallSize(digests=digests, own_bytes=tree(path), mtime=mtime)
+                installs[(release, v)] = diskbudget.InstallSize(digests=digests, own_bytes=tree(path), mtime=mtime)
         try:
             leftovers = sum(tree(p) for p in self._leftovers())
         except OSError:
             leftovers = 0
-        return StoreSnapshot(blobs=blobs, partials=partials, installs=installs, current=current, leftovers=leftovers)
+        return diskbudget.StoreSnapshot(
+            blobs=blobs, partials=partials, installs=installs, current=current, leftovers=leftovers
+        )
 
     def install_overhead(self, m: manifest.Manifest) -> int:
         """Bytes an install of `m` adds beyond its blobs: its manifest copy (and the files, where links fail)."""
@@ -585,10 +423,10 @@ class BundleStore:
         budget: int | None,
         keep: Collection[str] = (),
         reserved: Mapping[str, int] | None = None,
-    ) -> RoomPlan:
+    ) -> diskbudget.RoomPlan:
         """`plan_room` for this store as it is now (reads sizes, changes nothing)."""
         kept = self._same_install(self.install_dir(release, version), m)  # a rollback to a kept copy adds nothing
-        return plan_room(
+        return diskbudget.plan_room(
             self.snapshot(),
             release=release,
             version=int(version),
@@ -608,7 +446,7 @@ class BundleStore:
         budget: int | None,
         keep: Collection[str] = (),
         reserved: Mapping[str, int] | None = None,
-    ) -> RoomPlan:
+    ) -> diskbudget.RoomPlan:
         """Make room within `budget` for pulling and installing `m` as `release` v`version`, or refuse.
 
         `keep`: digests of other installs in progress (their blobs and partials stay); `reserved`:
@@ -618,7 +456,7 @@ class BundleStore:
         """
         plan = self.plan_room(release, version, m, budget=budget, keep=keep, reserved=reserved)
         if not plan.fits:
-            raise DiskBudgetExceeded(plan.message, plan=plan, manifest=m)
+            raise diskbudget.DiskBudgetExceeded(plan.message, plan=plan, manifest=m)
         for r, v in plan.evict:
             self._remove_install(r, v)
         if plan.gc:
@@ -637,274 +475,3 @@ class BundleStore:
             os.rename(path, doomed)  # never a half-deleted install that looks valid
             shutil.rmtree(doomed, ignore_errors=True)
             fsync_dir(path.parent)
-
-
-# ---------------------------------------------------------------- disk budget (pure)
-
-_SIZE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)")
-_UNITS = {
-    "": 1,
-    "b": 1,
-    **{p + "b": 1000**n for n, p in enumerate("kmgt", 1)},
-    **{p: 1024**n for n, p in enumerate("kmgt", 1)},
-    **{p + "i": 1024**n for n, p in enumerate("kmgt", 1)},
-    **{p + "ib": 1024**n for n, p in enumerate("kmgt", 1)},
-}
-
-
-def parse_size(text: str | int, *, what: str = "disk budget") -> int | None:
-    """Bytes of a size such as `500MB`, `2GiB`, `1.5G` or `1048576`; None for `unlimited` (or `none`).
-
-    kB, MB, GB, TB are powers of 1000; KiB, MiB, GiB, TiB (also Ki.. and bare K, M, G, T, as systemd
-    and Docker read them) are powers of 1024. Units are case-insensitive. InvalidArgument when it is
-    not a size, or not more than 0.
-    """
-    prefix = f"{what}: " if what else ""
-    if isinstance(text, int) and not isinstance(text, bool):
-        raw = str(text)
-    elif isinstance(text, str):
-        raw = text
-    else:
-        raise errors.InvalidArgument(f"{prefix}{text!r} is not a size")
-    value = raw.strip().lower()
-    if value in {"unlimited", "none"}:
-        return None
-    match = _SIZE.fullmatch(value)
-    if match is None:
-        raise errors.InvalidArgument(
-            f"{prefix}{raw!r} is not a size; use a number of bytes with an optional unit "
-            "(500MB, 2GiB, 1048576) or 'unlimited'"
-        )
-    number, unit = match.groups()
-    if unit not in _UNITS:
-        raise errors.InvalidArgument(
-            f"{prefix}unknown unit {unit!r} in {raw!r}; use B, kB, MB, GB, TB (powers of 1000) "
-            "or KiB, MiB, GiB, TiB (powers of 1024)"
-        )
-    try:
-        n = int(Decimal(number) * _UNITS[unit])
-    except InvalidOperation:
-        raise errors.InvalidArgument(f"{prefix}{raw!r} is not a size") from None
-    if n <= 0:
-        raise errors.InvalidArgument(f"{prefix}{raw!r} must be more than 0 bytes ('unlimited' for no budget)")
-    return n
-
-
-def format_size(n: int) -> str:
-    """`1 GiB`, `500 MB`, `476.8 MiB`, `12 B`: exact when it is a whole number of a unit."""
-    n = int(n)
-    binary = [("TiB", 1024**4), ("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)]
-    decimal = [("TB", 1000**4), ("GB", 1000**3), ("MB", 1000**2), ("kB", 1000)]
-    for unit, base in binary + decimal:
-        if n >= base and n % base == 0:
-            return f"{n // base} {unit}"
-    for unit, base in binary:
-        if n >= base:
-            return f"{n / base:.1f} {unit}"
-    return f"{n} B"
-
-
-@dataclasses.dataclass(frozen=True)
-class InstallSize:
-    """One installed version: the blobs it references and the bytes of its own files (manifest, copies)."""
-
-    digests: frozenset[str]
-    own_bytes: int = 0
-    mtime: float = 0.0
-
-
-@dataclasses.dataclass(frozen=True)
-class StoreSnapshot:
-    """The store's contents and sizes; pure data, so the budget maths is testable without files."""
-
-    blobs: Mapping[str, int]  # digest -> bytes of a verified blob
-    partials: Mapping[str, int]  # digest -> bytes of an interrupted download
-    installs: Mapping[tuple[str, int], InstallSize]
-    current: Mapping[str, int]  # release -> running version
-    leftovers: int = 0  # staging and half-removed directories
-
-    @property
-    def total(self) -> int:
-        return (
-            sum(self.blobs.values())
-            + sum(self.partials.values())
-            + sum(i.own_bytes for i in self.installs.values())
-            + self.leftovers
-        )
-
-    def rollback_target(self, release: str) -> int | None:
-        """The version kept for a rollback of `release`: the newest one older than the running one."""
-        cur = self.current.get(release)
-        if cur is None:
-            return None
-        return max((v for r, v in self.installs if r == release and v < cur), default=None)
-
-    def version_bytes(self, key: tuple[str, int]) -> int:
-        """Bytes of one installed version: its blobs (shared ones too) and its own files."""
-        inst = self.installs[key]
-        return sum(self.blobs.get(d, 0) for d in inst.digests) + inst.own_bytes
-
-    def to_json(self, budget: int | None = None) -> dict[str, Any]:
-        """What `tether agent disk --json` prints and the agent logs."""
-        return {
-            "budget": budget,
-            "used": self.total,
-            "blobs": sum(self.blobs.values()),
-            "partial": sum(self.partials.values()),
-            "installs": sum(i.own_bytes for i in self.installs.values()) + self.leftovers,
-            "versions": [
-                {
-                    "release": r,
-                    "version": v,
-                    "role": "running"
-                    if self.current.get(r) == v
-                    else "rollback"
-                    if self.rollback_target(r) == v
-                    else "old",
-                    "bytes": self.version_bytes((r, v)),
-                }
-                for r, v in sorted(self.installs)
-            ],
-        }
-
-    def describe(self, budget: int | None = None) -> str:
-        """One line: `12.3 MiB of 1 GiB (1%): blobs 12.2 MiB, partial downloads 0 B, ...`."""
-        used = self.total
-        of = "" if budget is None else f" of {format_size(budget)} ({100 * used / budget:.0f}%)"
-        doc = self.to_json(budget)
-        return (
-            f"{format_size(used)}{of}: blobs {format_size(doc['blobs'])}, partial downloads "
-            f"{format_size(doc['partial'])}, install files {format_size(doc['installs'])}; "
-            f"{len(self.installs)} installed versions of {len({r for r, _ in self.installs})} releases"
-        )
-
-
-@dataclasses.dataclass(frozen=True)
-class RoomPlan:
-    """How a version fits the budget: what to free first, or why it cannot fit."""
-
-    fits: bool
-    need: int  # bytes the version still needs (missing blobs less their partial bytes, plus its install files)
-    used: int  # bytes in the store now
-    reserved: int  # bytes other downloads in progress still need
-    after: int  # bytes in the store once the plan ran (before the pull)
-    budget: int | None
-    gc: bool = False  # drop unreferenced blobs, stray partials and leftovers
-    evict: tuple[tuple[str, int], ...] = ()  # installed versions to remove, in this order
-    message: str = ""  # why it does not fit
-
-
-class DiskBudgetExceeded(errors.TooLarge):
-    """A version does not fit the agent's disk budget even after freeing all it may free."""
-
-    def __init__(self, message: str, *, plan: RoomPlan, manifest: manifest.Manifest | None = None) -> None:
-        super().__init__(message)
-        self.plan = plan
-        self.manifest = manifest  # the version refused, so a retry can plan again without fetching it
-
-
-def _still_needed(sizes: Mapping[str, int], snap: StoreSnapshot, *, skip: Collection[str] = ()) -> int:
-    """Declared bytes not on disk yet: blobs not in the cache, less what their partials hold."""
-    total = 0
-    for digest, size in sizes.items():
-        if digest in snap.blobs or digest in skip:
-            continue
-        partial = snap.partials.get(digest, 0)
-        total += size - partial if partial <= size else size  # a partial longer than the blob starts over
-    return total
-
-
-def plan_room(
-    snap: StoreSnapshot,
-    *,
-    release: str,
-    version: int,
-    sizes: Mapping[str, int],
-    overhead: int = 0,
-    keep: Collection[str] = (),
-    reserved: Mapping[str, int] | None = None,
-    budget: int | None,
-) -> RoomPlan:
-    """Plan room for `release` v`version` whose blobs are `sizes` (digest -> declared bytes). No I/O.
-
-    Fits when used + reserved + need <= budget. Otherwise frees, in order, until it fits:
-    1. blobs no install references, partials and leftovers of nothing wanted, partials longer
-       than their blob (`gc`);
-    2. installed versions that are neither running nor a rollback target (for `release`: those
-       its install would prune anyway), oldest first;
-    3. rollback targets (for `release`: the one its install would keep), oldest first.
-    The running version of each release is never removed. Blobs of `sizes`, `keep` and
-    `reserved` stay. When even all that is not enough, nothing is removed (`fits` False).
-    """
-    reserved = dict(reserved or {})
-    need = _still_needed(sizes, snap) + (overhead if sizes else 0)
-    pending = _still_needed(reserved, snap, skip=sizes)
-    used = snap.total
-    if need == 0 or budget is None or used + pending + need <= budget:
-        return RoomPlan(fits=True, need=need, used=used, reserved=pending, after=used, budget=budget)
-
-    wanted = set(sizes) | set(keep) | set(reserved)
-    # Partials worth keeping: wanted, and not longer than the blob (such a one restarts from 0 anyway).
-    resumable = {d for d in snap.partials if d in wanted and not snap.partials[d] > sizes.get(d, snap.partials[d])}
-    installs = dict(snap.installs)
-
-    def size_now() -> int:
-        refs = wanted.union(*(i.digests for i in installs.values()))
-        return (
-            sum(n for d, n in snap.blobs.items() if d in refs)
-            + sum(n for d, n in snap.partials.items() if d in resumable)
-            + sum(i.own_bytes for i in installs.values())
-        )
-
-    def ordered(keys: list[tuple[str, int]]) -> list[tuple[str, int]]:
-        return sorted(keys, key=lambda k: (snap.installs[k].mtime, k))
-
-    older = [v for r, v in snap.installs if r == release and v < version]
-    kept_after = max(older, default=None)  # what the install of `version` keeps for rollback
-    stale, rollback = [], []
-    for key in snap.installs:
-        r, v = key
-        if snap.current.get(r) == v:
-            continue  # running: never removed here
-        is_rollback = (v == kept_after) if r == release else (v == snap.rollback_target(r))
-        (rollback if is_rollback else stale).append(key)
-
-    evict: list[tuple[str, int]] = []
-    after = size_now()
-    for key in [None, *ordered(stale), *ordered(rollback)]:
-        if key is not None:
-            removed = installs.pop(key)
-            if size_now() == after:  # frees nothing (its blobs are shared with what stays): keep it
-                installs[key] = removed
-                continue
-            evict.append(key)
-            after = size_now()
-        if after + pending + need <= budget:
-            return RoomPlan(
-                fits=True,
-                need=need,
-                used=used,
-                reserved=pending,
-                after=after,
-                budget=budget,
-                gc=True,
-                evict=tuple(evict),
-            )
-    message = f"disk budget {format_size(budget)} exceeded: {release} v{version} needs {format_size(need)} more"
-    if need > budget:
-        message += ", more than the whole budget"
-    else:
-        running = ", ".join(f"{r} v{v}" for r, v in sorted(installs)) or "none"
-        message += f", {format_size(after)} in use (running versions: {running}"
-        own = sum(min(snap.partials.get(d, 0), n) for d, n in sizes.items() if d not in snap.blobs)
-        if own:
-            message += f"; {format_size(own)} already downloaded for it"
-        message += ")"
-        if pending:
-            message += f" and {format_size(pending)} reserved for other downloads in progress"
-    message += "; raise --disk-budget or remove releases from this device"
-    return RoomPlan(fits=False, need=need, used=used, reserved=pending, after=after, budget=budget, message=message)
-
-
-def sha256_hex(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()

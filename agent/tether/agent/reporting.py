@@ -1,0 +1,180 @@
+"""What the agent tells the controller about itself: delivery states and backend choices.
+
+Reports are best effort: a lost report must not stop the work it reports on,
+so every failure here is logged and dropped. Two rules live here so the agent
+and the fleet simulator report alike:
+
+- DOWNLOADING is sent only for an install still running after
+  `DOWNLOADING_REPORT_AFTER_S` (`LateReport`); a quicker one goes from
+  NOTIFIED straight to INSTALLED: one call and one database write less per
+  device when a whole fleet installs.
+- Backend choices (`BackendReports`) are sent in the background, one report
+  at a time, whenever an install may have changed them, and again after a
+  Sync when the last attempt failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from tether.agent import backends, bundles, client, participation, statefile
+from tether.common import errors
+from tether.proto.v1 import tether_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+DOWNLOADING_REPORT_AFTER_S = 1.0
+
+
+def state_name(state: int) -> str:
+    return pb.DeliveryState.Name(state).removeprefix("DELIVERY_STATE_")  # type: ignore[arg-type]
+
+
+class LateReport:
+    """A progress report sent only if the work it describes is still going after `after_s`.
+
+    `settle()` (in a `finally` around the work) cancels a report not yet begun,
+    or waits for one already on its way, so it can never arrive after the
+    report that ends the work (both carry the same version: the later write
+    wins).
+    """
+
+    def __init__(self, send: Callable[[], Awaitable[None]], *, after_s: float | None = None) -> None:
+        self._send = send
+        self._after_s = DOWNLOADING_REPORT_AFTER_S if after_s is None else after_s
+        self.sent = False
+        self._task = asyncio.create_task(self._run(), name="late-report")
+
+    async def _run(self) -> None:
+        await asyncio.sleep(self._after_s)
+        self.sent = True
+        await self._send()
+
+    async def settle(self) -> None:
+        if not self.sent:
+            self._task.cancel()
+        # Wait without awaiting the task itself: a cancellation of the caller must reach the caller, not be
+        # taken for the report's. A lost progress report changes nothing: its outcome is read and dropped.
+        try:
+            await asyncio.wait({self._task})
+        except asyncio.CancelledError:
+            self._task.cancel()  # the caller is going away (shutdown): so is its report
+            raise
+        if not self._task.cancelled():
+            self._task.exception()
+
+
+class Reporter:
+    """ReportStatus for one device, with the device state (participation conditions) it can tell."""
+
+    def __init__(self, *, device: client.DeviceClient, probe: participation.StateProbe | None = None) -> None:
+        self._client = device
+        self._probe = probe  # None: the device tells nothing (the simulator)
+
+    def device_state(self) -> dict[str, str]:
+        if self._probe is None:
+            return {}
+        try:
+            return {k: str(v) for k, v in self._probe().items() if k in participation.KEYS}
+        except Exception as e:  # a probe must never stop the agent
+            log.debug("device state probe failed: %s", e)
+            return {}
+
+    async def status(self, task: pb.DesiredTask, state: int, message: str = "") -> None:
+        """ReportStatus, best effort: a lost report must not stop the work it reports on."""
+        try:
+            await self._client.report_status(
+                release=task.release,
+                version=task.version,
+                state=state,  # type: ignore[arg-type]
+                message=message,
+                device_state=self.device_state(),
+            )
+        except Exception as e:
+            log.debug("report %s %s v%d failed: %s", state_name(state), task.release, task.version, e)
+
+    def downloading(self, task: pb.DesiredTask) -> LateReport:
+        """DOWNLOADING for `task`, if its install is still going after a while; `settle()` it when done."""
+        return LateReport(lambda: self.status(task, pb.DeliveryState.DELIVERY_STATE_DOWNLOADING))
+
+
+class BackendReports:
+    """ReportBackends: the backend chosen for each installed model, sent when it may have changed."""
+
+    def __init__(
+        self,
+        *,
+        device: client.DeviceClient,
+        selector: backends.Selector,
+        state: statefile.AgentState,
+        store: bundles.BundleStore,
+        stopping: asyncio.Event,
+    ) -> None:
+        self._client = device
+        self._selector = selector
+        self._state = state
+        self._store = store
+        self._stopping = stopping
+        self._dirty = True  # choices the controller has not heard of yet
+        self._task: asyncio.Task[None] | None = None
+
+    def changed(self) -> None:
+        """An install may have changed the choices: tell the controller soon."""
+        self._dirty = True
+        self.soon()
+
+    def soon(self) -> None:
+        """Tell the controller the current choices (best effort, in the background, one report at a time)."""
+        if not self._dirty:
+            return
+        if self._task is not None and not self._task.done():
+            return  # the running report re-checks the dirty flag when it finishes
+        self._task = asyncio.create_task(self._report(), name="report-backends")
+
+    def cancel(self) -> asyncio.Task[None] | None:
+        """Stop a report under way; returns its task to await."""
+        if self._task is not None:
+            self._task.cancel()
+        return self._task
+
+    async def _report(self) -> None:
+        while self._dirty and not self._stopping.is_set():
+            self._dirty = False
+            try:
+                device_profile = await self._selector.profile()
+                choices = self._choices(device_profile.fingerprint)
+                if not choices:
+                    continue  # nothing to tell (yet): an install finishing meanwhile sets the flag again
+                await self._client.report_backends(
+                    pb.ReportBackendsRequest(
+                        choices=list(choices.values())[:64],
+                        fingerprint=device_profile.fingerprint,
+                        backends=list(device_profile.backends),
+                    )
+                )
+            except Exception as e:  # an older controller (UNIMPLEMENTED), a lost connection: next sync retries
+                self._dirty = True
+                log.debug("reporting backend choices failed: %s", client.describe(e))
+                return
+
+    def _choices(self, fingerprint: Any) -> dict[str, pb.BackendChoice]:
+        choices: dict[str, pb.BackendChoice] = {}
+        for release, installed in sorted(self._state.installed.items()):
+            try:
+                bundle = self._store.installed_manifest(release, installed.version)
+            except (OSError, errors.TetherError):
+                continue
+            for spec in backends.specs_for(bundle, path_of=lambda f: f.path):
+                sel = self._selector.cache.get(spec.key, fingerprint)
+                if sel is not None and spec.key not in choices:
+                    choices[spec.key] = pb.BackendChoice(
+                        model_key=spec.key,
+                        candidate=sel.chosen.key,
+                        latency_ms=sel.latency_ms,
+                        release=release,
+                        model=spec.name,
+                    )
+        return choices
