@@ -2,6 +2,7 @@ import pytest
 
 from tether.common import errors
 from tether.controller import targeting
+from tether.spec import wire
 
 ANDROID_HIGH = {"os": "android", "tier": "high", "region": "eu"}
 BACKEND, DEVICE_ID = targeting.BACKEND_KEY, targeting.DEVICE_ID_KEY
@@ -187,12 +188,12 @@ def test_invalid_targets_name_the_field(doc, field, fragment):
 )
 def test_invalid_target_json(text, fragment):
     with pytest.raises(errors.InvalidSpec, match=fragment):
-        targeting.parse_target_json(text)
+        wire.target_from_json(text)
 
 
 def test_empty_json_targets_everything():
-    assert targeting.parse_target_json("").matches_everything
-    assert targeting.parse_target_json("  ").matches(facts())
+    assert wire.target_from_json("").matches_everything
+    assert wire.target_from_json("  ").matches(facts())
 
 
 def test_document_is_normalised_so_equivalent_spellings_compare_equal():

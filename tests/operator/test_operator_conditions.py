@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime
 
 from tether.operator import conditions as cond
-from tether.operator.model import ConditionStatus
+from tether.operator.task_status import ConditionStatus
 
 T0 = datetime.datetime(2025, 1, 1, 12, 0, 0, tzinfo=datetime.UTC)
 T1 = T0 + datetime.timedelta(minutes=5)

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tether.operator import crd, model
+from tether.operator import crd, model, task_status
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 COMMITTED = ROOT / "charts" / "tether" / "crds" / "mltask.yaml"
@@ -121,7 +121,7 @@ def test_the_schema_carries_enums_bounds_and_patterns(schema: dict[str, Any]) ->
 
 def test_the_status_schema(schema: dict[str, Any]) -> None:
     status = schema["properties"]["status"]["properties"]
-    assert status["phase"]["enum"] == [p.value for p in model.Phase]
+    assert status["phase"]["enum"] == [p.value for p in task_status.Phase]
     conditions = status["conditions"]
     assert conditions["x-kubernetes-list-type"] == "map"
     assert conditions["items"]["required"] == ["type", "status", "reason", "lastTransitionTime"]

@@ -12,7 +12,7 @@ import pytest
 from tether.common import errors
 from tether.operator import conditions as cond
 from tether.operator import reconcile
-from tether.operator.model import ConditionStatus, MLTaskStatus, Phase
+from tether.operator.task_status import ConditionStatus, MLTaskStatus, Phase
 
 T0 = datetime.datetime(2025, 1, 1, tzinfo=datetime.UTC)
 T1 = T0 + datetime.timedelta(seconds=30)
@@ -41,24 +41,41 @@ def test_create_asks_for_an_apply_with_the_release_documents() -> None:
         paused=True,
     )
     d = reconcile.decide(spec=doc, meta=META, status=MLTaskStatus(), observed=None, now=T0)
-    assert d.actions == (
-        reconcile.ApplyRelease(
-            release="ml/digits",
-            generation=1,
-            manifest_digest=DIGEST,
-            target_json=json.dumps(
+    # The action holds typed values (encoded at the gRPC edge); its `*_json` views are the documents sent.
+    assert [
+        (
+            a.release,
+            a.generation,
+            a.manifest_digest,
+            a.target_json,
+            a.trigger_json,
+            a.aggregation_json,
+            a.paused,
+            a.resources_json,
+            a.rollout_json,
+        )
+        for a in d.actions
+        if isinstance(a, reconcile.ApplyRelease)
+    ] == [
+        (
+            "ml/digits",
+            1,
+            DIGEST,
+            json.dumps(
                 {
                     "matchExpressions": [{"key": "tier", "operator": "Exists", "values": []}],
                     "matchLabels": {"os": "android"},
                 },
                 separators=(",", ":"),
             ),
-            trigger_json='{"seconds":60,"type":"interval"}',
-            aggregation_json='{"counts":"sum","metrics":"weightedMean","tensors":"sum"}',
-            paused=True,
-            resources_json='{"cpuSeconds":30,"memoryMB":256,"timeoutSeconds":120}',
-        ),
-    )
+            '{"seconds":60,"type":"interval"}',
+            '{"counts":"sum","metrics":"weightedMean","tensors":"sum"}',
+            True,
+            '{"cpuSeconds":30,"memoryMB":256,"timeoutSeconds":120}',
+            "",
+        )
+    ]
+    assert len(d.actions) == 1
     assert d.status.phase == Phase.PENDING
     assert d.status.observed_generation is None  # not before the controller accepted it
     assert cond.is_true(d.status.conditions, cond.VALID) and cond.is_true(d.status.conditions, cond.PAUSED)

@@ -14,7 +14,7 @@ import yaml
 
 from tether.agent import schedule as agent_triggers
 from tether.common import errors
-from tether.operator import model, reconcile, validate
+from tether.operator import reconcile, task_status, validate
 
 DIGEST = "sha256:" + "0" * 64
 META = reconcile.Meta(name="digits", namespace="ml", generation=1)
@@ -85,7 +85,7 @@ def spec(trigger: dict[str, Any]) -> dict[str, Any]:
 
 def trigger_json(trigger: dict[str, Any]) -> str:
     """What the operator sends the controller for this MLTask trigger (ApplyRelease.trigger_json)."""
-    d = reconcile.decide(spec=spec(trigger), meta=META, status=model.MLTaskStatus(), observed=None, now=T0)
+    d = reconcile.decide(spec=spec(trigger), meta=META, status=task_status.MLTaskStatus(), observed=None, now=T0)
     (action,) = [a for a in d.actions if isinstance(a, reconcile.ApplyRelease)]
     return action.trigger_json
 
@@ -179,13 +179,13 @@ def test_an_invalid_trigger_never_reaches_the_controller() -> None:
     d = reconcile.decide(
         spec=spec({"type": "cron", "schedule": "0 25 * * *"}),
         meta=META,
-        status=model.MLTaskStatus(),
+        status=task_status.MLTaskStatus(),
         observed=None,
         now=T0,
     )
     assert not [a for a in d.actions if isinstance(a, reconcile.ApplyRelease)]
     valid = d.status.condition("Valid")
-    assert valid is not None and valid.status == model.ConditionStatus.FALSE
+    assert valid is not None and valid.status == task_status.ConditionStatus.FALSE
     assert "spec.trigger.schedule" in valid.message and "hour: 25" in valid.message
 
 

@@ -9,6 +9,7 @@ import pytest
 
 from tether.common import errors
 from tether.operator import model, validate
+from tether.spec import selectors
 
 DIGEST = "sha256:" + "ab" * 32
 
@@ -34,7 +35,7 @@ def test_a_full_valid_spec_parses_into_the_typed_model() -> None:
     typed = validate.validate(spec())
     assert typed.bundle.digest == DIGEST
     assert [s.percent for s in typed.rollout.stages] == [10, 50, 100]
-    assert typed.target.match_expressions[0].operator == model.SelectorOperator.IN
+    assert typed.target.match_expressions[0].operator == selectors.Operator.IN
     assert typed.resources.memory_mb == 256
     assert typed.to_json()["resources"] == {"timeoutSeconds": 60, "memoryMB": 256, "cpuSeconds": 30}
 

@@ -14,7 +14,8 @@ import pytest
 
 from tether.operator import conditions as cond
 from tether.operator import progression, reconcile
-from tether.operator.model import GateState, MLTaskSpec, MLTaskStatus, Phase, RolloutPhase, StagePhase, StageStatus
+from tether.operator.model import MLTaskSpec
+from tether.operator.task_status import GateState, MLTaskStatus, Phase, RolloutPhase, StagePhase, StageStatus
 
 T0 = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
 DIGEST = "sha256:" + "0" * 64

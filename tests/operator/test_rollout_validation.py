@@ -9,7 +9,7 @@ import pytest
 
 from tether.operator import conditions as cond
 from tether.operator import reconcile, validate
-from tether.operator.model import MLTaskStatus, Phase
+from tether.operator.task_status import MLTaskStatus, Phase
 
 T0 = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
 DIGEST = "sha256:" + "0" * 64

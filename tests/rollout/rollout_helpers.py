@@ -29,7 +29,7 @@ from tether.common.admin_client import AdminClient
 from tether.controller import devices, server, store, uploads
 from tether.operator import reconcile
 from tether.operator import release_client as operator_admin
-from tether.operator.model import MLTaskStatus
+from tether.operator.task_status import MLTaskStatus
 
 T0 = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
 

@@ -27,7 +27,7 @@ from rollout_helpers import (
 
 from tether.common import admin_client
 from tether.controller import cohorts, devices
-from tether.operator.model import Phase, RolloutPhase
+from tether.operator.task_status import Phase, RolloutPhase
 from tether.spec import versions
 
 RELEASE = "ml/scenario"

@@ -9,6 +9,7 @@ import pytest
 
 from tether.common import errors
 from tether.controller import releases, rollouts, targeting
+from tether.spec import staging
 
 DIGEST1 = "sha256:" + "1" * 64
 DIGEST2 = "sha256:" + "2" * 64
@@ -149,7 +150,7 @@ def test_edited_stages_or_a_new_version_start_the_thresholds_over() -> None:
     rel = release(stage=1)
     assert not rollouts.needs_population(rel.rollout_state, rel.rollout, 2)
     assert rollouts.needs_population(rel.rollout_state, rel.rollout, 3)
-    edited = dataclasses.replace(rel.rollout, stages=(rollouts.StageRule(percent=100),), stage=0)  # type: ignore[arg-type]
+    edited = dataclasses.replace(rel.rollout, stages=(staging.StageRule(percent=100),), stage=0)  # type: ignore[arg-type]
     assert rollouts.needs_population(rel.rollout_state, edited, 2)
 
 

@@ -26,6 +26,8 @@ from tether.common import auth, config, errors, manifest
 from tether.common import tls as tls_mod
 from tether.proto.v1 import tether_pb2 as pb
 from tether.proto.v1 import tether_pb2_grpc as pb_grpc
+from tether.spec import resources as spec_resources
+from tether.spec import selectors, staging, wire
 
 DEFAULT_CHUNK_SIZE = 1024 * 1024
 DEFAULT_MAX_MESSAGE_BYTES = 20 * 1024 * 1024
@@ -254,24 +256,29 @@ class AdminClient:
         release: str,
         manifest_digest: str,
         generation: int = 0,
-        target: Mapping[str, Any] | None = None,
+        target: selectors.Target | Mapping[str, Any] | None = None,
         trigger: Mapping[str, Any] | None = None,
         aggregation: Mapping[str, Any] | None = None,
         paused: bool = False,
-        resources: Mapping[str, Any] | None = None,
-        rollout: Mapping[str, Any] | None = None,
+        resources: spec_resources.Resources | Mapping[str, Any] | None = None,
+        rollout: staging.Rollout | Mapping[str, Any] | None = None,
     ) -> ApplyResult:
-        """Create or update a release. `resources`: `{"timeoutSeconds", "memoryMB", "cpuSeconds"}` (all optional)."""
-        spec = pb.ReleaseSpec(
+        """Create or update a release. `resources`: `{"timeoutSeconds", "memoryMB", "cpuSeconds"}` (all optional).
+
+        Typed values (the operator's) travel in the typed fields of
+        `ReleaseSpec`; plain documents as JSON, validated by the controller
+        (`tether.spec.wire.release_spec`).
+        """
+        spec = wire.release_spec(
             release=release,
             generation=generation,
             manifest_digest=manifest_digest,
-            target_json=json.dumps(dict(target or {}), sort_keys=True),
-            trigger_json=json.dumps(dict(trigger or {}), sort_keys=True),
-            aggregation_json=json.dumps(dict(aggregation or {}), sort_keys=True),
+            target=target,
+            trigger=trigger,
+            aggregation=aggregation,
             paused=paused,
-            resources_json=json.dumps(dict(resources or {}), sort_keys=True),
-            rollout_json=json.dumps(dict(rollout), sort_keys=True) if rollout else "",
+            resources=resources,
+            rollout=rollout,
         )
         response = await self._call(self._stub.ApplyRelease, pb.ApplyReleaseRequest(spec=spec))
         return ApplyResult(release=response.release, version=response.version, changed=response.changed)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import zoneinfo
+from collections.abc import Mapping
 
 from tether.common import errors
 
@@ -41,7 +42,7 @@ _MACROS = {
     "@hourly": "0 * * * *",
 }
 # (name, low, high, aliases)
-_FIELDS = (
+_FIELDS: tuple[tuple[str, int, int, Mapping[str, int]], ...] = (
     ("minute", 0, 59, {}),
     ("hour", 0, 23, {}),
     ("day-of-month", 1, 31, {}),
@@ -59,7 +60,7 @@ class InvalidCron(errors.InvalidSpec):
     """A cron expression cannot be parsed (the message names the field and why)."""
 
 
-def _value(token: str, name: str, low: int, high: int, aliases: dict[str, int]) -> int:
+def _value(token: str, name: str, low: int, high: int, aliases: Mapping[str, int]) -> int:
     token = token.strip().lower()
     if token in aliases:
         return aliases[token]
@@ -71,7 +72,7 @@ def _value(token: str, name: str, low: int, high: int, aliases: dict[str, int]) 
     return value
 
 
-def _field(text: str, name: str, low: int, high: int, aliases: dict[str, int]) -> frozenset[int]:
+def _field(text: str, name: str, low: int, high: int, aliases: Mapping[str, int]) -> frozenset[int]:
     values: set[int] = set()
     for part in text.split(","):
         if not part:
@@ -111,7 +112,8 @@ class CronSchedule:
     timezone: str = "UTC"
 
     @classmethod
-    def parse(cls, expression: str, *, timezone: str = "UTC") -> CronSchedule:
+    def parse(cls, expression: object, *, timezone: str = "UTC") -> CronSchedule:
+        """`expression` as given in a document (anything that is not a non-empty string is refused)."""
         if not isinstance(expression, str) or not expression.strip():
             raise InvalidCron("must be a non-empty string", field="trigger.schedule")
         if len(expression) > MAX_EXPRESSION_LEN:

@@ -81,7 +81,7 @@ class Condition:
         actual = event.get(self.attr)
         op = self.op
         if op == "exists":
-            return (actual is not None) == self.value
+            return bool((actual is not None) == self.value)
         if actual is None:
             return op in ("ne", "notIn")
         if op == "eq":
@@ -93,16 +93,16 @@ class Condition:
         if op == "notIn":
             return not any(_equal(actual, v) for v in self.value)
         if op == "prefix":
-            return isinstance(actual, str) and actual.startswith(self.value)
+            return isinstance(actual, str) and actual.startswith(str(self.value))
         if not _is_number(actual):
             return False
         if op == "gt":
-            return actual > self.value
+            return bool(actual > self.value)
         if op == "gte":
-            return actual >= self.value
+            return bool(actual >= self.value)
         if op == "lt":
-            return actual < self.value
-        return actual <= self.value  # lte
+            return bool(actual < self.value)
+        return bool(actual <= self.value)  # lte
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -30,7 +30,7 @@ MAX_RANGE_LEN = 256
 MAX_CLAUSES = 8
 _VERSION_RE = re.compile(r"^v?(\d{1,9}(?:\.\d{1,9}){0,5})(?:-([0-9A-Za-z.-]{1,64}))?$")
 _CLAUSE_RE = re.compile(r"^(>=|<=|==|!=|>|<)\s*(\S+)$")
-_OPS: dict[str, Callable[[object, object], bool]] = {
+_OPS: dict[str, Callable[[Version, Version], bool]] = {
     ">=": operator.ge,
     ">": operator.gt,
     "<=": operator.le,

@@ -1,8 +1,9 @@
 """Release specs as the controller accepts them: validation and change detection.
 
-The operator sends target, trigger, aggregation and resources as JSON
-documents (so the wire contract does not change for each new policy field);
-they are validated here, once, before anything is stored. `content_changed` decides whether an
+The operator sends target, resources and the rollout document as typed
+messages (older clients: JSON documents), trigger and aggregation as JSON
+documents; all are validated here, once, with the parsers of `tether.spec`,
+before anything is stored. `content_changed` decides whether an
 apply bumps the release version: only the manifest and the policy documents
 count, never the MLTask generation or the pause flag, so re-applying an
 unchanged MLTask notifies nobody.
@@ -20,22 +21,16 @@ from typing import Any
 
 from tether.common import errors, manifest
 from tether.controller import rollouts, targeting
-from tether.spec import triggers
+from tether.proto.v1 import tether_pb2 as pb
+from tether.spec import staging, triggers, wire
 
 # "<namespace>/<name>": a Kubernetes namespace (DNS label) and object name (DNS subdomain).
 RELEASE_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?/[a-z0-9]([-.a-z0-9]{0,251}[a-z0-9])?$")
-MAX_POLICY_BYTES = 64 * 1024
+MAX_POLICY_BYTES = wire.MAX_DOCUMENT_BYTES
 TENSOR_AGGREGATIONS = frozenset({"weightedMean", "mean", "sum"})
 METRIC_AGGREGATIONS = frozenset({"weightedMean", "mean"})
 COUNT_AGGREGATIONS = frozenset({"sum"})
 MAX_INTERVAL_SECONDS = triggers.MAX_INTERVAL_S  # what agents accept (tether.spec.triggers)
-# Per-run limits a release may ask for (MLTask `spec.resources`), inclusive bounds.
-# The agent runs a task under the smaller of these and its own device caps.
-RESOURCE_BOUNDS: Mapping[str, tuple[int, int]] = {
-    "timeoutSeconds": (1, 24 * 3600),
-    "memoryMB": (16, 64 * 1024),
-    "cpuSeconds": (1, 24 * 3600),
-}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -64,7 +59,7 @@ class Release:
     version: int
     deleted: bool = False
     target: targeting.Target = dataclasses.field(default_factory=targeting.Target, compare=False)
-    rollout: rollouts.Rollout | None = dataclasses.field(default=None, compare=False)
+    rollout: staging.Rollout | None = dataclasses.field(default=None, compare=False)
     rollout_state: rollouts.RolloutState = dataclasses.field(default_factory=rollouts.RolloutState)
     stable: rollouts.Stable | None = dataclasses.field(default=None, compare=False)
 
@@ -112,7 +107,7 @@ def check_request_id(request_id: str) -> str:
 
 def parse_payload(payload_json: str) -> dict[str, Any]:
     """The JSON object an on-demand run hands its task (`ctx.inputs["payload"]`); bounded like a policy."""
-    return _object(payload_json, field="payload")
+    return wire.parse_object(payload_json, field="payload")
 
 
 def parse_spec(
@@ -127,31 +122,52 @@ def parse_spec(
     resources_json: str = "",
     rollout_json: str = "",
 ) -> ReleaseSpec:
-    """Validate a ReleaseSpec from the wire; `errors.InvalidSpec` names the field."""
-    check_release_name(release)
-    if generation < 0:
-        raise errors.InvalidSpec(f"must be >= 0, got {generation}", field="generation")
-    if not manifest.DIGEST_RE.match(manifest_digest):
-        raise errors.InvalidSpec(
-            f"{manifest_digest!r} is not of the form sha256:<64 hex digits>", field="manifest_digest"
+    """Validate a ReleaseSpec given as JSON documents (the deprecated wire form); see `spec_from_proto`."""
+    return spec_from_proto(
+        pb.ReleaseSpec(
+            release=release,
+            generation=generation,
+            manifest_digest=manifest_digest,
+            target_json=target_json,
+            trigger_json=trigger_json,
+            aggregation_json=aggregation_json,
+            paused=paused,
+            resources_json=resources_json,
+            rollout_json=rollout_json,
         )
-    target = targeting.parse_target_json(target_json, field="target")
-    trigger = _object(trigger_json, field="trigger")
-    aggregation = _object(aggregation_json, field="aggregation")
-    resources = _object(resources_json, field="resources")
+    )
+
+
+def spec_from_proto(message: pb.ReleaseSpec) -> ReleaseSpec:
+    """Validate a ReleaseSpec from the wire; `errors.InvalidSpec` names the field.
+
+    Target, resources and rollout come from their typed fields, or from the
+    deprecated JSON ones when a client older than those sent none
+    (`tether.spec.wire`); either way the shared parsers of `tether.spec` decide.
+    """
+    check_release_name(message.release)
+    if message.generation < 0:
+        raise errors.InvalidSpec(f"must be >= 0, got {message.generation}", field="generation")
+    if not manifest.DIGEST_RE.match(message.manifest_digest):
+        raise errors.InvalidSpec(
+            f"{message.manifest_digest!r} is not of the form sha256:<64 hex digits>", field="manifest_digest"
+        )
+    target = wire.target_of(message)
+    trigger = wire.parse_object(message.trigger_json, field="trigger")
+    aggregation = wire.parse_object(message.aggregation_json, field="aggregation")
     check_trigger(trigger)
     check_aggregation(aggregation)
-    check_resources(resources)
-    rollout = rollouts.parse_rollout(_object(rollout_json, field="rollout"), field="rollout")
+    limits = wire.resources_of(message)
+    rollout = wire.rollout_of(message)
     return ReleaseSpec(
-        release=release,
-        generation=generation,
-        manifest_digest=manifest_digest,
+        release=message.release,
+        generation=message.generation,
+        manifest_digest=message.manifest_digest,
         target=dict(target.document),
         trigger=trigger,
         aggregation=aggregation,
-        paused=paused,
-        resources=resources,
+        paused=message.paused,
+        resources=limits.to_json(),
         rollout={} if rollout is None else rollout.to_json(),
     )
 
@@ -184,17 +200,6 @@ def check_aggregation(aggregation: Mapping[str, Any], *, field: str = "aggregati
             raise errors.InvalidSpec(f"{aggregation[key]!r} is not one of {sorted(allowed)}", field=f"{field}.{key}")
 
 
-def check_resources(resources: Mapping[str, Any], *, field: str = "resources") -> None:
-    """Only the known limits, each an integer within its bounds; an absent key leaves the device's default."""
-    for key, value in resources.items():
-        bounds = RESOURCE_BOUNDS.get(key)
-        if bounds is None:
-            raise errors.InvalidSpec(f"unknown key; allowed are {sorted(RESOURCE_BOUNDS)}", field=f"{field}.{key}")
-        low, high = bounds
-        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-            raise errors.InvalidSpec(f"must be an integer in [{low}, {high}], got {value!r}", field=f"{field}.{key}")
-
-
 def content_changed(old: ReleaseSpec, new: ReleaseSpec) -> bool:
     """Whether devices must hear about `new`: manifest or policy differ (generation and pause do not count)."""
     return (
@@ -213,21 +218,3 @@ def policy_json(doc: Mapping[str, Any]) -> str:
 
 def _canonical(doc: Mapping[str, Any]) -> str:
     return json.dumps(doc, sort_keys=True, separators=(",", ":"))
-
-
-def _object(text: str, *, field: str) -> dict[str, Any]:
-    if not text.strip():
-        return {}
-    if len(text.encode("utf-8")) > MAX_POLICY_BYTES:
-        raise errors.InvalidSpec(f"document larger than {MAX_POLICY_BYTES} bytes", field=field)
-    try:
-        doc = json.loads(text, parse_constant=_reject_constant)
-    except ValueError as e:  # JSONDecodeError, or NaN/Infinity (Postgres jsonb refuses them)
-        raise errors.InvalidSpec(f"not valid JSON: {e}", field=field) from None
-    if not isinstance(doc, dict):
-        raise errors.InvalidSpec("must be a JSON object", field=field)
-    return doc
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not allowed")

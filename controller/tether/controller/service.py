@@ -602,18 +602,7 @@ class AdminService(pb_grpc.AdminServiceServicer):
         self, request: pb.ApplyReleaseRequest, context: grpc.aio.ServicerContext
     ) -> pb.ApplyReleaseResponse:
         self._admin(context)
-        s = request.spec
-        spec = releases.parse_spec(
-            release=s.release,
-            generation=s.generation,
-            manifest_digest=s.manifest_digest,
-            target_json=s.target_json,
-            trigger_json=s.trigger_json,
-            aggregation_json=s.aggregation_json,
-            paused=s.paused,
-            resources_json=s.resources_json,
-            rollout_json=s.rollout_json,
-        )
+        spec = releases.spec_from_proto(request.spec)
         outcome = await self._store.apply_release(spec)
         previous = outcome.previous
         if (

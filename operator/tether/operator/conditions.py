@@ -16,7 +16,7 @@ import dataclasses
 import datetime
 from collections.abc import Sequence
 
-from tether.operator.model import Condition, ConditionStatus
+from tether.operator.task_status import Condition, ConditionStatus
 
 # ------------------------------------------------------------------ types
 

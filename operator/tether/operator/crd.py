@@ -28,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from tether.operator import model
+from tether.operator import model, task_status
 
 CRD_NAME = f"{model.PLURAL}.{model.GROUP}"
 HEADER = "# Generated from tether.operator.model by `python -m tether.operator.crd`. Do not edit.\n"
@@ -134,7 +134,7 @@ def _key_order(key: str) -> tuple[int, str]:
 
 def _root_schema() -> dict[str, Any]:
     spec = structural(model.MLTaskSpec.model_json_schema(by_alias=True))
-    status = structural(model.MLTaskStatus.model_json_schema(by_alias=True))
+    status = structural(task_status.MLTaskStatus.model_json_schema(by_alias=True))
     return {
         "type": "object",
         "description": f"{model.KIND}: an ML task rolled out to edge devices, run there, and aggregated in the cloud.",

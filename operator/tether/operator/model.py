@@ -7,11 +7,16 @@ that `kubectl explain` shows. The CRD YAML is generated from these models
 the one the operator parses cannot drift apart.
 
 Only *structural* rules belong here (types, enums, bounds, patterns), because
-only those can be expressed in the CRD's OpenAPI schema. Rules across fields
-(stage percents increase, an interval trigger names its interval) live in
-`validate.py`, which reports them with the path of the offending field.
+only those can be expressed in the CRD's OpenAPI schema; the CRD's bounds are
+tighter than (or equal to) what the controller accepts. The grammar itself
+(selector operators and their values, version ranges, exclusions, triggers)
+is the shared one of `tether.spec`: `Target.parsed`, `Selector.parsed` and
+`Resources.parsed` hand a value to it and return its typed value. Rules across
+fields (stage percents increase, an interval trigger names its interval) live
+in `validate.py`, which reports them with the path of the offending field.
+The status half of the schema is `tether.operator.task_status`.
 
-Pure: pydantic and the shared trigger limits (tether.common), no I/O.
+Pure: pydantic and the shared spec package (tether.spec), no I/O.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from typing import Annotated, Any, Literal
 import pydantic
 from pydantic import alias_generators
 
-from tether.spec import cron, streams
+from tether.spec import cron, resources, selectors, streams
 
 GROUP = "tether.dev"
 VERSION = "v1alpha1"
@@ -45,7 +50,7 @@ MAX_TIMEOUT_SECONDS = 24 * 3600
 MAX_INTERVAL_SECONDS = 30 * 24 * 3600
 
 
-class _Model(pydantic.BaseModel):
+class CamelModel(pydantic.BaseModel):
     """Common configuration: camelCase aliases, unknown fields refused, immutable values."""
 
     model_config = pydantic.ConfigDict(
@@ -63,7 +68,7 @@ class _Model(pydantic.BaseModel):
 # ------------------------------------------------------------------ spec
 
 
-class Bundle(_Model):
+class Bundle(CamelModel):
     """The content-addressed bundle (manifest) that this task runs."""
 
     digest: Annotated[str, pydantic.Field(pattern=DIGEST_PATTERN)] = pydantic.Field(
@@ -82,7 +87,7 @@ class TriggerType(enum.StrEnum):
     PATTERN = "pattern"
 
 
-class PatternStep(_Model):
+class PatternStep(CamelModel):
     """One step of an event-sequence pattern: an event of this type (and page) meeting the conditions."""
 
     type: str = pydantic.Field(
@@ -101,7 +106,7 @@ class PatternStep(_Model):
     )
 
 
-class Pattern(_Model):
+class Pattern(CamelModel):
     """An ordered sequence of on-device events that fires a `pattern` trigger when it completes."""
 
     steps: list[PatternStep] = pydantic.Field(
@@ -118,7 +123,7 @@ class Pattern(_Model):
     )
 
 
-class StreamWindow(_Model):
+class StreamWindow(CamelModel):
     """The on-device events a run receives in `ctx.inputs["events"]`: the latest ones up to when it fires."""
 
     seconds: float | None = pydantic.Field(
@@ -141,7 +146,7 @@ class StreamWindow(_Model):
 AggregateOp = Literal["count", "sum", "mean", "min", "max"]
 
 
-class StreamAggregation(_Model):
+class StreamAggregation(CamelModel):
     """Per-group statistics over the window's events, handed to the run in `ctx.inputs["aggregates"]`."""
 
     name: str | None = pydantic.Field(
@@ -164,7 +169,7 @@ class StreamAggregation(_Model):
     )
 
 
-class Trigger(_Model):
+class Trigger(CamelModel):
     """When a device runs the task once it is installed (the controller can also run it on demand)."""
 
     type: TriggerType = pydantic.Field(
@@ -247,7 +252,7 @@ class Trigger(_Model):
         return doc
 
 
-class Conditions(_Model):
+class Conditions(CamelModel):
     """Device states required before a device runs the task."""
 
     charging: bool = pydantic.Field(default=False, description="Run only while the device is charging.")
@@ -257,16 +262,7 @@ class Conditions(_Model):
     idle: bool = pydantic.Field(default=False, description="Run only while the device is idle.")
 
 
-class SelectorOperator(enum.StrEnum):
-    """How a match expression relates a device attribute to its values."""
-
-    IN = "In"
-    NOT_IN = "NotIn"
-    EXISTS = "Exists"
-    DOES_NOT_EXIST = "DoesNotExist"
-
-
-class MatchExpression(_Model):
+class MatchExpression(CamelModel):
     """One requirement on a device attribute, as in Kubernetes label selectors."""
 
     key: str = pydantic.Field(
@@ -275,7 +271,7 @@ class MatchExpression(_Model):
         pattern=LABEL_KEY_PATTERN,
         description="The device attribute the requirement applies to, e.g. `os` or `tether.dev/tier`.",
     )
-    operator: SelectorOperator = pydantic.Field(
+    operator: selectors.Operator = pydantic.Field(
         description="`In`/`NotIn`: the attribute's value is (not) one of `values`. "
         "`Exists`/`DoesNotExist`: the device has (does not have) the attribute.",
     )
@@ -286,7 +282,7 @@ class MatchExpression(_Model):
     )
 
 
-class Selector(_Model):
+class Selector(CamelModel):
     """A set of devices: all given requirements must hold (used by cohorts and exclusions)."""
 
     match_labels: dict[str, Annotated[str, pydantic.Field(max_length=256)]] = pydantic.Field(
@@ -305,8 +301,16 @@ class Selector(_Model):
         default_factory=list, max_length=10_000, description="Explicit device ids (an explicit cohort)."
     )
 
+    def document(self) -> dict[str, Any]:
+        """The selector in the shared grammar's document form (tether.spec.selectors), empty parts left out."""
+        return _selector_document(self)
 
-class Target(_Model):
+    def parsed(self, *, field: str) -> selectors.Target:
+        """The selector as the shared type; `errors.InvalidSpec` names the field (keys written `a.b`)."""
+        return selectors.parse_selector(self.document(), field=field, keyed=selectors.dotted)
+
+
+class Target(CamelModel):
     """Which devices the task is for: all requirements must hold (an empty target matches every device)."""
 
     match_labels: dict[str, Annotated[str, pydantic.Field(max_length=256)]] = pydantic.Field(
@@ -333,6 +337,32 @@ class Target(_Model):
         description="Devices matching any of these selectors are never targeted.",
     )
 
+    def document(self) -> dict[str, Any]:
+        """The target in the shared grammar's document form (tether.spec.selectors), empty parts left out."""
+        doc = _selector_document(self)
+        if self.exclude:
+            doc["exclude"] = [s.document() for s in self.exclude]
+        return doc
+
+    def parsed(self, *, field: str = "spec.target") -> selectors.Target:
+        """The target as the shared type; `errors.InvalidSpec` names the field (keys written `a.b`)."""
+        return selectors.parse_target(self.document(), field=field, keyed=selectors.dotted)
+
+
+def _selector_document(sel: Selector | Target) -> dict[str, Any]:
+    doc: dict[str, Any] = {}
+    if sel.match_labels:
+        doc["matchLabels"] = dict(sel.match_labels)
+    if sel.match_expressions:
+        doc["matchExpressions"] = [
+            {"key": e.key, "operator": str(e.operator), "values": list(e.values)} for e in sel.match_expressions
+        ]
+    if sel.match_versions:
+        doc["matchVersions"] = dict(sel.match_versions)
+    if sel.device_ids:
+        doc["deviceIds"] = list(sel.device_ids)
+    return doc
+
 
 GATE_METRICS = ("devicesReporting", "successRate", "errorRate", "p95LatencySeconds")
 TASK_METRIC_PREFIX = "task."
@@ -345,7 +375,7 @@ class GateFailureAction(enum.StrEnum):
     ROLLBACK = "Rollback"
 
 
-class Gate(_Model):
+class Gate(CamelModel):
     """A health gate: a bound on one metric of the stage's devices at the new version."""
 
     metric: str = pydantic.Field(
@@ -359,7 +389,7 @@ class Gate(_Model):
     max: float | None = pydantic.Field(default=None, description="The metric must be at most this.")
 
 
-class Stage(_Model):
+class Stage(CamelModel):
     """One step of a staged rollout: who it reaches, how long it bakes, and the gates it must pass."""
 
     name: str | None = pydantic.Field(
@@ -395,7 +425,7 @@ class Stage(_Model):
     )
 
 
-class Rollout(_Model):
+class Rollout(CamelModel):
     """How the task reaches the targeted devices: in stages, each reaching a larger share."""
 
     stages: list[Stage] = pydantic.Field(
@@ -413,7 +443,7 @@ class Rollout(_Model):
     )
 
 
-class Aggregation(_Model):
+class Aggregation(CamelModel):
     """How the cloud combines what the devices upload for one round."""
 
     tensors: Literal["weightedMean", "mean", "sum"] = pydantic.Field(
@@ -430,7 +460,7 @@ class Aggregation(_Model):
     )
 
 
-class Resources(_Model):
+class Resources(CamelModel):
     """Limits on one run of the task on a device."""
 
     timeout_seconds: int = pydantic.Field(
@@ -453,8 +483,14 @@ class Resources(_Model):
         description="CPU-time limit of one run, in seconds; unlimited (only the timeout applies) when unset.",
     )
 
+    def parsed(self) -> resources.Resources:
+        """The limits as the shared type (tether.spec.resources); the CRD's bounds are within the wire's."""
+        return resources.Resources(
+            timeout_seconds=self.timeout_seconds, memory_mb=self.memory_mb, cpu_seconds=self.cpu_seconds
+        )
 
-class MLTaskSpec(_Model):
+
+class MLTaskSpec(CamelModel):
     """The desired state of an ML task: what runs, where, when, and how results are combined."""
 
     bundle: Bundle = pydantic.Field(description="The bundle to run.")
@@ -470,191 +506,6 @@ class MLTaskSpec(_Model):
     paused: bool = pydantic.Field(
         default=False, description="Stop notifying further devices; devices that have the task keep it."
     )
-
-
-# ------------------------------------------------------------------ status
-
-
-class Phase(enum.StrEnum):
-    """Summary of a task's state."""
-
-    PENDING = "Pending"
-    PROGRESSING = "Progressing"
-    PAUSED = "Paused"
-    ROLLED_BACK = "RolledBack"
-    SUCCEEDED = "Succeeded"
-    FAILED = "Failed"
-    INVALID = "Invalid"
-
-
-class ConditionStatus(enum.StrEnum):
-    """Whether a condition holds."""
-
-    TRUE = "True"
-    FALSE = "False"
-    UNKNOWN = "Unknown"
-
-
-class Condition(_Model):
-    """One aspect of the task's state, in the Kubernetes condition convention."""
-
-    type: str = pydantic.Field(description="The aspect, e.g. `Valid`, `Applied`, `Paused`, `Complete`.")
-    status: ConditionStatus = pydantic.Field(description="Whether the aspect holds.")
-    reason: str = pydantic.Field(description="A CamelCase machine-readable reason for the status.")
-    message: str = pydantic.Field(default="", description="Human-readable details.")
-    last_transition_time: str = pydantic.Field(
-        description="When `status` last changed (RFC 3339); a new reason alone does not move it.",
-        json_schema_extra={"format": "date-time"},
-    )
-
-
-class AggregateSummary(_Model):
-    """A summary of the latest aggregation round (the full aggregate stays on the controller)."""
-
-    round: int = pydantic.Field(default=0, ge=0, description="The aggregation round this summary is of.")
-    results: int = pydantic.Field(default=0, ge=0, description="Results folded into the aggregate.")
-    samples: int = pydantic.Field(default=0, ge=0, description="Samples behind those results.")
-    metrics: dict[str, float] = pydantic.Field(
-        default_factory=dict, description="Aggregated metrics by name (sample-weighted mean unless set otherwise)."
-    )
-
-
-class RolloutPhase(enum.StrEnum):
-    """Where the rollout of the current version stands (a state machine: tether.operator.progression)."""
-
-    PROGRESSING = "Progressing"
-    PAUSED = "Paused"
-    COMPLETED = "Completed"
-    ROLLED_BACK = "RolledBack"
-
-
-class StagePhase(enum.StrEnum):
-    PENDING = "Pending"
-    PROGRESSING = "Progressing"
-    PASSED = "Passed"
-    PROMOTED = "Promoted"
-    FAILED = "Failed"
-
-
-class GateState(enum.StrEnum):
-    PASSED = "Passed"
-    FAILED = "Failed"
-    WAITING = "Waiting"
-
-
-class GateStatus(_Model):
-    """One gate of a stage, as last evaluated."""
-
-    model_config = pydantic.ConfigDict(extra="ignore")
-
-    metric: str = pydantic.Field(description="The gated metric.")
-    min: float | None = pydantic.Field(default=None, description="Lower bound.")
-    max: float | None = pydantic.Field(default=None, description="Upper bound.")
-    value: float | None = pydantic.Field(default=None, description="The metric's value; absent without data.")
-    state: GateState = pydantic.Field(description="`Passed`, `Failed`, or `Waiting` (not enough data yet).")
-
-
-class StageStatus(_Model):
-    """One stage: its state and the counts of the devices it reaches (cumulative over earlier stages)."""
-
-    model_config = pydantic.ConfigDict(extra="ignore")
-
-    name: str = pydantic.Field(description="The stage's name (or `stage-<n>`).")
-    phase: StagePhase = pydantic.Field(default=StagePhase.PENDING, description="Where the stage stands.")
-    started_at: str | None = pydantic.Field(default=None, description="When the stage began (RFC 3339).")
-    completed_at: str | None = pydantic.Field(default=None, description="When it passed, was promoted or failed.")
-    eligible: int = pydantic.Field(default=0, ge=0, description="Targeted devices the stage reaches.")
-    notified: int = pydantic.Field(default=0, ge=0, description="Of those, told about the new version.")
-    installed: int = pydantic.Field(default=0, ge=0, description="Of those, installed the new version.")
-    succeeded: int = pydantic.Field(default=0, ge=0, description="Of those, succeeded.")
-    failed: int = pydantic.Field(default=0, ge=0, description="Of those, failed or refused.")
-    waiting: int = pydantic.Field(
-        default=0, ge=0, description="Installed but waiting for their participation conditions."
-    )
-    success_rate: float | None = pydantic.Field(default=None, description="Succeeded / reporting.")
-    error_rate: float | None = pydantic.Field(default=None, description="Failed / reporting.")
-    p95_latency_seconds: float | None = pydantic.Field(default=None, description="p95 of run durations.")
-    metrics: dict[str, float] = pydantic.Field(default_factory=dict, description="Means of task metrics.")
-    coverage_seconds: dict[str, float] = pydantic.Field(
-        default_factory=dict,
-        description="Seconds from the stage's start until p50/p90/p99 of its eligible devices had installed.",
-    )
-    gates: list[GateStatus] = pydantic.Field(default_factory=list, description="The stage's gates.")
-
-
-class RolloutStatus(_Model):
-    """The rollout of one version: the state machine's state, kept in the CR so a restart resumes it."""
-
-    model_config = pydantic.ConfigDict(extra="ignore")
-
-    phase: RolloutPhase = pydantic.Field(description="Progressing, Paused, Completed or RolledBack.")
-    version: int = pydantic.Field(ge=0, description="The release version being rolled out.")
-    current_stage: int = pydantic.Field(default=0, ge=0, description="Index of the current stage.")
-    stages_hash: str = pydantic.Field(default="", description="Hash of spec.rollout.stages: edits are detected.")
-    stage_started_at: str | None = pydantic.Field(default=None, description="When the current stage's bake began.")
-    reason: str = pydantic.Field(default="", description="Why the rollout is where it is (CamelCase).")
-    message: str = pydantic.Field(default="", description="Human-readable details.")
-    stable_version: int = pydantic.Field(
-        default=0, ge=0, description="The version devices outside the stage keep (0: none, a first release)."
-    )
-    fail_fast: bool = pydantic.Field(
-        default=True, description="Whether a failing gate stops the stage before its bake ends (off after a resume)."
-    )
-    handled: dict[str, str] = pydantic.Field(
-        default_factory=dict, description="The promote/abort/resume annotation values already acted on."
-    )
-    applied_document: str | None = pydantic.Field(
-        default=None, description="The rollout document the controller last accepted."
-    )
-    stages: list[StageStatus] = pydantic.Field(default_factory=list, description="Every stage of the rollout.")
-
-
-class MLTaskStatus(_Model):
-    """The observed state of the task, written by the operator only."""
-
-    model_config = pydantic.ConfigDict(extra="ignore")  # tolerate fields a newer operator wrote
-
-    phase: Phase | None = pydantic.Field(
-        default=None, description="Summary of the task's state, derived from its conditions and device counts."
-    )
-    observed_generation: int | None = pydantic.Field(
-        default=None, description="The `metadata.generation` of the spec this status reflects."
-    )
-    release: str | None = pydantic.Field(
-        default=None, description="The controller's release for this task, `<namespace>/<name>`."
-    )
-    version: int | None = pydantic.Field(
-        default=None, description="The controller's release version; it moves when the task's content changes."
-    )
-    manifest_digest: str | None = pydantic.Field(
-        default=None, description="Digest of the manifest the current version delivers."
-    )
-    stage: str | None = pydantic.Field(
-        default=None, description="Current rollout stage as `<current>/<total>`, e.g. `1/3`."
-    )
-    targeted: int = pydantic.Field(default=0, ge=0, description="Enrolled devices that the target matches.")
-    notified: int = pydantic.Field(default=0, ge=0, description="Devices told about the current version.")
-    installed: int = pydantic.Field(default=0, ge=0, description="Devices that installed the current version.")
-    succeeded: int = pydantic.Field(default=0, ge=0, description="Devices whose run of the current version succeeded.")
-    failed: int = pydantic.Field(default=0, ge=0, description="Devices whose run of the current version failed.")
-    refused: int = pydantic.Field(
-        default=0, ge=0, description="Devices that refused the current version (verification failed; nothing ran)."
-    )
-    results: int = pydantic.Field(default=0, ge=0, description="Results uploaded for the current version.")
-    aggregate: AggregateSummary | None = pydantic.Field(
-        default=None, description="Summary of the latest aggregate, once one exists."
-    )
-    rollout: RolloutStatus | None = pydantic.Field(
-        default=None, description="The staged rollout of the current version: stages, gates and counts."
-    )
-    conditions: list[Condition] = pydantic.Field(
-        default_factory=list,
-        description="Conditions of the task, one per type.",
-        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
-    )
-
-    def condition(self, type_: str) -> Condition | None:
-        return next((c for c in self.conditions if c.type == type_), None)
 
 
 # ------------------------------------------------------------------ printer columns

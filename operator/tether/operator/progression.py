@@ -25,8 +25,9 @@ One `step` runs, in a fixed order:
    or only at the end of the bake after a manual resume), a stage whose bake
    ended with every gate passing hands over to the next one (or completes).
 
-`document` turns the state into the rollout document the controller applies
-(`ReleaseSpec.rollout_json`, docs/internals.md). Pure: no I/O, no clock of its own.
+`rollout_document` turns the state into the rollout document the controller
+applies, a `tether.spec.staging.Rollout` (`ReleaseSpec.rollout`, encoded at
+the gRPC edge by tether.spec.wire). Pure: no I/O, no clock of its own.
 """
 
 from __future__ import annotations
@@ -40,21 +41,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from tether.operator import conditions as cond
-from tether.operator.model import (
-    GROUP,
-    TASK_METRIC_PREFIX,
-    Gate,
-    GateFailureAction,
-    GateState,
-    GateStatus,
-    MLTaskSpec,
-    RolloutPhase,
-    RolloutStatus,
-    Selector,
-    Stage,
-    StagePhase,
-    StageStatus,
-)
+from tether.operator.model import GROUP, TASK_METRIC_PREFIX, Gate, GateFailureAction, MLTaskSpec, Stage
+from tether.operator.task_status import GateState, GateStatus, RolloutPhase, RolloutStatus, StagePhase, StageStatus
+from tether.spec import staging
 
 PROMOTE_ANNOTATION = f"{GROUP}/promote"
 ABORT_ANNOTATION = f"{GROUP}/abort"
@@ -430,54 +419,36 @@ def _target(state: RolloutStatus) -> str:
 # ------------------------------------------------------------------ what the controller applies
 
 
-def selector_document(sel: Selector) -> dict[str, Any]:
-    """A selector in the controller's target form (tether.controller.targeting), empty parts left out."""
-    doc: dict[str, Any] = {}
-    if sel.match_labels:
-        doc["matchLabels"] = dict(sorted(sel.match_labels.items()))
-    if sel.match_expressions:
-        doc["matchExpressions"] = [
-            {"key": e.key, "operator": str(e.operator), "values": list(e.values)} for e in sel.match_expressions
-        ]
-    if sel.match_versions:
-        doc["matchVersions"] = dict(sorted(sel.match_versions.items()))
-    if sel.device_ids:
-        doc["deviceIds"] = sorted(sel.device_ids)
-    return doc
+def rollout_document(spec: MLTaskSpec, *, release: str, state: RolloutStatus | None) -> staging.Rollout | None:
+    """The rollout document for the controller; None when there is nothing to stage (one plain 100 % stage)."""
+    action = staging.Action.PROGRESS
+    if state is not None and state.phase == RolloutPhase.COMPLETED:
+        action = staging.Action.COMPLETE
+    elif state is not None and state.phase == RolloutPhase.ROLLED_BACK:
+        action = staging.Action.ROLLBACK
+    if is_trivial(spec) and action != staging.Action.ROLLBACK:
+        return None
+    stages = tuple(
+        staging.StageRule(
+            percent=s.percent,
+            count=s.count,
+            cohort=None if s.cohort is None else s.cohort.parsed(field=f"spec.rollout.stages[{i}].cohort"),
+        )
+        for i, s in enumerate(spec.rollout.stages)
+    )
+    return staging.Rollout(
+        version=0 if state is None else state.version,
+        salt=spec.rollout.salt or release,
+        stage=0 if state is None else min(state.current_stage, len(stages) - 1),
+        action=action,
+        stages=stages,
+    )
 
 
 def document(spec: MLTaskSpec, *, release: str, state: RolloutStatus | None) -> dict[str, Any]:
-    """The rollout document for the controller; {} when there is nothing to stage (one plain 100 % stage)."""
-    action = "progress"
-    if state is not None and state.phase == RolloutPhase.COMPLETED:
-        action = "complete"
-    elif state is not None and state.phase == RolloutPhase.ROLLED_BACK:
-        action = "rollback"
-    if is_trivial(spec) and action != "rollback":
-        return {}
-    stages = []
-    for s in spec.rollout.stages:
-        rule: dict[str, Any] = {}
-        if s.percent is not None:
-            rule["percent"] = s.percent
-        if s.count is not None:
-            rule["count"] = s.count
-        if s.cohort is not None:
-            rule["cohort"] = selector_document(s.cohort)
-        stages.append(rule)
-    index = 0 if state is None else min(state.current_stage, len(stages) - 1)
-    return {
-        "version": 0 if state is None else state.version,
-        "salt": spec.rollout.salt or release,
-        "stage": index,
-        "action": action,
-        "stages": stages,
-    }
-
-
-def document_json(spec: MLTaskSpec, *, release: str, state: RolloutStatus | None) -> str:
-    doc = document(spec, release=release, state=state)
-    return json.dumps(doc, sort_keys=True, separators=(",", ":")) if doc else ""
+    """`rollout_document` in its document form; {} when there is nothing to stage."""
+    doc = rollout_document(spec, release=release, state=state)
+    return {} if doc is None else doc.to_json()
 
 
 # ------------------------------------------------------------------ conditions and events
@@ -532,7 +503,7 @@ def events(old: RolloutStatus | None, new: RolloutStatus | None) -> list[Rollout
     if new_version:
         out.append(RolloutEvent(type="Normal", reason="RolloutStarted", message=f"Rolling out version {new.version}."))
         old = None
-    elif old.stages_hash != new.stages_hash:
+    elif old is not None and old.stages_hash != new.stages_hash:
         out.append(RolloutEvent(type="Normal", reason="StagesEdited", message="spec.rollout.stages was edited."))
     changed = old is None or (old.phase, old.current_stage, old.reason) != (new.phase, new.current_stage, new.reason)
     if changed and new.message and not (old is None and new.reason == "NewVersion"):

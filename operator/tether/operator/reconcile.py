@@ -32,21 +32,15 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
 from collections.abc import Mapping
 from typing import Any, Protocol
 
 from tether.common import errors
 from tether.operator import conditions as cond
 from tether.operator import progression, validate
-from tether.operator.model import (
-    AggregateSummary,
-    ConditionStatus,
-    MLTaskSpec,
-    MLTaskStatus,
-    Phase,
-    RolloutPhase,
-)
+from tether.operator.model import MLTaskSpec
+from tether.operator.task_status import AggregateSummary, ConditionStatus, MLTaskStatus, Phase, RolloutPhase
+from tether.spec import resources, selectors, staging, wire
 
 # ------------------------------------------------------------------ inputs
 
@@ -118,31 +112,60 @@ class Observation:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ApplyRelease:
-    """Create or update the release on the controller (`AdminService.ApplyRelease`)."""
+    """Create or update the release on the controller (`AdminService.ApplyRelease`), as typed values.
+
+    Target, resources and rollout are the shared spec types; trigger and
+    aggregation the documents agents and workers read. They are encoded once,
+    at the gRPC edge (tether.spec.wire); the `*_json` properties show the text
+    the deprecated wire fields carry, which is also what the status records as
+    the applied rollout document.
+    """
 
     release: str
     generation: int
     manifest_digest: str
-    target_json: str
-    trigger_json: str
-    aggregation_json: str
+    target: selectors.Target
+    trigger: Mapping[str, Any]  # the agents' trigger document (tether.spec.triggers)
+    aggregation: Mapping[str, Any]
     paused: bool
-    resources_json: str
-    rollout_json: str = ""  # tether.operator.progression.document; "" = nothing to stage
+    resources: resources.Resources
+    rollout: staging.Rollout | None = None  # tether.operator.progression.rollout_document; None = nothing to stage
 
     @classmethod
-    def from_spec(cls, spec: MLTaskSpec, meta: Meta, *, rollout_json: str = "") -> ApplyRelease:
+    def from_spec(cls, spec: MLTaskSpec, meta: Meta, *, rollout: staging.Rollout | None = None) -> ApplyRelease:
         return cls(
             release=meta.release,
             generation=meta.generation,
             manifest_digest=spec.bundle.digest,
-            target_json=_json(release_target(spec)),
-            trigger_json=_json(release_trigger(spec)),
-            aggregation_json=_json(spec.aggregation.to_json()),
+            target=spec.target.parsed(),
+            trigger=spec.trigger.agent_document(),
+            aggregation=spec.aggregation.to_json(),
             paused=spec.paused,
-            resources_json=_json(release_resources(spec)),
-            rollout_json=rollout_json,
+            resources=spec.resources.parsed(),
+            rollout=rollout,
         )
+
+    @property
+    def target_json(self) -> str:
+        return wire.target_json(self.target)
+
+    @property
+    def trigger_json(self) -> str:
+        """In the agents' format, e.g. `{"seconds":60,"type":"interval"}`: only the fields the MLTask sets."""
+        return wire.canonical(self.trigger)
+
+    @property
+    def aggregation_json(self) -> str:
+        return wire.canonical(self.aggregation)
+
+    @property
+    def resources_json(self) -> str:
+        """The CRD's camelCase keys (`timeoutSeconds`, `memoryMB`, `cpuSeconds` when set)."""
+        return wire.resources_json(self.resources)
+
+    @property
+    def rollout_json(self) -> str:
+        return wire.rollout_json(self.rollout)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -192,38 +215,6 @@ Outcome = Applied | Deleted | Failed
 TRANSIENT_CODES = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED", "UNKNOWN", "INTERNAL", "ABORTED"})
 
 
-def release_target(spec: MLTaskSpec) -> dict[str, Any]:
-    """`target_json` as the controller reads it (see docs/internals.md, Releases and delivery)."""
-    doc: dict[str, Any] = {
-        "matchLabels": dict(sorted(spec.target.match_labels.items())),
-        "matchExpressions": [
-            {"key": e.key, "operator": str(e.operator), "values": list(e.values)} for e in spec.target.match_expressions
-        ],
-    }
-    if spec.target.match_versions:
-        doc["matchVersions"] = dict(sorted(spec.target.match_versions.items()))
-    if spec.target.device_ids:
-        doc["deviceIds"] = sorted(spec.target.device_ids)
-    if spec.target.exclude:
-        doc["exclude"] = [progression.selector_document(s) for s in spec.target.exclude]
-    return doc
-
-
-def release_trigger(spec: MLTaskSpec) -> dict[str, Any]:
-    """`trigger_json` in the agents' format (`tether.spec.triggers`), e.g. `{"type": "interval", "seconds": N}`
-    or `{"type": "cron", "schedule": "0 3 * * *"}`: only the fields the MLTask sets."""
-    return spec.trigger.agent_document()
-
-
-def release_resources(spec: MLTaskSpec) -> dict[str, Any]:
-    """`resources_json`: the CRD's camelCase keys (`timeoutSeconds`, `memoryMB`, `cpuSeconds` when set)."""
-    return spec.resources.to_json()
-
-
-def _json(doc: Any) -> str:
-    return json.dumps(doc, sort_keys=True, separators=(",", ":"))
-
-
 # ------------------------------------------------------------------ decision
 
 
@@ -254,9 +245,9 @@ class Decision:
                     status = status.model_copy(
                         update={"rollout": status.rollout.model_copy(update={"applied_document": action.rollout_json})}
                     )
-                    desired = progression.document_json(self.spec, release=self.meta.release, state=status.rollout)
-                    if desired != action.rollout_json and not any(isinstance(a, ApplyRelease) for a in remaining):
-                        remaining = (*remaining, ApplyRelease.from_spec(self.spec, self.meta, rollout_json=desired))
+                    desired = progression.rollout_document(self.spec, release=self.meta.release, state=status.rollout)
+                    if desired != action.rollout and not any(isinstance(a, ApplyRelease) for a in remaining):
+                        remaining = (*remaining, ApplyRelease.from_spec(self.spec, self.meta, rollout=desired))
         return Decision(status=derive(status, now=now), actions=remaining, spec=self.spec, meta=self.meta)
 
 
@@ -291,15 +282,15 @@ def decide(
         health = getattr(observed, "health", None)
     new = advance(new, typed, meta, health=health, now=now)
 
-    desired = progression.document_json(typed, release=meta.release, state=new.rollout)
+    desired = progression.rollout_document(typed, release=meta.release, state=new.rollout)
     applied = new.rollout.applied_document if new.rollout is not None else None
     actions: tuple[Action, ...] = ()
     if (
         status.observed_generation != meta.generation
         or not cond.is_true(status.conditions, cond.APPLIED)
-        or (new.rollout is not None and desired != applied)
+        or (new.rollout is not None and wire.rollout_json(desired) != applied)
     ):
-        actions = (ApplyRelease.from_spec(typed, meta, rollout_json=desired),)
+        actions = (ApplyRelease.from_spec(typed, meta, rollout=desired),)
     return Decision(status=derive(new, now=now), actions=actions, spec=typed, meta=meta)
 
 

@@ -2,13 +2,13 @@
 
 Kept apart from the handlers so that they (and their tests) depend on three
 methods, not on gRPC; this is the only module of the operator that talks to
-the controller.
+the controller. An `ApplyRelease` goes out as the typed values it holds: the
+admin client encodes them once (tether.spec.wire).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import AsyncIterator
 
 from tether.common import errors
@@ -28,12 +28,12 @@ class ControllerAdmin:
             release=action.release,
             generation=action.generation,
             manifest_digest=action.manifest_digest,
-            target=json.loads(action.target_json),
-            trigger=json.loads(action.trigger_json),
-            aggregation=json.loads(action.aggregation_json),
+            target=action.target,
+            trigger=action.trigger,
+            aggregation=action.aggregation,
             paused=action.paused,
-            resources=json.loads(action.resources_json),
-            rollout=json.loads(action.rollout_json) if action.rollout_json else None,
+            resources=action.resources,
+            rollout=action.rollout,
         )
         return reconcile.Applied(version=result.version, changed=result.changed)
 

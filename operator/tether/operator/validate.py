@@ -5,8 +5,10 @@ checks everything again (a spec may come from an emulator, an older CRD, or
 `kubectl apply --validate=false`), then adds the rules no OpenAPI schema can
 say: stage percents that increase and end at 100, an interval trigger that
 names its interval, a cron schedule that parses, a pattern an agent can
-match (with the agents' own parser, `tether.spec.triggers`), selector
-operators with the right number of values.
+match (with the agents' own parser, `tether.spec.triggers`), selectors the
+controller accepts (with its own parser, `tether.spec.selectors`: operators
+with the right number of values, version ranges, exclusions and cohorts that
+do not select everything).
 
 Every problem is reported with the path of the offending field, in the form a
 user can find in their YAML: `spec.rollout.stages[1].percent: must be greater
@@ -16,7 +18,7 @@ than the previous stage's 50`. Pure: no I/O.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import pydantic
@@ -26,13 +28,12 @@ from tether.operator.model import (
     DIGEST_PATTERN,
     GATE_METRICS,
     TASK_METRIC_PREFIX,
-    MatchExpression,
     MLTaskSpec,
     Selector,
-    SelectorOperator,
+    Target,
     TriggerType,
 )
-from tether.spec import triggers, versions
+from tether.spec import selectors, staging, triggers
 
 RATE_METRICS = frozenset({"successRate", "errorRate"})
 
@@ -177,43 +178,33 @@ def _trigger_issues(spec: MLTaskSpec) -> Iterator[Issue]:
 
 
 def _target_issues(spec: MLTaskSpec) -> Iterator[Issue]:
-    target = spec.target
-    yield from _selector_issues(
-        target.match_expressions, target.match_versions, target.device_ids, field=f"{ROOT}.target"
-    )
-    for i, sel in enumerate(target.exclude):
-        where = f"{ROOT}.target.exclude[{i}]"
-        yield from _selector_issues(sel.match_expressions, sel.match_versions, sel.device_ids, field=where)
-        if _empty(sel):
-            yield Issue(where, "an empty selector would exclude every device")
+    """The shared grammar's verdict (tether.spec.selectors, the controller's too), then the CRD's own rules."""
+    field = f"{ROOT}.target"
+    yield from _shared(lambda: spec.target.parsed(field=field))
+    yield from _repeats(spec.target, field=field)
+    for i, sel in enumerate(spec.target.exclude):
+        yield from _repeats(sel, field=f"{field}.exclude[{i}]")
 
 
-def _empty(sel: Selector) -> bool:
-    return not (sel.match_labels or sel.match_expressions or sel.match_versions or sel.device_ids)
+def _cohort_issues(cohort: Selector, *, field: str) -> Iterator[Issue]:
+    yield from _shared(lambda: staging.parse_cohort(cohort.document(), field=field, keyed=selectors.dotted))
+    yield from _repeats(cohort, field=field)
 
 
-def _selector_issues(
-    expressions: Sequence[MatchExpression],
-    match_versions: Mapping[str, str],
-    device_ids: Sequence[str],
-    *,
-    field: str,
-) -> Iterator[Issue]:
-    for i, expr in enumerate(expressions):
-        where = f"{field}.matchExpressions[{i}].values"
-        if expr.operator in (SelectorOperator.IN, SelectorOperator.NOT_IN):
-            if not expr.values:
-                yield Issue(where, f"must list at least one value for operator {expr.operator}")
-            elif len(set(expr.values)) != len(expr.values):
-                yield Issue(where, "must not repeat a value")
-        elif expr.values:
-            yield Issue(where, f"must be empty for operator {expr.operator}")
-    for key, text in match_versions.items():
-        try:
-            versions.parse_range(text, field=f"{field}.matchVersions.{key}")
-        except errors.InvalidSpec as e:
-            yield Issue(e.field, str(e).removeprefix(f"{e.field}: "))
-    if len(set(device_ids)) != len(device_ids):
+def _shared(parse: Callable[[], object]) -> Iterator[Issue]:
+    """The first problem the shared parser finds, as an issue."""
+    try:
+        parse()
+    except errors.InvalidSpec as e:
+        yield Issue(e.field, str(e).removeprefix(f"{e.field}: "))
+
+
+def _repeats(sel: Selector | Target, *, field: str) -> Iterator[Issue]:
+    """Values and device ids listed twice: harmless to the grammar, but a sign of a mistake in a spec."""
+    for i, expr in enumerate(sel.match_expressions):
+        if len(set(expr.values)) != len(expr.values):
+            yield Issue(f"{field}.matchExpressions[{i}].values", "must not repeat a value")
+    if len(set(sel.device_ids)) != len(sel.device_ids):
         yield Issue(f"{field}.deviceIds", "must not repeat a device id")
 
 
@@ -237,14 +228,7 @@ def _rollout_issues(spec: MLTaskSpec) -> Iterator[Issue]:
                 yield Issue(f"{where}.name", f"repeats the name of stages[{names[stage.name]}]")
             names.setdefault(stage.name, i)
         if stage.cohort is not None:
-            yield from _selector_issues(
-                stage.cohort.match_expressions,
-                stage.cohort.match_versions,
-                stage.cohort.device_ids,
-                field=f"{where}.cohort",
-            )
-            if _empty(stage.cohort):
-                yield Issue(f"{where}.cohort", "an empty cohort would select every device")
+            yield from _cohort_issues(stage.cohort, field=f"{where}.cohort")
             key = stage.cohort.model_dump_json()
             if key in cohorts and stage.percent is None and stage.count is None:
                 yield Issue(f"{where}.cohort", f"overlaps stages[{cohorts[key]}]: it reaches no new device")

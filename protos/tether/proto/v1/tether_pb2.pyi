@@ -369,8 +369,80 @@ class PutManifestResponse(_message.Message):
     digest: str
     def __init__(self, digest: _Optional[str] = ...) -> None: ...
 
+class Selector(_message.Message):
+    __slots__ = ("match_labels", "match_expressions", "match_versions", "device_ids", "exclude")
+    class MatchLabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class MatchVersionsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    MATCH_LABELS_FIELD_NUMBER: _ClassVar[int]
+    MATCH_EXPRESSIONS_FIELD_NUMBER: _ClassVar[int]
+    MATCH_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_IDS_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDE_FIELD_NUMBER: _ClassVar[int]
+    match_labels: _containers.ScalarMap[str, str]
+    match_expressions: _containers.RepeatedCompositeFieldContainer[LabelRequirement]
+    match_versions: _containers.ScalarMap[str, str]
+    device_ids: _containers.RepeatedScalarFieldContainer[str]
+    exclude: _containers.RepeatedCompositeFieldContainer[Selector]
+    def __init__(self, match_labels: _Optional[_Mapping[str, str]] = ..., match_expressions: _Optional[_Iterable[_Union[LabelRequirement, _Mapping]]] = ..., match_versions: _Optional[_Mapping[str, str]] = ..., device_ids: _Optional[_Iterable[str]] = ..., exclude: _Optional[_Iterable[_Union[Selector, _Mapping]]] = ...) -> None: ...
+
+class LabelRequirement(_message.Message):
+    __slots__ = ("key", "operator", "values")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    OPERATOR_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    operator: str
+    values: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, key: _Optional[str] = ..., operator: _Optional[str] = ..., values: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class Resources(_message.Message):
+    __slots__ = ("timeout_seconds", "memory_mb", "cpu_seconds")
+    TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_MB_FIELD_NUMBER: _ClassVar[int]
+    CPU_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    timeout_seconds: int
+    memory_mb: int
+    cpu_seconds: int
+    def __init__(self, timeout_seconds: _Optional[int] = ..., memory_mb: _Optional[int] = ..., cpu_seconds: _Optional[int] = ...) -> None: ...
+
+class RolloutDocument(_message.Message):
+    __slots__ = ("version", "salt", "stage", "action", "stages")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    SALT_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    STAGES_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    salt: str
+    stage: int
+    action: str
+    stages: _containers.RepeatedCompositeFieldContainer[RolloutStage]
+    def __init__(self, version: _Optional[int] = ..., salt: _Optional[str] = ..., stage: _Optional[int] = ..., action: _Optional[str] = ..., stages: _Optional[_Iterable[_Union[RolloutStage, _Mapping]]] = ...) -> None: ...
+
+class RolloutStage(_message.Message):
+    __slots__ = ("percent", "count", "cohort")
+    PERCENT_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    COHORT_FIELD_NUMBER: _ClassVar[int]
+    percent: int
+    count: int
+    cohort: Selector
+    def __init__(self, percent: _Optional[int] = ..., count: _Optional[int] = ..., cohort: _Optional[_Union[Selector, _Mapping]] = ...) -> None: ...
+
 class ReleaseSpec(_message.Message):
-    __slots__ = ("release", "generation", "manifest_digest", "target_json", "trigger_json", "aggregation_json", "paused", "resources_json", "rollout_json")
+    __slots__ = ("release", "generation", "manifest_digest", "target_json", "trigger_json", "aggregation_json", "paused", "resources_json", "rollout_json", "target", "resources", "rollout")
     RELEASE_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_DIGEST_FIELD_NUMBER: _ClassVar[int]
@@ -380,6 +452,9 @@ class ReleaseSpec(_message.Message):
     PAUSED_FIELD_NUMBER: _ClassVar[int]
     RESOURCES_JSON_FIELD_NUMBER: _ClassVar[int]
     ROLLOUT_JSON_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    RESOURCES_FIELD_NUMBER: _ClassVar[int]
+    ROLLOUT_FIELD_NUMBER: _ClassVar[int]
     release: str
     generation: int
     manifest_digest: str
@@ -389,7 +464,10 @@ class ReleaseSpec(_message.Message):
     paused: bool
     resources_json: str
     rollout_json: str
-    def __init__(self, release: _Optional[str] = ..., generation: _Optional[int] = ..., manifest_digest: _Optional[str] = ..., target_json: _Optional[str] = ..., trigger_json: _Optional[str] = ..., aggregation_json: _Optional[str] = ..., paused: _Optional[bool] = ..., resources_json: _Optional[str] = ..., rollout_json: _Optional[str] = ...) -> None: ...
+    target: Selector
+    resources: Resources
+    rollout: RolloutDocument
+    def __init__(self, release: _Optional[str] = ..., generation: _Optional[int] = ..., manifest_digest: _Optional[str] = ..., target_json: _Optional[str] = ..., trigger_json: _Optional[str] = ..., aggregation_json: _Optional[str] = ..., paused: _Optional[bool] = ..., resources_json: _Optional[str] = ..., rollout_json: _Optional[str] = ..., target: _Optional[_Union[Selector, _Mapping]] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ..., rollout: _Optional[_Union[RolloutDocument, _Mapping]] = ...) -> None: ...
 
 class ApplyReleaseRequest(_message.Message):
     __slots__ = ("spec",)
