@@ -188,7 +188,7 @@ class DeviceClient:
         *,
         release: str,
         version: int,
-        state: pb.DeliveryState.ValueType,
+        state: pb.DeliveryState,
         message: str = "",
         device_state: Mapping[str, str] | None = None,
     ) -> None:

@@ -259,7 +259,7 @@ class Agent:
                 t.cancel()
             await asyncio.gather(work, stop, return_exceptions=True)
         if work.done() and not work.cancelled() and work.exception() is not None:
-            raise work.exception()  # type: ignore[misc]
+            raise work.exception()
 
     async def _describe(self) -> pb.DeviceInfo:
         """What this device enrols as (its backends detected on first enrolment)."""

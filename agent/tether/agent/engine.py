@@ -148,7 +148,7 @@ class _Plan:
     direct_outputs: tuple[tuple[str, np.ndarray], ...] | None = None
     # Once checked, for one input and one output that both have views: (input name, shape, dtype, view,
     # output name, view).
-    one: tuple[str, tuple[int, ...], np.dtype[Any], np.ndarray, str, np.ndarray] | None = None
+    one: tuple[str, tuple[int, ...], np.dtype[Any] | None, np.ndarray, str, np.ndarray] | None = None
 
 
 class MNNModel(_Names):
@@ -219,10 +219,10 @@ class MNNModel(_Names):
                 # The fast paths: exactly the input names, arrays of the planned shapes and dtypes. Anything
                 # else goes on to the general path, which writes every input again.
                 if plan.one is not None:  # the common case, unrolled: one input and one output, both views
-                    name, shape, dtype, view, out_name, out_view = plan.one
+                    name, shape, dtype, in_view, out_name, out_view = plan.one
                     a = inputs.get(name)
                     if type(a) is np.ndarray and a.dtype is dtype and a.shape == shape:
-                        view[...] = a  # any strides: numpy copies element by element into the session
+                        in_view[...] = a  # any strides: numpy copies element by element into the session
                         code = self._interp.runSession(self._session)
                         if code != 0:
                             raise _run_failed(code)
@@ -340,10 +340,11 @@ class MNNModel(_Names):
             outputs.append(out)
         if undecided:
             return dataclasses.replace(plan, outputs=tuple(outputs), undecided_runs=plan.undecided_runs + 1)
-        direct = None if any(o.view is None for o in outputs) else tuple((o.name, o.view) for o in outputs)
+        views = [(o.name, o.view) for o in outputs if o.view is not None]
+        direct = tuple(views) if len(views) == len(outputs) else None
         one = None
-        if direct is not None and len(direct) == 1 and len(plan.inputs) == 1 and plan.inputs[0].view is not None:
-            i = plan.inputs[0]
+        i = plan.inputs[0] if len(plan.inputs) == 1 else None
+        if direct is not None and len(direct) == 1 and i is not None and i.view is not None:
             one = (i.name, i.shape, i.dtype, i.view, *direct[0])
         return dataclasses.replace(plan, outputs=tuple(outputs), checked=True, direct_outputs=direct, one=one)
 

@@ -144,7 +144,7 @@ def parse_cpuinfo(text: str) -> tuple[str, int, frozenset[str]]:
         elif key in {"flags", "features"}:
             flags.update(value.split())
     if not model:  # ARM without a model name: implementer/part identify the core type
-        ids = {}
+        ids: dict[str, str] = {}
         for line in text.splitlines():
             key, _, value = line.partition(":")
             if key.strip() in {"CPU implementer", "CPU part"}:

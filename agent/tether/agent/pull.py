@@ -32,6 +32,7 @@ import grpc
 
 from tether.agent import bundles, client
 from tether.common import errors, manifest
+from tether.common.manifest import FileEntry
 from tether.proto.v1 import tether_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -272,7 +273,7 @@ class Puller:
             response = await self.client.get_manifest(release=task.release, manifest_digest=task.manifest_digest)
         return verify_manifest(task, response, trusted_keys=trusted_keys, backends=backends)
 
-    async def pull_missing(self, release: str, entries: Sequence[manifest.FileEntry]) -> None:
+    async def pull_missing(self, release: str, entries: Sequence[FileEntry]) -> None:
         """Fetch these blobs: one PullBlobs stream for all of them (blob by blob from an older controller).
 
         Blobs are shared between releases: one another install is fetching right now is left to it and
@@ -293,7 +294,7 @@ class Puller:
                         self._claims.pop(e.sha256).set()
             pending = [e for e in pending if not self.sink.has(e.sha256)]
 
-    async def fetch(self, release: str, entries: Sequence[manifest.FileEntry]) -> None:
+    async def fetch(self, release: str, entries: Sequence[FileEntry]) -> None:
         """Receive every one of these blobs into the sink, verified, or raise."""
         for start in range(0, len(entries), manifest.MAX_BLOBS_PER_PULL):
             group = list(entries[start : start + manifest.MAX_BLOBS_PER_PULL])
@@ -310,14 +311,12 @@ class Puller:
             for entry in remaining:
                 await self._pull_one(release, entry)
 
-    def _held(self, group: Sequence[manifest.FileEntry], remaining: Sequence[manifest.FileEntry]) -> int:
+    def _held(self, group: Sequence[FileEntry], remaining: Sequence[FileEntry]) -> int:
         """Bytes of the group received, whole or partial: grows with every chunk."""
         todo = {e.sha256 for e in remaining}
         return sum(self.sink.partial_size(e.sha256) if e.sha256 in todo else e.size for e in group)
 
-    async def _pull_group(
-        self, release: str, group: Sequence[manifest.FileEntry], remaining: list[manifest.FileEntry]
-    ) -> None:
+    async def _pull_group(self, release: str, group: Sequence[FileEntry], remaining: list[FileEntry]) -> None:
         """One PullBlobs stream for the group, resumed at once after a break that made progress.
 
         The next call asks for what is still missing, each blob from the offset it reached; a break
@@ -332,7 +331,7 @@ class Puller:
                     raise
                 self._observer.failed("PullBlobs", e, release=release)
 
-    async def _pull_stream(self, release: str, remaining: list[manifest.FileEntry]) -> None:
+    async def _pull_stream(self, release: str, remaining: list[FileEntry]) -> None:
         """One PullBlobs call: each blob from its partial's size; removed from `remaining` once verified."""
         order = [(e.sha256, _resume_offset(self.sink.partial_size(e.sha256), e.size)) for e in remaining]
         sizes = {e.sha256: e.size for e in remaining}
@@ -369,7 +368,7 @@ class Puller:
                 writer.close()
             raise errors.FailedPrecondition(f"PullBlobs ended after {index} of {len(order)} blobs, the last unfinished")
 
-    async def _pull_one(self, release: str, entry: manifest.FileEntry) -> None:
+    async def _pull_one(self, release: str, entry: FileEntry) -> None:
         """One blob with PullBlob (a controller without PullBlobs); the caller has claimed it."""
         writer = self.sink.open(entry.sha256, size=entry.size)
         try:

@@ -30,7 +30,7 @@ DOWNLOADING_REPORT_AFTER_S = 1.0
 
 
 def state_name(state: int) -> str:
-    return pb.DeliveryState.Name(state).removeprefix("DELIVERY_STATE_")  # type: ignore[arg-type]
+    return pb.DeliveryState.Name(state).removeprefix("DELIVERY_STATE_")
 
 
 class LateReport:

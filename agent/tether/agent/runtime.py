@@ -228,8 +228,8 @@ def _decode_answer(job_dir: pathlib.Path) -> tuple[results.TaskResult, dict[str,
             "tensors": _load_tensors(job_dir / "tensors.npz", names),
         }
     )
-    backend = doc.get("backend") if isinstance(doc.get("backend"), str) else ""
-    return result, state, backend[:64]
+    backend = doc.get("backend")
+    return result, state, backend[:64] if isinstance(backend, str) else ""
 
 
 def _failure(job_dir: pathlib.Path, returncode: int, limits: TaskLimits) -> errors.TaskFailed:

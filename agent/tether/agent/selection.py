@@ -302,9 +302,9 @@ def prune(
     if model.flops is None:
         # Unknown cost: keep every engine's single-thread CPU candidate first, then the rest in a stable order.
         survivors.sort(key=lambda ce: (ce[0].on_gpu, ce[0].threads != 1, ce[0]))
-        keep, dropped = survivors[:max_measured], survivors[max_measured:]
+        dropped = survivors[max_measured:]
         pruned += [Pruned(c, f"over the limit of {max_measured} measured candidates") for c, _ in dropped]
-        return keep, pruned
+        return survivors[:max_measured], pruned
     survivors.sort(key=lambda ce: (ce[1], ce[0]))
     best = survivors[0][1] if survivors else None
     keep: list[tuple[Candidate, float | None]] = []

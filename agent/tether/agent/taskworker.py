@@ -115,7 +115,7 @@ def _execute(job_dir: pathlib.Path, job: dict[str, Any]) -> None:
         raise TypeError("ctx.state must stay a dict")
     state = json.loads(json.dumps(ctx.state, allow_nan=False))  # must be JSON-able
     if result.tensors:
-        np.savez(job_dir / "tensors.npz", **result.tensors)
+        np.savez(job_dir / "tensors.npz", **result.tensors)  # type: ignore[arg-type]  # numpy types **kwds by allow_pickle
     _write_json(
         job_dir / "result.json",
         {

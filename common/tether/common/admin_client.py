@@ -198,6 +198,7 @@ class AdminClient:
         path = pathlib.Path(path)
         if digest is None:
             digest, _ = await asyncio.to_thread(manifest.file_digest, path)
+        assert digest is not None
         manifest.check_digest(digest)
         call = self._stub.PutBlob(
             metadata=self._metadata,

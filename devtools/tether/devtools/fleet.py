@@ -16,6 +16,7 @@ import os
 import pathlib
 import random
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import grpc
 import numpy as np
@@ -87,7 +88,7 @@ def prepare_devices(
         data_dir.mkdir(parents=True, exist_ok=True)
         if shard is not None:
             tmp = data_dir / f".{data_name}.tmp.npz"
-            np.savez(tmp, **shard)
+            np.savez(tmp, **shard)  # type: ignore[arg-type]  # numpy types **kwds by allow_pickle
             files.atomic_write(data_dir / data_name, tmp.read_bytes())
             tmp.unlink()
         devices.append(SimulatedDevice(device_id, device_attributes(i, seed=seed), state_dir, data_dir))
@@ -155,8 +156,9 @@ async def run_fleet(
             on_ready(agents)
 
     ready = asyncio.create_task(announce())
-    finished = asyncio.gather(*runs, return_exceptions=True)  # one agent ending does not end the fleet
-    stopper = asyncio.create_task(stop.wait())
+    # one agent ending does not end the fleet
+    finished: asyncio.Future[Any] = asyncio.gather(*runs, return_exceptions=True)
+    stopper: asyncio.Future[Any] = asyncio.create_task(stop.wait())
     try:
         await asyncio.wait([stopper, finished], return_when=asyncio.FIRST_COMPLETED)
     finally:

@@ -118,7 +118,7 @@ def _meta(body: kopf.Body) -> reconcile.Meta:
     annotations = body.metadata.annotations or {}
     return reconcile.Meta(
         name=body.metadata.name,
-        namespace=body.metadata.namespace,
+        namespace=body.metadata.namespace or "",
         generation=int(body.metadata.get("generation") or 1),
         annotations={k: str(v) for k, v in annotations.items() if k in progression.REQUEST_ANNOTATIONS.values()},
     )
@@ -186,16 +186,19 @@ def build_registry(
 ) -> kopf.OperatorRegistry:
     """A registry with the MLTask handlers, the timer at `poll_interval`, and the login."""
     registry = kopf.OperatorRegistry()
-    resource = dict(group=model.GROUP, version=model.VERSION, plural=model.PLURAL)
 
-    kopf.on.create(**resource, registry=registry, id="reconcile")(on_change)
-    kopf.on.update(**resource, registry=registry, id="reconcile", field="spec")(on_change)
-    kopf.on.resume(**resource, registry=registry, id="reconcile")(on_change)
+    kopf.on.create(model.GROUP, model.VERSION, model.PLURAL, registry=registry, id="reconcile")(on_change)
+    kopf.on.update(model.GROUP, model.VERSION, model.PLURAL, registry=registry, id="reconcile", field="spec")(on_change)
+    kopf.on.resume(model.GROUP, model.VERSION, model.PLURAL, registry=registry, id="reconcile")(on_change)
     # `tether rollout promote|abort|resume` (or kubectl annotate) act at once, not at the next poll.
-    kopf.on.update(**resource, registry=registry, id="rollout-request", field="metadata.annotations")(on_poll)
-    kopf.on.delete(**resource, registry=registry, id="delete-release")(on_delete)
+    kopf.on.update(
+        model.GROUP, model.VERSION, model.PLURAL, registry=registry, id="rollout-request", field="metadata.annotations"
+    )(on_poll)
+    kopf.on.delete(model.GROUP, model.VERSION, model.PLURAL, registry=registry, id="delete-release")(on_delete)
     kopf.timer(
-        **resource,
+        model.GROUP,
+        model.VERSION,
+        model.PLURAL,
         registry=registry,
         id="poll",
         interval=poll_interval,

@@ -123,7 +123,8 @@ class EventStore:
         types: Iterable[str] | None = None,
     ) -> list[Event]:
         """The newest `limit` events with since < ts <= until (and of `types`), oldest first."""
-        where, args = ["1=1"], []
+        where: list[str] = ["1=1"]
+        args: list[float | str] = []
         if since is not None:
             where.append("ts > ?")
             args.append(since)

@@ -195,7 +195,8 @@ class TrieMatcher:
             parent = node.parent
             assert parent is not None
             if parent is self._root:
-                start, chain = ts, (seq,)
+                start = ts
+                chain: tuple[int, ...] = (seq,)
             else:
                 start = parent.start
                 if ts - start > node.max_within:  # no partial match, or too old for every pattern below
@@ -240,7 +241,8 @@ class NaiveMatcher:
                 if not pattern.steps[j].test(event):
                     continue
                 if j == 0:
-                    start, chain = ts, (seq,)
+                    start = ts
+                    chain: tuple[int, ...] = (seq,)
                 else:
                     start, prev = state[j - 1]
                     if ts - start > pattern.within_s:
