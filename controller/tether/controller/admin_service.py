@@ -143,9 +143,12 @@ class AdminService(pb_grpc.AdminServiceServicer):
         self, request: pb.RevokeDeviceRequest, context: grpc.aio.ServicerContext
     ) -> pb.RevokeDeviceResponse:
         device_id = auth.check_device_id(request.device_id)
+        # Asked before the revocation commits: this replica's own listener may hear the announcement and end
+        # the stream before the line after the commit runs (a race that made `disconnected` flaky).
+        held = self._hub.is_connected(device_id)
         # Committed: the database announces it to every replica (`replicas`), which do the same as here.
         revoked = await self._storage.devices.revoke_device(device_id)
-        disconnected = self._fan_out.device_revoked(device_id)
+        disconnected = self._fan_out.device_revoked(device_id) or (revoked and held)
         log.warning("device %s revoked%s", device_id, " (stream ended)" if disconnected else "")
         return pb.RevokeDeviceResponse(revoked=revoked, disconnected=disconnected)
 

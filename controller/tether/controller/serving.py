@@ -40,16 +40,6 @@ class DesiredTask:
     rollback: bool = False  # an older version on purpose (staged rollouts: the stable one)
 
     @classmethod
-    def of(cls, rel: releases.Release) -> DesiredTask:
-        return cls(
-            release=rel.name,
-            version=rel.version,
-            manifest_digest=rel.manifest_digest,
-            trigger=rel.spec.trigger,
-            resources=rel.spec.resources,
-        )
-
-    @classmethod
     def served(cls, s: rollouts.Served) -> DesiredTask:
         return cls(
             release=s.release,
