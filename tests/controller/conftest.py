@@ -6,14 +6,27 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from tether.controller import db, store
+from tether.controller import db, release_cache, reporting
+from tether.controller.storage import contracts, postgres
 
 
 @pytest.fixture()
-async def pg_store(database_url: str) -> AsyncIterator[store.Store]:
+async def pg_storage(database_url: str) -> AsyncIterator[contracts.Storage]:
     db.migrate(database_url)
     pool = await db.open_pool(database_url, max_size=4)
     try:
-        yield store.Store(pool)
+        yield postgres.postgres_storage(pool)
     finally:
         await pool.close()
+
+
+@pytest.fixture()
+def pg_reporter(pg_storage: contracts.Storage) -> reporting.DeliveryReporter:
+    """Delivery reports group-committed into `pg_storage`, as the controller writes them."""
+    return reporting.DeliveryReporter(pg_storage.releases)
+
+
+@pytest.fixture()
+def pg_release_cache(pg_storage: contracts.Storage) -> release_cache.ReleaseCache:
+    """Releases of `pg_storage` as one controller process reads them ("may read" answers kept briefly)."""
+    return release_cache.ReleaseCache(pg_storage.releases)

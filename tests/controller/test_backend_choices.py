@@ -52,7 +52,7 @@ def test_too_many_choices() -> None:
         devices.validate_choices([doc] * (devices.MAX_CHOICES + 1))
 
 
-async def test_report_backends_is_stored_and_bad_reports_change_nothing(devices_stub, pg_store) -> None:
+async def test_report_backends_is_stored_and_bad_reports_change_nothing(devices_stub, pg_storage) -> None:
     import grpc
     from controller_helpers import enroll
 
@@ -64,7 +64,7 @@ async def test_report_backends_is_stored_and_bad_reports_change_nothing(devices_
         pb.ReportBackendsRequest(choices=[choice], fingerprint="sha256:dev", backends=["mnn/cpu", "onnxruntime/cuda"]),
         metadata=md,
     )
-    (device,) = [d for d in await pg_store.active_devices() if d.device_id == "dev-b"]
+    (device,) = [d for d in await pg_storage.devices.active_devices() if d.device_id == "dev-b"]
     assert device.backends == ("mnn/cpu", "onnxruntime/cuda")
     assert [(c.candidate, c.latency_ms, c.release) for c in device.backend_choices] == [
         ("onnxruntime/cuda/t1/fp32", 1.25, "ns/t")
@@ -75,7 +75,7 @@ async def test_report_backends_is_stored_and_bad_reports_change_nothing(devices_
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await devices_stub.ReportBackends(pb.ReportBackendsRequest(choices=[bad]), metadata=md)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "candidate" in info.value.details()
-    (again,) = [d for d in await pg_store.active_devices() if d.device_id == "dev-b"]
+    (again,) = [d for d in await pg_storage.devices.active_devices() if d.device_id == "dev-b"]
     assert again.backend_choices == device.backend_choices
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await devices_stub.ReportBackends(pb.ReportBackendsRequest(choices=[choice]))  # no credential

@@ -86,14 +86,14 @@ def test_max_batch_must_be_positive():
 # ---------------------------------------------------------------- reports on a real PostgreSQL
 
 
-async def _release(pg_store, *, release="ns/t", target=None, content=b"print(1)\n"):
+async def _release(pg_storage, *, release="ns/t", target=None, content=b"print(1)\n"):
     import hashlib
 
     d = "sha256:" + hashlib.sha256(content).hexdigest()
-    await pg_store.put_blob(digest=d, size=len(content))
+    await pg_storage.bundles.put_blob(digest=d, size=len(content))
     m = manifest.Manifest(name="t", entrypoint="task.py", files=(manifest.FileEntry("task.py", d, len(content)),))
-    digest = await pg_store.put_manifest(body=m.canonical_bytes())
-    await pg_store.apply_release(
+    digest = await pg_storage.bundles.put_manifest(body=m.canonical_bytes())
+    await pg_storage.releases.apply_release(
         releases.parse_spec(
             release=release,
             generation=1,
@@ -107,34 +107,36 @@ async def _release(pg_store, *, release="ns/t", target=None, content=b"print(1)\
     )
 
 
-async def _fleet(pg_store, n, **attributes):
+async def _fleet(pg_storage, n, **attributes):
     for i in range(n):
-        await pg_store.enroll_device(
+        await pg_storage.devices.enroll_device(
             device_id=f"d{i:03d}", info=devices.validate_info(attributes=attributes, backends=["mnn/cpu"])
         )
-    return sorted(await pg_store.active_devices(), key=lambda d: d.device_id)
+    return sorted(await pg_storage.devices.active_devices(), key=lambda d: d.device_id)
 
 
-async def test_a_burst_of_reports_is_written_in_few_transactions_and_all_are_stored(pg_store, database_url):
-    await _release(pg_store)
-    fleet = await _fleet(pg_store, 200)
+async def test_a_burst_of_reports_is_written_in_few_transactions_and_all_are_stored(
+    pg_storage, pg_reporter, database_url
+):
+    await _release(pg_storage)
+    fleet = await _fleet(pg_storage, 200)
     await asyncio.gather(
-        *(pg_store.report_delivery(device=d, release="ns/t", version=1, state="installed") for d in fleet)
+        *(pg_reporter.report_delivery(device=d, release="ns/t", version=1, state="installed") for d in fleet)
     )
-    assert pg_store._deliveries.batches < 100  # 200 reports, far fewer commits
+    assert pg_reporter.batches.batches < 100  # 200 reports, far fewer commits
     with psycopg.connect(database_url) as conn:
         rows = conn.execute("SELECT state, count(*) FROM deliveries GROUP BY state").fetchall()
     assert rows == [("installed", 200)]
 
 
-async def test_a_refused_report_fails_alone_and_leaves_no_trace(pg_store, database_url):
-    await _release(pg_store, target={"matchLabels": {"os": "android"}})
-    android = await _fleet(pg_store, 3, os="android")
+async def test_a_refused_report_fails_alone_and_leaves_no_trace(pg_storage, pg_reporter, database_url):
+    await _release(pg_storage, target={"matchLabels": {"os": "android"}})
+    android = await _fleet(pg_storage, 3, os="android")
     ios = devices.Device(device_id="i0", attributes={"os": "ios"}, backends=("mnn/cpu",))
-    calls = [pg_store.report_delivery(device=d, release="ns/t", version=1, state="installed") for d in android]
-    calls.append(pg_store.report_delivery(device=ios, release="ns/t", version=1, state="installed"))
-    calls.append(pg_store.report_delivery(device=android[0], release="ns/nope", version=1, state="installed"))
-    calls.append(pg_store.report_delivery(device=android[1], release="ns/t", version=9, state="installed"))
+    calls = [pg_reporter.report_delivery(device=d, release="ns/t", version=1, state="installed") for d in android]
+    calls.append(pg_reporter.report_delivery(device=ios, release="ns/t", version=1, state="installed"))
+    calls.append(pg_reporter.report_delivery(device=android[0], release="ns/nope", version=1, state="installed"))
+    calls.append(pg_reporter.report_delivery(device=android[1], release="ns/t", version=9, state="installed"))
     outcomes = await asyncio.gather(*calls, return_exceptions=True)
     assert outcomes[:3] == [None, None, None]
     assert isinstance(outcomes[3], errors.PermissionDenied)
@@ -145,25 +147,27 @@ async def test_a_refused_report_fails_alone_and_leaves_no_trace(pg_store, databa
     assert rows == [(d.device_id, 1, "installed") for d in android]
 
 
-async def test_reports_of_one_device_in_one_batch_apply_in_order(pg_store, database_url):
-    await _release(pg_store)
-    [device] = await _fleet(pg_store, 1)
+async def test_reports_of_one_device_in_one_batch_apply_in_order(pg_storage, pg_reporter, database_url):
+    await _release(pg_storage)
+    [device] = await _fleet(pg_storage, 1)
     await asyncio.gather(
-        pg_store.report_delivery(device=device, release="ns/t", version=1, state="downloading"),
-        pg_store.report_delivery(device=device, release="ns/t", version=1, state="installed"),
-        pg_store.report_delivery(device=device, release="ns/t", version=1, state="succeeded", message="done"),
+        pg_reporter.report_delivery(device=device, release="ns/t", version=1, state="downloading"),
+        pg_reporter.report_delivery(device=device, release="ns/t", version=1, state="installed"),
+        pg_reporter.report_delivery(device=device, release="ns/t", version=1, state="succeeded", message="done"),
     )
     with psycopg.connect(database_url) as conn:
         row = conn.execute("SELECT state, message, installed_at IS NOT NULL FROM deliveries").fetchone()
     assert row == ("succeeded", "done", True)
 
 
-async def test_a_report_the_database_refuses_is_isolated_from_its_batch(pg_store, database_url):
-    await _release(pg_store)
-    fleet = await _fleet(pg_store, 5)
+async def test_a_report_the_database_refuses_is_isolated_from_its_batch(pg_storage, pg_reporter, database_url):
+    await _release(pg_storage)
+    fleet = await _fleet(pg_storage, 5)
     # PostgreSQL text cannot hold NUL: the batch fails, each report is retried alone, only this one is refused.
     calls = [
-        pg_store.report_delivery(device=d, release="ns/t", version=1, state="failed", message="\x00" if i == 2 else "")
+        pg_reporter.report_delivery(
+            device=d, release="ns/t", version=1, state="failed", message="\x00" if i == 2 else ""
+        )
         for i, d in enumerate(fleet)
     ]
     outcomes = await asyncio.gather(*calls, return_exceptions=True)
@@ -173,16 +177,16 @@ async def test_a_report_the_database_refuses_is_isolated_from_its_batch(pg_store
         ids = [r[0] for r in conn.execute("SELECT device_id FROM deliveries ORDER BY device_id").fetchall()]
     assert ids == [d.device_id for i, d in enumerate(fleet) if i != 2]
     with pytest.raises(errors.InvalidArgument, match="could not be stored"):  # alone, too
-        await pg_store.report_delivery(device=fleet[2], release="ns/t", version=1, state="failed", message="\x00")
+        await pg_reporter.report_delivery(device=fleet[2], release="ns/t", version=1, state="failed", message="\x00")
 
 
-async def test_a_batch_that_deadlocks_is_tried_again(pg_store, database_url, monkeypatch):
+async def test_a_batch_that_deadlocks_is_tried_again(pg_storage, pg_reporter, database_url, monkeypatch):
     """A deadlock against another writer of deliveries rolled the batch back: it runs again, nothing is lost."""
-    from tether.controller import store as store_mod
+    from tether.controller.storage import pg_releases
 
-    await _release(pg_store)
-    fleet = await _fleet(pg_store, 4)
-    real = store_mod._write_deliveries
+    await _release(pg_storage)
+    fleet = await _fleet(pg_storage, 4)
+    real = pg_releases._write_deliveries
     calls = 0
 
     async def deadlocks_once(conn, reports):
@@ -192,25 +196,25 @@ async def test_a_batch_that_deadlocks_is_tried_again(pg_store, database_url, mon
             raise psycopg.errors.DeadlockDetected("deadlock detected")
         return await real(conn, reports)
 
-    monkeypatch.setattr(store_mod, "_write_deliveries", deadlocks_once)
+    monkeypatch.setattr(pg_releases, "_write_deliveries", deadlocks_once)
     outcomes = await asyncio.gather(
-        *(pg_store.report_delivery(device=d, release="ns/t", version=1, state="installed") for d in fleet)
+        *(pg_reporter.report_delivery(device=d, release="ns/t", version=1, state="installed") for d in fleet)
     )
     assert outcomes == [None] * 4
     with psycopg.connect(database_url) as conn:
         assert conn.execute("SELECT count(*) FROM deliveries WHERE state = 'installed'").fetchone() == (4,)
 
 
-async def test_reports_and_a_fleet_wide_notify_do_not_deadlock(pg_store):
+async def test_reports_and_a_fleet_wide_notify_do_not_deadlock(pg_storage, pg_reporter):
     """`mark_notified` and report batches lock delivery rows in the same (key) order."""
-    await _release(pg_store)
-    fleet = await _fleet(pg_store, 300)
+    await _release(pg_storage)
+    fleet = await _fleet(pg_storage, 300)
     ids = [d.device_id for d in fleet]
     rounds = []
     for _ in range(5):
-        rounds.append(pg_store.mark_notified(release="ns/t", version=1, device_ids=list(reversed(ids))))
+        rounds.append(pg_storage.releases.mark_notified(release="ns/t", version=1, device_ids=list(reversed(ids))))
         rounds.extend(
-            pg_store.report_delivery(device=d, release="ns/t", version=1, state="installed") for d in fleet[::3]
+            pg_reporter.report_delivery(device=d, release="ns/t", version=1, state="installed") for d in fleet[::3]
         )
     outcomes = await asyncio.gather(*rounds, return_exceptions=True)
     assert [o for o in outcomes if o is not None] == []

@@ -62,14 +62,14 @@ async def test_one_call_streams_every_blob_in_request_order(admin_client, device
     order = sorted(content, reverse=True)  # any order the device likes, not the manifest's
 
     lookups = 0
-    real = controller.store.release_for_device
+    real = controller.releases.release_for_device
 
     async def counted(*args, **kwargs):
         nonlocal lookups
         lookups += 1
         return await real(*args, **kwargs)
 
-    controller.store.release_for_device = counted
+    controller.releases.release_for_device = counted
     chunks, err = await pull(devices_stub, md, "ns/task", ranges(*[(d, 0) for d in order]))
     assert err is None
     assert lookups == 1  # one release lookup (and one authentication) for all the blobs
@@ -192,7 +192,7 @@ async def test_pull_blob_is_unchanged_beside_it(admin_client, devices_stub, tmp_
 
 
 async def test_a_device_may_have_only_a_few_pulls_in_progress(admin_client, devices_stub, controller, tmp_path):
-    from tether.controller import service
+    from tether.controller import device_service
 
     md = await enroll(devices_stub, "greedy", {"os": "android"})
     big = {"task.py": FILES["task.py"], "model.bin": os.urandom(30 * CHUNK)}  # 7.5 MiB: more than flow control lets by
@@ -200,7 +200,7 @@ async def test_a_device_may_have_only_a_few_pulls_in_progress(admin_client, devi
     model = bundle.file("model.bin").sha256
     calls = []
     try:
-        for _ in range(service.MAX_PULLS_PER_DEVICE):  # each reads one chunk, then stops reading
+        for _ in range(device_service.MAX_PULLS_PER_DEVICE):  # each reads one chunk, then stops reading
             call = devices_stub.PullBlobs(pb.PullBlobsRequest(release="ns/task", blobs=ranges((model, 0))), metadata=md)
             await call.read()
             calls.append(call)

@@ -257,7 +257,7 @@ class GatedStore:
 async def test_a_lookup_in_flight_when_the_device_is_forgotten_asks_again(how):
     store_ = GatedStore()
     signer = credentials.Signer([credentials.new_key()])
-    authenticator = device_auth.DeviceAuthenticator(store_=store_, signer=signer, cache_s=LONG_CACHE_S)  # type: ignore[arg-type]
+    authenticator = device_auth.DeviceAuthenticator(registry=store_, signer=signer, cache_s=LONG_CACHE_S)  # type: ignore[arg-type]
     token = str(signer.issue(auth.Credential(device_id="phone-1", secret=auth.new_secret())))
     attempt = asyncio.create_task(authenticator.authenticate(token))
     await store_.entered.wait()  # read the row as live...

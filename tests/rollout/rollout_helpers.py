@@ -26,7 +26,8 @@ from psycopg import sql
 
 from tether.common import manifest
 from tether.common.admin_client import AdminClient
-from tether.controller import devices, server, store, uploads
+from tether.controller import devices, server, uploads
+from tether.controller.storage import contracts
 from tether.operator import reconcile
 from tether.operator import release_client as operator_admin
 from tether.operator.task_status import MLTaskStatus
@@ -86,7 +87,7 @@ def mixed_fleet(n: int, *, seed: int = 7) -> list[SimDevice]:
     return fleet
 
 
-async def enroll_all(st: store.Store, fleet: list[SimDevice]) -> None:
+async def enroll_all(st: contracts.DeviceRegistry, fleet: list[SimDevice]) -> None:
     gate = asyncio.Semaphore(8)
 
     async def one(d: SimDevice) -> None:
@@ -97,7 +98,9 @@ async def enroll_all(st: store.Store, fleet: list[SimDevice]) -> None:
     await asyncio.gather(*(one(d) for d in fleet))
 
 
-async def desired(st: store.Store, fleet: list[SimDevice], release: str) -> dict[str, tuple[int, bool] | None]:
+async def desired(
+    st: contracts.ReleaseLedger, fleet: list[SimDevice], release: str
+) -> dict[str, tuple[int, bool] | None]:
     """device id -> (version, rollback flag) of `release` the controller serves it, None when nothing."""
     gate = asyncio.Semaphore(8)
 
@@ -114,7 +117,7 @@ async def desired(st: store.Store, fleet: list[SimDevice], release: str) -> dict
 class Simulation:
     """Devices that do what they are told: install the version they are served (Sync), run it, report, upload."""
 
-    st: store.Store
+    st: server.RunningController  # reports go through its group commit, the rest straight to its storage
     fleet: list[SimDevice]
     release: str
     last: dict[str, tuple[int, bool]] = dataclasses.field(default_factory=dict)  # what each device acted on last
@@ -140,7 +143,7 @@ class Simulation:
     async def _device(
         self, d: SimDevice, *, fail: frozenset[str], accuracy: float, duration_s: float
     ) -> tuple[int, bool] | None:
-        tasks = [t for t in await self.st.desired_tasks(d.device) if t.release == self.release]
+        tasks = [t for t in await self.st.storage.releases.desired_tasks(d.device) if t.release == self.release]
         if not tasks:
             self.last.pop(d.device_id, None)
             return None
@@ -149,8 +152,9 @@ class Simulation:
         if self.last.get(d.device_id, (0, False))[0] == task.version:
             return key  # already running this version
         self.last[d.device_id] = key
-        await self.st.mark_synced(device_id=d.device_id, tasks=tasks)
-        report = self.st.report_delivery
+        await self.st.storage.releases.mark_synced(device_id=d.device_id, tasks=tasks)
+        assert self.st.reporter is not None
+        report = self.st.reporter.report_delivery
         await report(device=d.device, release=self.release, version=task.version, state="installed")
         if d.device_id in fail:
             await report(device=d.device, release=self.release, version=task.version, state="failed", message="x")
@@ -166,7 +170,7 @@ class Simulation:
             tensors=(),
             duration_s=duration_s,
         )
-        await self.st.insert_result(device=d.device, record=record)
+        await self.st.storage.results.insert_result(device=d.device, record=record)
         return key
 
 

@@ -100,8 +100,8 @@ async def test_beta_gray_full_reach_exactly_the_named_devices_and_a_failing_gate
                 tmp_path / "v2",
                 {"task.py": b"def run(ctx):\n    return {'sample_count': 1}\n"},  # only this file changes
             )
-            await enroll_all(running.store, fleet)
-            sim = Simulation(running.store, fleet, RELEASE)
+            await enroll_all(running.storage.devices, fleet)
+            sim = Simulation(running, fleet, RELEASE)
 
             # Version 1 goes everywhere at once (one plain stage) and completes.
             op = OperatorLoop(client, {**spec(v1_digest), "rollout": {"stages": [{"percent": 100}]}})
@@ -142,24 +142,24 @@ async def test_beta_gray_full_reach_exactly_the_named_devices_and_a_failing_gate
             # A controller restart mid-stage changes nobody's cohort: thresholds live in Postgres.
             await running.stop(grace=0.2)
             running = await start(database_url, tmp_path)
-            sim.st = running.store
+            sim.st = running
             async with admin_client.AdminClient(target=running.address, token=ADMIN_TOKEN) as client2:
                 op.client = client2
-                assert await desired(running.store, fleet, RELEASE) == served
+                assert await desired(running.storage.releases, fleet, RELEASE) == served
 
                 # A device enrolling late (or upgrading its app into range) is picked up by the rollout.
                 late = SimDevice("dev-late-1", {"os": "android", "appVersion": "10.1.0", "tier": "high"})
                 info = devices.validate_info(attributes=late.attributes, backends=("mnn/cpu",))
-                await running.store.enroll_device(device_id=late.device_id, info=info)
-                assert (await desired(running.store, [late], RELEASE))[late.device_id] is None  # 10.1 < 10.2
+                await running.storage.devices.enroll_device(device_id=late.device_id, info=info)
+                assert (await desired(running.storage.releases, [late], RELEASE))[late.device_id] is None  # 10.1 < 10.2
                 late.attributes["appVersion"] = "10.4.1"
                 info = devices.validate_info(attributes=late.attributes, backends=("mnn/cpu",))
-                await running.store.enroll_device(device_id=late.device_id, info=info)
+                await running.storage.devices.enroll_device(device_id=late.device_id, info=info)
                 in_gray = cohorts.bucket(RELEASE, late.device_id) < cohorts.threshold(
                     [cohorts.bucket(RELEASE, i) for i in want], percent=10
                 )
                 expected_late = (2, False) if in_gray else (1, True)
-                assert (await desired(running.store, [late], RELEASE))[late.device_id] == expected_late
+                assert (await desired(running.storage.releases, [late], RELEASE))[late.device_id] == expected_late
 
                 status = await op.advance(1800)
                 gray_stage = status.rollout.stages[1]  # type: ignore[union-attr]

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from tether.common import errors
-from tether.controller import releases, rollouts, targeting
+from tether.controller import releases, rollouts, stage_health, targeting
 from tether.spec import staging
 
 DIGEST1 = "sha256:" + "1" * 64
@@ -181,17 +181,19 @@ def test_bad_rollout_documents_are_refused_naming_the_field(doc: dict, field: st
 def test_health_counts_stages_cumulatively_with_rates_latency_metrics_and_coverage() -> None:
     rel = release(stage=1)
     devices = [
-        rollouts.DeviceRecord(device_id="a", stage=0, version=2, state="succeeded", installed_at=10.0),
-        rollouts.DeviceRecord(device_id="b", stage=1, version=2, state="failed", installed_at=20.0),
-        rollouts.DeviceRecord(device_id="c", stage=1, version=2, state="installed", installed_at=30.0, waiting=True),
-        rollouts.DeviceRecord(device_id="d", stage=2, version=1, state="succeeded"),
-        rollouts.DeviceRecord(device_id="e", stage=None, version=1, state="succeeded"),
+        stage_health.DeviceRecord(device_id="a", stage=0, version=2, state="succeeded", installed_at=10.0),
+        stage_health.DeviceRecord(device_id="b", stage=1, version=2, state="failed", installed_at=20.0),
+        stage_health.DeviceRecord(
+            device_id="c", stage=1, version=2, state="installed", installed_at=30.0, waiting=True
+        ),
+        stage_health.DeviceRecord(device_id="d", stage=2, version=1, state="succeeded"),
+        stage_health.DeviceRecord(device_id="e", stage=None, version=1, state="succeeded"),
     ]
     results = [
-        rollouts.ResultRecord(device_id="a", duration_s=1.0, metrics={"accuracy": 0.9}),
-        rollouts.ResultRecord(device_id="b", duration_s=3.0, metrics={"accuracy": 0.5}),
+        stage_health.ResultRecord(device_id="a", duration_s=1.0, metrics={"accuracy": 0.9}),
+        stage_health.ResultRecord(device_id="b", duration_s=3.0, metrics={"accuracy": 0.5}),
     ]
-    doc = rollouts.health(rel, devices=devices, results=results, stage_started={0: 0.0, 1: 15.0})
+    doc = stage_health.health(rel, devices=devices, results=results, stage_started={0: 0.0, 1: 15.0})
     s0, s1, s2 = doc["stages"]
     assert (s0["eligible"], s0["succeeded"], s0["successRate"], s0["metrics"]) == (1, 1, 1.0, {"accuracy": 0.9})
     assert (s1["eligible"], s1["installed"], s1["failed"], s1["waiting"]) == (3, 2, 1, 1)
@@ -201,7 +203,7 @@ def test_health_counts_stages_cumulatively_with_rates_latency_metrics_and_covera
 
 
 def test_participation_conditions_hold_unless_the_device_says_otherwise() -> None:
-    assert rollouts.conditions_met({"charging": True}, {"charging": "true"})
-    assert not rollouts.conditions_met({"charging": True}, {"charging": "false"})
-    assert rollouts.conditions_met({"charging": True}, {})  # cannot tell: not held back
-    assert rollouts.conditions_met({"charging": False}, {"charging": "false"})
+    assert stage_health.conditions_met({"charging": True}, {"charging": "true"})
+    assert not stage_health.conditions_met({"charging": True}, {"charging": "false"})
+    assert stage_health.conditions_met({"charging": True}, {})  # cannot tell: not held back
+    assert stage_health.conditions_met({"charging": False}, {"charging": "false"})

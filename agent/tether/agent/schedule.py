@@ -78,7 +78,7 @@ class Dispatcher:
         current = self._armed.get(release)
         if current is not None and current[0] == version and current[1] == trigger:
             return current[2]
-        armed_at = self.clock()
+        armed_at: float = self.clock()
         self._armed[release] = (version, trigger, armed_at)
         if trigger.type == "pattern" and trigger.stream is not None:
             self.stream.register(release, trigger.stream)

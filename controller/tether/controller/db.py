@@ -47,7 +47,7 @@ def migrate(conninfo: str) -> list[str]:
                 done = conn.execute("SELECT 1 FROM schema_migrations WHERE name = %s", (name,)).fetchone()
                 if done:
                     continue
-                conn.execute(sql)  # type: ignore[arg-type]  # trusted file shipped in the package
+                conn.execute(sql)  # trusted file shipped in the package
                 conn.execute("INSERT INTO schema_migrations (name) VALUES (%s)", (name,))
                 applied_now.append(name)
                 log.info("applied migration %s", name)

@@ -6,7 +6,7 @@ Every device RPC but `Enroll` presents `authorization: Bearer <credential>`
 1. checks the HMAC signature and the expiry from the token alone: a forged,
    altered, truncated or expired credential is refused before any database
    work, so it cannot be used to load the database;
-2. asks the registry (`Store.authenticate_device`) whether the device exists,
+2. asks the registry (`DeviceRegistry.authenticate_device`) whether the device exists,
    is not revoked and holds this secret, and keeps the answer for
    `cache_s` seconds (bounded LRU), so a busy device costs one query per
    `cache_s`, not one per call.
@@ -46,7 +46,8 @@ import time
 from collections.abc import Callable
 
 from tether.common import auth, credentials, errors
-from tether.controller import devices, store
+from tether.controller import devices
+from tether.controller.storage import contracts
 
 log = logging.getLogger(__name__)
 
@@ -71,13 +72,13 @@ class DeviceAuthenticator:
     def __init__(
         self,
         *,
-        store_: store.Store,
+        registry: contracts.DeviceRegistry,
         signer: credentials.Signer,
         cache_s: float = DEFAULT_CACHE_S,
         cache_size: int = DEFAULT_CACHE_SIZE,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._store = store_
+        self._registry = registry
         self.signer = signer
         self._cache_s = cache_s
         self._cache_size = cache_size
@@ -125,7 +126,7 @@ class DeviceAuthenticator:
 
     async def _lookup(self, credential: auth.Credential) -> devices.Device:
         try:
-            return await self._store.authenticate_device(credential)
+            return await self._registry.authenticate_device(credential)
         except errors.Unauthenticated as e:
             self.forget(credential.device_id)
             if "revoked" in str(e):
@@ -160,12 +161,12 @@ class DeviceAuthenticator:
 
 
 async def signer_for(
-    *, store_: store.Store, key_file: str | None, ttl_s: int, clock: Callable[[], float] = time.time
+    *, registry: contracts.DeviceRegistry, key_file: str | None, ttl_s: int, clock: Callable[[], float] = time.time
 ) -> credentials.Signer:
     """The signer of this controller: keys from `key_file`, else the key shared through Postgres."""
     if key_file:
         keys = credentials.load_key_file(key_file)
         log.info("device credentials signed with %d key(s) from %s", len(keys), key_file)
     else:
-        keys = [await store_.controller_secret(KEY_NAME, generate=credentials.new_key)]
+        keys = [await registry.controller_secret(KEY_NAME, generate=credentials.new_key)]
     return credentials.Signer(keys, ttl_s=ttl_s, clock=clock)

@@ -274,9 +274,9 @@ class Hub:
             plan.append((conn, action, event, served))
         spread_ms = self.pull_spread_ms(sum(1 for _, action, _, _ in plan if action is Action.NOTIFY))
         if spread_ms:
-            for event in [notify_event, *(e for e, _ in staged_events.values())]:
-                if event is not None:
-                    event.notify.pull_spread_ms = spread_ms
+            for told in [notify_event, *(e for e, _ in staged_events.values())]:
+                if told is not None:
+                    told.notify.pull_spread_ms = spread_ms
         for conn, action, event, served in plan:
             offered = self.offer(conn, event)
             if not offered:

@@ -10,7 +10,7 @@ Each replica runs one `ReleaseListener` on a dedicated connection (a LISTEN
 needs a session of its own; the pool's connections come and go). For every
 announcement it reads the release as committed, compares it with the release
 as this replica last saw it, and hands the pair to the same fan-out the local
-ApplyRelease path uses (`service._notify`: hub → Notify/Revoke, deliveries
+ApplyRelease path uses (`fanout.FanOut.release_changed`: hub → Notify/Revoke, deliveries
 marked). The comparison is what makes it safe to receive anything twice:
 `fanout_action(r, r)` is NONE for every device.
 
@@ -28,12 +28,12 @@ Device revocations travel the same way on a second channel of the same
 connection: a trigger on `devices` (migration 0008) runs
 `pg_notify('tether_devices', {"device", "event": "revoked", "origin"})` in the
 revoking transaction, and the listener hands the device id to `on_revoked`
-(`service.end_revoked_device`: forget its cached authentication, end its
+(`fanout.FanOut.device_revoked`: forget its cached authentication, end its
 Subscribe stream with UNAUTHENTICATED). That is idempotent, so it runs for
 every announcement, this replica's own included. A revocation has no state to
 diff later, so a gap is handled differently: after every (re)connect, once
 LISTEN is in place and before anything else, `on_gap` runs
-(`service.end_revoked_streams`: clear the whole authentication cache, then one
+(`fanout.FanOut.end_revoked_streams`: clear the whole authentication cache, then one
 query for the connected devices, ending the streams of revoked ones). If it
 fails, the listener reconnects and runs it again.
 """
@@ -51,7 +51,7 @@ from collections.abc import Awaitable, Callable
 import psycopg
 from psycopg import conninfo as conninfo_mod
 
-from tether.controller import releases, store
+from tether.controller import release_cache, releases
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ ORIGIN_SETTING = "tether.origin"
 
 ChangeHandler = Callable[[releases.Release | None, releases.Release | None], Awaitable[None]]
 RevokedHandler = Callable[[str], Awaitable[None]]
-GapHandler = Callable[[], Awaitable[None]]
+GapHandler = Callable[[], Awaitable[object]]
 DeviceChangedHandler = Callable[[str, bool], Awaitable[None]]  # (device id, changed by this replica)
 
 
@@ -76,7 +76,7 @@ def with_origin(conninfo: str, replica_id: str) -> str:
     params = conninfo_mod.conninfo_to_dict(conninfo)
     existing = str(params.get("options") or "").strip()
     params["options"] = (existing + " " if existing else "") + f"-c {ORIGIN_SETTING}={replica_id}"
-    return conninfo_mod.make_conninfo(**params)
+    return conninfo_mod.make_conninfo("", **params)
 
 
 class ReleaseListener:
@@ -86,7 +86,7 @@ class ReleaseListener:
         self,
         *,
         conninfo: str,
-        store_: store.Store,
+        cache: release_cache.ReleaseCache,
         replica_id: str,
         on_change: ChangeHandler,
         on_revoked: RevokedHandler | None = None,
@@ -97,7 +97,7 @@ class ReleaseListener:
         max_retry_s: float = 15.0,
     ) -> None:
         self._conninfo = conninfo
-        self._store = store_
+        self._cache = cache
         self.replica_id = replica_id
         self._on_change = on_change
         self._on_revoked = on_revoked
@@ -171,8 +171,8 @@ class ReleaseListener:
         except (ValueError, KeyError, TypeError):
             log.warning("ignoring malformed %s payload %r", CHANNEL, payload[:200])
             return
-        self._store.releases_changed()  # cached "may read" answers (Store.release_for_device)
-        after = await self._store.get_release(name)
+        self._cache.releases_changed()  # cached "may read" answers (release_cache)
+        after = await self._cache.get_release(name)
         before = self._known.get(name)
         self._remember(name, after)
         if origin == self.replica_id or before == after:
@@ -209,8 +209,8 @@ class ReleaseListener:
             self.catch_ups += 1
 
     async def _resync(self) -> None:
-        self._store.releases_changed()
-        current = {r.name: r for r in await self._store.list_releases()}
+        self._cache.releases_changed()
+        current = {r.name: r for r in await self._cache.list_releases()}
         changed = [
             (self._known.get(n), current.get(n))
             for n in sorted(set(self._known) | set(current))

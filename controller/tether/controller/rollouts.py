@@ -36,18 +36,13 @@ Pure: no I/O.
 from __future__ import annotations
 
 import dataclasses
-import math
-from collections.abc import Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable, Mapping
+from typing import Any, Protocol
 
 from tether.controller import cohorts, targeting
 from tether.spec import staging
 from tether.spec.staging import Action, Rollout
 
-if TYPE_CHECKING:
-    from tether.controller import releases
-
-COVERAGE_QUANTILES = (0.5, 0.9, 0.99)
 CONDITION_KEYS = ("charging", "unmeteredNetwork", "idle")
 
 
@@ -134,6 +129,59 @@ def advance_state(
     return dataclasses.replace(state, stages=stages)
 
 
+# ---------------------------------------------------------------- what the decisions read of a release
+
+
+class Policy(Protocol):
+    """The policy documents a served version carries to devices."""
+
+    @property
+    def trigger(self) -> Mapping[str, Any]: ...
+
+    @property
+    def resources(self) -> Mapping[str, Any]: ...
+
+
+class Subject(Protocol):
+    """A release as these decisions read it; `tether.controller.releases.Release` is one.
+
+    A Protocol, so that this module imports nothing of `releases` (which imports
+    this module's values one way: no import loop).
+    """
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def version(self) -> int: ...
+
+    @property
+    def manifest_digest(self) -> str: ...
+
+    @property
+    def paused(self) -> bool: ...
+
+    @property
+    def deleted(self) -> bool: ...
+
+    @property
+    def spec(self) -> Policy: ...
+
+    @property
+    def target(self) -> targeting.Target: ...
+
+    @property
+    def rollout(self) -> Rollout | None: ...
+
+    @property
+    def rollout_state(self) -> RolloutState: ...
+
+    @property
+    def stable(self) -> Stable | None: ...
+
+    def offered_to(self, facts: targeting.Facts, *, delivered: bool) -> bool: ...
+
+
 # ---------------------------------------------------------------- the stable version
 
 
@@ -169,7 +217,7 @@ class Stable:
         )
 
     @classmethod
-    def of(cls, rel: releases.Release) -> Stable:
+    def of(cls, rel: Subject) -> Stable:
         return cls(
             version=rel.version,
             manifest_digest=rel.manifest_digest,
@@ -179,7 +227,7 @@ class Stable:
         )
 
 
-def next_stable(previous: releases.Release | None) -> Stable | None:
+def next_stable(previous: Subject | None) -> Stable | None:
     """The stable version after `previous` is superseded by a new version.
 
     `previous` becomes stable when its rollout completed (or it had none); a
@@ -212,16 +260,16 @@ class Served:
         return (self.version, self.manifest_digest)
 
 
-def effective(rel: releases.Release) -> Rollout | None:
+def effective(rel: Subject) -> Rollout | None:
     ro: Rollout | None = rel.rollout
     return None if ro is None else ro.for_version(rel.version)
 
 
-def staged(rel: releases.Release | None) -> bool:
+def staged(rel: Subject | None) -> bool:
     return rel is not None and rel.rollout is not None
 
 
-def current(rel: releases.Release) -> Served:
+def current(rel: Subject) -> Served:
     return Served(
         release=rel.name,
         version=rel.version,
@@ -231,7 +279,7 @@ def current(rel: releases.Release) -> Served:
     )
 
 
-def stable_for(rel: releases.Release, facts: targeting.Facts) -> Served | None:
+def stable_for(rel: Subject, facts: targeting.Facts) -> Served | None:
     stable: Stable | None = rel.stable
     if stable is None or not stable.target.matches(facts):
         return None
@@ -245,7 +293,7 @@ def stable_for(rel: releases.Release, facts: targeting.Facts) -> Served | None:
     )
 
 
-def stage_thresholds(rel: releases.Release) -> list[float]:
+def stage_thresholds(rel: Subject) -> list[float]:
     """Thresholds of stages 0..current (a stage not begun yet falls back to its fraction)."""
     ro = effective(rel)
     if ro is None:
@@ -263,7 +311,7 @@ def stage_thresholds(rel: releases.Release) -> list[float]:
     return out
 
 
-def stage_of(rel: releases.Release, facts: targeting.Facts) -> int | None:
+def stage_of(rel: Subject, facts: targeting.Facts) -> int | None:
     """The earliest stage that reaches a targeted device (None when none, or it is not targeted)."""
     ro = effective(rel)
     if ro is None or not rel.target.matches(facts):
@@ -276,7 +324,7 @@ def stage_of(rel: releases.Release, facts: targeting.Facts) -> int | None:
     )
 
 
-def served(rel: releases.Release, facts: targeting.Facts, *, delivered: bool) -> Served | None:
+def served(rel: Subject, facts: targeting.Facts, *, delivered: bool) -> Served | None:
     """The version of `rel` a device with `facts` should have; None: none (uninstall).
 
     `delivered`: the device was already told about the current version (a
@@ -305,7 +353,7 @@ class Change:
     revoke: bool = False
 
 
-def change(*, before: releases.Release | None, after: releases.Release | None, facts: targeting.Facts) -> Change:
+def change(*, before: Subject | None, after: Subject | None, facts: targeting.Facts) -> Change:
     """What a connected device hears when a staged release goes from `before` to `after`.
 
     Compared as if the device had what it was served before (a push is news only
@@ -326,7 +374,7 @@ def change(*, before: releases.Release | None, after: releases.Release | None, f
     return Change()
 
 
-def serving_changed(before: releases.Release | None, after: releases.Release) -> bool:
+def serving_changed(before: Subject | None, after: Subject) -> bool:
     """Whether an apply that kept the version still changes what some device is served."""
     if before is None:
         return True
@@ -337,111 +385,35 @@ def serving_changed(before: releases.Release | None, after: releases.Release) ->
     )
 
 
-# ---------------------------------------------------------------- health
+# ---------------------------------------------------------------- what an apply stores
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class DeviceRecord:
-    """What the store knows of one targeted device, for health."""
+class Columns:
+    """The rollout columns an apply stores with a release: the decision, the thresholds fixed, the stable version."""
 
-    device_id: str
-    stage: int | None  # earliest stage reaching it
-    version: int | None = None  # delivery row's version
-    state: str | None = None  # delivery row's state
-    installed_at: float | None = None  # epoch seconds the current version was first installed
-    waiting: bool = False  # installed but its participation conditions are not met
+    rollout: Rollout | None
+    state: RolloutState
+    stable: Stable | None
 
+    def needs_population(self, version: int) -> bool:
+        """Whether a stage begins now: its threshold is fixed over the devices targeted now (storage reads them)."""
+        return self.rollout is not None and needs_population(self.state, self.rollout, version)
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class ResultRecord:
-    device_id: str
-    duration_s: float
-    metrics: Mapping[str, float]
-
-
-def health(
-    rel: releases.Release,
-    *,
-    devices: Sequence[DeviceRecord],
-    results: Sequence[ResultRecord],
-    stage_started: Mapping[int, float],
-) -> dict[str, Any]:
-    """Per-stage health of the current version, cumulative over nested stages (`ReleaseStatus.health_json`).
-
-    For each stage j up to the current one, over the devices stage j reaches
-    (eligible): how many were notified / installed / succeeded / failed at the
-    current version, how many report (a terminal state), success and error
-    rates among those reporting, p95 of `results.duration_s`, the mean of each
-    task metric over their results, and coverage: seconds from the stage's start
-    until 50/90/99 % of its eligible devices had installed.
-    """
-    ro = effective(rel)
-    if ro is None:
-        return {}
-    out_stages = []
-    on_stable = sum(1 for d in devices if d.version is not None and d.version != rel.version)
-    for j in range(len(ro.stages)):
-        members = [d for d in devices if d.stage is not None and d.stage <= j]
-        ids = {d.device_id for d in members}
-        at_version = [d for d in members if d.version == rel.version]
-        states = [d.state for d in at_version]
-        succeeded = states.count("succeeded")
-        failed = states.count("failed") + states.count("refused")
-        reporting = succeeded + failed
-        mine = [r for r in results if r.device_id in ids]
-        durations = sorted(r.duration_s for r in mine)
-        names = sorted({k for r in mine for k in r.metrics})
-        metrics = {
-            k: sum(r.metrics[k] for r in mine if k in r.metrics) / sum(1 for r in mine if k in r.metrics) for k in names
-        }
-        installed_times = sorted(d.installed_at for d in at_version if d.installed_at is not None)
-        start = stage_started.get(j)
-        coverage: dict[str, float] = {}
-        if start is not None and members:
-            for q in COVERAGE_QUANTILES:
-                k = math.ceil(q * len(members))
-                if len(installed_times) >= k:
-                    coverage[f"p{round(q * 100)}"] = round(max(0.0, installed_times[k - 1] - start), 3)
-        out_stages.append(
-            {
-                "index": j,
-                "eligible": len(members),
-                "notified": sum(1 for s in states if s != "uninstalled"),
-                "installed": sum(1 for s in states if s in ("installed", "running", "succeeded")),
-                "succeeded": succeeded,
-                "failed": failed,
-                "reporting": reporting,
-                "waiting": sum(1 for d in at_version if d.waiting and d.state in ("installed",)),
-                "results": len(mine),
-                "successRate": None if reporting == 0 else succeeded / reporting,
-                "errorRate": None if reporting == 0 else failed / reporting,
-                "p95LatencySeconds": None if not durations else _quantile(durations, 0.95),
-                "metrics": metrics,
-                "coverageSeconds": coverage,
-            }
+    def advanced(self, *, version: int, population: Iterable[str], now: str) -> Columns:
+        return dataclasses.replace(
+            self, state=advance_state(self.state, self.rollout, version=version, population=population, now=now)
         )
-    return {
-        "version": rel.version,
-        "stage": ro.stage,
-        "action": ro.action.value,
-        "stableVersion": rel.stable.version if rel.stable is not None else 0,
-        "onStable": on_stable,
-        "stages": out_stages,
-    }
 
 
-def _quantile(ordered: Sequence[float], q: float) -> float:
-    """Nearest-rank quantile of sorted values."""
-    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+def columns_on_apply(*, document: Mapping[str, Any], version: int, previous: Subject | None) -> Columns:
+    """The rollout columns of a release applied at `version` over `previous` (as stored before; maybe deleted).
 
-
-def conditions_met(conditions: Mapping[str, Any], state: Mapping[str, Any]) -> bool:
-    """Participation conditions (`trigger.conditions`) against a device's reported state.
-
-    A condition the device does not report does not hold it back (devices
-    that cannot tell whether they are charging still participate).
+    A version bump computes the stable version (`next_stable`); otherwise the
+    stable version and the thresholds fixed so far carry over.
     """
-    for key in CONDITION_KEYS:
-        if conditions.get(key) and key in state and str(state[key]).lower() not in ("true", "1", "yes"):
-            return False
-    return True
+    rollout = parse_rollout(document or {})
+    live = previous if previous is not None and not previous.deleted else None
+    stable = next_stable(live) if live is None or live.version != version else live.stable
+    state = live.rollout_state if live is not None and rollout is not None else RolloutState()
+    return Columns(rollout=rollout, state=state, stable=stable)

@@ -12,14 +12,29 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import grpc
 
 from tether.common import config as config_mod
 from tether.common import errors, signing, tls
-from tether.controller import admission, blobs, db, device_auth, hub, replicas, service, stats, store
+from tether.controller import (
+    admin_service,
+    admission,
+    blobs,
+    db,
+    device_auth,
+    device_service,
+    edge,
+    fanout,
+    hub,
+    release_cache,
+    replicas,
+    reporting,
+    stats,
+)
 from tether.controller.enqueue import CeleryEnqueuer, Enqueuer
+from tether.controller.storage import contracts, postgres
 from tether.proto.v1 import tether_pb2_grpc as pb_grpc
 
 if TYPE_CHECKING:
@@ -39,7 +54,8 @@ class RunningController:
     config: config_mod.ControllerConfig
     server: grpc.aio.Server
     pool: AsyncConnectionPool
-    store: store.Store
+    storage: contracts.Storage
+    releases: release_cache.ReleaseCache  # releases as this process reads them (and its "may read" answers)
     blobs: blobs.BlobStore
     hub: hub.Hub
     enqueuer: Enqueuer
@@ -48,6 +64,7 @@ class RunningController:
     listener: replicas.ReleaseListener | None = None
     counters: stats.RpcCounters | None = None
     authenticator: device_auth.DeviceAuthenticator | None = None  # device credentials
+    reporter: reporting.DeliveryReporter | None = None  # group-committed delivery reports
 
     @property
     def address(self) -> str:
@@ -117,76 +134,74 @@ async def start_controller(
     )
     listener: replicas.ReleaseListener | None = None
     try:
-        store_ = store.Store(pool)
+        storage = postgres.postgres_storage(pool)
+        releases = release_cache.ReleaseCache(storage.releases)
+        reporter = reporting.DeliveryReporter(storage.releases)
         hub_ = hub.Hub(
             queue_size=cfg.device_queue_size, pull_rate=cfg.pull_rate, max_pull_spread_s=cfg.max_pull_spread_s
         )
-        manifests = service.ManifestCache(store_=store_, blob_store=blob_store)
+        manifests = fanout.ManifestCache(bundles=storage.bundles, blob_store=blob_store)
         authenticator = device_auth.DeviceAuthenticator(
-            store_=store_,
+            registry=storage.devices,
             signer=await device_auth.signer_for(
-                store_=store_,
+                registry=storage.devices,
                 key_file=str(cfg.credential_key_file) if cfg.credential_key_file else None,
                 ttl_s=cfg.credential_ttl_s,
             ),
             cache_s=cfg.auth_cache_s,
         )
+        fan_out = fanout.FanOut(hub_=hub_, storage=storage, manifests=manifests, authenticator=authenticator)
         bundle_policy = signing.BundlePolicy(
             require_signature=cfg.require_signed_bundles, trusted=signing.load_trusted_keys(cfg.trusted_key_files)
         )
 
-        async def fan_out(before: Any, after: Any) -> None:  # a change made through another replica
-            await service._notify(hub_=hub_, store_=store_, manifests=manifests, before=before, after=after)
-
         async def revoked(device_id: str) -> None:  # revoked anywhere, this replica included
-            service.end_revoked_device(hub_=hub_, authenticator=authenticator, device_id=device_id)
+            fan_out.device_revoked(device_id)
 
         async def device_changed(device_id: str, here: bool) -> None:  # new credential or facts, anywhere
-            authenticator.forget(device_id)  # its cached entry holds the old facts (and secret)
-            if not here and hub_.is_connected(device_id):  # this replica changed its own stream's facts already
-                device = await store_.device(device_id)
-                if device is not None:
-                    hub_.update_facts(device_id=device_id, facts=device.facts)
-
-        async def gap() -> None:  # (re)connected: revocations may have gone unheard meanwhile
-            await service.end_revoked_streams(hub_=hub_, store_=store_, authenticator=authenticator)
+            await fan_out.device_changed(device_id, here=here)
 
         listener = replicas.ReleaseListener(
             conninfo=cfg.database_url,
-            store_=store_,
+            cache=releases,
             replica_id=replica_id,
-            on_change=fan_out,
+            on_change=fan_out.release_changed,  # a change made through another replica
             on_revoked=revoked,
-            on_gap=gap,
+            on_gap=fan_out.end_revoked_streams,  # (re)connected: revocations may have gone unheard meanwhile
             on_device_changed=device_changed,
         )
         counters = stats.RpcCounters()
-        server = grpc.aio.server(options=server_options(cfg))
+        # The edge: authentication and error mapping of every device and admin RPC (tether.controller.edge).
+        server = grpc.aio.server(
+            options=server_options(cfg),
+            interceptors=[edge.Edge(authenticator=authenticator, admin_token=cfg.admin_token)],
+        )
         counters.add_servicer(
             pb_grpc.add_DeviceServiceServicer_to_server,
-            service.DeviceService(
-                store_=store_,
+            device_service.DeviceService(
+                storage=storage,
+                releases=releases,
+                reporter=reporter,
                 blob_store=blob_store,
                 hub_=hub_,
                 enqueuer=enqueuer,
                 manifests=manifests,
+                authenticator=authenticator,
                 bootstrap_token=cfg.bootstrap_token,
                 heartbeat_s=cfg.heartbeat_s,
-                authenticator=authenticator,
                 pull_gate=admission.FifoGate(cfg.max_concurrent_pulls, quantum_bytes=cfg.pull_quantum_bytes),
             ),
             server,
         )
         counters.add_servicer(
             pb_grpc.add_AdminServiceServicer_to_server,
-            service.AdminService(
-                store_=store_,
+            admin_service.AdminService(
+                storage=storage,
+                releases_=releases,
                 blob_store=blob_store,
                 hub_=hub_,
-                admin_token=cfg.admin_token,
-                authenticator=authenticator,
+                fan_out=fan_out,
                 bundle_policy=bundle_policy,
-                manifests=manifests,
             ),
             server,
         )
@@ -218,7 +233,8 @@ async def start_controller(
         config=cfg,
         server=server,
         pool=pool,
-        store=store_,
+        storage=storage,
+        releases=releases,
         blobs=blob_store,
         hub=hub_,
         enqueuer=enqueuer,
@@ -226,6 +242,7 @@ async def start_controller(
         listener=listener,
         counters=counters,
         authenticator=authenticator,
+        reporter=reporter,
     )
 
 

@@ -146,8 +146,12 @@ def _counting_handler(handler: grpc.RpcMethodHandler, c: MethodCounters) -> grpc
             c.calls += 1
             result = streaming(await decode(raw, context), context)
             if hasattr(result, "__aiter__"):
-                async for item in result:
-                    yield item
+                try:
+                    async for item in result:
+                        yield item
+                finally:
+                    if hasattr(result, "aclose"):
+                        await result.aclose()  # its `finally` runs now, when this stream is closed
             else:
                 await _maybe_await(result)  # a method that writes with context.write (or is unimplemented)
 

@@ -103,7 +103,7 @@ app = make_app()
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-class TetherTask(Task):  # type: ignore[misc]
+class TetherTask(Task):
     """Base of every Tether task: a permanent error is logged and the message acknowledged."""
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -139,7 +139,7 @@ def task(*, name: str, **options: Any) -> Callable[[F], F]:
         "time_limit": TIME_LIMIT,
     }
     settings.update(options)
-    return app.task(**settings)  # type: ignore[no-any-return]
+    return app.task(**settings)
 
 
 # --------------------------------------------------------------------------- database

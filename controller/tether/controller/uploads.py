@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from tether.common import errors
+from tether.controller import devices, releases
 
 MAX_KEY_LEN = 128
 MAX_METRICS = 256
@@ -132,3 +133,20 @@ def _encode_tensors(tensors: Sequence[TensorIn], *, max_bytes: int) -> tuple[Map
             raise errors.InvalidArgument(f"{where}.data: contains NaN or infinite values")
         encoded.append({"name": t.name, "shape": shape, "data": base64.b64encode(t.data).decode("ascii")})
     return tuple(encoded)
+
+
+def refusal(rel: releases.Release | None, *, device: devices.Device, record: ResultRecord) -> errors.TetherError | None:
+    """Why a new result is refused (None: accepted): it must name a live release that targets the device,
+    at its current or previous version (staged: or the stable version the other devices keep).
+    """
+    if rel is None or rel.deleted:
+        return errors.NotFound(f"release {record.release!r} does not exist")
+    if not rel.targets(device.facts):
+        return errors.PermissionDenied(f"release {record.release!r} does not target device {device.device_id}")
+    stable = rel.stable.version if rel.stable is not None else rel.version - 1  # staged: what others keep
+    if record.version not in (rel.version, rel.version - 1, stable):
+        return errors.FailedPrecondition(
+            f"release {record.release!r} is at version {rel.version}; results are accepted for versions "
+            f"{rel.version} and {rel.version - 1}, not {record.version}"
+        )
+    return None

@@ -1,0 +1,194 @@
+"""AdminService: the operator's and the CLI's RPCs, thin over storage, the blob store and the fan-out.
+
+The admin token and error mapping are the edge's (`tether.controller.edge`);
+request bounds are `wire`'s; what connected devices hear after a change is
+`fanout`'s. Release writes go through `release_cache`, which forgets what it
+kept about a release the moment it changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator, Iterator
+
+import grpc
+
+from tether.common import auth, errors, signing
+from tether.controller import blobs, deliveries, edge, fanout, hub, release_cache, releases, rollouts, wire
+from tether.controller.storage import contracts
+from tether.proto.v1 import tether_pb2 as pb
+from tether.proto.v1 import tether_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+_BRIDGE_TIMEOUT_S = 300.0  # a PutBlob client silent this long is abandoned
+
+
+class AdminService(pb_grpc.AdminServiceServicer):
+    def __init__(
+        self,
+        *,
+        storage: contracts.Storage,
+        releases_: release_cache.ReleaseCache,
+        blob_store: blobs.BlobStore,
+        hub_: hub.Hub,
+        fan_out: fanout.FanOut,
+        bundle_policy: signing.BundlePolicy | None = None,
+    ) -> None:
+        self._storage = storage
+        self._releases = releases_
+        self._blobs = blob_store
+        self._hub = hub_
+        self._fan_out = fan_out
+        self._bundle_policy = bundle_policy or signing.BundlePolicy()
+
+    async def MissingBlobs(
+        self, request: pb.MissingBlobsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.MissingBlobsResponse:
+        wanted = wire.queried_digests(request)
+        recorded = await self._storage.bundles.blob_sizes(wanted)
+        missing = []
+        for d in wanted:
+            if d not in recorded or not await asyncio.to_thread(self._blobs.has, d):
+                missing.append(d)
+        return pb.MissingBlobsResponse(missing=missing)
+
+    async def PutBlob(
+        self, request_iterator: AsyncIterator[pb.PutBlobChunk], context: grpc.aio.ServicerContext
+    ) -> pb.PutBlobResponse:
+        try:
+            first = await anext(aiter(request_iterator), None)
+            if first is None:
+                raise errors.InvalidArgument("PutBlob stream is empty: the first message must carry the digest")
+            digest = wire.digest(first.digest)
+
+            async def chunks() -> AsyncIterator[bytes]:
+                yield first.data
+                async for message in request_iterator:
+                    if message.digest and message.digest != digest:
+                        raise errors.InvalidArgument(f"digest changed mid-stream from {digest} to {message.digest}")
+                    yield message.data
+
+            loop = asyncio.get_running_loop()
+            size = await asyncio.to_thread(self._blobs.put_stream, digest, _blocking_iter(chunks(), loop))
+        except errors.TetherError:
+            await edge.drain(request_iterator)
+            raise
+        await self._storage.bundles.put_blob(digest=digest, size=size)
+        log.info("stored blob %s (%d bytes)", digest, size)
+        return pb.PutBlobResponse(digest=digest, size=size)
+
+    async def PutManifest(
+        self, request: pb.PutManifestRequest, context: grpc.aio.ServicerContext
+    ) -> pb.PutManifestResponse:
+        wire.manifest_signature(request)
+        self._bundle_policy.check(request.manifest, signature=request.signature, key_id_=request.key_id)
+        digest = await self._storage.bundles.put_manifest(
+            body=request.manifest, signature=request.signature, key_id=request.key_id
+        )
+        return pb.PutManifestResponse(digest=digest)
+
+    async def ApplyRelease(
+        self, request: pb.ApplyReleaseRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ApplyReleaseResponse:
+        spec = releases.spec_from_proto(request.spec)
+        outcome = await self._releases.apply_release(spec)
+        previous = outcome.previous
+        if (
+            outcome.changed
+            or (previous is not None and previous.paused != outcome.release.paused)
+            or rollouts.serving_changed(previous, outcome.release)
+        ):
+            await self._fan_out.release_changed(previous, outcome.release)
+        return pb.ApplyReleaseResponse(
+            release=outcome.release.name, version=outcome.release.version, changed=outcome.changed
+        )
+
+    async def DeleteRelease(
+        self, request: pb.DeleteReleaseRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DeleteReleaseResponse:
+        releases.check_release_name(request.release)
+        previous = await self._releases.delete_release(request.release)
+        if previous is not None:
+            await self._fan_out.release_changed(previous, None)
+        return pb.DeleteReleaseResponse(deleted=previous is not None)
+
+    async def GetReleaseStatus(
+        self, request: pb.GetReleaseStatusRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ReleaseStatus:
+        releases.check_release_name(request.release)
+        [counts] = await self._storage.releases.release_counts([request.release])
+        return self._status(counts)
+
+    async def ListReleases(
+        self, request: pb.ListReleasesRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListReleasesResponse:
+        counts = await self._storage.releases.release_counts()
+        return pb.ListReleasesResponse(releases=[self._status(c) for c in counts])
+
+    async def RevokeDevice(
+        self, request: pb.RevokeDeviceRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RevokeDeviceResponse:
+        device_id = auth.check_device_id(request.device_id)
+        # Asked before the revocation commits: this replica's own listener may hear the announcement and end
+        # the stream before the line after the commit runs (a race that made `disconnected` flaky).
+        held = self._hub.is_connected(device_id)
+        # Committed: the database announces it to every replica (`replicas`), which do the same as here.
+        revoked = await self._storage.devices.revoke_device(device_id)
+        disconnected = self._fan_out.device_revoked(device_id) or (revoked and held)
+        log.warning("device %s revoked%s", device_id, " (stream ended)" if disconnected else "")
+        return pb.RevokeDeviceResponse(revoked=revoked, disconnected=disconnected)
+
+    async def TriggerRun(
+        self, request: pb.TriggerRunRequest, context: grpc.aio.ServicerContext
+    ) -> pb.TriggerRunResponse:
+        """On-demand trigger: a RunNow to every connected device the release targets."""
+        releases.check_release_name(request.release)
+        releases.parse_payload(request.payload_json)
+        request_id = releases.check_request_id(request.request_id) or uuid.uuid4().hex
+        release = await self._releases.get_release(request.release)
+        if release is None:
+            raise errors.NotFound(f"release {request.release!r} does not exist")
+        if release.paused:
+            raise errors.FailedPrecondition(f"release {request.release!r} is paused")
+        run = pb.RunNow(
+            release=release.name, version=release.version, request_id=request_id, payload_json=request.payload_json
+        )
+        devices_ = self._hub.run_now(release, run)
+        log.info("run %s requested on %d devices (request %s)", release.name, len(devices_), request_id)
+        return pb.TriggerRunResponse(request_id=request_id, version=release.version, devices=len(devices_))
+
+    def _status(self, counts: deliveries.ReleaseCounts) -> pb.ReleaseStatus:
+        connected = self._hub.connected_targeted(counts.subject)
+        return pb.ReleaseStatus(
+            release=counts.release,
+            version=counts.version,
+            manifest_digest=counts.manifest_digest,
+            targeted=counts.targeted,
+            notified=counts.notified,
+            installed=counts.installed,
+            succeeded=counts.succeeded,
+            failed=counts.failed,
+            refused=counts.refused,
+            results=counts.results,
+            aggregate_json=counts.aggregate_json,
+            aggregate_round=counts.aggregate_round,
+            connected_devices=connected,
+            health_json=counts.health_json,
+        )
+
+
+def _blocking_iter(chunks: AsyncIterator[bytes], loop: asyncio.AbstractEventLoop) -> Iterator[bytes]:
+    """Drive an async iterator from a worker thread (the blob store's writes are blocking)."""
+    while True:
+        future = asyncio.run_coroutine_threadsafe(_next_or_end(chunks), loop)
+        item = future.result(timeout=_BRIDGE_TIMEOUT_S)
+        if item is None:
+            return
+        yield item
+
+
+async def _next_or_end(chunks: AsyncIterator[bytes]) -> bytes | None:
+    return await anext(chunks, None)

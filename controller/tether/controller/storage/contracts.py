@@ -1,0 +1,239 @@
+"""What the controller needs of its storage: one Protocol per aggregate, with the values they exchange.
+
+Aggregates, as the data is owned and locked:
+
+- `DeviceRegistry`: devices and their credentials (and the secrets the
+  replicas share);
+- `BundleCatalog`: blob metadata and manifests (the blob bytes live in the
+  blob store, `tether.controller.blobs`);
+- `ReleaseLedger`: releases with their rollout state, the deliveries
+  (who was told what, and what they reported) and the status counts;
+- `ResultLog`: device results (aggregates are written by the Celery worker).
+
+Every method states what it MUST do; the contract tests
+(tests/controller/test_storage_contract.py) hold both implementations to it.
+Two rules hold everywhere: a refused call raises a typed `TetherError` and
+changes nothing, and a call that returned has committed. Decisions that need
+no storage (who is served what, who may read what, how a report moves a
+delivery) are pure functions elsewhere (`serving`, `deliveries`,
+`rollouts`), which both implementations call.
+
+Pure: no I/O (Protocols and values only).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Sequence
+from typing import Protocol
+
+from tether.common import auth
+from tether.controller import deliveries, devices, releases, serving, uploads
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredManifest:
+    digest: str
+    body: bytes
+    signature: bytes
+    key_id: str
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ApplyOutcome:
+    release: releases.Release
+    previous: releases.Release | None  # as stored before this apply (possibly deleted), None when new
+    changed: bool  # the version was bumped
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class InsertOutcome:
+    duplicate: bool
+    release: str  # of the stored row (for a duplicate: of the first upload)
+    version: int
+
+
+class DeviceRegistry(Protocol):
+    """Devices and credentials."""
+
+    async def enroll_device(self, *, device_id: str, info: devices.DeviceInfo) -> auth.Credential:
+        """Register a device, or rotate the credential of a known one, with the attributes given.
+
+        MUST store only the secret's hash; MUST make an older credential of the
+        device stop working; MUST refuse a revoked device (PermissionDenied): a
+        revoked device stays revoked.
+        """
+        ...
+
+    async def authenticate_device(self, credential: auth.Credential) -> devices.Device:
+        """The device the credential belongs to.
+
+        MUST raise Unauthenticated, with the same message, for an unknown device
+        and a wrong secret (no probing); for a revoked device MUST raise
+        Unauthenticated saying so.
+        """
+        ...
+
+    async def device(self, device_id: str) -> devices.Device | None:
+        """A registered device as stored (revoked ones too); MUST return None when unknown."""
+        ...
+
+    async def set_backend_choices(
+        self,
+        *,
+        device_id: str,
+        choices: Iterable[devices.BackendChoice],
+        fingerprint: str,
+        backends: Iterable[str],
+    ) -> None:
+        """MUST replace the device's backend choices and probed backends (ReportBackends); unknown: no-op."""
+        ...
+
+    async def touch_device(self, device_id: str) -> None:
+        """Record that the device was seen now; MUST change nothing else."""
+        ...
+
+    async def revoke_device(self, device_id: str) -> bool:
+        """Revoke for good: MUST return True when it was live, False when already revoked; NotFound when unknown."""
+        ...
+
+    async def not_live(self, device_ids: Iterable[str]) -> set[str]:
+        """MUST return those of `device_ids` that are revoked or not enrolled."""
+        ...
+
+    async def rotate_credential(self, device_id: str) -> auth.Credential:
+        """A new secret for a live device; the previous one MUST stop working at once.
+
+        MUST raise Unauthenticated for a revoked or unknown device.
+        """
+        ...
+
+    async def controller_secret(self, name: str, *, generate: Callable[[], bytes]) -> bytes:
+        """A secret shared by every replica: MUST return the first one ever stored under `name` (race-safe)."""
+        ...
+
+    async def active_devices(self) -> list[devices.Device]:
+        """MUST return every enrolled, non-revoked device, ordered by device id."""
+        ...
+
+
+class BundleCatalog(Protocol):
+    """Blob metadata and manifests (content-addressed: the address never changes its content)."""
+
+    async def put_blob(self, *, digest: str, size: int) -> None:
+        """Record a blob the blob store verified and holds; MUST keep the first record of a digest."""
+        ...
+
+    async def blob_sizes(self, digests: Iterable[str]) -> dict[str, int]:
+        """MUST return the recorded size of each of `digests` that is recorded (others left out)."""
+        ...
+
+    async def put_manifest(self, *, body: bytes, signature: bytes = b"", key_id: str = "") -> str:
+        """Store a valid manifest whose blobs are all recorded; return its digest.
+
+        MUST compute the digest from the bytes; MUST refuse a manifest naming an
+        unrecorded blob (FailedPrecondition) or claiming another size than the
+        recorded one (InvalidManifest), storing nothing. Stored again with a
+        non-empty signature, it MUST take that signature; with an empty one it
+        MUST keep the signature it had.
+        """
+        ...
+
+    async def get_manifest(self, digest: str) -> StoredManifest | None:
+        """MUST return the stored manifest, None when not stored."""
+        ...
+
+
+class ReleaseLedger(Protocol):
+    """Releases (with rollout state), deliveries, and their counts."""
+
+    async def apply_release(self, spec: releases.ReleaseSpec) -> ApplyOutcome:
+        """Create or update a release.
+
+        MUST refuse an unknown manifest digest (FailedPrecondition, nothing
+        stored); MUST bump the version only when content or policy changed
+        (`releases.content_changed`) or the release was deleted (revived);
+        an apply identical to what is stored MUST write nothing. The rollout
+        columns follow `rollouts.columns_on_apply`, a stage beginning now fixed
+        over the devices targeted now. Concurrent first applies MUST create one
+        release.
+        """
+        ...
+
+    async def delete_release(self, release: str) -> releases.Release | None:
+        """Mark a release deleted (results stay): MUST return it as it was, None when absent or deleted already."""
+        ...
+
+    async def get_release(self, release: str) -> releases.Release | None:
+        """MUST return the live (not deleted) release, None otherwise."""
+        ...
+
+    async def list_releases(self) -> list[releases.Release]:
+        """MUST return every live release, ordered by name."""
+        ...
+
+    async def release_views(self, device_id: str, *, release: str | None = None) -> list[serving.ReleaseView]:
+        """Every live release (or just `release`) with this device's delivery of it, ordered by name."""
+        ...
+
+    async def desired_tasks(self, device: devices.Device) -> list[serving.DesiredTask]:
+        """MUST return `serving.desired` over `release_views` of the device: its full desired state."""
+        ...
+
+    async def mark_notified(
+        self, *, release: str, version: int, device_ids: Sequence[str], downgrade: bool = False
+    ) -> None:
+        """Record that these devices were told about `version`, by `deliveries.notified_moves`.
+
+        A moved delivery MUST become `notified` with no message and no install time.
+        """
+        ...
+
+    async def mark_synced(self, *, device_id: str, tasks: Sequence[serving.DesiredTask]) -> None:
+        """Record a Sync's tasks as notified (same rule; a task's `rollback` is its downgrade).
+
+        Tasks of releases that do not exist MUST be ignored.
+        """
+        ...
+
+    async def write_reports(self, reports: Sequence[deliveries.DeliveryReport]) -> list[BaseException | None]:
+        """Store a batch of delivery reports; MUST return one outcome per report, in order.
+
+        Each report MUST be checked on its own (`deliveries.plan_batch`); a
+        refused report (its exception as outcome) MUST leave no trace, and MUST
+        NOT keep the others from being stored. Accepted reports move their
+        delivery by `deliveries.report_moves`, in order; a non-empty
+        `device_state` replaces the device's participation state.
+        """
+        ...
+
+    async def release_counts(self, names: Sequence[str] | None = None) -> list[deliveries.ReleaseCounts]:
+        """Status counts of the named live releases (all when None), ordered by name.
+
+        MUST raise NotFound for a name that is not a live release.
+        """
+        ...
+
+
+class ResultLog(Protocol):
+    """Device results."""
+
+    async def insert_result(self, *, device: devices.Device, record: uploads.ResultRecord) -> InsertOutcome:
+        """Store a result once per (device, idempotency key); a replay MUST answer `duplicate=True`.
+
+        A replay MUST be recognised before any other check (harmless even after
+        the release moved on). A new result MUST pass `uploads.refusal`; when
+        stored, the device's delivery MUST move to `succeeded` by
+        `deliveries.result_moves`, in the same transaction.
+        """
+        ...
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Storage:
+    """The four aggregates of one storage (all Postgres on one database, or all memory)."""
+
+    devices: DeviceRegistry
+    bundles: BundleCatalog
+    releases: ReleaseLedger
+    results: ResultLog

@@ -1,0 +1,52 @@
+"""The rows of a memory storage (`memory`), shared by its four stores as one database's tables would be."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from tether.controller import devices, uploads
+from tether.controller.releases import Release
+from tether.controller.storage import contracts
+
+
+@dataclasses.dataclass
+class DeviceRow:
+    device_id: str
+    credential_hash: bytes
+    attributes: dict[str, str]
+    backends: tuple[str, ...]
+    revoked: bool = False
+    backend_choices: tuple[devices.BackendChoice, ...] = ()
+    fingerprint: str = ""
+    state: dict[str, str] = dataclasses.field(default_factory=dict)
+    last_seen: float = 0.0
+
+    def device(self) -> devices.Device:
+        return devices.Device(
+            device_id=self.device_id,
+            attributes=dict(self.attributes),
+            backends=self.backends,
+            revoked=self.revoked,
+            backend_choices=self.backend_choices,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class DeliveryRow:
+    version: int
+    state: str
+    message: str = ""
+    installed_at: float | None = None  # epoch seconds
+
+
+@dataclasses.dataclass
+class Tables:
+    """Every row of a memory storage, by primary key."""
+
+    devices: dict[str, DeviceRow] = dataclasses.field(default_factory=dict)
+    secrets: dict[str, bytes] = dataclasses.field(default_factory=dict)
+    blobs: dict[str, int] = dataclasses.field(default_factory=dict)
+    manifests: dict[str, contracts.StoredManifest] = dataclasses.field(default_factory=dict)
+    releases: dict[str, Release] = dataclasses.field(default_factory=dict)  # deleted ones too
+    deliveries: dict[tuple[str, str], DeliveryRow] = dataclasses.field(default_factory=dict)  # (release, device)
+    results: dict[tuple[str, str], uploads.ResultRecord] = dataclasses.field(default_factory=dict)  # (device, key)
