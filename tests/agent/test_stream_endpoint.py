@@ -11,7 +11,8 @@ import tempfile
 import pytest
 
 from tether.agent import events as client_mod
-from tether.agent.stream import processor, server
+from tether.agent.stream import processor
+from tether.agent.stream.endpoint import MAX_LINE_BYTES, EventServer
 from tether.agent.stream.eventstore import EventStore
 from tether.common import errors
 
@@ -36,7 +37,7 @@ async def endpoint(sock_dir, tmp_path):
             require_pattern=True,
         ),
     )
-    srv = server.EventServer(proc, sock_dir / "events.sock")
+    srv = EventServer(proc, sock_dir / "events.sock")
     await srv.start()
     yield srv, proc, fired
     await srv.stop()
@@ -88,7 +89,7 @@ async def test_an_overlong_line_closes_only_that_connection(endpoint) -> None:
             s.settimeout(5)
             s.connect(str(srv.path))
             try:
-                s.sendall(b"x" * (server.MAX_LINE_BYTES + 10) + b"\n")
+                s.sendall(b"x" * (MAX_LINE_BYTES + 10) + b"\n")
             except (BrokenPipeError, ConnectionResetError):
                 pass
             return s.recv(4096)
@@ -106,4 +107,4 @@ def test_client_reports_an_unreachable_agent(sock_dir) -> None:
 def test_a_socket_path_too_long_for_af_unix_is_refused_clearly(tmp_path) -> None:
     proc = processor.StreamProcessor(EventStore(tmp_path / "e.db"))
     with pytest.raises(errors.InvalidArgument, match="longer than 107 bytes"):
-        server.EventServer(proc, "/tmp/" + "x" * 120 + "/events.sock")
+        EventServer(proc, "/tmp/" + "x" * 120 + "/events.sock")

@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from tether.controller import db, release_cache, reporting
+from tether.controller import db, delivery_reports, release_cache
 from tether.controller.storage import contracts, postgres
 
 
@@ -21,9 +21,9 @@ async def pg_storage(database_url: str) -> AsyncIterator[contracts.Storage]:
 
 
 @pytest.fixture()
-def pg_reporter(pg_storage: contracts.Storage) -> reporting.DeliveryReporter:
+def pg_reporter(pg_storage: contracts.Storage) -> delivery_reports.DeliveryReporter:
     """Delivery reports group-committed into `pg_storage`, as the controller writes them."""
-    return reporting.DeliveryReporter(pg_storage.releases)
+    return delivery_reports.DeliveryReporter(pg_storage.releases)
 
 
 @pytest.fixture()

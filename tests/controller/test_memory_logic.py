@@ -24,6 +24,7 @@ from tether.controller import (
     admin_service,
     blobs,
     deliveries,
+    delivery_reports,
     device_auth,
     device_service,
     devices,
@@ -32,7 +33,6 @@ from tether.controller import (
     hub,
     release_cache,
     releases,
-    reporting,
     serving,
     stats,
     targeting,
@@ -147,7 +147,7 @@ async def test_a_burst_of_reports_is_batched_and_a_refused_one_fails_alone() -> 
         )
     await _apply(storage, cache, target={"matchLabels": {"os": "android"}})
     fleet = await storage.devices.active_devices()
-    reporter = reporting.DeliveryReporter(storage.releases)
+    reporter = delivery_reports.DeliveryReporter(storage.releases)
     outcomes = await asyncio.gather(
         *(reporter.report_delivery(device=d, release="ns/t", version=1, state="installed") for d in fleet),
         reporter.report_delivery(device=_device("x", os="ios"), release="ns/t", version=1, state="installed"),
@@ -218,7 +218,7 @@ async def memory_controller(tmp_path: pathlib.Path) -> AsyncIterator[str]:
         device_service.DeviceService(
             storage=storage,
             releases=releases_,
-            reporter=reporting.DeliveryReporter(storage.releases),
+            reporter=delivery_reports.DeliveryReporter(storage.releases),
             blob_store=blob_store,
             hub_=hub_,
             enqueuer=Enqueued(),

@@ -50,8 +50,8 @@ from tether.agent import (
     statefile,
 )
 from tether.agent.backends import CACHE_FILE, Selector
+from tether.agent.stream import endpoint as event_server
 from tether.agent.stream import eventstore, processor
-from tether.agent.stream import server as event_server
 from tether.common import errors, manifest
 from tether.proto.v1 import tether_pb2 as pb
 

@@ -7,7 +7,7 @@
         events.send_many([{"type": "add_to_cart", "page": "item", "attrs": {"item": "sku-1"}}])
 
 It speaks the agent's newline-delimited JSON protocol over a Unix socket
-(`tether.agent.stream.server`). Each call waits for the agent's reply and
+(`tether.agent.stream.endpoint`). Each call waits for the agent's reply and
 returns an `Ack`; events the agent rejected are listed in `Ack.errors` (an app
 should not crash because one event was malformed). A timestamp defaults to
 the client's clock at `send`. Standard library only, so an app can vendor it.

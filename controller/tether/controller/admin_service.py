@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Iterator
 import grpc
 
 from tether.common import auth, errors, signing
-from tether.controller import blobs, deliveries, edge, fanout, hub, release_cache, releases, rollouts, wire
+from tether.controller import blobs, deliveries, edge, fanout, hub, ingress, release_cache, releases, rollouts
 from tether.controller.storage import contracts
 from tether.proto.v1 import tether_pb2 as pb
 from tether.proto.v1 import tether_pb2_grpc as pb_grpc
@@ -47,7 +47,7 @@ class AdminService(pb_grpc.AdminServiceServicer):
     async def MissingBlobs(
         self, request: pb.MissingBlobsRequest, context: grpc.aio.ServicerContext
     ) -> pb.MissingBlobsResponse:
-        wanted = wire.queried_digests(request)
+        wanted = ingress.queried_digests(request)
         recorded = await self._storage.bundles.blob_sizes(wanted)
         missing = []
         for d in wanted:
@@ -62,7 +62,7 @@ class AdminService(pb_grpc.AdminServiceServicer):
             first = await anext(aiter(request_iterator), None)
             if first is None:
                 raise errors.InvalidArgument("PutBlob stream is empty: the first message must carry the digest")
-            digest = wire.digest(first.digest)
+            digest = ingress.digest(first.digest)
 
             async def chunks() -> AsyncIterator[bytes]:
                 yield first.data
@@ -83,7 +83,7 @@ class AdminService(pb_grpc.AdminServiceServicer):
     async def PutManifest(
         self, request: pb.PutManifestRequest, context: grpc.aio.ServicerContext
     ) -> pb.PutManifestResponse:
-        wire.manifest_signature(request)
+        ingress.manifest_signature(request)
         self._bundle_policy.check(request.manifest, signature=request.signature, key_id_=request.key_id)
         digest = await self._storage.bundles.put_manifest(
             body=request.manifest, signature=request.signature, key_id=request.key_id

@@ -31,16 +31,16 @@ from tether.controller import (
     admission,
     blobcache,
     blobs,
+    delivery_reports,
     device_auth,
     devices,
     edge,
     fanout,
     hub,
+    ingress,
     release_cache,
-    reporting,
     serving,
     uploads,
-    wire,
 )
 from tether.controller.enqueue import Enqueuer
 from tether.controller.storage import contracts
@@ -60,7 +60,7 @@ class DeviceService(pb_grpc.DeviceServiceServicer):
         *,
         storage: contracts.Storage,
         releases: release_cache.ReleaseCache,
-        reporter: reporting.DeliveryReporter,
+        reporter: delivery_reports.DeliveryReporter,
         blob_store: blobs.BlobStore,
         hub_: hub.Hub,
         enqueuer: Enqueuer,
@@ -168,12 +168,12 @@ class DeviceService(pb_grpc.DeviceServiceServicer):
         self, request: pb.PullBlobRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.BlobChunk]:
         device = edge.current_device()
-        digest = wire.digest(request.digest)
+        digest = ingress.digest(request.digest)
         release = await self.releases.release_for_device(device, request.release)
         _, parsed = await self._manifests.get(release.manifest_digest)
         if serving.blobs_outside(parsed.blob_digests(), [digest]):
             raise errors.PermissionDenied(f"blob {digest} is not part of release {release.name!r}")
-        offset = wire.offset(request.offset)
+        offset = ingress.offset(request.offset)
         total = await self._blob_size(digest)
         with self._device_pull(device.device_id):
             async with self._pulls.slot() as quantum:  # admission: see tether.controller.admission
@@ -190,7 +190,7 @@ class DeviceService(pb_grpc.DeviceServiceServicer):
         sends nothing. Blobs follow in request order, each from its offset, each blob's chunks contiguous.
         """
         device = edge.current_device()
-        wanted = wire.blob_ranges(request.blobs)  # shape first: a malformed request costs no database work
+        wanted = ingress.blob_ranges(request.blobs)  # shape first: a malformed request costs no database work
         release = await self.releases.release_for_device(device, request.release)
         _, parsed = await self._manifests.get(release.manifest_digest)
         outside = serving.blobs_outside(parsed.blob_digests(), [digest for digest, _ in wanted])
@@ -248,13 +248,13 @@ class DeviceService(pb_grpc.DeviceServiceServicer):
         self, request: pb.ReportStatusRequest, context: grpc.aio.ServicerContext
     ) -> pb.ReportStatusResponse:
         device = edge.current_device()
-        state = wire.delivery_state(request)
+        state = ingress.delivery_state(request)
         await self._reporter.report_delivery(
             device=device,
             release=request.release,
             version=request.version,
             state=state,
-            message=request.message[: wire.MAX_STATUS_MESSAGE],
+            message=request.message[: ingress.MAX_STATUS_MESSAGE],
             device_state=dict(request.device_state),
         )
         return pb.ReportStatusResponse()
@@ -264,7 +264,7 @@ class DeviceService(pb_grpc.DeviceServiceServicer):
     ) -> pb.ReportBackendsResponse:
         """The device's backend selection results: stored on it, and its targeting facts follow."""
         device = edge.current_device()
-        choices = wire.backend_choices(request)
+        choices = ingress.backend_choices(request)
         info = devices.validate_info(attributes=device.attributes, backends=request.backends or device.backends)
         await self._storage.devices.set_backend_choices(
             device_id=device.device_id, choices=choices, fingerprint=request.fingerprint, backends=info.backends
@@ -278,7 +278,7 @@ class DeviceService(pb_grpc.DeviceServiceServicer):
         self, request: pb.UploadResultRequest, context: grpc.aio.ServicerContext
     ) -> pb.UploadResultResponse:
         device = edge.current_device()
-        record = wire.result(request, max_tensor_bytes=self._max_tensor_bytes)
+        record = ingress.result(request, max_tensor_bytes=self._max_tensor_bytes)
         outcome = await self._storage.results.insert_result(device=device, record=record)
         # Committed. A duplicate enqueues too: if the first attempt's publish failed, the retry heals it.
         await self._enqueuer.enqueue(release=outcome.release, version=outcome.version)

@@ -23,6 +23,7 @@ from tether.controller import (
     admission,
     blobs,
     db,
+    delivery_reports,
     device_auth,
     device_service,
     edge,
@@ -30,7 +31,6 @@ from tether.controller import (
     hub,
     release_cache,
     replicas,
-    reporting,
     stats,
 )
 from tether.controller.enqueue import CeleryEnqueuer, Enqueuer
@@ -64,7 +64,7 @@ class RunningController:
     listener: replicas.ReleaseListener | None = None
     counters: stats.RpcCounters | None = None
     authenticator: device_auth.DeviceAuthenticator | None = None  # device credentials
-    reporter: reporting.DeliveryReporter | None = None  # group-committed delivery reports
+    reporter: delivery_reports.DeliveryReporter | None = None  # group-committed delivery reports
 
     @property
     def address(self) -> str:
@@ -136,7 +136,7 @@ async def start_controller(
     try:
         storage = postgres.postgres_storage(pool)
         releases = release_cache.ReleaseCache(storage.releases)
-        reporter = reporting.DeliveryReporter(storage.releases)
+        reporter = delivery_reports.DeliveryReporter(storage.releases)
         hub_ = hub.Hub(
             queue_size=cfg.device_queue_size, pull_rate=cfg.pull_rate, max_pull_spread_s=cfg.max_pull_spread_s
         )

@@ -28,10 +28,8 @@ Ratios compare per-agent figures, so the polling fleet may be smaller.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
-import multiprocessing
 import os
 import pathlib
 import platform
@@ -43,6 +41,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import click
+
+from tether.devtools import simfleet
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,6 @@ class FleetBench:
         self.pull_rate = pull_rate
         self.connect_only = connect_only
         self.tls = tls
-        self.root_pem: bytes | None = None
         self.processes = max(1, processes)
         self.share = max(1, share)
         self.poll_n = min(poll_agents, agents) if poll_agents > 0 else 0
@@ -146,199 +145,24 @@ class FleetBench:
         self.model_bytes = model_kib * 1024
         self.workdir = workdir
         self.ramp_s = ramp_s if ramp_s is not None else agents / 1500
-        self._database_url = database_url
-        self._broker_url = broker_url
-        self.stack: Any = None
-        self.workers: list[tuple[Any, Any]] = []
-        self.notes: list[str] = []
-
-    # ------------------------------------------------------------ plumbing
-    async def _start(self) -> None:
-        from tether.common import admin_client, rlimits
-        from tether.devtools import simagent
-        from tether.devtools import stack as stack_mod
-
-        rlimits.raise_open_files_limit()
-        self.stack = stack_mod.LocalStack(
-            stack_mod.StackConfig(
-                agents=0,
-                database_url=self._database_url,
-                broker_url=self._broker_url,
-                workdir=self.workdir / "stack",
-                keep_workdir=True,
-                tls=self.tls,
-                sign=False,  # agents here do not run bundles; signatures are the real agent's concern
-                controller_args=("--pull-rate", str(self.pull_rate)) if self.pull_rate is not None else (),
-            )
+        self.fleet = simfleet.SimulatedFleet(
+            processes=self.processes,
+            share=self.share,
+            poll_s=poll_interval,
+            workdir=workdir,
+            database_url=database_url,
+            broker_url=broker_url,
+            tls=tls,
+            pull_rate=pull_rate,
         )
-        await self.stack.start_services()
-        await self.stack.start_controller()
-        self.admin = admin_client.AdminClient(
-            self.stack.controller_address,
-            token=self.stack.admin_token,
-            timeout_s=120,
-            tls=self.stack.client_tls() if self.tls else None,
-        )
-        self.root_pem = self.stack.ca_file.read_bytes() if self.tls else None
-        ctx = multiprocessing.get_context("spawn")
-        for _ in range(self.processes):
-            parent, child = ctx.Pipe()
-            proc = ctx.Process(target=simagent.run_worker, args=(child,), daemon=True)
-            proc.start()
-            self.workers.append((proc, parent))
-
-    async def _stop(self) -> None:
-        for proc, conn in self.workers:
-            with contextlib.suppress(Exception):
-                await self._ask(conn, {"cmd": "exit"}, timeout=30)
-            proc.join(5)
-            if proc.is_alive():
-                proc.kill()
-        with contextlib.suppress(Exception):
-            await self.admin.close()
-        if self.stack is not None:
-            await self.stack.stop()
-
-    async def _ask(self, conn: Any, msg: Mapping[str, Any], *, timeout: float = 300) -> Any:
-        def exchange() -> Any:
-            conn.send(dict(msg))
-            if not conn.poll(timeout):
-                raise TimeoutError(f"worker did not answer {msg.get('cmd')!r} within {timeout}s")
-            return conn.recv()
-
-        reply = await asyncio.to_thread(exchange)
-        if isinstance(reply, dict) and "error" in reply:
-            raise RuntimeError(f"worker: {reply['error']}")
-        return reply
-
-    async def _all(self, msg: Mapping[str, Any], **kw: Any) -> list[Any]:
-        return list(await asyncio.gather(*(self._ask(conn, msg, **kw) for _, conn in self.workers)))
-
-    async def _stats(self) -> Any:
-        import grpc
-
-        from tether.common import auth
-        from tether.proto.v1 import tether_pb2 as pb
-        from tether.proto.v1 import tether_pb2_grpc as pb_grpc
-
-        if self.root_pem is not None:
-            creds = grpc.ssl_channel_credentials(root_certificates=self.root_pem)
-            channel = grpc.aio.secure_channel(self.stack.controller_address, creds)
-        else:
-            channel = grpc.aio.insecure_channel(self.stack.controller_address)
-        async with channel as ch:
-            return await pb_grpc.StatsServiceStub(ch).GetServerStats(
-                pb.GetServerStatsRequest(), metadata=auth.bearer_metadata(self.stack.admin_token), timeout=60
-            )
-
-    async def _status(self) -> dict[str, Any]:
-        total: dict[str, Any] = {
-            "agents": 0,
-            "enrolled": 0,
-            "connected": 0,
-            "errors": 0,
-            "crashed": 0,
-            "cpu_s": 0.0,
-            "installed": {},
-        }
-        for s in await self._all({"cmd": "status"}, timeout=60):
-            for k in ("agents", "enrolled", "connected", "errors", "crashed", "cpu_s"):
-                total[k] += s[k]
-            for code, n in s.get("error_codes", {}).items():
-                total.setdefault("error_codes", {})[code] = total.get("error_codes", {}).get(code, 0) + n
-            for release, per in s["installed"].items():
-                into = total["installed"].setdefault(release, {})
-                for v, n in per.items():
-                    into[v] = into.get(v, 0) + n
-        return total
-
-    async def _launch(
-        self, *, group: str, count: int, mode: str = "push", full_pull: bool = False, ramp_s: float = 0.0
-    ) -> None:
-        """Start `count` agents of `group`, spread evenly over the worker processes."""
-        log.info("starting %d %s agents (%s)", count, group, mode)
-        ids = [(f"{group}-{i:06d}", {"group": group, "os": "android" if i % 5 else "ios"}) for i in range(count)]
-        shares = [ids[i :: self.processes] for i in range(self.processes)]
-        await asyncio.gather(
-            *(
-                self._ask(
-                    conn,
-                    {
-                        "cmd": "start",
-                        "target": self.stack.controller_address,
-                        "bootstrap_token": self.stack.bootstrap_token,
-                        "agents": part,
-                        "mode": mode,
-                        "poll_s": self.poll_s,
-                        "full_pull": full_pull,
-                        "share": self.share,
-                        "ramp_s": ramp_s,
-                        "root_pem": self.root_pem,
-                    },
-                )
-                for (_, conn), part in zip(self.workers, shares, strict=True)
-                if part
-            )
-        )
-
-    async def _wait(self, what: str, done: Any, *, timeout: float, every: float = 0.25) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        reported = time.monotonic()
-        while True:
-            status = await self._status()
-            if done(status):
-                return status
-            if time.monotonic() - reported > 10:
-                reported = time.monotonic()
-                log.info("%s: %s", what, {k: v for k, v in status.items() if k != "cpu_s"})
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{what}: not done within {timeout:.0f}s (status {status})")
-            await asyncio.sleep(every)
-
-    async def _installed(self, release: str, version: int, count: int, *, timeout: float) -> None:
-        await self._wait(
-            f"{release} v{version} on {count} agents",
-            lambda s: s["installed"].get(release, {}).get(str(version), 0) >= count,
-            timeout=timeout,
-        )
-
-    async def _collect(self, release: str, version: int) -> list[tuple[float, int, float]]:
-        records: list[tuple[float, int, float]] = []
-        for reply in await self._all({"cmd": "collect", "release": release, "version": version}):
-            records.extend(tuple(r) for r in reply["records"])
-        return records
-
-    def _bundle(self, name: str, *, model: bytes) -> tuple[pathlib.Path, Any]:
-        from tether.common import manifest
-
-        root = self.workdir / "bundles" / name
-        root.mkdir(parents=True, exist_ok=True)
-        files = {
-            "task.py": b"def run(ctx):\n    return {'sample_count': 0}\n",
-            "config.json": json.dumps({"labels": list(range(64)), "threshold": 0.5}).encode(),
-            "vocab.txt": b"\n".join(f"token-{i}".encode() for i in range(256)),
-            "model.bin": model,
-        }
-        for rel, data in files.items():
-            (root / rel).write_bytes(data)
-        return root, manifest.hash_directory(root, name="bench-task", entrypoint="task.py")
-
-    async def _publish(self, release: str, bundle: tuple[pathlib.Path, Any], group: str) -> tuple[float, int]:
-        root, m = bundle
-        await self.admin.upload_bundle(root, m)
-        t0 = time.time()
-        applied = await self.admin.apply_release(
-            release=release, manifest_digest=m.digest, target={"matchLabels": {"group": group}}
-        )
-        return t0, applied.version
 
     # ------------------------------------------------------------ phases
     async def run(self) -> dict[str, Any]:
-        await self._start()
+        await self.fleet.start()
         try:
             return await self._measure()
         finally:
-            await self._stop()
+            await self.fleet.stop()
 
     async def _measure(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -350,21 +174,21 @@ class FleetBench:
         base: dict[str, Any] = {}
         details: dict[str, Any] = {}
         rng = random.Random(7)
-        v1 = self._bundle("v1", model=rng.randbytes(self.model_bytes))
-        v2 = self._bundle("v2", model=rng.randbytes(self.model_bytes))  # only model.bin differs
+        v1 = self.fleet.bundle("v1", model=rng.randbytes(self.model_bytes))
+        v2 = self.fleet.bundle("v2", model=rng.randbytes(self.model_bytes))  # only model.bin differs
         v2_file = self.model_bytes
 
         # 1. connect
-        log.info("controller at %s; reading its idle counters", self.stack.controller_address)
-        idle = await self._stats()
-        sim0 = (await self._status())["cpu_s"]
+        log.info("controller at %s; reading its idle counters", self.fleet.stack.controller_address)
+        idle = await self.fleet.stats()
+        sim0 = (await self.fleet.status())["cpu_s"]
         t0 = time.monotonic()
-        await self._launch(group="push", count=self.n, ramp_s=self.ramp_s)
-        await self._wait("connect", lambda s: s["connected"] >= self.n, timeout=120 + self.n / 50)
+        await self.fleet.launch(group="push", count=self.n, ramp_s=self.ramp_s)
+        await self.fleet.wait("connect", lambda s: s["connected"] >= self.n, timeout=120 + self.n / 50)
         connect_s = time.monotonic() - t0
         await asyncio.sleep(2)  # let allocations settle
-        connected = await self._stats()
-        sim1 = (await self._status())["cpu_s"]
+        connected = await self.fleet.stats()
+        sim1 = (await self.fleet.status())["cpu_s"]
         out["max_connected_agents"] = int(connected.connected_devices)
         out["server_rss_bytes_per_agent"] = round((connected.rss_bytes - idle.rss_bytes) / max(1, self.n))
         base["max_connected_agents"] = {"requested": self.n}
@@ -385,24 +209,24 @@ class FleetBench:
             return out
 
         # 2. idle load with push
-        a = await self._stats()
+        a = await self.fleet.stats()
         await asyncio.sleep(self.idle_s)
-        b = await self._stats()
+        b = await self.fleet.stats()
         push_idle = {
             "messages_per_s_per_agent": device_messages(a, b) / self.idle_s / self.n,
             "server_cpu_per_s": (b.cpu_seconds - a.cpu_seconds) / self.idle_s,
         }
 
         # 3. rollout v1 to the whole fleet
-        before = await self._stats()
-        sim0 = (await self._status())["cpu_s"]
+        before = await self.fleet.stats()
+        sim0 = (await self.fleet.status())["cpu_s"]
         busy0 = machine_busy_s()
-        t_apply, version = await self._publish(RELEASE, v1, "push")
-        await self._installed(RELEASE, version, self.n, timeout=120 + self.n / 20)
-        after = await self._stats()
-        sim1 = (await self._status())["cpu_s"]
+        t_apply, version = await self.fleet.publish(RELEASE, v1, "push")
+        await self.fleet.installed(RELEASE, version, self.n, timeout=120 + self.n / 20)
+        after = await self.fleet.stats()
+        sim1 = (await self.fleet.status())["cpu_s"]
         busy1 = machine_busy_s()
-        records = await self._collect(RELEASE, version)
+        records = await self.fleet.collect(RELEASE, version)
         out["notify_s"] = percentiles([heard - t_apply for heard, _, _ in records])
         out["install_s"] = percentiles([inst - t_apply for _, _, inst in records if inst])
         pull_s = [inst - heard for heard, _, inst in records if inst]
@@ -420,11 +244,11 @@ class FleetBench:
         }
 
         # 4. a version that changes one file
-        before = await self._stats()
-        t_apply2, version2 = await self._publish(RELEASE, v2, "push")
-        await self._installed(RELEASE, version2, self.n, timeout=120 + self.n / 20)
-        after = await self._stats()
-        records2 = await self._collect(RELEASE, version2)
+        before = await self.fleet.stats()
+        t_apply2, version2 = await self.fleet.publish(RELEASE, v2, "push")
+        await self.fleet.installed(RELEASE, version2, self.n, timeout=120 + self.n / 20)
+        after = await self.fleet.stats()
+        records2 = await self.fleet.collect(RELEASE, version2)
         push_update_bytes = device_bytes(before, after) / self.n
         out["one_file_bytes_ratio"] = ratio(push_update_bytes, v2_file)
         base["one_file_bytes_ratio"] = {"changed_file_bytes": v2_file, "bytes_per_agent": round(push_update_bytes)}
@@ -435,14 +259,14 @@ class FleetBench:
         }
 
         # 5. push-the-whole-bundle baseline: the same update, every blob moved
-        await self._launch(group="full", count=self.full_n, full_pull=True)
-        await self._wait("full group connect", lambda s: s["connected"] >= self.n + self.full_n, timeout=120)
-        _, fv1 = await self._publish(FULL_RELEASE, v1, "full")
-        await self._installed(FULL_RELEASE, fv1, self.full_n, timeout=120)
-        before = await self._stats()
-        _, fv2 = await self._publish(FULL_RELEASE, v2, "full")
-        await self._installed(FULL_RELEASE, fv2, self.full_n, timeout=120)
-        after = await self._stats()
+        await self.fleet.launch(group="full", count=self.full_n, full_pull=True)
+        await self.fleet.wait("full group connect", lambda s: s["connected"] >= self.n + self.full_n, timeout=120)
+        _, fv1 = await self.fleet.publish(FULL_RELEASE, v1, "full")
+        await self.fleet.installed(FULL_RELEASE, fv1, self.full_n, timeout=120)
+        before = await self.fleet.stats()
+        _, fv2 = await self.fleet.publish(FULL_RELEASE, v2, "full")
+        await self.fleet.installed(FULL_RELEASE, fv2, self.full_n, timeout=120)
+        after = await self.fleet.stats()
         full_update_bytes = device_bytes(before, after) / self.full_n
         out["push_full_bytes_ratio"] = ratio(push_update_bytes, full_update_bytes)
         base["push_full_bytes_ratio"] = {
@@ -451,7 +275,7 @@ class FleetBench:
             "agents": self.full_n,
         }
         details["first_install_bytes_ratio"] = ratio(details["v1"]["bytes_per_agent"], full_update_bytes)
-        await self._all({"cmd": "stop"})
+        await self.fleet.all({"cmd": "stop"})
 
         # 6. polling baseline
         poll = await self._polling(v1, push_idle)
@@ -516,20 +340,20 @@ class FleetBench:
     async def _polling(self, v1: tuple[pathlib.Path, Any], push_idle: Mapping[str, float]) -> dict[str, Any] | None:
         if self.poll_n <= 0:
             return None
-        await self._launch(group="poll", count=self.poll_n, mode="poll")
+        await self.fleet.launch(group="poll", count=self.poll_n, mode="poll")
         # Every poller makes its first call within one interval (uniform phase); then steady state.
         await asyncio.sleep(self.poll_s + 1)
-        a = await self._stats()
+        a = await self.fleet.stats()
         await asyncio.sleep(self.idle_s)
-        b = await self._stats()
+        b = await self.fleet.stats()
         idle = {
             "messages_per_s_per_agent": device_messages(a, b) / self.idle_s / self.poll_n,
             "server_cpu_per_s": (b.cpu_seconds - a.cpu_seconds) / self.idle_s,
         }
-        t_apply, version = await self._publish(POLL_RELEASE, v1, "poll")
-        await self._installed(POLL_RELEASE, version, self.poll_n, timeout=self.poll_s * 3 + 60)
-        records = await self._collect(POLL_RELEASE, version)
-        await self._all({"cmd": "stop"})
+        t_apply, version = await self.fleet.publish(POLL_RELEASE, v1, "poll")
+        await self.fleet.installed(POLL_RELEASE, version, self.poll_n, timeout=self.poll_s * 3 + 60)
+        records = await self.fleet.collect(POLL_RELEASE, version)
+        await self.fleet.all({"cmd": "stop"})
         return {
             "idle": idle,
             "heard_s": percentiles([h - t_apply for h, _, _ in records]),
