@@ -21,8 +21,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tether.agent import backends
-    from tether.agent import profile as profile_mod
+    from tether.agent import backends, profile
     from tether.devtools import bench_runtime
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -34,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     import onnxruntime as ort
 
     print("onnxruntime", ort.__version__, "providers:", ort.get_available_providers())
-    p = profile_mod.collect(measure=True)
+    p = profile.collect(measure=True)
     print("probed backends:", ", ".join(p.backends), "| gpus:", ", ".join(p.gpus) or "none")
     report = {"device": p.to_json(), "models": {}}
     chose_cuda = False

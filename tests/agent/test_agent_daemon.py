@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 from agent_fakes import BOOTSTRAP, start_fake, wait_until, write_bundle
 
-from tether.agent import client, daemon, results, runs, runtime, schedule
+from tether.agent import client, daemon, results, runs, runtime
 from tether.proto.v1 import tether_pb2 as pb
+from tether.spec import triggers
 
 FAST = client.Backoff(initial_s=0.02, max_s=0.2)
 SIMPLE = """
@@ -204,11 +205,11 @@ def test_backoff_is_exponential_jittered_and_capped() -> None:
 
 
 def test_trigger_parsing() -> None:
-    assert schedule.Trigger.from_json("") == schedule.Trigger()
-    assert schedule.Trigger.from_json('{"type": "interval", "seconds": 30}') == schedule.Trigger("interval", 30.0)
+    assert triggers.Trigger.from_json("") == triggers.Trigger()
+    assert triggers.Trigger.from_json('{"type": "interval", "seconds": 30}') == triggers.Trigger("interval", 30.0)
     for bad in ['{"type": "interval"}', '{"type": "cron"}', "[]", "{"]:
         with pytest.raises(Exception, match="trigger"):
-            schedule.Trigger.from_json(bad)
+            triggers.Trigger.from_json(bad)
 
 
 # ---------------------------------------------------------------- release policy: trigger and resources

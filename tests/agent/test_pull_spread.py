@@ -10,8 +10,9 @@ import pytest
 from agent_fakes import BOOTSTRAP, wait_until, write_bundle
 
 from tether.agent import client, daemon
-from tether.controller import hub, releases, targeting
+from tether.controller import hub, releases
 from tether.devtools import simagent
+from tether.spec import selectors
 
 FAST = client.Backoff(initial_s=0.02, max_s=0.2)
 TASK = "def run(ctx):\n    return {'sample_count': 1}\n"
@@ -31,7 +32,7 @@ def _release(version: int = 1) -> releases.Release:
         paused=False,
         resources_json="",
     )
-    return releases.Release(spec=spec, version=version, target=targeting.parse_target(spec.target))
+    return releases.Release(spec=spec, version=version, target=selectors.parse_target(spec.target))
 
 
 def _connect(h: hub.Hub, n: int) -> list[hub.Connection]:

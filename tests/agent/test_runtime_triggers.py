@@ -11,7 +11,7 @@ from tether.agent import schedule
 from tether.agent.stream import processor
 from tether.agent.stream.eventstore import EventStore
 from tether.common import errors
-from tether.spec import cron
+from tether.spec import cron, triggers
 
 
 def ts(*args: int, tz: str = "UTC") -> float:
@@ -89,7 +89,7 @@ def test_unknown_time_zone() -> None:
 
 
 def test_every_trigger_type_parses() -> None:
-    T = schedule.Trigger
+    T = triggers.Trigger
     assert T.from_json("") == T() and T.from_json('{"type": "onInstall"}') == T()
     assert T.from_json('{"type": "interval", "seconds": 30}') == T("interval", 30.0)
     c = T.from_json('{"type": "cron", "schedule": "*/5 * * * *", "timezone": "Europe/Paris"}')
@@ -124,18 +124,18 @@ def test_every_trigger_type_parses() -> None:
 )
 def test_triggers_this_agent_cannot_honour_are_refused(doc, message) -> None:
     with pytest.raises(errors.InvalidSpec, match=message):
-        schedule.Trigger.from_json(json.dumps(doc))
+        triggers.Trigger.from_json(json.dumps(doc))
 
 
 def test_next_due() -> None:
-    interval = schedule.Trigger("interval", 60.0)
+    interval = triggers.Trigger("interval", 60.0)
     assert interval.next_due(last_run=None, armed_at=100.0) == 100.0
     assert interval.next_due(last_run=1000.0, armed_at=100.0) == 1060.0
-    hourly = schedule.Trigger.from_json('{"type": "cron", "schedule": "0 * * * *"}')
+    hourly = triggers.Trigger.from_json('{"type": "cron", "schedule": "0 * * * *"}')
     armed = ts(2026, 1, 1, 10, 20)
     assert hourly.next_due(last_run=None, armed_at=armed) == ts(2026, 1, 1, 11, 0)  # not right away
     assert hourly.next_due(last_run=ts(2026, 1, 1, 11, 0, 1), armed_at=armed) == ts(2026, 1, 1, 12, 0)
-    assert schedule.Trigger().next_due(last_run=None, armed_at=armed) is None
+    assert triggers.Trigger().next_due(last_run=None, armed_at=armed) is None
 
 
 # ---------------------------------------------------------------- the dispatcher
@@ -146,7 +146,7 @@ def test_dispatcher_queues_pattern_fires_and_dedups_on_demand_requests(tmp_path)
     kicked: list[str] = []
     proc = processor.StreamProcessor(EventStore(tmp_path / "e.db", clock=lambda: now[0]), clock=lambda: now[0])
     d = schedule.Dispatcher(proc, clock=lambda: now[0], kick=kicked.append)
-    pattern = schedule.Trigger.from_json(
+    pattern = triggers.Trigger.from_json(
         json.dumps({"type": "pattern", "pattern": {"steps": [{"type": "buy"}]}, "window": {"seconds": 10}})
     )
     d.arm("ns/a", 1, pattern)
@@ -170,7 +170,7 @@ def test_dispatcher_queues_pattern_fires_and_dedups_on_demand_requests(tmp_path)
 def test_dispatcher_hands_out_runs_one_at_a_time_and_drops_other_versions(tmp_path) -> None:
     proc = processor.StreamProcessor(EventStore(tmp_path / "e.db"))
     d = schedule.Dispatcher(proc, clock=lambda: 1_700_000_000.0, kick=lambda release: None)
-    d.arm("ns/a", 2, schedule.Trigger.from_json('{"type": "onDemand"}'))
+    d.arm("ns/a", 2, triggers.Trigger.from_json('{"type": "onDemand"}'))
     for request_id, version in (("old", 1), ("r1", 2), ("any", 0)):
         d.on_demand(release="ns/a", version=version, request_id=request_id, payload_json="")
     assert d.next("ns/a", 2).request_id == "r1"

@@ -10,11 +10,12 @@ import tempfile
 
 import pytest
 
-from tether.agent import events as client_mod
+from tether.agent import events
 from tether.agent.stream import processor
 from tether.agent.stream.endpoint import MAX_LINE_BYTES, EventServer
 from tether.agent.stream.eventstore import EventStore
 from tether.common import errors
+from tether.spec import streams
 
 T0 = 1_700_000_000.0
 
@@ -32,7 +33,7 @@ async def endpoint(sock_dir, tmp_path):
     proc = processor.StreamProcessor(EventStore(tmp_path / "events.db"), on_match=lambda o, f: fired.append(o))
     proc.register(
         "ns/cart",
-        processor.StreamSpec.from_trigger(
+        streams.StreamSpec.from_trigger(
             {"pattern": {"steps": [{"type": "page_view"}, {"type": "add_to_cart"}], "within": 30}},
             require_pattern=True,
         ),
@@ -47,8 +48,8 @@ async def test_client_sends_events_and_sees_matches(endpoint) -> None:
     srv, proc, fired = endpoint
     assert (srv.path.stat().st_mode & 0o777) == 0o600
 
-    def app() -> list[client_mod.Ack]:
-        with client_mod.EventClient(srv.path) as c:
+    def app() -> list[events.Ack]:
+        with events.EventClient(srv.path) as c:
             return [
                 c.send("page_view", page="item", attrs={"sku": "a1", "price": 10}),
                 c.send_many([{"type": "add_to_cart", "page": "item", "attrs": {"sku": "a1"}}, {"type": "bad type"}]),
@@ -95,13 +96,13 @@ async def test_an_overlong_line_closes_only_that_connection(endpoint) -> None:
             return s.recv(4096)
 
     assert b"line longer than" in await asyncio.to_thread(flood)
-    ack = await asyncio.to_thread(lambda: client_mod.EventClient(srv.path).send("still_up"))
+    ack = await asyncio.to_thread(lambda: events.EventClient(srv.path).send("still_up"))
     assert ack.accepted == 1
 
 
 def test_client_reports_an_unreachable_agent(sock_dir) -> None:
-    with pytest.raises(client_mod.EventError, match="cannot reach the agent"):
-        client_mod.EventClient(sock_dir / "nothing.sock").send("x")
+    with pytest.raises(events.EventError, match="cannot reach the agent"):
+        events.EventClient(sock_dir / "nothing.sock").send("x")
 
 
 def test_a_socket_path_too_long_for_af_unix_is_refused_clearly(tmp_path) -> None:

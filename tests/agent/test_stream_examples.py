@@ -7,10 +7,11 @@ import pathlib
 
 import numpy as np
 
-from tether.agent import runtime, schedule
+from tether.agent import runtime
 from tether.agent.stream import processor
 from tether.agent.stream.eventstore import EventStore
 from tether.common import bundle_files
+from tether.spec import triggers
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 SHOP = REPO / "examples" / "shop-stats" / "task"
@@ -39,7 +40,7 @@ async def run_stats(tmp_path, inputs, state=None):
 async def test_shop_stats_counts_a_window_once_and_histograms_dwell_time(tmp_path) -> None:
     clock = [T0 + 100]
     proc = processor.StreamProcessor(EventStore(tmp_path / "e.db", clock=lambda: clock[0]), clock=lambda: clock[0])
-    trigger = schedule.Trigger.from_json(json.dumps(TRIGGER))
+    trigger = triggers.Trigger.from_json(json.dumps(TRIGGER))
     proc.ingest(
         [
             {"type": "page_view", "page": "home", "ts": T0 + 1, "attrs": {"dwell_ms": 500}},

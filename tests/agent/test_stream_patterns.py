@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from tether.agent.stream import patterns
 from tether.agent.stream.records import Event
+from tether.spec import streams
 
 T0 = 1_700_000_000.0
 
@@ -16,13 +17,13 @@ def ev(kind: str, t: float, page: str = "p", **attrs) -> Event:
     return Event(type=kind, page=page, ts=T0 + t, attrs=attrs)
 
 
-def pat(*steps, within: float = 30) -> patterns.Pattern:
-    return patterns.Pattern.from_json(
+def pat(*steps, within: float = 30) -> streams.Pattern:
+    return streams.Pattern.from_json(
         {"steps": [s if isinstance(s, dict) else {"type": s} for s in steps], "within": within}
     )
 
 
-def run_both(registered: dict[str, patterns.Pattern], stream: list[Event]) -> list[patterns.Match]:
+def run_both(registered: dict[str, streams.Pattern], stream: list[Event]) -> list[patterns.Match]:
     trie, naive = patterns.TrieMatcher(), patterns.NaiveMatcher()
     for pid, p in registered.items():
         trie.add(pid, p)
@@ -104,8 +105,8 @@ def test_patterns_with_different_bounds_on_one_prefix() -> None:
     ],
 )
 def test_malformed_patterns_are_refused_with_the_field(doc, message) -> None:
-    with pytest.raises(patterns.InvalidPattern, match=message):
-        patterns.Pattern.from_json(doc)
+    with pytest.raises(streams.InvalidPattern, match=message):
+        streams.Pattern.from_json(doc)
 
 
 # ---------------------------------------------------------------- property: trie == naive
@@ -121,7 +122,7 @@ steps_st = st.fixed_dictionaries(
     },
 )
 pattern_st = st.builds(
-    lambda steps, within: patterns.Pattern.from_json({"steps": steps, "within": within}),
+    lambda steps, within: streams.Pattern.from_json({"steps": steps, "within": within}),
     st.lists(steps_st, min_size=1, max_size=4),
     st.sampled_from([0, 1, 3, 10, 50]),
 )

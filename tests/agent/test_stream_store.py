@@ -8,6 +8,7 @@ import pytest
 
 from tether.agent.stream import processor, records, windows
 from tether.agent.stream.eventstore import EventStore
+from tether.spec import streams
 
 T0 = 1_700_000_000.0
 
@@ -97,9 +98,9 @@ def test_store_queries_time_windows_types_and_limits(tmp_path) -> None:
 def test_windows_select_by_time_count_and_type() -> None:
     evs = [records.parse_event(doc("page_view" if i % 3 else "click", t=i)) for i in range(20)]
     now = T0 + 19
-    assert len(windows.WindowSpec.from_json({"seconds": 5}).select(evs, now=now)) == 5
-    assert [e.ts - T0 for e in windows.WindowSpec.from_json({"count": 2}).select(evs, now=now)] == [18, 19]
-    both = windows.WindowSpec.from_json({"seconds": 10, "count": 100, "types": ["click"]}).select(evs, now=now)
+    assert len(streams.WindowSpec.from_json({"seconds": 5}).select(evs, now=now)) == 5
+    assert [e.ts - T0 for e in streams.WindowSpec.from_json({"count": 2}).select(evs, now=now)] == [18, 19]
+    both = streams.WindowSpec.from_json({"seconds": 10, "count": 100, "types": ["click"]}).select(evs, now=now)
     assert [e.ts - T0 for e in both] == [12, 15, 18]
 
 
@@ -111,7 +112,7 @@ def test_per_key_aggregations() -> None:
         records.parse_event(doc(page="item", dwell_ms="n/a")),
         records.parse_event(doc(page="", dwell_ms=1)),  # no page: not grouped
     ]
-    (spec,) = windows.parse_aggregates({"by": "page", "value": "dwell_ms", "ops": ["count", "sum", "mean", "max"]})
+    (spec,) = streams.parse_aggregates({"by": "page", "value": "dwell_ms", "ops": ["count", "sum", "mean", "max"]})
     assert windows.aggregate(evs, spec) == {
         "home": {"count": 2, "sum": 400, "mean": 200, "max": 300},
         "item": {"count": 2, "sum": 50, "mean": 50, "max": 50},
@@ -131,8 +132,8 @@ def test_per_key_aggregations() -> None:
 )
 def test_malformed_windows_are_refused(window, aggregate, message) -> None:
     trigger = {"window": window} | ({"aggregate": aggregate} if aggregate is not None else {})
-    with pytest.raises(windows.InvalidWindow, match=message):
-        processor.StreamSpec.from_trigger(trigger, require_pattern=False)
+    with pytest.raises(streams.InvalidWindow, match=message):
+        streams.StreamSpec.from_trigger(trigger, require_pattern=False)
 
 
 # ---------------------------------------------------------------- the processor
@@ -144,7 +145,7 @@ def test_processor_counts_bad_events_stores_good_ones_and_fires_patterns(tmp_pat
     proc = processor.StreamProcessor(
         EventStore(tmp_path / "e.db", clock=clock), clock=clock, on_match=lambda o, f: fired.append((o, f))
     )
-    spec = processor.StreamSpec.from_trigger(
+    spec = streams.StreamSpec.from_trigger(
         {
             "pattern": {"steps": [{"type": "page_view"}, {"type": "add_to_cart"}], "within": 30},
             "window": {"seconds": 60},
@@ -175,7 +176,7 @@ def test_a_broken_consumer_does_not_stop_ingestion(tmp_path) -> None:
         raise RuntimeError("consumer bug")
 
     proc = processor.StreamProcessor(EventStore(tmp_path / "e.db"), on_match=boom)
-    proc.register("x", processor.StreamSpec.from_trigger({"pattern": {"steps": [{"type": "a"}]}}, require_pattern=True))
+    proc.register("x", streams.StreamSpec.from_trigger({"pattern": {"steps": [{"type": "a"}]}}, require_pattern=True))
     assert proc.ingest([{"type": "a", "ts": T0}, {"type": "a", "ts": T0 + 1}]).matched == 2
 
 
@@ -183,7 +184,7 @@ def test_event_time_for_matching_never_goes_backwards(tmp_path) -> None:
     clock = Clock(T0 + 100)
     proc = processor.StreamProcessor(EventStore(tmp_path / "e.db", clock=clock), clock=clock)
     spec = {"pattern": {"steps": [{"type": "a"}, {"type": "b"}], "within": 5}}
-    proc.register("x", processor.StreamSpec.from_trigger(spec, require_pattern=True))
+    proc.register("x", streams.StreamSpec.from_trigger(spec, require_pattern=True))
     # "b" is stamped before "a" (a skewed app clock): it is matched at a's time, and stored with its own.
     assert proc.ingest([doc("a", t=100), doc("b", t=50)]).matched == 1
     assert [e.ts - T0 for e in proc.store.query()] == [100, 50]

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from tether.common import errors
-from tether.controller import devices, targeting
+from tether.controller import devices
+from tether.spec import selectors
 
 KEY = "sha256:" + "a" * 64
 
@@ -22,8 +23,8 @@ def test_valid_choices_and_the_selected_backend_fact() -> None:
         device_id="d1", attributes={"os": "android"}, backends=("mnn/cpu",), backend_choices=choices
     )
     facts = device.facts
-    assert facts[targeting.SELECTED_BACKEND_KEY] == frozenset({"mnn/cpu", "onnxruntime/cuda"})
-    target = targeting.parse_target(
+    assert facts[selectors.SELECTED_BACKEND_KEY] == frozenset({"mnn/cpu", "onnxruntime/cuda"})
+    target = selectors.parse_target(
         {"matchExpressions": [{"key": "tether.io/selected-backend", "operator": "In", "values": ["onnxruntime/cuda"]}]}
     )
     assert target.matches(facts)
@@ -69,7 +70,7 @@ async def test_report_backends_is_stored_and_bad_reports_change_nothing(devices_
     assert [(c.candidate, c.latency_ms, c.release) for c in device.backend_choices] == [
         ("onnxruntime/cuda/t1/fp32", 1.25, "ns/t")
     ]
-    assert device.facts[targeting.SELECTED_BACKEND_KEY] == frozenset({"onnxruntime/cuda"})
+    assert device.facts[selectors.SELECTED_BACKEND_KEY] == frozenset({"onnxruntime/cuda"})
 
     bad = pb.BackendChoice(model_key=KEY, candidate="not a candidate", latency_ms=1.0)
     with pytest.raises(grpc.aio.AioRpcError) as info:

@@ -6,6 +6,7 @@ import pytest
 from tether.common import errors
 from tether.controller import hub, releases, targeting
 from tether.proto.v1 import tether_pb2 as pb
+from tether.spec import selectors
 
 DIGEST = "sha256:" + "c" * 64
 
@@ -20,7 +21,7 @@ def release(version=1, target=None, paused=False):
         aggregation_json="",
         paused=paused,
     )
-    return releases.Release(spec=s, version=version, target=targeting.parse_target(s.target))
+    return releases.Release(spec=s, version=version, target=selectors.parse_target(s.target))
 
 
 def facts(device_id, **attributes):

@@ -35,11 +35,11 @@ from tether.controller import (
     releases,
     serving,
     stats,
-    targeting,
 )
 from tether.controller.storage import contracts, memory, memory_tables
 from tether.proto.v1 import tether_pb2 as pb
 from tether.proto.v1 import tether_pb2_grpc as pb_grpc
+from tether.spec import selectors
 
 
 def _device(device_id: str = "d1", **attributes: str) -> devices.Device:
@@ -124,7 +124,7 @@ def test_access_decisions_are_values() -> None:
             paused=False,
         ),
         version=1,
-        target=targeting.parse_target({"matchLabels": {"os": "android"}}),
+        target=selectors.parse_target({"matchLabels": {"os": "android"}}),
     )
     assert serving.decided_by_release(rel)
     assert serving.access_by_release(rel, _device(os="android").facts).readable

@@ -4,6 +4,7 @@ import pytest
 
 from tether.common import errors
 from tether.controller import hub, releases, targeting
+from tether.spec import selectors
 
 DIGEST = "sha256:" + "a" * 64
 OTHER = "sha256:" + "b" * 64
@@ -226,7 +227,7 @@ def release(*, version=1, paused=False, deleted=False, target=None):
     s = spec(
         paused=paused, target_json=json.dumps(target if target is not None else {"matchLabels": {"os": "android"}})
     )
-    return releases.Release(spec=s, version=version, deleted=deleted, target=targeting.parse_target(s.target))
+    return releases.Release(spec=s, version=version, deleted=deleted, target=selectors.parse_target(s.target))
 
 
 ANDROID = targeting.device_facts(device_id="a", attributes={"os": "android"})

@@ -2,10 +2,10 @@ import pytest
 
 from tether.common import errors
 from tether.controller import targeting
-from tether.spec import wire
+from tether.spec import selectors, wire
 
 ANDROID_HIGH = {"os": "android", "tier": "high", "region": "eu"}
-BACKEND, DEVICE_ID = targeting.BACKEND_KEY, targeting.DEVICE_ID_KEY
+BACKEND, DEVICE_ID = selectors.BACKEND_KEY, selectors.DEVICE_ID_KEY
 EXPR0 = "target.matchExpressions[0]"
 
 
@@ -89,7 +89,7 @@ def facts(attributes=None, backends=(), device_id="d1"):
         ),
         (expr(BACKEND, "Exists"), {}, (), False),
         (expr(BACKEND, "Exists"), {}, ("mnn/cpu",), True),
-        ({"matchLabels": {targeting.BACKEND_KEY: "mnn/cpu"}}, {}, ("mnn/cpu", "onnxruntime/cpu"), True),
+        ({"matchLabels": {selectors.BACKEND_KEY: "mnn/cpu"}}, {}, ("mnn/cpu", "onnxruntime/cpu"), True),
         # device-id pseudo attribute: explicit cohorts and exclusions
         (
             expr(DEVICE_ID, "In", "d1", "d9"),
@@ -106,19 +106,19 @@ def facts(attributes=None, backends=(), device_id="d1"):
     ],
 )
 def test_target_matrix(doc, attributes, backends, expected):
-    target = targeting.parse_target(doc)
+    target = selectors.parse_target(doc)
     assert target.matches(facts(attributes, backends)) is expected
 
 
 def test_device_cannot_spoof_pseudo_attributes_through_attributes():
-    f = targeting.device_facts(device_id="real", attributes={targeting.DEVICE_ID_KEY: "other"}, backends=())
-    assert f[targeting.DEVICE_ID_KEY] == frozenset({"real"})
-    f = targeting.device_facts(device_id="real", attributes={targeting.BACKEND_KEY: "mnn/gpu"}, backends=())
-    assert targeting.BACKEND_KEY not in f
+    f = targeting.device_facts(device_id="real", attributes={selectors.DEVICE_ID_KEY: "other"}, backends=())
+    assert f[selectors.DEVICE_ID_KEY] == frozenset({"real"})
+    f = targeting.device_facts(device_id="real", attributes={selectors.BACKEND_KEY: "mnn/gpu"}, backends=())
+    assert selectors.BACKEND_KEY not in f
 
 
 def test_matches_helper():
-    target = targeting.parse_target({"matchLabels": {"os": "ios"}})
+    target = selectors.parse_target({"matchLabels": {"os": "ios"}})
     assert targeting.matches(target, device_id="x", attributes={"os": "ios"})
     assert not targeting.matches(target, device_id="x", attributes={"os": "android"})
 
@@ -166,9 +166,9 @@ def test_matches_helper():
             EXPR0,
             "unknown",
         ),
-        ({"matchLabels": {f"k{i}": "v" for i in range(targeting.MAX_LABELS + 1)}}, "target.matchLabels", "limit"),
+        ({"matchLabels": {f"k{i}": "v" for i in range(selectors.MAX_LABELS + 1)}}, "target.matchLabels", "limit"),
         (
-            {"matchExpressions": [{"key": "k", "operator": "Exists"}] * (targeting.MAX_EXPRESSIONS + 1)},
+            {"matchExpressions": [{"key": "k", "operator": "Exists"}] * (selectors.MAX_EXPRESSIONS + 1)},
             "target.matchExpressions",
             "limit",
         ),
@@ -176,7 +176,7 @@ def test_matches_helper():
 )
 def test_invalid_targets_name_the_field(doc, field, fragment):
     with pytest.raises(errors.InvalidSpec) as info:
-        targeting.parse_target(doc)
+        selectors.parse_target(doc)
     assert info.value.field == field
     assert fragment in str(info.value)
     assert info.value.code == "INVALID_ARGUMENT"
@@ -197,18 +197,18 @@ def test_empty_json_targets_everything():
 
 
 def test_document_is_normalised_so_equivalent_spellings_compare_equal():
-    a = targeting.parse_target(
+    a = selectors.parse_target(
         {
             "matchLabels": {"b": "1", "a": "2"},
             "matchExpressions": [{"key": "t", "operator": "In", "values": ["y", "x"]}],
         }
     )
-    b = targeting.parse_target(
+    b = selectors.parse_target(
         {
             "matchExpressions": [{"key": "t", "operator": "In", "values": ["x", "y"]}],
             "matchLabels": {"a": "2", "b": "1"},
         }
     )
     assert a.document == b.document
-    assert targeting.parse_target({"matchLabels": {}, "matchExpressions": []}).document == {}
-    assert targeting.parse_target(expr("k", "Exists")).document == expr("k", "Exists")
+    assert selectors.parse_target({"matchLabels": {}, "matchExpressions": []}).document == {}
+    assert selectors.parse_target(expr("k", "Exists")).document == expr("k", "Exists")

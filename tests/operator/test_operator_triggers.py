@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 import yaml
 
-from tether.agent import schedule as agent_triggers
 from tether.common import errors
 from tether.operator import reconcile, task_status, validate
+from tether.spec import triggers
 
 DIGEST = "sha256:" + "0" * 64
 META = reconcile.Meta(name="digits", namespace="ml", generation=1)
@@ -99,7 +99,7 @@ def test_every_trigger_type_validates_and_travels_in_the_agents_format(trigger, 
 
 @pytest.mark.parametrize(("trigger", "document"), VALID)
 def test_the_agent_accepts_what_the_operator_sends(trigger, document) -> None:
-    parsed = agent_triggers.Trigger.from_json(trigger_json(trigger))
+    parsed = triggers.Trigger.from_json(trigger_json(trigger))
     assert parsed.type == document["type"]
     if parsed.type == "interval":
         assert parsed.interval_s == document["seconds"]
@@ -117,7 +117,7 @@ def test_the_agent_accepts_what_the_operator_sends(trigger, document) -> None:
 def test_a_cron_trigger_reaches_the_controller_as_trigger_json() -> None:
     sent = trigger_json({"type": "cron", "schedule": "0 3 * * *", "timezone": "Europe/Berlin"})
     assert sent == '{"schedule":"0 3 * * *","timezone":"Europe/Berlin","type":"cron"}'
-    hourly = agent_triggers.Trigger.from_json(sent)
+    hourly = triggers.Trigger.from_json(sent)
     assert hourly.scheduled and hourly.next_due(last_run=None, armed_at=0.0) is not None
 
 
@@ -194,7 +194,7 @@ def test_the_example_triggers_are_the_real_ones_and_agents_accept_them() -> None
     for name in ("shop-stats", "digits-train"):
         doc = yaml.safe_load((ROOT / "examples" / name / "mltask.yaml").read_text(encoding="utf-8"))
         trigger = doc["spec"]["trigger"]
-        sent[name] = agent_triggers.Trigger.from_json(trigger_json(trigger))
+        sent[name] = triggers.Trigger.from_json(trigger_json(trigger))
     shop = sent["shop-stats"]
     assert shop.type == "cron" and shop.cron is not None and shop.cron.expression == "0 * * * *"
     assert shop.stream is not None and shop.stream.window is not None and shop.stream.window.seconds == 3600

@@ -9,7 +9,7 @@ import pytest
 
 from tether.common import errors
 from tether.controller import releases, rollouts, stage_health, targeting
-from tether.spec import staging
+from tether.spec import selectors, staging
 
 DIGEST1 = "sha256:" + "1" * 64
 DIGEST2 = "sha256:" + "2" * 64
@@ -43,7 +43,7 @@ def release(
         paused=paused,
         rollout_json=json.dumps(doc),
     )
-    ro = rollouts.parse_rollout(spec.rollout)
+    ro = staging.parse_rollout(spec.rollout)
     state = rollouts.advance_state(
         rollouts.RolloutState(),
         ro,
@@ -52,25 +52,25 @@ def release(
         now="2026-01-01T00:00:00",
     )
     st = (
-        rollouts.Stable(version=1, manifest_digest=DIGEST1, target=targeting.parse_target({}), trigger={})
+        rollouts.Stable(version=1, manifest_digest=DIGEST1, target=selectors.parse_target({}), trigger={})
         if stable
         else None
     )
     return releases.Release(
         spec=spec,
         version=version,
-        target=targeting.parse_target(spec.target),
+        target=selectors.parse_target(spec.target),
         rollout=ro,
         rollout_state=state,
         stable=st,
     )
 
 
-def facts(device_id: str, **attributes: str) -> targeting.Facts:
+def facts(device_id: str, **attributes: str) -> selectors.Facts:
     return targeting.device_facts(device_id=device_id, attributes={"os": "android", **attributes})
 
 
-def version_of(rel: releases.Release, f: targeting.Facts, *, delivered: bool = True) -> tuple[int, bool] | None:
+def version_of(rel: releases.Release, f: selectors.Facts, *, delivered: bool = True) -> tuple[int, bool] | None:
     s = rollouts.served(rel, f, delivered=delivered)
     return None if s is None else (s.version, s.rollback)
 
@@ -174,7 +174,7 @@ def test_edited_stages_or_a_new_version_start_the_thresholds_over() -> None:
 )
 def test_bad_rollout_documents_are_refused_naming_the_field(doc: dict, field: str, words: str) -> None:
     with pytest.raises(errors.InvalidSpec) as info:
-        rollouts.parse_rollout(doc)
+        staging.parse_rollout(doc)
     assert info.value.field == field and words in str(info.value)
 
 

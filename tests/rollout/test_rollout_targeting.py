@@ -6,10 +6,11 @@ import pytest
 
 from tether.common import errors
 from tether.controller import targeting
+from tether.spec import selectors
 
 
 def matches(doc: dict, device_id: str = "d1", **attributes: str) -> bool:
-    return targeting.parse_target(doc).matches(targeting.device_facts(device_id=device_id, attributes=attributes))
+    return selectors.parse_target(doc).matches(targeting.device_facts(device_id=device_id, attributes=attributes))
 
 
 def test_version_ranges_select_by_parsed_version() -> None:
@@ -27,8 +28,8 @@ def test_device_ids_and_exclusions() -> None:
 
 
 def test_the_normalised_document_is_stable() -> None:
-    a = targeting.parse_target({"matchVersions": {"appVersion": ">= 10.2 ,<11"}, "deviceIds": ["b", "a"]})
-    b = targeting.parse_target({"deviceIds": ["a", "b"], "matchVersions": {"appVersion": ">=10.2,<11"}})
+    a = selectors.parse_target({"matchVersions": {"appVersion": ">= 10.2 ,<11"}, "deviceIds": ["b", "a"]})
+    b = selectors.parse_target({"deviceIds": ["a", "b"], "matchVersions": {"appVersion": ">=10.2,<11"}})
     assert a.document == b.document
 
 
@@ -48,5 +49,5 @@ def test_the_normalised_document_is_stable() -> None:
 )
 def test_bad_targets_are_refused_naming_the_field(doc: dict, field: str) -> None:
     with pytest.raises(errors.InvalidSpec) as info:
-        targeting.parse_target(doc)
+        selectors.parse_target(doc)
     assert info.value.field == field

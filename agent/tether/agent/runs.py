@@ -32,6 +32,7 @@ from tether.agent import backends, bundles, client, participation, reporting, re
 from tether.agent.files import atomic_write
 from tether.common import errors, manifest
 from tether.proto.v1 import tether_pb2 as pb
+from tether.spec import triggers
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +54,14 @@ _PERMANENT = frozenset(
 class Policy:
     """How one desired task runs: its trigger and the limits of each run."""
 
-    trigger: schedule.Trigger
+    trigger: triggers.Trigger
     limits: runtime.TaskLimits
 
     @classmethod
     def of(cls, task: pb.DesiredTask, *, caps: runtime.TaskLimits) -> Policy:
         """The task's policy within the device caps; InvalidSpec (naming the field) when it is malformed."""
         return cls(
-            trigger=schedule.Trigger.from_json(task.trigger_json),
+            trigger=triggers.Trigger.from_json(task.trigger_json),
             limits=runtime.TaskLimits.from_wire(task.resources_json, caps=caps),
         )
 
@@ -138,7 +139,7 @@ class Runner:
             return self._next_check(task, trigger)
         return due
 
-    def _next_check(self, task: pb.DesiredTask, trigger: schedule.Trigger) -> float | None:
+    def _next_check(self, task: pb.DesiredTask, trigger: triggers.Trigger) -> float | None:
         """Seconds until an interval or cron trigger is due (0: now); None for triggers that are kicked."""
         if not trigger.scheduled:
             return None
@@ -228,7 +229,7 @@ class Runner:
     def _inputs_path(self, key: str) -> pathlib.Path:
         return self._store.result_path(key).with_suffix(".inputs.json")
 
-    def _run_inputs(self, key: str, trigger: schedule.Trigger, pending: schedule.PendingRun | None) -> dict[str, Any]:
+    def _run_inputs(self, key: str, trigger: triggers.Trigger, pending: schedule.PendingRun | None) -> dict[str, Any]:
         """`ctx.inputs` of a run, kept beside its record until it finished: a re-run after a crash gets the same."""
         path = self._inputs_path(key)
         with contextlib.suppress(OSError, ValueError):

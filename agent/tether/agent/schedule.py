@@ -17,7 +17,7 @@ A document this agent cannot honour exactly (unknown type or key, bad value)
 raises InvalidSpec naming the field, and the daemon refuses that version
 before downloading anything. The parser (`Trigger`) is pure and lives in
 `tether.spec.triggers`, so the operator and the controller validate triggers
-with it at apply time; it is re-exported here.
+with it at apply time.
 """
 
 from __future__ import annotations
@@ -28,9 +28,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from tether.agent.stream import processor
-from tether.spec.triggers import MAX_INTERVAL_S, MAX_TRIGGER_BYTES, TYPES, Trigger
-
-__all__ = ["MAX_INTERVAL_S", "MAX_TRIGGER_BYTES", "TYPES", "Dispatcher", "PendingRun", "Trigger"]
+from tether.spec.triggers import Trigger
 
 # ---------------------------------------------------------------- the agent side: armed triggers and pending runs
 

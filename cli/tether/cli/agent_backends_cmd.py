@@ -10,8 +10,7 @@ import json
 import pathlib
 from typing import Any
 
-from tether.agent import backends
-from tether.agent import profile as profile_mod
+from tether.agent import backends, profile
 from tether.common import manifest
 
 
@@ -35,11 +34,9 @@ def _models_by_key(state_dir: pathlib.Path) -> dict[str, list[dict[str, str]]]:
     return found
 
 
-def describe(
-    state_dir: str | pathlib.Path, *, device_profile: profile_mod.DeviceProfile | None = None
-) -> dict[str, Any]:
+def describe(state_dir: str | pathlib.Path, *, device_profile: profile.DeviceProfile | None = None) -> dict[str, Any]:
     state_dir = pathlib.Path(state_dir)
-    p = device_profile or profile_mod.collect(measure=False)
+    p = device_profile or profile.collect(measure=False)
     cache = backends.SelectionCache(state_dir / backends.CACHE_FILE)
     used = _models_by_key(state_dir)
     models = []

@@ -15,27 +15,26 @@ import click
 import psycopg
 import psycopg_pool
 
-from tether.common import config as config_mod
-from tether.common import errors, rlimits, tls
+from tether.common import config, errors, rlimits, tls
 
 READY_PREFIX = "controller listening on "
 
 
 @click.command("controller")
-@click.option("--listen", default=config_mod.DEFAULT_LISTEN, show_default=True, help="HOST:PORT to serve gRPC on.")
-@click.option("--database-url", envvar=config_mod.ENV_DATABASE_URL, help="PostgreSQL URL [env TETHER_DATABASE_URL].")
-@click.option("--broker-url", envvar=config_mod.ENV_BROKER_URL, help="Celery broker URL [env TETHER_BROKER_URL].")
+@click.option("--listen", default=config.DEFAULT_LISTEN, show_default=True, help="HOST:PORT to serve gRPC on.")
+@click.option("--database-url", envvar=config.ENV_DATABASE_URL, help="PostgreSQL URL [env TETHER_DATABASE_URL].")
+@click.option("--broker-url", envvar=config.ENV_BROKER_URL, help="Celery broker URL [env TETHER_BROKER_URL].")
 @click.option(
     "--blob-dir",
-    envvar=config_mod.ENV_BLOB_DIR,
-    default=config_mod.DEFAULT_BLOB_DIR,
+    envvar=config.ENV_BLOB_DIR,
+    default=config.DEFAULT_BLOB_DIR,
     show_default=True,
     type=click.Path(file_okay=False, path_type=pathlib.Path),
     help="Blob store directory [env TETHER_BLOB_DIR].",
 )
-@click.option("--admin-token", envvar=config_mod.ENV_ADMIN_TOKEN, help="Admin API token [env TETHER_ADMIN_TOKEN].")
+@click.option("--admin-token", envvar=config.ENV_ADMIN_TOKEN, help="Admin API token [env TETHER_ADMIN_TOKEN].")
 @click.option(
-    "--bootstrap-token", envvar=config_mod.ENV_BOOTSTRAP_TOKEN, help="Enrolment token [env TETHER_BOOTSTRAP_TOKEN]."
+    "--bootstrap-token", envvar=config.ENV_BOOTSTRAP_TOKEN, help="Enrolment token [env TETHER_BOOTSTRAP_TOKEN]."
 )
 @click.option("--grace", default=5.0, show_default=True, help="Seconds in-flight calls get to finish at stop.")
 @click.option("--heartbeat", default=30.0, show_default=True, help="Seconds between heartbeats on idle streams.")
@@ -124,7 +123,7 @@ def controller(
 ) -> None:
     """Run the controller (gRPC distribution service, device registry, result ingestion)."""
     try:
-        cfg = config_mod.ControllerConfig.from_env(
+        cfg = config.ControllerConfig.from_env(
             listen=listen,
             database_url=database_url,
             broker_url=broker_url,
@@ -150,7 +149,7 @@ def controller(
         raise click.ClickException(f"cannot use the database: {e}") from None
 
 
-async def _serve(cfg: config_mod.ControllerConfig) -> None:
+async def _serve(cfg: config.ControllerConfig) -> None:
     from tether.controller.server import start_controller
 
     rlimits.raise_open_files_limit()  # one descriptor per connected agent

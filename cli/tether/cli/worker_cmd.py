@@ -63,9 +63,9 @@ def worker(
     if applied:
         click.echo(f"applied migrations: {', '.join(applied)}", err=True)
 
-    from tether.controller import tasks as worker_mod
+    from tether.controller import tasks
 
-    worker_mod.app.conf.broker_url = broker_url
+    tasks.app.conf.broker_url = broker_url
     if pool == "auto":
         pool = "solo" if concurrency == 1 else "prefork"
     argv = [
@@ -78,4 +78,4 @@ def worker(
         "--without-gossip",
         "--without-mingle",
     ]
-    worker_mod.app.worker_main(argv)
+    tasks.app.worker_main(argv)

@@ -19,6 +19,7 @@ from typing import Any
 
 from tether.common import errors
 from tether.controller import targeting
+from tether.spec import selectors
 
 MAX_ATTRIBUTES = 64
 MAX_BACKENDS = 32
@@ -76,7 +77,7 @@ class Device:
     backend_choices: tuple[BackendChoice, ...] = ()
 
     @functools.cached_property
-    def facts(self) -> targeting.Facts:
+    def facts(self) -> selectors.Facts:
         """What targets are evaluated against; computed once per Device (the authenticator caches Devices)."""
         return targeting.device_facts(
             device_id=self.device_id,
@@ -111,14 +112,14 @@ def validate_info(*, attributes: Mapping[str, str], backends: Iterable[str]) -> 
         raise errors.TooLarge(f"device.attributes: {len(attributes)} entries; the limit is {MAX_ATTRIBUTES}")
     for key, value in attributes.items():
         if (
-            not key or len(key) > targeting.MAX_KEY_LEN or not targeting.KEY_RE.match(key)  # the grammar targets use
+            not key or len(key) > selectors.MAX_KEY_LEN or not selectors.KEY_RE.match(key)  # the grammar targets use
         ):
             raise errors.InvalidArgument(f"device.attributes: key {key[:64]!r} is not a valid label key")
         if key.startswith(RESERVED_PREFIX):
             raise errors.InvalidArgument(f"device.attributes: key {key!r} uses the reserved prefix {RESERVED_PREFIX}")
-        if len(value) > targeting.MAX_VALUE_LEN:
+        if len(value) > selectors.MAX_VALUE_LEN:
             raise errors.InvalidArgument(
-                f"device.attributes[{key!r}]: value longer than {targeting.MAX_VALUE_LEN} characters"
+                f"device.attributes[{key!r}]: value longer than {selectors.MAX_VALUE_LEN} characters"
             )
     backend_list = list(dict.fromkeys(backends))
     if len(backend_list) > MAX_BACKENDS:

@@ -24,8 +24,9 @@ from typing import Any
 import grpc
 
 from tether.common import errors
-from tether.controller import releases, rollouts, targeting
+from tether.controller import releases, rollouts
 from tether.proto.v1 import tether_pb2 as pb
+from tether.spec import selectors
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ class Action(enum.Enum):
     REVOKE = "revoke"
 
 
-def fanout_action(*, before: releases.Release | None, after: releases.Release | None, facts: targeting.Facts) -> Action:
+def fanout_action(*, before: releases.Release | None, after: releases.Release | None, facts: selectors.Facts) -> Action:
     """What a connected device with `facts` must hear when a release goes from `before` to `after`.
 
     `after` None (or deleted) means the release was deleted. A paused release
@@ -88,7 +89,7 @@ def served_task(served: rollouts.Served) -> pb.DesiredTask:
 def _staged_change(
     before: releases.Release | None,
     after: releases.Release | None,
-    facts: targeting.Facts,
+    facts: selectors.Facts,
     events: dict[tuple[int, str], tuple[pb.ServerEvent, rollouts.Served]],
 ) -> tuple[Action, pb.ServerEvent | None, rollouts.Served | None]:
     """A staged release's change for one device (`rollouts.change`), with its Notify built once per version."""
@@ -117,7 +118,7 @@ class Connection:
     """One live Subscribe stream. Identity matters (eq=False): a device may reconnect."""
 
     device_id: str
-    facts: targeting.Facts
+    facts: selectors.Facts
     queue: asyncio.Queue[pb.ServerEvent | Closed]
     closed: bool = False
 
@@ -161,7 +162,7 @@ class Hub:
     def __len__(self) -> int:
         return len(self._connections)
 
-    def connect(self, *, device_id: str, facts: targeting.Facts) -> Connection:
+    def connect(self, *, device_id: str, facts: selectors.Facts) -> Connection:
         conn = Connection(device_id=device_id, facts=facts, queue=asyncio.Queue(maxsize=self._queue_size + 1))
         old = self._connections.get(device_id)
         if old is not None:
@@ -190,7 +191,7 @@ class Hub:
         conn.close(code, reason)
         return True
 
-    def update_facts(self, *, device_id: str, facts: targeting.Facts) -> None:
+    def update_facts(self, *, device_id: str, facts: selectors.Facts) -> None:
         """A connected device re-enrolled with new attributes: target it by what it says now."""
         conn = self._connections.get(device_id)
         if conn is not None:

@@ -26,8 +26,9 @@ import time
 from collections.abc import Callable
 
 from tether.common import errors
-from tether.controller import devices, releases, serving, targeting
+from tether.controller import devices, releases, serving
 from tether.controller.storage import contracts
+from tether.spec import selectors
 
 READABLE_CACHE_S = 2.0
 READABLE_CACHE_SIZE = 200_000
@@ -38,7 +39,7 @@ class ReleaseCache:
         self._ledger = ledger
         self._monotonic = monotonic
         # (device id, release) -> (monotonic time, device facts, release as readable)
-        self._readable: dict[tuple[str, str], tuple[float, targeting.Facts, releases.Release]] = {}
+        self._readable: dict[tuple[str, str], tuple[float, selectors.Facts, releases.Release]] = {}
         self._live: dict[str, tuple[float, releases.Release]] = {}  # live releases by name
         self._epoch = 0
 

@@ -20,9 +20,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from tether.common import errors, manifest
-from tether.controller import rollouts, targeting
+from tether.controller import rollouts
 from tether.proto.v1 import tether_pb2 as pb
-from tether.spec import staging, triggers, wire
+from tether.spec import selectors, staging, triggers, wire
 
 # "<namespace>/<name>": a Kubernetes namespace (DNS label) and object name (DNS subdomain).
 RELEASE_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?/[a-z0-9]([-.a-z0-9]{0,251}[a-z0-9])?$")
@@ -58,7 +58,7 @@ class Release:
     spec: ReleaseSpec
     version: int
     deleted: bool = False
-    target: targeting.Target = dataclasses.field(default_factory=targeting.Target, compare=False)
+    target: selectors.Target = dataclasses.field(default_factory=selectors.Target, compare=False)
     rollout: staging.Rollout | None = dataclasses.field(default=None, compare=False)
     rollout_state: rollouts.RolloutState = dataclasses.field(default_factory=rollouts.RolloutState)
     stable: rollouts.Stable | None = dataclasses.field(default=None, compare=False)
@@ -75,11 +75,11 @@ class Release:
     def paused(self) -> bool:
         return self.spec.paused
 
-    def targets(self, facts: targeting.Facts) -> bool:
+    def targets(self, facts: selectors.Facts) -> bool:
         """The target matches the device (pause does not matter: results and reports stay welcome)."""
         return not self.deleted and self.target.matches(facts)
 
-    def offered_to(self, facts: targeting.Facts, *, delivered: bool) -> bool:
+    def offered_to(self, facts: selectors.Facts, *, delivered: bool) -> bool:
         """Whether the device should have this release installed.
 
         A paused release stops spreading: it stays with devices that already

@@ -40,15 +40,10 @@ from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 
 from tether.controller import cohorts, targeting
-from tether.spec import staging
+from tether.spec import selectors, staging
 from tether.spec.staging import Action, Rollout
 
 CONDITION_KEYS = ("charging", "unmeteredNetwork", "idle")
-
-
-def parse_rollout(doc: Any, *, field: str = "rollout") -> Rollout | None:
-    """A rollout document in its dict form (stored, or from JSON): the shared parser, `tether.spec.staging`."""
-    return staging.parse_rollout(doc, field=field)
 
 
 # ---------------------------------------------------------------- stored state
@@ -168,7 +163,7 @@ class Subject(Protocol):
     def spec(self) -> Policy: ...
 
     @property
-    def target(self) -> targeting.Target: ...
+    def target(self) -> selectors.Target: ...
 
     @property
     def rollout(self) -> Rollout | None: ...
@@ -179,7 +174,7 @@ class Subject(Protocol):
     @property
     def stable(self) -> Stable | None: ...
 
-    def offered_to(self, facts: targeting.Facts, *, delivered: bool) -> bool: ...
+    def offered_to(self, facts: selectors.Facts, *, delivered: bool) -> bool: ...
 
 
 # ---------------------------------------------------------------- the stable version
@@ -191,7 +186,7 @@ class Stable:
 
     version: int
     manifest_digest: str
-    target: targeting.Target
+    target: selectors.Target
     trigger: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     resources: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -279,7 +274,7 @@ def current(rel: Subject) -> Served:
     )
 
 
-def stable_for(rel: Subject, facts: targeting.Facts) -> Served | None:
+def stable_for(rel: Subject, facts: selectors.Facts) -> Served | None:
     stable: Stable | None = rel.stable
     if stable is None or not stable.target.matches(facts):
         return None
@@ -311,12 +306,12 @@ def stage_thresholds(rel: Subject) -> list[float]:
     return out
 
 
-def stage_of(rel: Subject, facts: targeting.Facts) -> int | None:
+def stage_of(rel: Subject, facts: selectors.Facts) -> int | None:
     """The earliest stage that reaches a targeted device (None when none, or it is not targeted)."""
     ro = effective(rel)
     if ro is None or not rel.target.matches(facts):
         return None
-    (device_id,) = facts.get(targeting.DEVICE_ID_KEY, frozenset(("",)))
+    (device_id,) = facts.get(selectors.DEVICE_ID_KEY, frozenset(("",)))
     return cohorts.first_stage(
         device_bucket=cohorts.bucket(ro.salt, device_id),
         thresholds=stage_thresholds(rel),
@@ -324,7 +319,7 @@ def stage_of(rel: Subject, facts: targeting.Facts) -> int | None:
     )
 
 
-def served(rel: Subject, facts: targeting.Facts, *, delivered: bool) -> Served | None:
+def served(rel: Subject, facts: selectors.Facts, *, delivered: bool) -> Served | None:
     """The version of `rel` a device with `facts` should have; None: none (uninstall).
 
     `delivered`: the device was already told about the current version (a
@@ -353,7 +348,7 @@ class Change:
     revoke: bool = False
 
 
-def change(*, before: Subject | None, after: Subject | None, facts: targeting.Facts) -> Change:
+def change(*, before: Subject | None, after: Subject | None, facts: selectors.Facts) -> Change:
     """What a connected device hears when a staged release goes from `before` to `after`.
 
     Compared as if the device had what it was served before (a push is news only
@@ -412,7 +407,7 @@ def columns_on_apply(*, document: Mapping[str, Any], version: int, previous: Sub
     A version bump computes the stable version (`next_stable`); otherwise the
     stable version and the thresholds fixed so far carry over.
     """
-    rollout = parse_rollout(document or {})
+    rollout = staging.parse_rollout(document or {})
     live = previous if previous is not None and not previous.deleted else None
     stable = next_stable(live) if live is None or live.version != version else live.stable
     state = live.rollout_state if live is not None and rollout is not None else RolloutState()

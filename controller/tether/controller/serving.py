@@ -25,7 +25,8 @@ import enum
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from tether.controller import releases, rollouts, targeting
+from tether.controller import releases, rollouts
+from tether.spec import selectors
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,14 +95,14 @@ def decided_by_release(rel: releases.Release) -> bool:
     return rel.rollout is None and not rel.paused
 
 
-def access_by_release(rel: releases.Release | None, facts: targeting.Facts) -> Access:
+def access_by_release(rel: releases.Release | None, facts: selectors.Facts) -> Access:
     """Access to a release that `decided_by_release`: its target applied to the device's facts."""
     if rel is None or rel.deleted:
         return UNKNOWN
     return Access(verdict=Verdict.READABLE, release=rel) if rel.targets(facts) else NOT_SERVED
 
 
-def access(view: ReleaseView | None, facts: targeting.Facts) -> Access:
+def access(view: ReleaseView | None, facts: selectors.Facts) -> Access:
     """Access over the device's delivery: what the device is served decides (`rollouts.served`)."""
     if view is None or view.release.deleted:
         return UNKNOWN
@@ -115,7 +116,7 @@ def access(view: ReleaseView | None, facts: targeting.Facts) -> Access:
     return Access(verdict=Verdict.READABLE, release=rel)
 
 
-def desired(views: Sequence[ReleaseView], facts: targeting.Facts) -> list[DesiredTask]:
+def desired(views: Sequence[ReleaseView], facts: selectors.Facts) -> list[DesiredTask]:
     """Every live release offered to the device, in the order of `views` (its full desired state)."""
     out = []
     for view in views:

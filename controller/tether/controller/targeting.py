@@ -15,10 +15,6 @@ exactly the same targets. What stays here is the controller's side of it:
 - `parse_stored`: stored (already validated) documents parsed once, cached,
   since every Sync and status re-reads them.
 
-The names the rest of the controller uses (`Target`, `parse_target`, the
-pseudo attribute keys, the key grammar for device attributes) are the shared
-ones, imported here so controller modules have one place to take them from.
-
 Pure: no I/O.
 """
 
@@ -32,33 +28,11 @@ from typing import Any
 from tether.spec.selectors import (
     BACKEND_KEY,
     DEVICE_ID_KEY,
-    KEY_RE,
-    MAX_EXPRESSIONS,
-    MAX_KEY_LEN,
-    MAX_LABELS,
-    MAX_VALUE_LEN,
     SELECTED_BACKEND_KEY,
     Facts,
     Target,
     parse_target,
 )
-
-__all__ = [
-    "BACKEND_KEY",
-    "DEVICE_ID_KEY",
-    "KEY_RE",
-    "MAX_EXPRESSIONS",
-    "MAX_KEY_LEN",
-    "MAX_LABELS",
-    "MAX_VALUE_LEN",
-    "SELECTED_BACKEND_KEY",
-    "Facts",
-    "Target",
-    "device_facts",
-    "matches",
-    "parse_stored",
-    "parse_target",
-]
 
 
 def device_facts(

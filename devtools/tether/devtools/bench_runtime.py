@@ -47,8 +47,7 @@ from typing import Any
 import click
 import numpy as np
 
-from tether.agent import backends, selection
-from tether.agent import profile as profile_mod
+from tether.agent import backends, profile, selection
 from tether.agent import runtime as runtime_mod
 from tether.common import manifest
 
@@ -324,7 +323,7 @@ def run_benchmark(
 ) -> dict[str, Any]:
     progress("profiling the device")
     load_before = os.getloadavg()
-    device_profile = profile_mod.collect(measure=True)
+    device_profile = profile.collect(measure=True)
     device = backends.device_for(device_profile)
     results: dict[str, Any] = {}
     for m in load_models(models_dir, names):

@@ -30,6 +30,7 @@ import click
 from tether.agent.stream import patterns, processor
 from tether.agent.stream.eventstore import EventStore
 from tether.agent.stream.records import Event
+from tether.spec import streams
 
 TYPES = [
     "page_view",
@@ -67,7 +68,7 @@ def make_events(n: int, *, seed: int) -> list[Event]:
     return out
 
 
-def make_patterns(n: int, *, seed: int) -> dict[str, patterns.Pattern]:
+def make_patterns(n: int, *, seed: int) -> dict[str, streams.Pattern]:
     rng = random.Random(seed)
     out = {}
     for i in range(n):
@@ -81,7 +82,7 @@ def make_patterns(n: int, *, seed: int) -> dict[str, patterns.Pattern]:
                     [{"price": {"gte": rng.randint(10, 90)}}, {"cat": rng.choice(CATS)}, {"cat": {"in": CATS[:2]}}]
                 )
             steps.append(step)
-        out[f"p{i}"] = patterns.Pattern.from_json({"steps": steps, "within": rng.choice([5, 10, 30, 60])})
+        out[f"p{i}"] = streams.Pattern.from_json({"steps": steps, "within": rng.choice([5, 10, 30, 60])})
     return out
 
 
@@ -135,7 +136,7 @@ def measure_ingest(n_patterns: int, events: list[Event], *, seed: int, batch: in
         clock = lambda: events[-1].ts  # noqa: E731  (retention keeps everything)
         proc = processor.StreamProcessor(EventStore(pathlib.Path(tmp) / "events.db", clock=clock), clock=clock)
         for pid, p in make_patterns(n_patterns, seed=seed).items():
-            proc.register(pid, processor.StreamSpec(pattern=p))
+            proc.register(pid, streams.StreamSpec(pattern=p))
         started = time.perf_counter()
         for i in range(0, len(docs), batch):
             proc.ingest(docs[i : i + batch])

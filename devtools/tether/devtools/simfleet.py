@@ -50,12 +50,11 @@ class SimulatedFleet:
 
     async def start(self) -> None:
         from tether.common import admin_client, rlimits
-        from tether.devtools import simagent
-        from tether.devtools import stack as stack_mod
+        from tether.devtools import simagent, stack
 
         rlimits.raise_open_files_limit()
-        self.stack = stack_mod.LocalStack(
-            stack_mod.StackConfig(
+        self.stack = stack.LocalStack(
+            stack.StackConfig(
                 agents=0,
                 database_url=self.database_url,
                 broker_url=self.broker_url,

@@ -2,7 +2,7 @@
 
 The spec (`Pattern`, `Step`, `Condition` and their parser) lives in
 `tether.spec.streams` so the operator and controller validate patterns
-with the same code; it is re-exported here.
+with the same code.
 
 A pattern is an ordered list of steps and a time bound::
 
@@ -46,33 +46,9 @@ from collections.abc import Iterable, Sequence
 
 from tether.agent.stream.records import Event
 from tether.spec.streams import (  # the pure spec, shared with the operator and the controller
-    MAX_CONDITIONS,
-    MAX_IN_VALUES,
-    MAX_STEPS,
-    MAX_WITHIN_S,
-    OPS,
-    Condition,
-    InvalidPattern,
     Pattern,
     Step,
 )
-
-__all__ = [
-    "MAX_CONDITIONS",
-    "MAX_IN_VALUES",
-    "MAX_STEPS",
-    "MAX_WITHIN_S",
-    "NEG_INF",
-    "OPS",
-    "Condition",
-    "InvalidPattern",
-    "Match",
-    "NaiveMatcher",
-    "Pattern",
-    "Step",
-    "TrieMatcher",
-    "feed_all",
-]
 
 NEG_INF = -math.inf
 

@@ -22,12 +22,9 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from tether.agent.stream import patterns, windows
-from tether.agent.stream import records as events_mod
+from tether.agent.stream import patterns, records, windows
 from tether.agent.stream.eventstore import EventStore
-from tether.spec.streams import MAX_COOLDOWN_S, StreamSpec  # pure, shared with operator/controller
-
-__all__ = ["MAX_BATCH", "MAX_COOLDOWN_S", "Fire", "IngestResult", "StreamProcessor", "StreamSpec"]
+from tether.spec.streams import StreamSpec  # pure, shared with operator/controller
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +37,7 @@ class Fire:
     """A pattern trigger fired: the match and the matched events (oldest first)."""
 
     match: patterns.Match
-    events: tuple[events_mod.Event, ...]
+    events: tuple[records.Event, ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,7 +95,7 @@ class StreamProcessor:
     def ingest(self, docs: Iterable[Any]) -> IngestResult:
         """Validate, store and match a batch; never raises for a bad event (it is counted instead)."""
         now = self.clock()
-        valid: list[events_mod.Event] = []
+        valid: list[records.Event] = []
         problems: list[str] = []
         rejected = 0
         for i, doc in enumerate(docs):
@@ -108,8 +105,8 @@ class StreamProcessor:
                     problems.append(f"[{i}]: batch larger than {MAX_BATCH} events")
                 continue
             try:
-                valid.append(events_mod.parse_event(doc, now=now))
-            except events_mod.InvalidEvent as e:
+                valid.append(records.parse_event(doc, now=now))
+            except records.InvalidEvent as e:
                 rejected += 1
                 if len(problems) < MAX_ERRORS_REPORTED:
                     problems.append(f"[{i}] {e}")

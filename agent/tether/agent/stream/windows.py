@@ -19,7 +19,7 @@ numeric attribute `value` (`count` needs no value). Only raw events stay on
 the device: a task decides what of this leaves it.
 
 The specs (`WindowSpec`, `AggregateSpec`, `parse_aggregates`) live in
-`tether.spec.streams` and are re-exported here.
+`tether.spec.streams`.
 """
 
 from __future__ import annotations
@@ -30,30 +30,9 @@ from typing import Any
 
 from tether.agent.stream.records import Event
 from tether.spec.streams import (  # the pure spec, shared with the operator and the controller
-    AGG_OPS,
-    MAX_AGGREGATIONS,
     MAX_GROUPS,
-    MAX_WINDOW_EVENTS,
-    MAX_WINDOW_SECONDS,
     AggregateSpec,
-    InvalidWindow,
-    WindowSpec,
-    parse_aggregates,
 )
-
-__all__ = [
-    "AGG_OPS",
-    "MAX_AGGREGATIONS",
-    "MAX_GROUPS",
-    "MAX_WINDOW_EVENTS",
-    "MAX_WINDOW_SECONDS",
-    "AggregateSpec",
-    "InvalidWindow",
-    "WindowSpec",
-    "aggregate",
-    "aggregate_all",
-    "parse_aggregates",
-]
 
 
 def _group(event: Event, by: str) -> str | None:

@@ -8,9 +8,10 @@ import time
 from collections.abc import Sequence
 
 from tether.common import errors
-from tether.controller import deliveries, devices, releases, rollouts, serving, stage_health, targeting
+from tether.controller import deliveries, devices, releases, rollouts, serving, stage_health
 from tether.controller.storage import contracts
 from tether.controller.storage.memory_tables import DeliveryRow, Tables
+from tether.spec import selectors
 
 
 class MemoryReleases:
@@ -182,4 +183,4 @@ class MemoryReleases:
 
 
 def _new_release(spec: releases.ReleaseSpec, *, version: int) -> releases.Release:
-    return releases.Release(spec=spec, version=version, target=targeting.parse_target(spec.target))
+    return releases.Release(spec=spec, version=version, target=selectors.parse_target(spec.target))

@@ -23,8 +23,9 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from tether.common import errors
-from tether.controller import deliveries, devices, releases, serving, targeting
+from tether.controller import deliveries, devices, releases, serving
 from tether.controller.storage import contracts, pg_rollouts, pg_rows
+from tether.spec import selectors
 
 if TYPE_CHECKING:
     from psycopg import AsyncConnection
@@ -293,7 +294,7 @@ class PostgresReleases:
 
 
 def _new_release(spec: releases.ReleaseSpec, *, version: int) -> releases.Release:
-    return releases.Release(spec=spec, version=version, target=targeting.parse_target(spec.target))
+    return releases.Release(spec=spec, version=version, target=selectors.parse_target(spec.target))
 
 
 async def _write_deliveries(

@@ -17,6 +17,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from tether.controller import devices, releases, rollouts, stage_health, targeting
+from tether.spec import selectors
 
 if TYPE_CHECKING:
     from psycopg import AsyncConnection
@@ -46,7 +47,7 @@ async def write(
     return dataclasses.replace(rel, rollout=columns.rollout, rollout_state=columns.state, stable=columns.stable)
 
 
-async def targeted_ids(conn: AsyncConnection[Any], target: targeting.Target) -> list[str]:
+async def targeted_ids(conn: AsyncConnection[Any], target: selectors.Target) -> list[str]:
     cur = conn.cursor(row_factory=dict_row)
     rows = await (await cur.execute("SELECT device_id, attributes, backends FROM devices WHERE NOT revoked")).fetchall()
     out = []

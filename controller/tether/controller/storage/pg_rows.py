@@ -90,7 +90,7 @@ def _cached(parse: Any, doc: Any) -> Any:
 
 @functools.lru_cache(maxsize=1024)
 def _parse_rollout(text: str) -> staging.Rollout | None:
-    return rollouts.parse_rollout(json.loads(text))
+    return staging.parse_rollout(json.loads(text))
 
 
 @functools.lru_cache(maxsize=1024)
