@@ -41,6 +41,7 @@ import numpy as np
 
 from tether.agent import results
 from tether.common import errors, manifest
+from tether.spec import resources
 
 MAX_LOG_LINES = 1000
 MAX_LOG_BYTES = 64 * 1024
@@ -49,12 +50,6 @@ MAX_TENSORS_BYTES = 64 * 1024 * 1024
 MAX_STATE_BYTES = 1024 * 1024
 MAX_RESOURCES_BYTES = 64 * 1024
 MAX_INPUTS_BYTES = 16 * 1024 * 1024  # ctx.inputs as JSON (stream windows are capped well below this)
-# What a release's `resources_json` may hold (inclusive bounds), as the controller validates it.
-RESOURCE_BOUNDS: Mapping[str, tuple[int, int]] = {
-    "timeoutSeconds": (1, 24 * 3600),
-    "memoryMB": (16, 64 * 1024),
-    "cpuSeconds": (1, 24 * 3600),
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,23 +88,10 @@ class TaskLimits:
         InvalidSpec naming the field: a limit is never silently dropped.
         """
         caps = caps or cls()
-        doc = doc or {}
-        if not isinstance(doc, Mapping):
+        if doc is not None and not isinstance(doc, Mapping):
             raise errors.InvalidSpec("must be a JSON object", field="resources")
-        for key, value in doc.items():
-            bounds = RESOURCE_BOUNDS.get(key)
-            if bounds is None:
-                raise errors.InvalidSpec(
-                    f"unknown key; this agent supports {sorted(RESOURCE_BOUNDS)}", field=f"resources.{key}"
-                )
-            low, high = bounds
-            if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-                raise errors.InvalidSpec(
-                    f"must be an integer in [{low}, {high}], got {value!r}", field=f"resources.{key}"
-                )
-        timeout = doc.get("timeoutSeconds")
-        memory = doc.get("memoryMB")
-        cpu = doc.get("cpuSeconds")
+        asked = resources.parse_resources(doc)  # the shared grammar: the bounds the controller validated
+        timeout, memory, cpu = asked.timeout_seconds, asked.memory_mb, asked.cpu_seconds
         if caps.cpu_seconds is not None:
             cpu = caps.cpu_seconds if cpu is None else min(cpu, caps.cpu_seconds)
         return cls(
