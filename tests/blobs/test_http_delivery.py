@@ -208,3 +208,32 @@ async def test_a_hostile_or_broken_cache_is_refused_and_the_device_falls_back_to
         len(MODEL) // 2 <= pulled_bytes(controller) < len(MODEL) if resumed else pulled_bytes(controller) >= len(MODEL)
     )
     assert not list(agent.state_dir.rglob("*.part"))
+
+
+async def test_two_replicas_on_one_database_and_one_object_store_give_devices_the_same_answers(
+    s3_endpoint, controller_config, start, tmp_path, database_url
+):
+    cfg = dataclasses.replace(
+        controller_config, blob_store="s3://tether-blobs/fleet", s3_endpoint_url=s3_endpoint, s3_region="us-east-1"
+    )
+    # Separate blob directories: nothing is shared but PostgreSQL and the bucket.
+    first = await start(dataclasses.replace(cfg, blob_dir=tmp_path / "replica-1"))
+    second = await start(dataclasses.replace(cfg, blob_dir=tmp_path / "replica-2"))
+    assert first.blob_backend.shared and second.blob_backend.shared
+    agents = [
+        make_agent(first.address, tmp_path, "phone-0"),  # uploaded and applied through the first replica
+        make_agent(second.address, tmp_path, "phone-1"),  # hears of it through the second
+    ]
+    bundle = await publish_and_wait(first, agents, tmp_path, database_url)
+    model = bundle.file("model.bin").sha256
+    for a in agents:
+        assert a.store.blob_path(model).read_bytes() == MODEL
+        assert a.puller.http.fetched == len({f.sha256 for f in bundle.files}) and a.puller.http.failures == 0
+    assert pulled_bytes(first) == pulled_bytes(second) == 0  # presigned GETs straight from the object store
+    async with (
+        admin_client.AdminClient(target=first.address, token=ADMIN_TOKEN) as one,
+        admin_client.AdminClient(target=second.address, token=ADMIN_TOKEN) as two,
+    ):
+        a = await one.get_release_status(RELEASE)
+        b = await two.get_release_status(RELEASE)
+        assert (a.version, a.succeeded, a.targeted) == (b.version, b.succeeded, b.targeted) == (1, 2, 2)
