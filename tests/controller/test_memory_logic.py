@@ -23,6 +23,7 @@ from tether.common.admin_client import AdminClient
 from tether.controller import (
     admin_service,
     blobs,
+    blobstores,
     deliveries,
     delivery_reports,
     device_auth,
@@ -200,7 +201,7 @@ async def memory_controller(tmp_path: pathlib.Path) -> AsyncIterator[str]:
     storage = memory.memory_storage()
     releases_ = release_cache.ReleaseCache(storage.releases)
     hub_ = hub.Hub()
-    blob_store = blobs.FilesystemBlobStore(tmp_path / "blobs")
+    blob_store = blobstores.LocalBackend(blobs.FilesystemBlobStore(tmp_path / "blobs"))
     manifests = fanout.ManifestCache(bundles=storage.bundles, blob_store=blob_store)
     authenticator = device_auth.DeviceAuthenticator(
         registry=storage.devices, signer=credentials.Signer([credentials.new_key()])

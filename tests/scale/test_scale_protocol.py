@@ -12,7 +12,7 @@ from controller_support import ADMIN_TOKEN, BOOTSTRAP_TOKEN, start_controller
 
 from tether.common import auth, manifest
 from tether.common.admin_client import AdminClient
-from tether.controller import blobcache, blobs, hub, stats
+from tether.controller import blobcache, blobs, blobstores, hub, stats
 from tether.proto.v1 import tether_pb2 as pb
 from tether.proto.v1 import tether_pb2_grpc as pb_grpc
 
@@ -90,10 +90,11 @@ async def test_get_desired_polls_the_sync_and_get_manifest_offers_blob_urls(scal
 
 
 async def test_the_chunk_cache_serves_aligned_chunks_from_memory_and_stays_bounded(tmp_path):
-    store = blobs.FilesystemBlobStore(tmp_path / "blobs")
+    files = blobs.FilesystemBlobStore(tmp_path / "blobs")
+    store = blobstores.LocalBackend(files)  # what the services read through
     data = os.urandom(10_000)
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
-    store.put_stream(digest, [data])
+    files.put_stream(digest, [data])
     cache = blobcache.ChunkCache(max_bytes=5_000, chunk_size=1_000)
     total = await cache.size(store, digest)
     assert total == 10_000

@@ -38,6 +38,7 @@ from tether.agent import (
     convergence,
     diskbudget,
     engine,
+    httpfetch,
     install,
     participation,
     pull,
@@ -87,6 +88,7 @@ class Agent:
         events_socket: str | os.PathLike[str] | None = None,
         event_retention: tuple[int, float] = (eventstore.DEFAULT_MAX_EVENTS, eventstore.DEFAULT_MAX_AGE_S),
         disk_budget: int | None = sizes.DEFAULT_DISK_BUDGET,
+        http_settings: httpfetch.HttpSettings | None = None,
     ) -> None:
         self.controller = controller
         self.state_dir = pathlib.Path(state_dir)
@@ -160,6 +162,7 @@ class Agent:
             sink=pull.FileSink(self.store),
             rng=rng,
             observer=session.LogFailures(bootstrap_token=bootstrap_token),
+            http=httpfetch.HttpFetcher(http_settings),
         )
         self.installer = install.Installer(
             store=self.store,
@@ -244,6 +247,9 @@ class Agent:
             self.stream.store.close()
             with contextlib.suppress(Exception):
                 await self.client.close()
+            if self.puller.http is not None:
+                with contextlib.suppress(Exception):
+                    await self.puller.http.close()
             with contextlib.suppress(Exception):
                 await self.ledger.save()
             log.info("agent %s stopped", self.device_id)

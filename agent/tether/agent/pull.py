@@ -30,12 +30,14 @@ from typing import Protocol
 
 import grpc
 
-from tether.agent import bundles, client
+from tether.agent import bundles, client, httpfetch
 from tether.common import errors, manifest
 from tether.common.manifest import FileEntry
 from tether.proto.v1 import tether_pb2 as pb
 
 log = logging.getLogger(__name__)
+
+MAX_KEPT_URLS = 4096  # blob URLs remembered from manifest answers (each expires within minutes anyway)
 
 
 # ---------------------------------------------------------------- where blobs go
@@ -246,8 +248,11 @@ class Puller:
         rng: random.Random,
         observer: client.CallObserver,
         timeout_s: float | None = None,
+        http: httpfetch.HttpFetcher | None = None,
     ) -> None:
         self.client = device
+        self.http = http  # blobs by URL (object store, CDN) when the controller hands out URLs; None: gRPC only
+        self._urls: dict[str, str] = {}  # blob digest -> the URL the last manifest answer gave for it
         self.sink = sink
         self.notified = NotifyExtras(rng)  # manifests and pull moments Notifies carried
         self.pull_blobs_ok = True  # False after the controller answered PullBlobs with UNIMPLEMENTED
@@ -271,7 +276,13 @@ class Puller:
         response = self.notified.manifest(task.manifest_digest)
         if response is None:
             response = await self.client.get_manifest(release=task.release, manifest_digest=task.manifest_digest)
-        return verify_manifest(task, response, trusted_keys=trusted_keys, backends=backends)
+        bundle = verify_manifest(task, response, trusted_keys=trusted_keys, backends=backends)
+        if self.http is not None and response.blob_urls:
+            if len(self._urls) > MAX_KEPT_URLS:
+                self._urls.clear()
+            wanted = set(bundle.blob_digests())
+            self._urls.update((d, url) for d, url in response.blob_urls.items() if d in wanted)
+        return bundle
 
     async def pull_missing(self, release: str, entries: Sequence[FileEntry]) -> None:
         """Fetch these blobs: one PullBlobs stream for all of them (blob by blob from an older controller).
@@ -295,7 +306,12 @@ class Puller:
             pending = [e for e in pending if not self.sink.has(e.sha256)]
 
     async def fetch(self, release: str, entries: Sequence[FileEntry]) -> None:
-        """Receive every one of these blobs into the sink, verified, or raise."""
+        """Receive every one of these blobs into the sink, verified, or raise.
+
+        Blobs with a URL come over HTTP first (`httpfetch`, at most `max_parallel` at once); any that
+        did not arrive that way, and those without a URL, come with PullBlobs.
+        """
+        entries = await self._fetch_by_url(release, entries)
         for start in range(0, len(entries), manifest.MAX_BLOBS_PER_PULL):
             group = list(entries[start : start + manifest.MAX_BLOBS_PER_PULL])
             remaining = list(group)  # what is still to come: blobs leave it once verified
@@ -310,6 +326,28 @@ class Puller:
                     log.info("the controller has no PullBlobs (an older version): pulling blob by blob")
             for entry in remaining:
                 await self._pull_one(release, entry)
+
+    async def _fetch_by_url(self, release: str, entries: Sequence[FileEntry]) -> list[FileEntry]:
+        """Fetch the blobs that have URLs over HTTP; return those still to pull (failed or without a URL)."""
+        if self.http is None or not self._urls:
+            return list(entries)
+        distinct = {e.sha256: e for e in entries if e.sha256 in self._urls}
+        if not distinct:
+            return list(entries)
+        done = await asyncio.gather(*(self._by_url(release, e) for e in distinct.values()))
+        got = {d for d, ok in zip(distinct, done, strict=True) if ok}
+        return [e for e in entries if e.sha256 not in got]
+
+    async def _by_url(self, release: str, entry: FileEntry) -> bool:
+        assert self.http is not None
+        url = self._urls[entry.sha256]
+        try:
+            await self.http.fetch(url, self.sink.open(entry.sha256, size=entry.size))
+        except httpfetch.HttpFailure as e:
+            self._urls.pop(entry.sha256, None)  # not again: the next manifest answer brings a fresh URL
+            log.warning("%s: %s; pulling it from the controller", release, e)
+            return False
+        return True
 
     def _held(self, group: Sequence[FileEntry], remaining: Sequence[FileEntry]) -> int:
         """Bytes of the group received, whole or partial: grows with every chunk."""

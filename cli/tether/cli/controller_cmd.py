@@ -33,6 +33,36 @@ READY_PREFIX = "controller listening on "
     type=click.Path(file_okay=False, path_type=pathlib.Path),
     help="Blob store directory [env TETHER_BLOB_DIR].",
 )
+@click.option(
+    "--blob-store",
+    envvar=config.ENV_BLOB_STORE,
+    default="fs",
+    show_default=True,
+    help="Where blobs live: fs (--blob-dir), http (--blob-dir, served by a web server or CDN under "
+    "--blob-base-url) or s3://bucket[/prefix] (S3-compatible; credentials from the usual AWS sources) "
+    f"[env {config.ENV_BLOB_STORE}].",
+)
+@click.option(
+    "--blob-base-url",
+    envvar=config.ENV_BLOB_BASE_URL,
+    help="Devices fetch blobs under this URL with signed per-device URLs (nginx secure_link; with s3://, "
+    f"a CDN in front of the bucket) [env {config.ENV_BLOB_BASE_URL}].",
+)
+@click.option(
+    "--blob-url-secret-file",
+    type=click.Path(dir_okay=False, path_type=pathlib.Path),
+    help=f"File holding the secret blob URLs are signed with (or env {config.ENV_BLOB_URL_SECRET}).",
+)
+@click.option(
+    "--blob-url-ttl",
+    envvar=config.ENV_BLOB_URL_TTL,
+    type=click.IntRange(60, 7 * 24 * 3600),
+    default=900,
+    show_default=True,
+    help=f"Seconds a blob URL handed to a device stays valid [env {config.ENV_BLOB_URL_TTL}].",
+)
+@click.option("--s3-endpoint", envvar=config.ENV_S3_ENDPOINT, help="S3 endpoint URL (MinIO, Ceph, ...).")
+@click.option("--s3-region", envvar=config.ENV_S3_REGION, help="S3 region (default: botocore's).")
 @click.option("--admin-token", envvar=config.ENV_ADMIN_TOKEN, help="Admin API token [env TETHER_ADMIN_TOKEN].")
 @click.option(
     "--bootstrap-token", envvar=config.ENV_BOOTSTRAP_TOKEN, help="Enrolment token [env TETHER_BOOTSTRAP_TOKEN]."
@@ -108,6 +138,12 @@ def controller(
     database_url: str | None,
     broker_url: str | None,
     blob_dir: pathlib.Path,
+    blob_store: str,
+    blob_base_url: str | None,
+    blob_url_secret_file: pathlib.Path | None,
+    blob_url_ttl: int,
+    s3_endpoint: str | None,
+    s3_region: str | None,
     admin_token: str | None,
     bootstrap_token: str | None,
     grace: float,
@@ -124,11 +160,23 @@ def controller(
 ) -> None:
     """Run the controller (gRPC distribution service, device registry, result ingestion)."""
     try:
+        secret = None
+        if blob_url_secret_file is not None:
+            try:
+                secret = blob_url_secret_file.read_text().strip()
+            except OSError as e:
+                raise click.BadParameter(str(e), param_hint="--blob-url-secret-file") from None
         cfg = config.ControllerConfig.from_env(
             listen=listen,
             database_url=database_url,
             broker_url=broker_url,
             blob_dir=blob_dir,
+            blob_store=blob_store,
+            blob_base_url=blob_base_url,
+            blob_url_secret=secret,
+            blob_url_ttl_s=blob_url_ttl,
+            s3_endpoint_url=s3_endpoint,
+            s3_region=s3_region,
             admin_token=admin_token,
             bootstrap_token=bootstrap_token,
             grace_s=grace,
@@ -160,7 +208,7 @@ async def _serve(cfg: config.ControllerConfig) -> None:
         loop.add_signal_handler(sig, stop.set)
     running = await start_controller(cfg)
     click.echo(READY_PREFIX + running.listen_address)
-    sys.stdout.flush()
+    sys.stdout.flush()  # click.echo wrote to it
     try:
         await stop.wait()
     finally:

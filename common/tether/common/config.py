@@ -26,6 +26,13 @@ ENV_CONTROLLER = "TETHER_CONTROLLER"
 ENV_ADMIN_TOKEN = "TETHER_ADMIN_TOKEN"
 ENV_BOOTSTRAP_TOKEN = "TETHER_BOOTSTRAP_TOKEN"
 ENV_BLOB_DIR = "TETHER_BLOB_DIR"
+ENV_BLOB_STORE = "TETHER_BLOB_STORE"
+ENV_BLOB_BASE_URL = "TETHER_BLOB_BASE_URL"
+ENV_BLOB_URL_SECRET = "TETHER_BLOB_URL_SECRET"
+ENV_BLOB_URL_TTL = "TETHER_BLOB_URL_TTL"
+ENV_S3_ENDPOINT = "TETHER_S3_ENDPOINT"
+ENV_S3_REGION = "TETHER_S3_REGION"
+BLOB_STORE_KINDS = ("fs", "http")  # or s3://bucket[/prefix]
 
 
 class ConfigError(errors.InvalidArgument):
@@ -64,6 +71,16 @@ class ControllerConfig:
     listen: str = DEFAULT_LISTEN
     blob_dir: pathlib.Path = pathlib.Path(DEFAULT_BLOB_DIR)
     max_blob_bytes: int = 2 * 1024**3
+    # Where blobs live (tether.controller.blobstores): "fs" (blob_dir), "http" (blob_dir, served by a web
+    # server or CDN under blob_base_url) or "s3://bucket[/prefix]" (an S3-compatible object store).
+    blob_store: str = "fs"
+    # Devices fetch blobs from here with signed per-device URLs (nginx secure_link); with s3://, a CDN
+    # in front of the bucket (without it an object store hands out presigned GETs).
+    blob_base_url: str | None = None
+    blob_url_secret: str | None = None
+    blob_url_ttl_s: int = 900  # lifetime of a blob URL handed to a device
+    s3_endpoint_url: str | None = None  # e.g. MinIO or moto; None: AWS (or AWS_ENDPOINT_URL)
+    s3_region: str | None = None  # None: botocore's (AWS_REGION, ~/.aws/config)
     # Largest gRPC message either way: results carry tensors, blobs travel in chunks.
     max_message_bytes: int = 20 * 1024 * 1024
     heartbeat_s: float = 30.0
@@ -128,6 +145,16 @@ class ControllerConfig:
                 raise ConfigError(f"{name} must be positive, got {number}")
         if self.heartbeat_s <= 0 or self.grace_s < 0:
             raise ConfigError("heartbeat_s must be positive and grace_s non-negative")
+        if self.blob_store not in BLOB_STORE_KINDS and not self.blob_store.startswith("s3://"):
+            raise ConfigError(
+                f"blob store {self.blob_store!r} must be fs, http or s3://bucket[/prefix] ({ENV_BLOB_STORE})"
+            )
+        if self.blob_store == "http" and not self.blob_base_url:
+            raise ConfigError(f"blob store http needs the base URL the blobs are served under ({ENV_BLOB_BASE_URL})")
+        if self.blob_base_url and not self.blob_url_secret:
+            raise ConfigError(f"a blob base URL needs the secret its URLs are signed with ({ENV_BLOB_URL_SECRET})")
+        if not 60 <= self.blob_url_ttl_s <= 7 * 24 * 3600:
+            raise ConfigError(f"blob URL TTL must be between 60 s and 7 days, got {self.blob_url_ttl_s}")
         if not 0 < self.pool_min_size <= self.pool_max_size:
             raise ConfigError("pool sizes must satisfy 0 < pool_min_size <= pool_max_size")
 
@@ -149,7 +176,17 @@ class ControllerConfig:
             "admin_token": env.get(ENV_ADMIN_TOKEN, ""),
             "bootstrap_token": env.get(ENV_BOOTSTRAP_TOKEN, ""),
             "blob_dir": pathlib.Path(env.get(ENV_BLOB_DIR) or DEFAULT_BLOB_DIR),
+            "blob_store": env.get(ENV_BLOB_STORE) or "fs",
+            "blob_base_url": env.get(ENV_BLOB_BASE_URL) or None,
+            "blob_url_secret": env.get(ENV_BLOB_URL_SECRET) or None,
+            "s3_endpoint_url": env.get(ENV_S3_ENDPOINT) or None,
+            "s3_region": env.get(ENV_S3_REGION) or None,
         }
+        if env.get(ENV_BLOB_URL_TTL):
+            try:
+                values["blob_url_ttl_s"] = int(env[ENV_BLOB_URL_TTL])
+            except ValueError:
+                raise ConfigError(f"{ENV_BLOB_URL_TTL} must be a number of seconds") from None
         values.update({k: v for k, v in overrides.items() if v is not None})
         if not isinstance(values["blob_dir"], pathlib.Path):
             values["blob_dir"] = pathlib.Path(values["blob_dir"])

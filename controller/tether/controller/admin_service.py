@@ -8,22 +8,19 @@ kept about a release the moment it changes.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import grpc
 
 from tether.common import auth, errors, signing
-from tether.controller import blobs, deliveries, edge, fanout, hub, ingress, release_cache, releases, rollouts
+from tether.controller import blobstores, deliveries, edge, fanout, hub, ingress, release_cache, releases, rollouts
 from tether.controller.storage import contracts
 from tether.proto.v1 import tether_pb2 as pb
 from tether.proto.v1 import tether_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
-
-_BRIDGE_TIMEOUT_S = 300.0  # a PutBlob client silent this long is abandoned
 
 
 class AdminService(pb_grpc.AdminServiceServicer):
@@ -32,7 +29,7 @@ class AdminService(pb_grpc.AdminServiceServicer):
         *,
         storage: contracts.Storage,
         releases_: release_cache.ReleaseCache,
-        blob_store: blobs.BlobStore,
+        blob_store: blobstores.BlobBackend,
         hub_: hub.Hub,
         fan_out: fanout.FanOut,
         bundle_policy: signing.BundlePolicy | None = None,
@@ -51,7 +48,7 @@ class AdminService(pb_grpc.AdminServiceServicer):
         recorded = await self._storage.bundles.blob_sizes(wanted)
         missing = []
         for d in wanted:
-            if d not in recorded or not await asyncio.to_thread(self._blobs.has, d):
+            if d not in recorded or not await self._blobs.has(d):
                 missing.append(d)
         return pb.MissingBlobsResponse(missing=missing)
 
@@ -71,8 +68,7 @@ class AdminService(pb_grpc.AdminServiceServicer):
                         raise errors.InvalidArgument(f"digest changed mid-stream from {digest} to {message.digest}")
                     yield message.data
 
-            loop = asyncio.get_running_loop()
-            size = await asyncio.to_thread(self._blobs.put_stream, digest, _blocking_iter(chunks(), loop))
+            size = await self._blobs.put_stream(digest, chunks())
         except errors.TetherError:
             await edge.drain(request_iterator)
             raise
@@ -178,17 +174,3 @@ class AdminService(pb_grpc.AdminServiceServicer):
             connected_devices=connected,
             health_json=counts.health_json,
         )
-
-
-def _blocking_iter(chunks: AsyncIterator[bytes], loop: asyncio.AbstractEventLoop) -> Iterator[bytes]:
-    """Drive an async iterator from a worker thread (the blob store's writes are blocking)."""
-    while True:
-        future = asyncio.run_coroutine_threadsafe(_next_or_end(chunks), loop)
-        item = future.result(timeout=_BRIDGE_TIMEOUT_S)
-        if item is None:
-            return
-        yield item
-
-
-async def _next_or_end(chunks: AsyncIterator[bytes]) -> bytes | None:
-    return await anext(chunks, None)

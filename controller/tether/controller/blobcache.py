@@ -13,12 +13,11 @@ Memory is bounded by `max_bytes` plus one chunk per pull in flight.
 
 from __future__ import annotations
 
-import asyncio
 import collections
 from collections.abc import AsyncIterator
 
 from tether.common import errors
-from tether.controller import blobs
+from tether.controller import blobs, blobstores
 
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 _MAX_SIZES = 65536
@@ -54,10 +53,10 @@ class ChunkCache:
             _, old = self._chunks.popitem(last=False)
             self.bytes -= len(old)
 
-    async def size(self, store: blobs.BlobStore, digest: str) -> int | None:
+    async def size(self, store: blobstores.BlobBackend, digest: str) -> int | None:
         size = self._sizes.get(digest)
         if size is None:
-            size = await asyncio.to_thread(store.size, digest)
+            size = await store.size(digest)
             if size is None:
                 return None
             self._sizes[digest] = size
@@ -65,7 +64,9 @@ class ChunkCache:
                 self._sizes.popitem(last=False)
         return size
 
-    async def chunks(self, store: blobs.BlobStore, digest: str, *, offset: int, total: int) -> AsyncIterator[bytes]:
+    async def chunks(
+        self, store: blobstores.BlobBackend, digest: str, *, offset: int, total: int
+    ) -> AsyncIterator[bytes]:
         """The blob's bytes from `offset` to `total`, one chunk (at most `chunk_size`) at a time."""
         if not 0 <= offset <= total:
             raise errors.InvalidArgument(f"offset {offset} is outside blob {digest} of {total} bytes")
@@ -75,20 +76,10 @@ class ChunkCache:
             data = self.get(digest, position) if aligned else None
             if data is None:
                 end = min(total, (position // self.chunk_size + 1) * self.chunk_size)
-                data = await asyncio.to_thread(_read, store, digest, position, end - position)
+                data = await store.read(digest, offset=position, length=end - position)
                 if not data:
                     raise errors.NotFound(f"blob {digest} ended at {position}, before its {total} bytes")
                 if aligned and len(data) == end - position:
                     self.put(digest, position, data)
             yield data
             position += len(data)
-
-
-def _read(store: blobs.BlobStore, digest: str, offset: int, length: int) -> bytes:
-    reader = store.read_range(digest, offset=offset, chunk_size=length)
-    try:
-        return next(reader, b"")
-    finally:
-        close = getattr(reader, "close", None)
-        if close is not None:
-            close()

@@ -30,7 +30,7 @@ from tether.common import auth, errors
 from tether.controller import (
     admission,
     blobcache,
-    blobs,
+    blobstores,
     delivery_reports,
     device_auth,
     devices,
@@ -61,7 +61,7 @@ class DeviceService(pb_grpc.DeviceServiceServicer):
         storage: contracts.Storage,
         releases: release_cache.ReleaseCache,
         reporter: delivery_reports.DeliveryReporter,
-        blob_store: blobs.BlobStore,
+        blob_store: blobstores.BlobBackend,
         hub_: hub.Hub,
         enqueuer: Enqueuer,
         manifests: fanout.ManifestCache,
@@ -162,7 +162,7 @@ class DeviceService(pb_grpc.DeviceServiceServicer):
             raise errors.NotFound(
                 f"release {release.name!r} is at manifest {release.manifest_digest}, not {request.manifest_digest!r}"
             )
-        return await self._manifests.response(release.manifest_digest)
+        return await self._manifests.response(release.manifest_digest, device_id=device.device_id)
 
     async def PullBlob(
         self, request: pb.PullBlobRequest, context: grpc.aio.ServicerContext

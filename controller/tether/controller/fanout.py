@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import collections
 import logging
+import time
 
 import grpc
 
 from tether.common import errors, manifest
-from tether.controller import blobs, device_auth, hub, releases, rollouts
+from tether.controller import blobstores, device_auth, hub, releases, rollouts
 from tether.controller.storage import contracts
 from tether.proto.v1 import tether_pb2 as pb
 
@@ -33,12 +34,16 @@ log = logging.getLogger(__name__)
 
 # A signed manifest up to this size rides in the Notify itself (`Notify.manifest`): one call less per device.
 MAX_INLINE_MANIFEST_BYTES = 8 * 1024
+# The longest URL-encoded device id (tether.common.auth.DEVICE_ID_RE: 128 characters, ':' encodes to 3).
+_LONGEST_DEVICE_ID = "x" + ":" * 127
 
 
 class ManifestCache:
     """Parsed manifests by digest. Content-addressed, hence immutable: caching is always correct."""
 
-    def __init__(self, *, bundles: contracts.BundleCatalog, blob_store: blobs.BlobStore, size: int = 256) -> None:
+    def __init__(
+        self, *, bundles: contracts.BundleCatalog, blob_store: blobstores.BlobBackend, size: int = 256
+    ) -> None:
         self._bundles = bundles
         self._blobs = blob_store
         self._size = size
@@ -60,34 +65,56 @@ class ManifestCache:
             self._items.popitem(last=False)
         return item
 
-    async def response(self, digest: str) -> pb.GetManifestResponse:
-        """GetManifest's answer for a stored manifest: body, signature, and any direct blob URLs.
+    async def response(self, digest: str, *, device_id: str) -> pb.GetManifestResponse:
+        """GetManifest's answer for a stored manifest: body, signature, and this device's blob URLs.
 
-        A blob store that can serve blobs itself (object store, CDN) hands out URLs; the agent
-        verifies each blob's digest either way and falls back to PullBlobs (docs/internals.md).
+        A blob store that can serve blobs itself (object store, CDN origin) hands out short-lived
+        URLs for this device; the agent verifies each blob's digest either way and falls back to
+        PullBlobs (docs/internals.md). Callers have decided the device may read this manifest.
         """
         stored, parsed = await self.get(digest)
-        urls = {d: url for d in parsed.blob_digests() if (url := self._blobs.url_for(d)) is not None}
-        return pb.GetManifestResponse(
-            manifest=stored.body, signature=stored.signature, key_id=stored.key_id, blob_urls=urls
-        )
+        response = pb.GetManifestResponse(manifest=stored.body, signature=stored.signature, key_id=stored.key_id)
+        response.blob_urls.update(await self.blob_urls(parsed, device_id=device_id))
+        return response
 
-    async def inline(self, release: releases.Release | None) -> pb.GetManifestResponse | None:
+    async def blob_urls(self, parsed: manifest.Manifest, *, device_id: str) -> dict[str, str]:
+        """The URLs of a manifest's blobs for one device (none from a store that serves no URLs)."""
+        digests = parsed.blob_digests()
+        await self._blobs.prepare_urls(digests)
+        now = time.time()
+        return {d: url for d in digests if (url := self._blobs.url_for(d, device_id=device_id, now=now)) is not None}
+
+    async def inline(self, release: releases.Release | None) -> hub.InlineManifest | None:
         """The manifest answer to carry in this release's Notify, when it is small enough (`Notify.manifest`).
 
         Best effort: the push must go out whatever happens here (the devices then call GetManifest).
-        Staged and paused releases never use it (per-cohort events; nothing pushed).
+        Staged and paused releases never use it (per-cohort events; nothing pushed). The blob URLs
+        are each device's own: the hub adds them per device (`InlineManifest.urls_for`).
         """
         if release is None or release.deleted or release.paused or rollouts.staged(release):
             return None
         try:
-            response = await self.response(release.manifest_digest)
+            stored, parsed = await self.get(release.manifest_digest)
+            response = pb.GetManifestResponse(manifest=stored.body, signature=stored.signature, key_id=stored.key_id)
+            digests = parsed.blob_digests()
+            await self._blobs.prepare_urls(digests)
         except errors.NotFound:
             return None  # the devices will ask GetManifest, which says so
         except Exception:
             log.warning("manifest of %s not inlined in its Notify", release.name, exc_info=True)
             return None
-        return response if response.ByteSize() <= MAX_INLINE_MANIFEST_BYTES else None
+        now = time.time()
+
+        def urls_for(device_id: str) -> dict[str, str]:
+            return {d: u for d in digests if (u := self._blobs.url_for(d, device_id=device_id, now=now)) is not None}
+
+        # Sized with the URLs of a device id as long as any (ids are bounded): every device's Notify fits.
+        sample = pb.GetManifestResponse()
+        sample.CopyFrom(response)
+        sample.blob_urls.update(urls_for(_LONGEST_DEVICE_ID))
+        if sample.ByteSize() > MAX_INLINE_MANIFEST_BYTES:
+            return None
+        return hub.InlineManifest(response=response, urls_for=urls_for if sample.blob_urls else None)
 
 
 class FanOut:

@@ -18,7 +18,7 @@ import dataclasses
 import enum
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import grpc
@@ -132,6 +132,23 @@ class Connection:
         self.queue.put_nowait(Closed(code, reason))
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class InlineManifest:
+    """GetManifest's answer carried in a Notify: the same for every device, but for each device's blob URLs."""
+
+    response: pb.GetManifestResponse
+    # A device's own short-lived blob URLs (None: the store serves none, one message fits all).
+    urls_for: Callable[[str], Mapping[str, str]] | None = None
+
+
+def _with_blob_urls(event: pb.ServerEvent, urls: Mapping[str, str]) -> pb.ServerEvent:
+    """A copy of a Notify event with one device's blob URLs in its manifest."""
+    own = pb.ServerEvent()
+    own.CopyFrom(event)
+    own.notify.manifest.blob_urls.update(urls)
+    return own
+
+
 @dataclasses.dataclass(frozen=True)
 class FanOut:
     notified: tuple[str, ...]
@@ -216,7 +233,7 @@ class Hub:
         *,
         before: releases.Release | None,
         after: releases.Release | None,
-        manifest: pb.GetManifestResponse | None = None,
+        manifest: InlineManifest | None = None,
     ) -> FanOut:
         """Push Notify / Revoke to every connected device the change concerns.
 
@@ -265,7 +282,7 @@ class Hub:
                     )
                     notify = pb.Notify(task=task, sent_at_ms=int(time.time() * 1000))
                     if manifest is not None:
-                        notify.manifest.CopyFrom(manifest)
+                        notify.manifest.CopyFrom(manifest.response)
                     notify_event = pb.ServerEvent(notify=notify)
                 event = notify_event
             else:
@@ -278,7 +295,10 @@ class Hub:
             for told in [notify_event, *(e for e, _ in staged_events.values())]:
                 if told is not None:
                     told.notify.pull_spread_ms = spread_ms
+        urls_for = manifest.urls_for if manifest is not None else None
         for conn, action, event, served in plan:
+            if urls_for is not None and event is notify_event:  # each device its own blob URLs
+                event = _with_blob_urls(event, urls_for(conn.device_id))
             offered = self.offer(conn, event)
             if not offered:
                 dropped.append(conn.device_id)

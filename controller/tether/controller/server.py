@@ -22,6 +22,7 @@ from tether.controller import (
     admin_service,
     admission,
     blobs,
+    blobstores,
     db,
     delivery_reports,
     device_auth,
@@ -56,7 +57,7 @@ class RunningController:
     pool: AsyncConnectionPool
     storage: contracts.Storage
     releases: release_cache.ReleaseCache  # releases as this process reads them (and its "may read" answers)
-    blobs: blobs.BlobStore
+    blobs: blobs.BlobStore | blobstores.BlobBackend  # as given or configured
     hub: hub.Hub
     enqueuer: Enqueuer
     # This process among the replicas sharing the database, and what it counts.
@@ -65,6 +66,7 @@ class RunningController:
     counters: stats.RpcCounters | None = None
     authenticator: device_auth.DeviceAuthenticator | None = None  # device credentials
     reporter: delivery_reports.DeliveryReporter | None = None  # group-committed delivery reports
+    blob_backend: blobstores.BlobBackend | None = None  # what the services use (`blobs` in threads, or itself)
 
     @property
     def address(self) -> str:
@@ -89,6 +91,8 @@ class RunningController:
             except Exception:  # a broker that is gone must not prevent the rest of the shutdown
                 log.warning("closing the enqueuer failed", exc_info=True)
         await self.pool.close()
+        if self.blob_backend is not None:
+            await self.blob_backend.close()
         log.info("controller on %s stopped", self.listen_address)
 
     async def wait(self) -> None:
@@ -116,7 +120,7 @@ async def start_controller(
     cfg: config_mod.ControllerConfig,
     *,
     enqueuer: Enqueuer | None = None,
-    blob_store: blobs.BlobStore | None = None,
+    blob_store: blobs.BlobStore | blobstores.BlobBackend | None = None,
 ) -> RunningController:
     """Migrate the database, open the pool and serve on `cfg.listen`; return the running handle."""
     if enqueuer is None:
@@ -126,7 +130,9 @@ async def start_controller(
     applied = await asyncio.to_thread(db.migrate, cfg.database_url)
     if applied:
         log.info("applied migrations: %s", ", ".join(applied))
-    blob_store = blob_store or blobs.FilesystemBlobStore(cfg.blob_dir, max_blob_bytes=cfg.max_blob_bytes)
+    backend = blobstores.as_backend(blob_store) if blob_store is not None else await blobstores.open_backend(cfg)
+    if blob_store is None:
+        blob_store = backend.store if isinstance(backend, blobstores.LocalBackend) else backend
     replica_id = replicas.new_replica_id()
     # The pool's sessions carry the replica id, so the release trigger can say who changed a release.
     pool = await db.open_pool(
@@ -140,7 +146,7 @@ async def start_controller(
         hub_ = hub.Hub(
             queue_size=cfg.device_queue_size, pull_rate=cfg.pull_rate, max_pull_spread_s=cfg.max_pull_spread_s
         )
-        manifests = fanout.ManifestCache(bundles=storage.bundles, blob_store=blob_store)
+        manifests = fanout.ManifestCache(bundles=storage.bundles, blob_store=backend)
         authenticator = device_auth.DeviceAuthenticator(
             registry=storage.devices,
             signer=await device_auth.signer_for(
@@ -182,7 +188,7 @@ async def start_controller(
                 storage=storage,
                 releases=releases,
                 reporter=reporter,
-                blob_store=blob_store,
+                blob_store=backend,
                 hub_=hub_,
                 enqueuer=enqueuer,
                 manifests=manifests,
@@ -198,7 +204,7 @@ async def start_controller(
             admin_service.AdminService(
                 storage=storage,
                 releases_=releases,
-                blob_store=blob_store,
+                blob_store=backend,
                 hub_=hub_,
                 fan_out=fan_out,
                 bundle_policy=bundle_policy,
@@ -225,6 +231,7 @@ async def start_controller(
         if listener is not None:
             await listener.stop()
         await pool.close()
+        await backend.close()
         raise
     log.info("controller listening on %s", config_mod.join_host_port(host, port))
     return RunningController(
@@ -243,6 +250,7 @@ async def start_controller(
         counters=counters,
         authenticator=authenticator,
         reporter=reporter,
+        blob_backend=backend,
     )
 
 
