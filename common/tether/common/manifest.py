@@ -15,6 +15,7 @@ import hashlib
 import json
 import pathlib
 import re
+import unicodedata
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -31,6 +32,9 @@ MAX_PATH_LEN = 512
 # Wire contract: one PullBlobs request names at most this many blobs (a larger set takes several calls).
 MAX_BLOBS_PER_PULL = 1024
 IGNORED_NAMES = frozenset({"__pycache__", ".git", ".DS_Store", "mltask.yaml", ".tether"})
+# Names the agent keeps for its own bookkeeping: no bundle path may have a component starting with this
+# (compared case-insensitively, as on the filesystems devices use), at build, at upload and on the device.
+RESERVED_PREFIX = ".tether"
 
 
 def sha256_digest(data: bytes) -> str:
@@ -61,6 +65,63 @@ def check_relative_path(value: str, *, field: str = "path") -> str:
     if p.is_absolute() or ".." in p.parts or "\\" in value or "\x00" in value or str(p) != value:
         raise errors.InvalidManifest(f"{field}: {value!r} must be a normalised relative path inside the bundle")
     return value
+
+
+def path_key(path: str) -> tuple[str, ...]:
+    """The components of `path` as a device filesystem may compare them.
+
+    Case-insensitive (APFS, NTFS, FAT, many Android volumes), normalisation-insensitive
+    (APFS compares NFC and NFD alike), and blind to trailing dots and spaces (NTFS/FAT strip them):
+    two paths with the same key cannot both exist on every device.
+    """
+    return tuple(
+        unicodedata.normalize("NFC", unicodedata.normalize("NFC", part).casefold()).rstrip(". ")
+        for part in path.split("/")
+    )
+
+
+def check_paths(paths: Iterable[str], *, field: str = "files") -> None:
+    """Refuse a set of bundle paths that cannot all be laid out on a device's filesystem.
+
+    A reserved name (`RESERVED_PREFIX`), two paths that are one on a case- or normalisation-
+    insensitive filesystem, and a path that is a file and also a directory of another
+    (`a` and `a/b`, in any case) are refused, naming both paths. Pure; O(n) in the paths.
+    """
+    files: dict[tuple[str, ...], tuple[int, str]] = {}
+    dirs: dict[tuple[str, ...], tuple[int, str]] = {}
+    for i, path in enumerate(paths):
+        key = path_key(path)
+        if any(part.startswith(RESERVED_PREFIX) for part in key):
+            raise errors.InvalidManifest(
+                f"{field}[{i}].path: {_short(path)} uses a name reserved for the agent (a component starting with"
+                f" {RESERVED_PREFIX!r}, in any case)"
+            )
+        if key in files:
+            j, other = files[key]
+            raise errors.InvalidManifest(
+                f"{field}[{i}].path: {_short(path)} and {field}[{j}].path ({_short(other)}) are the same file on a"
+                " case- or normalisation-insensitive filesystem"
+            )
+        if key in dirs:
+            j, other = dirs[key]
+            raise errors.InvalidManifest(
+                f"{field}[{i}].path: {_short(path)} is a file but {field}[{j}].path ({_short(other)}) needs it to be"
+                " a directory"
+            )
+        for n in range(1, len(key)):
+            prefix = key[:n]
+            if prefix in files:
+                j, other = files[prefix]
+                raise errors.InvalidManifest(
+                    f"{field}[{i}].path: {_short(path)} needs a directory where {field}[{j}].path ({_short(other)})"
+                    " is a file"
+                )
+            dirs.setdefault(prefix, (i, path))
+        files[key] = (i, path)
+
+
+def _short(value: str, limit: int = 80) -> str:
+    return repr(value if len(value) <= limit else value[:limit] + "...")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,6 +237,7 @@ class Manifest:
         paths = [f.path for f in files]
         if paths != sorted(set(paths)):
             raise errors.InvalidManifest("files: paths must be unique and sorted")
+        check_paths(paths)
         entrypoint = check_relative_path(doc.get("entrypoint", ""), field="entrypoint")
         if entrypoint not in paths:
             raise errors.InvalidManifest(f"entrypoint: {entrypoint!r} is not one of the bundle's files")
