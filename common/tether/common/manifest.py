@@ -53,7 +53,7 @@ def file_digest(path: pathlib.Path, *, chunk_size: int = 1 << 20) -> tuple[str, 
 
 def check_digest(value: str, *, field: str = "digest") -> str:
     if not isinstance(value, str) or not DIGEST_RE.match(value):
-        raise errors.InvalidManifest(f"{field}: {value!r} is not of the form sha256:<64 hex digits>")
+        raise errors.InvalidManifest(f"{field}: {errors.excerpt(value)} is not of the form sha256:<64 hex digits>")
     return value
 
 
@@ -63,7 +63,9 @@ def check_relative_path(value: str, *, field: str = "path") -> str:
         raise errors.InvalidManifest(f"{field}: must be a non-empty string of at most {MAX_PATH_LEN} chars")
     p = pathlib.PurePosixPath(value)
     if p.is_absolute() or ".." in p.parts or "\\" in value or "\x00" in value or str(p) != value:
-        raise errors.InvalidManifest(f"{field}: {value!r} must be a normalised relative path inside the bundle")
+        raise errors.InvalidManifest(
+            f"{field}: {errors.excerpt(value)} must be a normalised relative path inside the bundle"
+        )
     return value
 
 
@@ -94,7 +96,7 @@ def check_paths(paths: Iterable[str], *, field: str = "files") -> None:
         if any(part.startswith(RESERVED_PREFIX) for part in key):
             raise errors.InvalidManifest(
                 f"{field}[{i}].path: {_short(path)} uses a name reserved for the agent (a component starting with"
-                f" {RESERVED_PREFIX!r}, in any case)"
+                f" {errors.excerpt(RESERVED_PREFIX)}, in any case)"
             )
         if key in files:
             j, other = files[key]
@@ -120,8 +122,8 @@ def check_paths(paths: Iterable[str], *, field: str = "files") -> None:
         files[key] = (i, path)
 
 
-def _short(value: str, limit: int = 80) -> str:
-    return repr(value if len(value) <= limit else value[:limit] + "...")
+def _short(value: str) -> str:
+    return errors.excerpt(value, limit=80)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,10 +213,10 @@ class Manifest:
         if unknown:
             raise errors.InvalidManifest(f"manifest has unknown fields: {sorted(unknown)}")
         if doc.get("schema") != SCHEMA_VERSION:
-            raise errors.InvalidManifest(f"schema: expected {SCHEMA_VERSION}, got {doc.get('schema')!r}")
+            raise errors.InvalidManifest(f"schema: expected {SCHEMA_VERSION}, got {errors.excerpt(doc.get('schema'))}")
         name = doc.get("name")
         if not isinstance(name, str) or not re.match(r"^[a-z0-9]([a-z0-9._-]{0,126}[a-z0-9])?$", name):
-            raise errors.InvalidManifest(f"name: {name!r} must be a lowercase DNS-like name")
+            raise errors.InvalidManifest(f"name: {errors.excerpt(name)} must be a lowercase DNS-like name")
         raw_files = doc.get("files")
         if not isinstance(raw_files, list) or not raw_files:
             raise errors.InvalidManifest("files: must be a non-empty list")
@@ -240,16 +242,20 @@ class Manifest:
         check_paths(paths)
         entrypoint = check_relative_path(doc.get("entrypoint", ""), field="entrypoint")
         if entrypoint not in paths:
-            raise errors.InvalidManifest(f"entrypoint: {entrypoint!r} is not one of the bundle's files")
+            raise errors.InvalidManifest(f"entrypoint: {errors.excerpt(entrypoint)} is not one of the bundle's files")
         engines: list[EngineNeeds] = []
         for i, e in enumerate(doc.get("engines") or []):
             if not isinstance(e, dict) or set(e) - {"engine", "model", "inputs"}:
                 raise errors.InvalidManifest(f"engines[{i}]: must have engine, model and optional inputs")
             if e.get("engine") not in ENGINES:
-                raise errors.InvalidManifest(f"engines[{i}].engine: {e.get('engine')!r} not in {sorted(ENGINES)}")
+                raise errors.InvalidManifest(
+                    f"engines[{i}].engine: {errors.excerpt(e.get('engine'))} not in {sorted(ENGINES)}"
+                )
             model = check_relative_path(e.get("model", ""), field=f"engines[{i}].model")
             if model not in paths:
-                raise errors.InvalidManifest(f"engines[{i}].model: {model!r} is not one of the bundle's files")
+                raise errors.InvalidManifest(
+                    f"engines[{i}].model: {errors.excerpt(model)} is not one of the bundle's files"
+                )
             inputs = e.get("inputs") or {}
             if not isinstance(inputs, dict) or not all(
                 isinstance(v, list) and all(isinstance(d, int) for d in v) for v in inputs.values()

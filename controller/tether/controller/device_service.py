@@ -124,7 +124,7 @@ class DeviceService(pb_grpc.DeviceServiceServicer):
                     yield pb.ServerEvent(heartbeat=pb.Heartbeat(server_time_ms=int(self._clock() * 1000)))
                     continue
                 if isinstance(item, hub.Closed):
-                    await context.abort(item.code, item.reason)
+                    await context.abort(item.code, errors.bounded(item.reason))
                     return  # abort raised
                 yield item
         finally:

@@ -202,7 +202,7 @@ class Failed:
 
     @classmethod
     def from_error(cls, error: errors.TetherError) -> Failed:
-        return cls(code=error.code, message=str(error))
+        return cls(code=error.code, message=errors.bounded(str(error)))
 
     @property
     def transient(self) -> bool:
