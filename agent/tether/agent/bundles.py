@@ -56,18 +56,23 @@ from tether.agent import diskbudget
 from tether.agent.files import atomic_write, fsync_dir
 from tether.agent.statefile import MAX_STATE_BYTES
 from tether.common import errors, manifest
+from tether.spec import names
 
 LEGACY_MANIFEST_FILE = ".tether-manifest.json"  # inside the tree, before 0.x: moved out when the store opens
 MANIFEST_SUFFIX = ".manifest.json"
-MAX_RELEASE_LEN = 253
+MAX_RELEASE_LEN = names.MAX_RELEASE_LEN  # `<namespace>/<name>` at Kubernetes' longest
+RELEASE_NAME_FILE = "release"  # in a release directory whose name is a hash: the release's name
 
 
 def release_dirname(release: str) -> str:
+    """The file name for `release` (`names.file_name`: percent-encoded, or hashed when that would be too long)."""
     if not isinstance(release, str) or not release or len(release) > MAX_RELEASE_LEN or "\x00" in release:
-        raise errors.InvalidArgument(f"release: {release!r} must be a non-empty name of at most {MAX_RELEASE_LEN}")
-    name = urllib.parse.quote(release, safe="")
+        raise errors.InvalidArgument(
+            f"release: {errors.excerpt(release)} must be a non-empty name of at most {MAX_RELEASE_LEN}"
+        )
+    name = names.file_name(release)
     if name.startswith("."):  # ".", "..", and the store's own ".staging-*" / ".removing-*" names
-        raise errors.InvalidArgument(f"release: {release!r} is not a valid name")
+        raise errors.InvalidArgument(f"release: {errors.excerpt(release)} is not a valid name")
     return name
 
 
@@ -265,6 +270,8 @@ class BundleStore:
         manifest.check_paths(f.path for f in m.files)  # however `m` was made: nothing may land outside its file
         rdir = self.release_dir(release)
         rdir.mkdir(parents=True, exist_ok=True)
+        if names.is_hashed_file_name(rdir.name) and not (rdir / RELEASE_NAME_FILE).is_file():
+            atomic_write(rdir / RELEASE_NAME_FILE, release.encode("utf-8"))  # `releases()` reads the name back
         final = rdir / str(version)
         if final.is_dir() and not self._same_install(release, version, m):
             shutil.rmtree(final)
@@ -337,9 +344,18 @@ class BundleStore:
         (self.taskstate / f"{release_dirname(release)}.json").unlink(missing_ok=True)
 
     def releases(self) -> list[str]:
-        return sorted(
-            urllib.parse.unquote(p.name) for p in self.installs.iterdir() if p.is_dir() and not p.name.startswith(".")
-        )
+        out = []
+        for p in self.installs.iterdir():
+            if not p.is_dir() or p.name.startswith("."):
+                continue
+            if names.is_hashed_file_name(p.name):
+                try:
+                    out.append((p / RELEASE_NAME_FILE).read_text("utf-8"))
+                except OSError:  # a crash between mkdir and the name file: nothing installed there yet
+                    continue
+            else:
+                out.append(urllib.parse.unquote(p.name))
+        return sorted(out)
 
     # ---------------------------------------------------------- task state and pending results
     def load_task_state(self, release: str) -> dict[str, Any]:
@@ -357,7 +373,7 @@ class BundleStore:
         atomic_write(self.taskstate / f"{release_dirname(release)}.json", data)
 
     def result_path(self, key: str) -> pathlib.Path:
-        return self.results / f"{urllib.parse.quote(key, safe='')}.pb"
+        return self.results / f"{names.file_name(key)}.pb"
 
     # ---------------------------------------------------------- garbage collection
     def referenced_blobs(self) -> set[str]:
@@ -414,8 +430,8 @@ class BundleStore:
 
         def tree(root: pathlib.Path) -> int:
             total = 0
-            for dirpath, _, names in os.walk(root):
-                total += sum(sized(pathlib.Path(dirpath, n)) for n in names)
+            for dirpath, _, files in os.walk(root):
+                total += sum(sized(pathlib.Path(dirpath, n)) for n in files)
             return total
 
         blobs = {f"sha256:{p.name}": sized(p) for p in self.blobs.iterdir()}

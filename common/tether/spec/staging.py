@@ -33,10 +33,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from tether.common import errors
-from tether.spec import selectors
+from tether.spec import names, selectors
 
 MAX_STAGES = 20
-MAX_SALT_LEN = 256
+MAX_SALT_LEN = max(256, names.MAX_RELEASE_LEN)  # the operator salts with the release name
 MAX_COUNT = 100_000_000
 MAX_VERSION = 2**62
 DOCUMENT_FIELDS = ("version", "salt", "stage", "action", "stages")
