@@ -280,3 +280,20 @@ async def test_results_are_stored_once_checked_and_mark_success(storage: contrac
     assert (counts.results, counts.succeeded, counts.installed) == (1, 1, 1)
     await storage.releases.delete_release("ns/t")
     assert (await storage.results.insert_result(device=by_id["a"], record=result())).duplicate  # replay first
+
+
+async def test_a_device_holding_its_served_version_confirms_only_unconfirmed_deliveries(
+    storage: contracts.Storage,
+) -> None:
+    d1 = await stored_manifest(storage, b"one\n")
+    by_id = await fleet(storage, a="android", b="android", c="android")
+    await storage.releases.apply_release(spec(d1))
+    await storage.releases.mark_notified(release="ns/t", version=1, device_ids=["a", "b", "c"])
+    assert await storage.releases.write_reports([report(by_id["b"], state="downloading")]) == [None]
+    assert await storage.releases.write_reports([report(by_id["c"], state="failed")]) == [None]
+    for device_id in ("a", "b", "c"):  # twice: idempotent
+        for _ in range(2):
+            await storage.releases.confirm_installed(device_id=device_id, installs=[("ns/t", 1), ("ns/none", 1)])
+    assert await storage.releases.confirm_installed(device_id="a", installs=[("ns/t", 2)]) == 0
+    [counts] = await storage.releases.release_counts(["ns/t"])
+    assert (counts.installed, counts.failed) == (2, 1)  # a and b confirmed; c's failure stands

@@ -5,7 +5,9 @@ Layout of a state directory::
     state.json                     the agent's durable state (tether.agent.statefile)
     blobs/sha256/<hex>             verified, read-only blobs, shared by every task and version
     blobs/partial/<hex>.part       interrupted downloads; a pull resumes from the file's size
-    installs/<release>/<version>/  one installed bundle version (files hardlinked from blobs)
+    installs/<release>/<version>/  one installed bundle version (files hardlinked from blobs): the bundle's tree
+                                   and nothing else (the agent writes nothing inside it)
+    installs/<release>/<version>.manifest.json  that version's manifest: bookkeeping beside the tree, never in it
     installs/<release>/current     the active version number (atomic pointer file)
     installs/<release>/.staging-*  an install being assembled (removed by `gc`)
     taskstate/<release>.json       `ctx.state` of a task, kept between runs
@@ -13,6 +15,14 @@ Layout of a state directory::
 
 `<release>` is the release name percent-encoded (`ns%2Fname`), so distinct
 releases never share a directory.
+
+Installed files are hard links to cached blobs, so a write into an install
+would change a blob every release shares. The store therefore never writes a
+file inside an install tree: files are linked (or, where links fail, copied
+into a file created exclusively), bookkeeping lives beside the tree, and a
+manifest whose paths collide (`tether.common.manifest.check_paths`: reserved
+names, case or normalisation duplicates, a file where a directory must be) is
+refused before it gets here.
 
 Guarantees: a blob appears under `blobs/sha256/` only after its sha256 was
 checked; an install directory appears (by one `rename`) only complete and
@@ -46,18 +56,46 @@ from tether.agent import diskbudget
 from tether.agent.files import atomic_write, fsync_dir
 from tether.agent.statefile import MAX_STATE_BYTES
 from tether.common import errors, manifest
+from tether.spec import names
 
-MANIFEST_FILE = ".tether-manifest.json"
-MAX_RELEASE_LEN = 253
+LEGACY_MANIFEST_FILE = ".tether-manifest.json"  # inside the tree, before 0.x: moved out when the store opens
+MANIFEST_SUFFIX = ".manifest.json"
+MAX_RELEASE_LEN = names.MAX_RELEASE_LEN  # `<namespace>/<name>` at Kubernetes' longest
+RELEASE_NAME_FILE = "release"  # in a release directory whose name is a hash: the release's name
 
 
 def release_dirname(release: str) -> str:
+    """The file name for `release` (`names.file_name`: percent-encoded, or hashed when that would be too long)."""
     if not isinstance(release, str) or not release or len(release) > MAX_RELEASE_LEN or "\x00" in release:
-        raise errors.InvalidArgument(f"release: {release!r} must be a non-empty name of at most {MAX_RELEASE_LEN}")
-    name = urllib.parse.quote(release, safe="")
+        raise errors.InvalidArgument(
+            f"release: {errors.excerpt(release)} must be a non-empty name of at most {MAX_RELEASE_LEN}"
+        )
+    name = names.file_name(release)
     if name.startswith("."):  # ".", "..", and the store's own ".staging-*" / ".removing-*" names
-        raise errors.InvalidArgument(f"release: {release!r} is not a valid name")
+        raise errors.InvalidArgument(f"release: {errors.excerpt(release)} is not a valid name")
     return name
+
+
+def _place(blob: pathlib.Path, dest: pathlib.Path) -> None:
+    """Put a cached blob at `dest`, a path that must not exist: a hard link, else an exclusive copy.
+
+    Never opens an existing file for writing, so nothing written here can reach a cached blob
+    through a link (a path that exists already, e.g. a case duplicate on a case-insensitive
+    filesystem, is refused).
+    """
+    try:
+        os.link(blob, dest)
+        return
+    except FileExistsError:
+        raise errors.InvalidManifest(f"{dest.name!r}: two bundle files at one path on this filesystem") from None
+    except OSError:
+        pass  # no hard links here (another filesystem, or none supported): copy
+    try:
+        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o444)
+    except FileExistsError:
+        raise errors.InvalidManifest(f"{dest.name!r}: two bundle files at one path on this filesystem") from None
+    with open(blob, "rb") as src, os.fdopen(fd, "wb") as out:
+        shutil.copyfileobj(src, out)
 
 
 def _hex(digest: str) -> str:
@@ -135,6 +173,21 @@ class BundleStore:
         for d in (self.blobs, self.partials, self.installs, self.results, self.taskstate):
             d.mkdir(parents=True, exist_ok=True)
         self._links: bool | None = None  # hard links work here (installs cost no copies); probed once
+        self._move_legacy_manifests()
+
+    def _move_legacy_manifests(self) -> None:
+        """Installs made before the manifest moved out of the tree: rename it beside the tree (no write)."""
+        for rdir in self.installs.iterdir():
+            if rdir.name.startswith(".") or not rdir.is_dir():
+                continue
+            for vdir in rdir.iterdir():
+                legacy = vdir / LEGACY_MANIFEST_FILE
+                if vdir.name.isdigit() and legacy.is_file() and not legacy.is_symlink():
+                    target = rdir / f"{vdir.name}{MANIFEST_SUFFIX}"
+                    if target.exists():
+                        legacy.unlink()
+                    else:
+                        os.rename(legacy, target)
 
     # ---------------------------------------------------------- blobs
     def blob_path(self, digest: str) -> pathlib.Path:
@@ -197,8 +250,12 @@ class BundleStore:
             return []
         return sorted(int(p.name) for p in d.iterdir() if p.is_dir() and p.name.isdigit())
 
+    def manifest_path(self, release: str, version: int) -> pathlib.Path:
+        """Where the store keeps the manifest of an installed version: beside its tree, not in it."""
+        return self.release_dir(release) / f"{int(version)}{MANIFEST_SUFFIX}"
+
     def installed_manifest(self, release: str, version: int) -> manifest.Manifest:
-        return manifest.Manifest.from_bytes((self.install_dir(release, version) / MANIFEST_FILE).read_bytes())
+        return manifest.Manifest.from_bytes(self.manifest_path(release, version).read_bytes())
 
     def install(self, release: str, version: int, m: manifest.Manifest) -> pathlib.Path:
         """Assemble version `version` of `release` from cached blobs, then make it current.
@@ -210,10 +267,13 @@ class BundleStore:
         missing = self.missing_blobs(m)
         if missing:
             raise errors.FailedPrecondition(f"cannot install {release} v{version}: {len(missing)} blobs missing")
+        manifest.check_paths(f.path for f in m.files)  # however `m` was made: nothing may land outside its file
         rdir = self.release_dir(release)
         rdir.mkdir(parents=True, exist_ok=True)
+        if names.is_hashed_file_name(rdir.name) and not (rdir / RELEASE_NAME_FILE).is_file():
+            atomic_write(rdir / RELEASE_NAME_FILE, release.encode("utf-8"))  # `releases()` reads the name back
         final = rdir / str(version)
-        if final.is_dir() and not self._same_install(final, m):
+        if final.is_dir() and not self._same_install(release, version, m):
             shutil.rmtree(final)
         if not final.is_dir():
             staging = pathlib.Path(tempfile.mkdtemp(prefix=f".staging-{version}-", dir=rdir))
@@ -229,14 +289,11 @@ class BundleStore:
                         verified.add(f.sha256)
                     dest = staging / f.path
                     dest.parent.mkdir(parents=True, exist_ok=True)
-                    try:
-                        os.link(blob, dest)
-                    except OSError:
-                        shutil.copyfile(blob, dest)
-                        os.chmod(dest, 0o444)
-                (staging / MANIFEST_FILE).write_bytes(m.canonical_bytes())
+                    _place(blob, dest)
                 for d in sorted({p.parent for p in staging.rglob("*")}, key=lambda p: -len(p.parts)):
                     fsync_dir(d)
+                # The bookkeeping first (a new file, replaced by rename), then the tree by one rename.
+                atomic_write(self.manifest_path(release, version), m.canonical_bytes())
                 os.rename(staging, final)
             except BaseException:
                 shutil.rmtree(staging, ignore_errors=True)
@@ -246,10 +303,12 @@ class BundleStore:
         self._prune_versions(release, keep={version, *self._previous(release, version)})
         return final
 
-    @staticmethod
-    def _same_install(path: pathlib.Path, m: manifest.Manifest) -> bool:
+    def _same_install(self, release: str, version: int, m: manifest.Manifest) -> bool:
         try:
-            return (path / MANIFEST_FILE).read_bytes() == m.canonical_bytes()
+            return (
+                self.install_dir(release, version).is_dir()
+                and self.manifest_path(release, version).read_bytes() == m.canonical_bytes()
+            )
         except OSError:
             return False
 
@@ -262,6 +321,7 @@ class BundleStore:
         for v in self.versions(release):
             if v not in keep:
                 shutil.rmtree(self.install_dir(release, v), ignore_errors=True)
+                self.manifest_path(release, v).unlink(missing_ok=True)
 
     def rollback(self, release: str) -> int | None:
         """Make the version before the current one current again (if it is still kept)."""
@@ -284,9 +344,18 @@ class BundleStore:
         (self.taskstate / f"{release_dirname(release)}.json").unlink(missing_ok=True)
 
     def releases(self) -> list[str]:
-        return sorted(
-            urllib.parse.unquote(p.name) for p in self.installs.iterdir() if p.is_dir() and not p.name.startswith(".")
-        )
+        out = []
+        for p in self.installs.iterdir():
+            if not p.is_dir() or p.name.startswith("."):
+                continue
+            if names.is_hashed_file_name(p.name):
+                try:
+                    out.append((p / RELEASE_NAME_FILE).read_text("utf-8"))
+                except OSError:  # a crash between mkdir and the name file: nothing installed there yet
+                    continue
+            else:
+                out.append(urllib.parse.unquote(p.name))
+        return sorted(out)
 
     # ---------------------------------------------------------- task state and pending results
     def load_task_state(self, release: str) -> dict[str, Any]:
@@ -304,7 +373,7 @@ class BundleStore:
         atomic_write(self.taskstate / f"{release_dirname(release)}.json", data)
 
     def result_path(self, key: str) -> pathlib.Path:
-        return self.results / f"{urllib.parse.quote(key, safe='')}.pb"
+        return self.results / f"{names.file_name(key)}.pb"
 
     # ---------------------------------------------------------- garbage collection
     def referenced_blobs(self) -> set[str]:
@@ -361,8 +430,8 @@ class BundleStore:
 
         def tree(root: pathlib.Path) -> int:
             total = 0
-            for dirpath, _, names in os.walk(root):
-                total += sum(sized(pathlib.Path(dirpath, n)) for n in names)
+            for dirpath, _, files in os.walk(root):
+                total += sum(sized(pathlib.Path(dirpath, n)) for n in files)
             return total
 
         blobs = {f"sha256:{p.name}": sized(p) for p in self.blobs.iterdir()}
@@ -387,7 +456,9 @@ class BundleStore:
                     mtime = path.stat().st_mtime
                 except OSError:
                     mtime = 0.0
-                installs[(release, v)] = diskbudget.InstallSize(digests=digests, own_bytes=tree(path), mtime=mtime)
+                installs[(release, v)] = diskbudget.InstallSize(
+                    digests=digests, own_bytes=tree(path) + sized(self.manifest_path(release, v)), mtime=mtime
+                )
         try:
             leftovers = sum(tree(p) for p in self._leftovers())
         except OSError:
@@ -425,7 +496,7 @@ class BundleStore:
         reserved: Mapping[str, int] | None = None,
     ) -> diskbudget.RoomPlan:
         """`plan_room` for this store as it is now (reads sizes, changes nothing)."""
-        kept = self._same_install(self.install_dir(release, version), m)  # a rollback to a kept copy adds nothing
+        kept = self._same_install(release, version, m)  # a rollback to a kept copy adds nothing
         return diskbudget.plan_room(
             self.snapshot(),
             release=release,
@@ -474,4 +545,5 @@ class BundleStore:
             doomed = self.installs / f".removing-{path.parent.name}-{version}-{os.getpid()}"
             os.rename(path, doomed)  # never a half-deleted install that looks valid
             shutil.rmtree(doomed, ignore_errors=True)
+            self.manifest_path(release, version).unlink(missing_ok=True)
             fsync_dir(path.parent)

@@ -145,7 +145,7 @@ class Agent:
             clock=clock,
         )
         self.connected = self.session.connected  # set while the Subscribe stream is open
-        self.reporter = reporting.Reporter(device=self.client, probe=self.device_state)
+        self.reporter = reporting.Reporter(device=self.client, probe=self.device_state, backoff=backoff)
         self.backend_reports = (
             None
             if self.selector is None
@@ -228,15 +228,15 @@ class Agent:
                 self._kick(release)
             # The credential expires: the session renews it while the stream runs.
             await self._until_stopped(
-                self.session.hold(
-                    on_event=self._on_event, installed=self._installed, on_connected=self.puller.connected
-                )
+                self.session.hold(on_event=self._on_event, installed=self._installed, on_connected=self._connected)
             )
         finally:
             self.connected.clear()
             workers = list(self._workers.values())
             if self.backend_reports is not None and (report := self.backend_reports.cancel()) is not None:
                 workers.append(report)
+            if (retry := self.reporter.cancel()) is not None:
+                workers.append(retry)
             for w in workers:
                 w.cancel()
             await asyncio.gather(*workers, return_exceptions=True)
@@ -279,6 +279,10 @@ class Agent:
             pb.DesiredTask(release=r, version=t.version, manifest_digest=t.manifest_digest)
             for r, t in sorted(self.state.installed.items())
         ]
+
+    def _connected(self) -> None:
+        self.puller.connected()
+        self.reporter.connected()  # reports lost with the last connection go again
 
     def _backends_changed(self) -> None:
         if self.backend_reports is not None:

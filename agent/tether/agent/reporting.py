@@ -1,7 +1,8 @@
 """What the agent tells the controller about itself: delivery states and backend choices.
 
-Reports are best effort: a lost report must not stop the work it reports on,
-so every failure here is logged and dropped. Two rules live here so the agent
+Reports never stop the work they report on: a failure is logged, and a
+terminal report (installed, succeeded, failed, refused, uninstalled) is kept
+and retried until the controller acknowledges it (`Reporter`). Two rules live here so the agent
 and the fleet simulator report alike:
 
 - DOWNLOADING is sent only for an install still running after
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -67,12 +69,42 @@ class LateReport:
             self._task.exception()
 
 
-class Reporter:
-    """ReportStatus for one device, with the device state (participation conditions) it can tell."""
+# Reports that end a piece of work: each is retried until the controller acknowledged it (or refused it
+# for good), because nothing else would ever tell the controller. A later report on a release supersedes.
+TERMINAL_STATES = frozenset(
+    {
+        pb.DeliveryState.DELIVERY_STATE_INSTALLED,
+        pb.DeliveryState.DELIVERY_STATE_SUCCEEDED,
+        pb.DeliveryState.DELIVERY_STATE_FAILED,
+        pb.DeliveryState.DELIVERY_STATE_REFUSED,
+        pb.DeliveryState.DELIVERY_STATE_UNINSTALLED,
+    }
+)
 
-    def __init__(self, *, device: client.DeviceClient, probe: participation.StateProbe | None = None) -> None:
+
+class Reporter:
+    """ReportStatus for one device, with the device state (participation conditions) it can tell.
+
+    A terminal report (`TERMINAL_STATES`) that fails for a reason retrying can cure
+    (`client.RETRYABLE`: a disconnect, an overloaded controller) is kept, latest per release,
+    and sent again with backoff and at every (re)connection (`resend`) until acknowledged.
+    Reports are idempotent on the controller (the latest state per device), so sending one twice
+    changes nothing.
+    """
+
+    def __init__(
+        self,
+        *,
+        device: client.DeviceClient,
+        probe: participation.StateProbe | None = None,
+        backoff: client.Backoff = client.Backoff(),
+    ) -> None:
         self._client = device
         self._probe = probe  # None: the device tells nothing (the simulator)
+        self._backoff = backoff
+        self.unacked: dict[str, tuple[pb.DesiredTask, int, str]] = {}  # release -> its latest unacknowledged report
+        self._retry: asyncio.Task[None] | None = None
+        self._rng = random.Random()
 
     def device_state(self) -> dict[str, str]:
         if self._probe is None:
@@ -84,7 +116,16 @@ class Reporter:
             return {}
 
     async def status(self, task: pb.DesiredTask, state: int, message: str = "") -> None:
-        """ReportStatus, best effort: a lost report must not stop the work it reports on."""
+        """ReportStatus; never raises: a lost report must not stop the work it reports on (terminal ones are kept)."""
+        if state in TERMINAL_STATES:
+            self.unacked[task.release] = (task, state, message)
+        elif (kept := self.unacked.get(task.release)) is not None and kept[0].version < task.version:
+            self.unacked.pop(task.release, None)  # superseded by progress on a newer version
+        if not await self._send(task, state, message) and task.release in self.unacked:
+            self._schedule_retry()
+
+    async def _send(self, task: pb.DesiredTask, state: int, message: str) -> bool:
+        """One attempt; True when the report needs no resend (acknowledged, refused for good, or superseded)."""
         try:
             await self._client.report_status(
                 release=task.release,
@@ -95,6 +136,43 @@ class Reporter:
             )
         except Exception as e:
             log.debug("report %s %s v%d failed: %s", state_name(state), task.release, task.version, e)
+            if client.is_retryable(e):
+                return False
+        if self.unacked.get(task.release) == (task, state, message):
+            del self.unacked[task.release]
+        return True
+
+    async def resend(self) -> None:
+        """Send every unacknowledged terminal report again (on a new connection, and by the retry task)."""
+        for task, state, message in list(self.unacked.values()):
+            if self.unacked.get(task.release) == (task, state, message):
+                await self._send(task, state, message)
+
+    def connected(self) -> None:
+        """A stream is open again: resend what was not acknowledged, now."""
+        if self.unacked:
+            self._schedule_retry(at_once=True)
+
+    def _schedule_retry(self, *, at_once: bool = False) -> None:
+        if self._retry is not None and not self._retry.done():
+            if not at_once:
+                return
+            self._retry.cancel()
+        self._retry = asyncio.create_task(self._retry_loop(at_once=at_once), name="report-retry")
+
+    async def _retry_loop(self, *, at_once: bool) -> None:
+        attempt = 0 if at_once else 1
+        while self.unacked:
+            if attempt:
+                await asyncio.sleep(self._backoff.delay(attempt - 1, self._rng))
+            attempt += 1
+            await self.resend()
+
+    def cancel(self) -> asyncio.Task[None] | None:
+        """Stop retrying (the agent stops); returns the task to await, if any."""
+        if self._retry is not None:
+            self._retry.cancel()
+        return self._retry
 
     def downloading(self, task: pb.DesiredTask) -> LateReport:
         """DOWNLOADING for `task`, if its install is still going after a while; `settle()` it when done."""

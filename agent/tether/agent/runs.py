@@ -32,7 +32,7 @@ from tether.agent import backends, bundles, client, participation, reporting, re
 from tether.agent.files import atomic_write
 from tether.common import errors, manifest
 from tether.proto.v1 import tether_pb2 as pb
-from tether.spec import triggers
+from tether.spec import names, triggers
 
 log = logging.getLogger(__name__)
 
@@ -166,10 +166,14 @@ class Runner:
         bundle = self._store.installed_manifest(release, version)
         state = self._ledger.state
         if pending is not None and pending.request_id:  # on demand: a repeated request runs once
-            key = f"{self._device_id()}:{release}:{version}:demand-{pending.request_id}"
+            key = names.idempotency_key(
+                device_id=self._device_id(), release=release, version=version, suffix=f"demand-{pending.request_id}"
+            )
             if key in state.runs and state.runs[key].status != "running":
                 return
-        key = key or f"{self._device_id()}:{release}:{version}:{uuid.uuid4().hex}"
+        key = key or names.idempotency_key(
+            device_id=self._device_id(), release=release, version=version, suffix=uuid.uuid4().hex
+        )
         inputs = await asyncio.to_thread(self._run_inputs, key, policy.trigger, pending)
         record = state.runs.get(key) or statefile.RunRecord(
             key=key,

@@ -25,8 +25,9 @@ def _models_by_key(state_dir: pathlib.Path) -> dict[str, list[dict[str, str]]]:
         try:
             from tether.agent import bundles
 
-            path = state_dir / "installs" / bundles.release_dirname(release) / str(int(installed["version"]))
-            bundle = manifest.Manifest.from_bytes((path / bundles.MANIFEST_FILE).read_bytes())
+            rdir = state_dir / "installs" / bundles.release_dirname(release)
+            version = int(installed["version"])
+            bundle = manifest.Manifest.from_bytes((rdir / f"{version}{bundles.MANIFEST_SUFFIX}").read_bytes())
         except Exception:
             continue
         for spec in backends.specs_for(bundle, path_of=lambda f: f.path):

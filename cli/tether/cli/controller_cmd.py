@@ -208,7 +208,7 @@ async def _serve(cfg: config.ControllerConfig) -> None:
         loop.add_signal_handler(sig, stop.set)
     running = await start_controller(cfg)
     click.echo(READY_PREFIX + running.listen_address)
-    sys.stdout.flush()  # click.echo wrote to it
+    sys.stdout.flush()  # the ready line must reach a parent reading our stdout now
     try:
         await stop.wait()
     finally:

@@ -67,3 +67,30 @@ class VerificationFailed(TetherError):
 
 class TaskFailed(TetherError):
     """A task raised, crashed, or exceeded its limits."""
+
+
+# ------------------------------------------------------------------ bounded messages
+# An error names what is wrong without quoting megabytes of it. gRPC carries the message in
+# `grpc-message` (percent-encoded, up to 3 bytes per byte) under a 16 KiB metadata limit, and
+# Kubernetes caps a condition's message at 32 KiB: every edge bounds what it sends with `bounded`,
+# and messages quote input with `excerpt`.
+MAX_MESSAGE_BYTES = 2048
+MAX_EXCERPT_CHARS = 64
+
+
+def excerpt(value: object, *, limit: int = MAX_EXCERPT_CHARS) -> str:
+    """`repr(value)`, or its first `limit` characters and how long it was: for quoting input in a message."""
+    if isinstance(value, str | bytes) and len(value) > limit:
+        return f"{value[:limit]!r}... ({len(value)} {'characters' if isinstance(value, str) else 'bytes'})"
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def bounded(message: str, *, limit: int = MAX_MESSAGE_BYTES) -> str:
+    """`message` cut to at most `limit` UTF-8 bytes (on a character boundary), saying it was cut."""
+    data = message.encode("utf-8", "replace")
+    if len(data) <= limit:
+        return message
+    note = f" ... [message cut: {len(data)} bytes]"
+    head = data[: max(0, limit - len(note))].decode("utf-8", "ignore")
+    return head + note

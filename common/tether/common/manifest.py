@@ -15,6 +15,7 @@ import hashlib
 import json
 import pathlib
 import re
+import unicodedata
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -31,6 +32,9 @@ MAX_PATH_LEN = 512
 # Wire contract: one PullBlobs request names at most this many blobs (a larger set takes several calls).
 MAX_BLOBS_PER_PULL = 1024
 IGNORED_NAMES = frozenset({"__pycache__", ".git", ".DS_Store", "mltask.yaml", ".tether"})
+# Names the agent keeps for its own bookkeeping: no bundle path may have a component starting with this
+# (compared case-insensitively, as on the filesystems devices use), at build, at upload and on the device.
+RESERVED_PREFIX = ".tether"
 
 
 def sha256_digest(data: bytes) -> str:
@@ -49,7 +53,7 @@ def file_digest(path: pathlib.Path, *, chunk_size: int = 1 << 20) -> tuple[str, 
 
 def check_digest(value: str, *, field: str = "digest") -> str:
     if not isinstance(value, str) or not DIGEST_RE.match(value):
-        raise errors.InvalidManifest(f"{field}: {value!r} is not of the form sha256:<64 hex digits>")
+        raise errors.InvalidManifest(f"{field}: {errors.excerpt(value)} is not of the form sha256:<64 hex digits>")
     return value
 
 
@@ -59,8 +63,67 @@ def check_relative_path(value: str, *, field: str = "path") -> str:
         raise errors.InvalidManifest(f"{field}: must be a non-empty string of at most {MAX_PATH_LEN} chars")
     p = pathlib.PurePosixPath(value)
     if p.is_absolute() or ".." in p.parts or "\\" in value or "\x00" in value or str(p) != value:
-        raise errors.InvalidManifest(f"{field}: {value!r} must be a normalised relative path inside the bundle")
+        raise errors.InvalidManifest(
+            f"{field}: {errors.excerpt(value)} must be a normalised relative path inside the bundle"
+        )
     return value
+
+
+def path_key(path: str) -> tuple[str, ...]:
+    """The components of `path` as a device filesystem may compare them.
+
+    Case-insensitive (APFS, NTFS, FAT, many Android volumes), normalisation-insensitive
+    (APFS compares NFC and NFD alike), and blind to trailing dots and spaces (NTFS/FAT strip them):
+    two paths with the same key cannot both exist on every device.
+    """
+    return tuple(
+        unicodedata.normalize("NFC", unicodedata.normalize("NFC", part).casefold()).rstrip(". ")
+        for part in path.split("/")
+    )
+
+
+def check_paths(paths: Iterable[str], *, field: str = "files") -> None:
+    """Refuse a set of bundle paths that cannot all be laid out on a device's filesystem.
+
+    A reserved name (`RESERVED_PREFIX`), two paths that are one on a case- or normalisation-
+    insensitive filesystem, and a path that is a file and also a directory of another
+    (`a` and `a/b`, in any case) are refused, naming both paths. Pure; O(n) in the paths.
+    """
+    files: dict[tuple[str, ...], tuple[int, str]] = {}
+    dirs: dict[tuple[str, ...], tuple[int, str]] = {}
+    for i, path in enumerate(paths):
+        key = path_key(path)
+        if any(part.startswith(RESERVED_PREFIX) for part in key):
+            raise errors.InvalidManifest(
+                f"{field}[{i}].path: {_short(path)} uses a name reserved for the agent (a component starting with"
+                f" {errors.excerpt(RESERVED_PREFIX)}, in any case)"
+            )
+        if key in files:
+            j, other = files[key]
+            raise errors.InvalidManifest(
+                f"{field}[{i}].path: {_short(path)} and {field}[{j}].path ({_short(other)}) are the same file on a"
+                " case- or normalisation-insensitive filesystem"
+            )
+        if key in dirs:
+            j, other = dirs[key]
+            raise errors.InvalidManifest(
+                f"{field}[{i}].path: {_short(path)} is a file but {field}[{j}].path ({_short(other)}) needs it to be"
+                " a directory"
+            )
+        for n in range(1, len(key)):
+            prefix = key[:n]
+            if prefix in files:
+                j, other = files[prefix]
+                raise errors.InvalidManifest(
+                    f"{field}[{i}].path: {_short(path)} needs a directory where {field}[{j}].path ({_short(other)})"
+                    " is a file"
+                )
+            dirs.setdefault(prefix, (i, path))
+        files[key] = (i, path)
+
+
+def _short(value: str) -> str:
+    return errors.excerpt(value, limit=80)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,10 +213,10 @@ class Manifest:
         if unknown:
             raise errors.InvalidManifest(f"manifest has unknown fields: {sorted(unknown)}")
         if doc.get("schema") != SCHEMA_VERSION:
-            raise errors.InvalidManifest(f"schema: expected {SCHEMA_VERSION}, got {doc.get('schema')!r}")
+            raise errors.InvalidManifest(f"schema: expected {SCHEMA_VERSION}, got {errors.excerpt(doc.get('schema'))}")
         name = doc.get("name")
         if not isinstance(name, str) or not re.match(r"^[a-z0-9]([a-z0-9._-]{0,126}[a-z0-9])?$", name):
-            raise errors.InvalidManifest(f"name: {name!r} must be a lowercase DNS-like name")
+            raise errors.InvalidManifest(f"name: {errors.excerpt(name)} must be a lowercase DNS-like name")
         raw_files = doc.get("files")
         if not isinstance(raw_files, list) or not raw_files:
             raise errors.InvalidManifest("files: must be a non-empty list")
@@ -176,18 +239,23 @@ class Manifest:
         paths = [f.path for f in files]
         if paths != sorted(set(paths)):
             raise errors.InvalidManifest("files: paths must be unique and sorted")
+        check_paths(paths)
         entrypoint = check_relative_path(doc.get("entrypoint", ""), field="entrypoint")
         if entrypoint not in paths:
-            raise errors.InvalidManifest(f"entrypoint: {entrypoint!r} is not one of the bundle's files")
+            raise errors.InvalidManifest(f"entrypoint: {errors.excerpt(entrypoint)} is not one of the bundle's files")
         engines: list[EngineNeeds] = []
         for i, e in enumerate(doc.get("engines") or []):
             if not isinstance(e, dict) or set(e) - {"engine", "model", "inputs"}:
                 raise errors.InvalidManifest(f"engines[{i}]: must have engine, model and optional inputs")
             if e.get("engine") not in ENGINES:
-                raise errors.InvalidManifest(f"engines[{i}].engine: {e.get('engine')!r} not in {sorted(ENGINES)}")
+                raise errors.InvalidManifest(
+                    f"engines[{i}].engine: {errors.excerpt(e.get('engine'))} not in {sorted(ENGINES)}"
+                )
             model = check_relative_path(e.get("model", ""), field=f"engines[{i}].model")
             if model not in paths:
-                raise errors.InvalidManifest(f"engines[{i}].model: {model!r} is not one of the bundle's files")
+                raise errors.InvalidManifest(
+                    f"engines[{i}].model: {errors.excerpt(model)} is not one of the bundle's files"
+                )
             inputs = e.get("inputs") or {}
             if not isinstance(inputs, dict) or not all(
                 isinstance(v, list) and all(isinstance(d, int) for d in v) for v in inputs.values()

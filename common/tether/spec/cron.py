@@ -65,7 +65,7 @@ def _value(token: str, name: str, low: int, high: int, aliases: Mapping[str, int
     if token in aliases:
         return aliases[token]
     if not token.isdigit():
-        raise InvalidCron(f"{name}: {token!r} is not a number", field="trigger.schedule")
+        raise InvalidCron(f"{name}: {errors.excerpt(token)} is not a number", field="trigger.schedule")
     value = int(token)
     if not low <= value <= high:
         raise InvalidCron(f"{name}: {value} is outside [{low}, {high}]", field="trigger.schedule")
@@ -76,12 +76,14 @@ def _field(text: str, name: str, low: int, high: int, aliases: Mapping[str, int]
     values: set[int] = set()
     for part in text.split(","):
         if not part:
-            raise InvalidCron(f"{name}: empty list item in {text!r}", field="trigger.schedule")
+            raise InvalidCron(f"{name}: empty list item in {errors.excerpt(text)}", field="trigger.schedule")
         base, slash, step_text = part.partition("/")
         step = 1
         if slash:
             if not step_text.isdigit() or int(step_text) < 1:
-                raise InvalidCron(f"{name}: step {step_text!r} must be a positive integer", field="trigger.schedule")
+                raise InvalidCron(
+                    f"{name}: step {errors.excerpt(step_text)} must be a positive integer", field="trigger.schedule"
+                )
             step = int(step_text)
         if base == "*":
             start, end = low, high
@@ -89,7 +91,7 @@ def _field(text: str, name: str, low: int, high: int, aliases: Mapping[str, int]
             a, _, b = base.partition("-")
             start, end = _value(a, name, low, high, aliases), _value(b, name, low, high, aliases)
             if start > end:
-                raise InvalidCron(f"{name}: range {base!r} runs backwards", field="trigger.schedule")
+                raise InvalidCron(f"{name}: range {errors.excerpt(base)} runs backwards", field="trigger.schedule")
         else:
             start = _value(base, name, low, high, aliases)
             end = high if slash else start  # "a/n" means a, a+n, ... up to the field's maximum
@@ -122,14 +124,15 @@ class CronSchedule:
         parts = text.split()
         if len(parts) != 5:
             raise InvalidCron(
-                f"{expression!r} has {len(parts)} fields; expected 5 (minute hour day-of-month month day-of-week)",
+                f"{errors.excerpt(expression)} has {len(parts)} fields; expected 5 (minute hour"
+                f" day-of-month month day-of-week)",
                 field="trigger.schedule",
             )
         sets = [_field(p, *spec) for p, spec in zip(parts, _FIELDS, strict=True)]
         try:
             zoneinfo.ZoneInfo(timezone)
         except (zoneinfo.ZoneInfoNotFoundError, ValueError, TypeError):
-            raise InvalidCron(f"unknown time zone {timezone!r}", field="trigger.timezone") from None
+            raise InvalidCron(f"unknown time zone {errors.excerpt(timezone)}", field="trigger.timezone") from None
         weekdays = frozenset(d % 7 for d in sets[4])
         schedule = cls(
             expression=expression,
@@ -143,7 +146,7 @@ class CronSchedule:
             timezone=timezone,
         )
         if schedule.next_after(0.0) is None:
-            raise InvalidCron(f"{expression!r} never fires (no such date)", field="trigger.schedule")
+            raise InvalidCron(f"{errors.excerpt(expression)} never fires (no such date)", field="trigger.schedule")
         return schedule
 
     def _day_matches(self, day: dt.date) -> bool:

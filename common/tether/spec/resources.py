@@ -53,7 +53,9 @@ def parse_resources(doc: Mapping[str, Any] | None, *, field: str = "resources") 
             raise errors.InvalidSpec(f"unknown key; allowed are {sorted(BOUNDS)}", field=f"{field}.{key}")
         low, high = bounds
         if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-            raise errors.InvalidSpec(f"must be an integer in [{low}, {high}], got {value!r}", field=f"{field}.{key}")
+            raise errors.InvalidSpec(
+                f"must be an integer in [{low}, {high}], got {errors.excerpt(value)}", field=f"{field}.{key}"
+            )
     return Resources(
         timeout_seconds=doc.get("timeoutSeconds"), memory_mb=doc.get("memoryMB"), cpu_seconds=doc.get("cpuSeconds")
     )

@@ -65,12 +65,12 @@ KeyPath = Callable[[str, str], str]
 
 def subscript(field: str, key: str) -> str:
     """`target.matchLabels['os']`: the controller's (and the wire's) way of naming a map entry."""
-    return f"{field}[{key!r}]"
+    return f"{field}[{errors.excerpt(key)}]"
 
 
 def dotted(field: str, key: str) -> str:
     """`spec.target.matchVersions.appVersion`: the MLTask's (YAML's) way of naming a map entry."""
-    return f"{field}.{key}"
+    return f"{field}.{key if len(key) <= errors.MAX_EXCERPT_CHARS else errors.excerpt(key)}"
 
 
 class Operator(enum.StrEnum):
@@ -227,7 +227,9 @@ def _parse_expression(expr: Any, *, field: str) -> Requirement:
         op = Operator(raw_op)
     except ValueError:
         allowed = ", ".join(o.value for o in Operator)
-        raise errors.InvalidSpec(f"{raw_op!r} is not one of {allowed}", field=f"{field}.operator") from None
+        raise errors.InvalidSpec(
+            f"{errors.excerpt(raw_op)} is not one of {allowed}", field=f"{field}.operator"
+        ) from None
     values = expr.get("values")
     if values is None:
         values = []
@@ -292,10 +294,12 @@ def check_key(key: Any, *, field: str) -> None:
     """An attribute key as targets name it (also what the controller accepts as a device attribute)."""
     if not isinstance(key, str) or not key or len(key) > MAX_KEY_LEN or not KEY_RE.match(key):
         raise errors.InvalidSpec(
-            f"key {key!r} must be 1-{MAX_KEY_LEN} characters of letters, digits and . _ / -", field=field
+            f"key {errors.excerpt(key)} must be 1-{MAX_KEY_LEN} characters of letters, digits and . _ / -", field=field
         )
 
 
 def check_value(value: Any, *, field: str) -> None:
     if not isinstance(value, str) or len(value) > MAX_VALUE_LEN:
-        raise errors.InvalidSpec(f"value {value!r} must be a string of at most {MAX_VALUE_LEN} characters", field=field)
+        raise errors.InvalidSpec(
+            f"value {errors.excerpt(value)} must be a string of at most {MAX_VALUE_LEN} characters", field=field
+        )

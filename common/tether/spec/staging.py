@@ -33,10 +33,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from tether.common import errors
-from tether.spec import selectors
+from tether.spec import names, selectors
 
 MAX_STAGES = 20
-MAX_SALT_LEN = 256
+MAX_SALT_LEN = max(256, names.MAX_RELEASE_LEN)  # the operator salts with the release name
 MAX_COUNT = 100_000_000
 MAX_VERSION = 2**62
 DOCUMENT_FIELDS = ("version", "salt", "stage", "action", "stages")
@@ -121,7 +121,7 @@ def parse_rollout(doc: Any, *, field: str = "rollout") -> Rollout | None:
         action = Action(doc.get("action", "progress"))
     except ValueError:
         raise errors.InvalidSpec(
-            f"{doc.get('action')!r} is not one of {[a.value for a in Action]}", field=f"{field}.action"
+            f"{errors.excerpt(doc.get('action'))} is not one of {[a.value for a in Action]}", field=f"{field}.action"
         ) from None
     raw_stages = doc.get("stages")
     if not isinstance(raw_stages, list) or not 1 <= len(raw_stages) <= MAX_STAGES:
@@ -157,5 +157,5 @@ def parse_cohort(doc: Any, *, field: str, keyed: selectors.KeyPath = selectors.s
 
 def _int(value: Any, *, field: str, low: int, high: int) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-        raise errors.InvalidSpec(f"must be an integer in [{low}, {high}], got {value!r}", field=field)
+        raise errors.InvalidSpec(f"must be an integer in [{low}, {high}], got {errors.excerpt(value)}", field=field)
     return value

@@ -134,7 +134,9 @@ class Pattern:
             raise InvalidPattern(f"must be a list of 1 to {MAX_STEPS} steps", field=f"{field}.steps")
         within = doc.get("within", MAX_WITHIN_S)
         if not _is_number(within) or not 0 <= within <= MAX_WITHIN_S:
-            raise InvalidPattern(f"must be seconds in [0, {MAX_WITHIN_S}], got {within!r}", field=f"{field}.within")
+            raise InvalidPattern(
+                f"must be seconds in [0, {MAX_WITHIN_S}], got {errors.excerpt(within)}", field=f"{field}.within"
+            )
         return cls(
             steps=tuple(_step(s, field=f"{field}.steps[{i}]") for i, s in enumerate(steps)), within_s=float(within)
         )
@@ -173,7 +175,7 @@ def _scalar(value: Any) -> bool:
 
 def _condition(attr: str, op: Any, value: Any, *, field: str) -> Condition:
     if op not in OPS:
-        raise InvalidPattern(f"operator {op!r} is not one of {sorted(OPS)}", field=field)
+        raise InvalidPattern(f"operator {errors.excerpt(op)} is not one of {sorted(OPS)}", field=field)
     if op in ("in", "notIn"):
         if not isinstance(value, list) or len(value) > MAX_IN_VALUES or not all(_scalar(v) for v in value):
             raise InvalidPattern(f"{op} takes a list of at most {MAX_IN_VALUES} scalars", field=field)

@@ -78,11 +78,12 @@ class Trigger:
         kind = doc.get("type", "onInstall")
         if kind not in _KEYS:
             raise errors.InvalidSpec(
-                f"type {kind!r} is not supported by this agent; supported are {list(TYPES)}", field="trigger"
+                f"type {errors.excerpt(kind)} is not supported by this agent; supported are {list(TYPES)}",
+                field="trigger",
             )
         unknown = set(doc) - {"type"} - _KEYS[kind] - _STREAM_KEYS - _COMMON_KEYS
         if unknown:
-            raise errors.InvalidSpec(f"unknown keys {sorted(unknown)} for type {kind!r}", field="trigger")
+            raise errors.InvalidSpec(f"unknown keys {sorted(unknown)} for type {errors.excerpt(kind)}", field="trigger")
         if "conditions" in doc:
             check_conditions(doc["conditions"])
         stream = None
@@ -97,7 +98,7 @@ class Trigger:
                 or not 1 <= seconds <= MAX_INTERVAL_S
             ):
                 raise errors.InvalidSpec(
-                    f"interval seconds must be a number in [1, {MAX_INTERVAL_S}], got {seconds!r}",
+                    f"interval seconds must be a number in [1, {MAX_INTERVAL_S}], got {errors.excerpt(seconds)}",
                     field="trigger.seconds",
                 )
             return cls("interval", float(seconds), stream=stream)
@@ -136,4 +137,4 @@ def check_conditions(conditions: Any, *, field: str = "trigger.conditions") -> N
         if key not in CONDITION_KEYS:
             raise errors.InvalidSpec(f"unknown condition; allowed are {list(CONDITION_KEYS)}", field=f"{field}.{key}")
         if not isinstance(value, bool):
-            raise errors.InvalidSpec(f"must be true or false, got {value!r}", field=f"{field}.{key}")
+            raise errors.InvalidSpec(f"must be true or false, got {errors.excerpt(value)}", field=f"{field}.{key}")

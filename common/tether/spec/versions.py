@@ -101,7 +101,9 @@ class VersionRange:
 def parse_range(text: object, *, field: str) -> VersionRange:
     """Parse a range such as `>=10.2,<11`; `errors.InvalidSpec` names `field` when it is malformed or empty."""
     if not isinstance(text, str) or not text.strip():
-        raise errors.InvalidSpec(f"must be a version range such as '>=10.2,<11', got {text!r}", field=field)
+        raise errors.InvalidSpec(
+            f"must be a version range such as '>=10.2,<11', got {errors.excerpt(text)}", field=field
+        )
     if len(text) > MAX_RANGE_LEN:
         raise errors.InvalidSpec(f"longer than {MAX_RANGE_LEN} characters", field=field)
     raw = [c.strip() for c in text.split(",")]
@@ -112,15 +114,21 @@ def parse_range(text: object, *, field: str) -> VersionRange:
         m = _CLAUSE_RE.match(part)
         if m is None:
             raise errors.InvalidSpec(
-                f"clause {part!r} must be an operator (>=, >, <=, <, ==, !=) followed by a version", field=field
+                f"clause {errors.excerpt(part)} must be an operator (>=, >, <=, <, ==, !=) followed by a version",
+                field=field,
             )
         version = parse_version(m.group(2))
         if version is None:
-            raise errors.InvalidSpec(f"{m.group(2)!r} in clause {part!r} is not a version like 10.2.3", field=field)
+            raise errors.InvalidSpec(
+                f"{errors.excerpt(m.group(2))} in clause {errors.excerpt(part)} is not a version like 10.2.3",
+                field=field,
+            )
         clauses.append(Clause(m.group(1), version))
     result = VersionRange(tuple(clauses))
     if not satisfiable(result):
-        raise errors.InvalidSpec(f"{text!r} can never match: its clauses contradict each other", field=field)
+        raise errors.InvalidSpec(
+            f"{errors.excerpt(text)} can never match: its clauses contradict each other", field=field
+        )
     return result
 
 

@@ -62,7 +62,7 @@ def threshold(buckets: Iterable[float], *, percent: int | None = None, count: in
     if n == 0:
         return (percent or 0) / 100
     k = target_size(n, percent=percent, count=count)
-    return ordered[k]
+    return 1.0 if k >= n else ordered[k]  # rounding up may reach everyone (50 % of one device)
 
 
 def in_stage(*, device_bucket: float, thresholds: Sequence[float], cohorts: Sequence[bool], stage: int) -> bool:

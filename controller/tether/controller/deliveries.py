@@ -143,6 +143,24 @@ def result_moves(*, stored_version: int, stored_state: str, version: int) -> boo
     return stored_version < version or (stored_version == version and stored_state in IN_PROGRESS_STATES)
 
 
+# States a device's own account of what it has installed (Subscribe's `installed`) moves a delivery out of.
+UNCONFIRMED_STATES = ("notified", "downloading")
+
+
+def confirmed_installs(
+    installed: Sequence[tuple[str, int, str]], desired: Sequence[tuple[str, int, str]]
+) -> list[tuple[str, int]]:
+    """(release, version) a device says it has that is exactly what it is served now (same digest).
+
+    Level-triggered delivery state: what the device holds when it (re)connects
+    settles a delivery whose `installed` report was lost (disconnect in flight).
+    Only those pairs, and only from `UNCONFIRMED_STATES` (the storage's rule),
+    so a later report (succeeded, failed) is never moved back.
+    """
+    served = {(r, v, d) for r, v, d in desired}
+    return sorted({(r, v) for r, v, d in installed if (r, v, d) in served})
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ReleaseCounts:
     """`GetReleaseStatus` minus what only the hub knows (connected devices).

@@ -22,7 +22,7 @@ import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 
 import grpc
 
@@ -31,6 +31,7 @@ from tether.controller import (
     admission,
     blobcache,
     blobstores,
+    deliveries,
     delivery_reports,
     device_auth,
     devices,
@@ -116,7 +117,7 @@ class DeviceService(pb_grpc.DeviceServiceServicer):
         conn = self._hub.connect(device_id=device.device_id, facts=device.facts)
         try:
             await self._storage.devices.touch_device(device.device_id)
-            yield pb.ServerEvent(sync=await self._sync(device))
+            yield pb.ServerEvent(sync=await self._sync(device, installed=request.installed))
             while True:
                 try:
                     item = await asyncio.wait_for(conn.queue.get(), timeout=self._heartbeat_s)
@@ -124,7 +125,7 @@ class DeviceService(pb_grpc.DeviceServiceServicer):
                     yield pb.ServerEvent(heartbeat=pb.Heartbeat(server_time_ms=int(self._clock() * 1000)))
                     continue
                 if isinstance(item, hub.Closed):
-                    await context.abort(item.code, item.reason)
+                    await context.abort(item.code, errors.bounded(item.reason))
                     return  # abort raised
                 yield item
         finally:
@@ -134,11 +135,22 @@ class DeviceService(pb_grpc.DeviceServiceServicer):
         """The Sync that opens Subscribe, as one call: for devices that poll instead of holding a stream."""
         return await self._sync(edge.current_device())
 
-    async def _sync(self, device: devices.Device) -> pb.Sync:
-        """This device's whole desired state, recorded as synced: what Subscribe opens with and GetDesired returns."""
+    async def _sync(self, device: devices.Device, *, installed: Sequence[pb.DesiredTask] = ()) -> pb.Sync:
+        """This device's whole desired state, recorded as synced: what Subscribe opens with and GetDesired returns.
+
+        `installed` (Subscribe's): what the device holds. A served version it holds settles its
+        delivery (`deliveries.confirmed_installs`), so an `installed` report lost in a disconnect
+        is made good by the next connection.
+        """
         ledger = self._storage.releases
         desired = await ledger.desired_tasks(device)
         await ledger.mark_synced(device_id=device.device_id, tasks=desired)
+        confirmed = deliveries.confirmed_installs(
+            [(t.release, t.version, t.manifest_digest) for t in installed[: ingress.MAX_INSTALLED]],
+            [(t.release, t.version, t.manifest_digest) for t in desired],
+        )
+        if confirmed:
+            await ledger.confirm_installed(device_id=device.device_id, installs=confirmed)
         return pb.Sync(
             desired=[
                 hub.desired_task(

@@ -163,7 +163,10 @@ async def abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
     """End the call with the status `exc` maps to (always raises grpc.aio.AbortError)."""
     if isinstance(exc, errors.TetherError):
         code = getattr(grpc.StatusCode, exc.code, grpc.StatusCode.INTERNAL)
-        await context.abort(code, str(exc), trailing_metadata=((auth.ERROR_TYPE_METADATA, type(exc).__name__),))
+        # Bounded: a message over gRPC's metadata limit would reach the caller as a transport error naming nothing.
+        await context.abort(
+            code, errors.bounded(str(exc)), trailing_metadata=((auth.ERROR_TYPE_METADATA, type(exc).__name__),)
+        )
     if isinstance(exc, psycopg_pool.TooManyRequests | psycopg_pool.PoolTimeout):
         # Overload, not a bug: shed the request cheaply (no traceback per request); clients back off and retry.
         global _overload_logged_at

@@ -18,6 +18,7 @@ from tether.proto.v1 import tether_pb2 as pb
 MAX_SIGNATURE_BYTES = 1024
 MAX_KEY_ID_LEN = 256
 MAX_STATUS_MESSAGE = 4096
+MAX_INSTALLED = 10_000  # Subscribe.installed entries a sync reads (more are ignored: releases a device holds)
 MAX_DIGESTS_PER_QUERY = manifest.MAX_FILES
 
 DELIVERY_STATES: dict[int, str] = {

@@ -244,7 +244,7 @@ class StatsService(pb_grpc.StatsServiceServicer):
             if not auth.tokens_equal(token, self._admin_token):
                 raise errors.Unauthenticated("invalid admin token")
         except errors.TetherError as e:
-            await context.abort(getattr(grpc.StatusCode, e.code, grpc.StatusCode.INTERNAL), str(e))
+            await context.abort(getattr(grpc.StatusCode, e.code, grpc.StatusCode.INTERNAL), errors.bounded(str(e)))
         proc = process_stats()
         return pb.ServerStats(
             replica_id=self._replica_id,

@@ -22,6 +22,7 @@ import numpy as np
 
 from tether.common import errors
 from tether.controller import devices, releases
+from tether.spec import names
 
 MAX_KEY_LEN = 128
 MAX_METRICS = 256
@@ -32,7 +33,7 @@ MAX_TENSOR_BYTES = 16 * 1024 * 1024  # all tensors of one result together
 MAX_SAMPLE_COUNT = 10**12
 MAX_DURATION_S = 7 * 24 * 3600.0
 NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:/-]{0,127}$")
-KEY_RE = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable ASCII, no spaces
+KEY_RE = re.compile(rf"^[\x21-\x7e]{{1,{names.MAX_IDEMPOTENCY_KEY_LEN}}}$")  # printable ASCII, no spaces
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +74,9 @@ def validate_result(
     if version < 1:
         raise errors.InvalidArgument(f"version: must be >= 1, got {version}")
     if not KEY_RE.match(idempotency_key or ""):
-        raise errors.InvalidArgument("idempotency_key: must be 1-128 printable ASCII characters without spaces")
+        raise errors.InvalidArgument(
+            f"idempotency_key: must be 1-{names.MAX_IDEMPOTENCY_KEY_LEN} printable ASCII characters without spaces"
+        )
     if not 0 <= sample_count <= MAX_SAMPLE_COUNT:
         raise errors.InvalidArgument(f"sample_count: must be in [0, {MAX_SAMPLE_COUNT}], got {sample_count}")
     if not math.isfinite(duration_s) or not 0 <= duration_s <= MAX_DURATION_S:

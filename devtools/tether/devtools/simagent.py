@@ -210,13 +210,26 @@ class SimAgent:
         try:
             await self.session.enrol_with_retry()
             if self.mode == "push":
-                await self.session.hold(on_event=self._on_event, on_connected=self.puller.connected, renew=False)
+                await self.session.hold(
+                    on_event=self._on_event, installed=self._installed, on_connected=self._connected, renew=False
+                )
             else:
                 await self._poll_forever()
         finally:
-            for w in self._workers.values():
+            workers = list(self._workers.values())
+            if (retry := self.reporter.cancel()) is not None:
+                workers.append(retry)
+            for w in workers:
                 w.cancel()
-            await asyncio.gather(*self._workers.values(), return_exceptions=True)
+            await asyncio.gather(*workers, return_exceptions=True)
+
+    def _installed(self) -> list[pb.DesiredTask]:
+        """What this device holds, as the agent tells it on (re)connect: the controller settles deliveries by it."""
+        return [pb.DesiredTask(release=r, version=v, manifest_digest=d) for r, (v, d) in sorted(self.installed.items())]
+
+    def _connected(self) -> None:
+        self.puller.connected()
+        self.reporter.connected()
 
     def failed(self, what: str, error: grpc.aio.AioRpcError, *, release: str = "") -> None:
         """CallObserver: count it (by RPC and status code)."""

@@ -16,7 +16,11 @@ import dataclasses
 import datetime
 from collections.abc import Sequence
 
+from tether.common import errors
 from tether.operator.task_status import Condition, ConditionStatus
+
+# Kubernetes caps a condition's message at 32 KiB; ours stay far below, whatever input they quote.
+MAX_MESSAGE_BYTES = 4096
 
 # ------------------------------------------------------------------ types
 
@@ -42,7 +46,8 @@ class Reason:
     template: str
 
     def message(self, **fields: object) -> str:
-        return self.template.format(**fields)
+        """The template filled in, bounded (`MAX_MESSAGE_BYTES`): a field may carry any input."""
+        return errors.bounded(self.template.format(**fields), limit=MAX_MESSAGE_BYTES)
 
 
 SPEC_VALID = Reason(VALID, ConditionStatus.TRUE, "SpecValid", "The spec is valid.")

@@ -40,7 +40,7 @@ from tether.operator import conditions as cond
 from tether.operator import progression, validate
 from tether.operator.model import MLTaskSpec
 from tether.operator.task_status import AggregateSummary, ConditionStatus, MLTaskStatus, Phase, RolloutPhase
-from tether.spec import resources, selectors, staging, wire
+from tether.spec import names, resources, selectors, staging, wire
 
 # ------------------------------------------------------------------ inputs
 
@@ -202,7 +202,7 @@ class Failed:
 
     @classmethod
     def from_error(cls, error: errors.TetherError) -> Failed:
-        return cls(code=error.code, message=str(error))
+        return cls(code=error.code, message=errors.bounded(str(error)))
 
     @property
     def transient(self) -> bool:
@@ -261,6 +261,7 @@ def decide(
 ) -> Decision:
     """The status `status` should become and the actions to perform on the controller. Pure."""
     try:
+        names.release_name(meta.namespace, meta.name)  # every identifier derived from it fits its limits
         typed = validate.validate(spec)
     except errors.InvalidSpec as e:
         new = status.model_copy(

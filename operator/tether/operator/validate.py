@@ -18,6 +18,7 @@ than the previous stage's 50`. Pure: no I/O.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -36,6 +37,14 @@ from tether.operator.model import (
 from tether.spec import selectors, staging, triggers
 
 RATE_METRICS = frozenset({"successRate", "errorRate"})
+# Kubernetes' rules for label keys and values (apimachinery validation.IsQualifiedName / IsValidLabelValue).
+LABEL_NAME_MAX = 63
+LABEL_PREFIX_MAX = 253
+_LABEL_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+# Tether's pseudo attributes (`tether.io/backend: mnn/cpu`, device ids) are not Kubernetes labels: their
+# values follow the controller's rules, not these.
+PSEUDO_PREFIX = "tether.io/"
 
 ROOT = "spec"
 
@@ -89,8 +98,8 @@ def schema_issues(spec: Mapping[str, Any] | None) -> Iterator[Issue]:
 def field_path(loc: Sequence[int | str], root: str = ROOT) -> str:
     """("rollout", "stages", 1, "percent") -> "spec.rollout.stages[1].percent"."""
     path = root
-    for part in loc:
-        path += f"[{part}]" if isinstance(part, int) else f".{part}"
+    for part in loc:  # a map key is input: quoted in part when long
+        path += f"[{part}]" if isinstance(part, int) else f".{_key(part)}"
     return path
 
 
@@ -104,8 +113,8 @@ def _message(err: Any) -> str:
         return "is not a known field"
     if kind == "string_pattern_mismatch":
         if ctx.get("pattern") == DIGEST_PATTERN:
-            return f"must be of the form sha256:<64 lowercase hex digits>, got {got!r}"
-        return f"must match the pattern {ctx.get('pattern')}, got {got!r}"
+            return f"must be of the form sha256:<64 lowercase hex digits>, got {errors.excerpt(got)}"
+        return f"must match the pattern {ctx.get('pattern')}, got {errors.excerpt(got)}"
     if kind in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):
         words = {
             "greater_than_equal": "at least",
@@ -114,9 +123,9 @@ def _message(err: Any) -> str:
             "less_than": "less than",
         }[kind]
         bound = next(iter(ctx.values()))
-        return f"must be {words} {bound}, got {got!r}"
+        return f"must be {words} {bound}, got {errors.excerpt(got)}"
     if kind in ("enum", "literal_error"):
-        return f"must be one of {ctx.get('expected')}, got {got!r}"
+        return f"must be one of {ctx.get('expected')}, got {errors.excerpt(got)}"
     if kind == "too_short":
         return f"must have at least {ctx.get('min_length')} item(s)"
     if kind == "too_long":
@@ -126,7 +135,7 @@ def _message(err: Any) -> str:
     if kind == "string_too_long":
         return f"must be at most {ctx.get('max_length')} characters long"
     msg = str(err["msg"])
-    return f"{msg[:1].lower()}{msg[1:]}, got {got!r}"
+    return f"{msg[:1].lower()}{msg[1:]}, got {errors.excerpt(got)}"
 
 
 # ------------------------------------------------------------------ semantics
@@ -180,15 +189,74 @@ def _trigger_issues(spec: MLTaskSpec) -> Iterator[Issue]:
 def _target_issues(spec: MLTaskSpec) -> Iterator[Issue]:
     """The shared grammar's verdict (tether.spec.selectors, the controller's too), then the CRD's own rules."""
     field = f"{ROOT}.target"
-    yield from _shared(lambda: spec.target.parsed(field=field))
+    shared = list(_shared(lambda: spec.target.parsed(field=field)))
+    yield from shared
     yield from _repeats(spec.target, field=field)
+    if not shared:  # Kubernetes' label rules on top of the grammar's (one report per problem)
+        yield from _label_issues(spec.target, field=field)
     for i, sel in enumerate(spec.target.exclude):
         yield from _repeats(sel, field=f"{field}.exclude[{i}]")
+        if not shared:
+            yield from _label_issues(sel, field=f"{field}.exclude[{i}]")
 
 
 def _cohort_issues(cohort: Selector, *, field: str) -> Iterator[Issue]:
-    yield from _shared(lambda: staging.parse_cohort(cohort.document(), field=field, keyed=selectors.dotted))
+    shared = list(_shared(lambda: staging.parse_cohort(cohort.document(), field=field, keyed=selectors.dotted)))
+    yield from shared
     yield from _repeats(cohort, field=field)
+    if not shared:
+        yield from _label_issues(cohort, field=field)
+
+
+def label_key_problem(key: str) -> str | None:
+    """Why `key` is not a Kubernetes label key (`[prefix/]name`), or None."""
+    prefix, slash, name = key.rpartition("/")
+    if slash and (not prefix or len(prefix) > LABEL_PREFIX_MAX or not _DNS_SUBDOMAIN.match(prefix)):
+        return (
+            f"key {errors.excerpt(key)}: its prefix must be a lowercase DNS subdomain of at most"
+            f" {LABEL_PREFIX_MAX} characters"
+        )
+    if not name or len(name) > LABEL_NAME_MAX or not _LABEL_NAME.match(name):
+        return (
+            f"key {errors.excerpt(key)}: its name must be 1-{LABEL_NAME_MAX} letters, digits, '-', '_' or '.',"
+            " beginning and ending with a letter or digit (Kubernetes label rules)"
+        )
+    return None
+
+
+def label_value_problem(value: str) -> str | None:
+    """Why `value` is not a Kubernetes label value, or None."""
+    if value and (len(value) > LABEL_NAME_MAX or not _LABEL_NAME.match(value)):
+        return (
+            f"value {errors.excerpt(value)} must be at most {LABEL_NAME_MAX} letters, digits, '-', '_' or '.',"
+            " beginning and ending with a letter or digit (Kubernetes label rules)"
+        )
+    return None
+
+
+def _label_issues(sel: Selector | Target, *, field: str) -> Iterator[Issue]:
+    """Keys and values of a selector checked against Kubernetes' label rules (pseudo attributes' values excepted)."""
+    for key, value in sel.match_labels.items():
+        where = selectors.dotted(f"{field}.matchLabels", _key(key))
+        problem = label_key_problem(key) or (None if key.startswith(PSEUDO_PREFIX) else label_value_problem(value))
+        if problem:
+            yield Issue(where, problem)
+    for i, expr in enumerate(sel.match_expressions):
+        where = f"{field}.matchExpressions[{i}]"
+        if problem := label_key_problem(expr.key):
+            yield Issue(f"{where}.key", problem)
+        elif not expr.key.startswith(PSEUDO_PREFIX):
+            for j, value in enumerate(expr.values):
+                if problem := label_value_problem(value):
+                    yield Issue(f"{where}.values[{j}]", problem)
+    for key in sel.match_versions:
+        if problem := label_key_problem(key):
+            yield Issue(selectors.dotted(f"{field}.matchVersions", _key(key)), problem)
+
+
+def _key(key: str) -> str:
+    """A map key as a field path names it: whole when short, else quoted in part."""
+    return key if len(key) <= errors.MAX_EXCERPT_CHARS else errors.excerpt(key)
 
 
 def _shared(parse: Callable[[], object]) -> Iterator[Issue]:
@@ -268,12 +336,12 @@ def _gate_issues(gates: Sequence[Any], *, field: str) -> Iterator[Issue]:
         if metric not in GATE_METRICS and not task_metric:
             yield Issue(
                 f"{where}.metric",
-                f"{metric!r} is not a known metric; use one of {', '.join(GATE_METRICS)} "
+                f"{errors.excerpt(metric)} is not a known metric; use one of {', '.join(GATE_METRICS)} "
                 f"or {TASK_METRIC_PREFIX}<name> for a metric the task reports",
             )
             continue
         if metric in seen:
-            yield Issue(f"{where}.metric", f"{metric!r} is gated twice in this stage")
+            yield Issue(f"{where}.metric", f"{errors.excerpt(metric)} is gated twice in this stage")
         seen.add(metric)
         if gate.min is None and gate.max is None:
             yield Issue(where, "needs a min and/or a max")

@@ -196,6 +196,15 @@ class ReleaseLedger(Protocol):
         """
         ...
 
+    async def confirm_installed(self, *, device_id: str, installs: Sequence[tuple[str, int]]) -> int:
+        """Mark (release, version) installed for a device whose delivery at that version is still unconfirmed.
+
+        Only rows at exactly that version in `deliveries.UNCONFIRMED_STATES` MUST move (to
+        `installed`, stamping installed_at); any other row, and unknown releases, MUST be left
+        alone. Idempotent. Returns the rows moved.
+        """
+        ...
+
     async def write_reports(self, reports: Sequence[deliveries.DeliveryReport]) -> list[BaseException | None]:
         """Store a batch of delivery reports; MUST return one outcome per report, in order.
 

@@ -102,6 +102,17 @@ class MemoryReleases:
             if t.release in self._t.releases:
                 self._notify(release=t.release, device_id=device_id, version=t.version, downgrade=t.rollback)
 
+    async def confirm_installed(self, *, device_id: str, installs: Sequence[tuple[str, int]]) -> int:
+        moved = 0
+        for release, version in installs:
+            stored = self._t.deliveries.get((release, device_id))
+            if stored is not None and stored.version == version and stored.state in deliveries.UNCONFIRMED_STATES:
+                self._t.deliveries[(release, device_id)] = DeliveryRow(
+                    version=version, state="installed", installed_at=time.time()
+                )
+                moved += 1
+        return moved
+
     async def write_reports(self, reports: Sequence[deliveries.DeliveryReport]) -> list[BaseException | None]:
         rels = {r.release: self._t.releases[r.release] for r in reports if r.release in self._t.releases}
         delivered = {k for k in ((r.release, r.device.device_id) for r in reports) if k in self._t.deliveries}

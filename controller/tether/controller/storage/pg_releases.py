@@ -191,6 +191,25 @@ class PostgresReleases:
                     (device_id, [t.release for t in batch], [t.version for t in batch], downgrade),
                 )
 
+    async def confirm_installed(self, *, device_id: str, installs: Sequence[tuple[str, int]]) -> int:
+        if not installs:
+            return 0
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(
+                "UPDATE deliveries d SET state = 'installed', message = '', updated_at = now(),"
+                " installed_at = coalesce(d.installed_at, now())"
+                " FROM unnest(%s::text[], %s::bigint[]) AS t(release, version)"
+                " WHERE d.release = t.release AND d.device_id = %s AND d.version = t.version"
+                " AND d.state = ANY(%s)",
+                (
+                    [r for r, _ in installs],
+                    [v for _, v in installs],
+                    device_id,
+                    list(deliveries.UNCONFIRMED_STATES),
+                ),
+            )
+            return cur.rowcount
+
     async def write_reports(self, reports: Sequence[deliveries.DeliveryReport]) -> list[BaseException | None]:
         """One transaction for the batch (`reporting` groups them); each report alone when the database refuses
         it (to find the bad one).
