@@ -266,3 +266,66 @@ def number(
         hb = "]" if high_inclusive else ")"
         raise errors.InvalidSpec(f"must be a number in {lb}{low:g}, {high:g}{hb}, got {value!r}", field=field)
     return float(value)
+
+
+# ------------------------------------------------------------------ privacy
+
+
+class PrivacyMode(enum.StrEnum):
+    CENTRAL = "central"  # the server clips every update and adds Gaussian noise to their sum
+    LOCAL = "local"  # the task clips and noises its own update on the device
+
+
+DEFAULT_TARGET_DELTA = 1e-5
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Privacy:
+    """Differential privacy by L2 clipping and Gaussian noise (noise std = noise_multiplier · clip_norm)."""
+
+    mode: PrivacyMode
+    clip_norm: float
+    noise_multiplier: float
+    target_delta: float = DEFAULT_TARGET_DELTA
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "mode": self.mode.value,
+            "clipNorm": self.clip_norm,
+            "noiseMultiplier": self.noise_multiplier,
+            "targetDelta": self.target_delta,
+        }
+
+
+PRIVACY_FIELDS = ("mode", "clipNorm", "noiseMultiplier", "targetDelta")
+
+
+def parse_privacy(doc: Any, *, field: str = "privacy") -> Privacy | None:
+    """`{"mode": "central", "clipNorm": 1.0, "noiseMultiplier": 1.0, "targetDelta": 1e-5}`; None when absent."""
+    if doc is None:
+        return None
+    if not isinstance(doc, Mapping):
+        raise errors.InvalidSpec("must be an object", field=field)
+    unknown = sorted(set(doc) - set(PRIVACY_FIELDS))
+    if unknown:
+        raise errors.InvalidSpec(f"unknown fields {unknown}; allowed are {list(PRIVACY_FIELDS)}", field=field)
+    raw_mode = doc.get("mode", PrivacyMode.CENTRAL.value)
+    try:
+        mode = PrivacyMode(raw_mode)
+    except ValueError:
+        raise errors.InvalidSpec(
+            f"{raw_mode!r} is not one of {[m.value for m in PrivacyMode]}", field=f"{field}.mode"
+        ) from None
+    for key in ("clipNorm", "noiseMultiplier"):
+        if key not in doc:
+            raise errors.InvalidSpec("is required", field=f"{field}.{key}")
+    clip_norm = number(doc["clipNorm"], field=f"{field}.clipNorm", low=0.0, high=1e6, low_inclusive=False)
+    noise = number(doc["noiseMultiplier"], field=f"{field}.noiseMultiplier", low=0.0, high=1e3)
+    delta = number(
+        doc.get("targetDelta", DEFAULT_TARGET_DELTA),
+        field=f"{field}.targetDelta",
+        low=0.0,
+        high=0.1,
+        low_inclusive=False,
+    )
+    return Privacy(mode=mode, clip_norm=clip_norm, noise_multiplier=noise, target_delta=delta)

@@ -30,7 +30,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from tether.controller.fl import robust, updates
+from tether.common import errors
+from tether.controller.fl import privacy, robust, updates
 from tether.spec import federation
 
 F64Model = dict[str, npt.NDArray[np.float64]]
@@ -55,6 +56,7 @@ class Outcome:
     samples: int
     chosen: tuple[str, ...]  # the devices whose updates make the result (all but for Krum)
     delta: F64Model  # the aggregated update the server step applied
+    clipped: int = 0  # updates scaled down to the clip norm (central DP)
 
 
 class MeanFold:
@@ -88,6 +90,10 @@ class MeanFold:
         self._devices.append(update.device)
         self._seen.add(update.device)
 
+    def total(self) -> F64Model:
+        """The running sum of samples·delta (copies)."""
+        return {n: s.copy() for n, s in self._sums.items()}
+
     def mean(self) -> F64Model:
         if not self._samples:
             raise updates.EmptyRound("no update was folded into the round")
@@ -105,18 +111,41 @@ def aggregate(
     global_model: updates.Model,
     contributions: Iterable[updates.Update],
     state: ServerState,
+    mechanism: privacy.GaussianMechanism | None = None,
+    noise: np.random.Generator | None = None,
 ) -> Outcome:
     """The next global model from the round's updates, taken in the order given.
 
     Streaming strategies consume `contributions` one at a time; robust ones
     collect them first. A bad update raises `updates.InvalidUpdate` before
     anything is returned: the caller refuses it and aggregates without it.
+    With a central-DP `mechanism` every update is clipped and weighs 1, and
+    the sum is noised from `noise` (FedAvg family only: a median's or Krum's
+    sensitivity is not the clip norm).
     """
     if is_streaming(strategy):
         fold = MeanFold(like=global_model)
+        clipped = 0
         for u in contributions:
+            if mechanism is not None:
+                updates.check(u, like=global_model)
+                c = privacy.clip(u, clip_norm=mechanism.clip_norm)
+                clipped += c.clipped
+                u = c.update
             fold.add(u)
-        return finish(strategy, global_model=global_model, fold=fold, state=state)
+        if mechanism is None:
+            return finish(strategy, global_model=global_model, fold=fold, state=state)
+        if noise is None:
+            raise ValueError("central DP needs a noise generator")
+        if not fold.devices:
+            raise updates.EmptyRound("no update was folded into the round")
+        mean = mechanism.noised_mean(fold.total(), rng=noise)
+        out = finish(strategy, global_model=global_model, fold=fold, state=state, mean=mean)
+        return dataclasses.replace(out, clipped=clipped)
+    if mechanism is not None:
+        raise errors.FailedPrecondition(
+            f"central differential privacy needs a FedAvg-family strategy, not {strategy.name}"
+        )
     collected = robust.collect(contributions, like=global_model)
     if isinstance(strategy, federation.Median):
         delta = robust.median(collected, like=global_model)
@@ -148,10 +177,16 @@ def aggregate(
 
 
 def finish(
-    strategy: federation.Strategy, *, global_model: updates.Model, fold: MeanFold, state: ServerState
+    strategy: federation.Strategy,
+    *,
+    global_model: updates.Model,
+    fold: MeanFold,
+    state: ServerState,
+    mean: F64Model | None = None,
 ) -> Outcome:
-    """The server step of a streaming strategy over a fold's mean."""
-    mean = fold.mean()
+    """The server step of a streaming strategy over a fold's mean (or the `mean` given, e.g. noised)."""
+    if mean is None:
+        mean = fold.mean()
     if isinstance(strategy, federation.FedAvg | federation.FedProx):
         model = _apply(global_model, mean, scale=1.0)
         new_state = dataclasses.replace(state, rounds=state.rounds + 1)
