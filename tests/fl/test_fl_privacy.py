@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from tether.common import errors
 from tether.controller.fl import aggregators, privacy, updates
-from tether.spec import federation
+from tether.spec import federation, strategies
 
 
 def rdp_gaussian_epsilon(sigma: float, rounds: int, delta: float) -> float:
@@ -99,7 +99,7 @@ def test_central_dp_fedavg_is_the_noised_mean_of_clipped_updates_with_the_stated
     ]
     mech = privacy.GaussianMechanism(clip_norm=1.0, noise_multiplier=2.0, expected_updates=5)
     out = aggregators.aggregate(
-        federation.FedAvg(),
+        strategies.FedAvg(),
         global_model=g,
         contributions=ups,
         state=aggregators.ServerState(),
@@ -112,7 +112,7 @@ def test_central_dp_fedavg_is_the_noised_mean_of_clipped_updates_with_the_stated
     assert noise.mean() == pytest.approx(0.0, abs=0.05)
     assert noise.std() == pytest.approx(mech.noise_std, rel=0.03)
     again = aggregators.aggregate(
-        federation.FedAvg(),
+        strategies.FedAvg(),
         global_model=g,
         contributions=ups,
         state=aggregators.ServerState(),
@@ -128,11 +128,11 @@ def test_central_dp_refuses_robust_strategies_and_a_missing_generator() -> None:
     mech = privacy.GaussianMechanism(clip_norm=1.0, noise_multiplier=1.0, expected_updates=1)
     with pytest.raises(errors.FailedPrecondition, match="FedAvg-family"):
         aggregators.aggregate(
-            federation.Median(), global_model=g, contributions=ups, state=aggregators.ServerState(), mechanism=mech
+            strategies.Median(), global_model=g, contributions=ups, state=aggregators.ServerState(), mechanism=mech
         )
     with pytest.raises(ValueError, match="noise generator"):
         aggregators.aggregate(
-            federation.FedAvg(), global_model=g, contributions=ups, state=aggregators.ServerState(), mechanism=mech
+            strategies.FedAvg(), global_model=g, contributions=ups, state=aggregators.ServerState(), mechanism=mech
         )
 
 

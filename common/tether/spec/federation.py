@@ -1,33 +1,31 @@
-"""A federated MLTask's rules (`spec.federated`), one typed value for the operator and the controller.
+"""A federated MLTask's round rules (`spec.federated`), one typed value for the operator and the controller.
 
-What a user writes decides how the cloud runs rounds: which aggregation
-strategy folds the devices' updates (and its parameters), and, in the rest of
-this module, how many rounds, who takes part, the quorum and deadline, what
-happens to stragglers, differential privacy and evaluation. The operator
-validates an MLTask with these parsers and the controller runs rounds from
-their values, so a spec the operator accepts is one the controller can run.
+What a user writes decides how the cloud runs rounds: how many rounds (or a
+metric to stop on), who takes part and how they are drawn, the quorum and
+deadline, what happens to stragglers and late updates, the strategy
+(`tether.spec.strategies`), differential privacy and evaluation. The operator
+validates an MLTask with `parse_federation` and the controller runs rounds
+from its value, so a spec the operator accepts is one the controller runs.
 
-Strategies are plain parameter values here; their maths is the controller's
-(`tether.controller.fl.aggregators` and `tether.controller.fl.robust`), which
-dispatches on the value's type. Names and defaults follow the papers and the
-frameworks users know (Flower's `FedAvgM`, `FedAdam`, ...):
+    {"rounds": 30,                                   # at most this many rounds
+     "stopOn": {"metric": "accuracy", "target": 0.9, "patience": 5, "minDelta": 0.001, "mode": "max"},
+     "participants": {"count": 10},                  # or {"fraction": 0.1} of the eligible connected devices
+     "overSelection": 0.3,                           # select 30 % more; the round closes at `participants`
+     "quorum": {"fraction": 0.8},                    # of `participants`; or {"count": 8}
+     "seed": 0,                                      # per-round sampling seed: a run is reproducible
+     "roundDeadlineSeconds": 600,
+     "onQuorumMissed": "extend", "maxExtensions": 1, # or "fail"
+     "lateUpdates": "refuse",                        # or "keep": stored and counted, never folded
+     "strategy": {"name": "fedAvg"},
+     "privacy": {"mode": "central", "clipNorm": 1.0, "noiseMultiplier": 1.0, "targetDelta": 1e-5},
+     "evaluation": {"metric": "accuracy", "every": 1, "server": {"file": "cloud/heldout.npz"},
+                    "devices": {"fraction": 0.1}}}
 
-- `fedAvg` (McMahan et al. 2017): sample-weighted mean of the updates.
-- `fedAvgM` (Hsu et al. 2019): FedAvg's mean as a pseudo-gradient with server
-  momentum `momentum` and learning rate `serverLearningRate`.
-- `fedProx` (Li et al. 2020): FedAvg on the server; `proximalMu` is handed to
-  the task, which adds (mu/2)·||w - w_global||² to its local loss.
-- `fedAdam`, `fedYogi`, `fedAdagrad` (Reddi et al. 2021, "Adaptive Federated
-  Optimization"): server optimizers over the mean update, with `serverLearningRate`
-  (eta), `beta1`, `beta2` and `tau` (the adaptivity floor).
-- `median` (Yin et al. 2018): coordinate-wise median.
-- `trimmedMean` (Yin et al. 2018): coordinate-wise mean after dropping the
-  `trimFraction` largest and smallest values of each coordinate.
-- `krum` / `multiKrum` (Blanchard et al. 2017): the update(s) closest to their
-  n - f - 2 nearest neighbours, f = `byzantine`; Multi-Krum averages the
-  `selected` best.
-
-Errors are `errors.InvalidSpec` naming the field. Pure: no I/O.
+Stragglers: a round selects `participants` devices (plus `overSelection`,
+Bonawitz et al. 2019), aggregates as soon as `participants` updates are in,
+and at the deadline aggregates what came if the quorum is met; if not, it is
+extended by another deadline (`maxExtensions` times) or fails. Errors are
+`errors.InvalidSpec` naming the field. Pure: no I/O.
 """
 
 from __future__ import annotations
@@ -36,237 +34,13 @@ import dataclasses
 import enum
 import math
 from collections.abc import Mapping
-from typing import Any, TypeAlias
+from typing import Any, TypeVar
 
 from tether.common import errors
+from tether.spec import strategies
+from tether.spec.strategies import number
 
-
-class StrategyName(enum.StrEnum):
-    FED_AVG = "fedAvg"
-    FED_AVG_M = "fedAvgM"
-    FED_PROX = "fedProx"
-    FED_ADAM = "fedAdam"
-    FED_YOGI = "fedYogi"
-    FED_ADAGRAD = "fedAdagrad"
-    MEDIAN = "median"
-    TRIMMED_MEAN = "trimmedMean"
-    KRUM = "krum"
-    MULTI_KRUM = "multiKrum"
-
-
-class ServerOptimizer(enum.StrEnum):
-    ADAM = "adam"
-    YOGI = "yogi"
-    ADAGRAD = "adagrad"
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class FedAvg:
-    """Sample-weighted mean of the updates, applied as is."""
-
-    @property
-    def name(self) -> StrategyName:
-        return StrategyName.FED_AVG
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class FedProx:
-    """FedAvg on the server; the task adds the proximal term (mu/2)·||w - w_global||² to its loss."""
-
-    proximal_mu: float
-
-    @property
-    def name(self) -> StrategyName:
-        return StrategyName.FED_PROX
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class FedAvgM:
-    """v <- momentum·v + mean_update; w <- w + server_learning_rate·v."""
-
-    server_learning_rate: float = 1.0
-    momentum: float = 0.9
-
-    @property
-    def name(self) -> StrategyName:
-        return StrategyName.FED_AVG_M
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class FedOpt:
-    """An adaptive server optimizer over the mean update (Reddi et al. 2021, Algorithm 2)."""
-
-    optimizer: ServerOptimizer
-    server_learning_rate: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.99
-    tau: float = 1e-3
-
-    @property
-    def name(self) -> StrategyName:
-        return {
-            ServerOptimizer.ADAM: StrategyName.FED_ADAM,
-            ServerOptimizer.YOGI: StrategyName.FED_YOGI,
-            ServerOptimizer.ADAGRAD: StrategyName.FED_ADAGRAD,
-        }[self.optimizer]
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class Median:
-    """Coordinate-wise median of the updates (unweighted: a weight would let one device buy the median)."""
-
-    @property
-    def name(self) -> StrategyName:
-        return StrategyName.MEDIAN
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class TrimmedMean:
-    """Coordinate-wise mean without the floor(trim_fraction·n) largest and smallest values."""
-
-    trim_fraction: float = 0.1
-
-    @property
-    def name(self) -> StrategyName:
-        return StrategyName.TRIMMED_MEAN
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class Krum:
-    """Krum (selected = 1) or Multi-Krum: the sample-weighted mean of the `selected` best-scored updates."""
-
-    byzantine: int = 0
-    selected: int = 1
-
-    @property
-    def name(self) -> StrategyName:
-        return StrategyName.KRUM if self.selected == 1 else StrategyName.MULTI_KRUM
-
-    def minimum_updates(self) -> int:
-        """Krum's score needs n - f - 2 >= 1 neighbours, and Multi-Krum `selected` updates to choose from."""
-        return max(2 * self.byzantine + 3, self.selected)
-
-
-Strategy: TypeAlias = FedAvg | FedProx | FedAvgM | FedOpt | Median | TrimmedMean | Krum
-
-# Parameters each strategy takes (camelCase, as in the MLTask), with (low, high, low inclusive, high inclusive).
-_FLOAT_BOUNDS: Mapping[str, tuple[float, float, bool, bool]] = {
-    "proximalMu": (0.0, 1e4, True, True),
-    "serverLearningRate": (0.0, 1e3, False, True),
-    "momentum": (0.0, 1.0, True, False),
-    "beta1": (0.0, 1.0, True, False),
-    "beta2": (0.0, 1.0, True, False),
-    "tau": (0.0, 1.0, False, True),
-    "trimFraction": (0.0, 0.5, True, False),
-}
-_INT_BOUNDS: Mapping[str, tuple[int, int]] = {"byzantine": (0, 10_000), "selected": (1, 100_000)}
-PARAMETERS: Mapping[StrategyName, tuple[str, ...]] = {
-    StrategyName.FED_AVG: (),
-    StrategyName.FED_PROX: ("proximalMu",),
-    StrategyName.FED_AVG_M: ("serverLearningRate", "momentum"),
-    StrategyName.FED_ADAM: ("serverLearningRate", "beta1", "beta2", "tau"),
-    StrategyName.FED_YOGI: ("serverLearningRate", "beta1", "beta2", "tau"),
-    StrategyName.FED_ADAGRAD: ("serverLearningRate", "tau"),
-    StrategyName.MEDIAN: (),
-    StrategyName.TRIMMED_MEAN: ("trimFraction",),
-    StrategyName.KRUM: ("byzantine",),
-    StrategyName.MULTI_KRUM: ("byzantine", "selected"),
-}
-_SNAKE = {
-    "proximalMu": "proximal_mu",
-    "serverLearningRate": "server_learning_rate",
-    "momentum": "momentum",
-    "beta1": "beta1",
-    "beta2": "beta2",
-    "tau": "tau",
-    "trimFraction": "trim_fraction",
-    "byzantine": "byzantine",
-    "selected": "selected",
-}
-
-
-def parse_strategy(doc: Any, *, field: str = "strategy") -> Strategy:
-    """`{"name": "fedAdam", "serverLearningRate": 0.01, ...}`: only the named strategy's parameters, in bounds."""
-    if doc is None:
-        return FedAvg()
-    if not isinstance(doc, Mapping):
-        raise errors.InvalidSpec("must be an object with a name and the strategy's parameters", field=field)
-    raw_name = doc.get("name", StrategyName.FED_AVG.value)
-    try:
-        name = StrategyName(raw_name)
-    except ValueError:
-        raise errors.InvalidSpec(
-            f"{raw_name!r} is not one of {[s.value for s in StrategyName]}", field=f"{field}.name"
-        ) from None
-    allowed = PARAMETERS[name]
-    params: dict[str, Any] = {}
-    for key, value in doc.items():
-        if key == "name":
-            continue
-        if key not in allowed:
-            takes = f"takes {', '.join(allowed)}" if allowed else "takes no parameters"
-            raise errors.InvalidSpec(f"is not a parameter of {name.value}, which {takes}", field=f"{field}.{key}")
-        params[_SNAKE[key]] = _parameter(key, value, field=f"{field}.{key}")
-    if name is StrategyName.FED_PROX and "proximal_mu" not in params:
-        raise errors.InvalidSpec("is required for fedProx", field=f"{field}.proximalMu")
-    strategy: Strategy
-    if name is StrategyName.FED_AVG:
-        strategy = FedAvg()
-    elif name is StrategyName.FED_PROX:
-        strategy = FedProx(**params)
-    elif name is StrategyName.FED_AVG_M:
-        strategy = FedAvgM(**params)
-    elif name in (StrategyName.FED_ADAM, StrategyName.FED_YOGI, StrategyName.FED_ADAGRAD):
-        strategy = FedOpt(optimizer=_OPTIMIZERS[name], **params)
-    elif name is StrategyName.MEDIAN:
-        strategy = Median()
-    elif name is StrategyName.TRIMMED_MEAN:
-        strategy = TrimmedMean(**params)
-    else:
-        if name is StrategyName.MULTI_KRUM and "selected" not in params:
-            raise errors.InvalidSpec("is required for multiKrum", field=f"{field}.selected")
-        strategy = Krum(**params)
-    return strategy
-
-
-_OPTIMIZERS = {
-    StrategyName.FED_ADAM: ServerOptimizer.ADAM,
-    StrategyName.FED_YOGI: ServerOptimizer.YOGI,
-    StrategyName.FED_ADAGRAD: ServerOptimizer.ADAGRAD,
-}
-
-
-def strategy_document(strategy: Strategy) -> dict[str, Any]:
-    """The inverse of `parse_strategy`: the name and every parameter (defaults included)."""
-    doc: dict[str, Any] = {"name": strategy.name.value}
-    for key in PARAMETERS[strategy.name]:
-        doc[key] = getattr(strategy, _SNAKE[key])
-    return doc
-
-
-def _parameter(key: str, value: Any, *, field: str) -> float | int:
-    if key in _INT_BOUNDS:
-        low, high = _INT_BOUNDS[key]
-        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-            raise errors.InvalidSpec(f"must be an integer in [{low}, {high}], got {value!r}", field=field)
-        return value
-    flow, fhigh, low_in, high_in = _FLOAT_BOUNDS[key]
-    return number(value, field=field, low=flow, high=fhigh, low_inclusive=low_in, high_inclusive=high_in)
-
-
-def number(
-    value: Any, *, field: str, low: float, high: float, low_inclusive: bool = True, high_inclusive: bool = True
-) -> float:
-    """A finite number within bounds (ints allowed; booleans are not numbers here)."""
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    if ok:
-        ok = (value >= low if low_inclusive else value > low) and (value <= high if high_inclusive else value < high)
-    if not ok:
-        lb = "[" if low_inclusive else "("
-        hb = "]" if high_inclusive else ")"
-        raise errors.InvalidSpec(f"must be a number in {lb}{low:g}, {high:g}{hb}, got {value!r}", field=field)
-    return float(value)
-
+_E = TypeVar("_E", bound=enum.Enum)
 
 # ------------------------------------------------------------------ privacy
 
@@ -329,3 +103,288 @@ def parse_privacy(doc: Any, *, field: str = "privacy") -> Privacy | None:
         low_inclusive=False,
     )
     return Privacy(mode=mode, clip_norm=clip_norm, noise_multiplier=noise, target_delta=delta)
+
+
+# ------------------------------------------------------------------ the round rules
+
+MAX_ROUNDS = 100_000
+MAX_PARTICIPANTS = 1_000_000
+MAX_DEADLINE_S = 7 * 86400
+MAX_EXTENSIONS = 100
+MAX_SEED = 2**63 - 1
+DEFAULT_ROUNDS_WITH_STOP = 1000
+
+
+class QuorumMissed(enum.StrEnum):
+    EXTEND = "extend"  # another deadline, up to maxExtensions times, then fail
+    FAIL = "fail"
+
+
+class LateUpdates(enum.StrEnum):
+    REFUSE = "refuse"  # refused with the reason, counted in status
+    KEEP = "keep"  # stored with its round and counted, never folded into a published model
+
+
+class Goal(enum.StrEnum):
+    MAX = "max"
+    MIN = "min"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Share:
+    """A number of devices, or a fraction of some population, resolved when a round opens."""
+
+    count: int | None = None
+    fraction: float | None = None
+
+    def of(self, population: int) -> int:
+        """How many of `population`: the count (at most the population), or ceil(fraction·population), >= 1."""
+        if population <= 0:
+            return 0
+        if self.count is not None:
+            return min(self.count, population)
+        assert self.fraction is not None
+        return max(1, min(population, math.ceil(self.fraction * population - 1e-9)))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"count": self.count} if self.count is not None else {"fraction": self.fraction}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StopOn:
+    """Stop when the evaluation metric reaches `target`, or has not improved by `min_delta` for `patience` rounds."""
+
+    metric: str
+    goal: Goal = Goal.MAX
+    target: float | None = None
+    patience: int | None = None
+    min_delta: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Evaluation:
+    """How rounds are scored: on the cloud's held-out set, and/or on sampled devices (sample-weighted)."""
+
+    metric: str = "accuracy"
+    every: int = 1
+    server_file: str | None = None  # a file of the bundle, evaluated by the cloud
+    devices: Share | None = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Federation:
+    """A federated task's round rules (`spec.federated`)."""
+
+    rounds: int
+    participants: Share
+    quorum: Share
+    strategy: strategies.Strategy
+    stop_on: StopOn | None = None
+    over_selection: float = 0.0
+    seed: int = 0
+    round_deadline_s: int = 600
+    on_quorum_missed: QuorumMissed = QuorumMissed.EXTEND
+    max_extensions: int = 1
+    late_updates: LateUpdates = LateUpdates.REFUSE
+    privacy: Privacy | None = None
+    evaluation: Evaluation | None = None
+
+    def selected(self, eligible: int) -> int:
+        """Devices a round selects among `eligible`: the participants and the over-selection, at most all."""
+        target = self.participants.of(eligible)
+        return min(eligible, math.ceil(target * (1.0 + self.over_selection) - 1e-9))
+
+    def quorum_of(self, eligible: int) -> int:
+        """Updates a round needs by its deadline when `eligible` devices could take part."""
+        return max(1, self.quorum.of(self.participants.of(eligible)))
+
+    def task_parameters(self) -> dict[str, float]:
+        """What the task on the device is handed: FedProx's mu, local DP's clip norm and noise multiplier."""
+        out: dict[str, float] = {}
+        if isinstance(self.strategy, strategies.FedProx):
+            out["proximalMu"] = self.strategy.proximal_mu
+        if self.privacy is not None and self.privacy.mode is PrivacyMode.LOCAL:
+            out["clipNorm"] = self.privacy.clip_norm
+            out["noiseMultiplier"] = self.privacy.noise_multiplier
+        return out
+
+
+FIELDS = (
+    "rounds",
+    "stopOn",
+    "participants",
+    "overSelection",
+    "quorum",
+    "seed",
+    "roundDeadlineSeconds",
+    "onQuorumMissed",
+    "maxExtensions",
+    "lateUpdates",
+    "strategy",
+    "privacy",
+    "evaluation",
+)
+
+
+def parse_federation(doc: Any, *, field: str = "federated") -> Federation | None:
+    """Validate `spec.federated` (`errors.InvalidSpec` names the field); None when the task is not federated."""
+    if doc is None:
+        return None
+    if not isinstance(doc, Mapping):
+        raise errors.InvalidSpec("must be an object", field=field)
+    _known(doc, FIELDS, field=field)
+    stop_on = _stop_on(doc.get("stopOn"), field=f"{field}.stopOn")
+    if "rounds" in doc:
+        rounds = _int(doc["rounds"], field=f"{field}.rounds", low=1, high=MAX_ROUNDS)
+    elif stop_on is not None:
+        rounds = DEFAULT_ROUNDS_WITH_STOP
+    else:
+        raise errors.InvalidSpec("is required unless stopOn says when to stop", field=f"{field}.rounds")
+    if "participants" not in doc:
+        raise errors.InvalidSpec(
+            "is required: a count or a fraction of eligible devices", field=f"{field}.participants"
+        )
+    participants = _share(doc["participants"], field=f"{field}.participants")
+    quorum = _share(doc.get("quorum", {"fraction": 1.0}), field=f"{field}.quorum")
+    if participants.count is not None and quorum.count is not None and quorum.count > participants.count:
+        raise errors.InvalidSpec(
+            f"needs {quorum.count} updates but a round has only {participants.count} participants",
+            field=f"{field}.quorum.count",
+        )
+    strategy = strategies.parse_strategy(doc.get("strategy"), field=f"{field}.strategy")
+    if isinstance(strategy, strategies.Krum):
+        need = strategy.minimum_updates()
+        if quorum.count is not None and quorum.count < need:
+            raise errors.InvalidSpec(
+                f"{strategy.name.value} with byzantine={strategy.byzantine} needs at least {need} updates a round, "
+                f"the quorum is {quorum.count}",
+                field=f"{field}.quorum.count",
+            )
+    privacy = parse_privacy(doc.get("privacy"), field=f"{field}.privacy")
+    robust = isinstance(strategy, strategies.Median | strategies.TrimmedMean | strategies.Krum)
+    if privacy is not None and privacy.mode is PrivacyMode.CENTRAL and robust:
+        raise errors.InvalidSpec(
+            f"central privacy bounds one device's effect on a mean; {strategy.name.value} is not a mean: use a "
+            "FedAvg-family strategy, or mode local",
+            field=f"{field}.privacy.mode",
+        )
+    evaluation = _evaluation(doc.get("evaluation"), field=f"{field}.evaluation")
+    if stop_on is not None:
+        if evaluation is None:
+            raise errors.InvalidSpec("needs an evaluation to read the metric from", field=f"{field}.stopOn")
+        if stop_on.metric != evaluation.metric:
+            raise errors.InvalidSpec(
+                f"{stop_on.metric!r} is not the evaluated metric {evaluation.metric!r}", field=f"{field}.stopOn.metric"
+            )
+    return Federation(
+        rounds=rounds,
+        participants=participants,
+        quorum=quorum,
+        strategy=strategy,
+        stop_on=stop_on,
+        over_selection=number(doc.get("overSelection", 0.0), field=f"{field}.overSelection", low=0.0, high=1.0),
+        seed=_int(doc.get("seed", 0), field=f"{field}.seed", low=0, high=MAX_SEED),
+        round_deadline_s=_int(
+            doc.get("roundDeadlineSeconds", 600), field=f"{field}.roundDeadlineSeconds", low=1, high=MAX_DEADLINE_S
+        ),
+        on_quorum_missed=_enum(QuorumMissed, doc.get("onQuorumMissed", "extend"), field=f"{field}.onQuorumMissed"),
+        max_extensions=_int(doc.get("maxExtensions", 1), field=f"{field}.maxExtensions", low=0, high=MAX_EXTENSIONS),
+        late_updates=_enum(LateUpdates, doc.get("lateUpdates", "refuse"), field=f"{field}.lateUpdates"),
+        privacy=privacy,
+        evaluation=evaluation,
+    )
+
+
+def _share(doc: Any, *, field: str) -> Share:
+    if not isinstance(doc, Mapping):
+        raise errors.InvalidSpec("must be an object with a count or a fraction", field=field)
+    _known(doc, ("count", "fraction"), field=field)
+    if ("count" in doc) == ("fraction" in doc):
+        raise errors.InvalidSpec("needs exactly one of count and fraction", field=field)
+    if "count" in doc:
+        return Share(count=_int(doc["count"], field=f"{field}.count", low=1, high=MAX_PARTICIPANTS))
+    return Share(fraction=number(doc["fraction"], field=f"{field}.fraction", low=0.0, high=1.0, low_inclusive=False))
+
+
+def _stop_on(doc: Any, *, field: str) -> StopOn | None:
+    if doc is None:
+        return None
+    if not isinstance(doc, Mapping):
+        raise errors.InvalidSpec("must be an object", field=field)
+    _known(doc, ("metric", "mode", "target", "patience", "minDelta"), field=field)
+    metric = _name(doc.get("metric"), field=f"{field}.metric")
+    target = None if doc.get("target") is None else number(doc["target"], field=f"{field}.target", low=-1e12, high=1e12)
+    patience = (
+        None if doc.get("patience") is None else _int(doc["patience"], field=f"{field}.patience", low=1, high=1000)
+    )
+    if target is None and patience is None:
+        raise errors.InvalidSpec("needs a target, a patience or both", field=field)
+    return StopOn(
+        metric=metric,
+        goal=_enum(Goal, doc.get("mode", "max"), field=f"{field}.mode"),
+        target=target,
+        patience=patience,
+        min_delta=number(doc.get("minDelta", 0.0), field=f"{field}.minDelta", low=0.0, high=1e12),
+    )
+
+
+def _evaluation(doc: Any, *, field: str) -> Evaluation | None:
+    if doc is None:
+        return None
+    if not isinstance(doc, Mapping):
+        raise errors.InvalidSpec("must be an object", field=field)
+    _known(doc, ("metric", "every", "server", "devices"), field=field)
+    server_file = None
+    server = doc.get("server")
+    if server is not None:
+        if not isinstance(server, Mapping):
+            raise errors.InvalidSpec("must be an object naming the held-out set's file", field=f"{field}.server")
+        _known(server, ("file",), field=f"{field}.server")
+        server_file = _path(server.get("file"), field=f"{field}.server.file")
+    devices = None if doc.get("devices") is None else _share(doc["devices"], field=f"{field}.devices")
+    if server_file is None and devices is None:
+        raise errors.InvalidSpec("needs a server held-out set, devices to evaluate on, or both", field=field)
+    return Evaluation(
+        metric=_name(doc.get("metric", "accuracy"), field=f"{field}.metric"),
+        every=_int(doc.get("every", 1), field=f"{field}.every", low=1, high=MAX_ROUNDS),
+        server_file=server_file,
+        devices=devices,
+    )
+
+
+def _known(doc: Mapping[str, Any], allowed: tuple[str, ...], *, field: str) -> None:
+    unknown = sorted(set(doc) - set(allowed))
+    if unknown:
+        raise errors.InvalidSpec(f"unknown fields {unknown}; allowed are {list(allowed)}", field=field)
+
+
+def _int(value: Any, *, field: str, low: int, high: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise errors.InvalidSpec(f"must be an integer in [{low}, {high}], got {value!r}", field=field)
+    return value
+
+
+def _enum(kind: type[_E], value: Any, *, field: str) -> _E:
+    try:
+        return kind(value)
+    except ValueError:
+        raise errors.InvalidSpec(f"{value!r} is not one of {[m.value for m in kind]}", field=field) from None
+
+
+def _name(value: Any, *, field: str) -> str:
+    if (
+        not isinstance(value, str)
+        or not 1 <= len(value) <= 128
+        or not value.replace("_", "a").replace(".", "a").isalnum()
+    ):
+        raise errors.InvalidSpec(f"must be a metric name (letters, digits, _ and .), got {value!r}", field=field)
+    return value
+
+
+def _path(value: Any, *, field: str) -> str:
+    if not isinstance(value, str) or not value or len(value) > 512:
+        raise errors.InvalidSpec(f"must be a relative path of the bundle, got {value!r}", field=field)
+    parts = value.split("/")
+    if value.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise errors.InvalidSpec(f"must be a relative path inside the bundle, got {value!r}", field=field)
+    return value

@@ -32,7 +32,7 @@ import numpy.typing as npt
 
 from tether.common import errors
 from tether.controller.fl import privacy, robust, updates
-from tether.spec import federation
+from tether.spec import strategies
 
 F64Model = dict[str, npt.NDArray[np.float64]]
 
@@ -100,13 +100,13 @@ class MeanFold:
         return {n: s / float(self._samples) for n, s in self._sums.items()}
 
 
-def is_streaming(strategy: federation.Strategy) -> bool:
+def is_streaming(strategy: strategies.Strategy) -> bool:
     """True for the strategies that fold updates one at a time (memory of one model)."""
-    return isinstance(strategy, federation.FedAvg | federation.FedProx | federation.FedAvgM | federation.FedOpt)
+    return isinstance(strategy, strategies.FedAvg | strategies.FedProx | strategies.FedAvgM | strategies.FedOpt)
 
 
 def aggregate(
-    strategy: federation.Strategy,
+    strategy: strategies.Strategy,
     *,
     global_model: updates.Model,
     contributions: Iterable[updates.Update],
@@ -147,13 +147,13 @@ def aggregate(
             f"central differential privacy needs a FedAvg-family strategy, not {strategy.name}"
         )
     collected = robust.collect(contributions, like=global_model)
-    if isinstance(strategy, federation.Median):
+    if isinstance(strategy, strategies.Median):
         delta = robust.median(collected, like=global_model)
         chosen = tuple(u.device for u in collected)
-    elif isinstance(strategy, federation.TrimmedMean):
+    elif isinstance(strategy, strategies.TrimmedMean):
         delta = robust.trimmed_mean(collected, like=global_model, fraction=strategy.trim_fraction)
         chosen = tuple(u.device for u in collected)
-    elif isinstance(strategy, federation.Krum):
+    elif isinstance(strategy, strategies.Krum):
         if len(collected) < strategy.minimum_updates():
             raise updates.EmptyRound(
                 f"{strategy.name.value} with byzantine={strategy.byzantine}, selected={strategy.selected} needs "
@@ -177,7 +177,7 @@ def aggregate(
 
 
 def finish(
-    strategy: federation.Strategy,
+    strategy: strategies.Strategy,
     *,
     global_model: updates.Model,
     fold: MeanFold,
@@ -187,17 +187,17 @@ def finish(
     """The server step of a streaming strategy over a fold's mean (or the `mean` given, e.g. noised)."""
     if mean is None:
         mean = fold.mean()
-    if isinstance(strategy, federation.FedAvg | federation.FedProx):
+    if isinstance(strategy, strategies.FedAvg | strategies.FedProx):
         model = _apply(global_model, mean, scale=1.0)
         new_state = dataclasses.replace(state, rounds=state.rounds + 1)
-    elif isinstance(strategy, federation.FedAvgM):
+    elif isinstance(strategy, strategies.FedAvgM):
         velocity = {
             n: (strategy.momentum * state.velocity[n] + m if state.velocity is not None else m.copy())
             for n, m in mean.items()
         }
         model = _apply(global_model, velocity, scale=strategy.server_learning_rate)
         new_state = ServerState(rounds=state.rounds + 1, velocity=velocity, second_moment=state.second_moment)
-    elif isinstance(strategy, federation.FedOpt):
+    elif isinstance(strategy, strategies.FedOpt):
         model, new_state = _fedopt(strategy, global_model=global_model, mean=mean, state=state)
     else:
         raise TypeError(f"{strategy.name.value} does not stream; use aggregate()")
@@ -207,7 +207,7 @@ def finish(
 
 
 def _fedopt(
-    strategy: federation.FedOpt, *, global_model: updates.Model, mean: F64Model, state: ServerState
+    strategy: strategies.FedOpt, *, global_model: updates.Model, mean: F64Model, state: ServerState
 ) -> tuple[dict[str, updates.Array], ServerState]:
     b1, b2, tau = strategy.beta1, strategy.beta2, strategy.tau
     m_prev = state.velocity
@@ -220,9 +220,9 @@ def _fedopt(
         v0 = v_prev[n] if v_prev is not None else np.full_like(d, tau * tau)
         m = b1 * m0 + (1.0 - b1) * d
         d2 = d * d
-        if strategy.optimizer is federation.ServerOptimizer.ADAGRAD:
+        if strategy.optimizer is strategies.ServerOptimizer.ADAGRAD:
             v = v0 + d2
-        elif strategy.optimizer is federation.ServerOptimizer.YOGI:
+        elif strategy.optimizer is strategies.ServerOptimizer.YOGI:
             v = v0 - (1.0 - b2) * d2 * np.sign(v0 - d2)
         else:
             v = b2 * v0 + (1.0 - b2) * d2
