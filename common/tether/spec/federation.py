@@ -195,7 +195,12 @@ class Federation:
         return min(eligible, math.ceil(target * (1.0 + self.over_selection) - 1e-9))
 
     def quorum_of(self, eligible: int) -> int:
-        """Updates a round needs by its deadline when `eligible` devices could take part."""
+        """Updates a round needs by its deadline when `eligible` devices could take part.
+
+        A count is absolute (fewer eligible devices cannot reach it: the round waits); a fraction is of the
+        participants the round draws."""
+        if self.quorum.count is not None:
+            return self.quorum.count
         return max(1, self.quorum.of(self.participants.of(eligible)))
 
     def task_parameters(self) -> dict[str, float]:
