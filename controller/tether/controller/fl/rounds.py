@@ -124,6 +124,17 @@ def transition(r: Round, new: Phase, *, reason: str = "", **changes: object) -> 
     return dataclasses.replace(r, phase=new, reason=reason or r.reason, **changes)  # type: ignore[arg-type]
 
 
+def check_update(stored: Round, new: Round, *, expected: Phase) -> None:
+    """Storage's refusals when a round is written back (`RoundBook.update_round`), for both storages."""
+    where = f"round {new.number} of {new.task}"
+    if stored.phase is not expected:
+        raise errors.FailedPrecondition(f"{where} is {stored.phase}, not {expected}: it moved meanwhile")
+    if new.phase is not expected and not is_valid_transition(expected, new.phase):
+        raise InvalidTransition(f"{where} cannot go from {expected} to {new.phase}")
+    if stored.selected and new.selected != stored.selected:
+        raise errors.FailedPrecondition(f"{where} has selected its participants already")
+
+
 def open_round(*, task: str, number: int, rules: federation.Federation, now: float) -> Round:
     """A new round, waiting for eligible devices until the deadline."""
     if number < 1:
