@@ -49,6 +49,7 @@ FOLDING = [strategies.FedAvg(), strategies.FedProx(proximal_mu=0.01)]
 
 
 @pytest.mark.parametrize("strategy", FOLDING, ids=lambda s: s.name.value)
+@settings(deadline=None)  # no timing: a loaded CI machine must not fail a property
 @given(case=rounds())
 def test_fedavg_and_fedprox_are_the_sample_weighted_mean(strategy, case) -> None:
     g, ups = case
@@ -60,6 +61,7 @@ def test_fedavg_and_fedprox_are_the_sample_weighted_mean(strategy, case) -> None
     assert out.state.rounds == 1
 
 
+@settings(deadline=None)  # no timing: a loaded CI machine must not fail a property
 @given(case=rounds(), lr=st.floats(0.1, 2.0), beta=st.floats(0.0, 0.99))
 def test_fedavgm_applies_server_momentum_over_rounds(case, lr, beta) -> None:
     g, ups = case
@@ -98,6 +100,7 @@ def _fedopt_reference(opt, ups_per_round, g, *, lr, b1, b2, tau):
 
 
 @pytest.mark.parametrize("opt", list(strategies.ServerOptimizer))
+@settings(deadline=None)  # no timing: a loaded CI machine must not fail a property
 @given(first=rounds(), second=rounds(), lr=st.floats(0.001, 1.0), tau=st.floats(1e-6, 0.1))
 def test_server_optimizers_follow_reddi_et_al(opt, first, second, lr, tau) -> None:
     g, ups1 = first
@@ -113,6 +116,7 @@ def test_server_optimizers_follow_reddi_et_al(opt, first, second, lr, tau) -> No
     assert strategy.name.value == {"adam": "fedAdam", "yogi": "fedYogi", "adagrad": "fedAdagrad"}[opt.value]
 
 
+@settings(deadline=None)  # no timing: a loaded CI machine must not fail a property
 @given(case=rounds())
 def test_median_is_numpys_coordinate_wise_median(case) -> None:
     g, ups = case
@@ -120,6 +124,7 @@ def test_median_is_numpys_coordinate_wise_median(case) -> None:
     close(out.model, {k: g[k] + np.median(stack(ups, k), axis=0) for k in SHAPES})
 
 
+@settings(deadline=None)  # no timing: a loaded CI machine must not fail a property
 @given(case=rounds(), fraction=st.floats(0.0, 0.49))
 def test_trimmed_mean_is_scipys_trim_mean(case, fraction) -> None:
     g, ups = case
@@ -140,6 +145,7 @@ def _krum_reference(ups, f, m):
     return picked, {k: np.average(stack(picked, k), axis=0, weights=weights(picked)) for k in SHAPES}
 
 
+@settings(deadline=None)  # no timing: a loaded CI machine must not fail a property
 @given(case=rounds(min_updates=5, max_updates=12), data=st.data())
 def test_krum_and_multi_krum_match_a_brute_force_reference(case, data) -> None:
     g, ups = case
@@ -162,6 +168,7 @@ def test_krum_and_multi_krum_match_a_brute_force_reference(case, data) -> None:
     [strategies.Median(), strategies.TrimmedMean(trim_fraction=0.2), strategies.Krum(byzantine=1, selected=1)],
     ids=lambda s: s.name.value,
 )
+@settings(deadline=None)  # no timing: a loaded CI machine must not fail a property
 @given(case=rounds(min_updates=5), seed=st.integers(0, 1000))
 def test_robust_results_do_not_depend_on_the_order(strategy, case, seed) -> None:
     g, ups = case
@@ -172,6 +179,7 @@ def test_robust_results_do_not_depend_on_the_order(strategy, case, seed) -> None
     close(a.model, b.model)
 
 
+@settings(deadline=None)  # no timing: a loaded CI machine must not fail a property
 @given(case=rounds())
 def test_a_fold_in_a_fixed_order_is_bit_for_bit_reproducible(case) -> None:
     g, ups = case
@@ -183,7 +191,7 @@ def test_a_fold_in_a_fixed_order_is_bit_for_bit_reproducible(case) -> None:
         assert a.model[k].tobytes() == b.model[k].tobytes()
 
 
-@settings(max_examples=30)
+@settings(deadline=None, max_examples=30)
 @given(seed=st.integers(0, 2**32 - 1), n=st.integers(8, 12))
 def test_robust_strategies_resist_one_poisoned_update(seed, n) -> None:
     """Honest devices of one data distribution; one sends its update scaled by -100 (sign-flipped)."""
