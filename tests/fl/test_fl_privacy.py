@@ -123,6 +123,31 @@ def test_central_dp_fedavg_is_the_noised_mean_of_clipped_updates_with_the_stated
     assert again.model["w"].tobytes() == out.model["w"].tobytes()  # the same secret seed: the same round
 
 
+def test_central_dp_keeps_a_float32_model_float32_and_refuses_a_device_twice() -> None:
+    g = {"w": np.zeros(8, dtype=np.float32)}
+    ups = [updates.Update(device=d, delta={"w": np.full(8, 3.0, dtype=np.float32)}, samples=5) for d in "ab"]
+    mech = privacy.GaussianMechanism(clip_norm=1.0, noise_multiplier=0.0, expected_updates=2)
+    out = aggregators.aggregate(
+        strategies.FedAvg(),
+        global_model=g,
+        contributions=ups,
+        state=aggregators.ServerState(),
+        mechanism=mech,
+        noise=np.random.default_rng(0),
+    )
+    assert out.model["w"].dtype == np.float32 and out.clipped == 2
+    np.testing.assert_allclose(out.model["w"], np.full(8, 1.0 / math.sqrt(8)), rtol=1e-6)
+    with pytest.raises(updates.InvalidUpdate, match="already folded"):
+        aggregators.aggregate(
+            strategies.FedAvg(),
+            global_model=g,
+            contributions=[ups[0], ups[0]],
+            state=aggregators.ServerState(),
+            mechanism=mech,
+            noise=np.random.default_rng(0),
+        )
+
+
 def test_central_dp_refuses_robust_strategies_and_a_missing_generator() -> None:
     g = {"w": np.zeros(2)}
     ups = [updates.Update(device="a", delta={"w": np.ones(2)}, samples=1)]

@@ -257,6 +257,8 @@ def test_the_fold_keeps_one_model_of_memory_and_refuses_a_device_twice() -> None
         ({"w": np.ones(3), "x": np.ones(1)}, 1, "delta", "does not have: ['x']"),
         ({"w": np.ones(4)}, 1, "delta['w']", "shape [4]"),
         ({"w": np.ones(3, dtype=np.int32)}, 1, "delta['w']", "floating-point"),
+        ({"w": np.ones(3, dtype=np.float32)}, 1, "delta['w']", "dtype float32, the model's is float64"),
+        ({"w": np.array([1e299, 0.0, 0.0])}, 20, "delta['w']", "too large to fold"),
         ({"w": np.array([1.0, np.nan, 0.0])}, 1, "delta['w']", "NaN"),
         ({"w": np.array([1.0, np.inf, 0.0])}, 1, "delta['w']", "infinite"),
     ],

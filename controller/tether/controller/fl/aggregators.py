@@ -81,6 +81,10 @@ class MeanFold:
     def add(self, update: updates.Update) -> None:
         """Fold one update in, or refuse it whole (`updates.InvalidUpdate`) and change nothing."""
         updates.check(update, like=self._like)
+        self._fold(update)
+
+    def _fold(self, update: updates.Update) -> None:
+        """Fold a checked update in (a clipped one is float64 whatever the model's dtype)."""
         if update.device in self._seen:
             raise updates.InvalidUpdate("was already folded into this round", device=update.device, field="device")
         weight = float(update.samples)
@@ -131,8 +135,9 @@ def aggregate(
                 updates.check(u, like=global_model)
                 c = privacy.clip(u, clip_norm=mechanism.clip_norm)
                 clipped += c.clipped
-                u = c.update
-            fold.add(u)
+                fold._fold(c.update)
+            else:
+                fold.add(u)
         if mechanism is None:
             return finish(strategy, global_model=global_model, fold=fold, state=state)
         if noise is None:

@@ -8,9 +8,10 @@ model, distances between updates are the same either way, and the server
 optimizers need the pseudo-gradient anyway.
 
 An update is refused whole, with a reason naming the tensor, when its tensor
-names or shapes differ from the global model's, when a value is NaN or
-infinite, or when its sample count is not a positive integer: nothing of it
-is folded. Pure: numpy only, no I/O.
+names, dtypes or shapes differ from the global model's, when a value is NaN,
+infinite or so large that a weighted sum could overflow, or when its sample
+count is not a positive integer: nothing of it is folded. (Quantized updates
+are decoded to the model's dtype before they get here.) Pure: numpy only, no I/O.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from tether.common import errors
 Array: TypeAlias = npt.NDArray[np.floating[Any]]
 Model: TypeAlias = Mapping[str, Array]
 F8 = np.dtype(np.float64)
+# |value|·samples beyond this could overflow a float64 running sum to infinity within a round of many updates.
+MAX_WEIGHTED_VALUE = 1e300
 
 
 class InvalidUpdate(errors.InvalidArgument):
@@ -72,12 +75,20 @@ def check(update: Update, *, like: Model) -> None:
         if not isinstance(got, np.ndarray) or got.dtype.kind != "f":
             kind = getattr(got, "dtype", type(got).__name__)
             raise InvalidUpdate(f"must be a floating-point array, got {kind}", device=device, field=where)
+        if got.dtype != expected.dtype:
+            raise InvalidUpdate(f"has dtype {got.dtype}, the model's is {expected.dtype}", device=device, field=where)
         if got.shape != expected.shape:
             raise InvalidUpdate(
                 f"has shape {list(got.shape)}, the model's is {list(expected.shape)}", device=device, field=where
             )
         if not np.isfinite(got).all():
             raise InvalidUpdate("holds NaN or infinite values", device=device, field=where)
+        if got.size and float(np.abs(got).max()) * samples > MAX_WEIGHTED_VALUE:
+            raise InvalidUpdate(
+                f"holds values too large to fold (|value|·samples above {MAX_WEIGHTED_VALUE:g})",
+                device=device,
+                field=where,
+            )
 
 
 def names(model: Model) -> tuple[str, ...]:
