@@ -25,8 +25,9 @@ import enum
 from typing import Annotated, Any, Literal
 
 import pydantic
-from pydantic import alias_generators
 
+from tether.operator.camel import CamelModel
+from tether.operator.federated import Federated
 from tether.spec import cron, resources, selectors, streams
 
 GROUP = "tether.dev"
@@ -48,21 +49,6 @@ MAX_EXPRESSIONS = 32
 MAX_VALUES = 256
 MAX_TIMEOUT_SECONDS = 24 * 3600
 MAX_INTERVAL_SECONDS = 30 * 24 * 3600
-
-
-class CamelModel(pydantic.BaseModel):
-    """Common configuration: camelCase aliases, unknown fields refused, immutable values."""
-
-    model_config = pydantic.ConfigDict(
-        alias_generator=alias_generators.to_camel,
-        populate_by_name=True,
-        extra="forbid",
-        frozen=True,
-    )
-
-    def to_json(self) -> dict[str, object]:
-        """The wire form: camelCase keys, JSON types, unset optionals left out."""
-        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
 # ------------------------------------------------------------------ spec
@@ -505,6 +491,11 @@ class MLTaskSpec(CamelModel):
     resources: Resources = pydantic.Field(default_factory=Resources, description="Per-run limits on the device.")
     paused: bool = pydantic.Field(
         default=False, description="Stop notifying further devices; devices that have the task keep it."
+    )
+    federated: Federated | None = pydantic.Field(
+        default=None,
+        description="Run the task as federated learning: rounds of sampled devices whose model updates the cloud "
+        "aggregates into the next global model. Unset: a plain task whose results are aggregated per version.",
     )
 
 

@@ -8,7 +8,8 @@ names its interval, a cron schedule that parses, a pattern an agent can
 match (with the agents' own parser, `tether.spec.triggers`), selectors the
 controller accepts (with its own parser, `tether.spec.selectors`: operators
 with the right number of values, version ranges, exclusions and cohorts that
-do not select everything).
+do not select everything), and federated round rules the controller can run
+(`tether.spec.federation`: quorum, strategy parameters, privacy, stopOn).
 
 Every problem is reported with the path of the offending field, in the form a
 user can find in their YAML: `spec.rollout.stages[1].percent: must be greater
@@ -145,6 +146,7 @@ def semantic_issues(spec: MLTaskSpec) -> Iterator[Issue]:
     yield from _trigger_issues(spec)
     yield from _target_issues(spec)
     yield from _rollout_issues(spec)
+    yield from _federated_issues(spec)
 
 
 # Trigger fields that belong to one type: (CRD field, attribute, type).
@@ -325,6 +327,13 @@ def _rollout_issues(spec: MLTaskSpec) -> Iterator[Issue]:
             f"{base}[{len(stages) - 1}].percent",
             f"the last stage must reach 100 percent, got {stages[-1].percent}",
         )
+
+
+def _federated_issues(spec: MLTaskSpec) -> Iterator[Issue]:
+    """The shared parser's rules across `spec.federated` (tether.spec.federation, the controller's too)."""
+    federated = spec.federated
+    if federated is not None:
+        yield from _shared(lambda: federated.parsed(field=f"{ROOT}.federated"))
 
 
 def _gate_issues(gates: Sequence[Any], *, field: str) -> Iterator[Issue]:

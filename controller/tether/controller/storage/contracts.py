@@ -8,7 +8,9 @@ Aggregates, as the data is owned and locked:
   blob store, `tether.controller.blobs`);
 - `ReleaseLedger`: releases with their rollout state, the deliveries
   (who was told what, and what they reported) and the status counts;
-- `ResultLog`: device results (aggregates are written by the Celery worker).
+- `ResultLog`: device results (aggregates are written by the Celery worker);
+- `RoundBook`: federated rounds, their participants and the updates each
+  accepted (the state machine is `tether.controller.fl.rounds`).
 
 Every method states what it MUST do; the contract tests
 (tests/controller/test_storage_contract.py) hold both implementations to it.
@@ -29,6 +31,8 @@ from typing import Protocol
 
 from tether.common import auth
 from tether.controller import deliveries, devices, releases, serving, uploads
+from tether.controller.fl import rounds
+from tether.spec import federation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,11 +242,57 @@ class ResultLog(Protocol):
         ...
 
 
+class RoundBook(Protocol):
+    """Federated rounds: one row per (task, round number) with its participants, moved by `fl.rounds`."""
+
+    async def create_round(self, r: rounds.Round) -> None:
+        """Store a new round (its participants too, when it has selected them).
+
+        MUST refuse (FailedPrecondition) a (task, number) that exists, and a new
+        round while another round of the task is live (not Published/Failed).
+        """
+        ...
+
+    async def round(self, *, task: str, number: int) -> rounds.Round | None:
+        """The round as stored: participants in draw order, received in arrival order; None when unknown."""
+        ...
+
+    async def latest_round(self, *, task: str) -> rounds.Round | None:
+        """The task's round with the highest number; None when it has none."""
+        ...
+
+    async def update_round(self, r: rounds.Round, *, expected: rounds.Phase) -> rounds.Round:
+        """Store a round's phase, deadline, target, quorum, extensions and reason; its participants once.
+
+        MUST raise NotFound for an unknown round; MUST refuse (FailedPrecondition,
+        nothing changed) when the stored phase is not `expected` (another
+        replica moved the round meanwhile), when `expected -> r.phase` is not an
+        allowed transition, or when it would change participants already
+        selected. MUST NOT write the received updates or the refused/late counts
+        (only `admit_update` does: a stale copy cannot undo them). Returns the
+        round as now stored.
+        """
+        ...
+
+    async def admit_update(
+        self, *, task: str, number: int, device: str, rules: federation.Federation, now: float
+    ) -> rounds.Verdict:
+        """Judge one device's update by `rounds.admit` on the stored round, and record the verdict atomically.
+
+        MUST raise NotFound for an unknown round. An accepted update MUST be
+        recorded (arrival order kept) with the phase it moves the round to; a
+        refused one MUST only count (`refused`, or `late` when kept) — the same
+        device's second update is refused as a duplicate, also under concurrency.
+        """
+        ...
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Storage:
-    """The four aggregates of one storage (all Postgres on one database, or all memory)."""
+    """The aggregates of one storage (all Postgres on one database, or all memory)."""
 
     devices: DeviceRegistry
     bundles: BundleCatalog
     releases: ReleaseLedger
     results: ResultLog
+    rounds: RoundBook

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable
 
 from tether.common import auth, errors, manifest
 from tether.controller import deliveries, devices, uploads
-from tether.controller.storage import contracts, memory_releases
+from tether.controller.storage import contracts, memory_releases, memory_rounds
 from tether.controller.storage.memory_tables import DeliveryRow, DeviceRow, Tables
 
 
@@ -175,4 +175,5 @@ def memory_storage(tables: Tables | None = None) -> contracts.Storage:
         bundles=MemoryBundles(tables),
         releases=memory_releases.MemoryReleases(tables),
         results=MemoryResults(tables),
+        rounds=memory_rounds.MemoryRounds(tables),
     )

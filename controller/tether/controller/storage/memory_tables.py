@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from tether.controller import devices, uploads
+from tether.controller.fl.rounds import Round
 from tether.controller.releases import Release
 from tether.controller.storage import contracts
 
@@ -50,3 +51,4 @@ class Tables:
     releases: dict[str, Release] = dataclasses.field(default_factory=dict)  # deleted ones too
     deliveries: dict[tuple[str, str], DeliveryRow] = dataclasses.field(default_factory=dict)  # (release, device)
     results: dict[tuple[str, str], uploads.ResultRecord] = dataclasses.field(default_factory=dict)  # (device, key)
+    rounds: dict[tuple[str, int], Round] = dataclasses.field(default_factory=dict)  # (task, number)
