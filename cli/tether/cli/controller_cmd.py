@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import pathlib
 import signal
+import sys
 
 import click
 import psycopg
@@ -159,7 +160,7 @@ async def _serve(cfg: config.ControllerConfig) -> None:
         loop.add_signal_handler(sig, stop.set)
     running = await start_controller(cfg)
     click.echo(READY_PREFIX + running.listen_address)
-    click.get_text_stream("stdout").flush()
+    sys.stdout.flush()
     try:
         await stop.wait()
     finally:

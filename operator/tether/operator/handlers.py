@@ -24,15 +24,13 @@ import asyncio
 import dataclasses
 import datetime
 import logging
-import os
 import pathlib
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import kopf
-import yaml
 
-from tether.common import errors
+from tether.common import errors, kube
 from tether.operator import model, progression, reconcile
 
 logger = logging.getLogger(__name__)
@@ -83,32 +81,29 @@ def configure(settings: kopf.OperatorSettings) -> None:
     settings.watching.server_timeout = 300
 
 
-def connection_from_kubeconfig(path: pathlib.Path) -> kopf.ConnectionInfo:
-    """Credentials of the current context of one kubeconfig file."""
-    config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    name = config.get("current-context")
-    contexts = {c["name"]: c.get("context") or {} for c in config.get("contexts", [])}
-    if name not in contexts:
-        raise kopf.LoginError(f"{path}: current-context {name!r} is not defined")
-    context = contexts[name]
-    cluster = {c["name"]: c.get("cluster") or {} for c in config.get("clusters", [])}.get(context.get("cluster"), {})
-    user = {u["name"]: u.get("user") or {} for u in config.get("users", [])}.get(context.get("user"), {})
-    if not cluster.get("server"):
-        raise kopf.LoginError(f"{path}: the current context's cluster has no server")
+def connection_info(credentials: kube.Credentials) -> kopf.ConnectionInfo:
+    """Kopf's view of credentials the official client resolved (token from any user kind, certificates, CA)."""
+    c = credentials.configuration
+    scheme, token = (credentials.authorization or " ").split(" ", 1)
     return kopf.ConnectionInfo(
-        server=cluster["server"],
-        ca_path=cluster.get("certificate-authority"),
-        ca_data=cluster.get("certificate-authority-data"),
-        insecure=cluster.get("insecure-skip-tls-verify"),
-        certificate_path=user.get("client-certificate"),
-        certificate_data=user.get("client-certificate-data"),
-        private_key_path=user.get("client-key"),
-        private_key_data=user.get("client-key-data"),
-        username=user.get("username"),
-        password=user.get("password"),
-        token=user.get("token"),
-        default_namespace=context.get("namespace"),
+        server=str(c.host),
+        ca_path=c.ssl_ca_cert,
+        insecure=not c.verify_ssl,
+        certificate_path=c.cert_file,
+        private_key_path=c.key_file,
+        scheme=scheme or None,
+        token=token or None,
+        default_namespace=credentials.namespace,
+        expiration=credentials.expires,  # Kopf logs in again (the exec plugin runs again) when it passes
     )
+
+
+async def login_with(kubeconfig: pathlib.Path | None) -> kopf.ConnectionInfo:
+    """The kubeconfig given, else $KUBECONFIG / ~/.kube/config, else the service account: as kubectl does."""
+    try:
+        return connection_info(await kube.load(kubeconfig))
+    except errors.TetherError as e:
+        raise kopf.LoginError(str(e)) from None
 
 
 # ------------------------------------------------------------------ handlers
@@ -206,12 +201,8 @@ def build_registry(
     )(on_poll)
 
     @kopf.on.login(registry=registry)
-    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
-        if kubeconfig is not None:
-            return connection_from_kubeconfig(kubeconfig)
-        if os.path.exists("/var/run/secrets/kubernetes.io/serviceaccount/token"):
-            return kopf.login_with_service_account(**kwargs)
-        return kopf.login_with_kubeconfig(**kwargs)
+    async def login(**_: Any) -> kopf.ConnectionInfo:
+        return await login_with(kubeconfig)
 
     return registry
 
