@@ -108,3 +108,31 @@ def test_messages_sent_while_no_worker_runs_are_handled_when_one_starts(workers,
     rnd, count, _, body = read_aggregate(conn, REL, V)
     assert (rnd, count) == (1, 4)  # four messages, one round: the first folded everything
     assert_body_matches(body, uploads)
+
+
+def test_worker_metrics_move_as_it_aggregates(workers, sender, database_url):
+    import socket
+
+    from metrics_support import scrape_sync, value
+
+    with socket.socket() as s:  # a free port for the worker process to bind
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    workers.cli(TETHER_METRICS_PORT=str(port))
+    url = f"http://127.0.0.1:{port}/metrics"
+    assert value(scrape_sync(url), "tether_worker_aggregations_total", outcome="folded") == 0
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        seed_release(conn, REL, version=V)
+        for u in random_uploads(np.random.default_rng(23), 4, shape=(2, 2)):
+            insert_result(conn, REL, V, u)
+        send(sender, workers.queue)
+        wait_for(lambda: (a := read_aggregate(conn, REL, V)) and a[0] >= 1, what="the first round")
+    samples = wait_for(
+        lambda: (m := scrape_sync(url)) and value(m, "tether_worker_aggregations_total", outcome="folded") >= 1 and m,
+        what="the round in the metrics",
+    )
+    assert value(samples, "tether_worker_results_folded_total") == 4
+    assert value(samples, "tether_worker_aggregation_duration_seconds_count") == 1
+    assert value(samples, "tether_worker_ingestion_lag_seconds_count") == 1
+    assert value(samples, "tether_worker_ingestion_lag_seconds_sum") > 0
+    assert value(samples, "process_cpu_seconds_total") > 0

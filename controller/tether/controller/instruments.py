@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Callable
 
 import prometheus_client
+from prometheus_client import multiprocess
 from prometheus_client import registry as registry_mod
 
 from tether.common import exposition
@@ -145,3 +147,13 @@ class WorkerMetrics:
             buckets=LAG_BUCKETS,
             registry=r,
         )
+
+
+def worker_registry() -> registry_mod.CollectorRegistry:
+    """What `tether worker --metrics-port` serves: the process's registry, or the sum of a prefork pool's children."""
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not directory:
+        return prometheus_client.REGISTRY
+    registry = prometheus_client.CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=directory)
+    return registry
