@@ -16,7 +16,7 @@ import click
 import psycopg
 import psycopg_pool
 
-from tether.common import config, errors, exposition, rlimits, tls
+from tether.common import config, errors, exposition, rlimits, tls, tracing
 
 READY_PREFIX = "controller listening on "
 
@@ -157,6 +157,7 @@ async def _serve(cfg: config.ControllerConfig) -> None:
     from tether.controller.server import start_controller
 
     rlimits.raise_open_files_limit()  # one descriptor per connected agent
+    tracing.configure("tether-controller")  # OTEL_* (off unless an exporter or endpoint is named)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -67,7 +67,10 @@ def operator(
     metrics_port: int,
 ) -> None:
     """Run the Kubernetes operator: MLTask objects in, releases on the controller out."""
+    from tether.common import tracing
     from tether.operator import handlers, release_client
+
+    tracing.configure("tether-operator")  # OTEL_* (off unless an exporter or endpoint is named)
 
     async def main() -> None:
         async with release_client.connect(controller, admin_token, tls=tls) as release_admin:

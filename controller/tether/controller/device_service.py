@@ -26,7 +26,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 
 import grpc
 
-from tether.common import auth, errors
+from tether.common import auth, errors, tracing
 from tether.controller import (
     admission,
     blobcache,
@@ -289,9 +289,11 @@ class DeviceService(pb_grpc.DeviceServiceServicer):
     ) -> pb.UploadResultResponse:
         device = edge.current_device()
         record = ingress.result(request, max_tensor_bytes=self._max_tensor_bytes)
-        outcome = await self._storage.results.insert_result(device=device, record=record)
-        # Committed. A duplicate enqueues too: if the first attempt's publish failed, the retry heals it.
-        await self._enqueuer.enqueue(release=outcome.release, version=outcome.version)
+        parent = tracing.extract(context.invocation_metadata()) if tracing.active() else None
+        with tracing.span("UploadResult", parent=parent, release=request.release, device=device.device_id):
+            outcome = await self._storage.results.insert_result(device=device, record=record)
+            # Committed. A duplicate enqueues too: if the first attempt's publish failed, the retry heals it.
+            await self._enqueuer.enqueue(release=outcome.release, version=outcome.version)
         if not outcome.duplicate:
             self._metrics.results.inc()
         return pb.UploadResultResponse(duplicate=outcome.duplicate)

@@ -45,7 +45,7 @@ import psycopg_pool
 from celery import Celery, Task, signals
 from psycopg.types.json import Jsonb
 
-from tether.common import errors
+from tether.common import errors, tracing
 from tether.controller import aggregation, instruments
 
 log = logging.getLogger(__name__)
@@ -192,6 +192,13 @@ def close_pool() -> None:
 @signals.worker_shutdown.connect
 def _close_pool_on_shutdown(**_: Any) -> None:
     close_pool()
+
+
+@signals.worker_init.connect
+def _configure_tracing(**_: Any) -> None:
+    # Before any child is forked: the SDK's batch processor restarts its thread in each child.
+    if not tracing.active():
+        tracing.configure("tether-worker")
 
 
 @signals.worker_ready.connect
@@ -379,8 +386,14 @@ def aggregate(self: Task, *, release: str, version: int) -> dict[str, Any]:
     if isinstance(version, bool) or not isinstance(version, int) or version < 0:
         raise errors.InvalidArgument(f"version must be a non-negative integer, not {version!r}")
     started = time.perf_counter()
+    parent = None
+    if tracing.active():  # the upload's trace context, from the message's headers
+        parent = tracing.extract({k: v for k in ("traceparent", "tracestate") if (v := self.request.get(k))})
     try:
-        with get_pool().connection() as conn:
+        with (
+            tracing.span("aggregate", parent=parent, release=release, version=version),
+            get_pool().connection() as conn,
+        ):
             outcome = fold_pending(conn, release=release, version=version)
     except TRANSIENT_ERRORS:
         metrics.aggregations.labels("retried" if self.request.retries < (self.max_retries or 0) else "failed").inc()

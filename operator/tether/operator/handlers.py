@@ -31,7 +31,7 @@ from typing import Any, Protocol
 
 import kopf
 
-from tether.common import errors, exposition, kube
+from tether.common import errors, exposition, kube, tracing
 from tether.operator import model, operator_metrics, progression, reconcile
 
 logger = logging.getLogger(__name__)
@@ -134,8 +134,9 @@ async def perform(admin: ReleaseAdmin, action: reconcile.Action) -> reconcile.Ou
 async def _reconcile(ctx: OperatorContext, *, body: kopf.Body, patch: kopf.Patch, poll: bool) -> None:
     trigger = "poll" if poll else "change"
     started = time.perf_counter()
-    try:
-        await _reconcile_once(ctx, body=body, patch=patch, poll=poll)
+    try:  # a trace starts here: ApplyRelease, the devices' work and the aggregation join it
+        with tracing.span(f"reconcile {trigger}", mltask=f"{body.metadata.namespace}/{body.metadata.name}"):
+            await _reconcile_once(ctx, body=body, patch=patch, poll=poll)
     except BaseException:
         ctx.metrics.reconciles.labels(trigger, "error").inc()
         raise
