@@ -52,6 +52,27 @@ def test_demo_rolls_out_runs_and_aggregates(e2e_env, tmp_path):
     assert list(tmp.iterdir()) == []
 
 
+def test_demo_output_is_plain_for_a_newcomer(e2e_env):
+    """No library warning leaks out (XDG_RUNTIME_DIR unset is the usual container case), no `0/?` row,
+    and each progress row says what it counts."""
+    env, _, _ = e2e_env
+    env = {k: v for k, v in env.items() if k not in ("XDG_RUNTIME_DIR", "PYTHONWARNINGS")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "tether.cli.main", "demo", "--agents", "3"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-4000:]
+    assert "Warning" not in output and "warn(" not in output, output
+    assert "0/?" not in output and "\nphase: " not in output
+    for label in ("devices notified", "devices installed", "devices ran the task", "results aggregated"):
+        assert label in proc.stdout, label
+    assert "of the 3 devices" in proc.stdout and "MLTask phase: Succeeded" in proc.stdout
+
+
 def test_ctrl_c_stops_everything_the_demo_started(e2e_env):
     env, mark, tmp = e2e_env
     proc = subprocess.Popen(

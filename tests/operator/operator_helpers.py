@@ -77,6 +77,8 @@ async def running_operator(
     admin: handlers.ReleaseAdmin | Callable[[], contextlib.AbstractAsyncContextManager[handlers.ReleaseAdmin]],
     *,
     poll_interval: float = POLL,
+    metrics: Any = None,
+    kubeconfig: Any = None,
 ) -> AsyncIterator[None]:
     """Kopf namespaced to the cluster's namespace, in a thread with its own event loop, until the block ends.
 
@@ -94,9 +96,10 @@ async def running_operator(
                 admin=release_admin,
                 namespaces=[cluster.namespace],
                 poll_interval=poll_interval,
-                kubeconfig=cluster.kubeconfig_path,
+                kubeconfig=kubeconfig or cluster.kubeconfig_path,
                 stop_flag=stop,
                 ready_flag=ready,
+                metrics=metrics,
             )
 
     def thread_main() -> None:

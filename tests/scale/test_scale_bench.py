@@ -63,3 +63,40 @@ def test_percentiles_and_the_polling_model():
     model = bench_fleet.modelled_polling_install(interval_s=30, pull_s=[0.1], n=10_000)
     assert 14 < model["p50"] < 16 and 26.5 < model["p90"] < 27.5 and model["p100"] <= 30.1
     assert bench_fleet.ratio(1, 4) == 0.25
+
+
+def test_observability_both_measures_on_against_off(tmp_path, database_url, broker_url):
+    out = tmp_path / "fleet-obs.json"
+    result = CliRunner().invoke(
+        bench.bench,
+        [
+            "fleet",
+            "--agents", "4",
+            "--processes", "1",
+            "--poll-agents", "0",
+            "--full-agents", "1",
+            "--idle", "0.2",
+            "--model-kib", "4",
+            "--database-url", database_url,
+            "--broker-url", broker_url,
+            "--observability", "both",
+            "--out", str(out),
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    doc = json.loads(out.read_text())
+    assert doc["observability_install_ratio"] > 0 and doc["observability_cpu_ratio"] > 0
+    seen = doc["baselines"]["observability_cpu_ratio"]
+    assert (
+        seen is doc["baselines"]["observability_install_ratio"]
+        or seen == doc["baselines"]["observability_install_ratio"]
+    )
+    assert seen["off"]["installs_per_s"] > 0 and seen["on"]["installs_per_s"] > 0
+    assert seen["metrics_scrapes"] >= 1 and seen["metrics_bytes_per_scrape"] > 1000
+    assert seen["spans_exported"] >= 2  # ApplyRelease of v1 and v2 at least, received over OTLP
+    assert "observability_install_ratio_ge_0.95" in doc["goals"]
+
+
+def test_observability_cannot_go_with_connect_only():
+    result = CliRunner().invoke(bench.bench, ["fleet", "--connect-only", "--observability", "both"])
+    assert result.exit_code != 0 and "--connect-only" in result.output

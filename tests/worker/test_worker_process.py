@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import psycopg
+import pytest
 from worker_helpers import assert_body_matches, insert_result, random_uploads, read_aggregate, seed_release, wait_for
 
 from tether.controller import tasks
@@ -108,3 +109,34 @@ def test_messages_sent_while_no_worker_runs_are_handled_when_one_starts(workers,
     rnd, count, _, body = read_aggregate(conn, REL, V)
     assert (rnd, count) == (1, 4)  # four messages, one round: the first folded everything
     assert_body_matches(body, uploads)
+
+
+@pytest.mark.parametrize("pool", [[], ["--concurrency", "2"]], ids=["solo", "prefork"])
+def test_worker_metrics_move_as_it_aggregates(workers, sender, database_url, pool):
+    """Solo: the process's own registry. Prefork: the children's values, summed by the parent that serves them."""
+    import socket
+
+    from metrics_support import scrape_sync, value
+
+    with socket.socket() as s:  # a free port for the worker process to bind
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    workers.cli(*pool, TETHER_METRICS_PORT=str(port))
+    url = f"http://127.0.0.1:{port}/metrics"
+    assert value(scrape_sync(url), "tether_worker_aggregations_total", outcome="folded") == 0
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        seed_release(conn, REL, version=V)
+        for u in random_uploads(np.random.default_rng(23), 4, shape=(2, 2)):
+            insert_result(conn, REL, V, u)
+        send(sender, workers.queue)
+        wait_for(lambda: (a := read_aggregate(conn, REL, V)) and a[0] >= 1, what="the first round")
+    samples = wait_for(
+        lambda: (m := scrape_sync(url)) and value(m, "tether_worker_aggregations_total", outcome="folded") >= 1 and m,
+        what="the round in the metrics",
+    )
+    assert value(samples, "tether_worker_results_folded_total") == 4
+    assert value(samples, "tether_worker_aggregation_duration_seconds_count") == 1
+    assert value(samples, "tether_worker_ingestion_lag_seconds_count") == 1
+    assert value(samples, "tether_worker_ingestion_lag_seconds_sum") > 0
+    if not pool:  # a prefork pool's sum has no process metrics (each child is a process of its own)
+        assert value(samples, "process_cpu_seconds_total") > 0

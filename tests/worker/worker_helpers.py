@@ -226,12 +226,12 @@ class WorkerFactory:
         ]  # fmt: skip
         return self._start(argv, self.env(**extra_env))
 
-    def cli(self, **extra_env: str) -> WorkerProcess:
-        """`tether worker` (migrates, then runs a solo worker) on this test's queue."""
+    def cli(self, *extra_args: str, **extra_env: str) -> WorkerProcess:
+        """`tether worker` (migrates, then runs a solo worker unless `extra_args` say otherwise) on this queue."""
         argv = [
             sys.executable, "-m", "tether.cli.main", "worker",
             "--broker-url", self.broker_url, "--database-url", self.database_url,
-            "--queues", self.queue, "--hostname", f"test-{uuid.uuid4().hex[:8]}@%h",
+            "--queues", self.queue, "--hostname", f"test-{uuid.uuid4().hex[:8]}@%h", *extra_args,
         ]  # fmt: skip
         return self._start(argv, self.env(**extra_env))
 

@@ -22,7 +22,7 @@ from typing import Protocol
 
 import grpc
 
-from tether.common import auth
+from tether.common import auth, tracing
 from tether.proto.v1 import tether_pb2 as pb
 from tether.proto.v1 import tether_pb2_grpc as pb_grpc
 
@@ -205,7 +205,8 @@ class DeviceClient:
         )
 
     async def upload_result(self, request: pb.UploadResultRequest) -> pb.UploadResultResponse:
-        return await self._stub.UploadResult(request, metadata=self._metadata(), timeout=self.timeout_s)
+        metadata = tracing.metadata(self._metadata())  # the controller's span joins the run's trace
+        return await self._stub.UploadResult(request, metadata=metadata, timeout=self.timeout_s)
 
     async def report_backends(self, request: pb.ReportBackendsRequest) -> pb.ReportBackendsResponse:
         return await self._stub.ReportBackends(request, metadata=self._metadata(), timeout=self.timeout_s)

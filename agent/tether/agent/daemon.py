@@ -53,7 +53,7 @@ from tether.agent import (
 from tether.agent.backends import CACHE_FILE, Selector
 from tether.agent.stream import endpoint as event_server
 from tether.agent.stream import eventstore, processor
-from tether.common import errors, manifest
+from tether.common import errors, manifest, tracing
 from tether.proto.v1 import tether_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -114,6 +114,8 @@ class Agent:
                 cache_path=self.state_dir / CACHE_FILE, backends=backends, memory_mb=limits.memory_mb
             )
         self._desired: dict[str, pb.DesiredTask] = {}
+        # The trace context a Notify carried, per release: (version, context) the install and runs join.
+        self._traces: dict[str, tuple[int, Any]] = {}
         self._kicks: dict[str, asyncio.Event] = {}
         self._workers: dict[str, asyncio.Task[None]] = {}
         self.synced = asyncio.Event()  # set once the first Sync was handled
@@ -305,6 +307,8 @@ class Agent:
         elif kind == "notify":
             notify = event.notify
             self.puller.notified.heard(notify, now=time.monotonic())  # its manifest and pull moment, for the install
+            if notify.trace_context and tracing.active():
+                self._traces[notify.task.release] = (notify.task.version, tracing.extract(notify.trace_context))
             self._set_desired(notify.task)
         elif kind == "revoke":
             self._desired.pop(event.revoke.release, None)
@@ -340,6 +344,11 @@ class Agent:
             return  # an older announcement arriving late (a rollback to it is not late: it is meant)
         self._desired[task.release] = task
         self._kick(task.release)
+
+    def _trace(self, task: pb.DesiredTask) -> Any:
+        """The context of the Notify that announced this version, if it carried one (else a trace of its own)."""
+        version, context = self._traces.get(task.release, (None, None))
+        return context if version == task.version else None
 
     def _kick(self, release: str) -> None:
         event = self._kicks.setdefault(release, asyncio.Event())
@@ -381,11 +390,13 @@ class Agent:
                         log.debug("%s v%d: pulls in %.2fs (controller's spread)", release, task.version, delay)
                         await self.session.sleep(delay)
                         continue  # then as desired by then
-                    await self.installer.install(task)
+                    with tracing.span("install", parent=self._trace(task), release=release, version=task.version):
+                        await self.installer.install(task)
                     self.installer.blocked.pop(release, None)
                 if isinstance(step, convergence.Install | convergence.Run):
                     assert policy is not None
-                    wait = await self.runner.maybe_run(task, policy)
+                    with tracing.span("run", parent=self._trace(task), release=release, version=task.version):
+                        wait = await self.runner.maybe_run(task, policy)
                 attempt = 0
                 self.installer.blocked.pop(release, None)
             except asyncio.CancelledError:

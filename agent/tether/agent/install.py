@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from tether.agent import backends, bundles, convergence, diskbudget, pull, reporting, sizes, statefile
-from tether.common import errors, manifest
+from tether.common import errors, manifest, tracing
 from tether.proto.v1 import tether_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,8 @@ class Installer:
         self._inflight[task.release] = set(bundle.blob_digests())
         try:
             await self._make_room(task, bundle)  # the disk budget: free space, or refuse before any download
-            await self._puller.pull_missing(task.release, self.store.missing_blobs(bundle))
+            with tracing.span("pull", release=task.release, version=task.version):
+                await self._puller.pull_missing(task.release, self.store.missing_blobs(bundle))
             await self._select_backends(bundle)  # a model that runs nowhere refuses the version here
             async with self._lock:
                 try:

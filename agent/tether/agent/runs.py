@@ -30,7 +30,7 @@ import grpc
 
 from tether.agent import backends, bundles, client, participation, reporting, results, runtime, schedule, statefile
 from tether.agent.files import atomic_write
-from tether.common import errors, manifest
+from tether.common import errors, manifest, tracing
 from tether.proto.v1 import tether_pb2 as pb
 from tether.spec import names, triggers
 
@@ -271,7 +271,8 @@ class Runner:
             await self._reporter.status(task, S.DELIVERY_STATE_FAILED, record.message)
             return
         try:
-            response = await self._client.upload_result(request)
+            with tracing.span("upload", release=task.release, version=task.version):
+                response = await self._client.upload_result(request)
         except grpc.aio.AioRpcError as e:
             if e.code() not in _PERMANENT:
                 raise  # kept as "uploading": retried with the same key

@@ -203,8 +203,9 @@ def run(
 ) -> None:
     """Run the agent until SIGTERM/SIGINT."""
     from tether.agent import daemon, runtime
-    from tether.common import errors
+    from tether.common import errors, tracing
 
+    tracing.configure("tether-agent")  # OTEL_* (off unless an exporter or endpoint is named; needs the SDK)
     state_path = pathlib.Path(os.path.expanduser(state_dir))
     try:
         the_agent = daemon.Agent(

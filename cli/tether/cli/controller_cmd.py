@@ -16,7 +16,7 @@ import click
 import psycopg
 import psycopg_pool
 
-from tether.common import config, errors, rlimits, tls
+from tether.common import config, errors, exposition, rlimits, tls, tracing
 
 READY_PREFIX = "controller listening on "
 
@@ -133,6 +133,7 @@ READY_PREFIX = "controller listening on "
     help="Ed25519 public key (PEM) whose bundle signatures are accepted at upload; repeatable. "
     "With any, a signature by another key is refused.",
 )
+@exposition.metrics_port_option("tether_controller_*")
 def controller(
     listen: str,
     database_url: str | None,
@@ -157,6 +158,7 @@ def controller(
     pull_rate: float,
     max_concurrent_pulls: int,
     trust_keys: tuple[pathlib.Path, ...],
+    metrics_port: int,
 ) -> None:
     """Run the controller (gRPC distribution service, device registry, result ingestion)."""
     try:
@@ -190,6 +192,7 @@ def controller(
             trusted_key_files=tuple(trust_keys),
             pull_rate=pull_rate,
             max_concurrent_pulls=max_concurrent_pulls,
+            metrics_port=metrics_port or None,
         )
         asyncio.run(_serve(cfg))
     except errors.TetherError as e:
@@ -202,6 +205,7 @@ async def _serve(cfg: config.ControllerConfig) -> None:
     from tether.controller.server import start_controller
 
     rlimits.raise_open_files_limit()  # one descriptor per connected agent
+    tracing.configure("tether-controller")  # OTEL_* (off unless an exporter or endpoint is named)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -19,8 +19,9 @@ from typing import Any
 import click
 import yaml
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, ProgressColumn, Task, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from tether.devtools import stack as stack_mod
 
@@ -163,7 +164,7 @@ async def _scenario(stack: stack_mod.LocalStack, *, console: Console, timeout: f
         name = task["metadata"]["name"]
         release = f"{cfg.namespace}/{name}"
         await _step(console, f"MLTask {release} applied", stack.cluster.create(task))
-        status, cr_status = await _watch(stack, admin, release, console=console, timeout=timeout)
+        status, cr_status = await _watch(stack, admin, release, console=console, timeout=timeout, fleet=cfg.agents)
 
     elapsed = time.monotonic() - t0
     aggregate = json.loads(status.aggregate_json) if status.aggregate_json else {}
@@ -189,17 +190,36 @@ async def _scenario(stack: stack_mod.LocalStack, *, console: Console, timeout: f
     }
 
 
+# What each progress row counts, over the devices the MLTask's target selects.
+PROGRESS_ROWS = (
+    ("notified", "devices notified"),
+    ("installed", "devices installed"),
+    ("succeeded", "devices ran the task"),
+    ("aggregated", "results aggregated"),
+)
+
+
+class _Count(ProgressColumn):
+    """`done/total`, or `waiting` while the number of targeted devices is not known yet (never `0/?`)."""
+
+    def render(self, task: Task) -> Text:
+        if task.total is None:
+            return Text("waiting", style="progress.download")
+        return Text(f"{int(task.completed)}/{int(task.total)}", style="progress.download")
+
+
 async def _watch(
-    stack: stack_mod.LocalStack, admin: Any, release: str, *, console: Console, timeout: float
+    stack: stack_mod.LocalStack, admin: Any, release: str, *, console: Console, timeout: float, fleet: int
 ) -> tuple[Any, dict[str, Any]]:
     namespace, name = release.split("/", 1)
     deadline = time.monotonic() + timeout
-    columns = (TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    columns = (TextColumn("{task.description:<22}"), BarColumn(), _Count(), TimeElapsedColumn())
     status: Any = None
     cr_status: dict[str, Any] = {}
+    phase_shown: str | None = None
+    targeted_shown = False
     with Progress(*columns, console=console, transient=False) as progress:
-        bars = {key: progress.add_task(key, total=None) for key in ("notified", "installed", "succeeded", "aggregated")}
-        phase_line = progress.add_task("phase: Pending", total=None, visible=True)
+        bars = {key: progress.add_task(label, total=None) for key, label in PROGRESS_ROWS}
         while True:
             try:
                 status = await admin.get_release_status(release)
@@ -207,8 +227,17 @@ async def _watch(
                 status = None
             obj = await stack.cluster.get(namespace, name)
             cr_status = (obj or {}).get("status") or {}
-            if status is not None:
-                total = max(status.targeted, 1)
+            if status is not None and status.targeted and not targeted_shown:
+                progress.console.print(
+                    f"  its target selects {status.targeted} of the {fleet} devices; the rows below count those"
+                )
+                targeted_shown = True
+            phase = cr_status.get("phase")
+            if phase and phase != phase_shown:  # each phase the operator writes, once, above the bars
+                progress.console.print(f"  MLTask phase: {phase}")
+                phase_shown = phase
+            if status is not None and status.targeted:
+                total = status.targeted
                 aggregate = json.loads(status.aggregate_json) if status.aggregate_json else {}
                 for key, done in (
                     ("notified", status.notified),
@@ -223,7 +252,6 @@ async def _watch(
                     and aggregate.get("results", 0) >= status.succeeded
                     and cr_status.get("phase") in ("Succeeded", "Failed")
                 )
-                progress.update(phase_line, description=f"phase: {cr_status.get('phase', 'Pending')}")
                 if done:
                     return status, cr_status
             if cr_status.get("phase") == "Invalid":
@@ -243,7 +271,7 @@ def _print_outcome(
     for col in ("NAME", "PHASE", "STAGE", "TARGETED", "INSTALLED", "SUCCEEDED", "FAILED"):
         row.add_column(col)
     row.add_row(
-        release,
+        release.split("/", 1)[1],  # kubectl shows the name; the namespace is the context's
         str(cr.get("phase", "?")),
         str(cr.get("stage", "")),
         str(status.targeted),

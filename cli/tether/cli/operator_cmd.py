@@ -7,7 +7,7 @@ import pathlib
 
 import click
 
-from tether.common import config
+from tether.common import config, exposition
 from tether.common.tls import ClientTLS, client_options
 
 
@@ -54,6 +54,7 @@ from tether.common.tls import ClientTLS, client_options
     default=None,
     help="Serve a liveness probe, e.g. http://0.0.0.0:8080/healthz.",
 )
+@exposition.metrics_port_option("tether_operator_*")
 @client_options
 def operator(
     controller: str,
@@ -63,9 +64,13 @@ def operator(
     poll_interval: float,
     liveness_endpoint: str | None,
     tls: ClientTLS,
+    metrics_port: int,
 ) -> None:
     """Run the Kubernetes operator: MLTask objects in, releases on the controller out."""
+    from tether.common import tracing
     from tether.operator import handlers, release_client
+
+    tracing.configure("tether-operator")  # OTEL_* (off unless an exporter or endpoint is named)
 
     async def main() -> None:
         async with release_client.connect(controller, admin_token, tls=tls) as release_admin:
@@ -75,6 +80,7 @@ def operator(
                 poll_interval=poll_interval,
                 kubeconfig=kubeconfig,
                 liveness_endpoint=liveness_endpoint,
+                metrics_port=metrics_port or None,
             )
 
     asyncio.run(main())

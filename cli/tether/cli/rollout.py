@@ -50,9 +50,9 @@ def split(task: str, namespace: str | None, default: str) -> tuple[str, str]:
 async def request(action: str, task: str, *, namespace: str | None, kubeconfig: str | None) -> str:
     from tether.common import kube
 
-    config = kube.KubeConfig.load(kubeconfig)
-    ns, name = split(task, namespace, config.namespace)
-    async with kube.KubeClient(config) as client:
+    credentials = await kube.load(kubeconfig)
+    ns, name = split(task, namespace, credentials.namespace)
+    async with kube.KubeClient(credentials) as client:
         await client.patch_mltask(ns, name, patch_for(action, now=datetime.datetime.now(datetime.UTC)))
     past = {"pause": "paused", "resume": "resumed", "promote": "promotion requested", "abort": "abort requested"}
     return f"mltask {ns}/{name}: {past[action]}"

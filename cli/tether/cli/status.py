@@ -141,6 +141,6 @@ async def _rollout_status(release: str, kubeconfig: str | None) -> Any:
     from tether.common import kube
 
     namespace, name = release.split("/", 1)
-    async with kube.KubeClient(kube.KubeConfig.load(kubeconfig)) as client:
+    async with kube.KubeClient(await kube.load(kubeconfig)) as client:
         obj = await client.get_mltask(namespace, name)
     return (obj.get("status") or {}).get("rollout")

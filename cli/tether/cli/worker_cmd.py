@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
 import time
 
 import click
@@ -45,6 +46,15 @@ def _migrate(database_url: str, *, wait_s: float) -> list[str]:
 @click.option("--loglevel", "-l", default="INFO", show_default=True, help="Celery log level.")
 @click.option("--hostname", "-n", default=None, help="Node name (default tether-worker@<host>).")
 @click.option("--migrate-wait", type=float, default=60, show_default=True, help="Seconds to wait for the database.")
+@click.option(
+    "--metrics-port",
+    envvar="TETHER_METRICS_PORT",
+    type=click.IntRange(min=0, max=65535),
+    default=0,
+    show_default=True,
+    help="Serve Prometheus metrics (tether_worker_*) on http://0.0.0.0:PORT/metrics; 0 = off "
+    "[env TETHER_METRICS_PORT].",
+)
 def worker(
     broker_url: str,
     database_url: str,
@@ -54,6 +64,7 @@ def worker(
     loglevel: str,
     hostname: str | None,
     migrate_wait: float,
+    metrics_port: int,
 ) -> None:
     """Run a Celery aggregation worker (task `tether.aggregate`)."""
     # The environment is how a prefork child (and the task's lazily created pool) finds them.
@@ -63,11 +74,16 @@ def worker(
     if applied:
         click.echo(f"applied migrations: {', '.join(applied)}", err=True)
 
-    from tether.controller import tasks
-
-    tasks.app.conf.broker_url = broker_url
     if pool == "auto":
         pool = "solo" if concurrency == 1 else "prefork"
+    if metrics_port and pool == "prefork" and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # Before prometheus-client is first imported: every child then writes its values there.
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="tether-worker-metrics-")
+
+    from tether.common import errors, exposition
+    from tether.controller import instruments, tasks
+
+    tasks.app.conf.broker_url = broker_url
     argv = [
         "worker",
         f"--loglevel={loglevel}",
@@ -78,4 +94,14 @@ def worker(
         "--without-gossip",
         "--without-mingle",
     ]
-    tasks.app.worker_main(argv)
+    server = None
+    if metrics_port:
+        try:
+            server = exposition.serve(instruments.worker_registry(), port=metrics_port)
+        except errors.TetherError as e:
+            raise click.ClickException(str(e)) from None
+    try:
+        tasks.app.worker_main(argv)
+    finally:
+        if server is not None:  # last: a scrape during shutdown still gets an answer
+            server.stop()

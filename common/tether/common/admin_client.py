@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 
 import grpc
 
-from tether.common import auth, config, errors, manifest
+from tether.common import auth, config, errors, manifest, tracing
 from tether.common import tls as tls_mod
 from tether.proto.v1 import tether_pb2 as pb
 from tether.proto.v1 import tether_pb2_grpc as pb_grpc
@@ -183,7 +183,9 @@ class AdminClient:
 
     async def _call(self, method: Any, request: Any, *, timeout_s: float | None = None) -> Any:
         try:
-            return await method(request, metadata=self._metadata, timeout=timeout_s or self._timeout_s)
+            return await method(
+                request, metadata=tracing.metadata(self._metadata), timeout=timeout_s or self._timeout_s
+            )
         except grpc.aio.AioRpcError as e:
             raise error_from_rpc(e) from None
 

@@ -112,6 +112,9 @@ class ControllerConfig:
     # Bundle signatures checked at PutManifest (agents check their own trusted keys regardless).
     require_signed_bundles: bool = False
     trusted_key_files: tuple[pathlib.Path, ...] = ()
+    # Prometheus /metrics (tether.controller.instruments): None = not served, 0 = a free port.
+    metrics_port: int | None = None
+    metrics_host: str = "0.0.0.0"
 
     def __post_init__(self) -> None:
         if not self.database_url:

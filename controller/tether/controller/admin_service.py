@@ -14,8 +14,18 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from tether.common import auth, errors, signing
-from tether.controller import blobstores, deliveries, edge, fanout, hub, ingress, release_cache, releases, rollouts
+from tether.common import auth, errors, signing, tracing
+from tether.controller import (
+    blobstores,
+    deliveries,
+    edge,
+    fanout,
+    hub,
+    ingress,
+    release_cache,
+    releases,
+    rollouts,
+)
 from tether.controller.storage import contracts
 from tether.proto.v1 import tether_pb2 as pb
 from tether.proto.v1 import tether_pb2_grpc as pb_grpc
@@ -90,14 +100,16 @@ class AdminService(pb_grpc.AdminServiceServicer):
         self, request: pb.ApplyReleaseRequest, context: grpc.aio.ServicerContext
     ) -> pb.ApplyReleaseResponse:
         spec = releases.spec_from_proto(request.spec)
-        outcome = await self._releases.apply_release(spec)
-        previous = outcome.previous
-        if (
-            outcome.changed
-            or (previous is not None and previous.paused != outcome.release.paused)
-            or rollouts.serving_changed(previous, outcome.release)
-        ):
-            await self._fan_out.release_changed(previous, outcome.release)
+        parent = tracing.extract(context.invocation_metadata()) if tracing.active() else None
+        with tracing.span("ApplyRelease", parent=parent, release=spec.release):
+            outcome = await self._releases.apply_release(spec)
+            previous = outcome.previous
+            if (
+                outcome.changed
+                or (previous is not None and previous.paused != outcome.release.paused)
+                or rollouts.serving_changed(previous, outcome.release)
+            ):
+                await self._fan_out.release_changed(previous, outcome.release)
         return pb.ApplyReleaseResponse(
             release=outcome.release.name, version=outcome.release.version, changed=outcome.changed
         )

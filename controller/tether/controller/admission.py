@@ -54,6 +54,11 @@ class FifoGate:
         return self.slots - self._free
 
     @property
+    def queued(self) -> int:
+        """Waiters in line, O(1) and safe to read from another thread (may count one that just gave up)."""
+        return len(self._waiters)
+
+    @property
     def waiting(self) -> int:
         return sum(1 for f in self._waiters if not f.done())
 

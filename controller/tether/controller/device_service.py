@@ -26,7 +26,7 @@ from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 
 import grpc
 
-from tether.common import auth, errors
+from tether.common import auth, errors, tracing
 from tether.controller import (
     admission,
     blobcache,
@@ -39,6 +39,7 @@ from tether.controller import (
     fanout,
     hub,
     ingress,
+    instruments,
     release_cache,
     serving,
     uploads,
@@ -72,7 +73,9 @@ class DeviceService(pb_grpc.DeviceServiceServicer):
         max_tensor_bytes: int = uploads.MAX_TENSOR_BYTES,
         clock: Callable[[], float] = time.time,
         pull_gate: admission.FifoGate | None = None,
+        metrics: instruments.ControllerMetrics | None = None,
     ) -> None:
+        self._metrics = metrics if metrics is not None else instruments.ControllerMetrics()
         self._storage = storage
         self.releases = releases
         self._reporter = reporter
@@ -189,8 +192,11 @@ class DeviceService(pb_grpc.DeviceServiceServicer):
         total = await self._blob_size(digest)
         with self._device_pull(device.device_id):
             async with self._pulls.slot() as quantum:  # admission: see tether.controller.admission
+                self._metrics.pulls_blob.inc()
+                served = self._metrics.bytes_served
                 async for chunk in self._blob_chunks(digest, offset=offset, total=total, tag=""):
                     yield chunk
+                    served.inc(len(chunk.data))
                     await quantum.sent(len(chunk.data))
 
     async def PullBlobs(
@@ -218,9 +224,12 @@ class DeviceService(pb_grpc.DeviceServiceServicer):
         # Admission (tether.controller.admission): a fleet told at once pulls in arrival order, a few at a time.
         with self._device_pull(device.device_id):
             async with self._pulls.slot() as quantum:
+                self._metrics.pulls_blobs.inc()
+                served = self._metrics.bytes_served
                 for (digest, offset), total in zip(wanted, totals, strict=True):
                     async for chunk in self._blob_chunks(digest, offset=offset, total=total, tag=digest):
                         yield chunk
+                        served.inc(len(chunk.data))
                         await quantum.sent(len(chunk.data))
 
     @contextlib.contextmanager
@@ -269,6 +278,7 @@ class DeviceService(pb_grpc.DeviceServiceServicer):
             message=request.message[: ingress.MAX_STATUS_MESSAGE],
             device_state=dict(request.device_state),
         )
+        self._metrics.report(state)  # committed (installs by outcome)
         return pb.ReportStatusResponse()
 
     async def ReportBackends(
@@ -291,7 +301,11 @@ class DeviceService(pb_grpc.DeviceServiceServicer):
     ) -> pb.UploadResultResponse:
         device = edge.current_device()
         record = ingress.result(request, max_tensor_bytes=self._max_tensor_bytes)
-        outcome = await self._storage.results.insert_result(device=device, record=record)
-        # Committed. A duplicate enqueues too: if the first attempt's publish failed, the retry heals it.
-        await self._enqueuer.enqueue(release=outcome.release, version=outcome.version)
+        parent = tracing.extract(context.invocation_metadata()) if tracing.active() else None
+        with tracing.span("UploadResult", parent=parent, release=request.release, device=device.device_id):
+            outcome = await self._storage.results.insert_result(device=device, record=record)
+            # Committed. A duplicate enqueues too: if the first attempt's publish failed, the retry heals it.
+            await self._enqueuer.enqueue(release=outcome.release, version=outcome.version)
+        if not outcome.duplicate:
+            self._metrics.results.inc()
         return pb.UploadResultResponse(duplicate=outcome.duplicate)

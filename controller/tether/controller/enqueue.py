@@ -15,7 +15,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from tether.common import errors
+from tether.common import errors, tracing
 
 if TYPE_CHECKING:
     import celery
@@ -65,16 +65,17 @@ class CeleryEnqueuer:
         }
 
     async def enqueue(self, *, release: str, version: int) -> None:
-        try:
-            await asyncio.to_thread(self._send, release, version)
+        try:  # the trace context rides in the message's headers (the worker's span joins the upload's trace)
+            await asyncio.to_thread(self._send, release, version, tracing.inject())
         except Exception as e:  # kombu/redis errors vary by transport: all mean "not published"
             log.warning("enqueue of %s v%d failed: %s", release, version, e)
             raise EnqueueFailed(f"aggregation could not be enqueued ({type(e).__name__}); retry the upload") from e
 
-    def _send(self, release: str, version: int) -> None:
+    def _send(self, release: str, version: int, headers: dict[str, str] | None = None) -> None:
         self._app.send_task(
             AGGREGATE_TASK,
             kwargs={"release": release, "version": version},
+            headers=headers or None,
             retry=True,
             retry_policy=self._retry_policy,
         )

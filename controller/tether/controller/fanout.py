@@ -26,7 +26,7 @@ import time
 import grpc
 
 from tether.common import errors, manifest
-from tether.controller import blobstores, device_auth, hub, releases, rollouts
+from tether.controller import blobstores, device_auth, hub, instruments, releases, rollouts
 from tether.controller.storage import contracts
 from tether.proto.v1 import tether_pb2 as pb
 
@@ -127,7 +127,9 @@ class FanOut:
         storage: contracts.Storage,
         manifests: ManifestCache,
         authenticator: device_auth.DeviceAuthenticator | None = None,
+        metrics: instruments.ControllerMetrics | None = None,
     ) -> None:
+        self._metrics = metrics if metrics is not None else instruments.ControllerMetrics()
         self._hub = hub_
         self._storage = storage
         self.manifests = manifests
@@ -137,6 +139,9 @@ class FanOut:
         """Push a release change to connected devices and record who was notified."""
         ledger = self._storage.releases
         fan = self._hub.release_changed(before=before, after=after, manifest=await self.manifests.inline(after))
+        self._metrics.notified.inc(len(fan.notified) + sum(len(ids) for ids in fan.downgraded.values()))
+        self._metrics.revoked.inc(len(fan.revoked))
+        self._metrics.dropped.inc(len(fan.dropped))
         if after is not None and fan.notified:
             await ledger.mark_notified(release=after.name, version=after.version, device_ids=fan.notified)
         if after is not None:

@@ -23,7 +23,7 @@ from typing import Any
 
 import grpc
 
-from tether.common import errors
+from tether.common import errors, tracing
 from tether.controller import releases, rollouts
 from tether.proto.v1 import tether_pb2 as pb
 from tether.spec import selectors
@@ -101,6 +101,8 @@ def _staged_change(
     served = change.notify
     if served.key not in events:
         notify = pb.Notify(task=served_task(served), sent_at_ms=int(time.time() * 1000))
+        if tracing.active():  # the release's trace continues on the device
+            notify.trace_context.update(tracing.inject())
         events[served.key] = (pb.ServerEvent(notify=notify), served)
     return Action.NOTIFY, *events[served.key]
 
@@ -281,6 +283,8 @@ class Hub:
                         resources=after.spec.resources,
                     )
                     notify = pb.Notify(task=task, sent_at_ms=int(time.time() * 1000))
+                    if tracing.active():  # the release's trace continues on the device
+                        notify.trace_context.update(tracing.inject())
                     if manifest is not None:
                         notify.manifest.CopyFrom(manifest.response)
                     notify_event = pb.ServerEvent(notify=notify)

@@ -46,12 +46,13 @@ import logging
 import os
 import secrets
 import socket
+import time
 from collections.abc import Awaitable, Callable
 
 import psycopg
 from psycopg import conninfo as conninfo_mod
 
-from tether.controller import release_cache, releases
+from tether.controller import instruments, release_cache, releases
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,9 @@ class ReleaseListener:
         resync_s: float = 30.0,
         retry_s: float = 1.0,
         max_retry_s: float = 15.0,
+        metrics: instruments.ControllerMetrics | None = None,
     ) -> None:
+        self._metrics = metrics if metrics is not None else instruments.ControllerMetrics()
         self._conninfo = conninfo
         self._cache = cache
         self.replica_id = replica_id
@@ -165,6 +168,7 @@ class ReleaseListener:
                 delay = min(self._max_retry_s, delay * 2)
 
     async def _handle(self, payload: str) -> None:
+        heard = time.monotonic()
         try:
             doc = json.loads(payload)
             name, origin = str(doc["release"]), str(doc.get("origin") or "")
@@ -178,6 +182,7 @@ class ReleaseListener:
         if origin == self.replica_id or before == after:
             return  # fanned out by our own ApplyRelease, or nothing new for this replica
         await self._fan_out(before, after)
+        self._metrics.replica_lag.observe(time.monotonic() - heard)
 
     async def _handle_device(self, payload: str) -> None:
         try:
@@ -231,6 +236,7 @@ class ReleaseListener:
 
     async def _fan_out(self, before: releases.Release | None, after: releases.Release | None) -> None:
         self.remote_changes += 1
+        self._metrics.remote_changes.inc()
         try:
             await self._on_change(before, after)
         except Exception:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 from tether.common import config as config_mod
-from tether.common import errors, signing, tls
+from tether.common import errors, exposition, signing, tls
 from tether.controller import (
     admin_service,
     admission,
@@ -30,6 +30,7 @@ from tether.controller import (
     edge,
     fanout,
     hub,
+    instruments,
     release_cache,
     replicas,
     stats,
@@ -67,6 +68,8 @@ class RunningController:
     authenticator: device_auth.DeviceAuthenticator | None = None  # device credentials
     reporter: delivery_reports.DeliveryReporter | None = None  # group-committed delivery reports
     blob_backend: blobstores.BlobBackend | None = None  # what the services use (`blobs` in threads, or itself)
+    metrics: instruments.ControllerMetrics | None = None  # Prometheus instruments (its own registry)
+    metrics_server: exposition.MetricsServer | None = None  # /metrics, when cfg.metrics_port is set
 
     @property
     def address(self) -> str:
@@ -93,6 +96,8 @@ class RunningController:
         await self.pool.close()
         if self.blob_backend is not None:
             await self.blob_backend.close()
+        if self.metrics_server is not None:  # last: a scrape during shutdown still gets an answer
+            self.metrics_server.stop()
         log.info("controller on %s stopped", self.listen_address)
 
     async def wait(self) -> None:
@@ -139,6 +144,8 @@ async def start_controller(
         replicas.with_origin(cfg.database_url, replica_id), min_size=cfg.pool_min_size, max_size=cfg.pool_max_size
     )
     listener: replicas.ReleaseListener | None = None
+    metrics = instruments.ControllerMetrics()
+    metrics_server: exposition.MetricsServer | None = None
     try:
         storage = postgres.postgres_storage(pool)
         releases = release_cache.ReleaseCache(storage.releases)
@@ -156,7 +163,9 @@ async def start_controller(
             ),
             cache_s=cfg.auth_cache_s,
         )
-        fan_out = fanout.FanOut(hub_=hub_, storage=storage, manifests=manifests, authenticator=authenticator)
+        fan_out = fanout.FanOut(
+            hub_=hub_, storage=storage, manifests=manifests, authenticator=authenticator, metrics=metrics
+        )
         bundle_policy = signing.BundlePolicy(
             require_signature=cfg.require_signed_bundles, trusted=signing.load_trusted_keys(cfg.trusted_key_files)
         )
@@ -175,8 +184,11 @@ async def start_controller(
             on_revoked=revoked,
             on_gap=fan_out.end_revoked_streams,  # (re)connected: revocations may have gone unheard meanwhile
             on_device_changed=device_changed,
+            metrics=metrics,
         )
-        counters = stats.RpcCounters()
+        counters = stats.RpcCounters(metrics=metrics)
+        pull_gate = admission.FifoGate(cfg.max_concurrent_pulls, quantum_bytes=cfg.pull_quantum_bytes)
+        metrics.watch(connected=lambda: len(hub_), queued=lambda: pull_gate.queued, active=lambda: pull_gate.active)
         # The edge: authentication and error mapping of every device and admin RPC (tether.controller.edge).
         server = grpc.aio.server(
             options=server_options(cfg),
@@ -195,7 +207,8 @@ async def start_controller(
                 authenticator=authenticator,
                 bootstrap_token=cfg.bootstrap_token,
                 heartbeat_s=cfg.heartbeat_s,
-                pull_gate=admission.FifoGate(cfg.max_concurrent_pulls, quantum_bytes=cfg.pull_quantum_bytes),
+                pull_gate=pull_gate,
+                metrics=metrics,
             ),
             server,
         )
@@ -226,8 +239,12 @@ async def start_controller(
         host, _ = config_mod.split_host_port(cfg.listen)
         port = _bind(server, cfg)
         await listener.start()  # before serving: no device can connect before changes are heard
+        if cfg.metrics_port is not None:
+            metrics_server = exposition.serve(metrics.registry, port=cfg.metrics_port, host=cfg.metrics_host)
         await server.start()
     except BaseException:
+        if metrics_server is not None:
+            metrics_server.stop()
         if listener is not None:
             await listener.stop()
         await pool.close()
@@ -251,6 +268,8 @@ async def start_controller(
         authenticator=authenticator,
         reporter=reporter,
         blob_backend=backend,
+        metrics=metrics,
+        metrics_server=metrics_server,
     )
 
 

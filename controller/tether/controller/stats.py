@@ -20,14 +20,18 @@ import dataclasses
 import inspect
 import os
 import resource
+import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
 from tether.common import auth, errors
 from tether.proto.v1 import tether_pb2 as pb
 from tether.proto.v1 import tether_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    from tether.controller import instruments
 
 
 @dataclasses.dataclass
@@ -48,8 +52,9 @@ class RpcCounters:
     when the servicer is added to the server.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, metrics: instruments.ControllerMetrics | None = None) -> None:
         self._all: dict[str, MethodCounters] = {}
+        self._metrics = metrics  # latency histograms (tether_controller_rpc_duration_seconds), bound per method
 
     @property
     def methods(self) -> dict[str, MethodCounters]:
@@ -68,7 +73,11 @@ class RpcCounters:
         add_to_server(servicer, capture)
         for service, handlers in capture.registered:
             wrapped = {
-                name: _counting_handler(handler, self._counters(f"/{service}/{name}"))
+                name: _counting_handler(
+                    handler,
+                    self._counters(f"/{service}/{name}"),
+                    None if self._metrics is None else self._metrics.rpc_timer(f"/{service}/{name}"),
+                )
                 for name, handler in handlers.items()
             }
             server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, wrapped),))
@@ -101,7 +110,7 @@ class _Registrations:
         self.registered.append((service, dict(handlers)))
 
 
-def _counting_handler(handler: grpc.RpcMethodHandler, c: MethodCounters) -> grpc.RpcMethodHandler:
+def _counting_handler(handler: grpc.RpcMethodHandler, c: MethodCounters, timer: Any = None) -> grpc.RpcMethodHandler:
     """The same method, counting bytes, and parsing requests itself so that bad bytes get INVALID_ARGUMENT.
 
     grpcio answers a request its deserializer cannot parse with UNKNOWN (and logs a traceback);
@@ -134,7 +143,13 @@ def _counting_handler(handler: grpc.RpcMethodHandler, c: MethodCounters) -> grpc
 
         async def unary_unary(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
             c.calls += 1
-            return await _maybe_await(unary(await decode(raw, context), context))
+            if timer is None:
+                return await _maybe_await(unary(await decode(raw, context), context))
+            started = time.perf_counter()
+            try:
+                return await _maybe_await(unary(await decode(raw, context), context))
+            finally:
+                timer.observe(time.perf_counter() - started)
 
         return grpc.unary_unary_rpc_method_handler(
             unary_unary, request_deserializer=count_request, response_serializer=response_serializer
@@ -144,16 +159,21 @@ def _counting_handler(handler: grpc.RpcMethodHandler, c: MethodCounters) -> grpc
 
         async def unary_stream(raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             c.calls += 1
+            started = time.perf_counter()
             result = streaming(await decode(raw, context), context)
-            if hasattr(result, "__aiter__"):
-                try:
-                    async for item in result:
-                        yield item
-                finally:
-                    if hasattr(result, "aclose"):
-                        await result.aclose()  # its `finally` runs now, when this stream is closed
-            else:
-                await _maybe_await(result)  # a method that writes with context.write (or is unimplemented)
+            try:
+                if hasattr(result, "__aiter__"):
+                    try:
+                        async for item in result:
+                            yield item
+                    finally:
+                        if hasattr(result, "aclose"):
+                            await result.aclose()  # its `finally` runs now, when this stream is closed
+                else:
+                    await _maybe_await(result)  # a method that writes with context.write (or is unimplemented)
+            finally:
+                if timer is not None:  # a pull: from its arrival to its last chunk (queueing for a slot included)
+                    timer.observe(time.perf_counter() - started)
 
         return grpc.unary_stream_rpc_method_handler(
             unary_stream, request_deserializer=count_request, response_serializer=response_serializer
@@ -168,7 +188,12 @@ def _counting_handler(handler: grpc.RpcMethodHandler, c: MethodCounters) -> grpc
 
         async def stream_unary(raws: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> Any:
             c.calls += 1
-            return await _maybe_await(client_streaming(decoded(raws, context), context))
+            started = time.perf_counter()
+            try:
+                return await _maybe_await(client_streaming(decoded(raws, context), context))
+            finally:
+                if timer is not None:
+                    timer.observe(time.perf_counter() - started)
 
         return grpc.stream_unary_rpc_method_handler(
             stream_unary, request_deserializer=count_request, response_serializer=response_serializer

@@ -36,6 +36,7 @@ import logging
 import os
 import sys
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -44,8 +45,8 @@ import psycopg_pool
 from celery import Celery, Task, signals
 from psycopg.types.json import Jsonb
 
-from tether.common import errors
-from tether.controller import aggregation
+from tether.common import errors, tracing
+from tether.controller import aggregation, instruments
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,9 @@ def make_app(broker_url: str | None = None) -> Celery:
 
 
 app = make_app()
+# tether_worker_* in the process's default registry (`tether worker --metrics-port` serves it; with a prefork
+# pool, each child writes its values to PROMETHEUS_MULTIPROC_DIR and the parent serves their sum).
+metrics = instruments.WorkerMetrics()
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -190,6 +194,13 @@ def _close_pool_on_shutdown(**_: Any) -> None:
     close_pool()
 
 
+@signals.worker_init.connect
+def _configure_tracing(**_: Any) -> None:
+    # Before any child is forked: the SDK's batch processor restarts its thread in each child.
+    if not tracing.active():
+        tracing.configure("tether-worker")
+
+
 @signals.worker_ready.connect
 def _announce_ready(**_: Any) -> None:
     # Celery redirects sys.stdout to its logger; tooling waits for this line on the real stdout.
@@ -212,6 +223,7 @@ class FoldOutcome:
     rejected: int = 0  # results rejected this round
     result_count: int = 0
     through_id: int = 0
+    oldest_age_s: float | None = None  # age of the oldest result this round folded, when it was read
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -239,7 +251,10 @@ class FoldState:
         return {"acc": self.acc.to_state(), "horizon": str(self.horizon), "folded_above": sorted(self.folded_above)}
 
 
-_RESULT_COLUMNS = "id, device_id, sample_count, metrics, counts, tensors, insert_xid::text"
+_RESULT_COLUMNS = (
+    "id, device_id, sample_count, metrics, counts, tensors, insert_xid::text,"
+    " extract(epoch FROM clock_timestamp() - received_at)::float8"
+)
 
 
 def fold_pending(conn: psycopg.Connection[Any], *, release: str, version: int) -> FoldOutcome:
@@ -285,6 +300,7 @@ def fold_pending(conn: psycopg.Connection[Any], *, release: str, version: int) -
             rebuild, state = True, FoldState(acc=aggregation.Accumulator())
         new_horizon = max(state.horizon, int(xmin))
         folded = rejected = 0
+        oldest_age_s: float | None = None
         newly_above: set[int] = set()
         with conn.cursor(name="tether_aggregate_pending") as cur:
             cur.itersize = 64
@@ -294,7 +310,8 @@ def fold_pending(conn: psycopg.Connection[Any], *, release: str, version: int) -
                 " ORDER BY id",
                 (release, version, str(state.horizon), sorted(state.folded_above)),
             )
-            for rid, device_id, sample_count, metrics, counts, tensors, xid in cur:
+            for rid, device_id, sample_count, metrics, counts, tensors, xid, age_s in cur:
+                oldest_age_s = age_s if oldest_age_s is None else max(oldest_age_s, age_s)
                 raw = aggregation.RawResult(
                     result_id=rid,
                     device_id=device_id,
@@ -357,6 +374,7 @@ def fold_pending(conn: psycopg.Connection[Any], *, release: str, version: int) -
         rejected=rejected,
         result_count=state.acc.results,
         through_id=through_id,
+        oldest_age_s=oldest_age_s,
     )
 
 
@@ -367,8 +385,30 @@ def aggregate(self: Task, *, release: str, version: int) -> dict[str, Any]:
         raise errors.InvalidArgument(f"release must be a non-empty string, not {release!r}")
     if isinstance(version, bool) or not isinstance(version, int) or version < 0:
         raise errors.InvalidArgument(f"version must be a non-negative integer, not {version!r}")
-    with get_pool().connection() as conn:
-        outcome = fold_pending(conn, release=release, version=version)
+    started = time.perf_counter()
+    parent = None
+    if tracing.active():  # the upload's trace context, from the message's headers
+        parent = tracing.extract({k: v for k in ("traceparent", "tracestate") if (v := self.request.get(k))})
+    try:
+        with (
+            tracing.span("aggregate", parent=parent, release=release, version=version),
+            get_pool().connection() as conn,
+        ):
+            outcome = fold_pending(conn, release=release, version=version)
+    except TRANSIENT_ERRORS:
+        metrics.aggregations.labels("retried" if self.request.retries < (self.max_retries or 0) else "failed").inc()
+        raise
+    except Exception:
+        metrics.aggregations.labels("failed").inc()
+        raise
+    took = time.perf_counter() - started
+    metrics.aggregations.labels(outcome.status).inc()
+    metrics.duration.observe(took)
+    if outcome.folded or outcome.rejected:
+        metrics.results_folded.inc(outcome.folded)
+        metrics.results_rejected.inc(outcome.rejected)
+        if outcome.oldest_age_s is not None:  # committed now: its age then, plus the rest of the round
+            metrics.ingestion_lag.observe(outcome.oldest_age_s + took)
     log.info(
         "aggregate %s v%s: %s round=%s folded=%s rejected=%s total=%s",
         release,

@@ -131,6 +131,7 @@ class FleetBench:
         tls: bool = False,
         connect_only: bool = False,
         pull_rate: float | None = None,
+        controller_args: tuple[str, ...] = (),
     ) -> None:
         self.n = agents
         self.pull_rate = pull_rate
@@ -154,6 +155,7 @@ class FleetBench:
             broker_url=broker_url,
             tls=tls,
             pull_rate=pull_rate,
+            controller_args=controller_args,
         )
 
     # ------------------------------------------------------------ phases
@@ -362,8 +364,39 @@ class FleetBench:
         }
 
 
-def run_fleet_bench(**kwargs: Any) -> dict[str, Any]:
-    return asyncio.run(FleetBench(**kwargs).run())
+def run_fleet_bench(*, observability: str = "off", **kwargs: Any) -> dict[str, Any]:
+    return asyncio.run(_run(observability, kwargs))
+
+
+async def _run(observability: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """One run; or, with observability, the run with metrics and traces on, and (both) off then on."""
+    from tether.devtools import bench_observability as obs
+
+    if observability == "off":
+        return await FleetBench(**kwargs).run()
+
+    async def one(controller_args: tuple[str, ...], tag: str) -> dict[str, Any]:
+        workdir = pathlib.Path(kwargs["workdir"]) / tag
+        workdir.mkdir(parents=True, exist_ok=True)
+        return await FleetBench(**{**kwargs, "workdir": workdir}, controller_args=controller_args).run()
+
+    if observability == "on":
+        result, observed = await obs.measured_on(one)
+        result["observability"] = {"mode": "on", **observed}
+        return result
+    off = await one((), "off")
+    on, observed = await obs.measured_on(one)
+    measured = obs.compare(off, on, observed)
+    for key in ("observability_install_ratio", "observability_cpu_ratio"):
+        off[key] = measured[key]
+        off["baselines"][key] = measured["baseline"]
+    off["goals"]["observability_install_ratio_ge_0.95"] = (measured["observability_install_ratio"] or 0) >= 0.95
+    off["goals"]["observability_cpu_ratio_le_1.05"] = (measured["observability_cpu_ratio"] or 9) <= 1.05
+    off["method"]["measured"].append(
+        "observability_install_ratio and observability_cpu_ratio (a second run in this invocation: /metrics "
+        "scraped every second, every span exported over OTLP to a loopback receiver; v1 rollout, on / off)"
+    )
+    return off
 
 
 @click.command("fleet")
@@ -396,6 +429,14 @@ def run_fleet_bench(**kwargs: Any) -> dict[str, Any]:
     default=None,
     help="The controller's --pull-rate (installs/s a push plans for; 0: no spreading). Default: its default.",
 )
+@click.option(
+    "--observability",
+    type=click.Choice(["off", "on", "both"]),
+    default="off",
+    show_default=True,
+    help="The controller's /metrics (scraped every second) and OpenTelemetry traces (exported over OTLP): off, "
+    "on, or both in one invocation (adds observability_install_ratio and observability_cpu_ratio, on / off).",
+)
 def fleet(
     agents: int,
     out_path: str,
@@ -413,8 +454,11 @@ def fleet(
     connect_only: bool,
     keep: bool,
     pull_rate: float | None,
+    observability: str,
 ) -> None:
     """Measure push-then-pull at fleet scale against polling and push-the-whole-bundle; write JSON."""
+    if connect_only and observability != "off":
+        raise click.UsageError("--observability measures a rollout: it cannot go with --connect-only")
     workdir = pathlib.Path(tempfile.mkdtemp(prefix="tether-fleet-bench-"))
     try:
         result = run_fleet_bench(
@@ -433,6 +477,7 @@ def fleet(
             tls=tls,
             connect_only=connect_only,
             pull_rate=pull_rate,
+            observability=observability,
         )
     finally:
         if keep:
@@ -451,7 +496,10 @@ def fleet(
             "polling_idle_load_ratio",
             "push_full_bytes_ratio",
             "one_file_bytes_ratio",
+            "observability_install_ratio",
+            "observability_cpu_ratio",
         )
+        if k in result
     }
     click.echo(json.dumps(summary, indent=1))
     click.echo(f"wrote {out_path}")

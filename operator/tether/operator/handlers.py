@@ -24,16 +24,15 @@ import asyncio
 import dataclasses
 import datetime
 import logging
-import os
 import pathlib
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import kopf
-import yaml
 
-from tether.common import errors
-from tether.operator import model, progression, reconcile
+from tether.common import errors, exposition, kube, tracing
+from tether.operator import model, operator_metrics, progression, reconcile
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +61,7 @@ class OperatorContext:
     admin: ReleaseAdmin
     poll_interval: float = DEFAULT_POLL_INTERVAL
     clock: Callable[[], datetime.datetime] = dataclasses.field(default=lambda: datetime.datetime.now(datetime.UTC))
+    metrics: operator_metrics.OperatorMetrics = dataclasses.field(default_factory=operator_metrics.OperatorMetrics)
 
 
 # ------------------------------------------------------------------ settings and login
@@ -83,32 +83,29 @@ def configure(settings: kopf.OperatorSettings) -> None:
     settings.watching.server_timeout = 300
 
 
-def connection_from_kubeconfig(path: pathlib.Path) -> kopf.ConnectionInfo:
-    """Credentials of the current context of one kubeconfig file."""
-    config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    name = config.get("current-context")
-    contexts = {c["name"]: c.get("context") or {} for c in config.get("contexts", [])}
-    if name not in contexts:
-        raise kopf.LoginError(f"{path}: current-context {name!r} is not defined")
-    context = contexts[name]
-    cluster = {c["name"]: c.get("cluster") or {} for c in config.get("clusters", [])}.get(context.get("cluster"), {})
-    user = {u["name"]: u.get("user") or {} for u in config.get("users", [])}.get(context.get("user"), {})
-    if not cluster.get("server"):
-        raise kopf.LoginError(f"{path}: the current context's cluster has no server")
+def connection_info(credentials: kube.Credentials) -> kopf.ConnectionInfo:
+    """Kopf's view of credentials the official client resolved (token from any user kind, certificates, CA)."""
+    c = credentials.configuration
+    scheme, token = (credentials.authorization or " ").split(" ", 1)
     return kopf.ConnectionInfo(
-        server=cluster["server"],
-        ca_path=cluster.get("certificate-authority"),
-        ca_data=cluster.get("certificate-authority-data"),
-        insecure=cluster.get("insecure-skip-tls-verify"),
-        certificate_path=user.get("client-certificate"),
-        certificate_data=user.get("client-certificate-data"),
-        private_key_path=user.get("client-key"),
-        private_key_data=user.get("client-key-data"),
-        username=user.get("username"),
-        password=user.get("password"),
-        token=user.get("token"),
-        default_namespace=context.get("namespace"),
+        server=str(c.host),
+        ca_path=c.ssl_ca_cert,
+        insecure=not c.verify_ssl,
+        certificate_path=c.cert_file,
+        private_key_path=c.key_file,
+        scheme=scheme or None,
+        token=token or None,
+        default_namespace=credentials.namespace,
+        expiration=credentials.expires,  # Kopf logs in again (the exec plugin runs again) when it passes
     )
+
+
+async def login_with(kubeconfig: pathlib.Path | None) -> kopf.ConnectionInfo:
+    """The kubeconfig given, else $KUBECONFIG / ~/.kube/config, else the service account: as kubectl does."""
+    try:
+        return connection_info(await kube.load(kubeconfig))
+    except errors.TetherError as e:
+        raise kopf.LoginError(str(e)) from None
 
 
 # ------------------------------------------------------------------ handlers
@@ -135,6 +132,21 @@ async def perform(admin: ReleaseAdmin, action: reconcile.Action) -> reconcile.Ou
 
 
 async def _reconcile(ctx: OperatorContext, *, body: kopf.Body, patch: kopf.Patch, poll: bool) -> None:
+    trigger = "poll" if poll else "change"
+    started = time.perf_counter()
+    try:  # a trace starts here: ApplyRelease, the devices' work and the aggregation join it
+        with tracing.span(f"reconcile {trigger}", mltask=f"{body.metadata.namespace}/{body.metadata.name}"):
+            await _reconcile_once(ctx, body=body, patch=patch, poll=poll)
+    except BaseException:
+        ctx.metrics.reconciles.labels(trigger, "error").inc()
+        raise
+    else:
+        ctx.metrics.reconciles.labels(trigger, "ok").inc()
+    finally:
+        ctx.metrics.duration.labels(trigger).observe(time.perf_counter() - started)
+
+
+async def _reconcile_once(ctx: OperatorContext, *, body: kopf.Body, patch: kopf.Patch, poll: bool) -> None:
     meta = _meta(body)
     current = reconcile.parse_status(body.get("status"))
     observed: reconcile.ObservedRelease | None = None
@@ -152,6 +164,9 @@ async def _reconcile(ctx: OperatorContext, *, body: kopf.Body, patch: kopf.Patch
         performed += 1
     for event in reconcile.transition_events(current, decision.status):
         kopf.event(body, type=event.type, reason=event.reason, message=event.message)
+    ctx.metrics.task_status(
+        namespace=meta.namespace, name=meta.name, status=decision.status, judged=observed is not None
+    )
     changes = reconcile.status_patch(current, decision.status)
     if changes:
         patch.setdefault("status", {}).update(changes)
@@ -170,13 +185,17 @@ async def on_poll(body: kopf.Body, patch: kopf.Patch, memo: Any, **_: Any) -> No
 async def on_delete(body: kopf.Body, memo: Any, **_: Any) -> None:
     """Delete the release; keep the object (finalizer) while the controller cannot be reached."""
     ctx: OperatorContext = memo
-    actions = reconcile.decide_delete(meta=_meta(body), status=reconcile.parse_status(body.get("status")))
+    meta = _meta(body)
+    actions = reconcile.decide_delete(meta=meta, status=reconcile.parse_status(body.get("status")))
     for action in actions:
         outcome = await perform(ctx.admin, action)
         if isinstance(outcome, reconcile.Failed):
             if outcome.transient:
+                ctx.metrics.reconciles.labels("delete", "error").inc()
                 raise kopf.TemporaryError(f"deleting {action.release}: {outcome.message}", delay=ctx.poll_interval)
             kopf.warn(body, reason="DeleteFailed", message=f"The controller refused to delete: {outcome.message}")
+    ctx.metrics.reconciles.labels("delete", "ok").inc()
+    ctx.metrics.forget(namespace=meta.namespace, name=meta.name)
 
 
 def build_registry(
@@ -206,12 +225,8 @@ def build_registry(
     )(on_poll)
 
     @kopf.on.login(registry=registry)
-    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
-        if kubeconfig is not None:
-            return connection_from_kubeconfig(kubeconfig)
-        if os.path.exists("/var/run/secrets/kubernetes.io/serviceaccount/token"):
-            return kopf.login_with_service_account(**kwargs)
-        return kopf.login_with_kubeconfig(**kwargs)
+    async def login(**_: Any) -> kopf.ConnectionInfo:
+        return await login_with(kubeconfig)
 
     return registry
 
@@ -225,20 +240,55 @@ async def run(
     stop_flag: asyncio.Event | asyncio.Future[Any] | None = None,
     ready_flag: asyncio.Event | asyncio.Future[Any] | None = None,
     liveness_endpoint: str | None = None,
+    metrics: operator_metrics.OperatorMetrics | None = None,
+    metrics_port: int | None = None,
+    metrics_host: str = "0.0.0.0",
 ) -> None:
     """Run the operator until `stop_flag` is set (or SIGINT/SIGTERM in the main thread).
 
     With `namespaces`, only those are watched (one watch each); without, one cluster-wide watch.
+    `metrics_port`: serve /metrics there (0: a free port; None: not served).
     """
     settings = kopf.OperatorSettings()
     configure(settings)
+    metrics = metrics if metrics is not None else operator_metrics.OperatorMetrics()
+    server = None if metrics_port is None else exposition.serve(metrics.registry, port=metrics_port, host=metrics_host)
+    try:
+        await _operate(
+            admin=admin,
+            namespaces=namespaces,
+            poll_interval=poll_interval,
+            kubeconfig=kubeconfig,
+            stop_flag=stop_flag,
+            ready_flag=ready_flag,
+            liveness_endpoint=liveness_endpoint,
+            settings=settings,
+            metrics=metrics,
+        )
+    finally:
+        if server is not None:  # last: a scrape during shutdown still gets an answer
+            server.stop()
+
+
+async def _operate(
+    *,
+    admin: ReleaseAdmin,
+    namespaces: Sequence[str],
+    poll_interval: float,
+    kubeconfig: pathlib.Path | None,
+    stop_flag: asyncio.Event | asyncio.Future[Any] | None,
+    ready_flag: asyncio.Event | asyncio.Future[Any] | None,
+    liveness_endpoint: str | None,
+    settings: kopf.OperatorSettings,
+    metrics: operator_metrics.OperatorMetrics,
+) -> None:
     await kopf.operator(
         registry=build_registry(poll_interval=poll_interval, kubeconfig=kubeconfig),
         settings=settings,
         clusterwide=not namespaces,
         namespaces=list(namespaces),
         standalone=True,
-        memo=OperatorContext(admin=admin, poll_interval=poll_interval),
+        memo=OperatorContext(admin=admin, poll_interval=poll_interval, metrics=metrics),
         stop_flag=stop_flag,
         ready_flag=ready_flag,
         liveness_endpoint=liveness_endpoint,

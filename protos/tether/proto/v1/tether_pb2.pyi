@@ -104,16 +104,25 @@ class Sync(_message.Message):
     def __init__(self, desired: _Optional[_Iterable[_Union[DesiredTask, _Mapping]]] = ...) -> None: ...
 
 class Notify(_message.Message):
-    __slots__ = ("task", "sent_at_ms", "manifest", "pull_spread_ms")
+    __slots__ = ("task", "sent_at_ms", "manifest", "pull_spread_ms", "trace_context")
+    class TraceContextEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     TASK_FIELD_NUMBER: _ClassVar[int]
     SENT_AT_MS_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_FIELD_NUMBER: _ClassVar[int]
     PULL_SPREAD_MS_FIELD_NUMBER: _ClassVar[int]
+    TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     task: DesiredTask
     sent_at_ms: int
     manifest: GetManifestResponse
     pull_spread_ms: int
-    def __init__(self, task: _Optional[_Union[DesiredTask, _Mapping]] = ..., sent_at_ms: _Optional[int] = ..., manifest: _Optional[_Union[GetManifestResponse, _Mapping]] = ..., pull_spread_ms: _Optional[int] = ...) -> None: ...
+    trace_context: _containers.ScalarMap[str, str]
+    def __init__(self, task: _Optional[_Union[DesiredTask, _Mapping]] = ..., sent_at_ms: _Optional[int] = ..., manifest: _Optional[_Union[GetManifestResponse, _Mapping]] = ..., pull_spread_ms: _Optional[int] = ..., trace_context: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class Revoke(_message.Message):
     __slots__ = ("release",)
