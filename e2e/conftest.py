@@ -24,6 +24,17 @@ def processes_marked(mark: str) -> list[psutil.Process]:
     return found
 
 
+def cmdlines_marked(mark: str) -> list[list[str]]:
+    """The command lines of the marked processes still running (one that exits meanwhile is not listed)."""
+    found = []
+    for proc in processes_marked(mark):
+        try:
+            found.append(proc.cmdline())
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
 @pytest.fixture()
 def e2e_env(tmp_path):
     """Environment for a scenario: a private TMPDIR and a mark inherited by every child process."""

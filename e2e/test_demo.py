@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from e2e.conftest import processes_marked
+from e2e.conftest import cmdlines_marked, processes_marked
 
 pytestmark = pytest.mark.e2e
 
@@ -85,7 +85,7 @@ def test_ctrl_c_stops_everything_the_demo_started(e2e_env):
 
     # Wait until the fleet of devices is up (the last component to start), then interrupt.
     def fleet_running() -> bool:
-        return any("fleet" in p.cmdline() for p in processes_marked(mark))
+        return any("fleet" in cmdline for cmdline in cmdlines_marked(mark))
 
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline and not fleet_running():
@@ -96,5 +96,5 @@ def test_ctrl_c_stops_everything_the_demo_started(e2e_env):
     output, _ = proc.communicate(timeout=60)
     assert proc.returncode == 130, output[-3000:]
     time.sleep(0.5)
-    assert [p.cmdline() for p in processes_marked(mark)] == []
+    assert cmdlines_marked(mark) == []
     assert list(tmp.iterdir()) == []
