@@ -20,6 +20,7 @@ import time
 NGINX_CANDIDATES = ("nginx", "/usr/sbin/nginx")
 # In nginx's default ("combined") access log line: `"GET /blobs/... HTTP/1.1" 206 1048576 "referer" ...`
 _STATUS_AND_BYTES = re.compile(r'" (\d{3}) (\d+) "')
+_DEVICE = re.compile(r"[?&]device=([^&\s\"]+)")
 
 
 def nginx_binary() -> str | None:
@@ -131,6 +132,10 @@ http {{
     def access_log(self) -> str:
         path = self.workdir / "access.log"
         return path.read_text() if path.exists() else ""
+
+    def devices(self) -> set[str]:
+        """The device ids of the signed URLs requested so far (each URL names its device)."""
+        return set(_DEVICE.findall(self.access_log()))
 
     def served(self) -> tuple[int, int]:
         """(requests, body bytes sent) so far, from the access log (nginx writes each request as it ends)."""

@@ -229,6 +229,41 @@ class LocalStack:
         )
         await comp.wait_for(r"fleet ready", timeout=60)
 
+    async def server_stats(self) -> Any:
+        """The controller's own counters (`StatsService.GetServerStats`: bytes and messages per RPC method)."""
+        import grpc
+
+        from tether.common import auth
+        from tether.proto.v1 import tether_pb2 as pb
+        from tether.proto.v1 import tether_pb2_grpc as pb_grpc
+
+        creds = self.client_tls().channel_credentials()
+        if creds is not None:
+            channel = grpc.aio.secure_channel(self.controller_address, creds)
+        else:
+            channel = grpc.aio.insecure_channel(self.controller_address)
+        async with channel as ch:
+            return await pb_grpc.StatsServiceStub(ch).GetServerStats(
+                pb.GetServerStatsRequest(), metadata=auth.bearer_metadata(self.admin_token), timeout=30
+            )
+
+    async def blob_delivery(self) -> dict[str, Any]:
+        """Where devices pulled blobs from so far: the origin (requests, bytes, devices) and the controller."""
+        stats = await self.server_stats()
+        pulled = sum(
+            r.response_bytes for r in stats.rpcs if r.method.endswith(("/PullBlobs", "/PullBlob"))
+        )  # blob bytes the controller streamed itself (the fallback, in http mode)
+        out: dict[str, Any] = {"mode": self.config.blobs, "controller_blob_bytes": pulled}
+        if self.origin is not None:
+            requests, sent = self.origin.served()
+            out.update(
+                origin=self.origin.base_url,
+                origin_requests=requests,
+                origin_bytes=sent,
+                origin_devices=len(self.origin.devices()),
+            )
+        return out
+
     def admin_client(self) -> Any:
         from tether.common.admin_client import AdminClient
 
