@@ -98,3 +98,32 @@ def test_ctrl_c_stops_everything_the_demo_started(e2e_env):
     time.sleep(0.5)
     assert cmdlines_marked(mark) == []
     assert list(tmp.iterdir()) == []
+
+
+def test_demo_with_blobs_from_an_nginx_origin(e2e_env, tmp_path):
+    from tether.devtools import origin
+
+    if origin.nginx_binary() is None:
+        pytest.skip("nginx is not installed (apt-get install nginx-light)")
+    env, mark, tmp = e2e_env
+    out = tmp_path / "outcome.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "tether.cli.main", "demo", "--agents", "4", "--blobs", "http", "--json-out", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    outcome = json.loads(out.read_text())
+    assert outcome["ok"] is True and outcome["succeeded"] == outcome["targeted"] > 0
+    blobs = outcome["blobs"]
+    # Every targeted device fetched the bundle from nginx by its own signed URLs; no blob byte came
+    # through the controller.
+    assert blobs["mode"] == "http" and blobs["origin"].startswith("http://127.0.0.1:")
+    assert blobs["origin_devices"] == outcome["targeted"] and blobs["origin_bytes"] > 0
+    assert blobs["controller_blob_bytes"] == 0
+    assert "devices pulled from the origin" in proc.stdout
+    time.sleep(0.5)
+    assert processes_marked(mark) == []  # nginx too
+    assert list(tmp.iterdir()) == []

@@ -141,6 +141,91 @@ def test_given_tokens_are_used(helm: pathlib.Path) -> None:
     assert base64.b64decode(data["bootstrap-token"]).decode() == "boot-0123456789"
 
 
+def controller_container(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    return by_kind(docs, "Deployment")["tether-controller"]["spec"]["template"]["spec"]["containers"][0]
+
+
+def test_the_default_blob_store_is_the_volume(helm: pathlib.Path) -> None:
+    docs = render(helm)
+    env = {e["name"]: e for e in controller_container(docs)["env"]}
+    assert env["TETHER_BLOB_STORE"]["value"] == "fs" and env["TETHER_BLOB_DIR"]["value"] == "/var/lib/tether/blobs"
+    assert "TETHER_BLOB_BASE_URL" not in env and "AWS_ACCESS_KEY_ID" not in env
+    claim = by_kind(docs, "PersistentVolumeClaim")["tether-controller-blobs"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert by_kind(docs, "Deployment")["tether-controller"]["spec"]["strategy"]["type"] == "Recreate"
+
+
+def test_replicas_on_an_s3_bucket_get_its_settings_and_credentials_from_a_secret(helm: pathlib.Path) -> None:
+    docs = render(
+        helm,
+        "--set", "controller.replicas=3,controller.blobs.store=s3",
+        "--set", "controller.blobs.s3.bucket=tether-blobs,controller.blobs.s3.prefix=/fleet/",
+        "--set", "controller.blobs.s3.region=eu-west-1,controller.blobs.s3.endpoint=https://minio.example:9000",
+        "--set", "controller.blobs.s3.credentialsSecret=s3-creds,controller.blobs.urlTTLSeconds=600",
+    )  # fmt: skip
+    deployment = by_kind(docs, "Deployment")["tether-controller"]
+    assert deployment["spec"]["replicas"] == 3 and "strategy" not in deployment["spec"]
+    env = {e["name"]: e for e in controller_container(docs)["env"]}
+    assert env["TETHER_BLOB_STORE"]["value"] == "s3://tether-blobs/fleet"
+    assert env["TETHER_S3_REGION"]["value"] == "eu-west-1"
+    assert env["TETHER_S3_ENDPOINT"]["value"] == "https://minio.example:9000"
+    assert env["TETHER_BLOB_URL_TTL"]["value"] == "600"
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        assert env[key]["valueFrom"]["secretKeyRef"] == {"name": "s3-creds", "key": key}
+    assert "PersistentVolumeClaim" not in {d["kind"] for d in docs}  # the bucket holds the blobs
+
+
+def test_an_http_origin_gets_its_base_url_and_signing_secret(helm: pathlib.Path) -> None:
+    docs = render(
+        helm,
+        "--set", "controller.replicas=2,controller.blobs.store=http",
+        "--set", "controller.blobs.baseUrl=https://cdn.example/blobs/",
+        "--set", "controller.blobs.urlSecret.secretName=origin-secret",
+        "--set", "controller.blobs.persistence.accessMode=ReadWriteMany",
+    )  # fmt: skip
+    env = {e["name"]: e for e in controller_container(docs)["env"]}
+    assert env["TETHER_BLOB_STORE"]["value"] == "http"
+    assert env["TETHER_BLOB_BASE_URL"]["value"] == "https://cdn.example/blobs/"
+    assert env["TETHER_BLOB_URL_SECRET"]["valueFrom"]["secretKeyRef"] == {"name": "origin-secret", "key": "url-secret"}
+    claim = by_kind(docs, "PersistentVolumeClaim")["tether-controller-blobs"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]  # every replica (and the origin) sees one volume
+    assert "strategy" not in by_kind(docs, "Deployment")["tether-controller"]["spec"]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--set", "controller.replicas=2"],  # fs on a ReadWriteOnce volume
+        ["--set", "controller.replicas=2,controller.blobs.store=http,controller.blobs.baseUrl=https://cdn.example/b/"
+         ",controller.blobs.urlSecret.secretName=s"],  # an origin in front of one replica's volume
+    ],
+)  # fmt: skip
+def test_more_than_one_replica_needs_a_shared_blob_store(helm: pathlib.Path, args: list[str]) -> None:
+    result = helm_tool.run_helm(helm, "template", "tether", str(CHART), *args, check=False)
+    assert result.returncode != 0
+    # helm names both ways out: an s3 store, or one volume every replica shares.
+    assert "/controller/blobs/store': value must be 's3'" in result.stderr, result.stderr
+    assert "/controller/blobs/persistence/accessMode': value must be 'ReadWriteMany'" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--set", "controller.blobs.store=ftp"], "/controller/blobs/store"),
+        (["--set", "controller.blobs.store=s3"], "/controller/blobs/s3/bucket"),
+        (["--set", "controller.blobs.store=http"], "/controller/blobs/baseUrl"),
+        (["--set", "controller.blobs.baseUrl=https://cdn.example/b/"], "/controller/blobs/urlSecret/secretName"),
+        (["--set", "controller.blobs.baseUrl=ftp://cdn.example/b/"], "/controller/blobs/baseUrl"),
+        (["--set", "controller.blobs.urlTTLSeconds=10"], "/controller/blobs/urlTTLSeconds"),
+        (["--set", "controller.blobs.persistence.accessMode=ReadOnlyMany"], "/controller/blobs/persistence/accessMode"),
+    ],
+)
+def test_the_values_schema_rejects_bad_blob_settings(helm: pathlib.Path, args: list[str], words: str) -> None:
+    result = helm_tool.run_helm(helm, "template", "tether", str(CHART), *args, check=False)
+    assert result.returncode != 0
+    assert words in result.stderr, result.stderr
+
+
 @pytest.mark.parametrize(
     ("args", "words"),
     [

@@ -23,6 +23,7 @@ import asyncio
 import dataclasses
 import logging
 import re
+import ssl
 from typing import TYPE_CHECKING, Protocol
 
 from tether.common import errors
@@ -76,25 +77,28 @@ class HttpSettings:
 class HttpFetcher:
     """Blob fetches over HTTP(S) for one device: bounded in number, each resumable."""
 
-    def __init__(self, settings: HttpSettings | None = None) -> None:
+    def __init__(self, settings: HttpSettings | None = None, *, ssl_context: ssl.SSLContext | None = None) -> None:
         self.settings = settings or HttpSettings()
+        # Built once and shared when given (a simulated fleet: one per process, not one per device); a
+        # CA file is read now, so a bad one is an error at start (InvalidArgument), not at the first fetch.
+        if ssl_context is None and self.settings.ca_file:
+            ssl_context = tls_context(self.settings)
+        self._ssl_context = ssl_context
         self._slots = asyncio.Semaphore(self.settings.max_parallel)
         self._client: httpx.AsyncClient | None = None
         self.fetched = 0  # blobs received and verified over HTTP
         self.failures = 0  # URLs that failed (each fell back to gRPC)
+
+    def prepare(self) -> None:
+        """Build the HTTP client now rather than at the first fetch (a simulated fleet, before it is timed)."""
+        self._http()
 
     def _http(self) -> httpx.AsyncClient:
         if self._client is None:
             import httpx  # only a device that is handed URLs needs it loaded
 
             s = self.settings
-            verify: bool | str = True
-            if s.ca_file:
-                import ssl
-
-                context = ssl.create_default_context()
-                context.load_verify_locations(s.ca_file)
-                verify = context  # type: ignore[assignment]
+            verify = self._ssl_context or tls_context(s)
             self._client = httpx.AsyncClient(
                 follow_redirects=True,
                 max_redirects=s.max_redirects,
@@ -150,6 +154,17 @@ class HttpFetcher:
                     f"{_where(url)} ended {writer.digest} at {writer.offset} of {writer.size} bytes", keep=True
                 )
         await writer.commit()
+
+
+def tls_context(settings: HttpSettings) -> ssl.SSLContext:
+    """The system's trusted CAs, and `settings.ca_file`'s too (a private origin)."""
+    context = ssl.create_default_context()
+    if settings.ca_file:
+        try:
+            context.load_verify_locations(settings.ca_file)
+        except (OSError, ssl.SSLError) as e:
+            raise errors.InvalidArgument(f"CA file {settings.ca_file}: {e}") from None
+    return context
 
 
 def _check_start(status: int, content_range: str | None, offset: int, writer: Write) -> None:

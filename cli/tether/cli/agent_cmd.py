@@ -202,13 +202,15 @@ def run(
     disk_budget: int | None = None,
 ) -> None:
     """Run the agent until SIGTERM/SIGINT."""
-    from tether.agent import daemon, runtime
+    from tether.agent import daemon, httpfetch, runtime
     from tether.common import errors, tracing
 
     tracing.configure("tether-agent")  # OTEL_* (off unless an exporter or endpoint is named; needs the SDK)
     state_path = pathlib.Path(os.path.expanduser(state_dir))
     try:
         the_agent = daemon.Agent(
+            # --ca-file is trusted for blob URLs too (a private origin), besides the system's CAs.
+            http_settings=httpfetch.HttpSettings(ca_file=str(tls.ca_file) if tls.ca_file else None),
             channel_credentials=tls.channel_credentials(),
             trusted_keys=_trusted_keys(trust_keys),
             controller=controller,

@@ -3,7 +3,8 @@
 Starts every component as its own process (see `tether.devtools.stack`), builds and
 uploads the example bundle, applies the example MLTask to the Kubernetes API,
 shows the rollout live, prints the aggregate, and stops everything it started,
-also on Ctrl-C.
+also on Ctrl-C. `--blobs http` adds an nginx origin the devices fetch bundle files
+from by signed URL, and says how many bytes came from it and from the controller.
 """
 
 from __future__ import annotations
@@ -62,6 +63,14 @@ def load_mltask(path: pathlib.Path, *, digest: str, namespace: str) -> dict[str,
 @click.option("--no-tls", is_flag=True, help="Plaintext gRPC instead of TLS with a local CA.")
 @click.option("--unsigned", is_flag=True, help="Do not sign the bundle (and let the devices run unsigned bundles).")
 @click.option(
+    "--blobs",
+    type=click.Choice(stack_mod.BLOB_MODES),
+    default="grpc",
+    show_default=True,
+    help="Where devices pull bundle files: grpc (streamed by the controller) or http (an nginx origin started "
+    "for the demo, serving the controller's blob directory to per-device signed URLs).",
+)
+@click.option(
     "--json-out",
     type=click.Path(dir_okay=False, path_type=pathlib.Path),
     default=None,
@@ -76,6 +85,7 @@ def demo(
     keep: bool,
     no_tls: bool,
     unsigned: bool,
+    blobs: str,
     json_out: pathlib.Path | None,
 ) -> None:
     """Run the whole system locally with a simulated fleet and print the aggregate.
@@ -92,6 +102,7 @@ def demo(
         keep_workdir=keep,
         tls=not no_tls,
         sign=not unsigned,
+        blobs=blobs,
     )
     try:
         outcome = asyncio.run(run_demo(config, console=console, timeout=timeout))
@@ -130,6 +141,9 @@ async def _scenario(stack: stack_mod.LocalStack, *, console: Console, timeout: f
 
     cfg = stack.config
     await _step(console, "PostgreSQL and the Celery broker", stack.start_services())
+    if cfg.blobs == "http":
+        origin = await _step(console, "nginx blob origin", asyncio.to_thread(stack.start_origin))
+        console.print(f"  serving the controller's blob directory at {origin.base_url} to signed URLs only")
     await _step(console, "controller and Celery worker", asyncio.gather(stack.start_controller(), stack.start_worker()))
     await _step(
         console,
@@ -166,6 +180,14 @@ async def _scenario(stack: stack_mod.LocalStack, *, console: Console, timeout: f
         await _step(console, f"MLTask {release} applied", stack.cluster.create(task))
         status, cr_status = await _watch(stack, admin, release, console=console, timeout=timeout, fleet=cfg.agents)
 
+        delivery = await stack.blob_delivery()
+        if cfg.blobs == "http":
+            console.print(
+                f"  devices pulled from the origin {delivery['origin']}: {delivery['origin_requests']} requests, "
+                f"{delivery['origin_bytes']} bytes, {delivery['origin_devices']} devices; "
+                f"{delivery['controller_blob_bytes']} blob bytes through the controller (gRPC fallback)"
+            )
+
     elapsed = time.monotonic() - t0
     aggregate = json.loads(status.aggregate_json) if status.aggregate_json else {}
     ok = (
@@ -187,6 +209,7 @@ async def _scenario(stack: stack_mod.LocalStack, *, console: Console, timeout: f
         "aggregate": aggregate,
         "tls": stack.ca_file is not None,
         "signed_by": signature.key_id if signature else None,
+        "blobs": delivery,
     }
 
 

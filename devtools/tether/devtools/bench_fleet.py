@@ -23,90 +23,54 @@ Phases, in order (each measured, unless the output says "modelled"):
    the output also gives the model (uniform phase + the measured pull time).
 
 Ratios compare per-agent figures, so the polling fleet may be smaller.
+
+Where blobs come from (`--blobs`): `grpc` (the controller streams them with
+PullBlobs) or `http` (an nginx origin serves the controller's blob directory;
+the controller hands each device signed URLs and the agents fetch by URL, as
+the real agent does). Each mode's JSON adds `blobs`,
+`controller_cpu_s_per_install` and `controller_bytes_per_install` (the v1
+rollout's controller CPU and device-RPC bytes / installs); bytes *moved* (the
+byte ratios) count the controller's and the origin's. `both` runs the two
+modes one after the other in one invocation, each on a fresh stack, and adds
+`cpu_per_install_ratio` (http / grpc).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import pathlib
 import platform
 import random
+import secrets
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import click
 
 from tether.devtools import simfleet
+from tether.devtools.bench_figures import (
+    compare_modes,
+    device_bytes,
+    device_messages,
+    machine_busy_s,
+    modelled_polling_install,
+    percentiles,
+    ratio,
+)
 
 log = logging.getLogger(__name__)
 
 RELEASE = "bench/fleet"
 FULL_RELEASE = "bench/full"
 POLL_RELEASE = "bench/poll"
-DEVICE_PREFIX = "/tether.v1.DeviceService/"
-
-
-# ---------------------------------------------------------------- pure helpers
-
-
-def percentiles(values: Sequence[float]) -> dict[str, float]:
-    """p50 / p90 / p100 by nearest rank (an empty sample gives NaN-free zeros and n=0)."""
-    if not values:
-        return {"p50": 0.0, "p90": 0.0, "p100": 0.0, "n": 0}
-    s = sorted(values)
-
-    def rank(q: float) -> float:
-        return s[min(len(s) - 1, max(0, int(-(-q * len(s) // 1)) - 1))]
-
-    return {"p50": round(rank(0.5), 4), "p90": round(rank(0.9), 4), "p100": round(s[-1], 4), "n": len(s)}
-
-
-def device_bytes(before: Any, after: Any) -> int:
-    """Serialized bytes both ways on device RPCs between two ServerStats."""
-    return _device_sum(after, "bytes") - _device_sum(before, "bytes")
-
-
-def device_messages(before: Any, after: Any) -> int:
-    return _device_sum(after, "messages") - _device_sum(before, "messages")
-
-
-def _device_sum(stats: Any, what: str) -> int:
-    total = 0
-    for r in stats.rpcs:
-        if r.method.startswith(DEVICE_PREFIX):
-            if what == "bytes":
-                total += r.request_bytes + r.response_bytes
-            else:
-                total += r.request_messages + r.response_messages
-    return total
-
-
-def modelled_polling_install(*, interval_s: float, pull_s: Sequence[float], n: int, seed: int = 0) -> dict[str, float]:
-    """Install times of `n` devices polling every `interval_s` at uniform phases: phase + a measured pull time."""
-    rng = random.Random(seed)
-    pulls = list(pull_s) or [0.0]
-    return percentiles([rng.uniform(0, interval_s) + rng.choice(pulls) for _ in range(n)])
-
-
-def machine_busy_s() -> float:
-    """CPU seconds this machine spent busy (all processes, all cores) since boot, from /proc/stat."""
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(x) for x in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return 0.0
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-
-def ratio(a: float, b: float) -> float:
-    return round(a / b, 4) if b else float("inf")
+BLOB_MODES = ("grpc", "http")
 
 
 # ---------------------------------------------------------------- the run
@@ -132,7 +96,11 @@ class FleetBench:
         connect_only: bool = False,
         pull_rate: float | None = None,
         controller_args: tuple[str, ...] = (),
+        blobs: str = "grpc",
     ) -> None:
+        if blobs not in BLOB_MODES:
+            raise ValueError(f"blobs must be one of {', '.join(BLOB_MODES)}, not {blobs!r}")
+        self.blobs = blobs
         self.n = agents
         self.pull_rate = pull_rate
         self.connect_only = connect_only
@@ -156,6 +124,7 @@ class FleetBench:
             tls=tls,
             pull_rate=pull_rate,
             controller_args=controller_args,
+            blobs=blobs,
         )
 
     # ------------------------------------------------------------ phases
@@ -168,6 +137,7 @@ class FleetBench:
 
     async def _measure(self) -> dict[str, Any]:
         out: dict[str, Any] = {
+            "blobs": self.blobs,
             "agents": self.n,
             "processes": self.processes,
             "share_connections": self.share,
@@ -223,19 +193,31 @@ class FleetBench:
         before = await self.fleet.stats()
         sim0 = (await self.fleet.status())["cpu_s"]
         busy0 = machine_busy_s()
+        origin0 = self.fleet.origin_served()
         t_apply, version = await self.fleet.publish(RELEASE, v1, "push")
         await self.fleet.installed(RELEASE, version, self.n, timeout=120 + self.n / 20)
         after = await self.fleet.stats()
         sim1 = (await self.fleet.status())["cpu_s"]
         busy1 = machine_busy_s()
+        origin1 = self.fleet.origin_served()
         records = await self.fleet.collect(RELEASE, version)
         out["notify_s"] = percentiles([heard - t_apply for heard, _, _ in records])
         out["install_s"] = percentiles([inst - t_apply for _, _, inst in records if inst])
         pull_s = [inst - heard for heard, _, inst in records if inst]
+        server_cpu_s = after.cpu_seconds - before.cpu_seconds
+        out["controller_cpu_s_per_install"] = round(server_cpu_s / self.n, 6)
+        out["controller_bytes_per_install"] = round(device_bytes(before, after) / self.n)
+        base["controller_cpu_s_per_install"] = {"installs": self.n, "server_cpu_s": round(server_cpu_s, 3)}
+        base["controller_bytes_per_install"] = {
+            "installs": self.n,
+            "device_rpc_bytes": device_bytes(before, after),
+        }
         details["v1"] = {
             "fanout_to_receipt_s": percentiles([heard - sent / 1000 for heard, sent, _ in records if sent]),
             "pull_after_notify_s": percentiles(pull_s),
             "bytes_per_agent": device_bytes(before, after) / self.n,
+            "origin_bytes_per_agent": (origin1[1] - origin0[1]) / self.n,
+            "origin_requests": origin1[0] - origin0[0],
             "bundle_bytes": sum(f.size for f in v1[1].files),
             "server_cpu_s": round(after.cpu_seconds - before.cpu_seconds, 2),
             "simulator_cpu_s": round(sim1 - sim0, 2),
@@ -246,12 +228,12 @@ class FleetBench:
         }
 
         # 4. a version that changes one file
-        before = await self.fleet.stats()
+        before, origin0 = await self.fleet.stats(), self.fleet.origin_served()
         t_apply2, version2 = await self.fleet.publish(RELEASE, v2, "push")
         await self.fleet.installed(RELEASE, version2, self.n, timeout=120 + self.n / 20)
-        after = await self.fleet.stats()
+        after, origin1 = await self.fleet.stats(), self.fleet.origin_served()
         records2 = await self.fleet.collect(RELEASE, version2)
-        push_update_bytes = device_bytes(before, after) / self.n
+        push_update_bytes = (device_bytes(before, after) + origin1[1] - origin0[1]) / self.n
         out["one_file_bytes_ratio"] = ratio(push_update_bytes, v2_file)
         base["one_file_bytes_ratio"] = {"changed_file_bytes": v2_file, "bytes_per_agent": round(push_update_bytes)}
         details["v2_one_file"] = {
@@ -265,18 +247,22 @@ class FleetBench:
         await self.fleet.wait("full group connect", lambda s: s["connected"] >= self.n + self.full_n, timeout=120)
         _, fv1 = await self.fleet.publish(FULL_RELEASE, v1, "full")
         await self.fleet.installed(FULL_RELEASE, fv1, self.full_n, timeout=120)
-        before = await self.fleet.stats()
+        before, origin0 = await self.fleet.stats(), self.fleet.origin_served()
         _, fv2 = await self.fleet.publish(FULL_RELEASE, v2, "full")
         await self.fleet.installed(FULL_RELEASE, fv2, self.full_n, timeout=120)
-        after = await self.fleet.stats()
-        full_update_bytes = device_bytes(before, after) / self.full_n
+        after, origin1 = await self.fleet.stats(), self.fleet.origin_served()
+        full_update_bytes = (device_bytes(before, after) + origin1[1] - origin0[1]) / self.full_n
         out["push_full_bytes_ratio"] = ratio(push_update_bytes, full_update_bytes)
         base["push_full_bytes_ratio"] = {
             "push_whole_bundle_bytes_per_agent": round(full_update_bytes),
             "push_then_pull_bytes_per_agent": round(push_update_bytes),
             "agents": self.full_n,
         }
-        details["first_install_bytes_ratio"] = ratio(details["v1"]["bytes_per_agent"], full_update_bytes)
+        details["first_install_bytes_ratio"] = ratio(
+            details["v1"]["bytes_per_agent"] + details["v1"]["origin_bytes_per_agent"], full_update_bytes
+        )
+        status = await self.fleet.status()
+        details["http"] = {"blobs_fetched": status["http_fetched"], "url_failures": status["http_failures"]}
         await self.fleet.all({"cmd": "stop"})
 
         # 6. polling baseline
@@ -323,12 +309,15 @@ class FleetBench:
                 "install_s",
                 "one_file_bytes_ratio",
                 "push_full_bytes_ratio",
+                "controller_cpu_s_per_install",
+                "controller_bytes_per_install",
                 "polling_install_ratio (polling fleet of baselines.polling_install_ratio.polling_agents)",
                 "polling_idle_load_ratio (per agent)",
             ],
             "modelled": ["baselines.polling_install_ratio.modelled_polling_install_s_at_fleet_size"],
             "bytes": "serialized protobuf bytes of device RPCs, both directions, counted by the controller "
-            "(HTTP/2 framing and TLS excluded)",
+            "(HTTP/2 framing and TLS excluded), plus the body bytes the blob origin sent (its access log) "
+            "in the byte ratios; controller_bytes_per_install counts the controller's alone",
             "times": "wall clock from the ApplyRelease call to each agent's receipt / verified install; "
             "one machine, one clock",
         }
@@ -364,8 +353,21 @@ class FleetBench:
         }
 
 
-def run_fleet_bench(*, observability: str = "off", **kwargs: Any) -> dict[str, Any]:
-    return asyncio.run(_run(observability, kwargs))
+def run_fleet_bench(*, observability: str = "off", blobs: str = "grpc", **kwargs: Any) -> dict[str, Any]:
+    """One run; `blobs="both"`: the two delivery modes one after the other, each on its own stack, compared."""
+    if blobs != "both":
+        return asyncio.run(_run(observability, {**kwargs, "blobs": blobs}))
+    workdir = pathlib.Path(kwargs.pop("workdir"))
+    server_url = kwargs.pop("database_url", None)
+    results = {}
+    for mode in BLOB_MODES:
+        log.info("--blobs both: the %s run", mode)
+        (workdir / mode).mkdir(parents=True, exist_ok=True)
+        # Each run starts from an empty database, as a single run does: on the server named, one of its own.
+        with _scratch_database(server_url) as database_url:
+            run_kwargs = {**kwargs, "blobs": mode, "workdir": workdir / mode, "database_url": database_url}
+            results[mode] = asyncio.run(_run(observability, run_kwargs))
+    return compare_modes(results)
 
 
 async def _run(observability: str, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -399,6 +401,25 @@ async def _run(observability: str, kwargs: dict[str, Any]) -> dict[str, Any]:
     return off
 
 
+@contextlib.contextmanager
+def _scratch_database(server_url: str | None) -> Iterator[str | None]:
+    """A new, empty database on the PostgreSQL server of `server_url`, dropped afterwards (None: embedded)."""
+    if not server_url:
+        yield None
+        return
+    import psycopg
+    from psycopg import conninfo, sql
+
+    name = f"tether_bench_{secrets.token_hex(6)}"
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        yield conninfo.make_conninfo(server_url, dbname=name)
+    finally:
+        with psycopg.connect(server_url, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
 @click.command("fleet")
 @click.option("--agents", type=click.IntRange(1, 100_000), default=2000, show_default=True, help="Push agents.")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), default="fleet-bench.json", show_default=True)
@@ -418,7 +439,12 @@ async def _run(observability: str, kwargs: dict[str, Any]) -> dict[str, Any]:
 @click.option("--idle", "idle_s", type=float, default=30.0, show_default=True, help="Idle window, seconds.")
 @click.option("--model-kib", type=click.IntRange(1, 65536), default=64, show_default=True, help="Size of model.bin.")
 @click.option("--ramp", "ramp_s", type=float, default=None, help="Seconds over which agents connect (default N/1500).")
-@click.option("--database-url", envvar="TETHER_DATABASE_URL", default=None, help="Existing PostgreSQL (else embedded).")
+@click.option(
+    "--database-url",
+    envvar="TETHER_DATABASE_URL",
+    default=None,
+    help="Existing PostgreSQL (else embedded); with --blobs both, each run gets a new database on that server.",
+)
 @click.option("--broker-url", envvar="TETHER_BROKER_URL", default=None, help="Existing Redis (else embedded).")
 @click.option("--tls", is_flag=True, help="Serve TLS with a CA made for the run (default: plaintext).")
 @click.option("--connect-only", is_flag=True, help="Stop after the connect phase (connections and memory only).")
@@ -436,6 +462,14 @@ async def _run(observability: str, kwargs: dict[str, Any]) -> dict[str, Any]:
     show_default=True,
     help="The controller's /metrics (scraped every second) and OpenTelemetry traces (exported over OTLP): off, "
     "on, or both in one invocation (adds observability_install_ratio and observability_cpu_ratio, on / off).",
+)
+@click.option(
+    "--blobs",
+    type=click.Choice([*BLOB_MODES, "both"]),
+    default="grpc",
+    show_default=True,
+    help="Where agents pull blobs: grpc (the controller), http (an nginx origin, signed URLs), or both runs "
+    "compared (adds cpu_per_install_ratio).",
 )
 def fleet(
     agents: int,
@@ -455,6 +489,7 @@ def fleet(
     keep: bool,
     pull_rate: float | None,
     observability: str,
+    blobs: str,
 ) -> None:
     """Measure push-then-pull at fleet scale against polling and push-the-whole-bundle; write JSON."""
     if connect_only and observability != "off":
@@ -478,6 +513,7 @@ def fleet(
             connect_only=connect_only,
             pull_rate=pull_rate,
             observability=observability,
+            blobs=blobs,
         )
     finally:
         if keep:
@@ -485,21 +521,29 @@ def fleet(
         else:
             shutil.rmtree(workdir, ignore_errors=True)
     pathlib.Path(out_path).write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
-    summary = {
-        k: result.get(k)
-        for k in (
-            "max_connected_agents",
-            "server_rss_bytes_per_agent",
-            "notify_s",
-            "install_s",
-            "polling_install_ratio",
-            "polling_idle_load_ratio",
-            "push_full_bytes_ratio",
-            "one_file_bytes_ratio",
-            "observability_install_ratio",
-            "observability_cpu_ratio",
-        )
-        if k in result
-    }
+    if blobs == "both":
+        summary: dict[str, Any] = {mode: _summary(result[mode]) for mode in BLOB_MODES}
+        summary["cpu_per_install_ratio"] = result["cpu_per_install_ratio"]
+    else:
+        summary = _summary(result)
     click.echo(json.dumps(summary, indent=1))
     click.echo(f"wrote {out_path}")
+
+
+def _summary(result: Mapping[str, Any]) -> dict[str, Any]:
+    keys = (
+        "blobs",
+        "max_connected_agents",
+        "server_rss_bytes_per_agent",
+        "notify_s",
+        "install_s",
+        "polling_install_ratio",
+        "polling_idle_load_ratio",
+        "push_full_bytes_ratio",
+        "one_file_bytes_ratio",
+        "controller_cpu_s_per_install",
+        "controller_bytes_per_install",
+        "observability_install_ratio",
+        "observability_cpu_ratio",
+    )
+    return {k: result[k] for k in keys if k in result}

@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import os
 import pathlib
+import re
 import shutil
 import socket
 import subprocess
 import time
 
 NGINX_CANDIDATES = ("nginx", "/usr/sbin/nginx")
+# In nginx's default ("combined") access log line: `"GET /blobs/... HTTP/1.1" 206 1048576 "referer" ...`
+_STATUS_AND_BYTES = re.compile(r'" (\d{3}) (\d+) "')
+_DEVICE = re.compile(r"[?&]device=([^&\s\"]+)")
 
 
 def nginx_binary() -> str | None:
@@ -45,7 +49,15 @@ def location_block(*, path: str, root: pathlib.Path, secret: str) -> str:
 class NginxOrigin:
     """nginx serving `root` under `http://127.0.0.1:<port><path>`; `start()`, then `stop()`."""
 
-    def __init__(self, *, root: pathlib.Path, secret: str, workdir: pathlib.Path, path: str = "/blobs/") -> None:
+    def __init__(
+        self,
+        *,
+        root: pathlib.Path,
+        secret: str,
+        workdir: pathlib.Path,
+        path: str = "/blobs/",
+        worker_connections: int = 1024,
+    ) -> None:
         binary = nginx_binary()
         if binary is None:
             raise FileNotFoundError("nginx is not installed (apt-get install nginx-light)")
@@ -54,6 +66,7 @@ class NginxOrigin:
         self.secret = secret
         self.workdir = pathlib.Path(workdir)
         self.path = "/" + path.strip("/") + "/"
+        self.worker_connections = max(64, worker_connections)
         self.port = 0
         self._proc: subprocess.Popen[bytes] | None = None
 
@@ -69,9 +82,10 @@ class NginxOrigin:
         )
         return f"""{user}daemon off;
 worker_processes 1;
+worker_rlimit_nofile {self.worker_connections * 2};
 pid {prefix}/nginx.pid;
 error_log {prefix}/error.log warn;
-events {{ worker_connections 1024; }}
+events {{ worker_connections {self.worker_connections}; }}
 http {{
   access_log {prefix}/access.log;
 {temps}
@@ -118,6 +132,18 @@ http {{
     def access_log(self) -> str:
         path = self.workdir / "access.log"
         return path.read_text() if path.exists() else ""
+
+    def devices(self) -> set[str]:
+        """The device ids of the signed URLs requested so far (each URL names its device)."""
+        return set(_DEVICE.findall(self.access_log()))
+
+    def served(self) -> tuple[int, int]:
+        """(requests, body bytes sent) so far, from the access log (nginx writes each request as it ends)."""
+        requests = sent = 0
+        for match in _STATUS_AND_BYTES.finditer(self.access_log()):
+            requests += 1
+            sent += int(match.group(2))
+        return requests, sent
 
 
 def _free_port() -> int:

@@ -13,6 +13,10 @@ thousands share one event loop. `run_worker` runs a batch in a child process
 controlled over a pipe, so a benchmark can spread a fleet over several
 processes (`tether bench fleet`).
 
+With `http=True` it fetches blobs by the URLs the controller hands out (an
+origin or object store in front of the blob store) with the agent's own
+`tether.agent.httpfetch`, falling back to PullBlobs as the agent does.
+
 Two baselines run the same code:
 - `mode="poll"`: no stream; GetDesired every `poll_s` seconds, starting at a
   uniformly random phase (what a fleet of polling devices looks like).
@@ -33,13 +37,14 @@ import hashlib
 import logging
 import os
 import random
+import ssl
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import grpc
 
-from tether.agent import client, pull, reporting, session, statefile
+from tether.agent import client, httpfetch, pull, reporting, session, statefile
 from tether.common import errors, rlimits
 from tether.proto.v1 import tether_pb2 as pb
 
@@ -159,6 +164,8 @@ class SimAgent:
         mode: str = "push",
         poll_s: float = 30.0,
         full_pull: bool = False,
+        http: bool = False,
+        ssl_context: ssl.SSLContext | None = None,
         backoff: client.Backoff = client.Backoff(),
         rng: random.Random | None = None,
         timeout_s: float = 120.0,
@@ -193,7 +200,15 @@ class SimAgent:
             give_up=lambda e: e.code() not in client.RETRYABLE,
         )
         self.sink = DigestSink(full_pull=full_pull)
-        self.puller = pull.Puller(device=self.client, sink=self.sink, rng=self._rng, observer=self, timeout_s=timeout_s)
+        self.puller = pull.Puller(
+            device=self.client,
+            sink=self.sink,
+            rng=self._rng,
+            observer=self,
+            timeout_s=timeout_s,
+            # Blobs by URL first, as the real agent; its own connections, a TLS context shared by the process.
+            http=httpfetch.HttpFetcher(ssl_context=ssl_context) if http else None,
+        )
         self.reporter = reporting.Reporter(device=self.client)
 
     @property
@@ -208,6 +223,8 @@ class SimAgent:
     async def run(self) -> None:
         """Enrol, then hold the stream (or poll) until cancelled."""
         try:
+            if self.puller.http is not None:
+                self.puller.http.prepare()  # a device has its HTTP client from the start, not at its first install
             await self.session.enrol_with_retry()
             if self.mode == "push":
                 await self.session.hold(
@@ -222,6 +239,8 @@ class SimAgent:
             for w in workers:
                 w.cancel()
             await asyncio.gather(*workers, return_exceptions=True)
+            if self.puller.http is not None:
+                await self.puller.http.close()
 
     def _installed(self) -> list[pb.DesiredTask]:
         """What this device holds, as the agent tells it on (re)connect: the controller settles deliveries by it."""
@@ -354,6 +373,7 @@ class Batch:
         self.agents: list[SimAgent] = []
         self.tasks: list[asyncio.Task[None]] = []
         self.channels: list[grpc.aio.Channel] = []
+        self.ssl_context: ssl.SSLContext | None = None
 
     def start(
         self,
@@ -364,11 +384,16 @@ class Batch:
         mode: str = "push",
         poll_s: float = 30.0,
         full_pull: bool = False,
+        http: bool = False,
         share: int = 1,
         ramp_s: float = 0.0,
         root_pem: bytes | None = None,
     ) -> None:
         channel: grpc.aio.Channel | None = None
+        if http and self.ssl_context is None:
+            import httpx  # noqa: F401  (loaded now, not in the first install's timeline)
+
+            self.ssl_context = httpfetch.tls_context(httpfetch.HttpSettings())  # ~20 ms each: once, not per agent
         for i, (device_id, attributes) in enumerate(agents):
             if channel is None or i % max(1, share) == 0:
                 channel = new_channel(target, root_pem=root_pem)  # `share` agents use this one connection
@@ -381,6 +406,8 @@ class Batch:
                 mode=mode,
                 poll_s=poll_s,
                 full_pull=full_pull,
+                http=http,
+                ssl_context=self.ssl_context,
             )
             self.agents.append(agent)
             delay = ramp_s * i / max(1, len(agents))
@@ -399,6 +426,9 @@ class Batch:
             "installed": {r: {str(v): n for v, n in per.items()} for r, per in installed.items()},
             "errors": sum(a.errors for a in self.agents),
             "error_codes": dict(sum((a.error_codes for a in self.agents), collections.Counter()).most_common(6)),
+            # Blobs fetched by URL, and URLs that failed (each fell back to PullBlobs).
+            "http_fetched": sum(a.puller.http.fetched for a in self.agents if a.puller.http is not None),
+            "http_failures": sum(a.puller.http.failures for a in self.agents if a.puller.http is not None),
             "crashed": sum(1 for t in self.tasks if t.done() and not t.cancelled() and t.exception() is not None),
             "cpu_s": sum(os.times()[:2]),  # this worker process: where the simulator, not the server, is busy
         }

