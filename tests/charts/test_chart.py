@@ -44,13 +44,16 @@ def test_lint_strict_without_bundled_services(helm: pathlib.Path) -> None:
 def test_default_render_has_every_component(helm: pathlib.Path) -> None:
     docs = render(helm, "--include-crds")
     kinds = Counter(d["kind"] for d in docs)
-    assert kinds["CustomResourceDefinition"] == 1
+    assert kinds["CustomResourceDefinition"] == 3  # MLTask, Kopf's two peering kinds
     assert kinds["Deployment"] == 4  # controller, operator, worker, redis
     assert kinds["StatefulSet"] == 1  # postgresql
     assert kinds["Service"] == 3  # controller, postgresql, redis
-    assert kinds["NetworkPolicy"] == 3
-    assert kinds["ServiceAccount"] == 1 and kinds["ClusterRole"] == 1 and kinds["ClusterRoleBinding"] == 1
-    assert kinds["Secret"] == 2  # tokens, postgres password
+    assert kinds["NetworkPolicy"] == 5  # controller, operator, worker, postgresql, redis
+    assert kinds["PodDisruptionBudget"] == 3  # controller, operator, worker
+    assert kinds["ServiceAccount"] == 1
+    assert kinds["ClusterRole"] == 2 and kinds["ClusterRoleBinding"] == 2  # MLTasks; the operators' peering
+    assert kinds["ClusterKopfPeering"] == 1
+    assert kinds["Secret"] == 3  # tokens, postgres password, the controller's TLS certificate
     deployments = by_kind(docs, "Deployment")
     commands = {name: d["spec"]["template"]["spec"]["containers"][0].get("command") for name, d in deployments.items()}
     assert commands["tether-controller"] == ["tether", "controller"]
@@ -91,7 +94,7 @@ def test_operator_rbac_is_limited_to_mltasks_status_and_events(helm: pathlib.Pat
 def test_watch_namespaces_give_roles_per_namespace(helm: pathlib.Path) -> None:
     docs = render(helm, "--set", "operator.watchNamespaces={ml,edge}")
     assert not by_kind(docs, "ClusterRole")
-    roles = [d for d in docs if d["kind"] == "Role"]
+    roles = [d for d in docs if d["kind"] == "Role" and d["metadata"]["name"] == "tether-operator"]
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["edge", "ml"]
     bindings = [d for d in docs if d["kind"] == "RoleBinding"]
     assert all(b["subjects"][0]["namespace"] == "tether" for b in bindings)
@@ -121,7 +124,7 @@ def test_external_services_and_existing_secrets(helm: pathlib.Path) -> None:
     assert not by_kind(docs, "StatefulSet")
     assert set(by_kind(docs, "Deployment")) == {"tether-controller", "tether-operator", "tether-worker"}
     secrets = by_kind(docs, "Secret")
-    assert set(secrets) == {"tether-connections"}
+    assert set(secrets) == {"tether-connections", "tether-controller-tls"}
     assert secrets["tether-connections"]["stringData"] == {"broker-url": "redis://broker:6379/1"}
     container = by_kind(docs, "Deployment")["tether-worker"]["spec"]["template"]["spec"]["containers"][0]
     env = {e["name"]: e for e in container["env"]}
@@ -129,7 +132,7 @@ def test_external_services_and_existing_secrets(helm: pathlib.Path) -> None:
     assert "PGPASSWORD" not in env
     ctl = by_kind(docs, "Deployment")["tether-controller"]["spec"]["template"]["spec"]["containers"][0]
     assert {e["name"]: e for e in ctl["env"]}["TETHER_ADMIN_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "my-tokens"
-    assert len(by_kind(docs, "NetworkPolicy")) == 1
+    assert len(by_kind(docs, "NetworkPolicy")) == 3  # controller, operator, worker
 
 
 def test_given_tokens_are_used(helm: pathlib.Path) -> None:

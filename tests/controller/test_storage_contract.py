@@ -297,3 +297,23 @@ async def test_a_device_holding_its_served_version_confirms_only_unconfirmed_del
     assert await storage.releases.confirm_installed(device_id="a", installs=[("ns/t", 2)]) == 0
     [counts] = await storage.releases.release_counts(["ns/t"])
     assert (counts.installed, counts.failed) == (2, 1)  # a and b confirmed; c's failure stands
+
+
+async def test_the_inventory_pages_by_device_id_with_last_seen_and_deliveries(storage: contracts.Storage) -> None:
+    digest = await stored_manifest(storage, b"inventory\n")
+    by_id = await fleet(storage, c="android", a="android", b="ios", d="ios")
+    await storage.releases.apply_release(spec(digest, target={"matchLabels": {"os": "android"}}))
+    assert await storage.releases.write_reports([report(by_id["a"], state="succeeded")]) == [None]
+    await storage.devices.revoke_device("d")
+
+    first = await storage.devices.list_devices(limit=2)
+    assert [e.device.device_id for e in first] == ["a", "b"]
+    assert first[0].device.attributes == {"os": "android"}
+    assert first[0].releases == (devices.DeviceRelease(release="ns/t", version=1, state="succeeded"),)
+    assert first[1].releases == () and first[0].last_seen is not None and first[0].last_seen > 0
+    rest = await storage.devices.list_devices(after="b", limit=2)
+    assert [e.device.device_id for e in rest] == ["c"]  # d is revoked
+    everything = await storage.devices.list_devices(after="b", limit=10, include_revoked=True)
+    assert [(e.device.device_id, e.device.revoked) for e in everything] == [("c", False), ("d", True)]
+    assert await storage.devices.list_devices(after="d", limit=10, include_revoked=True) == []
+    assert await storage.devices.list_devices(limit=0) == []

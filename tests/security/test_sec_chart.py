@@ -17,8 +17,15 @@ def deployments(helm: pathlib.Path, *args: str) -> dict[str, dict[str, Any]]:
     return {d["metadata"]["name"]: d["spec"]["template"]["spec"] for d in docs if d["kind"] == "Deployment"}
 
 
-def test_defaults_are_plaintext_with_a_database_key_and_a_week_long_credential(helm):
-    pods = deployments(helm)
+def test_defaults_are_tls_with_a_database_key_and_a_week_long_credential(helm):
+    # TLS is on by default since issue 10 (a CA made at install: tests/charts/test_chart_production.py).
+    args = deployments(helm)["tether-controller"]["containers"][0]["args"]
+    assert {"--tls-cert=/etc/tether/tls/tls.crt", "--tls-key=/etc/tether/tls/tls.key"} <= set(args)
+    assert "--ca-file=/etc/tether/tls/ca.crt" in deployments(helm)["tether-operator"]["containers"][0]["args"]
+
+
+def test_tls_off_is_plaintext_with_a_database_key_and_a_week_long_credential(helm):
+    pods = deployments(helm, "--set", "controller.tls.enabled=false")
     args = pods["tether-controller"]["containers"][0]["args"]
     assert "--credential-ttl=604800" in args
     assert not any(a.startswith(("--tls", "--credential-key-file", "--require-signed")) for a in args)
@@ -66,8 +73,11 @@ def test_tls_mtls_keys_and_signatures(helm):
     ("args", "words"),
     [
         (
-            ["--set", "controller.tls.requireClientCerts=true,operator.tls.clientSecretName=c"],
-            "needs controller.tls.secretName",
+            [
+                "--set",
+                "controller.tls.enabled=false,controller.tls.requireClientCerts=true,operator.tls.clientSecretName=c",
+            ],
+            "needs controller.tls.enabled",
         ),
         (
             ["--set", "controller.tls.secretName=t,controller.tls.requireClientCerts=true"],

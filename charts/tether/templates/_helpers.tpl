@@ -138,3 +138,23 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{- define "tether.controllerAddress" -}}
 {{- printf "%s.%s.svc:%d" (include "tether.component" (list . "controller")) .Release.Namespace (int .Values.controller.service.port) -}}
 {{- end -}}
+
+{{/* The Secret holding the controller's tls.crt, tls.key and ca.crt (given, cert-manager's or generated). */}}
+{{- define "tether.tlsSecret" -}}
+{{- default (printf "%s-tls" (include "tether.component" (list . "controller"))) .Values.controller.tls.secretName -}}
+{{- end -}}
+
+{{/* The names the controller's certificate is valid for: its Service in the cluster, then what devices dial. */}}
+{{- define "tether.controllerDNSNames" -}}
+{{- $svc := include "tether.component" (list . "controller") -}}
+{{- $ns := .Release.Namespace -}}
+{{- $names := list $svc (printf "%s.%s" $svc $ns) (printf "%s.%s.svc" $svc $ns) (printf "%s.%s.svc.cluster.local" $svc $ns) -}}
+{{- concat $names .Values.controller.tls.dnsNames | uniq | toJson -}}
+{{- end -}}
+
+{{/* The Kopf peering object the operator replicas meet in (empty: one standalone operator). */}}
+{{- define "tether.peering" -}}
+{{- if gt (int .Values.operator.replicas) 1 -}}
+{{- include "tether.component" (list . "operator") -}}
+{{- end -}}
+{{- end -}}

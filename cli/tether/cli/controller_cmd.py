@@ -133,6 +133,14 @@ READY_PREFIX = "controller listening on "
     help="Ed25519 public key (PEM) whose bundle signatures are accepted at upload; repeatable. "
     "With any, a signature by another key is refused.",
 )
+@click.option(
+    "--health-port",
+    type=click.IntRange(min=1, max=65535),
+    envvar="TETHER_HEALTH_PORT",
+    default=None,
+    help="Also serve grpc.health.v1.Health alone, in plaintext, on this port: for kubelet's grpc probe, "
+    "which speaks no TLS (env TETHER_HEALTH_PORT). The main port serves Health too.",
+)
 @exposition.metrics_port_option("tether_controller_*")
 def controller(
     listen: str,
@@ -158,6 +166,7 @@ def controller(
     pull_rate: float,
     max_concurrent_pulls: int,
     trust_keys: tuple[pathlib.Path, ...],
+    health_port: int | None,
     metrics_port: int,
 ) -> None:
     """Run the controller (gRPC distribution service, device registry, result ingestion)."""
@@ -193,6 +202,7 @@ def controller(
             pull_rate=pull_rate,
             max_concurrent_pulls=max_concurrent_pulls,
             metrics_port=metrics_port or None,
+            health_port=health_port,
         )
         asyncio.run(_serve(cfg))
     except errors.TetherError as e:

@@ -54,6 +54,22 @@ from tether.common.tls import ClientTLS, client_options
     default=None,
     help="Serve a liveness probe, e.g. http://0.0.0.0:8080/healthz.",
 )
+@click.option(
+    "--peering",
+    envvar="TETHER_PEERING",
+    default=None,
+    help="Run as one of several replicas, one active, through this Kopf peering object (env TETHER_PEERING): "
+    "a ClusterKopfPeering when watching all namespaces, else a KopfPeering in each watched namespace. "
+    "It must exist (the chart creates it). Without it the operator runs standalone: run exactly one.",
+)
+@click.option(
+    "--priority",
+    type=click.IntRange(min=1),
+    envvar="TETHER_PEERING_PRIORITY",
+    default=None,
+    help="With --peering: this replica's priority; the highest works, the others wait. "
+    "Default: a random one (Kopf pauses replicas of equal priority).",
+)
 @exposition.metrics_port_option("tether_operator_*")
 @client_options
 def operator(
@@ -63,12 +79,17 @@ def operator(
     kubeconfig: pathlib.Path | None,
     poll_interval: float,
     liveness_endpoint: str | None,
+    peering: str | None,
+    priority: int | None,
     tls: ClientTLS,
     metrics_port: int,
 ) -> None:
     """Run the Kubernetes operator: MLTask objects in, releases on the controller out."""
     from tether.common import tracing
     from tether.operator import handlers, release_client
+
+    if priority is not None and peering is None:
+        raise click.BadParameter("--priority needs --peering", param_hint="--priority")
 
     tracing.configure("tether-operator")  # OTEL_* (off unless an exporter or endpoint is named)
 
@@ -81,6 +102,8 @@ def operator(
                 kubeconfig=kubeconfig,
                 liveness_endpoint=liveness_endpoint,
                 metrics_port=metrics_port or None,
+                peering=peering,
+                priority=priority,
             )
 
     asyncio.run(main())

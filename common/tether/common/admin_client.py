@@ -83,6 +83,19 @@ class RevokeResult:
     disconnected: bool  # its live stream on the answering controller process was ended
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DeviceSummary:
+    """One device of the inventory (`list_devices`)."""
+
+    device_id: str
+    labels: Mapping[str, str]
+    backends: tuple[str, ...]
+    selected_backends: tuple[str, ...]  # "release/model=engine/backend/tN/precision"
+    last_seen_unix: float | None
+    revoked: bool
+    releases: tuple[tuple[str, int, str], ...]  # (release, version, delivery state)
+
+
 @dataclasses.dataclass(frozen=True)
 class TriggerRunResult:
     request_id: str
@@ -304,6 +317,34 @@ class AdminClient:
         """Revoke a device: its credential stops working, its stream ends, it cannot enrol again."""
         response = await self._call(self._stub.RevokeDevice, pb.RevokeDeviceRequest(device_id=device_id))
         return RevokeResult(device_id=device_id, revoked=response.revoked, disconnected=response.disconnected)
+
+    async def list_devices(
+        self, *, page_size: int = 100, include_revoked: bool = False, limit: int | None = None
+    ) -> list[DeviceSummary]:
+        """The inventory by device id, fetched a page (`page_size`) at a time; at most `limit` devices."""
+        out: list[DeviceSummary] = []
+        token = ""
+        while limit is None or len(out) < limit:
+            response = await self._call(
+                self._stub.ListDevices,
+                pb.ListDevicesRequest(page_size=page_size, page_token=token, include_revoked=include_revoked),
+            )
+            out.extend(
+                DeviceSummary(
+                    device_id=d.device_id,
+                    labels=dict(d.attributes),
+                    backends=tuple(d.backends),
+                    selected_backends=tuple(d.selected_backends),
+                    last_seen_unix=d.last_seen_unix or None,
+                    revoked=d.revoked,
+                    releases=tuple((r.release, r.version, r.state) for r in d.releases),
+                )
+                for d in response.devices
+            )
+            token = response.next_page_token
+            if not token:
+                break
+        return out if limit is None else out[:limit]
 
     # ------------------------------------------------------------ on-demand runs
 

@@ -115,6 +115,9 @@ class ControllerConfig:
     # Prometheus /metrics (tether.controller.instruments): None = not served, 0 = a free port.
     metrics_port: int | None = None
     metrics_host: str = "0.0.0.0"
+    # A second, plaintext port serving only grpc.health.v1.Health (kubelet's `grpc:` probe speaks
+    # no TLS): None = not served, 0 = a free port. The main port serves Health too.
+    health_port: int | None = None
 
     def __post_init__(self) -> None:
         if not self.database_url:

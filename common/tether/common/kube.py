@@ -49,6 +49,12 @@ class Unavailable(errors.TetherError):
 _exec_timeout_s: contextvars.ContextVar[float] = contextvars.ContextVar("exec_timeout_s", default=EXEC_TIMEOUT_S)
 
 
+class AlreadyExists(errors.TetherError):
+    """A create found the object there already (HTTP 409)."""
+
+    code = "ALREADY_EXISTS"
+
+
 class BoundedExecProvider(exec_provider.ExecProvider):
     """The library's exec plugin runner (same config parsing, same ExecCredential checks) with a deadline.
 
@@ -290,6 +296,32 @@ class KubeClient:
             ),
         )
 
+    async def apply_mltask(self, obj: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+        """Create the MLTask, or make the existing one's spec exactly `obj`'s: ("created"|"configured"|"unchanged", it).
+
+        Like `kubectl apply` of a whole file: the spec is replaced (fields no longer given are
+        removed), labels and annotations given are set, others kept; status stays the operator's.
+        """
+        group, version, plural = MLTASKS
+        meta = obj.get("metadata") or {}
+        namespace, name = str(meta["namespace"]), str(meta["name"])
+        try:
+            created = await self._call(
+                "POST",
+                f"mltask {namespace}/{name}",
+                self._objects().create_namespaced_custom_object(
+                    group, version, namespace, plural, dict(obj), _request_timeout=self._timeout_s
+                ),
+            )
+            return "created", created
+        except AlreadyExists:
+            pass
+        live = await self.get_mltask(namespace, name)
+        patch = replacing_patch(live, obj)
+        if not patch:
+            return "unchanged", live
+        return "configured", await self.patch_mltask(namespace, name, patch)
+
     async def _call(self, method: str, what: str, call: Any) -> dict[str, Any]:
         try:
             result = await call
@@ -297,6 +329,8 @@ class KubeClient:
             body = str(e.body or e.reason or "")[:300]
             if e.status == 404:
                 raise errors.NotFound(f"{what} does not exist") from None
+            if e.status == 409 and method == "POST":
+                raise AlreadyExists(f"{what} exists") from None
             if e.status == 401:
                 raise errors.Unauthenticated(f"the API server refused the credential ({what})") from None
             if e.status == 403:
@@ -307,3 +341,37 @@ class KubeClient:
                 f"the Kubernetes API at {self.credentials.server} is unreachable: {e or type(e).__name__}"
             ) from None
         return dict(result or {})
+
+
+def replacing_patch(live: Mapping[str, Any], wanted: Mapping[str, Any]) -> dict[str, Any]:
+    """The JSON merge patch (RFC 7386) making `live`'s spec `wanted`'s and adding its labels/annotations.
+
+    Pure. Empty when nothing would change.
+    """
+    patch: dict[str, Any] = {}
+    spec = _merge_diff(live.get("spec") or {}, wanted.get("spec") or {})
+    if spec:
+        patch["spec"] = spec
+    meta: dict[str, Any] = {}
+    for key in ("labels", "annotations"):
+        given = (wanted.get("metadata") or {}).get(key) or {}
+        have = (live.get("metadata") or {}).get(key) or {}
+        changed = {k: v for k, v in given.items() if have.get(k) != v}
+        if changed:
+            meta[key] = changed
+    if meta:
+        patch["metadata"] = meta
+    return patch
+
+
+def _merge_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {key: None for key in old if key not in new}
+    for key, value in new.items():
+        before = old.get(key)
+        if isinstance(value, Mapping) and isinstance(before, Mapping):
+            sub = _merge_diff(before, value)
+            if sub:
+                out[key] = sub
+        elif before != value or key not in old:
+            out[key] = value
+    return out

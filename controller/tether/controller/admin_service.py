@@ -18,6 +18,7 @@ from tether.common import auth, errors, signing, tracing
 from tether.controller import (
     blobstores,
     deliveries,
+    devices,
     edge,
     fanout,
     hub,
@@ -149,6 +150,24 @@ class AdminService(pb_grpc.AdminServiceServicer):
         log.warning("device %s revoked%s", device_id, " (stream ended)" if disconnected else "")
         return pb.RevokeDeviceResponse(revoked=revoked, disconnected=disconnected)
 
+    async def ListDevices(
+        self, request: pb.ListDevicesRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListDevicesResponse:
+        if not 0 <= request.page_size <= devices.MAX_PAGE:
+            raise errors.InvalidArgument(f"page_size: must be 0 (100) to {devices.MAX_PAGE}")
+        if request.page_token:
+            auth.check_device_id(request.page_token)  # a device id: where the previous page ended
+        size = request.page_size or 100
+        # One more than a page: whether another page follows, without a count of the fleet.
+        entries = await self._storage.devices.list_devices(
+            after=request.page_token, limit=size + 1, include_revoked=request.include_revoked
+        )
+        page = entries[:size]
+        return pb.ListDevicesResponse(
+            devices=[_summary(e) for e in page],
+            next_page_token=page[-1].device.device_id if len(entries) > size else "",
+        )
+
     async def TriggerRun(
         self, request: pb.TriggerRunRequest, context: grpc.aio.ServicerContext
     ) -> pb.TriggerRunResponse:
@@ -186,3 +205,16 @@ class AdminService(pb_grpc.AdminServiceServicer):
             connected_devices=connected,
             health_json=counts.health_json,
         )
+
+
+def _summary(entry: devices.InventoryEntry) -> pb.DeviceSummary:
+    d = entry.device
+    return pb.DeviceSummary(
+        device_id=d.device_id,
+        attributes=dict(d.attributes),
+        backends=list(d.backends),
+        selected_backends=[f"{c.release}/{c.model}={c.candidate}" for c in d.backend_choices],
+        last_seen_unix=entry.last_seen or 0.0,
+        revoked=d.revoked,
+        releases=[pb.DeviceRelease(release=r.release, version=r.version, state=r.state) for r in entry.releases],
+    )

@@ -87,6 +87,27 @@ class Device:
         )
 
 
+@dataclasses.dataclass(frozen=True, order=True)
+class DeviceRelease:
+    """What a device was last delivered of one release."""
+
+    release: str
+    version: int
+    state: str
+
+
+@dataclasses.dataclass(frozen=True)
+class InventoryEntry:
+    """One device of the inventory (`ListDevices`)."""
+
+    device: Device
+    last_seen: float | None  # epoch seconds; None: never
+    releases: tuple[DeviceRelease, ...] = ()  # ordered by release name
+
+
+MAX_PAGE = 1000
+
+
 def validate_choices(choices: Iterable[Mapping[str, Any]]) -> tuple[BackendChoice, ...]:
     """A ReportBackends set: bounded, each candidate in selection's spelling, latencies finite."""
     out: list[BackendChoice] = []

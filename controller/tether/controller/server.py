@@ -15,6 +15,7 @@ import logging
 from typing import TYPE_CHECKING
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from tether.common import config as config_mod
 from tether.common import errors, exposition, signing, tls
@@ -70,6 +71,9 @@ class RunningController:
     blob_backend: blobstores.BlobBackend | None = None  # what the services use (`blobs` in threads, or itself)
     metrics: instruments.ControllerMetrics | None = None  # Prometheus instruments (its own registry)
     metrics_server: exposition.MetricsServer | None = None  # /metrics, when cfg.metrics_port is set
+    health: health.aio.HealthServicer | None = None  # grpc.health.v1.Health on the main (and health) port
+    health_server: grpc.aio.Server | None = None  # plaintext Health-only port, when cfg.health_port is set
+    health_port: int | None = None
 
     @property
     def address(self) -> str:
@@ -83,8 +87,12 @@ class RunningController:
     async def stop(self, grace: float | None = None) -> None:
         """Graceful stop; safe to call twice."""
         grace_s = self.config.grace_s if grace is None else grace
+        if self.health is not None:  # probes and balancers see NOT_SERVING before the port closes
+            await self.health.enter_graceful_shutdown()
         self.hub.close_all(reason="controller shutting down; reconnect")
         await self.server.stop(grace_s)
+        if self.health_server is not None:
+            await self.health_server.stop(0)
         if self.listener is not None:
             await self.listener.stop()
         close = getattr(self.enqueuer, "close", None)
@@ -146,6 +154,8 @@ async def start_controller(
     listener: replicas.ReleaseListener | None = None
     metrics = instruments.ControllerMetrics()
     metrics_server: exposition.MetricsServer | None = None
+    health_server: grpc.aio.Server | None = None
+    health_port: int | None = None
     try:
         storage = postgres.postgres_storage(pool)
         releases = release_cache.ReleaseCache(storage.releases)
@@ -236,13 +246,24 @@ async def start_controller(
             ),
             server,
         )
+        # grpc.health.v1.Health needs no token (the edge authenticates only Device and Admin services).
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         host, _ = config_mod.split_host_port(cfg.listen)
         port = _bind(server, cfg)
+        if cfg.health_port is not None:
+            health_server, health_port = _health_server(health_servicer, host=host, port=cfg.health_port)
         await listener.start()  # before serving: no device can connect before changes are heard
         if cfg.metrics_port is not None:
             metrics_server = exposition.serve(metrics.registry, port=cfg.metrics_port, host=cfg.metrics_host)
         await server.start()
+        if health_server is not None:
+            await health_server.start()
+        for service in ("", edge.DEVICE_SERVICE, edge.ADMIN_SERVICE):
+            await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     except BaseException:
+        if health_server is not None:
+            await health_server.stop(0)
         if metrics_server is not None:
             metrics_server.stop()
         if listener is not None:
@@ -270,7 +291,24 @@ async def start_controller(
         blob_backend=backend,
         metrics=metrics,
         metrics_server=metrics_server,
+        health=health_servicer,
+        health_server=health_server,
+        health_port=health_port,
     )
+
+
+def _health_server(servicer: health.aio.HealthServicer, *, host: str, port: int) -> tuple[grpc.aio.Server, int]:
+    """A plaintext server with only the Health service: what kubelet's `grpc:` probe can reach."""
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    address = config_mod.join_host_port(host, port)
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError as e:
+        raise errors.FailedPrecondition(f"cannot serve health checks on {address}: {e}") from None
+    if bound == 0:
+        raise errors.FailedPrecondition(f"cannot serve health checks on {address}")
+    return server, bound
 
 
 def _bind(server: grpc.aio.Server, cfg: config_mod.ControllerConfig) -> int:

@@ -97,6 +97,11 @@ def _convert(node: dict[str, Any], defs: dict[str, Any], *, path: str) -> dict[s
         node = {**_convert(parts[0], defs, path=path), **node}
     if "const" in node:
         node["enum"] = [node.pop("const")]
+    # JSON Schema's numeric exclusive bounds are OpenAPI v3.0 booleans beside minimum/maximum: the
+    # API server refuses a CRD with `exclusiveMinimum: 0`.
+    for exclusive, bound in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
+        if isinstance(node.get(exclusive), (int, float)) and not isinstance(node[exclusive], bool):
+            node = {**node, bound: node[exclusive], exclusive: True}
 
     out: dict[str, Any] = {}
     for key, value in node.items():

@@ -25,6 +25,7 @@ import dataclasses
 import datetime
 import logging
 import pathlib
+import secrets
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
@@ -40,6 +41,7 @@ DEFAULT_POLL_INTERVAL = 5.0
 ANNOTATION_PREFIX = model.GROUP  # Kopf's own bookkeeping lives in tether.dev/* annotations
 FINALIZER = f"{model.GROUP}/release"
 REPORTING_COMPONENT = "tether-operator"
+PEERING_LIFETIME_S = 30  # a paused replica takes over within about this long after the active one stops
 
 
 class ReleaseAdmin(Protocol):
@@ -67,10 +69,32 @@ class OperatorContext:
 # ------------------------------------------------------------------ settings and login
 
 
-def configure(settings: kopf.OperatorSettings) -> None:
-    """Kopf settings for Tether: namespaced, no cluster scanning, our own annotation prefix."""
+def configure(
+    settings: kopf.OperatorSettings,
+    *,
+    peering: str | None = None,
+    priority: int | None = None,
+    clusterwide: bool = True,
+) -> None:
+    """Kopf settings for Tether: namespaced, no cluster scanning, our own annotation prefix.
+
+    Without `peering` the operator runs standalone (exactly one may run). With it, replicas meet in
+    that Kopf peering object (a ClusterKopfPeering when watching all namespaces, else a KopfPeering
+    in each watched namespace; it must exist: the chart installs it): the one with the highest
+    priority works, the others pause until its record lapses (`lifetime` seconds after it stops).
+    Kopf pauses every operator of equal priority, so each replica takes a random one unless given.
+    """
     settings.scanning.disabled = True  # explicit namespaces; no CRD or namespace watching
-    settings.peering.standalone = True
+    if peering is None:
+        settings.peering.standalone = True
+    else:
+        settings.peering.standalone = False
+        settings.peering.mandatory = True  # no silent standalone when the peering object is missing
+        settings.peering.name = peering
+        settings.peering.clusterwide = clusterwide
+        settings.peering.priority = priority if priority is not None else secrets.randbelow(2**31 - 1) + 1
+        settings.peering.lifetime = PEERING_LIFETIME_S
+        settings.peering.stealth = True  # keep-alives are not news; pauses and resumes are logged anyway
     settings.posting.reporting_component = REPORTING_COMPONENT
     settings.posting.event_name_prefix = "tether-"
     settings.persistence.finalizer = FINALIZER
@@ -243,14 +267,17 @@ async def run(
     metrics: operator_metrics.OperatorMetrics | None = None,
     metrics_port: int | None = None,
     metrics_host: str = "0.0.0.0",
+    peering: str | None = None,
+    priority: int | None = None,
 ) -> None:
     """Run the operator until `stop_flag` is set (or SIGINT/SIGTERM in the main thread).
 
     With `namespaces`, only those are watched (one watch each); without, one cluster-wide watch.
     `metrics_port`: serve /metrics there (0: a free port; None: not served).
+    `peering`: run as one of several replicas, one active (see `configure`).
     """
     settings = kopf.OperatorSettings()
-    configure(settings)
+    configure(settings, peering=peering, priority=priority, clusterwide=not namespaces)
     metrics = metrics if metrics is not None else operator_metrics.OperatorMetrics()
     server = None if metrics_port is None else exposition.serve(metrics.registry, port=metrics_port, host=metrics_host)
     try:
@@ -287,7 +314,9 @@ async def _operate(
         settings=settings,
         clusterwide=not namespaces,
         namespaces=list(namespaces),
-        standalone=True,
+        standalone=settings.peering.standalone,
+        peering_name=settings.peering.name if not settings.peering.standalone else None,
+        priority=settings.peering.priority,
         memo=OperatorContext(admin=admin, poll_interval=poll_interval, metrics=metrics),
         stop_flag=stop_flag,
         ready_flag=ready_flag,

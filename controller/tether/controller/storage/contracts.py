@@ -120,6 +120,16 @@ class DeviceRegistry(Protocol):
         """MUST return every enrolled, non-revoked device, ordered by device id."""
         ...
 
+    async def list_devices(
+        self, *, after: str = "", limit: int, include_revoked: bool = False
+    ) -> list[devices.InventoryEntry]:
+        """At most `limit` devices whose id sorts after `after`, ordered by device id (a page of the inventory).
+
+        MUST leave out revoked devices unless `include_revoked`; each entry MUST carry the device's
+        last-seen time and its deliveries (release, version, state), ordered by release.
+        """
+        ...
+
 
 class BundleCatalog(Protocol):
     """Blob metadata and manifests (content-addressed: the address never changes its content)."""

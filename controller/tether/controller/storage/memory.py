@@ -107,6 +107,22 @@ class MemoryDevices:
     async def active_devices(self) -> list[devices.Device]:
         return [row.device() for _, row in sorted(self._t.devices.items()) if not row.revoked]
 
+    async def list_devices(
+        self, *, after: str = "", limit: int, include_revoked: bool = False
+    ) -> list[devices.InventoryEntry]:
+        rows = [r for i, r in sorted(self._t.devices.items()) if i > after and (include_revoked or not r.revoked)]
+        out = []
+        for row in rows[: max(limit, 0)]:
+            delivered = sorted(
+                devices.DeviceRelease(release=rel, version=d.version, state=d.state)
+                for (rel, dev), d in self._t.deliveries.items()
+                if dev == row.device_id
+            )
+            out.append(
+                devices.InventoryEntry(device=row.device(), last_seen=row.last_seen or None, releases=tuple(delivered))
+            )
+        return out
+
 
 class MemoryBundles:
     def __init__(self, tables: Tables) -> None:

@@ -150,6 +150,33 @@ class PostgresDevices:
         assert row is not None
         return bytes(row[0])
 
+    async def list_devices(
+        self, *, after: str = "", limit: int, include_revoked: bool = False
+    ) -> list[devices.InventoryEntry]:
+        """A page of the inventory in one query: devices by id, each with its deliveries."""
+        async with self._pool.connection() as conn:
+            cur = conn.cursor(row_factory=dict_row)
+            rows = await (
+                await cur.execute(
+                    f"SELECT {pg_rows.DEVICE_COLUMNS}, extract(epoch FROM last_seen_at)::float8 AS last_seen,"
+                    " COALESCE((SELECT jsonb_agg(jsonb_build_array(x.release, x.version, x.state)"
+                    "   ORDER BY x.release) FROM deliveries x WHERE x.device_id = devices.device_id), '[]')"
+                    "   AS delivered"
+                    " FROM devices WHERE device_id > %s AND (%s OR NOT revoked) ORDER BY device_id LIMIT %s",
+                    (after, include_revoked, max(limit, 0)),
+                )
+            ).fetchall()
+        return [
+            devices.InventoryEntry(
+                device=pg_rows.device(r),
+                last_seen=r["last_seen"],
+                releases=tuple(
+                    devices.DeviceRelease(release=rel, version=int(v), state=st) for rel, v, st in r["delivered"]
+                ),
+            )
+            for r in rows
+        ]
+
     async def active_devices(self) -> list[devices.Device]:
         async with self._pool.connection() as conn:
             cur = conn.cursor(row_factory=dict_row)

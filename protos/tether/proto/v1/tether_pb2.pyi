@@ -562,6 +562,59 @@ class RevokeDeviceResponse(_message.Message):
     disconnected: bool
     def __init__(self, revoked: _Optional[bool] = ..., disconnected: _Optional[bool] = ...) -> None: ...
 
+class ListDevicesRequest(_message.Message):
+    __slots__ = ("page_size", "page_token", "include_revoked")
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_REVOKED_FIELD_NUMBER: _ClassVar[int]
+    page_size: int
+    page_token: str
+    include_revoked: bool
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., include_revoked: _Optional[bool] = ...) -> None: ...
+
+class DeviceRelease(_message.Message):
+    __slots__ = ("release", "version", "state")
+    RELEASE_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    release: str
+    version: int
+    state: str
+    def __init__(self, release: _Optional[str] = ..., version: _Optional[int] = ..., state: _Optional[str] = ...) -> None: ...
+
+class DeviceSummary(_message.Message):
+    __slots__ = ("device_id", "attributes", "backends", "selected_backends", "last_seen_unix", "revoked", "releases")
+    class AttributesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
+    BACKENDS_FIELD_NUMBER: _ClassVar[int]
+    SELECTED_BACKENDS_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEEN_UNIX_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_FIELD_NUMBER: _ClassVar[int]
+    RELEASES_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    attributes: _containers.ScalarMap[str, str]
+    backends: _containers.RepeatedScalarFieldContainer[str]
+    selected_backends: _containers.RepeatedScalarFieldContainer[str]
+    last_seen_unix: float
+    revoked: bool
+    releases: _containers.RepeatedCompositeFieldContainer[DeviceRelease]
+    def __init__(self, device_id: _Optional[str] = ..., attributes: _Optional[_Mapping[str, str]] = ..., backends: _Optional[_Iterable[str]] = ..., selected_backends: _Optional[_Iterable[str]] = ..., last_seen_unix: _Optional[float] = ..., revoked: _Optional[bool] = ..., releases: _Optional[_Iterable[_Union[DeviceRelease, _Mapping]]] = ...) -> None: ...
+
+class ListDevicesResponse(_message.Message):
+    __slots__ = ("devices", "next_page_token")
+    DEVICES_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    devices: _containers.RepeatedCompositeFieldContainer[DeviceSummary]
+    next_page_token: str
+    def __init__(self, devices: _Optional[_Iterable[_Union[DeviceSummary, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
 class TriggerRunRequest(_message.Message):
     __slots__ = ("release", "payload_json", "request_id")
     RELEASE_FIELD_NUMBER: _ClassVar[int]

@@ -542,6 +542,11 @@ class AdminServiceStub:
                 request_serializer=tether_dot_proto_dot_v1_dot_tether__pb2.TriggerRunRequest.SerializeToString,
                 response_deserializer=tether_dot_proto_dot_v1_dot_tether__pb2.TriggerRunResponse.FromString,
                 _registered_method=True)
+        self.ListDevices = channel.unary_unary(
+                '/tether.v1.AdminService/ListDevices',
+                request_serializer=tether_dot_proto_dot_v1_dot_tether__pb2.ListDevicesRequest.SerializeToString,
+                response_deserializer=tether_dot_proto_dot_v1_dot_tether__pb2.ListDevicesResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -601,6 +606,12 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListDevices(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -648,6 +659,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.TriggerRun,
                     request_deserializer=tether_dot_proto_dot_v1_dot_tether__pb2.TriggerRunRequest.FromString,
                     response_serializer=tether_dot_proto_dot_v1_dot_tether__pb2.TriggerRunResponse.SerializeToString,
+            ),
+            'ListDevices': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDevices,
+                    request_deserializer=tether_dot_proto_dot_v1_dot_tether__pb2.ListDevicesRequest.FromString,
+                    response_serializer=tether_dot_proto_dot_v1_dot_tether__pb2.ListDevicesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -893,6 +909,33 @@ class AdminService:
             '/tether.v1.AdminService/TriggerRun',
             tether_dot_proto_dot_v1_dot_tether__pb2.TriggerRunRequest.SerializeToString,
             tether_dot_proto_dot_v1_dot_tether__pb2.TriggerRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDevices(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tether.v1.AdminService/ListDevices',
+            tether_dot_proto_dot_v1_dot_tether__pb2.ListDevicesRequest.SerializeToString,
+            tether_dot_proto_dot_v1_dot_tether__pb2.ListDevicesResponse.FromString,
             options,
             channel_credentials,
             insecure,
