@@ -2,8 +2,11 @@
 
 `start_controller` returns once the port is bound and serving, with the port
 actually bound (port 0 picks a free one: tests and `tether demo` use that).
-`stop` ends every agent stream first (they reconnect and resync elsewhere),
-then lets in-flight unary calls finish within the grace period, then closes
+The standard gRPC health service (`grpc.health.v1.Health`, unauthenticated)
+answers SERVING for the whole server ("") and each Tether service once the
+port serves; `stop` marks them NOT_SERVING first, so probes and load
+balancers stop sending work. `stop` ends every agent stream next (they
+reconnect and resync elsewhere), then lets in-flight unary calls finish within the grace period, then closes
 the pool and the broker connection.
 """
 
@@ -15,6 +18,7 @@ import logging
 from typing import TYPE_CHECKING
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from tether.common import config as config_mod
 from tether.common import errors, exposition, signing, tls
@@ -45,6 +49,13 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_STREAMS_PER_CONNECTION = 100
+# What the health service reports on: "" is the whole server (what probes ask by default).
+HEALTH_SERVICES = (
+    health.OVERALL_HEALTH,
+    "tether.v1.DeviceService",
+    "tether.v1.AdminService",
+    "tether.v1.StatsService",
+)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -70,6 +81,7 @@ class RunningController:
     blob_backend: blobstores.BlobBackend | None = None  # what the services use (`blobs` in threads, or itself)
     metrics: instruments.ControllerMetrics | None = None  # Prometheus instruments (its own registry)
     metrics_server: exposition.MetricsServer | None = None  # /metrics, when cfg.metrics_port is set
+    health: health.aio.HealthServicer | None = None  # grpc.health.v1.Health (probes, `grpc_health_probe`)
 
     @property
     def address(self) -> str:
@@ -83,6 +95,8 @@ class RunningController:
     async def stop(self, grace: float | None = None) -> None:
         """Graceful stop; safe to call twice."""
         grace_s = self.config.grace_s if grace is None else grace
+        if self.health is not None:
+            await self.health.enter_graceful_shutdown()  # NOT_SERVING from now on
         self.hub.close_all(reason="controller shutting down; reconnect")
         await self.server.stop(grace_s)
         if self.listener is not None:
@@ -236,12 +250,16 @@ async def start_controller(
             ),
             server,
         )
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         host, _ = config_mod.split_host_port(cfg.listen)
         port = _bind(server, cfg)
         await listener.start()  # before serving: no device can connect before changes are heard
         if cfg.metrics_port is not None:
             metrics_server = exposition.serve(metrics.registry, port=cfg.metrics_port, host=cfg.metrics_host)
         await server.start()
+        for service in HEALTH_SERVICES:
+            await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     except BaseException:
         if metrics_server is not None:
             metrics_server.stop()
@@ -270,6 +288,7 @@ async def start_controller(
         blob_backend=backend,
         metrics=metrics,
         metrics_server=metrics_server,
+        health=health_servicer,
     )
 
 
