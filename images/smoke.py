@@ -125,6 +125,7 @@ class Containers:
                 run(["buildah", "rm", ctr], timeout=60)
             except SmokeError as e:
                 say(f"warning: {e}")
+        self.containers = []
 
 
 async def until(what: str, check: Callable[[], object], *, timeout: float, alive: Callable[[], None]) -> object:
@@ -207,106 +208,111 @@ async def smoke(args: argparse.Namespace) -> None:
         with servers() as (database_url, broker_url):
             say(f"PostgreSQL {database_url.split('@')[-1]}, Redis {broker_url.split('@')[-1]} on the host")
             async with cluster(log_dir) as c:
-                port = embedded.free_port()
-                address = f"127.0.0.1:{port}"
-                controller = box.new("controller")
-                uid = box.exec(controller, "id", "-u")
-                if uid == "0":
-                    raise SmokeError("the cloud image runs as root")
-                box.start(
-                    "controller",
-                    controller,
-                    "tether",
-                    "--log-level",
-                    "INFO",
-                    "controller",
-                    "--listen",
-                    address,
-                    "--blob-dir",
-                    f"{HOME}/blobs",
-                    env={
-                        "TETHER_DATABASE_URL": database_url,
-                        "TETHER_BROKER_URL": broker_url,
-                        "TETHER_ADMIN_TOKEN": ADMIN_TOKEN,
-                        "TETHER_BOOTSTRAP_TOKEN": BOOTSTRAP_TOKEN,
-                    },
-                )
-                worker = box.new("worker")
-                box.start(
-                    "worker",
-                    worker,
-                    "tether",
-                    "--log-level",
-                    "INFO",
-                    "worker",
-                    "--broker-url",
-                    broker_url,
-                    "--database-url",
-                    database_url,
-                )
-                await until(
-                    f"controller gRPC health check on {address}",
-                    lambda: health_serving(address),
-                    timeout=args.timeout,
-                    alive=box.check_alive,
-                )
-                say(f"controller (uid {uid}): grpc.health.v1.Health/Check on {address} answers SERVING")
-                replies = await until(
-                    "Celery ping of the worker",
-                    lambda: asyncio.to_thread(celery_ping, broker_url),
-                    timeout=args.timeout,
-                    alive=box.check_alive,
-                )
-                say(f"worker: Celery ping answered {replies}")
-
-                operator = box.new("operator")
-                box.copy(operator, c.kubeconfig_path, f"{HOME}/kubeconfig.yaml")
-                box.start(
-                    "operator",
-                    operator,
-                    "tether",
-                    "--log-level",
-                    "INFO",
-                    "operator",
-                    "--controller",
-                    address,
-                    "--kubeconfig",
-                    f"{HOME}/kubeconfig.yaml",
-                    "--namespace",
-                    c.namespace,
-                    env={"TETHER_ADMIN_TOKEN": ADMIN_TOKEN},
-                )
-                await c.create(
-                    {
-                        "apiVersion": "tether.dev/v1alpha1",
-                        "kind": "MLTask",
-                        "metadata": {"name": "smoke"},
-                        "spec": {
-                            "bundle": {"digest": "sha256:" + "0" * 64},
-                            "trigger": {"type": "onInstall"},
-                            "target": {"matchLabels": {"app": "smoke"}},
+                try:
+                    port = embedded.free_port()
+                    address = f"127.0.0.1:{port}"
+                    controller = box.new("controller")
+                    uid = box.exec(controller, "id", "-u")
+                    if uid == "0":
+                        raise SmokeError("the cloud image runs as root")
+                    box.start(
+                        "controller",
+                        controller,
+                        "tether",
+                        "--log-level",
+                        "INFO",
+                        "controller",
+                        "--listen",
+                        address,
+                        "--blob-dir",
+                        f"{HOME}/blobs",
+                        env={
+                            "TETHER_DATABASE_URL": database_url,
+                            "TETHER_BROKER_URL": broker_url,
+                            "TETHER_ADMIN_TOKEN": ADMIN_TOKEN,
+                            "TETHER_BOOTSTRAP_TOKEN": BOOTSTRAP_TOKEN,
                         },
-                    }
-                )
+                    )
+                    worker = box.new("worker")
+                    box.start(
+                        "worker",
+                        worker,
+                        "tether",
+                        "--log-level",
+                        "INFO",
+                        "worker",
+                        "--broker-url",
+                        broker_url,
+                        "--database-url",
+                        database_url,
+                    )
+                    await until(
+                        f"controller gRPC health check on {address}",
+                        lambda: health_serving(address),
+                        timeout=args.timeout,
+                        alive=box.check_alive,
+                    )
+                    say(f"controller (uid {uid}): grpc.health.v1.Health/Check on {address} answers SERVING")
+                    replies = await until(
+                        "Celery ping of the worker",
+                        lambda: asyncio.to_thread(celery_ping, broker_url),
+                        timeout=args.timeout,
+                        alive=box.check_alive,
+                    )
+                    say(f"worker: Celery ping answered {replies}")
 
-                async def handled() -> object:
-                    obj = await c.get(c.namespace, "smoke")
-                    if obj is None:
-                        return None
-                    meta = obj.get("metadata", {})
-                    return obj.get("status") or meta.get("finalizers")
+                    operator = box.new("operator")
+                    box.copy(operator, c.kubeconfig_path, f"{HOME}/kubeconfig.yaml")
+                    box.start(
+                        "operator",
+                        operator,
+                        "tether",
+                        "--log-level",
+                        "INFO",
+                        "operator",
+                        "--controller",
+                        address,
+                        "--kubeconfig",
+                        f"{HOME}/kubeconfig.yaml",
+                        "--namespace",
+                        c.namespace,
+                        env={"TETHER_ADMIN_TOKEN": ADMIN_TOKEN},
+                    )
+                    await c.create(
+                        {
+                            "apiVersion": "tether.dev/v1alpha1",
+                            "kind": "MLTask",
+                            "metadata": {"name": "smoke"},
+                            "spec": {
+                                "bundle": {"digest": "sha256:" + "0" * 64},
+                                "trigger": {"type": "onInstall"},
+                                "target": {"matchLabels": {"app": "smoke"}},
+                            },
+                        }
+                    )
 
-                seen = await until(
-                    "the operator handling an MLTask", handled, timeout=args.timeout, alive=box.check_alive
-                )
-                say(f"operator: logged in to the API at {c.url} and handled MLTask default/smoke: {seen}")
+                    async def handled() -> object:
+                        obj = await c.get(c.namespace, "smoke")
+                        if obj is None:
+                            return None
+                        meta = obj.get("metadata", {})
+                        return obj.get("status") or meta.get("finalizers")
+
+                    seen = await until(
+                        "the operator handling an MLTask", handled, timeout=args.timeout, alive=box.check_alive
+                    )
+                    say(f"operator: logged in to the API at {c.url} and handled MLTask default/smoke: {seen}")
+                finally:
+                    # The components first, while the API, PostgreSQL and Redis are still there to say goodbye to
+                    # (an emulator with open watches, or a database with open sessions, is slow to stop).
+                    box.close()
+                    say("stopped the components and removed their containers")
     except SmokeError:
         for name, _ in box.procs:
             say(f"--- last lines of {name}:\n{box.tail(name)}")
         raise
     finally:
-        box.close()
-        say("stopped the components and removed their containers")
+        box.close()  # on failure; a no-op after a pass
 
 
 def main() -> int:
