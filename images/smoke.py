@@ -26,6 +26,10 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tether.devtools.emulator import EmulatedCluster
 
 ADMIN_TOKEN = "smoke-admin-token"
 BOOTSTRAP_TOKEN = "smoke-bootstrap-token"
@@ -175,7 +179,7 @@ def celery_ping(broker_url: str) -> list[dict[str, object]]:
 
 
 @contextlib.asynccontextmanager
-async def cluster(workdir: pathlib.Path) -> AsyncIterator[object]:
+async def cluster(workdir: pathlib.Path) -> AsyncIterator[EmulatedCluster]:
     from tether.devtools import emulator
 
     async with emulator.emulated_cluster(workdir=workdir) as c:
