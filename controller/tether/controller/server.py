@@ -2,8 +2,11 @@
 
 `start_controller` returns once the port is bound and serving, with the port
 actually bound (port 0 picks a free one: tests and `tether demo` use that).
-`stop` ends every agent stream first (they reconnect and resync elsewhere),
-then lets in-flight unary calls finish within the grace period, then closes
+The standard gRPC health service (`grpc.health.v1.Health`, unauthenticated)
+answers SERVING for the whole server ("") and each Tether service once the
+port serves; `stop` marks them NOT_SERVING first, so probes and load
+balancers stop sending work. `stop` ends every agent stream next (they
+reconnect and resync elsewhere), then lets in-flight unary calls finish within the grace period, then closes
 the pool and the broker connection.
 """
 
@@ -46,6 +49,13 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_STREAMS_PER_CONNECTION = 100
+# What the health service reports on: "" is the whole server (what probes ask by default).
+HEALTH_SERVICES = (
+    health.OVERALL_HEALTH,
+    "tether.v1.DeviceService",
+    "tether.v1.AdminService",
+    "tether.v1.StatsService",
+)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -259,7 +269,7 @@ async def start_controller(
         await server.start()
         if health_server is not None:
             await health_server.start()
-        for service in ("", edge.DEVICE_SERVICE, edge.ADMIN_SERVICE):
+        for service in HEALTH_SERVICES:
             await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     except BaseException:
         if health_server is not None:
