@@ -146,6 +146,7 @@ def rollout_to_proto(value: staging.Rollout) -> pb.RolloutDocument:
             )
             for s in value.stages
         ],
+        report_deadline_seconds=value.report_deadline_s,
     )
 
 
@@ -160,13 +161,16 @@ def rollout_document(message: pb.RolloutDocument) -> dict[str, Any]:
         if s.HasField("cohort"):
             stage["cohort"] = selector_document(s.cohort)
         stages.append(stage)
-    return {
+    doc: dict[str, Any] = {
         "version": message.version,
         "salt": message.salt,
         "stage": message.stage,
         "action": message.action or staging.Action.PROGRESS.value,
         "stages": stages,
     }
+    if message.HasField("report_deadline_seconds"):
+        doc["reportDeadlineSeconds"] = message.report_deadline_seconds
+    return doc
 
 
 def rollout_from_proto(message: pb.RolloutDocument, *, field: str = "rollout") -> staging.Rollout | None:
