@@ -88,3 +88,15 @@ class Proxy:
                 self.up += len(data)
             dst.write(data)
             await dst.drain()
+
+
+# ---------------------------------------------------------------- fuzzing
+FUZZ_ENV = "TETHER_FUZZ_EXAMPLES"
+
+
+def fuzz_examples(default: int) -> int:
+    """Examples per fuzzer: a fast subset in the suite, the full campaign with TETHER_FUZZ_EXAMPLES=100000."""
+    import os
+
+    value = os.environ.get(FUZZ_ENV, "").strip()
+    return int(value) if value else default

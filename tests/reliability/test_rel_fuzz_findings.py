@@ -1,0 +1,61 @@
+"""What the fuzzers found, each fixed at its root (docs/reliability.md lists them). Each test fails on the old code.
+
+1. JSON nested a few thousand levels deep made `json.loads` raise RecursionError, which no decoder of
+   untrusted JSON caught: the manifest decoder (PutManifest, the agent's verification), the controller's
+   ReleaseSpec documents, the agent's trigger, RunNow payload and local event parsers. All now decode
+   through `tether.spec.jsontext.loads`, which turns it into the ValueError every caller handles.
+2. An integer of more than 4300 digits made the manifest decoder raise a bare ValueError.
+3. A manifest whose `engines` is a number made the decoder raise TypeError.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tether.agent import participation
+from tether.common import errors, manifest
+from tether.spec import jsontext, triggers, wire
+
+DEEP = "[" * 50_000 + "]" * 50_000
+
+
+@pytest.mark.parametrize(
+    ("data", "words"),
+    [
+        (DEEP.encode(), "nested too deeply"),
+        (b'{"schema":' + b"9" * 5000 + b"}", "not valid UTF-8 JSON"),
+        (b"\xff\xfe", "not valid UTF-8 JSON"),
+    ],
+    ids=["deep", "huge integer", "not utf-8"],
+)
+def test_the_manifest_decoder_refuses_what_json_cannot_decode(data: bytes, words: str) -> None:
+    with pytest.raises(errors.InvalidManifest) as info:
+        manifest.Manifest.from_bytes(data)
+    assert words in str(info.value) and len(str(info.value)) < 400
+
+
+def test_a_manifest_whose_engines_is_not_a_list_is_refused_naming_the_field() -> None:
+    good = manifest.Manifest(
+        name="t", entrypoint="task.py", files=(manifest.FileEntry("task.py", manifest.sha256_digest(b""), 0),)
+    ).to_json()
+    with pytest.raises(errors.InvalidManifest, match=r"^engines: must be a list"):
+        manifest.Manifest.from_json({**good, "engines": 5})
+
+
+def test_release_documents_nested_too_deeply_are_refused_naming_the_field() -> None:
+    with pytest.raises(errors.InvalidSpec) as info:
+        wire.parse_object("[" * 5000 + "]" * 5000, field="target")  # 10 KB: within the document limit
+    assert info.value.field == "target" and "nested too deeply" in str(info.value)
+    with pytest.raises(errors.InvalidSpec) as info:
+        triggers.Trigger.from_json("[" * 5000 + "]" * 5000)
+    assert info.value.field == "trigger"
+
+
+def test_the_agent_ignores_deep_trigger_documents_where_it_reads_conditions() -> None:
+    assert participation.conditions_of("[" * 5000 + "]" * 5000) == {}
+
+
+def test_jsontext_decodes_what_json_decodes() -> None:
+    assert jsontext.loads('{"a": [1, 2.5, null]}') == {"a": [1, 2.5, None]}
+    with pytest.raises(ValueError, match="nested too deeply"):
+        jsontext.loads(DEEP)
