@@ -5,7 +5,9 @@
    ReleaseSpec documents, the agent's trigger, RunNow payload and local event parsers. All now decode
    through `tether.spec.jsontext.loads`, which turns it into the ValueError every caller handles.
 2. An integer of more than 4300 digits made the manifest decoder raise a bare ValueError.
-3. A manifest whose `engines` is a number made the decoder raise TypeError.
+4. An unknown resources key was put into the field path as it came (`resources.:`, or a 60 KB key quoted
+   whole): now quoted and bounded (`resources[':']`), plain names kept as they were (`resources.gpus`).
+3. A manifest whose `engines` is a number, or whose engine name is a list, made the decoder raise TypeError.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ def test_a_manifest_whose_engines_is_not_a_list_is_refused_naming_the_field() ->
     ).to_json()
     with pytest.raises(errors.InvalidManifest, match=r"^engines: must be a list"):
         manifest.Manifest.from_json({**good, "engines": 5})
+    with pytest.raises(errors.InvalidManifest, match=r"^engines\[0\]\.engine: \[\] not in"):
+        manifest.Manifest.from_json({**good, "engines": [{"engine": [], "model": "task.py"}]})
 
 
 def test_release_documents_nested_too_deeply_are_refused_naming_the_field() -> None:
@@ -59,3 +63,12 @@ def test_jsontext_decodes_what_json_decodes() -> None:
     assert jsontext.loads('{"a": [1, 2.5, null]}') == {"a": [1, 2.5, None]}
     with pytest.raises(ValueError, match="nested too deeply"):
         jsontext.loads(DEEP)
+
+
+def test_odd_resource_keys_are_quoted_and_bounded_in_the_field() -> None:
+    from tether.spec import resources
+
+    for key, field in [(":", "resources[':']"), ("gpus", "resources.gpus"), ("k" * 60_000, None)]:
+        with pytest.raises(errors.InvalidSpec) as info:
+            resources.parse_resources({key: 1})
+        assert info.value.field == field if field else len(info.value.field) < 120

@@ -253,7 +253,7 @@ class Manifest:
         for i, e in enumerate(raw_engines):
             if not isinstance(e, dict) or set(e) - {"engine", "model", "inputs"}:
                 raise errors.InvalidManifest(f"engines[{i}]: must have engine, model and optional inputs")
-            if e.get("engine") not in ENGINES:
+            if not isinstance(e.get("engine"), str) or e["engine"] not in ENGINES:
                 raise errors.InvalidManifest(
                     f"engines[{i}].engine: {errors.excerpt(e.get('engine'))} not in {sorted(ENGINES)}"
                 )
