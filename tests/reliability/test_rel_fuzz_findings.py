@@ -7,6 +7,8 @@
 2. An integer of more than 4300 digits made the manifest decoder raise a bare ValueError.
 4. An unknown resources key was put into the field path as it came (`resources.:`, or a 60 KB key quoted
    whole): now quoted and bounded (`resources[':']`), plain names kept as they were (`resources.gpus`).
+5. (RPC fuzzer) ReportStatus with a NUL in `device_state` was refused as "message and device_state must not
+   contain NUL characters", naming no one field: now `device_state['k']: ...` or `message: ...`.
 3. A manifest whose `engines` is a number, or whose engine name is a list, made the decoder raise TypeError.
 """
 
@@ -72,3 +74,14 @@ def test_odd_resource_keys_are_quoted_and_bounded_in_the_field() -> None:
         with pytest.raises(errors.InvalidSpec) as info:
             resources.parse_resources({key: 1})
         assert info.value.field == field if field else len(info.value.field) < 120
+
+
+def test_a_nul_in_a_report_names_the_field_it_is_in() -> None:
+    from tether.controller import ingress
+    from tether.proto.v1 import tether_pb2 as pb
+
+    state = pb.DeliveryState.DELIVERY_STATE_INSTALLED
+    with pytest.raises(errors.InvalidArgument, match=r"^device_state\['charging'\]: must not contain NUL"):
+        ingress.delivery_state(pb.ReportStatusRequest(state=state, device_state={"charging": "\x00"}))
+    with pytest.raises(errors.InvalidArgument, match=r"^message: must not contain NUL"):
+        ingress.delivery_state(pb.ReportStatusRequest(state=state, message="a\x00"))
