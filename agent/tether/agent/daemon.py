@@ -122,8 +122,6 @@ class Agent:
         self._desired: dict[str, pb.DesiredTask] = {}
         self._kicks: dict[str, asyncio.Event] = {}
         self._workers: dict[str, asyncio.Task[None]] = {}
-        # release -> the last install failure judged permanent FAILED (in memory: a restart tries again)
-        self._failed: dict[str, convergence.Failed] = {}
         self.synced = asyncio.Event()  # set once the first Sync was handled
         # On-device stream processing: events (local socket or `self.stream.ingest`) -> bounded store ->
         # pattern triggers; `events_socket` None means no socket (events can still be fed in-process).
@@ -393,7 +391,7 @@ class Agent:
                         continue  # then as desired by then
                     await self.installer.install(task)
                     self.installer.blocked.pop(release, None)
-                    self._failed.pop(release, None)
+                    self.installer.failed.pop(release, None)
                 installing = False
                 if isinstance(step, convergence.Install | convergence.Run):
                     assert policy is not None
@@ -408,7 +406,7 @@ class Agent:
                     assert isinstance(e, diskbudget.DiskBudgetExceeded)
                     wait = await self._over_budget_wait(task, e)
                 elif task is not None and verdict.permanent and (installing or _refusal(e)):
-                    await self._give_up(task, verdict)
+                    await self.installer.give_up(task, verdict)
                 else:
                     # Network trouble, a disk momentarily full, a bug: retry this release later; others carry on.
                     wait = self.session.backoff.delay(attempt, self._rng)
@@ -417,29 +415,6 @@ class Agent:
                     log.log(level, "%s: %s (retrying in %.1fs)", release, client.describe(e), wait, exc_info=level > 20)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(kick.wait(), timeout=wait)
-
-    async def _give_up(self, task: pb.DesiredTask, verdict: failures.Verdict) -> None:
-        """Report a permanent failure of this version once; the planner then idles the release on it.
-
-        REFUSED is kept in `state.json` (the version is unusable: not tried again after a restart
-        either); FAILED only in memory (the device's trouble: a restart tries again).
-        """
-        release = task.release
-        if verdict.outcome is failures.Outcome.REFUSED:
-            log.error("refused %s v%d: %s", release, task.version, verdict.reason)
-            self.state.refused[release] = {
-                "version": task.version,
-                "digest": task.manifest_digest,
-                "reason": verdict.reason,
-            }
-            await self.ledger.save()
-            await self.reporter.status(task, S.DELIVERY_STATE_REFUSED, verdict.reason)
-        else:
-            log.error("%s v%d failed for good on this device: %s", release, task.version, verdict.reason)
-            self._failed[release] = convergence.Failed(
-                version=task.version, manifest_digest=task.manifest_digest, verdict=verdict
-            )
-            await self.reporter.status(task, S.DELIVERY_STATE_FAILED, verdict.reason)
 
     async def _over_budget_wait(self, task: pb.DesiredTask, e: diskbudget.DiskBudgetExceeded) -> float | None:
         """A version that does not fit: report it FAILED (once), keep the installed version serving.
@@ -519,5 +494,5 @@ def _next_step(agent: Agent, release: str, task: pb.DesiredTask | None, policy_e
         None if not refused else convergence.Refused(version=refused.get("version")),
         None if task is None else agent.installer.blocked_view(task),
         now,
-        failed=agent._failed.get(release),
+        failed=agent.installer.failed.get(release),
     )
