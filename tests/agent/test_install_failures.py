@@ -195,3 +195,17 @@ async def test_a_transient_failure_is_retried_with_backoff_and_reports_nothing(f
     await stop(agent, task)
     assert tries == [1, 1, 1, 1]
     assert "FAILED" not in fake.states(rel.name) and "REFUSED" not in fake.states(rel.name)
+
+
+async def test_a_failure_after_the_version_went_live_is_not_reported_as_a_failed_install(fake, tmp_path) -> None:
+    rel = fake.publish("ns/live", write_bundle(tmp_path / "b", SIMPLE))
+    agent = make_agent(fake, tmp_path)
+
+    async def collection_denied() -> None:
+        raise PermissionError(errno.EACCES, "Permission denied", "blobs/sha256")
+
+    agent.installer.gc = collection_denied  # collecting blobs after the install fails
+    task = await running(agent)
+    await wait_until(lambda: "SUCCEEDED" in fake.states(rel.name))
+    await stop(agent, task)
+    assert fake.states(rel.name, progress=False) == ["INSTALLED", "RUNNING", "SUCCEEDED"]

@@ -127,7 +127,10 @@ class Installer:
         log.info("installed %s v%d (%s)", task.release, task.version, task.manifest_digest[:19])
         await self._reporter.status(task, S.DELIVERY_STATE_INSTALLED)
         self._installed_hook()
-        await self.gc()
+        try:  # the version is live: a collection that fails is tried again with the next change
+            await self.gc()
+        except OSError as e:
+            log.warning("garbage collection after installing %s v%d: %s", task.release, task.version, e)
 
     async def give_up(self, task: pb.DesiredTask, verdict: failures.Verdict) -> None:
         """Report a permanent failure of this version once; the planner then idles the release on it.
