@@ -17,7 +17,7 @@ from typing import Any
 from fuzz_strategies import manifest_bytes, mltask_specs, wire_documents
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from rel_helpers import fuzz_examples
+from rel_helpers import fuzz_examples, fuzz_timeout
 
 from tether.common import errors, manifest
 from tether.controller import releases
@@ -42,6 +42,7 @@ def _bounded_and_named(e: errors.TetherError) -> None:
     assert FIELD_FIRST.match(message), message[:200]
 
 
+@fuzz_timeout()
 @FUZZ
 @given(data=manifest_bytes())
 def test_manifest_decoder(data: bytes) -> None:
@@ -74,6 +75,7 @@ def _spec_from_operator(spec: Any) -> Any:
     )
 
 
+@fuzz_timeout()
 @FUZZ
 @given(doc=mltask_specs())
 def test_mltask_validation_operator_side(doc: Any) -> None:
@@ -88,6 +90,7 @@ def test_mltask_validation_operator_side(doc: Any) -> None:
     releases.spec_from_proto(_spec_from_operator(spec))
 
 
+@fuzz_timeout()
 @FUZZ
 @given(
     target=wire_documents(),

@@ -25,7 +25,7 @@ import pytest
 from controller_support import ADMIN_TOKEN, BOOTSTRAP_TOKEN, controller_config, snapshot
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from rel_helpers import controller_in_thread, fuzz_examples
+from rel_helpers import controller_in_thread, fuzz_examples, fuzz_timeout
 from test_rel_fuzz import CLEAN
 
 from tether.common import auth, errors, manifest
@@ -201,6 +201,7 @@ def calls(draw: st.DrawFn) -> tuple[str, Any, Any, str]:
     return service, method, request, who
 
 
+@fuzz_timeout()
 @settings(
     max_examples=fuzz_examples(150),
     deadline=None,
