@@ -9,6 +9,8 @@
    whole): now quoted and bounded (`resources[':']`), plain names kept as they were (`resources.gpus`).
 5. (RPC fuzzer) ReportStatus with a NUL in `device_state` was refused as "message and device_state must not
    contain NUL characters", naming no one field: now `device_state['k']: ...` or `message: ...`.
+6. (RPC fuzzer) PutBlob whose bytes do not hash to its digest was refused as "content hashes to ...":
+   now `digest: the content hashes to ...` (both blob stores).
 3. A manifest whose `engines` is a number, or whose engine name is a list, made the decoder raise TypeError.
 """
 
@@ -85,3 +87,11 @@ def test_a_nul_in_a_report_names_the_field_it_is_in() -> None:
         ingress.delivery_state(pb.ReportStatusRequest(state=state, device_state={"charging": "\x00"}))
     with pytest.raises(errors.InvalidArgument, match=r"^message: must not contain NUL"):
         ingress.delivery_state(pb.ReportStatusRequest(state=state, message="a\x00"))
+
+
+def test_a_blob_that_does_not_match_its_digest_names_the_field(tmp_path) -> None:
+    from tether.controller import blobs
+
+    store = blobs.FilesystemBlobStore(tmp_path)
+    with pytest.raises(errors.DigestMismatch, match=r"^digest: the content hashes to sha256:"):
+        store.put_stream(manifest.sha256_digest(b"a"), iter([b"b"]))
