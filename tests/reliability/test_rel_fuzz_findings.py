@@ -11,6 +11,9 @@
    contain NUL characters", naming no one field: now `device_state['k']: ...` or `message: ...`.
 6. (RPC fuzzer) PutBlob whose bytes do not hash to its digest was refused as "content hashes to ...":
    now `digest: the content hashes to ...` (both blob stores).
+7. (RPC fuzzer) ReportBackends with a NUL in `fingerprint` (or in a choice's release or model) reached
+   Postgres, which cannot store NUL, and was answered INTERNAL: now INVALID_ARGUMENT naming the field,
+   nothing stored.
 3. A manifest whose `engines` is a number, or whose engine name is a list, made the decoder raise TypeError.
 """
 
@@ -95,3 +98,14 @@ def test_a_blob_that_does_not_match_its_digest_names_the_field(tmp_path) -> None
     store = blobs.FilesystemBlobStore(tmp_path)
     with pytest.raises(errors.DigestMismatch, match=r"^digest: the content hashes to sha256:"):
         store.put_stream(manifest.sha256_digest(b"a"), iter([b"b"]))
+
+
+def test_report_backends_refuses_nul_naming_the_field() -> None:
+    from tether.controller import devices
+
+    with pytest.raises(errors.InvalidArgument, match=r"^fingerprint: must not contain NUL"):
+        devices.validate_fingerprint("cpu\x00")
+    choice = {"model_key": manifest.sha256_digest(b"m"), "candidate": "mnn/cpu/t1/high", "latency_ms": 1.0}
+    with pytest.raises(errors.InvalidArgument, match=r"^choices\[0\]\.model: must not contain NUL"):
+        devices.validate_choices([{**choice, "release": "ns/t", "model": "m\x00"}])
+    assert devices.validate_fingerprint("f" * 500) == "f" * devices.MAX_FINGERPRINT_CHARS
