@@ -82,3 +82,18 @@ def test_stages_gates_and_counts_are_shown() -> None:
 def test_without_the_object_the_controller_counts_still_show() -> None:
     shown = text(rollout_view.render(HEALTH))
     assert "stage-2" in shown and "Current" in shown and "gates" not in shown
+
+
+def test_devices_silent_past_the_report_deadline_are_shown_per_stage() -> None:
+    health = {**HEALTH, "reportDeadlineSeconds": 600}
+    health["stages"] = [dict(s) for s in HEALTH["stages"]]
+    health["stages"][1]["notReporting"] = 3
+    out = text(rollout_view.render(health, ROLLOUT))
+    assert "silent" in out and "no report 600s after notified" in out
+    header = [c.strip() for c in next(line for line in out.splitlines() if line.startswith("stage")).split("┃")]
+    rows = {
+        cells[0].strip(" ▶"): [c.strip() for c in cells]
+        for cells in (line.split("│") for line in out.splitlines() if "│" in line and "gate" not in line)
+    }
+    col = header.index("silent")
+    assert (rows["gray"][col], rows["beta"][col], rows["full"][col]) == ("3", "-", "-")

@@ -88,3 +88,24 @@ class Proxy:
                 self.up += len(data)
             dst.write(data)
             await dst.drain()
+
+
+# ---------------------------------------------------------------- fuzzing
+FUZZ_ENV = "TETHER_FUZZ_EXAMPLES"
+
+
+def fuzz_timeout() -> Any:
+    """No per-test timeout for a campaign run (TETHER_FUZZ_EXAMPLES set): it runs as long as it needs."""
+    import os
+
+    import pytest
+
+    return pytest.mark.timeout(0) if os.environ.get(FUZZ_ENV, "").strip() else pytest.mark.timeout(300)
+
+
+def fuzz_examples(default: int) -> int:
+    """Examples per fuzzer: a fast subset in the suite, the full campaign with TETHER_FUZZ_EXAMPLES=100000."""
+    import os
+
+    value = os.environ.get(FUZZ_ENV, "").strip()
+    return int(value) if value else default

@@ -10,8 +10,12 @@ like the operator's `decide()` (`tether.operator.reconcile`).
 
 The rules, in order:
 1. Nothing desired: uninstall what is there, then the loop ends.
-2. The desired version was refused (tampered, unusable policy): nothing until
-   the release announces another version.
+2. The desired version was refused (tampered, unusable policy, any failure
+   `tether.agent.failures.classify` calls REFUSED), or its install failed for
+   good on this device (FAILED: a permission problem, an unusable name): nothing
+   until the release announces another version (or, for FAILED, the agent
+   restarts). Transient failures are not facts here: the loop retries them with
+   backoff by planning the install again.
 3. Its policy cannot be honoured here: refuse it before downloading anything.
 4. Installed as desired: let the trigger decide whether to run.
 5. Refused for the disk budget and the store has not changed (and was measured
@@ -25,6 +29,8 @@ The rules, in order:
 from __future__ import annotations
 
 import dataclasses
+
+from tether.agent import failures
 
 # A version refused for the disk budget is tried again at least this often (space may free up meanwhile).
 OVER_BUDGET_RECHECK_S = 60.0
@@ -57,6 +63,15 @@ class Refused:
     """A version refused for good (not retried until another version is announced)."""
 
     version: int | None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Failed:
+    """The last install failure of a version in this process, as `failures.classify` judged it."""
+
+    version: int
+    manifest_digest: str
+    verdict: failures.Verdict
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -132,6 +147,8 @@ def plan(
     refused: Refused | None,
     blocked: Blocked | None,
     now: float,
+    *,
+    failed: Failed | None = None,
 ) -> Step:
     """The next step for one release (the rules are in the module docstring)."""
     if desired is None:
@@ -145,6 +162,12 @@ def plan(
         desired.manifest_digest,
     ):
         return Run(version=desired.version)
+    if (
+        failed is not None
+        and failed.verdict.permanent
+        and (failed.version, failed.manifest_digest) == (desired.version, desired.manifest_digest)
+    ):
+        return Idle()
     recheck = False
     if (
         blocked is not None

@@ -12,10 +12,15 @@ performs it with the rooms:
 - `runs`: triggers, running tasks, exactly-once-ish uploads;
 - `reporting`: delivery states and backend choices for the controller.
 
-A tampered manifest or blob, or a policy this agent cannot honour, refuses the
-version (`REFUSED`): it never runs and is not retried until the release
-announces a different version. A failing task, a bad bundle or a lost
-connection affects only its own release; the agent keeps going.
+Every failure of an install is judged once by `tether.agent.failures.classify`:
+a tampered manifest or blob, an invalid or conflicting manifest, or a policy
+this agent cannot honour refuses the version (`REFUSED`): it never runs and is
+not retried until the release announces a different version. A failure the
+same version will meet again on this device (a permission problem on the
+store, a name the filesystem will not take) is reported `FAILED` once and not
+retried until another version or a restart. Anything else (the network, a
+disk momentarily full) is retried with backoff. A failing task, a bad bundle
+or a lost connection affects only its own release; the agent keeps going.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from tether.agent import (
     convergence,
     diskbudget,
     engine,
+    failures,
     httpfetch,
     install,
     participation,
@@ -365,6 +371,7 @@ class Agent:
             kick.clear()
             wait: float | None = None
             task = self._desired.get(release)
+            installing = False  # a failure while installing is judged by failures.classify
             try:
                 policy, policy_error = None, None
                 if task is not None:
@@ -378,6 +385,7 @@ class Agent:
                     await self._uninstall(release)
                     continue
                 assert task is not None
+                installing = True
                 if isinstance(step, convergence.Refuse):
                     raise errors.VerificationFailed(step.reason)
                 if isinstance(step, convergence.StillBlocked):
@@ -393,6 +401,8 @@ class Agent:
                     with tracing.span("install", parent=self._trace(task), release=release, version=task.version):
                         await self.installer.install(task)
                     self.installer.blocked.pop(release, None)
+                    self.installer.failed.pop(release, None)
+                installing = False
                 if isinstance(step, convergence.Install | convergence.Run):
                     assert policy is not None
                     with tracing.span("run", parent=self._trace(task), release=release, version=task.version):
@@ -401,24 +411,19 @@ class Agent:
                 self.installer.blocked.pop(release, None)
             except asyncio.CancelledError:
                 raise
-            except diskbudget.DiskBudgetExceeded as e:
-                wait = await self._over_budget_wait(task, e) if task is not None else None
-            except errors.VerificationFailed as e:
-                log.error("refused %s v%d: %s", release, task.version if task else 0, e)
-                if task is not None:
-                    self.state.refused[release] = {
-                        "version": task.version,
-                        "digest": task.manifest_digest,
-                        "reason": str(e)[:500],
-                    }
-                    await self.ledger.save()
-                    await self.reporter.status(task, S.DELIVERY_STATE_REFUSED, str(e))
             except Exception as e:
-                # Network trouble, a full disk, a bug: retry this release later; others carry on.
-                wait = self.session.backoff.delay(attempt, self._rng)
-                attempt += 1
-                level = logging.INFO if client.is_retryable(e) else logging.WARNING
-                log.log(level, "%s: %s (retrying in %.1fs)", release, client.describe(e), wait, exc_info=level > 20)
+                verdict = failures.classify(e)
+                if verdict.outcome is failures.Outcome.OVER_BUDGET and task is not None:
+                    assert isinstance(e, diskbudget.DiskBudgetExceeded)
+                    wait = await self._over_budget_wait(task, e)
+                elif task is not None and verdict.permanent and (installing or _refusal(e)):
+                    await self.installer.give_up(task, verdict)
+                else:
+                    # Network trouble, a disk momentarily full, a bug: retry this release later; others carry on.
+                    wait = self.session.backoff.delay(attempt, self._rng)
+                    attempt += 1
+                    level = logging.INFO if client.is_retryable(e) else logging.WARNING
+                    log.log(level, "%s: %s (retrying in %.1fs)", release, client.describe(e), wait, exc_info=level > 20)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(kick.wait(), timeout=wait)
 
@@ -459,6 +464,11 @@ class Agent:
         await self.installer.gc()
 
 
+def _refusal(e: Exception) -> bool:
+    """A refusal stands wherever it was raised (a kept version's policy checked before a run, too)."""
+    return isinstance(e, errors.VerificationFailed)
+
+
 def _as_desired(installed: statefile.InstalledTask) -> pb.DesiredTask:
     """The task an installed version was announced as (its policy included)."""
     return pb.DesiredTask(
@@ -495,4 +505,5 @@ def _next_step(agent: Agent, release: str, task: pb.DesiredTask | None, policy_e
         None if not refused else convergence.Refused(version=refused.get("version")),
         None if task is None else agent.installer.blocked_view(task),
         now,
+        failed=agent.installer.failed.get(release),
     )

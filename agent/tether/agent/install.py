@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from tether.agent import backends, bundles, convergence, diskbudget, pull, reporting, sizes, statefile
+from tether.agent import backends, bundles, convergence, diskbudget, failures, pull, reporting, sizes, statefile
 from tether.common import errors, manifest, tracing
 from tether.proto.v1 import tether_pb2 as pb
 
@@ -68,6 +68,8 @@ class Installer:
         self.store = store
         self.disk_budget = disk_budget  # bytes; None: unlimited
         self.blocked: dict[str, BudgetRefusal] = {}  # release -> its version refused for the disk budget
+        # release -> its version whose install failed for good on this device (in memory: a restart tries again)
+        self.failed: dict[str, convergence.Failed] = {}
         self.gcs = 0  # garbage collections so far: the store changes only through installs and uninstalls
         self._ledger = ledger
         self._puller = puller
@@ -126,7 +128,33 @@ class Installer:
         log.info("installed %s v%d (%s)", task.release, task.version, task.manifest_digest[:19])
         await self._reporter.status(task, S.DELIVERY_STATE_INSTALLED)
         self._installed_hook()
-        await self.gc()
+        try:  # the version is live: a collection that fails is tried again with the next change
+            await self.gc()
+        except OSError as e:
+            log.warning("garbage collection after installing %s v%d: %s", task.release, task.version, e)
+
+    async def give_up(self, task: pb.DesiredTask, verdict: failures.Verdict) -> None:
+        """Report a permanent failure of this version once; the planner then idles the release on it.
+
+        REFUSED is kept in `state.json` (the version is unusable: not tried again after a restart
+        either); FAILED only in memory (the device's trouble: a restart tries again).
+        """
+        release = task.release
+        if verdict.outcome is failures.Outcome.REFUSED:
+            log.error("refused %s v%d: %s", release, task.version, verdict.reason)
+            self._ledger.state.refused[release] = {
+                "version": task.version,
+                "digest": task.manifest_digest,
+                "reason": verdict.reason,
+            }
+            await self._ledger.save()
+            await self._reporter.status(task, S.DELIVERY_STATE_REFUSED, verdict.reason)
+        else:
+            log.error("%s v%d failed for good on this device: %s", release, task.version, verdict.reason)
+            self.failed[release] = convergence.Failed(
+                version=task.version, manifest_digest=task.manifest_digest, verdict=verdict
+            )
+            await self._reporter.status(task, S.DELIVERY_STATE_FAILED, verdict.reason)
 
     def kept(self, task: pb.DesiredTask) -> manifest.Manifest | None:
         """The manifest of a kept install of exactly this version (a rollback switches back without downloading).

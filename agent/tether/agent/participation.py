@@ -22,9 +22,10 @@ Pure apart from `default_probe`.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping
 from typing import Any
+
+from tether.spec import jsontext
 
 KEYS = ("charging", "unmeteredNetwork", "idle")
 RECHECK_S = 60.0
@@ -37,7 +38,7 @@ def conditions_of(trigger_json: str) -> dict[str, bool]:
     if not trigger_json.strip():
         return {}
     try:
-        doc: Any = json.loads(trigger_json)
+        doc: Any = jsontext.loads(trigger_json)
     except ValueError:
         return {}  # a malformed trigger is refused by the trigger parser, not here
     raw = doc.get("conditions") if isinstance(doc, dict) else None

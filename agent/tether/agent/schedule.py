@@ -23,11 +23,11 @@ with it at apply time.
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Mapping
 from typing import Any
 
 from tether.agent.stream import processor
+from tether.spec import jsontext
 from tether.spec.triggers import Trigger
 
 # ---------------------------------------------------------------- the agent side: armed triggers and pending runs
@@ -118,7 +118,7 @@ class Dispatcher:
         if len(payload_json) > MAX_PAYLOAD_BYTES:
             return f"payload larger than {MAX_PAYLOAD_BYTES} bytes"
         try:
-            payload = json.loads(payload_json) if payload_json.strip() else {}
+            payload = jsontext.loads(payload_json) if payload_json.strip() else {}
         except ValueError as e:
             return f"payload is not valid JSON: {e}"
         inputs: dict[str, Any] = {

@@ -44,10 +44,24 @@ def render(health: Mapping[str, Any], rollout: Mapping[str, Any] | None = None) 
     head.append(f"  action {health.get('action')}  stable v{health.get('stableVersion') or '-'}")
     if health.get("onStable"):
         head.append(f" ({health['onStable']} devices on it)")
+    if health.get("reportDeadlineSeconds"):
+        head.append(f"  silent = no report {health['reportDeadlineSeconds']}s after notified")
     message = (rollout or {}).get("message")
     table = Table(show_edge=False, pad_edge=False, expand=False)
-    for column in ("stage", "state", "devices", "installed", "succeeded", "failed", "success", "p95 s", "coverage"):
-        table.add_column(column, justify="right" if column in ("devices", "success", "p95 s") else "left")
+    columns = (
+        "stage",
+        "state",
+        "devices",
+        "installed",
+        "succeeded",
+        "failed",
+        "silent",
+        "success",
+        "p95 s",
+        "coverage",
+    )
+    for column in columns:
+        table.add_column(column, justify="right" if column in ("devices", "silent", "success", "p95 s") else "left")
     gate_rows: list[tuple[str, str]] = []
     frozen = phase == "RolledBack"  # the operator kept the counts the version was judged on
     for i in range(max(len(stages), len(named))):
@@ -57,6 +71,7 @@ def render(health: Mapping[str, Any], rollout: Mapping[str, Any] | None = None) 
         installed = int(h.get("installed", n.get("installed", 0)) or 0)
         succeeded = int(h.get("succeeded", n.get("succeeded", 0)) or 0)
         failed = int(h.get("failed", n.get("failed", 0)) or 0)
+        silent = int(h.get("notReporting", n.get("notReporting", 0)) or 0)  # told, no report past the deadline
         state = n.get("phase") or ("Current" if i == current else ("Done" if i < current else "Pending"))
         coverage = h.get("coverageSeconds") or n.get("coverageSeconds") or {}
         cov = " ".join(f"{k}={v:g}s" for k, v in sorted(coverage.items(), key=lambda kv: int(kv[0][1:])))
@@ -69,6 +84,7 @@ def render(health: Mapping[str, Any], rollout: Mapping[str, Any] | None = None) 
             f"{bar(installed, eligible)} {installed}",
             f"{bar(succeeded, eligible)} {succeeded}",
             f"{bar(failed, eligible)} {failed}",
+            str(silent) if silent else "-",
             _rate(h.get("successRate", n.get("successRate"))),
             "-" if p95 is None else f"{float(p95):.2f}",
             cov or "-",

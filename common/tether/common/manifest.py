@@ -20,6 +20,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from tether.common import errors
+from tether.spec import jsontext
 
 SCHEMA_VERSION = 1
 DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
@@ -197,9 +198,11 @@ class Manifest:
         if len(data) > MAX_MANIFEST_BYTES:
             raise errors.InvalidManifest(f"manifest is {len(data)} bytes; the limit is {MAX_MANIFEST_BYTES}")
         try:
-            doc = json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise errors.InvalidManifest(f"manifest is not valid UTF-8 JSON: {e}") from None
+            doc = jsontext.loads(data.decode("utf-8"))
+        except ValueError as e:  # not UTF-8, not JSON, nested too deeply, an integer of over 4300 digits
+            raise errors.InvalidManifest(
+                f"manifest is not valid UTF-8 JSON: {errors.excerpt(str(e), limit=200)}"
+            ) from None
         manifest = cls.from_json(doc)
         if manifest.canonical_bytes() != data:
             raise errors.InvalidManifest("manifest bytes are not in canonical form")
@@ -244,10 +247,13 @@ class Manifest:
         if entrypoint not in paths:
             raise errors.InvalidManifest(f"entrypoint: {errors.excerpt(entrypoint)} is not one of the bundle's files")
         engines: list[EngineNeeds] = []
-        for i, e in enumerate(doc.get("engines") or []):
+        raw_engines = doc.get("engines") or []
+        if not isinstance(raw_engines, list):
+            raise errors.InvalidManifest("engines: must be a list")
+        for i, e in enumerate(raw_engines):
             if not isinstance(e, dict) or set(e) - {"engine", "model", "inputs"}:
                 raise errors.InvalidManifest(f"engines[{i}]: must have engine, model and optional inputs")
-            if e.get("engine") not in ENGINES:
+            if not isinstance(e.get("engine"), str) or e["engine"] not in ENGINES:
                 raise errors.InvalidManifest(
                     f"engines[{i}].engine: {errors.excerpt(e.get('engine'))} not in {sorted(ENGINES)}"
                 )

@@ -17,6 +17,7 @@ Errors are `errors.InvalidSpec` naming the key. Pure: no I/O.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -44,13 +45,20 @@ class Resources:
         return {k: v for k, v in doc.items() if v is not None}
 
 
+def _key_field(field: str, key: Any) -> str:
+    """`resources.gpus` for a plain name; `resources[':']` (quoted, bounded) for anything else."""
+    if isinstance(key, str) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,63}", key):
+        return f"{field}.{key}"
+    return f"{field}[{errors.excerpt(key)}]"
+
+
 def parse_resources(doc: Mapping[str, Any] | None, *, field: str = "resources") -> Resources:
     """Only the known limits, each an integer within its bounds."""
     doc = doc or {}
     for key, value in doc.items():
         bounds = BOUNDS.get(key)
         if bounds is None:
-            raise errors.InvalidSpec(f"unknown key; allowed are {sorted(BOUNDS)}", field=f"{field}.{key}")
+            raise errors.InvalidSpec(f"unknown key; allowed are {sorted(BOUNDS)}", field=_key_field(field, key))
         low, high = bounds
         if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
             raise errors.InvalidSpec(

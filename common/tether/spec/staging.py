@@ -9,10 +9,17 @@ document, one value type on both sides:
      "salt": "ml/digits",     # cohort hashing salt
      "stage": 1,              # current stage index
      "action": "progress",    # progress | complete | rollback
-     "stages": [{"cohort": {selector}}, {"percent": 10}, {"percent": 100}]}
+     "stages": [{"cohort": {selector}}, {"percent": 10}, {"percent": 100}],
+     "reportDeadlineSeconds": 600}   # optional: see below
 
-Only what the controller needs to serve devices is in it: who each stage
-reaches (percent, count, cohort). Bake times and health gates stay with the
+Only what the controller needs to serve devices and to count them is in it:
+who each stage reaches (percent, count, cohort) and how long a notified
+device may stay silent before the controller counts it as not reporting
+(`reportDeadlineSeconds`, default `DEFAULT_REPORT_DEADLINE_S`: the
+`notReporting` count of each stage's health, which gates can bound). The
+deadline is not part of the stage hash, so setting it restarts no cohort.
+
+Bake times and health gates stay with the
 operator, which evaluates them; putting them here would change the stage
 hash the controller fixes its cohort thresholds under, and restart every
 running rollout's cohorts on upgrade.
@@ -39,7 +46,11 @@ MAX_STAGES = 20
 MAX_SALT_LEN = max(256, names.MAX_RELEASE_LEN)  # the operator salts with the release name
 MAX_COUNT = 100_000_000
 MAX_VERSION = 2**62
-DOCUMENT_FIELDS = ("version", "salt", "stage", "action", "stages")
+DOCUMENT_FIELDS = ("version", "salt", "stage", "action", "stages", "reportDeadlineSeconds")
+# A notified device silent this long (no report since it was told) counts as not reporting.
+DEFAULT_REPORT_DEADLINE_S = 600
+MIN_REPORT_DEADLINE_S = 1
+MAX_REPORT_DEADLINE_S = 7 * 24 * 3600
 
 
 class Action(enum.StrEnum):
@@ -76,6 +87,12 @@ class Rollout:
     stage: int
     action: Action
     stages: tuple[StageRule, ...]
+    report_deadline_s: int | None = None  # None: DEFAULT_REPORT_DEADLINE_S
+
+    @property
+    def report_deadline(self) -> int:
+        """Seconds a notified device may stay silent before it counts as not reporting."""
+        return DEFAULT_REPORT_DEADLINE_S if self.report_deadline_s is None else self.report_deadline_s
 
     @property
     def stages_hash(self) -> str:
@@ -88,13 +105,16 @@ class Rollout:
         return dataclasses.replace(self, version=version, stage=0, action=Action.PROGRESS)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        doc: dict[str, Any] = {
             "version": self.version,
             "salt": self.salt,
             "stage": self.stage,
             "action": self.action.value,
             "stages": [s.to_json() for s in self.stages],
         }
+        if self.report_deadline_s is not None:  # left out when unset: older documents stay byte-equal
+            doc["reportDeadlineSeconds"] = self.report_deadline_s
+        return doc
 
 
 def stages_hash(stages: Sequence[StageRule]) -> str:
@@ -128,7 +148,15 @@ def parse_rollout(doc: Any, *, field: str = "rollout") -> Rollout | None:
         raise errors.InvalidSpec(f"must be a list of 1 to {MAX_STAGES} stages", field=f"{field}.stages")
     stages = tuple(_parse_stage(s, field=f"{field}.stages[{i}]") for i, s in enumerate(raw_stages))
     stage = _int(doc.get("stage", 0), field=f"{field}.stage", low=0, high=len(stages) - 1)
-    return Rollout(version=version, salt=salt, stage=stage, action=action, stages=stages)
+    deadline = doc.get("reportDeadlineSeconds")
+    if deadline is not None:
+        deadline = _int(
+            deadline,
+            field=f"{field}.reportDeadlineSeconds",
+            low=MIN_REPORT_DEADLINE_S,
+            high=MAX_REPORT_DEADLINE_S,
+        )
+    return Rollout(version=version, salt=salt, stage=stage, action=action, stages=stages, report_deadline_s=deadline)
 
 
 def _parse_stage(doc: Any, *, field: str) -> StageRule:

@@ -25,13 +25,12 @@ Pure: no I/O.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from collections.abc import Mapping
 from typing import Any
 
 from tether.common import errors
-from tether.spec import cron, streams
+from tether.spec import cron, jsontext, streams
 
 MAX_TRIGGER_BYTES = 64 * 1024
 MAX_INTERVAL_S = 366 * 86400
@@ -65,7 +64,7 @@ class Trigger:
         if len(text) > MAX_TRIGGER_BYTES:
             raise errors.InvalidSpec(f"document larger than {MAX_TRIGGER_BYTES} bytes", field="trigger")
         try:
-            doc = json.loads(text)
+            doc = jsontext.loads(text)
         except ValueError as e:
             raise errors.InvalidSpec(f"not valid JSON: {e}", field="trigger") from None
         if not isinstance(doc, dict):

@@ -31,7 +31,7 @@ from typing import Any
 
 from tether.common import errors
 from tether.proto.v1 import tether_pb2 as pb
-from tether.spec import resources, selectors, staging
+from tether.spec import jsontext, resources, selectors, staging
 
 MAX_DOCUMENT_BYTES = 64 * 1024  # a policy document (trigger, aggregation, resources, rollout)
 MAX_TARGET_BYTES = 1024 * 1024  # a target may list up to 10,000 device ids
@@ -146,6 +146,7 @@ def rollout_to_proto(value: staging.Rollout) -> pb.RolloutDocument:
             )
             for s in value.stages
         ],
+        report_deadline_seconds=value.report_deadline_s,
     )
 
 
@@ -160,13 +161,16 @@ def rollout_document(message: pb.RolloutDocument) -> dict[str, Any]:
         if s.HasField("cohort"):
             stage["cohort"] = selector_document(s.cohort)
         stages.append(stage)
-    return {
+    doc: dict[str, Any] = {
         "version": message.version,
         "salt": message.salt,
         "stage": message.stage,
         "action": message.action or staging.Action.PROGRESS.value,
         "stages": stages,
     }
+    if message.HasField("report_deadline_seconds"):
+        doc["reportDeadlineSeconds"] = message.report_deadline_seconds
+    return doc
 
 
 def rollout_from_proto(message: pb.RolloutDocument, *, field: str = "rollout") -> staging.Rollout | None:
@@ -195,7 +199,7 @@ def parse_json(text: str, *, field: str, limit: int = MAX_DOCUMENT_BYTES) -> Any
     if len(text.encode("utf-8")) > limit:
         raise errors.InvalidSpec(f"document larger than {limit} bytes", field=field)
     try:
-        return json.loads(text, parse_constant=_reject_constant)
+        return jsontext.loads(text, parse_constant=_reject_constant)
     except ValueError as e:  # JSONDecodeError, or NaN/Infinity
         raise errors.InvalidSpec(f"not valid JSON: {e}", field=field) from None
 

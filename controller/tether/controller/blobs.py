@@ -103,7 +103,7 @@ class FilesystemBlobStore:
                 os.fsync(f.fileno())
             actual = "sha256:" + h.hexdigest()
             if actual != digest:
-                raise errors.DigestMismatch(f"content hashes to {actual}, not {digest}")
+                raise errors.DigestMismatch(f"digest: the content hashes to {actual}, not {digest}")
             final.parent.mkdir(parents=True, exist_ok=True)
             os.replace(tmp, final)  # same content as any blob already there: replacing is harmless
             _fsync_dir(final.parent)

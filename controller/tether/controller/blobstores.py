@@ -243,7 +243,7 @@ class S3Backend:
                     buffer.clear()
             actual = "sha256:" + h.hexdigest()
             if actual != digest:
-                raise errors.DigestMismatch(f"content hashes to {actual}, not {digest}")
+                raise errors.DigestMismatch(f"digest: the content hashes to {actual}, not {digest}")
             if upload_id is None:  # small: one PUT, after the digest was checked
                 await self._client.put_object(Bucket=self.bucket, Key=key, Body=bytes(buffer))
                 return size

@@ -287,9 +287,10 @@ class DeviceService(pb_grpc.DeviceServiceServicer):
         """The device's backend selection results: stored on it, and its targeting facts follow."""
         device = edge.current_device()
         choices = ingress.backend_choices(request)
+        fingerprint = devices.validate_fingerprint(request.fingerprint)
         info = devices.validate_info(attributes=device.attributes, backends=request.backends or device.backends)
         await self._storage.devices.set_backend_choices(
-            device_id=device.device_id, choices=choices, fingerprint=request.fingerprint, backends=info.backends
+            device_id=device.device_id, choices=choices, fingerprint=fingerprint, backends=info.backends
         )
         updated = dataclasses.replace(device, backends=info.backends, backend_choices=choices)
         self._hub.update_facts(device_id=device.device_id, facts=updated.facts)

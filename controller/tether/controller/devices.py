@@ -108,6 +108,16 @@ class InventoryEntry:
 MAX_PAGE = 1000
 
 
+MAX_FINGERPRINT_CHARS = 128
+
+
+def validate_fingerprint(fingerprint: str) -> str:
+    """A ReportBackends fingerprint: at most 128 characters (longer is cut, as stored), no NUL."""
+    if "\x00" in fingerprint:  # Postgres text cannot hold NUL: refused here, not as an internal error
+        raise errors.InvalidArgument("fingerprint: must not contain NUL characters")
+    return fingerprint[:MAX_FINGERPRINT_CHARS]
+
+
 def validate_choices(choices: Iterable[Mapping[str, Any]]) -> tuple[BackendChoice, ...]:
     """A ReportBackends set: bounded, each candidate in selection's spelling, latencies finite."""
     out: list[BackendChoice] = []
@@ -124,6 +134,9 @@ def validate_choices(choices: Iterable[Mapping[str, Any]]) -> tuple[BackendChoic
             raise errors.InvalidArgument(f"{field}.latency_ms: must be a finite number of milliseconds")
         if len(c.release) > 253 or len(c.model) > 1024:
             raise errors.InvalidArgument(f"{field}: release or model name too long")
+        for name, value in (("release", c.release), ("model", c.model)):
+            if "\x00" in value:  # Postgres text and jsonb cannot hold NUL
+                raise errors.InvalidArgument(f"{field}.{name}: must not contain NUL characters")
         out.append(c)
     return tuple(out)
 

@@ -76,8 +76,11 @@ def delivery_state(request: pb.ReportStatusRequest) -> str:
     state = DELIVERY_STATES.get(request.state)
     if state is None:
         raise errors.InvalidArgument(f"state: {request.state} is not a reportable delivery state")
-    if "\x00" in request.message or any("\x00" in k or "\x00" in v for k, v in request.device_state.items()):
-        raise errors.InvalidArgument("message and device_state must not contain NUL characters")
+    if "\x00" in request.message:
+        raise errors.InvalidArgument("message: must not contain NUL characters")
+    for k, v in sorted(request.device_state.items()):
+        if "\x00" in k or "\x00" in v:
+            raise errors.InvalidArgument(f"device_state[{errors.excerpt(k)}]: must not contain NUL characters")
     return state
 
 

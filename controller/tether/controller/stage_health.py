@@ -21,6 +21,9 @@ from typing import Any
 from tether.controller import devices, rollouts
 
 COVERAGE_QUANTILES = (0.5, 0.9, 0.99)
+# A delivery in these states is waiting for the device: past the rollout's report deadline it is
+# counted as not reporting (the device was told and has said nothing since).
+SILENT_STATES = ("notified", "downloading")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -31,6 +34,7 @@ class DeliveryRow:
     version: int
     state: str
     installed_at: float | None = None  # epoch seconds
+    silent_s: float = 0.0  # seconds since the row last changed (notified, or the device's last report)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -43,6 +47,7 @@ class DeviceRecord:
     state: str | None = None  # delivery row's state
     installed_at: float | None = None  # epoch seconds the current version was first installed
     waiting: bool = False  # installed but its participation conditions are not met
+    silent_s: float = 0.0  # seconds since its delivery row last changed
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -65,14 +70,17 @@ def health(
     (eligible): how many were notified / installed / succeeded / failed at the
     current version, how many report (a terminal state), success and error
     rates among those reporting, p95 of `results.duration_s`, the mean of each
-    task metric over their results, and coverage: seconds from the stage's start
-    until 50/90/99 % of its eligible devices had installed.
+    task metric over their results, coverage: seconds from the stage's start
+    until 50/90/99 % of its eligible devices had installed, and `notReporting`:
+    devices told about the current version that have said nothing since, for
+    longer than the rollout's report deadline (`staging.Rollout.report_deadline`).
     """
     ro = rollouts.effective(rel)
     if ro is None:
         return {}
     out_stages = []
     on_stable = sum(1 for d in devices if d.version is not None and d.version != rel.version)
+    deadline = ro.report_deadline
     for j in range(len(ro.stages)):
         members = [d for d in devices if d.stage is not None and d.stage <= j]
         ids = {d.device_id for d in members}
@@ -105,6 +113,7 @@ def health(
                 "failed": failed,
                 "reporting": reporting,
                 "waiting": sum(1 for d in at_version if d.waiting and d.state in ("installed",)),
+                "notReporting": sum(1 for d in at_version if d.state in SILENT_STATES and d.silent_s >= deadline),
                 "results": len(mine),
                 "successRate": None if reporting == 0 else succeeded / reporting,
                 "errorRate": None if reporting == 0 else failed / reporting,
@@ -119,6 +128,7 @@ def health(
         "action": ro.action.value,
         "stableVersion": rel.stable.version if rel.stable is not None else 0,
         "onStable": on_stable,
+        "reportDeadlineSeconds": deadline,
         "stages": out_stages,
     }
 
@@ -172,6 +182,7 @@ def release_health(
                     version=None if d is None else d.version,
                     state=None if d is None else d.state,
                     installed_at=None if d is None else d.installed_at,
+                    silent_s=0.0 if d is None else d.silent_s,
                     waiting=not conditions_met(conditions, device_states.get(device.device_id, {})),
                 )
             )

@@ -28,7 +28,7 @@ import pydantic
 
 from tether.operator.camel import CamelModel
 from tether.operator.federated import Federated
-from tether.spec import cron, resources, selectors, streams
+from tether.spec import cron, resources, selectors, staging, streams
 
 GROUP = "tether.dev"
 VERSION = "v1alpha1"
@@ -350,7 +350,16 @@ def _selector_document(sel: Selector | Target) -> dict[str, Any]:
     return doc
 
 
-GATE_METRICS = ("devicesReporting", "successRate", "errorRate", "p95LatencySeconds")
+GATE_METRICS = (
+    "devicesReporting",
+    "successRate",
+    "errorRate",
+    "p95LatencySeconds",
+    "notReporting",
+    "notReportingRate",
+)
+# Gates on devices that stopped talking: judged however few devices report (the others wait for a sample).
+SILENCE_METRICS = ("notReporting", "notReportingRate")
 TASK_METRIC_PREFIX = "task."
 
 
@@ -369,7 +378,9 @@ class Gate(CamelModel):
         max_length=128,
         description="`devicesReporting` (devices that finished a run), `successRate` and `errorRate` (0 to 1, "
         "among devices reporting), `p95LatencySeconds` (of run durations), or `task.<name>` for the mean of a "
-        "metric the task reports, e.g. `task.accuracy`.",
+        "metric the task reports, e.g. `task.accuracy`; `notReporting` (devices told about the version that have "
+        "said nothing for longer than `spec.rollout.reportDeadlineSeconds`) or `notReportingRate` (that share of "
+        "the devices told), usually with a `max`.",
     )
     min: float | None = pydantic.Field(default=None, description="The metric must be at least this.")
     max: float | None = pydantic.Field(default=None, description="The metric must be at most this.")
@@ -419,6 +430,14 @@ class Rollout(CamelModel):
         min_length=1,
         max_length=MAX_STAGES,
         description="Ordered rollout stages; the default is a single stage of 100 percent.",
+    )
+    report_deadline_seconds: int | None = pydantic.Field(
+        default=None,
+        ge=staging.MIN_REPORT_DEADLINE_S,
+        le=staging.MAX_REPORT_DEADLINE_S,
+        description="Seconds a device told about a new version may stay silent (no report) before it counts as "
+        "not reporting in the stage's health and status; `notReporting` / `notReportingRate` gates bound it. "
+        f"Default {staging.DEFAULT_REPORT_DEADLINE_S}.",
     )
     salt: str | None = pydantic.Field(
         default=None,

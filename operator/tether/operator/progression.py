@@ -41,7 +41,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from tether.operator import conditions as cond
-from tether.operator.model import GROUP, TASK_METRIC_PREFIX, Gate, GateFailureAction, MLTaskSpec, Stage
+from tether.operator.model import GROUP, SILENCE_METRICS, TASK_METRIC_PREFIX, Gate, GateFailureAction, MLTaskSpec, Stage
 from tether.operator.task_status import GateState, GateStatus, RolloutPhase, RolloutStatus, StagePhase, StageStatus
 from tether.spec import staging
 
@@ -175,6 +175,10 @@ def metric_value(metric: str, s: StageStatus) -> float | None:
         return s.error_rate
     if metric == "p95LatencySeconds":
         return s.p95_latency_seconds
+    if metric == "notReporting":
+        return float(s.not_reporting)
+    if metric == "notReportingRate":
+        return None if s.notified == 0 else s.not_reporting / s.notified
     if metric.startswith(TASK_METRIC_PREFIX):
         return s.metrics.get(metric.removeprefix(TASK_METRIC_PREFIX))
     return None
@@ -187,7 +191,9 @@ def evaluate_gates(gates: Sequence[Gate], s: StageStatus, *, fresh: bool) -> lis
     gate waits. A `devicesReporting` minimum is a precondition: below it the
     other gates wait instead of failing on too small a sample. A gate whose
     metric has no value yet (nobody reported, the task reported no such
-    metric) waits.
+    metric) waits. Gates on silent devices (`notReporting`,
+    `notReportingRate`) are judged without that sample: devices that stopped
+    talking are exactly what keeps the sample small.
     """
     reporting = s.succeeded + s.failed
     needed = max((g.min or 0 for g in gates if g.metric == "devicesReporting"), default=0)
@@ -199,7 +205,7 @@ def evaluate_gates(gates: Sequence[Gate], s: StageStatus, *, fresh: bool) -> lis
             state = GateState.WAITING
         elif g.metric == "devicesReporting":
             state = GateState.PASSED if value >= (g.min or 0) else GateState.WAITING
-        elif not enough:
+        elif not enough and g.metric not in SILENCE_METRICS:
             state = GateState.WAITING
         elif (g.min is not None and value < g.min) or (g.max is not None and value > g.max):
             state = GateState.FAILED
@@ -340,6 +346,7 @@ def _fold_health(state: RolloutStatus, inp: Inputs) -> RolloutStatus:
                     "succeeded": int(h.get("succeeded", 0)),
                     "failed": int(h.get("failed", 0)),
                     "waiting": int(h.get("waiting", 0)),
+                    "not_reporting": int(h.get("notReporting", 0)),
                     "success_rate": h.get("successRate"),
                     "error_rate": h.get("errorRate"),
                     "p95_latency_seconds": h.get("p95LatencySeconds"),
@@ -442,6 +449,7 @@ def rollout_document(spec: MLTaskSpec, *, release: str, state: RolloutStatus | N
         stage=0 if state is None else min(state.current_stage, len(stages) - 1),
         action=action,
         stages=stages,
+        report_deadline_s=spec.rollout.report_deadline_seconds,
     )
 
 

@@ -115,6 +115,11 @@ class StageStatus(model.CamelModel):
     waiting: int = pydantic.Field(
         default=0, ge=0, description="Installed but waiting for their participation conditions."
     )
+    not_reporting: int = pydantic.Field(
+        default=0,
+        ge=0,
+        description="Told about the version and silent (no report) for longer than the report deadline.",
+    )
     success_rate: float | None = pydantic.Field(default=None, description="Succeeded / reporting.")
     error_rate: float | None = pydantic.Field(default=None, description="Failed / reporting.")
     p95_latency_seconds: float | None = pydantic.Field(default=None, description="p95 of run durations.")

@@ -37,7 +37,7 @@ from tether.operator.model import (
 )
 from tether.spec import selectors, staging, triggers
 
-RATE_METRICS = frozenset({"successRate", "errorRate"})
+RATE_METRICS = frozenset({"successRate", "errorRate", "notReportingRate"})
 # Kubernetes' rules for label keys and values (apimachinery validation.IsQualifiedName / IsValidLabelValue).
 LABEL_NAME_MAX = 63
 LABEL_PREFIX_MAX = 253
@@ -362,7 +362,7 @@ def _gate_issues(gates: Sequence[Any], *, field: str) -> Iterator[Issue]:
                 continue
             if metric in RATE_METRICS and not 0 <= value <= 1:
                 yield Issue(f"{where}.{bound}", f"{metric} is a rate between 0 and 1, got {value}")
-            elif metric in ("devicesReporting", "p95LatencySeconds") and value < 0:
+            elif metric in ("devicesReporting", "p95LatencySeconds", "notReporting") and value < 0:
                 yield Issue(f"{where}.{bound}", f"must be at least 0, got {value}")
         if metric == "devicesReporting" and gate.max is not None:
             yield Issue(f"{where}.max", "devicesReporting takes a min only")

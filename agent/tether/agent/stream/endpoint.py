@@ -27,6 +27,7 @@ from typing import Any
 
 from tether.agent.stream.processor import StreamProcessor
 from tether.common import errors
+from tether.spec import jsontext
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +110,7 @@ class EventServer:
         if not text:
             return {"accepted": 0, "rejected": 0, "matched": 0, "errors": []}
         try:
-            doc = json.loads(text)
+            doc = jsontext.loads(text)
         except (ValueError, UnicodeDecodeError) as e:
             self.processor.rejected += 1
             return {"error": f"not valid JSON: {e}"}

@@ -176,7 +176,9 @@ class MemoryResults:
         if stored is None:
             t.deliveries[key] = DeliveryRow(version=record.version, state="succeeded")
         elif deliveries.result_moves(stored_version=stored.version, stored_state=stored.state, version=record.version):
-            t.deliveries[key] = dataclasses.replace(stored, version=record.version, state="succeeded", message="")
+            t.deliveries[key] = dataclasses.replace(
+                stored, version=record.version, state="succeeded", message="", updated_at=time.time()
+            )
         row = self._t.devices.get(device.device_id)
         if row is not None:
             row.last_seen = time.time()

@@ -147,13 +147,18 @@ class MemoryReleases:
                     raise errors.NotFound(f"release {name!r} does not exist")
         rels = [live[n] for n in sorted(live) if names is None or n in names]
         fleet = self._fleet()
+        now = time.time()
         health = stage_health.release_health(
             rels=rels,
             fleet=fleet,
             deliveries={
                 rel.name: {
                     d: stage_health.DeliveryRow(
-                        device_id=d, version=row.version, state=row.state, installed_at=row.installed_at
+                        device_id=d,
+                        version=row.version,
+                        state=row.state,
+                        installed_at=row.installed_at,
+                        silent_s=max(0.0, now - row.updated_at),
                     )
                     for (r, d), row in self._t.deliveries.items()
                     if r == rel.name

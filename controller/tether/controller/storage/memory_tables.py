@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 
 from tether.controller import devices, uploads
 from tether.controller.fl.rounds import Round
@@ -38,6 +39,7 @@ class DeliveryRow:
     state: str
     message: str = ""
     installed_at: float | None = None  # epoch seconds
+    updated_at: float = dataclasses.field(default_factory=time.time)  # epoch seconds: every write is a new row
 
 
 @dataclasses.dataclass

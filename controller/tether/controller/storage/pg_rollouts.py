@@ -72,7 +72,8 @@ async def health(
     delivered: dict[str, dict[str, stage_health.DeliveryRow]] = {}
     for row in await (
         await cur.execute(
-            "SELECT release, device_id, version, state, extract(epoch FROM installed_at) AS installed_at"
+            "SELECT release, device_id, version, state, extract(epoch FROM installed_at) AS installed_at,"
+            " extract(epoch FROM now() - updated_at) AS silent_s"  # the database's clock on both sides
             " FROM deliveries WHERE release = ANY(%s)",
             (names,),
         )
@@ -82,6 +83,7 @@ async def health(
             version=int(row["version"]),
             state=row["state"],
             installed_at=None if row["installed_at"] is None else float(row["installed_at"]),
+            silent_s=max(0.0, float(row["silent_s"])),
         )
     results: dict[str, list[stage_health.ResultRecord]] = {}
     for row in await (

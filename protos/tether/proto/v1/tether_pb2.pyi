@@ -427,18 +427,20 @@ class Resources(_message.Message):
     def __init__(self, timeout_seconds: _Optional[int] = ..., memory_mb: _Optional[int] = ..., cpu_seconds: _Optional[int] = ...) -> None: ...
 
 class RolloutDocument(_message.Message):
-    __slots__ = ("version", "salt", "stage", "action", "stages")
+    __slots__ = ("version", "salt", "stage", "action", "stages", "report_deadline_seconds")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SALT_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
     ACTION_FIELD_NUMBER: _ClassVar[int]
     STAGES_FIELD_NUMBER: _ClassVar[int]
+    REPORT_DEADLINE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     version: int
     salt: str
     stage: int
     action: str
     stages: _containers.RepeatedCompositeFieldContainer[RolloutStage]
-    def __init__(self, version: _Optional[int] = ..., salt: _Optional[str] = ..., stage: _Optional[int] = ..., action: _Optional[str] = ..., stages: _Optional[_Iterable[_Union[RolloutStage, _Mapping]]] = ...) -> None: ...
+    report_deadline_seconds: int
+    def __init__(self, version: _Optional[int] = ..., salt: _Optional[str] = ..., stage: _Optional[int] = ..., action: _Optional[str] = ..., stages: _Optional[_Iterable[_Union[RolloutStage, _Mapping]]] = ..., report_deadline_seconds: _Optional[int] = ...) -> None: ...
 
 class RolloutStage(_message.Message):
     __slots__ = ("percent", "count", "cohort")
