@@ -13,7 +13,7 @@ import dataclasses
 import json
 
 import pytest
-from test_storage_contract import fleet, report, spec, storage, stored_manifest  # noqa: F401 (fixture)
+from test_storage_contract import fleet, report, spec, stored_manifest
 
 from tether.common import errors
 from tether.controller import stage_health
@@ -90,7 +90,7 @@ async def _age(st: contracts.Storage, release: str, device_ids: list[str], secon
         tables.deliveries[(release, d)] = dataclasses.replace(row, updated_at=row.updated_at - seconds)
 
 
-async def test_storage_counts_devices_silent_past_the_deadline(storage: contracts.Storage) -> None:  # noqa: F811
+async def test_storage_counts_devices_silent_past_the_deadline(storage: contracts.Storage) -> None:
     digest = await stored_manifest(storage)
     by_id = await fleet(storage, a="android", b="android", c="android", d="android")
     await storage.releases.apply_release(spec(digest, rollout={**ROLLOUT, "reportDeadlineSeconds": 60}))

@@ -8,27 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import AsyncIterator
 
 import pytest
 
 from tether.common import auth, errors, manifest
-from tether.controller import db, deliveries, devices, releases, uploads
-from tether.controller.storage import contracts, memory, postgres
-
-
-@pytest.fixture(params=["memory", "postgres"])
-async def storage(request: pytest.FixtureRequest) -> AsyncIterator[contracts.Storage]:
-    if request.param == "memory":
-        yield memory.memory_storage()
-        return
-    database_url = request.getfixturevalue("database_url")
-    db.migrate(database_url)
-    pool = await db.open_pool(database_url, max_size=4)
-    try:
-        yield postgres.postgres_storage(pool)
-    finally:
-        await pool.close()
+from tether.controller import deliveries, devices, releases, uploads
+from tether.controller.storage import contracts
 
 
 def info(**attributes: str) -> devices.DeviceInfo:

@@ -4,32 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterator
 
 import pytest
 
 from tether.common import errors
-from tether.controller import db
 from tether.controller.fl import rounds
-from tether.controller.storage import contracts, memory, postgres
+from tether.controller.storage import contracts
 from tether.spec import federation
 
 Phase = rounds.Phase
 DEVICES = [f"dev-{i:02d}" for i in range(12)]
-
-
-@pytest.fixture(params=["memory", "postgres"])
-async def storage(request: pytest.FixtureRequest) -> AsyncIterator[contracts.Storage]:
-    if request.param == "memory":
-        yield memory.memory_storage()
-        return
-    database_url = request.getfixturevalue("database_url")
-    db.migrate(database_url)
-    pool = await db.open_pool(database_url, max_size=8)
-    try:
-        yield postgres.postgres_storage(pool)
-    finally:
-        await pool.close()
 
 
 def rules(**doc) -> federation.Federation:
