@@ -150,7 +150,7 @@ def _read_bounded(path: pathlib.Path, limit: int) -> bytes | None:
     return data
 
 
-def _tail(path: pathlib.Path, limit: int = 4000) -> str:
+def tail(path: pathlib.Path, limit: int = 4000) -> str:
     try:
         with path.open("rb") as f:
             f.seek(0, os.SEEK_END)
@@ -218,7 +218,7 @@ def _failure(job_dir: pathlib.Path, returncode: int, limits: TaskLimits) -> erro
     if returncode == -signal.SIGXCPU and limits.cpu_seconds is not None:
         return errors.TaskFailed(
             f"task exceeded its CPU-time limit of {limits.cpu_seconds}s and was killed (SIGXCPU)\n"
-            f"{_tail(job_dir / 'output.log')}".rstrip()
+            f"{tail(job_dir / 'output.log')}".rstrip()
         )
     raw = _read_bounded(job_dir / "error.json", MAX_ANSWER_BYTES)
     if raw is not None:
@@ -228,11 +228,11 @@ def _failure(job_dir: pathlib.Path, returncode: int, limits: TaskLimits) -> erro
     if returncode < 0:
         with contextlib.suppress(ValueError):
             name = signal.Signals(-returncode).name
-            return errors.TaskFailed(f"worker killed by {name}\n{_tail(job_dir / 'output.log')}".rstrip())
-    return errors.TaskFailed(f"worker exited with status {returncode}\n{_tail(job_dir / 'output.log')}".rstrip())
+            return errors.TaskFailed(f"worker killed by {name}\n{tail(job_dir / 'output.log')}".rstrip())
+    return errors.TaskFailed(f"worker exited with status {returncode}\n{tail(job_dir / 'output.log')}".rstrip())
 
 
-def _check_inputs(inputs: Mapping[str, Any] | None) -> dict[str, Any]:
+def check_inputs(inputs: Mapping[str, Any] | None) -> dict[str, Any]:
     """`ctx.inputs` must be JSON-able and bounded: a TaskFailed saying why, before any worker starts."""
     try:
         text = json.dumps(dict(inputs or {}), allow_nan=False)
@@ -286,7 +286,7 @@ async def run_task(
     candidate backend selection chose for it; other models load on `backend`/`threads`.
     `inputs` (JSON-able, at most MAX_INPUTS_BYTES encoded) becomes `ctx.inputs`.
     """
-    inputs_doc = _check_inputs(inputs)
+    inputs_doc = check_inputs(inputs)
     bundle_dir = pathlib.Path(bundle_dir).resolve()
     job_dir = pathlib.Path(tempfile.mkdtemp(prefix="tether-job-", dir=work_dir))
     try:
