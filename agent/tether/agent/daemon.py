@@ -54,7 +54,9 @@ from tether.agent import (
     schedule,
     session,
     sizes,
+    slots,
     statefile,
+    warmpool,
 )
 from tether.agent.backends import CACHE_FILE, Selector
 from tether.agent.stream import endpoint as event_server
@@ -81,7 +83,9 @@ class Agent:
         attributes: Mapping[str, str] | None = None,
         backends: list[str] | None = None,
         channel_credentials: grpc.ChannelCredentials | None = None,
-        task_slots: asyncio.Semaphore | None = None,
+        task_slots: slots.FairSlots | int | None = None,
+        workers: warmpool.WorkerPool | warmpool.PoolSettings | None = None,
+        isolation: str = "warm",
         limits: runtime.TaskLimits = runtime.TaskLimits(),
         threads: int = 1,
         trusted_keys: Mapping[str, bytes] | None = None,
@@ -186,6 +190,18 @@ class Agent:
             kick=self._kick,
             installed_hook=self._backends_changed,
         )
+        # Warm task workers (tether.agent.warmpool): a pool of this agent's own unless one is shared with it
+        # (a simulated fleet); `isolation="fresh"` runs every task in a new interpreter, as before them.
+        self._own_pool = not isinstance(workers, warmpool.WorkerPool)
+        self.workers = (
+            workers
+            if isinstance(workers, warmpool.WorkerPool)
+            else warmpool.WorkerPool(
+                work_dir=self.state_dir, threads=threads, settings=workers or warmpool.PoolSettings()
+            )
+        )
+        if isinstance(task_slots, int):
+            task_slots = slots.FairSlots(task_slots)
         self.runner = runs.Runner(
             device=self.client,
             ledger=self.ledger,
@@ -193,8 +209,11 @@ class Agent:
             reporter=self.reporter,
             dispatch=self.dispatch,
             selector=self.selector,
-            settings=runs.RunSettings(data_dir=self.data_dir, work_dir=self.state_dir, limits=limits, threads=threads),
+            settings=runs.RunSettings(
+                data_dir=self.data_dir, work_dir=self.state_dir, limits=limits, threads=threads, isolation=isolation
+            ),
             slots=task_slots,
+            pool=self.workers,
             clock=clock,
             device_id=lambda: self.device_id,
             desired=self._desired,
@@ -253,6 +272,9 @@ class Agent:
                     await self._event_server.stop()
                 self._event_server = None
             self.stream.store.close()
+            if self._own_pool:
+                with contextlib.suppress(Exception):
+                    await self.workers.close()
             with contextlib.suppress(Exception):
                 await self.client.close()
             if self.puller.http is not None:
@@ -456,6 +478,7 @@ class Agent:
     async def _uninstall(self, release: str) -> None:
         installed = await self.installer.uninstall(release)
         self.dispatch.disarm(release)
+        self.workers.retire_release(release, state_dir=self.state_dir)
         log.info("uninstalled %s", release)
         if installed is not None:
             await self.reporter.status(

@@ -28,7 +28,19 @@ from typing import Any
 
 import grpc
 
-from tether.agent import backends, bundles, client, participation, reporting, results, runtime, schedule, statefile
+from tether.agent import (
+    backends,
+    bundles,
+    client,
+    participation,
+    reporting,
+    results,
+    runtime,
+    schedule,
+    slots,
+    statefile,
+    warmpool,
+)
 from tether.agent.files import atomic_write
 from tether.common import errors, manifest, tracing
 from tether.proto.v1 import tether_pb2 as pb
@@ -74,6 +86,7 @@ class RunSettings:
     work_dir: pathlib.Path
     limits: runtime.TaskLimits
     threads: int = 1
+    isolation: str = "warm"  # `tether agent run --isolation`: "fresh" runs every task in a new interpreter
 
 
 class Runner:
@@ -89,11 +102,13 @@ class Runner:
         dispatch: schedule.Dispatcher,
         selector: backends.Selector | None,
         settings: RunSettings,
-        slots: asyncio.Semaphore | None,
+        slots: slots.FairSlots | None,
         clock: Callable[[], float],
         device_id: Callable[[], str],
         desired: Mapping[str, pb.DesiredTask],
+        pool: warmpool.WorkerPool | None = None,
     ) -> None:
+        self._pool = pool
         self._client = device
         self._desired = desired
         self._ledger = ledger
@@ -126,9 +141,14 @@ class Runner:
         if interrupted:  # the agent stopped mid-run: run again under the same idempotency key
             await self._run(task, policy, key=interrupted[0].key)
             return self._next_check(task, trigger)
-        # Pattern matches and on-demand requests, one at a time: if a run raises, the rest stay queued.
-        while (pending := self._dispatch.next(task.release, task.version)) is not None:
-            await self._run(task, policy, pending=pending)
+        # Pattern matches and on-demand requests, as many at once as the bundle's runtime.concurrency
+        # (default one at a time): if a run raises, the rest stay queued.
+        overlap = await asyncio.to_thread(self._concurrency, task)
+        while batch := self._take(task, overlap):
+            done = await asyncio.gather(*(self._run(task, policy, pending=p) for p in batch), return_exceptions=True)
+            for outcome in done:
+                if isinstance(outcome, BaseException):
+                    raise outcome
         if trigger.type == "onInstall":
             if not any(r.trigger == "onInstall" for r in runs):
                 await self._run(task, policy)
@@ -138,6 +158,18 @@ class Runner:
             await self._run(task, policy)
             return self._next_check(task, trigger)
         return due
+
+    def _take(self, task: pb.DesiredTask, count: int) -> list[schedule.PendingRun]:
+        batch: list[schedule.PendingRun] = []
+        while len(batch) < count and (pending := self._dispatch.next(task.release, task.version)) is not None:
+            batch.append(pending)
+        return batch
+
+    def _concurrency(self, task: pb.DesiredTask) -> int:
+        try:
+            return self._store.installed_manifest(task.release, task.version).runtime.concurrency
+        except (OSError, errors.TetherError):
+            return 1
 
     def _next_check(self, task: pb.DesiredTask, trigger: triggers.Trigger) -> float | None:
         """Seconds until an interval or cron trigger is due (0: now); None for triggers that are kicked."""
@@ -183,23 +215,13 @@ class Runner:
             status="running",
             started_at=0.0,
         )
-        async with self._slots or contextlib.nullcontext():
+        async with self._slots.hold(f"{self._device_id()}/{release}") if self._slots else contextlib.nullcontext():
             record.status, record.started_at = "running", self._clock()
             state.runs[key] = record
             await self._ledger.save()  # intent first: a restart reuses this key
             await self._reporter.status(task, S.DELIVERY_STATE_RUNNING)
             try:
-                outcome = await runtime.run_task(
-                    bundle_dir=bundle_dir,
-                    bundle=bundle,
-                    data_dir=self._settings.data_dir,
-                    state=self._store.load_task_state(release),
-                    limits=policy.limits,
-                    threads=self._settings.threads,
-                    work_dir=self._settings.work_dir,
-                    selection=await self._backend_choices(bundle),
-                    inputs=inputs,
-                )
+                outcome = await self._execute(task, bundle_dir, bundle, policy.limits, inputs)
             except errors.TaskFailed as e:
                 record.status, record.finished_at, record.message = "failed", self._clock(), str(e)[:2000]
                 self._inputs_path(key).unlink(missing_ok=True)
@@ -223,6 +245,30 @@ class Runner:
 
         await asyncio.to_thread(persist)
         await self._upload(task, record)
+
+    async def _execute(
+        self,
+        task: pb.DesiredTask,
+        bundle_dir: pathlib.Path,
+        bundle: manifest.Manifest,
+        limits: runtime.TaskLimits,
+        inputs: Mapping[str, Any],
+    ) -> runtime.TaskOutcome:
+        """One run: on the task's warm worker, or in a fresh interpreter where the bundle or the agent asks."""
+        common: dict[str, Any] = {
+            "bundle_dir": bundle_dir,
+            "bundle": bundle,
+            "data_dir": self._settings.data_dir,
+            "state": self._store.load_task_state(task.release),
+            "limits": limits,
+            "threads": self._settings.threads,
+            "selection": await self._backend_choices(bundle),
+            "inputs": inputs,
+        }
+        warm = self._settings.isolation == "warm" and bundle.runtime.isolation == "warm"
+        if self._pool is not None and warm and self._pool.supports(limits):
+            return await self._pool.run(release=task.release, version=task.version, **common)
+        return await runtime.run_task(work_dir=self._settings.work_dir, **common)
 
     async def _backend_choices(self, bundle: manifest.Manifest) -> dict[str, Any]:
         if self._selector is None:

@@ -338,11 +338,11 @@ class WarmWorker:
             why = f"worker {what}"
         elif status < 0:
             try:
-                why = f"worker killed by {signal.Signals(-status).name}"
+                why = f"worker killed by {signal.Signals(-status).name} ({what})"
             except ValueError:
-                why = f"worker killed by signal {-status}"
+                why = f"worker killed by signal {-status} ({what})"
         else:
-            why = f"worker exited with status {status}"
+            why = f"worker exited with status {status} ({what})"
         reason = f"{why}\n{self.log_tail()}".rstrip()
         self.kill(reason)
         return reason
@@ -539,9 +539,10 @@ class WorkerPool:
             self._retire(w)
         return len(old)
 
-    def retire_release(self, release: str) -> None:
-        """An uninstalled release: its workers go (busy ones after their run)."""
-        for key in [k for k in self._workers if k[0].split("@", 1)[0] == release]:
+    def retire_release(self, release: str, *, state_dir: str | os.PathLike[str]) -> None:
+        """An uninstalled release of the agent at `state_dir`: its workers go (busy ones after their run)."""
+        prefix = f"{release}@{pathlib.Path(state_dir).resolve()}{os.sep}"
+        for key in [k for k in self._workers if k[0].startswith(prefix)]:
             for w in list(self._workers[key]):
                 self._draining.add(w) if w.busy else self._retire(w)
 

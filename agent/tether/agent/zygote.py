@@ -2,10 +2,10 @@
 
 `python -m tether.agent.zygote <fd>` is started once by the agent (with a
 task worker's environment: one BLAS thread, few malloc arenas) and imports
-numpy, both engines and the worker code up front, so a forked worker pays
-neither an interpreter start nor those imports. It stays single-threaded
-(nothing it imports starts a thread; a test checks it), which is what makes
-`os.fork` safe here.
+numpy, MNN and the worker code up front, so a forked worker pays neither an
+interpreter start nor those imports. It stays single-threaded (nothing it
+imports starts a thread; a test checks it), which is what makes `os.fork`
+safe here.
 
 It speaks frames (`tether.agent.frames`) over the unix socket `<fd>`:
 
@@ -35,7 +35,10 @@ from typing import Any
 
 from tether.agent import frames
 
-PRELOAD = ("numpy", "MNN", "onnxruntime", "tether.agent.engine", "tether.agent.backends", "tether.agent.warmworker")
+# Not onnxruntime: its native module starts a thread as it loads (1.32), and a fork from a process with
+# other threads can inherit a lock held by one of them. A worker that needs it imports it (about 60 ms
+# once numpy is in), and `test_warm_workers` checks that the zygote has one thread.
+PRELOAD = ("numpy", "MNN", "tether.agent.engine", "tether.agent.backends", "tether.agent.warmworker")
 MAX_SPAWN_BYTES = 1024 * 1024
 
 
