@@ -49,6 +49,7 @@ from tether.spec import names, triggers
 log = logging.getLogger(__name__)
 
 S = pb.DeliveryState
+OVERLAP_POLL_S = 0.05  # how often a task that allows overlapping runs looks for newly queued ones meanwhile
 # Errors after which retrying the same upload cannot help.
 _PERMANENT = frozenset(
     {
@@ -144,11 +145,11 @@ class Runner:
         # Pattern matches and on-demand requests, as many at once as the bundle's runtime.concurrency
         # (default one at a time): if a run raises, the rest stay queued.
         overlap = await asyncio.to_thread(self._concurrency, task)
-        while batch := self._take(task, overlap):
-            done = await asyncio.gather(*(self._run(task, policy, pending=p) for p in batch), return_exceptions=True)
-            for outcome in done:
-                if isinstance(outcome, BaseException):
-                    raise outcome
+        if overlap == 1:
+            while (pending := self._dispatch.next(task.release, task.version)) is not None:
+                await self._run(task, policy, pending=pending)
+        else:
+            await self._overlapping(task, policy, overlap)
         if trigger.type == "onInstall":
             if not any(r.trigger == "onInstall" for r in runs):
                 await self._run(task, policy)
@@ -159,11 +160,31 @@ class Runner:
             return self._next_check(task, trigger)
         return due
 
-    def _take(self, task: pb.DesiredTask, count: int) -> list[schedule.PendingRun]:
-        batch: list[schedule.PendingRun] = []
-        while len(batch) < count and (pending := self._dispatch.next(task.release, task.version)) is not None:
-            batch.append(pending)
-        return batch
+    async def _overlapping(self, task: pb.DesiredTask, policy: Policy, overlap: int) -> None:
+        """Queued runs, up to `overlap` at once; runs queued while others are under way join them."""
+        in_flight: set[asyncio.Task[None]] = set()
+        error: BaseException | None = None
+        try:
+            while True:
+                while error is None and len(in_flight) < overlap:
+                    pending = self._dispatch.next(task.release, task.version)
+                    if pending is None:
+                        break
+                    in_flight.add(asyncio.create_task(self._run(task, policy, pending=pending)))
+                if not in_flight:
+                    break
+                done, in_flight = await asyncio.wait(
+                    in_flight, timeout=OVERLAP_POLL_S, return_when=asyncio.FIRST_COMPLETED
+                )
+                for finished in done:
+                    if error is None and finished.exception() is not None:
+                        error = finished.exception()
+        finally:
+            for t in in_flight:  # cancelled (the agent stops): never leave a run behind
+                t.cancel()
+            await asyncio.gather(*in_flight, return_exceptions=True)
+        if error is not None:
+            raise error
 
     def _concurrency(self, task: pb.DesiredTask) -> int:
         try:
