@@ -190,18 +190,7 @@ class Agent:
             kick=self._kick,
             installed_hook=self._backends_changed,
         )
-        # Warm task workers (tether.agent.warmpool): a pool of this agent's own unless one is shared with it
-        # (a simulated fleet); `isolation="fresh"` runs every task in a new interpreter, as before them.
-        self._own_pool = not isinstance(workers, warmpool.WorkerPool)
-        self.workers = (
-            workers
-            if isinstance(workers, warmpool.WorkerPool)
-            else warmpool.WorkerPool(
-                work_dir=self.state_dir, threads=threads, settings=workers or warmpool.PoolSettings()
-            )
-        )
-        if isinstance(task_slots, int):
-            task_slots = slots.FairSlots(task_slots)
+        self._own_pool, self.workers, fair = _workers_and_slots(workers, task_slots, self.state_dir, threads)
         self.runner = runs.Runner(
             device=self.client,
             ledger=self.ledger,
@@ -212,7 +201,7 @@ class Agent:
             settings=runs.RunSettings(
                 data_dir=self.data_dir, work_dir=self.state_dir, limits=limits, threads=threads, isolation=isolation
             ),
-            slots=task_slots,
+            slots=fair,
             pool=self.workers,
             clock=clock,
             device_id=lambda: self.device_id,
@@ -245,7 +234,7 @@ class Agent:
             if self._events_socket is not None:  # apps may report events before the device is enrolled
                 self._event_server = event_server.EventServer(self.stream, self._events_socket)
                 await self._event_server.start()
-            await self._until_stopped(self.session.enrol_with_retry())
+            await _until_stopped(self.session.stopping, self.session.enrol_with_retry())
             if self.session.stopping.is_set():
                 return
             # Resume what was installed before a restart (pending uploads, interval triggers);
@@ -254,8 +243,9 @@ class Agent:
                 self._desired.setdefault(release, _as_desired(installed))
                 self._kick(release)
             # The credential expires: the session renews it while the stream runs.
-            await self._until_stopped(
-                self.session.hold(on_event=self._on_event, installed=self._installed, on_connected=self._connected)
+            await _until_stopped(
+                self.session.stopping,
+                self.session.hold(on_event=self._on_event, installed=self._installed, on_connected=self._connected),
             )
         finally:
             self.connected.clear()
@@ -285,18 +275,6 @@ class Agent:
             log.info("agent %s stopped", self.device_id)
 
     # ------------------------------------------------------------ helpers
-    async def _until_stopped(self, coro: Any) -> None:
-        work = asyncio.ensure_future(coro)
-        stop = asyncio.ensure_future(self.session.stopping.wait())
-        try:
-            await asyncio.wait({work, stop}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for t in (work, stop):
-                t.cancel()
-            await asyncio.gather(work, stop, return_exceptions=True)
-        if work.done() and not work.cancelled() and work.exception() is not None:
-            raise work.exception()
-
     async def _describe(self) -> pb.DeviceInfo:
         """What this device enrols as (its backends detected on first enrolment)."""
         if self.backends is None:
@@ -485,6 +463,34 @@ class Agent:
                 pb.DesiredTask(release=release, version=installed.version), S.DELIVERY_STATE_UNINSTALLED
             )
         await self.installer.gc()
+
+
+async def _until_stopped(stopping: asyncio.Event, coro: Any) -> None:
+    """Await `coro` until it ends or `stopping` is set (then cancel it); its exception, if it raised."""
+    work = asyncio.ensure_future(coro)
+    stop = asyncio.ensure_future(stopping.wait())
+    try:
+        await asyncio.wait({work, stop}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in (work, stop):
+            t.cancel()
+        await asyncio.gather(work, stop, return_exceptions=True)
+    if work.done() and not work.cancelled() and work.exception() is not None:
+        raise work.exception()
+
+
+def _workers_and_slots(
+    workers: warmpool.WorkerPool | warmpool.PoolSettings | None,
+    task_slots: slots.FairSlots | int | None,
+    state_dir: pathlib.Path,
+    threads: int,
+) -> tuple[bool, warmpool.WorkerPool, slots.FairSlots | None]:
+    """Warm task workers (tether.agent.warmpool): a pool of the agent's own (True) unless one is shared with
+    it (a simulated fleet); and the device-wide cap on concurrent runs (`--task-slots`), fair across tasks."""
+    if isinstance(workers, warmpool.WorkerPool):
+        return False, workers, slots.FairSlots(task_slots) if isinstance(task_slots, int) else task_slots
+    pool = warmpool.WorkerPool(work_dir=state_dir, threads=threads, settings=workers or warmpool.PoolSettings())
+    return True, pool, slots.FairSlots(task_slots) if isinstance(task_slots, int) else task_slots
 
 
 def _refusal(e: Exception) -> bool:
