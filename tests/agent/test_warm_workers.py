@@ -198,3 +198,24 @@ async def test_large_inputs_and_results_travel(pool, tmp_path) -> None:
     outcome = await run(pool, tmp_path, source, name="big", inputs={"payload": "x" * (4 << 20)})
     assert outcome.result.sample_count == 4 << 20
     assert [float(outcome.result.tensors[f"t{i}"][-1]) for i in range(4)] == [0.0, 1.0, 2.0, 3.0]
+
+
+def test_the_latency_benchmark_measures_every_path(tmp_path) -> None:
+    from tether.devtools import bench_latency
+
+    repo = pathlib.Path(__file__).resolve().parents[2]
+    lat = bench_latency.run_latency(
+        digits_dir=repo / "examples/digits/task",
+        data_file=repo / "examples/digits/device_data.npz",
+        work=tmp_path,
+        runs=5,
+        cold_runs=2,
+        fresh_runs=1,
+        concurrent_runs=2,
+    )
+    assert [lat[p]["runs"] for p in ("warm", "cold", "fresh")] == [5, 2, 1]
+    assert lat["warm_workers"] == 8  # one resident worker per task after the 8-task round
+    assert set(bench_latency.HEADLINE) <= set(lat)
+    assert lat["warm_worker_rss_bytes"] > 0 and 0 < lat["warm_worker_pss_bytes"] <= lat["warm_worker_rss_bytes"]
+    assert lat["warm_overhead_p50_ms"] == lat["warm_p50_ms"] - lat["model_p50_ms"]
+    assert bench_latency.table(lat).row_count == 4

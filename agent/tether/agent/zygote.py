@@ -38,7 +38,16 @@ from tether.agent import frames
 # Not onnxruntime: its native module starts a thread as it loads (1.32), and a fork from a process with
 # other threads can inherit a lock held by one of them. A worker that needs it imports it (about 60 ms
 # once numpy is in), and `test_warm_workers` checks that the zygote has one thread.
-PRELOAD = ("numpy", "MNN", "tether.agent.engine", "tether.agent.backends", "tether.agent.warmworker")
+PRELOAD = (
+    "numpy",
+    "MNN",
+    "tether.agent.engine",
+    "tether.agent.backends",
+    "tether.agent.results",  # protobuf: about 80 ms a child would pay again
+    "tether.agent.runtime",
+    "tether.agent.taskworker",
+    "tether.agent.warmworker",
+)
 MAX_SPAWN_BYTES = 1024 * 1024
 
 

@@ -25,6 +25,12 @@ built by `bench/models/build.py`, committed as .onnx + .mnn):
    left is the wrapper's own cost (validation, the lock, the dict). For ONNX
    Runtime there is no other way to call it: the second baseline is the first.
 
+5. `latency` (`tether.devtools.bench_latency`, `--latency-runs 0` skips it):
+   trigger → result of a pattern-triggered digits inference on a warm worker,
+   a worker forked from the zygote (cold), a fresh interpreter, and the model
+   alone; 8 tasks at once warm vs cold; memory per warm worker. Its headline
+   figures are copied to the top level (`warm_p50_ms`, `cold_p50_ms`, ...).
+
 Writes JSON to --out; prints a table.
 """
 
@@ -50,6 +56,7 @@ import numpy as np
 from tether.agent import backends, profile, selection
 from tether.agent import runtime as runtime_mod
 from tether.common import manifest
+from tether.devtools import bench_latency
 
 MODELS = ("mlp", "cnn", "efficientnet_lite0")
 GOAL = 1.05
@@ -384,6 +391,24 @@ def run_benchmark(
     }
 
 
+def _latency(runs: int, progress: Callable[[str], None]) -> dict[str, Any]:
+    """The latency section and its headline keys (examples/digits, from the repository root)."""
+    digits = pathlib.Path("examples/digits")
+    if not (digits / "task" / "model.mnn").is_file():
+        raise click.ClickException("the latency section needs examples/digits (run from the repository root)")
+    with tempfile.TemporaryDirectory(prefix="tether-bench-latency-") as tmp:
+        lat = bench_latency.run_latency(
+            digits_dir=digits / "task",
+            data_file=digits / "device_data.npz",
+            work=pathlib.Path(tmp),
+            runs=runs,
+            cold_runs=max(10, runs // 10),
+            fresh_runs=max(5, runs // 30),
+            progress=progress,
+        )
+    return {"latency": lat, **{key: lat[key] for key in bench_latency.HEADLINE}}
+
+
 def _k_for(m: BenchModel, latency_ms: float, k: int) -> int:
     """At least `k` inferences, more for fast models, capped to about 3 s per run."""
     return int(max(min(k, 3000 / max(latency_ms, 1e-3)), min(20000, 300 / max(latency_ms, 1e-3))))
@@ -444,8 +469,22 @@ def _table(doc: Mapping[str, Any]) -> Any:
 )
 @click.option("--k", type=int, default=300, show_default=True, help="Timed inferences per agent/raw run (at least).")
 @click.option("--trials", type=int, default=5, show_default=True, help="Alternating agent/raw (/same-I/O raw) runs.")
+@click.option(
+    "--latency-runs",
+    type=click.IntRange(min=0),
+    default=300,
+    show_default=True,
+    help="Warm trigger -> result runs for the latency section (0: skip it); cold and fresh take fewer.",
+)
 def runtime(
-    out_path: str, models_dir: pathlib.Path, names: str, budget_s: float, truth_s: float, k: int, trials: int
+    out_path: str,
+    models_dir: pathlib.Path,
+    names: str,
+    budget_s: float,
+    truth_s: float,
+    k: int,
+    trials: int,
+    latency_runs: int = 300,
 ) -> None:
     """Backend selection (chosen vs best) and agent overhead (agent vs raw engine) per model; JSON to --out."""
     from rich.console import Console
@@ -465,7 +504,11 @@ def runtime(
             trials=trials,
             progress=lambda msg: status.update(msg),
         )
+        if latency_runs:
+            doc.update(_latency(latency_runs, lambda msg: status.update(msg)))
     doc["command"] = "tether bench runtime " + " ".join(sys.argv[3:]) if len(sys.argv) > 2 else "tether bench runtime"
     pathlib.Path(out_path).write_text(json.dumps(doc, indent=2) + "\n")
     Console(width=None if sys.stdout.isatty() else 160).print(_table(doc))
+    if "latency" in doc:
+        Console(width=None if sys.stdout.isatty() else 160).print(bench_latency.table(doc["latency"]))
     click.echo(f"wrote {out_path}")
