@@ -132,6 +132,9 @@ def serve(job: dict[str, Any]) -> int:
         except BaseException as e:  # report everything, SystemExit and KeyboardInterrupt included
             answer = _error(e, id=run_id, logs=log.lines)
         try:
-            frames.write_frame(channel, answer)
-        except frames.FrameError as e:  # e.g. a state too large to send: say so, the frame itself is small
-            frames.write_frame(channel, {**_error(e), "id": run_id})
+            try:
+                frames.write_frame(channel, answer)
+            except frames.FrameError as e:  # e.g. a state too large to send: say so, the frame itself is small
+                frames.write_frame(channel, {**_error(e), "id": run_id})
+        except OSError:  # the task closed or broke the channel: nothing more can be said
+            return 3
