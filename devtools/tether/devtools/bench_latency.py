@@ -132,6 +132,7 @@ def run_latency(
     progress: Callable[[str], None] = lambda msg: None,
 ) -> dict[str, Any]:
     """The latency section (JSON-able), measured in `work`."""
+    load_before = os.getloadavg()[0]
     data = work / "data"
     data.mkdir(parents=True, exist_ok=True)
     with np.load(data_file, allow_pickle=False) as npz:
@@ -236,6 +237,8 @@ def run_latency(
         "concurrent8_warm_over_cold": doc["concurrent8_warm_runs_per_s"] / doc["concurrent8_cold_runs_per_s"],
         "goals": GOALS,
         "cores": os.cpu_count(),
+        # Other work on the machine skews every figure: the 1-minute load average before and after.
+        "load_average": {"before": load_before, "after": os.getloadavg()[0]},
     }
 
 
