@@ -13,7 +13,7 @@ import os
 import pathlib
 
 import pytest
-from agent_fakes import write_bundle
+from agent_fakes import wait_until, write_bundle
 
 from tether.agent import runtime, warmpool
 from tether.common import bundle_files, errors
@@ -54,6 +54,13 @@ async def run(pool, tmp_path, source, *, name="ok", version=1, state=None, limit
     )
 
 
+def _alive(pid: int) -> bool:
+    try:
+        return pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def pid_of(outcome) -> int:
     return int(outcome.result.metrics["pid"])
 
@@ -77,12 +84,11 @@ async def test_the_worker_is_isolated_and_limited(pool, tmp_path) -> None:
     limits = pathlib.Path(f"/proc/{pid}/limits").read_text()
     assert str(700 * 1024 * 1024) in next(line for line in limits.splitlines() if "address space" in line)
     fds = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
-    kinds = {
-        "/dev/null" if t == "/dev/null" else t.split(":")[0] if ":" in t else pathlib.Path(t).parent.name for t in fds
-    }
+    home = pathlib.Path(os.readlink(f"/proc/{pid}/cwd"))  # its own directory, as a fresh worker's job directory
+    assert home.parent == tmp_path and home.name.startswith("tether-worker-") and os.listdir(home) == ["output.log"]
+    kinds = sorted("shm" if t.startswith("/dev/shm/") else t.split(":")[0] if ":" in t else t for t in fds)
     # stdin, the log (stdout, stderr), its channel, its result buffer (mapped): nothing of the agent's or the zygote's
-    assert kinds == {"/dev/null", tmp_path.name, "socket", "shm"}, fds
-    assert sum(t.startswith("socket:") for t in fds) == 1
+    assert kinds == sorted(["/dev/null", str(home / "output.log"), "socket", "shm"]), fds
     assert pool.zygote.pid is not None
     status = pathlib.Path(f"/proc/{pool.zygote.pid}/status").read_text()
     assert "Threads:\t1\n" in status  # forking is safe only from a single-threaded parent
@@ -109,7 +115,8 @@ BAD = {
         "MemoryError",
     ),
     "forks": (
-        "import os, time\n\ndef run(ctx):\n    if os.fork() == 0:\n        time.sleep(60)\n        os._exit(0)\n"
+        "import os, time\n\ndef run(ctx):\n    child = os.fork()\n    if child == 0:\n        time.sleep(60)\n"
+        "        os._exit(0)\n    open(f'{ctx.data_dir}/child.pid', 'w').write(str(child))\n"
         "    return {'sample_count': 1}\n",
         "may not fork",
     ),
@@ -143,8 +150,9 @@ async def test_a_bad_task_loses_its_worker_and_no_one_else_does(pool, tmp_path, 
     assert __import__("re").search(reason, str(bad)), str(bad)
     assert pid_of(again) == pid_of(healthy) and again.result.sample_count == 2
     assert [w.key[0].split("@")[0] for w in pool.workers()] == ["default/ok"]  # only the bad one went
-    if case == "forks":
-        await asyncio.sleep(0)  # the forked child was in the worker's session: it died with it
+    if case == "forks":  # the forked child was in the worker's process group: it died with it
+        child = int((tmp_path / "data" / "child.pid").read_text())
+        await wait_until(lambda: not _alive(child))
     # the next run of the bad task gets a new worker (after a backoff)
     if case in ("crash", "closes"):
         with pytest.raises(errors.TaskFailed):
@@ -169,6 +177,7 @@ async def test_idle_workers_retire(pool, tmp_path) -> None:
     assert pool.retire_idle() == 0
     assert pool.retire_idle(now=asyncio.get_running_loop().time() + 10**6) == 1
     assert pool.workers() == []
+    assert not list(tmp_path.glob("tether-worker-*"))  # its directory (cwd, log) went with it
 
 
 async def test_caps_on_workers_and_memory(tmp_path) -> None:

@@ -34,6 +34,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import shutil
 import signal
 import socket
 import sys
@@ -48,6 +49,7 @@ import numpy as np
 from tether.agent import frames, results, runtime, warmworker
 from tether.common import errors, manifest
 
+WORKER_DIR_PREFIX = "tether-worker-"
 BUFFER_BYTES = results.MAX_TOTAL_ELEMENTS * 8 + results.MAX_TENSORS * warmworker.ALIGN
 MAX_LOG_FILE_BYTES = 1024 * 1024
 BACKOFF_BASE_S, BACKOFF_MAX_S = 0.5, 30.0
@@ -230,7 +232,7 @@ class WarmWorker:
         with contextlib.suppress(Exception):
             self._view.release()
             self._buffer.close()
-        self._log_path.unlink(missing_ok=True)
+        shutil.rmtree(self._log_path.parent, ignore_errors=True)  # its directory: the log and its cwd
 
     def log_tail(self, limit: int = 4000) -> str:
         return runtime.tail(self._log_path, limit)
@@ -370,6 +372,7 @@ class WorkerPool:
         self._failures: dict[tuple[str, int], tuple[int, float]] = {}  # key -> (deaths in a row, no start before)
         self._draining: set[WarmWorker] = set()
         self._reaper: asyncio.Task[None] | None = None
+        self._swept = False
         self.cold_runs = 0
 
     @staticmethod
@@ -460,16 +463,21 @@ class WorkerPool:
     async def _spawn(self, key: tuple[str, int], job: dict[str, Any], limits: runtime.TaskLimits) -> WarmWorker:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         buffer = shared_memory.SharedMemory(create=True, size=BUFFER_BYTES)
-        fd, log_name = tempfile.mkstemp(prefix="tether-worker-", suffix=".log", dir=self._work_dir)
-        os.close(fd)
-        log_path = pathlib.Path(log_name)
-        log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND)
+        if not self._swept:  # directories of workers of an agent that was killed: nothing uses them now
+            self._swept = True
+            for old in self._work_dir.glob(f"{WORKER_DIR_PREFIX}*"):
+                shutil.rmtree(old, ignore_errors=True)
+        # The worker's own directory: its cwd (as a fresh worker's job directory) and its output log.
+        home = pathlib.Path(tempfile.mkdtemp(prefix=WORKER_DIR_PREFIX, dir=self._work_dir))
+        log_path = home / "output.log"
+        log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        job = {**job, "cwd": str(home)}
         try:
             pid = await self.zygote.spawn(job, [theirs.fileno(), buffer._fd, log_fd])  # type: ignore[attr-defined]
         except BaseException:
             ours.close()
             buffer.close()
-            log_path.unlink(missing_ok=True)
+            shutil.rmtree(home, ignore_errors=True)
             raise
         finally:
             theirs.close()

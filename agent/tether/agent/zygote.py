@@ -79,6 +79,7 @@ def _child(sock: socket.socket, wakeup: tuple[int, int], fds: list[int], job: di
     os.dup2(high_channel, warmworker.CHANNEL_FD)
     os.dup2(high_buffer, warmworker.BUFFER_FD)
     os.closerange(warmworker.BUFFER_FD + 1, os.sysconf("SC_OPEN_MAX") if hasattr(os, "sysconf") else 65536)
+    os.chdir(job["cwd"])  # its own empty directory, as a fresh worker's job directory
     del wakeup  # closed with the rest
     taskworker.limit_memory(int(job["memory_mb"]))
     return warmworker.serve(job)
