@@ -228,3 +228,15 @@ def test_the_latency_benchmark_measures_every_path(tmp_path) -> None:
     assert lat["warm_worker_rss_bytes"] > 0 and 0 < lat["warm_worker_pss_bytes"] <= lat["warm_worker_rss_bytes"]
     assert lat["warm_overhead_p50_ms"] == lat["warm_p50_ms"] - lat["model_p50_ms"]
     assert bench_latency.table(lat).row_count == 4
+
+
+async def test_a_dead_zygote_is_started_again_and_running_workers_keep_serving(pool, tmp_path) -> None:
+    first = await run(pool, tmp_path, OK)
+    old = pool.zygote.pid
+    assert old is not None
+    os.kill(old, 9)
+    await wait_until(lambda: not _alive(old))
+    again = await run(pool, tmp_path, OK, state=first.state)  # its worker was forked already: it carries on
+    assert pid_of(again) == pid_of(first)
+    other = await run(pool, tmp_path, OK, name="other")  # a new worker needs a new zygote
+    assert pool.zygote.pid not in (None, old) and pid_of(other) != pid_of(first)
