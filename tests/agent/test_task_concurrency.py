@@ -110,3 +110,19 @@ async def test_runs_of_one_task_overlap_only_when_its_bundle_says_so(fake, tmp_p
         assert seen == [2, 2] and warm_workers == 2  # both ran at once, each on a warm worker of its own
     else:
         assert seen == [1, 2] and warm_workers == 0  # one after the other, each in a fresh interpreter
+
+
+async def test_the_agent_starts_a_warm_worker_before_the_first_trigger(fake, tmp_path) -> None:
+    source = "import os\n\ndef run(ctx):\n    return {'sample_count': 1, 'counts': {'pid': os.getpid()}}\n"
+    rel = fake.publish("ns/ahead", write_bundle(tmp_path / "b", source), trigger={"type": "onDemand"})
+    agent = make_agent(fake, tmp_path)
+    task = await running(agent)
+    await wait_until(lambda: len(agent.workers.workers()) == 1)  # installed, not yet triggered: started ahead
+    (worker,) = agent.workers.workers()
+    assert not fake.uploads
+    run_now(fake, rel.name, "r1", {})
+    await wait_until(lambda: len(fake.uploads) == 1)
+    await stop(agent, task)
+    (upload,) = fake.uploads.values()
+    assert upload.counts["pid"] == worker.pid
+    assert agent.workers.workers() == []  # the agent stopped: so did its workers

@@ -172,6 +172,19 @@ async def test_an_upgrade_drains_the_old_version(pool, tmp_path) -> None:
     assert [w.key[1] for w in pool.workers()] == [2]
 
 
+async def test_a_new_version_is_started_ahead_of_its_first_run(pool, tmp_path) -> None:
+    v1 = await run(pool, tmp_path, OK, version=1)
+    bundle = write_bundle(tmp_path / "ok" / "2", OK)
+    ahead = dict(release="default/ok", version=2, bundle_dir=bundle, data_dir=tmp_path / "data")
+    assert pool.prewarm(bundle=bundle_files.build_manifest(bundle), **ahead)
+    assert not pool.prewarm(bundle=bundle_files.build_manifest(bundle), **ahead)  # one start at a time
+    assert [w.key[1] for w in pool.workers()] == []  # v1's idle worker drained at once
+    await wait_until(lambda: [w.key[1] for w in pool.workers()] == [2])
+    started = pool.workers()[0].pid
+    v2 = await run(pool, tmp_path, OK, version=2)
+    assert pid_of(v2) == started != pid_of(v1) and pool.cold_runs == 0
+
+
 async def test_idle_workers_retire(pool, tmp_path) -> None:
     await run(pool, tmp_path, OK)
     assert pool.retire_idle() == 0

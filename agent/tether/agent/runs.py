@@ -110,6 +110,7 @@ class Runner:
         pool: warmpool.WorkerPool | None = None,
     ) -> None:
         self._pool = pool
+        self._prewarmed: set[tuple[str, int]] = set()
         self._client = device
         self._desired = desired
         self._ledger = ledger
@@ -137,6 +138,9 @@ class Runner:
             return participation.RECHECK_S
         trigger = policy.trigger
         self._dispatch.arm(task.release, task.version, trigger)  # pattern triggers start matching; cron is anchored
+        if trigger.type != "onInstall" and (task.release, task.version) not in self._prewarmed:
+            self._prewarmed.add((task.release, task.version))
+            await self._prewarm(task, policy)  # its first run (or an upgrade's) finds its worker started
         runs = self._ledger.state.runs_of(task.release, task.version)
         interrupted = [r for r in runs if r.status == "running"]
         if interrupted:  # the agent stopped mid-run: run again under the same idempotency key
@@ -290,6 +294,28 @@ class Runner:
         if self._pool is not None and warm and self._pool.supports(limits):
             return await self._pool.run(release=task.release, version=task.version, **common)
         return await runtime.run_task(work_dir=self._settings.work_dir, **common)
+
+    async def _prewarm(self, task: pb.DesiredTask, policy: Policy) -> None:
+        bundle_dir = self._store.current_dir(task.release)
+        if self._pool is None or self._settings.isolation != "warm" or bundle_dir is None:
+            return
+        if self._store.current(task.release) != task.version:
+            return
+        try:
+            bundle = await asyncio.to_thread(self._store.installed_manifest, task.release, task.version)
+        except (OSError, errors.TetherError):
+            return  # not installed (yet): its runs will say so
+        if bundle.runtime.isolation == "warm" and self._pool.supports(policy.limits):
+            self._pool.prewarm(
+                release=task.release,
+                version=task.version,
+                bundle_dir=bundle_dir,
+                bundle=bundle,
+                data_dir=self._settings.data_dir,
+                limits=policy.limits,
+                threads=self._settings.threads,
+                selection=await self._backend_choices(bundle),
+            )
 
     async def _backend_choices(self, bundle: manifest.Manifest) -> dict[str, Any]:
         if self._selector is None:

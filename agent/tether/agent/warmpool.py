@@ -32,12 +32,12 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import pathlib
 import shutil
 import signal
 import socket
-import sys
 import tempfile
 import time
 from collections.abc import Mapping
@@ -47,13 +47,15 @@ from typing import Any
 import numpy as np
 
 from tether.agent import frames, results, runtime, warmworker
+from tether.agent import zygote as zygote_mod
 from tether.common import errors, manifest
 
 WORKER_DIR_PREFIX = "tether-worker-"
+log = logging.getLogger(__name__)
+
 BUFFER_BYTES = results.MAX_TOTAL_ELEMENTS * 8 + results.MAX_TENSORS * warmworker.ALIGN
 MAX_LOG_FILE_BYTES = 1024 * 1024
 BACKOFF_BASE_S, BACKOFF_MAX_S = 0.5, 30.0
-EXIT_STATUS_WAIT_S = 5.0
 _CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
@@ -95,111 +97,6 @@ def children(pid: int) -> list[int]:
     return found
 
 
-class Zygote:
-    """The agent's side of the zygote: start it once, ask it to fork workers, learn how they exited."""
-
-    def __init__(self, *, threads: int = 1) -> None:
-        self._threads = threads
-        self._proc: asyncio.subprocess.Process | None = None
-        self._sock: socket.socket | None = None
-        self._writer: asyncio.StreamWriter | None = None
-        self._reader_task: asyncio.Task[None] | None = None
-        self._lock = asyncio.Lock()
-        self._next_id = 0
-        self._spawned: dict[int, asyncio.Future[int]] = {}
-        self._exits: dict[int, asyncio.Future[int]] = {}
-
-    @property
-    def pid(self) -> int | None:
-        return None if self._proc is None else self._proc.pid
-
-    async def _ensure(self) -> socket.socket:
-        if self._sock is not None and self._proc is not None and self._proc.returncode is None:
-            return self._sock
-        await self.close()
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            self._proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "tether.agent.zygote",
-                str(theirs.fileno()),
-                stdin=asyncio.subprocess.DEVNULL,
-                pass_fds=(theirs.fileno(),),
-                env=runtime.worker_env(self._threads),
-                start_new_session=True,
-            )
-        finally:
-            theirs.close()
-        reader, self._writer = await asyncio.open_unix_connection(sock=ours)  # the writer owns the socket
-        self._sock = ours
-        self._reader_task = asyncio.create_task(self._read(reader), name="zygote-reader")
-        return ours
-
-    async def _read(self, reader: asyncio.StreamReader) -> None:
-        try:
-            while True:
-                doc = await frames.read_frame_async(reader)
-                if doc.get("op") == "exited" and isinstance(doc.get("pid"), int):
-                    self._exit_future(doc["pid"]).set_result(int(doc.get("status", -1)))
-                elif (fut := self._spawned.pop(doc.get("id", -1), None)) is not None and not fut.done():
-                    if doc.get("op") == "spawned" and isinstance(doc.get("pid"), int):
-                        fut.set_result(doc["pid"])
-                    else:
-                        fut.set_exception(errors.TaskFailed(f"zygote could not start a worker: {doc.get('message')}"))
-        except (frames.FrameError, OSError):
-            pass
-        finally:
-            for fut in self._spawned.values():
-                if not fut.done():
-                    fut.set_exception(errors.TaskFailed("the zygote exited"))
-            self._spawned.clear()
-
-    def _exit_future(self, pid: int) -> asyncio.Future[int]:
-        fut = self._exits.get(pid)
-        if fut is None:
-            if len(self._exits) >= 4096:  # exits nobody asked about (workers the pool retired): keep the newest
-                for old in [p for p, f in self._exits.items() if f.done()][:2048]:
-                    del self._exits[old]
-            fut = self._exits[pid] = asyncio.get_running_loop().create_future()
-        return fut
-
-    async def spawn(self, job: Mapping[str, Any], fds: list[int]) -> int:
-        """Fork a worker for `job` with (channel, buffer, log); its pid."""
-        async with self._lock:
-            sock = await self._ensure()
-            self._next_id += 1
-            fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-            self._spawned[self._next_id] = fut
-            data = frames.encode({"op": "spawn", "id": self._next_id, "job": dict(job)})
-            socket.send_fds(sock, [data], fds)  # a small message on a local socket: it does not block
-        return await fut
-
-    async def exit_status(self, pid: int, *, timeout: float = EXIT_STATUS_WAIT_S) -> int | None:
-        fut = self._exit_future(pid)
-        try:
-            return await asyncio.wait_for(asyncio.shield(fut), timeout)
-        except TimeoutError:
-            return None
-        finally:
-            if fut.done():
-                self._exits.pop(pid, None)
-
-    async def close(self) -> None:
-        if self._reader_task is not None:
-            self._reader_task.cancel()
-            with contextlib.suppress(BaseException):
-                await self._reader_task
-        if self._writer is not None:
-            self._writer.close()
-        if self._proc is not None:
-            with contextlib.suppress(ProcessLookupError):
-                self._proc.kill()
-            with contextlib.suppress(Exception):
-                await self._proc.wait()
-        self._proc, self._sock, self._writer, self._reader_task = None, None, None, None
-
-
 class WarmWorker:
     """One forked worker serving one task version; a run at a time."""
 
@@ -238,7 +135,12 @@ class WarmWorker:
         return runtime.tail(self._log_path, limit)
 
     async def run(
-        self, *, state: Mapping[str, Any], inputs: Mapping[str, Any], limits: runtime.TaskLimits, zygote: Zygote
+        self,
+        *,
+        state: Mapping[str, Any],
+        inputs: Mapping[str, Any],
+        limits: runtime.TaskLimits,
+        zygote: zygote_mod.Zygote,
     ) -> runtime.TaskOutcome:
         self.busy, self._runs = True, self._runs + 1
         started = time.monotonic()
@@ -334,7 +236,7 @@ class WarmWorker:
                 return
             await asyncio.sleep(max(0.05, (limit - used) / cores))
 
-    async def death(self, zygote: Zygote, what: str) -> str:
+    async def death(self, zygote: zygote_mod.Zygote, what: str) -> str:
         status = await zygote.exit_status(self.pid)
         if status is None:
             why = f"worker {what}"
@@ -366,12 +268,13 @@ class WorkerPool:
         self, *, work_dir: str | os.PathLike[str], threads: int = 1, settings: PoolSettings = PoolSettings()
     ) -> None:
         self.settings = settings
-        self.zygote = Zygote(threads=threads)
+        self.zygote = zygote_mod.Zygote(threads=threads)
         self._work_dir = pathlib.Path(work_dir)
         self._workers: dict[tuple[str, int], list[WarmWorker]] = {}
         self._failures: dict[tuple[str, int], tuple[int, float]] = {}  # key -> (deaths in a row, no start before)
         self._draining: set[WarmWorker] = set()
         self._reaper: asyncio.Task[None] | None = None
+        self._starting: dict[tuple[str, int], asyncio.Task[None]] = {}
         self._swept = False
         self.cold_runs = 0
 
@@ -400,23 +303,7 @@ class WorkerPool:
     ) -> runtime.TaskOutcome:
         """`runtime.run_task`'s contract, on the task version's warm worker; TaskFailed says why a run failed."""
         inputs_doc = runtime.check_inputs(inputs)
-        bundle_dir = pathlib.Path(bundle_dir).resolve()
-        scope = f"{release}@{bundle_dir.parent}"  # one agent's release (a fleet shares the pool)
-        key = (scope, version)
-        self._drain(scope, version)
-        if self._reaper is None or self._reaper.done():
-            self._reaper = asyncio.create_task(self._reap_idle(), name="warm-workers-idle")
-        job = {
-            "bundle_dir": str(bundle_dir),
-            "entrypoint": bundle.entrypoint,
-            "engines": [e.to_json() for e in bundle.engines],
-            "data_dir": str(pathlib.Path(data_dir).resolve()),
-            "memory_mb": limits.memory_mb,
-            "backend": backend,
-            "threads": int(threads),
-            "selection": dict(selection or {}),
-            "buffer_bytes": BUFFER_BYTES,
-        }
+        key, job = self._job(release, version, bundle_dir, bundle, data_dir, limits, backend, threads, selection)
         worker, cold = await self._acquire(key, job, limits)
         try:
             outcome = await worker.run(state=dict(state or {}), inputs=inputs_doc, limits=limits, zygote=self.zygote)
@@ -432,9 +319,82 @@ class WorkerPool:
         self._failures.pop(key, None)
         return outcome
 
+    def prewarm(
+        self,
+        *,
+        release: str,
+        version: int,
+        bundle_dir: str | os.PathLike[str],
+        bundle: manifest.Manifest,
+        data_dir: str | os.PathLike[str],
+        limits: runtime.TaskLimits = runtime.TaskLimits(),
+        backend: str = "cpu",
+        threads: int = 1,
+        selection: Mapping[str, Any] | None = None,
+    ) -> bool:
+        """Start the version's worker ahead of its first run, where there is room without evicting anyone.
+
+        An upgrade swaps this way: the new version's worker starts, the old
+        version's retire as their runs end. Returns whether a start began; a
+        start that fails is only logged (the first run will try, and report).
+        """
+        key, job = self._job(release, version, bundle_dir, bundle, data_dir, limits, backend, threads, selection)
+        if (
+            key in self._workers
+            or key in self._starting
+            or len(self.workers()) + len(self._starting) >= self.settings.max_workers
+            or self._failures.get(key, (0, 0.0))[1] > time.monotonic()
+        ):
+            return False
+        self._starting[key] = asyncio.create_task(self._prewarm(key, job, limits), name=f"prewarm:{key[0]}")
+        return True
+
+    async def _prewarm(self, key: tuple[str, int], job: dict[str, Any], limits: runtime.TaskLimits) -> None:
+        try:
+            worker = await self._spawn(key, job, limits)
+        except errors.TaskFailed as e:
+            log.info("%s v%d: warm worker did not start ahead of its run: %s", key[0], key[1], str(e).splitlines()[0])
+            return
+        finally:
+            self._starting.pop(key, None)
+        self._workers.setdefault(key, []).append(worker)
+
+    def _job(
+        self,
+        release: str,
+        version: int,
+        bundle_dir: str | os.PathLike[str],
+        bundle: manifest.Manifest,
+        data_dir: str | os.PathLike[str],
+        limits: runtime.TaskLimits,
+        backend: str,
+        threads: int,
+        selection: Mapping[str, Any] | None,
+    ) -> tuple[tuple[str, int], dict[str, Any]]:
+        """The worker key (release in one agent's store, version) and its job; older versions drain."""
+        bundle_dir = pathlib.Path(bundle_dir).resolve()
+        scope = f"{release}@{bundle_dir.parent}"  # one agent's release (a fleet shares the pool)
+        self._drain(scope, version)
+        if self._reaper is None or self._reaper.done():
+            self._reaper = asyncio.create_task(self._reap_idle(), name="warm-workers-idle")
+        job = {
+            "bundle_dir": str(bundle_dir),
+            "entrypoint": bundle.entrypoint,
+            "engines": [e.to_json() for e in bundle.engines],
+            "data_dir": str(pathlib.Path(data_dir).resolve()),
+            "memory_mb": limits.memory_mb,
+            "backend": backend,
+            "threads": int(threads),
+            "selection": dict(selection or {}),
+            "buffer_bytes": BUFFER_BYTES,
+        }
+        return (scope, version), job
+
     async def _acquire(
         self, key: tuple[str, int], job: dict[str, Any], limits: runtime.TaskLimits
     ) -> tuple[WarmWorker, bool]:
+        if (starting := self._starting.get(key)) is not None:
+            await asyncio.shield(starting)  # a worker starting ahead of this run: take it rather than a second
         for w in self._workers.get(key, []):
             if not w.busy and w.dead is None:
                 w.busy = True
@@ -560,6 +520,9 @@ class WorkerPool:
             self.retire_idle()
 
     async def close(self) -> None:
+        for starting in list(self._starting.values()):
+            starting.cancel()
+        await asyncio.gather(*self._starting.values(), return_exceptions=True)
         if self._reaper is not None:
             self._reaper.cancel()
             with contextlib.suppress(BaseException):

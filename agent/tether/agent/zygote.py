@@ -19,11 +19,16 @@ stdout and stderr on the log, stdin on /dev/null, every other descriptor
 closed, default signal handlers, the address-space limit and no core dumps,
 then `tether.agent.warmworker.serve`. The zygote never runs task code
 itself, and dies with the agent: its socket closes and it exits.
+
+`Zygote` is the agent's end: it starts the zygote on first use (and again if
+it died; workers already forked carry on), sends spawn requests and keeps
+the exit statuses the zygote reports, for the reason a run failed.
 """
 
 from __future__ import annotations
 
 import array
+import asyncio
 import contextlib
 import importlib
 import os
@@ -31,9 +36,11 @@ import select
 import signal
 import socket
 import sys
+from collections.abc import Mapping
 from typing import Any
 
-from tether.agent import frames
+from tether.agent import frames, runtime
+from tether.common import errors
 
 # Not onnxruntime: its native module starts a thread as it loads (1.32), and a fork from a process with
 # other threads can inherit a lock held by one of them. A worker that needs it imports it (about 60 ms
@@ -49,6 +56,7 @@ PRELOAD = (
     "tether.agent.warmworker",
 )
 MAX_SPAWN_BYTES = 1024 * 1024
+EXIT_STATUS_WAIT_S = 5.0
 
 
 def preload() -> list[str]:
@@ -166,6 +174,112 @@ def main(argv: list[str]) -> int:
         return serve(sock)
     except (frames.FrameError, OSError):
         return 1
+
+
+# ---------------------------------------------------------------- the agent's side
+class Zygote:
+    """The agent's side of the zygote: start it once, ask it to fork workers, learn how they exited."""
+
+    def __init__(self, *, threads: int = 1) -> None:
+        self._threads = threads
+        self._proc: asyncio.subprocess.Process | None = None
+        self._sock: socket.socket | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._reader_task: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+        self._next_id = 0
+        self._spawned: dict[int, asyncio.Future[int]] = {}
+        self._exits: dict[int, asyncio.Future[int]] = {}
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._proc is None else self._proc.pid
+
+    async def _ensure(self) -> socket.socket:
+        if self._sock is not None and self._proc is not None and self._proc.returncode is None:
+            return self._sock
+        await self.close()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self._proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "tether.agent.zygote",
+                str(theirs.fileno()),
+                stdin=asyncio.subprocess.DEVNULL,
+                pass_fds=(theirs.fileno(),),
+                env=runtime.worker_env(self._threads),
+                start_new_session=True,
+            )
+        finally:
+            theirs.close()
+        reader, self._writer = await asyncio.open_unix_connection(sock=ours)  # the writer owns the socket
+        self._sock = ours
+        self._reader_task = asyncio.create_task(self._read(reader), name="zygote-reader")
+        return ours
+
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        try:
+            while True:
+                doc = await frames.read_frame_async(reader)
+                if doc.get("op") == "exited" and isinstance(doc.get("pid"), int):
+                    self._exit_future(doc["pid"]).set_result(int(doc.get("status", -1)))
+                elif (fut := self._spawned.pop(doc.get("id", -1), None)) is not None and not fut.done():
+                    if doc.get("op") == "spawned" and isinstance(doc.get("pid"), int):
+                        fut.set_result(doc["pid"])
+                    else:
+                        fut.set_exception(errors.TaskFailed(f"zygote could not start a worker: {doc.get('message')}"))
+        except (frames.FrameError, OSError):
+            pass
+        finally:
+            for fut in self._spawned.values():
+                if not fut.done():
+                    fut.set_exception(errors.TaskFailed("the zygote exited"))
+            self._spawned.clear()
+
+    def _exit_future(self, pid: int) -> asyncio.Future[int]:
+        fut = self._exits.get(pid)
+        if fut is None:
+            if len(self._exits) >= 4096:  # exits nobody asked about (workers the pool retired): keep the newest
+                for old in [p for p, f in self._exits.items() if f.done()][:2048]:
+                    del self._exits[old]
+            fut = self._exits[pid] = asyncio.get_running_loop().create_future()
+        return fut
+
+    async def spawn(self, job: Mapping[str, Any], fds: list[int]) -> int:
+        """Fork a worker for `job` with (channel, buffer, log); its pid."""
+        async with self._lock:
+            sock = await self._ensure()
+            self._next_id += 1
+            fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+            self._spawned[self._next_id] = fut
+            data = frames.encode({"op": "spawn", "id": self._next_id, "job": dict(job)})
+            socket.send_fds(sock, [data], fds)  # a small message on a local socket: it does not block
+        return await fut
+
+    async def exit_status(self, pid: int, *, timeout: float = EXIT_STATUS_WAIT_S) -> int | None:
+        fut = self._exit_future(pid)
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), timeout)
+        except TimeoutError:
+            return None
+        finally:
+            if fut.done():
+                self._exits.pop(pid, None)
+
+    async def close(self) -> None:
+        if self._reader_task is not None:
+            self._reader_task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._reader_task
+        if self._writer is not None:
+            self._writer.close()
+        if self._proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                self._proc.kill()
+            with contextlib.suppress(Exception):
+                await self._proc.wait()
+        self._proc, self._sock, self._writer, self._reader_task = None, None, None, None
 
 
 if __name__ == "__main__":
