@@ -19,8 +19,9 @@ with the reason in the run's `TaskFailed` when:
 
 Only that worker goes; the next run of the task starts another after an
 exponential backoff (0.5 s doubling to 30 s while starts keep failing). A
-newer version's first run starts its worker and retires the older version's
-once their runs end (drained). Workers idle longer than `idle_s` retire; so
+newer version's worker starts ahead of its first run where there is room
+(`prewarm`, when the runner arms its trigger) or with it, and the older
+version's workers retire once their runs end (drained). Workers idle longer than `idle_s` retire; so
 do the least recently used ones when more than `max_workers` are resident or
 their resident memory passes `memory_budget` (a run that finds no room gets
 a worker of its own that retires after it: a cold run).
