@@ -585,7 +585,7 @@ class DeviceRelease(_message.Message):
     def __init__(self, release: _Optional[str] = ..., version: _Optional[int] = ..., state: _Optional[str] = ...) -> None: ...
 
 class DeviceSummary(_message.Message):
-    __slots__ = ("device_id", "attributes", "backends", "selected_backends", "last_seen_unix", "revoked", "releases")
+    __slots__ = ("device_id", "attributes", "backends", "selected_backends", "last_seen_unix", "revoked", "releases", "connected_replica")
     class AttributesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -600,6 +600,7 @@ class DeviceSummary(_message.Message):
     LAST_SEEN_UNIX_FIELD_NUMBER: _ClassVar[int]
     REVOKED_FIELD_NUMBER: _ClassVar[int]
     RELEASES_FIELD_NUMBER: _ClassVar[int]
+    CONNECTED_REPLICA_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     attributes: _containers.ScalarMap[str, str]
     backends: _containers.RepeatedScalarFieldContainer[str]
@@ -607,7 +608,8 @@ class DeviceSummary(_message.Message):
     last_seen_unix: float
     revoked: bool
     releases: _containers.RepeatedCompositeFieldContainer[DeviceRelease]
-    def __init__(self, device_id: _Optional[str] = ..., attributes: _Optional[_Mapping[str, str]] = ..., backends: _Optional[_Iterable[str]] = ..., selected_backends: _Optional[_Iterable[str]] = ..., last_seen_unix: _Optional[float] = ..., revoked: _Optional[bool] = ..., releases: _Optional[_Iterable[_Union[DeviceRelease, _Mapping]]] = ...) -> None: ...
+    connected_replica: str
+    def __init__(self, device_id: _Optional[str] = ..., attributes: _Optional[_Mapping[str, str]] = ..., backends: _Optional[_Iterable[str]] = ..., selected_backends: _Optional[_Iterable[str]] = ..., last_seen_unix: _Optional[float] = ..., revoked: _Optional[bool] = ..., releases: _Optional[_Iterable[_Union[DeviceRelease, _Mapping]]] = ..., connected_replica: _Optional[str] = ...) -> None: ...
 
 class ListDevicesResponse(_message.Message):
     __slots__ = ("devices", "next_page_token")
