@@ -323,7 +323,7 @@ class DeviceService(pb_grpc.DeviceServiceServicer):
     ) -> pb.UploadResultResponse:
         device = edge.current_device()
         record = ingress.result(request, max_tensor_bytes=self._max_tensor_bytes)
-        parent = tracing.extract(context.invocation_metadata()) if tracing.active() else None
+        parent = tracing.extract(context.invocation_metadata(), via="grpc-server") if tracing.active() else None
         with tracing.span("UploadResult", parent=parent, release=request.release, device=device.device_id):
             outcome = await self._storage.results.insert_result(device=device, record=record)
             # Committed. A duplicate enqueues too: if the first attempt's publish failed, the retry heals it.
