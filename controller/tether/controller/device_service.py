@@ -291,6 +291,7 @@ class DeviceService(pb_grpc.DeviceServiceServicer):
     ) -> pb.ReportStatusResponse:
         device = edge.current_device()
         state = ingress.delivery_state(request)
+        failures = ingress.reported_url_failures(request)  # checked before anything is written
         await self._reporter.report_delivery(
             device=device,
             release=request.release,
@@ -300,6 +301,14 @@ class DeviceService(pb_grpc.DeviceServiceServicer):
             device_state=dict(request.device_state),
         )
         self._metrics.report(state)  # committed (installs by outcome)
+        if failures:  # URLs that did not deliver: the device fell back to PullBlobs
+            self._metrics.url_failed(failures)
+            log.warning(
+                "device %s: blob URLs of %s failed (%s); it pulled over gRPC instead",
+                device.device_id,
+                request.release,
+                ", ".join(f"{reason} x{n}" for reason, n in failures.items()),
+            )
         return pb.ReportStatusResponse()
 
     async def ReportBackends(
