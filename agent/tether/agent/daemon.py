@@ -175,6 +175,7 @@ class Agent:
             rng=rng,
             observer=session.LogFailures(bootstrap_token=bootstrap_token),
             http=httpfetch.HttpFetcher(http_settings),
+            on_url_failure=self.reporter.note_url_failure,  # told to the controller with the next report
         )
         self.installer = install.Installer(
             store=self.store,
