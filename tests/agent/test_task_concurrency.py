@@ -126,3 +126,22 @@ async def test_the_agent_starts_a_warm_worker_before_the_first_trigger(fake, tmp
     (upload,) = fake.uploads.values()
     assert upload.counts["pid"] == worker.pid
     assert agent.workers.workers() == []  # the agent stopped: so did its workers
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--warm-memory-budget", "5 parsecs"], "Invalid value for '--warm-memory-budget': unknown unit 'parsecs'"),
+        (["--task-slots", "0"], "Invalid value for '--task-slots'"),
+        (["--warm-workers", "-1"], "Invalid value for '--warm-workers'"),
+        (["--worker-idle-seconds", "0"], "Invalid value for '--worker-idle-seconds'"),
+        (["--isolation", "thread"], "Invalid value for '--isolation'"),
+    ],
+)
+def test_agent_run_refuses_bad_worker_settings(args, message) -> None:
+    from click.testing import CliRunner
+
+    from tether.cli.agent_cmd import agent as agent_cli
+
+    result = CliRunner().invoke(agent_cli, ["run", *args])
+    assert result.exit_code == 2 and message in result.output, result.output
