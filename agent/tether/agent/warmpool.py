@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -258,6 +259,12 @@ class WarmWorker:
                 os.truncate(self._log_path, 0)  # opened O_APPEND by the worker: it writes on from the start
 
 
+@functools.lru_cache(maxsize=4096)
+def _resolved(path: str) -> pathlib.Path:
+    """An install's real path (a dozen system calls): installs do not move, and a run is in a hurry."""
+    return pathlib.Path(path).resolve()
+
+
 def _backoff(failures: int) -> float:
     return 0.0 if failures <= 0 else min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** (failures - 1))
 
@@ -373,7 +380,7 @@ class WorkerPool:
         selection: Mapping[str, Any] | None,
     ) -> tuple[tuple[str, int], dict[str, Any]]:
         """The worker key (release in one agent's store, version) and its job; older versions drain."""
-        bundle_dir = pathlib.Path(bundle_dir).resolve()
+        bundle_dir = _resolved(os.fspath(bundle_dir))
         scope = f"{release}@{bundle_dir.parent}"  # one agent's release (a fleet shares the pool)
         self._drain(scope, version)
         if self._reaper is None or self._reaper.done():
@@ -382,7 +389,7 @@ class WorkerPool:
             "bundle_dir": str(bundle_dir),
             "entrypoint": bundle.entrypoint,
             "engines": [e.to_json() for e in bundle.engines],
-            "data_dir": str(pathlib.Path(data_dir).resolve()),
+            "data_dir": str(_resolved(os.fspath(data_dir))),
             "memory_mb": limits.memory_mb,
             "backend": backend,
             "threads": int(threads),
