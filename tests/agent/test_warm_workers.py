@@ -253,3 +253,11 @@ async def test_a_dead_zygote_is_started_again_and_running_workers_keep_serving(p
     assert pid_of(again) == pid_of(first)
     other = await run(pool, tmp_path, OK, name="other")  # a new worker needs a new zygote
     assert pool.zygote.pid not in (None, old) and pid_of(other) != pid_of(first)
+
+
+async def test_a_worker_that_died_while_idle_is_replaced_without_failing_a_run(pool, tmp_path) -> None:
+    first = await run(pool, tmp_path, OK)
+    os.kill(pid_of(first), 9)  # the kernel's OOM killer, an operator, anything outside
+    await wait_until(lambda: pool.workers()[0].gone)
+    again = await run(pool, tmp_path, OK, state=first.state)
+    assert again.result.sample_count == 2 and pid_of(again) != pid_of(first)

@@ -122,6 +122,11 @@ class WarmWorker:
         self.rss = 0
         self._runs = 0
 
+    @property
+    def gone(self) -> bool:
+        """Killed, or its channel closed while it was idle (it crashed, or something outside killed it)."""
+        return self.dead is not None or (not self.busy and self._reader.at_eof())
+
     def kill(self, reason: str) -> None:
         if self.dead is None:
             self.dead = reason
@@ -403,8 +408,10 @@ class WorkerPool:
     ) -> tuple[WarmWorker, bool]:
         if (starting := self._starting.get(key)) is not None:
             await asyncio.shield(starting)  # a worker starting ahead of this run: take it rather than a second
-        for w in self._workers.get(key, []):
-            if not w.busy and w.dead is None:
+        for w in list(self._workers.get(key, [])):
+            if w.gone:  # died while idle: not this run's failure; it gets another
+                self._retire(w)
+            elif not w.busy:
                 w.busy = True
                 return w, False
         _, not_before = self._failures.get(key, (0, 0.0))
