@@ -7,6 +7,13 @@ per-run limits, each capped by the agent's own limits, which are also the
 limits when the release sets none. Participation conditions (charging,
 unmetered, idle) defer a run, they do not skip it.
 
+A run goes to the task version's warm worker (`tether.agent.warmpool`,
+started ahead of the first trigger where there is room), or to a fresh
+interpreter (`runtime.run_task`) where the bundle's `runtime.isolation` or
+the agent's `--isolation` asks for one. Each run holds a device-wide slot
+(`slots.FairSlots`, round-robin across tasks); runs of one task are
+serialized unless the bundle's `runtime.concurrency` lets queued runs overlap.
+
 Exactly-once-ish uploads: before a run starts, a run record with an
 idempotency key is written to `state.json`; the finished result is stored
 under that key before uploading. After a crash the agent re-runs (status

@@ -1,6 +1,9 @@
 """Running a bundle's entrypoint: an isolated worker process with limits.
 
-The daemon never executes bundle code itself. `run_task` starts
+The daemon never executes bundle code itself. Most runs go to a warm worker
+(`tether.agent.warmpool`, the same contract); `run_task` is the fresh path
+(a bundle's `runtime.isolation: fresh`, `tether agent run --isolation
+fresh`, a CPU-time limit where /proc is missing). It starts
 `python -m tether.agent.taskworker <job dir>` in its own session (process group),
 with an address-space limit (RLIMIT_AS, from the task's memoryMB) and, when
 set, a CPU-time limit (RLIMIT_CPU, from cpuSeconds) that the worker applies to
