@@ -182,6 +182,14 @@ def agent() -> None:
     default=None,
     help="Unix socket apps send behaviour events to (default: STATE_DIR/events.sock; 'none' disables it).",
 )
+@click.option(
+    "--conditions-unknown",
+    type=click.Choice(["wait", "run"]),
+    envvar="TETHER_AGENT_CONDITIONS_UNKNOWN",
+    default="wait",
+    show_default=True,
+    help="A task's participation condition (charging / unmetered / idle) this device cannot tell: wait or run.",
+)
 @_disk_budget_option
 @_limits_options
 @_security_options
@@ -200,6 +208,7 @@ def run(
     trust_keys: tuple[str, ...],
     events_socket: str | None = None,
     disk_budget: int | None = None,
+    conditions_unknown: str = "wait",
 ) -> None:
     """Run the agent until SIGTERM/SIGINT."""
     from tether.agent import daemon, httpfetch, runtime
@@ -223,6 +232,7 @@ def run(
             limits=runtime.TaskLimits(timeout_s=task_timeout, memory_mb=task_memory_mb, cpu_seconds=task_cpu_seconds),
             events_socket=_events_socket(events_socket, state_path),
             disk_budget=disk_budget,
+            conditions_unknown=conditions_unknown,
         )
     except errors.TetherError as e:
         raise click.ClickException(str(e)) from None

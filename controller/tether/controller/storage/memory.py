@@ -119,7 +119,12 @@ class MemoryDevices:
                 if dev == row.device_id
             )
             out.append(
-                devices.InventoryEntry(device=row.device(), last_seen=row.last_seen or None, releases=tuple(delivered))
+                devices.InventoryEntry(
+                    device=row.device(),
+                    last_seen=row.last_seen or None,
+                    releases=tuple(delivered),
+                    device_state=dict(row.state),
+                )
             )
         return out
 

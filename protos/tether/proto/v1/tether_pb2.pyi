@@ -585,8 +585,15 @@ class DeviceRelease(_message.Message):
     def __init__(self, release: _Optional[str] = ..., version: _Optional[int] = ..., state: _Optional[str] = ...) -> None: ...
 
 class DeviceSummary(_message.Message):
-    __slots__ = ("device_id", "attributes", "backends", "selected_backends", "last_seen_unix", "revoked", "releases")
+    __slots__ = ("device_id", "attributes", "backends", "selected_backends", "last_seen_unix", "revoked", "releases", "device_state")
     class AttributesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class DeviceStateEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -600,6 +607,7 @@ class DeviceSummary(_message.Message):
     LAST_SEEN_UNIX_FIELD_NUMBER: _ClassVar[int]
     REVOKED_FIELD_NUMBER: _ClassVar[int]
     RELEASES_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_STATE_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     attributes: _containers.ScalarMap[str, str]
     backends: _containers.RepeatedScalarFieldContainer[str]
@@ -607,7 +615,8 @@ class DeviceSummary(_message.Message):
     last_seen_unix: float
     revoked: bool
     releases: _containers.RepeatedCompositeFieldContainer[DeviceRelease]
-    def __init__(self, device_id: _Optional[str] = ..., attributes: _Optional[_Mapping[str, str]] = ..., backends: _Optional[_Iterable[str]] = ..., selected_backends: _Optional[_Iterable[str]] = ..., last_seen_unix: _Optional[float] = ..., revoked: _Optional[bool] = ..., releases: _Optional[_Iterable[_Union[DeviceRelease, _Mapping]]] = ...) -> None: ...
+    device_state: _containers.ScalarMap[str, str]
+    def __init__(self, device_id: _Optional[str] = ..., attributes: _Optional[_Mapping[str, str]] = ..., backends: _Optional[_Iterable[str]] = ..., selected_backends: _Optional[_Iterable[str]] = ..., last_seen_unix: _Optional[float] = ..., revoked: _Optional[bool] = ..., releases: _Optional[_Iterable[_Union[DeviceRelease, _Mapping]]] = ..., device_state: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class ListDevicesResponse(_message.Message):
     __slots__ = ("devices", "next_page_token")
