@@ -9,7 +9,11 @@ module measures and remembers:
   format of the same model, so both engines are candidates.
 - `measure`: load the model on one candidate (checking the backend it
   *really* got: MNN falls back to CPU silently), warm up, time `reps` runs,
-  median.
+  median, on inputs of the model's dtype and meaning (`modelinputs`: the
+  bundle's `<stem>.inputs.npz`, else generated per dtype and input name).
+- `cross_check`: a bundle shipping both formats has its MNN file checked
+  against its ONNX file on the device first (`crosscheck`); MNN candidates of
+  a model that disagrees are pruned with the reason, never selected.
 - `select_model`: profile → candidates → prune → measure within the budget
   → choose. Blocking; `python -m tether.agent.backends JOB OUT` runs it in a
   child process, which is how the daemon calls it (`Selector.select`): native
