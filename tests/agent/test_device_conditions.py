@@ -339,3 +339,16 @@ async def test_unknown_conditions_wait_with_the_reason_until_the_app_reports_the
         device.stop()
         await run
         shutil.rmtree(sock_dir, ignore_errors=True)
+
+
+def test_tether_agent_conditions_prints_what_the_probes_tell() -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from tether.cli.main import cli
+
+    result = CliRunner().invoke(cli, ["agent", "conditions", "--json"])
+    assert result.exit_code == 0, result.output
+    state = json.loads(result.output)
+    assert all(state[k] in ("true", "false", UNKNOWN) for k in participation.KEYS)

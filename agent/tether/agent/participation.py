@@ -17,8 +17,7 @@ release waits ("not charging; idle unknown"); the agent sends its waiting
 releases with its device state (`WAITING_KEY`), so `tether device list` and
 the rollout's `waiting` count show who waits and why.
 
-Pure apart from `default_probe` (kept for embedders; the daemon probes through
-`tether.agent.devicestate`).
+Pure: the probes live in `tether.agent.devicestate`.
 """
 
 from __future__ import annotations

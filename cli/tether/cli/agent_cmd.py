@@ -366,3 +366,22 @@ def disk(state_dir: str, disk_budget: int | None, as_json: bool) -> None:
     click.echo(f"bundle store {root}: {usage.describe(disk_budget)}")
     for v in usage.to_json(disk_budget)["versions"]:
         click.echo(f"  {v['release']} v{v['version']} ({v['role']}): {sizes.format_size(v['bytes'])}")
+
+
+@agent.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def conditions(as_json: bool) -> None:
+    """What this machine's probes tell of the participation conditions (charging, unmetered network, idle).
+
+    The running agent also takes what the host app reports on its events socket, for a while; a condition
+    that is `unknown` here waits unless the agent runs with `--conditions-unknown run`.
+    """
+    from tether.agent import devicestate
+
+    state = devicestate.probe()
+    if as_json:
+        click.echo(json.dumps(state, sort_keys=True))
+        return
+    for key in ("charging", "unmeteredNetwork", "idle", "batteryLevel"):
+        if key in state:
+            click.echo(f"{key}: {state[key]}")
