@@ -61,6 +61,7 @@ WARMUP_RUNS = 2
 # The on-device cross-check's tolerance, of the output scale: a device cannot tell whether weights were stored
 # as fp16 (`tether model convert --fp16`), so it allows what fp16 storage does; a wrong conversion is far off.
 DEVICE_TOLERANCE = modelinputs.TOLERANCE_FP16
+DISAGREES = "disagrees with"  # how a pruned MNN candidate's reason starts when the cross-check refused it
 
 
 class ModelUnusable(errors.VerificationFailed):
@@ -237,7 +238,7 @@ def cross_check(spec: ModelSpec) -> str:
         )
     except modelinputs.Mismatch as e:
         log.warning("%s: the MNN model disagrees with %s, MNN not selected: %s", spec.name, name, e)
-        return f"disagrees with {name}: {e}"[:500]
+        return f"{DISAGREES} {name}: {e}"[:500]
     except errors.TetherError as e:  # nothing to compare against (no onnxruntime, a model that will not load,
         log.info("%s: MNN not cross-checked against %s: %s", spec.name, name, e)  # inputs that prove nothing)
         return ""
