@@ -20,7 +20,7 @@ from controller_support import ADMIN_TOKEN, BOOTSTRAP_TOKEN
 from security.sec_helpers import query, until, write_bundle
 
 from tether.agent import bundles, client, daemon, httpfetch, pull
-from tether.common import admin_client
+from tether.common import admin_client, url_failures
 from tether.controller import blob_urls, blobs, blobstores
 
 FAST = client.Backoff(initial_s=0.05, max_s=0.3)
@@ -180,7 +180,18 @@ class HostileCdn:
         writer.close()
 
 
-@pytest.mark.parametrize("mode", ["wrong bytes", "truncated", "stall", "404", "redirect loop", "expired", "forged"])
+REASONS = {
+    "wrong bytes": url_failures.WRONG_BYTES,
+    "truncated": url_failures.TRUNCATED,
+    "stall": url_failures.STALLED,
+    "404": url_failures.NOT_FOUND,
+    "redirect loop": url_failures.REDIRECTS,
+    "expired": url_failures.EXPIRED,
+    "forged": url_failures.FORBIDDEN,
+}
+
+
+@pytest.mark.parametrize("mode", list(REASONS))
 async def test_a_hostile_or_broken_cache_is_refused_and_the_device_falls_back_to_grpc(
     mode, controller_config, start, tmp_path, database_url
 ):
@@ -208,6 +219,13 @@ async def test_a_hostile_or_broken_cache_is_refused_and_the_device_falls_back_to
         len(MODEL) // 2 <= pulled_bytes(controller) < len(MODEL) if resumed else pulled_bytes(controller) >= len(MODEL)
     )
     assert not list(agent.state_dir.rglob("*.part"))
+    # ... and the controller was told why the URL failed, once: with the install's report, acknowledged.
+    assert controller.metrics is not None
+    told = controller.metrics.registry.get_sample_value(
+        "tether_controller_blob_url_failures_total", {"reason": REASONS[mode]}
+    )
+    assert told == agent.puller.http.failures
+    assert agent.reporter.url_failures == {}
 
 
 async def test_two_replicas_on_one_database_and_one_object_store_give_devices_the_same_answers(

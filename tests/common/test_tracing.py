@@ -73,3 +73,50 @@ def test_an_unreachable_collector_never_blocks_or_crashes_a_component() -> None:
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "done"
     assert time.monotonic() - started < 30
+
+
+def test_official_instrumentations_follow_the_provider_and_step_aside_for_context() -> None:
+    import grpc
+    import pytest
+
+    assert tracing.instrument("grpc-server") == ()  # tracing off: nothing is patched
+    original_server, original_channel = grpc.aio.server, grpc.aio.insecure_channel
+    provider = TracerProvider()
+    tracing.use_provider(provider)
+    try:
+        with pytest.raises(ValueError, match="unknown instrumentation 'grpc'"):
+            tracing.instrument("grpc")
+        assert tracing.instrument("grpc-server", "grpc-client") == ("grpc-server", "grpc-client")
+        assert grpc.aio.server is not original_server and grpc.aio.insecure_channel is not original_channel
+        carrier = {"traceparent": "00-" + "1" * 32 + "-" + "2" * 16 + "-01"}
+        assert tracing.extract(carrier, via="grpc-server") is None  # the RPC span is already current
+        assert tracing.extract(carrier) is not None
+        assert tracing.metadata((("a", "b"),)) == (("a", "b"),)  # the client interceptor injects it
+        assert "/tether.v1.AdminService/PutBlob" in tracing.client_streaming_methods()
+    finally:
+        tracing.use_provider(None)
+        provider.shutdown()
+    assert grpc.aio.server is original_server and grpc.aio.insecure_channel is original_channel
+    assert not tracing.instrumented("grpc-server")
+
+
+def test_a_missing_instrumentation_leaves_the_hop_to_tether(monkeypatch, caplog) -> None:
+    import importlib
+
+    real = importlib.import_module
+
+    def without_celery(name: str, *args, **kwargs):
+        if name == "opentelemetry.instrumentation.celery":
+            raise ImportError(name)
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib, "import_module", without_celery)
+    provider = TracerProvider()
+    tracing.use_provider(provider)
+    try:
+        assert tracing.instrument("celery") == ()
+        assert "opentelemetry.instrumentation.celery is not installed" in caplog.text
+        assert tracing.extract({"traceparent": "00-" + "1" * 32 + "-" + "2" * 16 + "-01"}, via="celery") is not None
+    finally:
+        tracing.use_provider(None)
+        provider.shutdown()

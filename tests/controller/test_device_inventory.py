@@ -78,3 +78,68 @@ async def test_the_cli_lists_labels_backends_and_last_seen(controller, devices_s
     assert "phone-1" in table and "os=android,tier=beta" in table and "mnn/cpu" in table and "2 device(s)" in table
     docs = json.loads(await tether("-o", "json", "--limit", "1"))
     assert [d["device_id"] for d in docs] == ["phone-1"] and docs[0]["labels"] == {"os": "android", "tier": "beta"}
+
+
+# ---------------------------------------------------------------- the connected replica
+
+
+async def connected_to(admin_client, device_id: str) -> str:
+    [entry] = [d for d in await admin_client.list_devices() if d.device_id == device_id]
+    return entry.connected_replica
+
+
+async def test_the_replica_holding_a_stream_is_listed_until_the_stream_ends(controller, admin_client, devices_stub):
+    md = await enroll(devices_stub, "phone-1", {"os": "android"})
+    await enroll(devices_stub, "phone-2", {"os": "ios"})
+    assert controller.replica_id
+    stream = devices_stub.Subscribe(pb.SubscribeRequest(), metadata=md)
+    first = await stream.read()
+    assert first.WhichOneof("event") == "sync"
+    assert await connected_to(admin_client, "phone-1") == controller.replica_id
+    assert await connected_to(admin_client, "phone-2") == ""  # enrolled, never connected
+
+    stream.cancel()
+    deadline = asyncio.get_running_loop().time() + 30
+    while await connected_to(admin_client, "phone-1") and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.05)
+    assert await connected_to(admin_client, "phone-1") == ""
+
+
+async def test_a_stream_that_moved_to_another_replica_is_not_cleared_by_the_old_one(storage, request):
+    """Device a reconnects to r2 before r1 notices its old stream ended: r1's cleanup must not clear r2."""
+    from tether.controller import devices
+    from tether.controller.storage import memory
+
+    await storage.devices.enroll_device(device_id="a", info=devices.validate_info(attributes={}, backends=[]))
+    sessions = []
+    if not isinstance(storage.devices, memory.MemoryDevices):  # Postgres shows a replica only while it is alive
+        import psycopg
+
+        url = request.getfixturevalue("database_url")
+        for replica in ("r1", "r2"):
+            sessions.append(await psycopg.AsyncConnection.connect(
+                url, application_name=devices.listener_application_name(replica), autocommit=True
+            ))  # fmt: skip
+    try:
+
+        async def replica() -> str:
+            [entry] = await storage.devices.list_devices(limit=10)
+            return entry.connected_replica
+
+        await storage.devices.device_connected("a", "r1")
+        assert await replica() == "r1"
+        await storage.devices.device_connected("a", "r2")
+        await storage.devices.device_disconnected("a", "r1")  # late cleanup of the old stream
+        assert await replica() == "r2"
+        await storage.devices.device_disconnected("a", "r2")
+        assert await replica() == ""
+        await storage.devices.device_disconnected("a", "nobody")  # unknown replica, unknown device: no-ops
+        await storage.devices.device_connected("ghost", "r1")
+        if sessions:  # r1 dies without cleaning up: its devices are not shown as connected
+            await storage.devices.device_connected("a", "r1")
+            assert await replica() == "r1"
+            await sessions.pop(0).close()
+            assert await replica() == ""
+    finally:
+        for s in sessions:
+            await s.close()

@@ -362,6 +362,42 @@ async def test_report_status_and_release_status(admin_client, devices_stub, tmp_
     stream.cancel()
 
 
+async def test_url_failures_ride_a_report_and_bad_ones_refuse_it_whole(
+    controller, admin_client, devices_stub, tmp_path, database_url
+):
+    md = await enroll(devices_stub, "a", {"os": "android"})
+    await publish(admin_client, tmp_path, target=ANDROID)
+
+    def told(reason: str) -> float:
+        assert controller.metrics is not None
+        return (
+            controller.metrics.registry.get_sample_value(
+                "tether_controller_blob_url_failures_total", {"reason": reason}
+            )
+            or 0.0
+        )
+
+    ok = pb.ReportStatusRequest(
+        release="ns/task", version=1, state=pb.DELIVERY_STATE_INSTALLED, url_failures={"expired": 2, "stalled": 0}
+    )
+    await devices_stub.ReportStatus(ok, metadata=md)
+    assert (told("expired"), told("stalled")) == (2.0, 0.0)
+    before = snapshot(database_url)
+    for bad, words in [
+        ({"expired": 1, "gremlins": 1}, "url_failures['gremlins']: not a reason"),
+        ({"not_found": -1}, "url_failures[not_found]: -1 is outside"),
+        ({"x" * 100_000: 1}, "url_failures["),
+    ]:
+        request = pb.ReportStatusRequest(
+            release="ns/task", version=1, state=pb.DELIVERY_STATE_SUCCEEDED, url_failures=bad
+        )
+        err = await rpc_error(devices_stub.ReportStatus(request, metadata=md))
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and words in err.details()
+        assert len(err.details()) < 2000  # the bad key is not echoed whole
+    assert snapshot(database_url) == before  # nothing written: still installed, not succeeded
+    assert told("expired") == 2.0
+
+
 # ---------------------------------------------------------------- bad input changes nothing
 
 

@@ -38,16 +38,23 @@ COMPONENTS = {
 }
 
 
-@pytest.fixture()
-def exporter() -> Any:
+OFFICIAL = ("grpc-server", "grpc-client", "celery", "psycopg")
+
+
+@pytest.fixture(params=["tether-spans", "official-instrumentations"])
+def exporter(request: pytest.FixtureRequest) -> Any:
+    """Tether's own spans alone, then with OTel's gRPC, Celery and psycopg instrumentations on as well."""
     spans = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(spans))
     tracing.use_provider(provider)
+    if request.param == "official-instrumentations":
+        pytest.importorskip("opentelemetry.instrumentation.grpc")
+        assert tracing.instrument(*OFFICIAL) == OFFICIAL
     try:
         yield spans
     finally:
-        tracing.use_provider(None)
+        tracing.use_provider(None)  # and every instrumentation off again
         provider.shutdown()
 
 
@@ -114,14 +121,46 @@ async def test_one_trace_from_reconcile_to_aggregate(
     names = {s.name.split(" ")[0] for s in in_trace}  # "reconcile change" / "reconcile poll": whichever applied
     for component, expected in COMPONENTS.items():
         assert expected <= names, f"{component}: {expected - names} not in the release's trace ({sorted(names)})"
-    by_name = {s.name.split(" ")[0]: s for s in in_trace}
-    assert len(in_trace) == len(by_name) == 8  # each step once: reconcile, ApplyRelease, 4 on the device, 2 after
+    ours = {n for names_ in COMPONENTS.values() for n in names_}
+    by_name = {s.name.split(" ")[0]: s for s in in_trace if s.name.split(" ")[0] in ours}
+    assert len(by_name) == 8  # each of Tether's steps: reconcile, ApplyRelease, 4 on the device, 2 after
+    by_id = {s.context.span_id: s for s in in_trace}
+
+    def parent(span: Any) -> Any:
+        return by_id[span.parent.span_id] if span.parent is not None else None
+
+    def tether_parent(span: Any) -> Any:
+        """The nearest ancestor that is one of Tether's own spans (skipping the instrumentations')."""
+        up = parent(span)
+        while up is not None and up.name.split(" ")[0] not in ours:
+            up = parent(up)
+        return up
+
     # The parent chain crosses the process boundaries the way the context travelled.
-    assert by_name["ApplyRelease"].parent.span_id == by_name["reconcile"].context.span_id
-    assert by_name["pull"].parent.span_id == by_name["install"].context.span_id
-    assert by_name["UploadResult"].parent.span_id == by_name["upload"].context.span_id
-    assert by_name["aggregate"].parent.span_id == by_name["UploadResult"].context.span_id
-    assert by_name["install"].parent.span_id == by_name["ApplyRelease"].context.span_id  # via the Notify
-    assert by_name["run"].parent.span_id == by_name["ApplyRelease"].context.span_id
+    for child, expected in [
+        ("ApplyRelease", "reconcile"),
+        ("pull", "install"),
+        ("UploadResult", "upload"),
+        ("aggregate", "UploadResult"),
+        ("install", "ApplyRelease"),  # via the Notify
+        ("run", "ApplyRelease"),
+    ]:
+        assert tether_parent(by_name[child]) is by_name[expected], f"{child}'s parent is not {expected}"
     assert by_name["reconcile"].parent is None  # the trace starts at the operator
-    print(f"one trace {trace_id:032x}: {len(in_trace)} spans, {sorted(names)}")
+    if tracing.instrumented("grpc-server"):  # the official spans sit between Tether's, as the calls went
+        assert len(in_trace) > 8
+        server = parent(by_name["ApplyRelease"])
+        assert server.name == "/tether.v1.AdminService/ApplyRelease" and server.attributes["rpc.system"] == "grpc"
+        assert parent(server).name == "/tether.v1.AdminService/ApplyRelease"  # the operator's client span
+        assert parent(parent(server)) is by_name["reconcile"]
+        assert parent(by_name["UploadResult"]).name == "/tether.v1.DeviceService/UploadResult"
+        run = parent(by_name["aggregate"])
+        assert run.name == "run/tether.aggregate" and parent(run).name == "apply_async/tether.aggregate"
+        statements = [s for s in in_trace if s.attributes.get("db.system") in ("postgresql", "postgres")]
+        assert any(tether_parent(s) is by_name["UploadResult"] for s in statements)  # the controller's writes
+        assert any(tether_parent(s) is by_name["aggregate"] for s in statements)  # the worker's fold
+    else:
+        assert len(in_trace) == 8
+        assert parent(by_name["ApplyRelease"]) is by_name["reconcile"]
+        assert parent(by_name["aggregate"]) is by_name["UploadResult"]
+    print(f"one trace {trace_id:032x}: {len(in_trace)} spans, {sorted({s.name for s in in_trace})}")

@@ -80,12 +80,14 @@ class _Flaky:
     def __init__(self, failures: int) -> None:
         self.failures = failures
         self.acked: list[tuple[str, int, int]] = []
+        self.url_failures: list[dict[str, int]] = []  # what each acknowledged report carried
 
-    async def report_status(self, *, release, version, state, message, device_state) -> None:
+    async def report_status(self, *, release, version, state, message, device_state, url_failures=None) -> None:
         if self.failures:
             self.failures -= 1
             raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "gone")
         self.acked.append((release, version, state))
+        self.url_failures.append(dict(url_failures or {}))
 
 
 async def _until(predicate, timeout: float = 10.0) -> None:
@@ -135,3 +137,22 @@ async def test_a_report_refused_for_good_is_not_retried(code):
     reporter = reporting.Reporter(device=device, backoff=client.Backoff(initial_s=0.01, max_s=0.01))
     await reporter.status(pb.DesiredTask(release="ns/t", version=1), S.DELIVERY_STATE_INSTALLED)
     assert reporter.unacked == {} and device.failures == 1
+
+
+async def test_url_failures_are_told_once_with_the_first_acknowledged_report():
+    device = _Flaky(failures=1)
+    reporter = reporting.Reporter(device=device, backoff=client.Backoff(initial_s=5, max_s=5))
+    task = pb.DesiredTask(release="ns/t", version=1)
+    reporter.note_url_failure("ns/t", "expired")
+    reporter.note_url_failure("ns/t", "expired")
+    reporter.note_url_failure("ns/other", "stalled")
+    await reporter.status(task, S.DELIVERY_STATE_DOWNLOADING)  # lost: the failures stay
+    assert reporter.url_failures["ns/t"] == {"expired": 2}
+    await reporter.status(task, S.DELIVERY_STATE_INSTALLED)
+    assert device.url_failures == [{"expired": 2}]
+    assert "ns/t" not in reporter.url_failures and reporter.url_failures["ns/other"] == {"stalled": 1}
+    await reporter.status(task, S.DELIVERY_STATE_SUCCEEDED)
+    assert device.url_failures == [{"expired": 2}, {}]  # not told twice
+    retry = reporter.cancel()
+    if retry is not None:
+        await asyncio.gather(retry, return_exceptions=True)

@@ -191,6 +191,7 @@ class DeviceClient:
         state: pb.DeliveryState,
         message: str = "",
         device_state: Mapping[str, str] | None = None,
+        url_failures: Mapping[str, int] | None = None,
     ) -> None:
         await self._stub.ReportStatus(
             pb.ReportStatusRequest(
@@ -199,6 +200,7 @@ class DeviceClient:
                 state=state,
                 message=message[:1000],
                 device_state=dict(device_state or {}),
+                url_failures=dict(url_failures or {}),
             ),
             metadata=self._metadata(),
             timeout=self.timeout_s,

@@ -112,7 +112,6 @@ class Agent:
         # Charging / unmetered / idle (tether.agent.devicestate): probed, overridden by the app's reports.
         self.conditions = devicestate.Conditions(probe=device_state or devicestate.probe, unknown=conditions_unknown)
         self.conditions.on_report = lambda: list(map(self._kick, list(self._desired)))  # waiting ones look again
-        self.device_state = self.conditions.state
         self._requested_device_id = device_id
         self._rng = rng = rng or random.Random()
         self.store = bundles.BundleStore(self.state_dir)
@@ -176,6 +175,7 @@ class Agent:
             rng=rng,
             observer=session.LogFailures(bootstrap_token=bootstrap_token),
             http=httpfetch.HttpFetcher(http_settings),
+            on_url_failure=self.reporter.note_url_failure,  # told to the controller with the next report
         )
         self.installer = install.Installer(
             store=self.store,

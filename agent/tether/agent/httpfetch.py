@@ -26,7 +26,7 @@ import re
 import ssl
 from typing import TYPE_CHECKING, Protocol
 
-from tether.common import errors
+from tether.common import errors, url_failures
 
 if TYPE_CHECKING:
     import httpx
@@ -58,11 +58,15 @@ class Write(Protocol):
 
 
 class HttpFailure(Exception):
-    """A URL did not deliver its blob; `keep` says whether the partial may be resumed from."""
+    """A URL did not deliver its blob; `keep` says whether the partial may be resumed from.
 
-    def __init__(self, message: str, *, keep: bool) -> None:
+    `reason`: one of `url_failures.REASONS`, reported to the controller with the next delivery report.
+    """
+
+    def __init__(self, message: str, *, keep: bool, reason: str) -> None:
         super().__init__(message)
         self.keep = keep
+        self.reason = reason
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -127,7 +131,11 @@ class HttpFetcher:
             except errors.DigestMismatch as e:  # wrong bytes: this partial can never become the blob
                 writer.discard()
                 self.failures += 1
-                raise HttpFailure(f"{_where(url)} served wrong bytes for {writer.digest}: {e}", keep=False) from None
+                raise HttpFailure(
+                    f"{_where(url)} served wrong bytes for {writer.digest}: {e}",
+                    keep=False,
+                    reason=url_failures.WRONG_BYTES,
+                ) from None
             except HttpFailure as e:
                 writer.close() if e.keep else writer.discard()
                 self.failures += 1
@@ -135,7 +143,7 @@ class HttpFetcher:
             except (httpx.HTTPError, OSError) as e:  # timeouts (stalls), resets, redirect loops, protocol errors
                 writer.close()
                 self.failures += 1
-                raise HttpFailure(f"{_where(url)}: {type(e).__name__}: {e}", keep=True) from None
+                raise HttpFailure(f"{_where(url)}: {type(e).__name__}: {e}", keep=True, reason=_reason(e)) from None
             except BaseException:
                 writer.close()
                 raise
@@ -151,7 +159,9 @@ class HttpFetcher:
                     writer.append(data, offset=writer.offset)
             if writer.offset < writer.size:
                 raise HttpFailure(
-                    f"{_where(url)} ended {writer.digest} at {writer.offset} of {writer.size} bytes", keep=True
+                    f"{_where(url)} ended {writer.digest} at {writer.offset} of {writer.size} bytes",
+                    keep=True,
+                    reason=url_failures.TRUNCATED,
                 )
         await writer.commit()
 
@@ -172,17 +182,40 @@ def _check_start(status: int, content_range: str | None, offset: int, writer: Wr
     if status == 206:
         match = _CONTENT_RANGE.match(content_range or "")
         if match is None or int(match.group(1)) != offset:
-            raise HttpFailure(f"asked for {writer.digest} from {offset}, got range {content_range!r}", keep=True)
+            raise HttpFailure(
+                f"asked for {writer.digest} from {offset}, got range {content_range!r}",
+                keep=True,
+                reason=url_failures.BAD_RANGE,
+            )
         if match.group(3) != "*" and int(match.group(3)) != writer.size:
             raise HttpFailure(
-                f"{writer.digest} is {match.group(3)} bytes there; the manifest says {writer.size}", keep=False
+                f"{writer.digest} is {match.group(3)} bytes there; the manifest says {writer.size}",
+                keep=False,
+                reason=url_failures.WRONG_BYTES,
             )
         return
     if status == 200:
         if offset:
-            raise HttpFailure(f"the server ignored the range of {writer.digest}: starting over", keep=False)
+            raise HttpFailure(
+                f"the server ignored the range of {writer.digest}: starting over",
+                keep=False,
+                reason=url_failures.BAD_RANGE,
+            )
         return
-    raise HttpFailure(f"HTTP {status} for {writer.digest}", keep=True)
+    raise HttpFailure(f"HTTP {status} for {writer.digest}", keep=True, reason=url_failures.for_status(status))
+
+
+def _reason(e: BaseException) -> str:
+    """The reason of a transport error (httpx's or the OS's)."""
+    import httpx
+
+    if isinstance(e, httpx.TooManyRedirects):
+        return url_failures.REDIRECTS
+    if isinstance(e, httpx.ReadTimeout | httpx.WriteTimeout | httpx.PoolTimeout):
+        return url_failures.STALLED
+    if isinstance(e, httpx.ReadError | httpx.RemoteProtocolError):
+        return url_failures.TRUNCATED
+    return url_failures.CONNECTION
 
 
 def _where(url: str) -> str:

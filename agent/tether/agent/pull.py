@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
 import grpc
@@ -249,8 +249,10 @@ class Puller:
         observer: client.CallObserver,
         timeout_s: float | None = None,
         http: httpfetch.HttpFetcher | None = None,
+        on_url_failure: Callable[[str, str], None] | None = None,
     ) -> None:
         self.client = device
+        self._on_url_failure = on_url_failure  # (release, reason): told of each URL that did not deliver
         self.http = http  # blobs by URL (object store, CDN) when the controller hands out URLs; None: gRPC only
         self._urls: dict[str, str] = {}  # blob digest -> the URL the last manifest answer gave for it
         self.sink = sink
@@ -346,6 +348,8 @@ class Puller:
         except httpfetch.HttpFailure as e:
             self._urls.pop(entry.sha256, None)  # not again: the next manifest answer brings a fresh URL
             log.warning("%s: %s; pulling it from the controller", release, e)
+            if self._on_url_failure is not None:
+                self._on_url_failure(release, e.reason)
             return False
         return True
 

@@ -17,6 +17,7 @@ and the fleet simulator report alike:
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import random
 from collections.abc import Awaitable, Callable
@@ -107,6 +108,8 @@ class Reporter:
         self.unacked: dict[str, tuple[pb.DesiredTask, int, str]] = {}  # release -> its latest unacknowledged report
         self._last: dict[str, tuple[pb.DesiredTask, int, str]] = {}  # release -> its latest report
         self._held: dict[str, str] = {}  # release -> why it waits for its participation conditions
+        # release -> URL failures not yet acknowledged by the controller, by reason (url_failures.REASONS)
+        self.url_failures: dict[str, collections.Counter[str]] = {}
         self._retry: asyncio.Task[None] | None = None
         self._rng = random.Random()
 
@@ -133,6 +136,10 @@ class Reporter:
         self._held[release] = reason
         return reason
 
+    def note_url_failure(self, release: str, reason: str) -> None:
+        """A blob URL of `release` did not deliver (the puller fell back to gRPC): sent with its next report."""
+        self.url_failures.setdefault(release, collections.Counter())[reason] += 1
+
     async def status(self, task: pb.DesiredTask, state: int, message: str = "") -> None:
         """ReportStatus; never raises: a lost report must not stop the work it reports on (terminal ones are kept)."""
         self._last[task.release] = (task, state, message)
@@ -145,6 +152,7 @@ class Reporter:
 
     async def _send(self, task: pb.DesiredTask, state: int, message: str) -> bool:
         """One attempt; True when the report needs no resend (acknowledged, refused for good, or superseded)."""
+        failures = dict(self.url_failures.get(task.release) or {})
         try:
             await self._client.report_status(
                 release=task.release,
@@ -152,7 +160,13 @@ class Reporter:
                 state=state,  # type: ignore[arg-type]
                 message=message,
                 device_state=self.device_state(),
+                url_failures=failures,
             )
+            if failures:  # acknowledged: counted once; newer failures stay for the next report
+                left = self.url_failures[task.release]
+                left.subtract(failures)
+                if not +left:
+                    del self.url_failures[task.release]
         except Exception as e:
             log.debug("report %s %s v%d failed: %s", state_name(state), task.release, task.version, e)
             if client.is_retryable(e):

@@ -215,7 +215,8 @@ async def _serve(cfg: config.ControllerConfig) -> None:
     from tether.controller.server import start_controller
 
     rlimits.raise_open_files_limit()  # one descriptor per connected agent
-    tracing.configure("tether-controller")  # OTEL_* (off unless an exporter or endpoint is named)
+    # OTEL_* (off unless an exporter or endpoint is named), with OTel's gRPC server, Celery and psycopg spans.
+    tracing.configure("tether-controller", instrument_=("grpc-server", "celery", "psycopg"))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

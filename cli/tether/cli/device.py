@@ -69,7 +69,7 @@ def list_(
     output: str,
     tls: tls_mod.ClientTLS,
 ) -> None:
-    """The device inventory: labels, backends and what selection chose, releases delivered, last seen."""
+    """The inventory: labels, backends and what selection chose, releases delivered, connected replica, last seen."""
     import dataclasses
     import datetime
     import json
@@ -90,7 +90,16 @@ def list_(
     if output == "json":
         click.echo(json.dumps([dataclasses.asdict(d) for d in found], indent=2, sort_keys=True))
         return
-    table = Table("DEVICE", "LABELS", "RELEASES (version state)", "BACKENDS", "SELECTED", "CONDITIONS", "LAST SEEN")
+    table = Table(
+        "DEVICE",
+        "LABELS",
+        "RELEASES (version state)",
+        "BACKENDS",
+        "SELECTED",
+        "CONNECTED TO",
+        "CONDITIONS",
+        "LAST SEEN",
+    )
     for d in found:
         seen = (
             datetime.datetime.fromtimestamp(d.last_seen_unix, datetime.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
@@ -103,6 +112,7 @@ def list_(
             "\n".join(f"{r} v{v} {st}" for r, v, st in d.releases) or "-",
             ",".join(d.backends) or "-",
             "\n".join(d.selected_backends) or "-",
+            d.connected_replica or "-",
             _conditions(d.device_state),
             seen,
         )

@@ -91,7 +91,8 @@ def operator(
     if priority is not None and peering is None:
         raise click.BadParameter("--priority needs --peering", param_hint="--priority")
 
-    tracing.configure("tether-operator")  # OTEL_* (off unless an exporter or endpoint is named)
+    # OTEL_* (off unless an exporter or endpoint is named), with OTel's gRPC client spans.
+    tracing.configure("tether-operator", instrument_=("grpc-client",))
 
     async def main() -> None:
         async with release_client.connect(controller, admin_token, tls=tls) as release_admin:

@@ -95,6 +95,7 @@ class DeviceSummary:
     revoked: bool
     releases: tuple[tuple[str, int, str], ...]  # (release, version, delivery state)
     device_state: Mapping[str, str] = dataclasses.field(default_factory=dict)  # charging/.../waiting
+    connected_replica: str = ""  # the controller replica holding its stream; "": not connected
 
 
 @dataclasses.dataclass(frozen=True)
@@ -340,6 +341,7 @@ class AdminClient:
                     revoked=d.revoked,
                     releases=tuple((r.release, r.version, r.state) for r in d.releases),
                     device_state=dict(d.device_state),
+                    connected_replica=d.connected_replica,
                 )
                 for d in response.devices
             )

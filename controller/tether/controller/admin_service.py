@@ -101,7 +101,7 @@ class AdminService(pb_grpc.AdminServiceServicer):
         self, request: pb.ApplyReleaseRequest, context: grpc.aio.ServicerContext
     ) -> pb.ApplyReleaseResponse:
         spec = releases.spec_from_proto(request.spec)
-        parent = tracing.extract(context.invocation_metadata()) if tracing.active() else None
+        parent = tracing.extract(context.invocation_metadata(), via="grpc-server") if tracing.active() else None
         with tracing.span("ApplyRelease", parent=parent, release=spec.release):
             outcome = await self._releases.apply_release(spec)
             previous = outcome.previous
@@ -218,4 +218,5 @@ def _summary(entry: devices.InventoryEntry) -> pb.DeviceSummary:
         revoked=d.revoked,
         releases=[pb.DeviceRelease(release=r.release, version=r.version, state=r.state) for r in entry.releases],
         device_state=dict(entry.device_state),
+        connected_replica=entry.connected_replica,
     )

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING
 
 import psycopg
 
+from tether.common import tracing
+
 if TYPE_CHECKING:
     from psycopg_pool import AsyncConnectionPool
 
@@ -54,6 +56,10 @@ def migrate(conninfo: str) -> list[str]:
     return applied_now
 
 
+async def _instrument_connection(conn: psycopg.AsyncConnection) -> None:
+    tracing.instrument_connection(conn)
+
+
 async def open_pool(
     conninfo: str,
     *,
@@ -78,6 +84,8 @@ async def open_pool(
         # The queue is deep enough for a fleet pulling at once: a rejected device retries the whole
         # install after a backoff, so rejecting early costs more than waiting (tether bench fleet).
         max_waiting=max(max_size * 50, MAX_WAITING),
+        # OTel's psycopg instrumentation, when on: a span per statement of each connection the pool opens.
+        configure=_instrument_connection if tracing.instrumented("psycopg") else None,
     )
     try:
         await pool.open(wait=True, timeout=timeout)

@@ -74,8 +74,11 @@ class DeviceService(pb_grpc.DeviceServiceServicer):
         clock: Callable[[], float] = time.time,
         pull_gate: admission.FifoGate | None = None,
         metrics: instruments.ControllerMetrics | None = None,
+        replica_id: str = "",
     ) -> None:
         self._metrics = metrics if metrics is not None else instruments.ControllerMetrics()
+        self._replica_id = replica_id  # recorded as a device's connected replica ("": not recorded)
+        self._cleanups: set[asyncio.Task[None]] = set()
         self._storage = storage
         self.releases = releases
         self._reporter = reporter
@@ -119,7 +122,10 @@ class DeviceService(pb_grpc.DeviceServiceServicer):
         device = edge.current_device()
         conn = self._hub.connect(device_id=device.device_id, facts=device.facts)
         try:
-            await self._storage.devices.touch_device(device.device_id)
+            if self._replica_id:
+                await self._storage.devices.device_connected(device.device_id, self._replica_id)
+            else:
+                await self._storage.devices.touch_device(device.device_id)
             yield pb.ServerEvent(sync=await self._sync(device, installed=request.installed))
             while True:
                 try:
@@ -133,6 +139,21 @@ class DeviceService(pb_grpc.DeviceServiceServicer):
                 yield item
         finally:
             self._hub.disconnect(conn)
+            if self._replica_id:
+                self._forget_connection(device.device_id)
+
+    def _forget_connection(self, device_id: str) -> None:
+        """Clear the device's connected replica, in a task of its own: a cancelled stream's cleanup may not await."""
+
+        async def clear() -> None:
+            try:
+                await self._storage.devices.device_disconnected(device_id, self._replica_id)
+            except Exception as e:
+                log.warning("could not record that device %s disconnected: %s", device_id, e)
+
+        task = asyncio.get_running_loop().create_task(clear())
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
 
     async def GetDesired(self, request: pb.GetDesiredRequest, context: grpc.aio.ServicerContext) -> pb.Sync:
         """The Sync that opens Subscribe, as one call: for devices that poll instead of holding a stream."""
@@ -270,6 +291,7 @@ class DeviceService(pb_grpc.DeviceServiceServicer):
     ) -> pb.ReportStatusResponse:
         device = edge.current_device()
         state = ingress.delivery_state(request)
+        failures = ingress.reported_url_failures(request)  # checked before anything is written
         await self._reporter.report_delivery(
             device=device,
             release=request.release,
@@ -279,6 +301,14 @@ class DeviceService(pb_grpc.DeviceServiceServicer):
             device_state=dict(request.device_state),
         )
         self._metrics.report(state)  # committed (installs by outcome)
+        if failures:  # URLs that did not deliver: the device fell back to PullBlobs
+            self._metrics.url_failed(failures)
+            log.warning(
+                "device %s: blob URLs of %s failed (%s); it pulled over gRPC instead",
+                device.device_id,
+                request.release,
+                ", ".join(f"{reason} x{n}" for reason, n in failures.items()),
+            )
         return pb.ReportStatusResponse()
 
     async def ReportBackends(
@@ -302,7 +332,7 @@ class DeviceService(pb_grpc.DeviceServiceServicer):
     ) -> pb.UploadResultResponse:
         device = edge.current_device()
         record = ingress.result(request, max_tensor_bytes=self._max_tensor_bytes)
-        parent = tracing.extract(context.invocation_metadata()) if tracing.active() else None
+        parent = tracing.extract(context.invocation_metadata(), via="grpc-server") if tracing.active() else None
         with tracing.span("UploadResult", parent=parent, release=request.release, device=device.device_id):
             outcome = await self._storage.results.insert_result(device=device, record=record)
             # Committed. A duplicate enqueues too: if the first attempt's publish failed, the retry heals it.

@@ -106,6 +106,16 @@ class InventoryEntry:
     # The participation state it reported last (charging / unmeteredNetwork / idle: true, false or unknown;
     # batteryLevel; waiting: the releases it holds back and why).
     device_state: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    connected_replica: str = ""  # the live controller replica holding its stream; "": none
+
+
+# A replica's LISTEN session names itself so (truncated to Postgres' 63 characters): the inventory shows a
+# device's connected replica only while that session is alive, so a replica that died is never shown.
+LISTENER_APP_PREFIX = "tether-listener-"
+
+
+def listener_application_name(replica_id: str) -> str:
+    return f"{LISTENER_APP_PREFIX}{replica_id}"[:63]
 
 
 MAX_PAGE = 1000

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from tether.common import errors, manifest
+from tether.common import errors, manifest, url_failures
 from tether.controller import devices, uploads
 from tether.proto.v1 import tether_pb2 as pb
 
@@ -82,6 +82,11 @@ def delivery_state(request: pb.ReportStatusRequest) -> str:
         if "\x00" in k or "\x00" in v:
             raise errors.InvalidArgument(f"device_state[{errors.excerpt(k)}]: must not contain NUL characters")
     return state
+
+
+def reported_url_failures(request: pb.ReportStatusRequest) -> dict[str, int]:
+    """The report's blob URL failures by reason (known reasons, bounded counts), refused whole otherwise."""
+    return url_failures.validate(request.url_failures)
 
 
 def backend_choices(request: pb.ReportBackendsRequest) -> tuple[devices.BackendChoice, ...]:

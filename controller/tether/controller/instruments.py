@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import prometheus_client
 from prometheus_client import multiprocess
@@ -77,6 +77,12 @@ class ControllerMetrics:
         self.results = prometheus_client.Counter(
             "tether_controller_results_uploaded", "Results accepted (duplicates not counted)", registry=r
         )
+        self.url_failures = prometheus_client.Counter(
+            "tether_controller_blob_url_failures",
+            "Blob URLs that did not deliver, as agents report them (each then pulled over gRPC), by reason",
+            ["reason"],
+            registry=r,
+        )
         self.rpc_seconds = prometheus_client.Histogram(
             "tether_controller_rpc_duration_seconds",
             "Time from a request's arrival to its answer (streams: to their end), by method; Subscribe not included",
@@ -116,6 +122,10 @@ class ControllerMetrics:
         counter = self.reports.get(state)
         if counter is not None:
             counter.inc()
+
+    def url_failed(self, counts: Mapping[str, int]) -> None:
+        for reason, n in counts.items():
+            self.url_failures.labels(reason).inc(n)
 
 
 class WorkerMetrics:

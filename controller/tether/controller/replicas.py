@@ -52,7 +52,7 @@ from collections.abc import Awaitable, Callable
 import psycopg
 from psycopg import conninfo as conninfo_mod
 
-from tether.controller import instruments, release_cache, releases
+from tether.controller import devices, instruments, release_cache, releases
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ class ReleaseListener:
         self.remote_changes = 0  # changes fanned out on behalf of other replicas (and of resyncs)
         self.revocations = 0  # revocation announcements handled (this replica's own included)
         self.catch_ups = 0  # (re)connects after which missed revocations were looked for (`on_gap`)
-        self.application_name = f"tether-listener-{replica_id}"[:63]  # in pg_stat_activity
+        self.application_name = devices.listener_application_name(replica_id)  # in pg_stat_activity
 
     async def start(self, *, timeout: float = 30.0) -> None:
         """Start listening; returns once the first LISTEN is in place (so no later change is missed)."""

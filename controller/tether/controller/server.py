@@ -229,6 +229,7 @@ async def start_controller(
                 heartbeat_s=cfg.heartbeat_s,
                 pull_gate=pull_gate,
                 metrics=metrics,
+                replica_id=replica_id,
             ),
             server,
         )

@@ -175,6 +175,7 @@ def get_pool() -> psycopg_pool.ConnectionPool:
                 name="tether-worker",
                 check=psycopg_pool.ConnectionPool.check_connection,
                 kwargs={"application_name": "tether-worker"},
+                configure=tracing.instrument_connection if tracing.instrumented("psycopg") else None,
             )
             _pool_pid = os.getpid()
         return _pool
@@ -198,7 +199,7 @@ def _close_pool_on_shutdown(**_: Any) -> None:
 def _configure_tracing(**_: Any) -> None:
     # Before any child is forked: the SDK's batch processor restarts its thread in each child.
     if not tracing.active():
-        tracing.configure("tether-worker")
+        tracing.configure("tether-worker", instrument_=("celery", "psycopg"))
 
 
 @signals.worker_ready.connect
@@ -388,7 +389,8 @@ def aggregate(self: Task, *, release: str, version: int) -> dict[str, Any]:
     started = time.perf_counter()
     parent = None
     if tracing.active():  # the upload's trace context, from the message's headers
-        parent = tracing.extract({k: v for k in ("traceparent", "tracestate") if (v := self.request.get(k))})
+        headers = {k: v for k in ("traceparent", "tracestate") if (v := self.request.get(k))}
+        parent = tracing.extract(headers, via="celery")
     try:
         with (
             tracing.span("aggregate", parent=parent, release=release, version=version),

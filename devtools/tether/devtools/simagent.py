@@ -200,6 +200,7 @@ class SimAgent:
             give_up=lambda e: e.code() not in client.RETRYABLE,
         )
         self.sink = DigestSink(full_pull=full_pull)
+        self.reporter = reporting.Reporter(device=self.client)
         self.puller = pull.Puller(
             device=self.client,
             sink=self.sink,
@@ -208,8 +209,8 @@ class SimAgent:
             timeout_s=timeout_s,
             # Blobs by URL first, as the real agent; its own connections, a TLS context shared by the process.
             http=httpfetch.HttpFetcher(ssl_context=ssl_context) if http else None,
+            on_url_failure=self.reporter.note_url_failure,
         )
-        self.reporter = reporting.Reporter(device=self.client)
 
     @property
     def credential(self) -> str:

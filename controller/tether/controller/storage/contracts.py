@@ -97,6 +97,14 @@ class DeviceRegistry(Protocol):
         """Record that the device was seen now; MUST change nothing else."""
         ...
 
+    async def device_connected(self, device_id: str, replica_id: str) -> None:
+        """The device opened its stream on `replica_id`: seen now, and its connected replica; unknown: no-op."""
+        ...
+
+    async def device_disconnected(self, device_id: str, replica_id: str) -> None:
+        """Its stream on `replica_id` ended: MUST clear the connected replica only if it still is `replica_id`."""
+        ...
+
     async def revoke_device(self, device_id: str) -> bool:
         """Revoke for good: MUST return True when it was live, False when already revoked; NotFound when unknown."""
         ...

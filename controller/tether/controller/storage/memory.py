@@ -76,6 +76,18 @@ class MemoryDevices:
         if row is not None:
             row.last_seen = time.time()
 
+    async def device_connected(self, device_id: str, replica_id: str) -> None:
+        row = self._t.devices.get(device_id)
+        if row is not None:
+            row.last_seen = time.time()
+            row.connected_replica = replica_id
+
+    async def device_disconnected(self, device_id: str, replica_id: str) -> None:
+        row = self._t.devices.get(device_id)
+        if row is not None and row.connected_replica == replica_id:
+            row.last_seen = time.time()
+            row.connected_replica = ""
+
     async def revoke_device(self, device_id: str) -> bool:
         row = self._t.devices.get(device_id)
         if row is None:
@@ -124,6 +136,7 @@ class MemoryDevices:
                     last_seen=row.last_seen or None,
                     releases=tuple(delivered),
                     device_state=dict(row.state),
+                    connected_replica=row.connected_replica,  # one process: its replica is alive
                 )
             )
         return out

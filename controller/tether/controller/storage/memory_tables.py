@@ -22,6 +22,7 @@ class DeviceRow:
     fingerprint: str = ""
     state: dict[str, str] = dataclasses.field(default_factory=dict)
     last_seen: float = 0.0
+    connected_replica: str = ""  # the replica holding its stream; "": none
 
     def device(self) -> devices.Device:
         return devices.Device(

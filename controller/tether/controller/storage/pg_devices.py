@@ -98,6 +98,21 @@ class PostgresDevices:
         async with self._pool.connection() as conn:
             await conn.execute("UPDATE devices SET last_seen_at = now() WHERE device_id = %s", (device_id,))
 
+    async def device_connected(self, device_id: str, replica_id: str) -> None:
+        async with self._pool.connection() as conn:
+            await conn.execute(
+                "UPDATE devices SET last_seen_at = now(), connected_replica = %s WHERE device_id = %s",
+                (replica_id, device_id),
+            )
+
+    async def device_disconnected(self, device_id: str, replica_id: str) -> None:
+        async with self._pool.connection() as conn:
+            await conn.execute(
+                "UPDATE devices SET connected_replica = NULL, last_seen_at = now()"
+                " WHERE device_id = %s AND connected_replica = %s",
+                (device_id, replica_id),
+            )
+
     async def revoke_device(self, device_id: str) -> bool:
         """Revoke a device for good: True when it was live, False when already revoked; NotFound when unknown."""
         async with self._pool.connection() as conn, conn.transaction():
@@ -162,9 +177,13 @@ class PostgresDevices:
                     " state AS device_state,"
                     " COALESCE((SELECT jsonb_agg(jsonb_build_array(x.release, x.version, x.state)"
                     "   ORDER BY x.release) FROM deliveries x WHERE x.device_id = devices.device_id), '[]')"
-                    "   AS delivered"
+                    "   AS delivered,"
+                    # Shown only while that replica is alive: its LISTEN session is in pg_stat_activity.
+                    " CASE WHEN connected_replica IS NOT NULL AND EXISTS (SELECT 1 FROM pg_stat_activity a"
+                    "   WHERE a.application_name = left(%s || connected_replica, 63))"
+                    "   THEN connected_replica ELSE '' END AS connected_replica"
                     " FROM devices WHERE device_id > %s AND (%s OR NOT revoked) ORDER BY device_id LIMIT %s",
-                    (after, include_revoked, max(limit, 0)),
+                    (devices.LISTENER_APP_PREFIX, after, include_revoked, max(limit, 0)),
                 )
             ).fetchall()
         return [
@@ -175,6 +194,7 @@ class PostgresDevices:
                     devices.DeviceRelease(release=rel, version=int(v), state=st) for rel, v, st in r["delivered"]
                 ),
                 device_state={str(k): str(v) for k, v in (r["device_state"] or {}).items()},
+                connected_replica=r["connected_replica"],
             )
             for r in rows
         ]

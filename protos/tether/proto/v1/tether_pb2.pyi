@@ -228,7 +228,7 @@ class BlobChunk(_message.Message):
     def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ..., total_size: _Optional[int] = ..., digest: _Optional[str] = ...) -> None: ...
 
 class ReportStatusRequest(_message.Message):
-    __slots__ = ("release", "version", "state", "message", "device_state")
+    __slots__ = ("release", "version", "state", "message", "device_state", "url_failures")
     class DeviceStateEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -236,17 +236,26 @@ class ReportStatusRequest(_message.Message):
         key: str
         value: str
         def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class UrlFailuresEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     RELEASE_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     DEVICE_STATE_FIELD_NUMBER: _ClassVar[int]
+    URL_FAILURES_FIELD_NUMBER: _ClassVar[int]
     release: str
     version: int
     state: DeliveryState
     message: str
     device_state: _containers.ScalarMap[str, str]
-    def __init__(self, release: _Optional[str] = ..., version: _Optional[int] = ..., state: _Optional[_Union[DeliveryState, str]] = ..., message: _Optional[str] = ..., device_state: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    url_failures: _containers.ScalarMap[str, int]
+    def __init__(self, release: _Optional[str] = ..., version: _Optional[int] = ..., state: _Optional[_Union[DeliveryState, str]] = ..., message: _Optional[str] = ..., device_state: _Optional[_Mapping[str, str]] = ..., url_failures: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class ReportStatusResponse(_message.Message):
     __slots__ = ()
@@ -585,7 +594,7 @@ class DeviceRelease(_message.Message):
     def __init__(self, release: _Optional[str] = ..., version: _Optional[int] = ..., state: _Optional[str] = ...) -> None: ...
 
 class DeviceSummary(_message.Message):
-    __slots__ = ("device_id", "attributes", "backends", "selected_backends", "last_seen_unix", "revoked", "releases", "device_state")
+    __slots__ = ("device_id", "attributes", "backends", "selected_backends", "last_seen_unix", "revoked", "releases", "connected_replica", "device_state")
     class AttributesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -607,6 +616,7 @@ class DeviceSummary(_message.Message):
     LAST_SEEN_UNIX_FIELD_NUMBER: _ClassVar[int]
     REVOKED_FIELD_NUMBER: _ClassVar[int]
     RELEASES_FIELD_NUMBER: _ClassVar[int]
+    CONNECTED_REPLICA_FIELD_NUMBER: _ClassVar[int]
     DEVICE_STATE_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     attributes: _containers.ScalarMap[str, str]
@@ -615,8 +625,9 @@ class DeviceSummary(_message.Message):
     last_seen_unix: float
     revoked: bool
     releases: _containers.RepeatedCompositeFieldContainer[DeviceRelease]
+    connected_replica: str
     device_state: _containers.ScalarMap[str, str]
-    def __init__(self, device_id: _Optional[str] = ..., attributes: _Optional[_Mapping[str, str]] = ..., backends: _Optional[_Iterable[str]] = ..., selected_backends: _Optional[_Iterable[str]] = ..., last_seen_unix: _Optional[float] = ..., revoked: _Optional[bool] = ..., releases: _Optional[_Iterable[_Union[DeviceRelease, _Mapping]]] = ..., device_state: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    def __init__(self, device_id: _Optional[str] = ..., attributes: _Optional[_Mapping[str, str]] = ..., backends: _Optional[_Iterable[str]] = ..., selected_backends: _Optional[_Iterable[str]] = ..., last_seen_unix: _Optional[float] = ..., revoked: _Optional[bool] = ..., releases: _Optional[_Iterable[_Union[DeviceRelease, _Mapping]]] = ..., connected_replica: _Optional[str] = ..., device_state: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class ListDevicesResponse(_message.Message):
     __slots__ = ("devices", "next_page_token")
