@@ -41,6 +41,7 @@ from tether.agent import (
     bundles,
     client,
     convergence,
+    devicestate,
     diskbudget,
     engine,
     failures,
@@ -93,6 +94,7 @@ class Agent:
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.time,
         device_state: participation.StateProbe | None = None,
+        conditions_unknown: str = "wait",
         backend_selection: bool = True,
         selector: Selector | None = None,
         events_socket: str | os.PathLike[str] | None = None,
@@ -111,7 +113,9 @@ class Agent:
         self.trusted_keys = dict(trusted_keys) if trusted_keys is not None else None
         self.backoff = backoff
         self.clock = clock
-        self.device_state = device_state or participation.default_probe  # charging / unmetered / idle
+        # Charging / unmetered / idle (tether.agent.devicestate): probed, overridden by the app's reports.
+        self.conditions = devicestate.Conditions(probe=device_state or devicestate.probe, unknown=conditions_unknown)
+        self.conditions.on_report = lambda: list(map(self._kick, list(self._desired)))  # waiting ones look again
         self._requested_device_id = device_id
         self._rng = rng = rng or random.Random()
         self.store = bundles.BundleStore(self.state_dir)
@@ -157,7 +161,7 @@ class Agent:
             clock=clock,
         )
         self.connected = self.session.connected  # set while the Subscribe stream is open
-        self.reporter = reporting.Reporter(device=self.client, probe=self.device_state, backoff=backoff)
+        self.reporter = reporting.Reporter(device=self.client, gate=self.conditions, backoff=backoff)
         self.backend_reports = (
             None
             if self.selector is None
@@ -228,12 +232,13 @@ class Agent:
     async def run(self) -> None:
         """Enrol if needed, then hold the event stream until `stop()`; always cleans up."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        usage = await asyncio.to_thread(self.store.snapshot)
+        usage, _ = await asyncio.to_thread(lambda: (self.store.snapshot(), self.conditions.probed()))
         log.info("bundle store %s: %s", self.state_dir, usage.describe(self.disk_budget))
         self.client.credential = self.state.credential
         try:
             if self._events_socket is not None:  # apps may report events before the device is enrolled
-                self._event_server = event_server.EventServer(self.stream, self._events_socket)
+                state = self.conditions.report  # and device state (charging, metered, idle)
+                self._event_server = event_server.EventServer(self.stream, self._events_socket, state_report=state)
                 await self._event_server.start()
             await _until_stopped(self.session.stopping, self.session.enrol_with_retry())
             if self.session.stopping.is_set():

@@ -140,8 +140,8 @@ class Runner:
     async def maybe_run(self, task: pb.DesiredTask, policy: Policy) -> float | None:
         """Run when the trigger says so. Returns seconds until the next check (None: only when kicked)."""
         conditions = participation.conditions_of(task.trigger_json)
-        if conditions and not participation.met(conditions, self._reporter.device_state()):
-            # Participation conditions (charging / unmetered / idle) not met: look again later.
+        if conditions and await self._reporter.hold(task.release, conditions):
+            # Participation conditions (charging / unmetered / idle) not met or unknown: look again later.
             return participation.RECHECK_S
         trigger = policy.trigger
         self._dispatch.arm(task.release, task.version, trigger)  # pattern triggers start matching; cron is anchored

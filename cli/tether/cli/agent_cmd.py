@@ -224,6 +224,14 @@ def agent() -> None:
     default=None,
     help="Unix socket apps send behaviour events to (default: STATE_DIR/events.sock; 'none' disables it).",
 )
+@click.option(
+    "--conditions-unknown",
+    type=click.Choice(["wait", "run"]),
+    envvar="TETHER_AGENT_CONDITIONS_UNKNOWN",
+    default="wait",
+    show_default=True,
+    help="A task's participation condition (charging / unmetered / idle) this device cannot tell: wait or run.",
+)
 @_disk_budget_option
 @_limits_options
 @_workers_options
@@ -248,6 +256,7 @@ def run(
     warm_memory_budget: int | None = None,
     worker_idle_seconds: float = 300.0,
     isolation: str = "warm",
+    conditions_unknown: str = "wait",
 ) -> None:
     """Run the agent until SIGTERM/SIGINT."""
     from tether.agent import daemon, httpfetch, runtime, warmpool
@@ -276,6 +285,7 @@ def run(
                 max_workers=warm_workers, memory_budget=warm_memory_budget, idle_s=worker_idle_seconds
             ),
             isolation=isolation,
+            conditions_unknown=conditions_unknown,
         )
     except errors.TetherError as e:
         raise click.ClickException(str(e)) from None
@@ -409,3 +419,22 @@ def disk(state_dir: str, disk_budget: int | None, as_json: bool) -> None:
     click.echo(f"bundle store {root}: {usage.describe(disk_budget)}")
     for v in usage.to_json(disk_budget)["versions"]:
         click.echo(f"  {v['release']} v{v['version']} ({v['role']}): {sizes.format_size(v['bytes'])}")
+
+
+@agent.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def conditions(as_json: bool) -> None:
+    """What this machine's probes tell of the participation conditions (charging, unmetered network, idle).
+
+    The running agent also takes what the host app reports on its events socket, for a while; a condition
+    that is `unknown` here waits unless the agent runs with `--conditions-unknown run`.
+    """
+    from tether.agent import devicestate
+
+    state = devicestate.probe()
+    if as_json:
+        click.echo(json.dumps(state, sort_keys=True))
+        return
+    for key in ("charging", "unmeteredNetwork", "idle", "batteryLevel"):
+        if key in state:
+            click.echo(f"{key}: {state[key]}")

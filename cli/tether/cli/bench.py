@@ -19,7 +19,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     ),
     "runtime": (
         "tether.devtools.bench_runtime:runtime",
-        "Backend selection and agent inference overhead on real models (MLP, CNN, EfficientNet-Lite0).",
+        "Backend selection and agent inference overhead on real models (bench/models or any model folder).",
     ),
     "stream": (
         "tether.devtools.bench_stream:stream",

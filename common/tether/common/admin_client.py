@@ -94,6 +94,7 @@ class DeviceSummary:
     last_seen_unix: float | None
     revoked: bool
     releases: tuple[tuple[str, int, str], ...]  # (release, version, delivery state)
+    device_state: Mapping[str, str] = dataclasses.field(default_factory=dict)  # charging/.../waiting
     connected_replica: str = ""  # the controller replica holding its stream; "": not connected
 
 
@@ -339,6 +340,7 @@ class AdminClient:
                     last_seen_unix=d.last_seen_unix or None,
                     revoked=d.revoked,
                     releases=tuple((r.release, r.version, r.state) for r in d.releases),
+                    device_state=dict(d.device_state),
                     connected_replica=d.connected_replica,
                 )
                 for d in response.devices

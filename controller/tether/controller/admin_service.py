@@ -217,5 +217,6 @@ def _summary(entry: devices.InventoryEntry) -> pb.DeviceSummary:
         last_seen_unix=entry.last_seen or 0.0,
         revoked=d.revoked,
         releases=[pb.DeviceRelease(release=r.release, version=r.version, state=r.state) for r in entry.releases],
+        device_state=dict(entry.device_state),
         connected_replica=entry.connected_replica,
     )
