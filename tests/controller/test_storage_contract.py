@@ -35,7 +35,7 @@ async def stored_manifest(storage: contracts.Storage, content: bytes = b"print(1
     return await storage.bundles.put_manifest(body=bundle(content))
 
 
-def spec(digest: str, *, release: str = "ns/t", target=None, paused=False, generation=1, rollout=None):
+def spec(digest: str, *, release: str = "ns/t", target=None, paused=False, generation=1, rollout=None, federated=None):
     return releases.parse_spec(
         release=release,
         generation=generation,
@@ -45,6 +45,7 @@ def spec(digest: str, *, release: str = "ns/t", target=None, paused=False, gener
         aggregation_json="{}",
         paused=paused,
         rollout_json=json.dumps(rollout) if rollout else "",
+        federated_json=json.dumps(federated) if federated else "",
     )
 
 
@@ -177,6 +178,19 @@ async def test_apply_bumps_only_on_content_and_revives_deleted(storage: contract
     revived = await storage.releases.apply_release(spec(d2))
     assert (revived.release.version, revived.changed) == (3, True)
     assert [r.name for r in await storage.releases.list_releases()] == ["ns/t"]
+
+
+async def test_spec_federated_is_stored_with_the_release(storage: contracts.Storage) -> None:
+    d = await stored_manifest(storage)
+    fed = {"rounds": 2, "participants": {"count": 1}, "updateEncoding": "float16"}
+    first = await storage.releases.apply_release(spec(d, federated=fed))
+    assert first.release.spec.federated == fed
+    stored = await storage.releases.get_release("ns/t")
+    assert stored is not None and stored.spec.federated == fed and stored.spec.rules() is not None
+    same = await storage.releases.apply_release(spec(d, federated=fed))
+    assert not same.changed and same.release.version == first.release.version
+    other = await storage.releases.apply_release(spec(d, federated={**fed, "rounds": 3}))
+    assert other.changed and other.release.version == first.release.version + 1
 
 
 async def test_desired_state_follows_targets_pause_and_notifications(storage: contracts.Storage) -> None:

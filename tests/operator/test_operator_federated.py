@@ -88,3 +88,20 @@ def test_the_committed_crd_carries_the_federated_schema() -> None:
         s.value for s in strategies.StrategyName
     }
     assert fed["properties"]["privacy"]["properties"]["mode"]["enum"] == ["central", "local"]
+
+
+def test_apply_release_carries_spec_federated_to_the_controller() -> None:
+    from tether.operator import reconcile
+    from tether.spec import wire
+
+    typed = validate.validate(spec({**FEDERATED, "updateEncoding": "int8", "modelFile": "w/global.safetensors"}))
+    action = reconcile.ApplyRelease.from_spec(typed, reconcile.Meta(name="t", namespace="ml", generation=1))
+    assert action.federated["updateEncoding"] == "int8" and action.federated["modelFile"] == "w/global.safetensors"
+    message = wire.release_spec(release=action.release, manifest_digest=DIGEST, federated=action.federated)
+    parsed = federation.parse_federation(wire.parse_object(message.federated_json, field="federated"))
+    assert parsed is not None and parsed.update_encoding is federation.UpdateEncoding.INT8
+    plain = reconcile.ApplyRelease.from_spec(
+        validate.validate({"bundle": {"digest": DIGEST}}), reconcile.Meta(name="t", namespace="ml", generation=1)
+    )
+    assert plain.federated == {}
+    assert wire.release_spec(release="ml/t", manifest_digest=DIGEST).federated_json == ""

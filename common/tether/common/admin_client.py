@@ -278,6 +278,7 @@ class AdminClient:
         paused: bool = False,
         resources: spec_resources.Resources | Mapping[str, Any] | None = None,
         rollout: staging.Rollout | Mapping[str, Any] | None = None,
+        federated: Mapping[str, Any] | None = None,
     ) -> ApplyResult:
         """Create or update a release. `resources`: `{"timeoutSeconds", "memoryMB", "cpuSeconds"}` (all optional).
 
@@ -295,6 +296,7 @@ class AdminClient:
             paused=paused,
             resources=resources,
             rollout=rollout,
+            federated=federated,
         )
         response = await self._call(self._stub.ApplyRelease, pb.ApplyReleaseRequest(spec=spec))
         return ApplyResult(release=response.release, version=response.version, changed=response.changed)

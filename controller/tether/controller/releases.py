@@ -22,7 +22,7 @@ from typing import Any
 from tether.common import errors, manifest
 from tether.controller import rollouts
 from tether.proto.v1 import tether_pb2 as pb
-from tether.spec import selectors, staging, triggers, wire
+from tether.spec import federation, selectors, staging, triggers, wire
 
 # "<namespace>/<name>": a Kubernetes namespace (DNS label) and object name (DNS subdomain).
 RELEASE_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?/[a-z0-9]([-.a-z0-9]{0,251}[a-z0-9])?$")
@@ -45,6 +45,12 @@ class ReleaseSpec:
     resources: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     # The operator's rollout decision (tether.controller.rollouts), normalised; {} = no staging.
     rollout: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    # spec.federated as the operator sent it (tether.spec.federation); {} = not federated.
+    federated: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def rules(self) -> federation.Federation | None:
+        """The parsed round rules (validated when the spec was accepted), None when not federated."""
+        return federation.parse_federation(self.federated or None)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -121,6 +127,7 @@ def parse_spec(
     paused: bool,
     resources_json: str = "",
     rollout_json: str = "",
+    federated_json: str = "",
 ) -> ReleaseSpec:
     """Validate a ReleaseSpec given as JSON documents (the deprecated wire form); see `spec_from_proto`."""
     return spec_from_proto(
@@ -134,6 +141,7 @@ def parse_spec(
             paused=paused,
             resources_json=resources_json,
             rollout_json=rollout_json,
+            federated_json=federated_json,
         )
     )
 
@@ -159,6 +167,9 @@ def spec_from_proto(message: pb.ReleaseSpec) -> ReleaseSpec:
     check_aggregation(aggregation)
     limits = wire.resources_of(message)
     rollout = wire.rollout_of(message)
+    federated = wire.parse_object(message.federated_json, field="federated")
+    if federated:
+        federation.parse_federation(federated, field="federated")
     return ReleaseSpec(
         release=message.release,
         generation=message.generation,
@@ -169,6 +180,7 @@ def spec_from_proto(message: pb.ReleaseSpec) -> ReleaseSpec:
         paused=message.paused,
         resources=limits.to_json(),
         rollout={} if rollout is None else rollout.to_json(),
+        federated=federated,
     )
 
 
@@ -208,6 +220,7 @@ def content_changed(old: ReleaseSpec, new: ReleaseSpec) -> bool:
         or _canonical(old.trigger) != _canonical(new.trigger)
         or _canonical(old.aggregation) != _canonical(new.aggregation)
         or _canonical(old.resources) != _canonical(new.resources)
+        or _canonical(old.federated) != _canonical(new.federated)
     )
 
 

@@ -130,6 +130,8 @@ class ApplyRelease:
     paused: bool
     resources: resources.Resources
     rollout: staging.Rollout | None = None  # tether.operator.progression.rollout_document; None = nothing to stage
+    # spec.federated as the shared parser's document (tether.spec.federation); {} = not federated
+    federated: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def from_spec(cls, spec: MLTaskSpec, meta: Meta, *, rollout: staging.Rollout | None = None) -> ApplyRelease:
@@ -143,6 +145,7 @@ class ApplyRelease:
             paused=spec.paused,
             resources=spec.resources.parsed(),
             rollout=rollout,
+            federated={} if spec.federated is None else spec.federated.document(),
         )
 
     @property

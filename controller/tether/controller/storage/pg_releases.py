@@ -62,7 +62,7 @@ class PostgresReleases:
                 inserted = await (
                     await conn.execute(
                         "INSERT INTO releases (release, version, generation, manifest_digest, target, trigger,"
-                        " aggregation, resources, paused) VALUES (%s, 1, %s, %s, %s, %s, %s, %s, %s)"
+                        " aggregation, resources, paused, federated) VALUES (%s, 1, %s, %s, %s, %s, %s, %s, %s, %s)"
                         " ON CONFLICT (release) DO NOTHING RETURNING version",
                         (
                             spec.release,
@@ -73,6 +73,7 @@ class PostgresReleases:
                             Jsonb(dict(spec.aggregation)),
                             Jsonb(dict(spec.resources)),
                             spec.paused,
+                            Jsonb(dict(spec.federated)),
                         ),
                     )
                 ).fetchone()
@@ -88,7 +89,8 @@ class PostgresReleases:
                 return contracts.ApplyOutcome(release=previous, previous=previous, changed=False)
             await conn.execute(
                 "UPDATE releases SET version = %s, generation = %s, manifest_digest = %s, target = %s,"
-                " trigger = %s, aggregation = %s, resources = %s, paused = %s, deleted = false, updated_at = now()"
+                " trigger = %s, aggregation = %s, resources = %s, paused = %s, federated = %s, deleted = false,"
+                " updated_at = now()"
                 " WHERE release = %s",
                 (
                     version,
@@ -99,6 +101,7 @@ class PostgresReleases:
                     Jsonb(dict(spec.aggregation)),
                     Jsonb(dict(spec.resources)),
                     spec.paused,
+                    Jsonb(dict(spec.federated)),
                     spec.release,
                 ),
             )

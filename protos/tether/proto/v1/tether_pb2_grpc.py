@@ -84,6 +84,11 @@ class DeviceServiceStub:
                 request_serializer=tether_dot_proto_dot_v1_dot_tether__pb2.ReportBackendsRequest.SerializeToString,
                 response_deserializer=tether_dot_proto_dot_v1_dot_tether__pb2.ReportBackendsResponse.FromString,
                 _registered_method=True)
+        self.PushUpdate = channel.stream_unary(
+                '/tether.v1.DeviceService/PushUpdate',
+                request_serializer=tether_dot_proto_dot_v1_dot_tether__pb2.PushUpdateChunk.SerializeToString,
+                response_deserializer=tether_dot_proto_dot_v1_dot_tether__pb2.PushUpdateResponse.FromString,
+                _registered_method=True)
 
 
 class DeviceServiceServicer:
@@ -153,6 +158,13 @@ class DeviceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PushUpdate(self, request_iterator, context):
+        """A federated round's model update (client stream: header, then bytes).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DeviceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -205,6 +217,11 @@ def add_DeviceServiceServicer_to_server(servicer, server):
                     servicer.ReportBackends,
                     request_deserializer=tether_dot_proto_dot_v1_dot_tether__pb2.ReportBackendsRequest.FromString,
                     response_serializer=tether_dot_proto_dot_v1_dot_tether__pb2.ReportBackendsResponse.SerializeToString,
+            ),
+            'PushUpdate': grpc.stream_unary_rpc_method_handler(
+                    servicer.PushUpdate,
+                    request_deserializer=tether_dot_proto_dot_v1_dot_tether__pb2.PushUpdateChunk.FromString,
+                    response_serializer=tether_dot_proto_dot_v1_dot_tether__pb2.PushUpdateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -477,6 +494,33 @@ class DeviceService:
             '/tether.v1.DeviceService/ReportBackends',
             tether_dot_proto_dot_v1_dot_tether__pb2.ReportBackendsRequest.SerializeToString,
             tether_dot_proto_dot_v1_dot_tether__pb2.ReportBackendsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushUpdate(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/tether.v1.DeviceService/PushUpdate',
+            tether_dot_proto_dot_v1_dot_tether__pb2.PushUpdateChunk.SerializeToString,
+            tether_dot_proto_dot_v1_dot_tether__pb2.PushUpdateResponse.FromString,
             options,
             channel_credentials,
             insecure,
