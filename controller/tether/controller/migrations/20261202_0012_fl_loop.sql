@@ -15,3 +15,17 @@ ALTER TABLE fl_participants
     ADD COLUMN update_encoding text;
 
 ALTER TABLE fl_rounds ADD COLUMN refusals jsonb NOT NULL DEFAULT '{}';
+
+-- What a round trains from (the global model's blob and the release version carrying it) and
+-- what it published: the new model's blob, the derived manifest and version, the server
+-- state (FedAvgM / FedOpt moments, a blob), samples, device metrics and the privacy spent.
+ALTER TABLE fl_rounds
+    ADD COLUMN model text NOT NULL DEFAULT '',
+    ADD COLUMN version bigint NOT NULL DEFAULT 0,
+    ADD COLUMN result_model text,
+    ADD COLUMN result_manifest text,
+    ADD COLUMN result_version bigint,
+    ADD COLUMN state_digest text,
+    ADD COLUMN samples bigint,
+    ADD COLUMN metrics jsonb,
+    ADD COLUMN epsilon double precision;
