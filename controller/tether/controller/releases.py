@@ -47,6 +47,9 @@ class ReleaseSpec:
     rollout: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     # spec.federated as the operator sent it (tether.spec.federation); {} = not federated.
     federated: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    # A federated release's bundle as the operator sent it; `manifest_digest` is then the current round's
+    # (the base with the global model file replaced, derived by the controller). "" when not federated.
+    base_manifest: str = ""
 
     def rules(self) -> federation.Federation | None:
         """The parsed round rules (validated when the spec was accepted), None when not federated."""
@@ -182,6 +185,30 @@ def spec_from_proto(message: pb.ReleaseSpec) -> ReleaseSpec:
         rollout={} if rollout is None else rollout.to_json(),
         federated=federated,
     )
+
+
+def effective_spec(previous: Release | None, incoming: ReleaseSpec) -> ReleaseSpec:
+    """What an apply stores: for a federated release, the round's manifest survives a re-apply of its base.
+
+    The operator sends the bundle it knows (the base). While that base is
+    unchanged the release keeps the manifest of its latest round, so an
+    unchanged MLTask neither resets the global model nor bumps the version; a
+    new base replaces it (and starts the run afresh). The controller's own
+    apply of a round's manifest names the base explicitly (`base_manifest`).
+    """
+    if not incoming.federated:
+        return dataclasses.replace(incoming, base_manifest="")
+    if incoming.base_manifest:
+        return incoming
+    base = incoming.manifest_digest
+    if (
+        previous is not None
+        and not previous.deleted
+        and previous.spec.federated
+        and previous.spec.base_manifest == base
+    ):
+        return dataclasses.replace(incoming, manifest_digest=previous.spec.manifest_digest, base_manifest=base)
+    return dataclasses.replace(incoming, base_manifest=base)
 
 
 def check_trigger(trigger: Mapping[str, Any]) -> None:

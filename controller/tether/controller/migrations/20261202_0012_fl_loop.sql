@@ -29,3 +29,7 @@ ALTER TABLE fl_rounds
     ADD COLUMN samples bigint,
     ADD COLUMN metrics jsonb,
     ADD COLUMN epsilon double precision;
+
+-- A federated release's bundle as the operator sent it; releases.manifest_digest is then the
+-- latest round's (the base with its global model file replaced). '' when not federated.
+ALTER TABLE releases ADD COLUMN base_manifest text NOT NULL DEFAULT '';
