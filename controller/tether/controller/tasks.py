@@ -420,3 +420,7 @@ def aggregate(self: Task, *, release: str, version: int) -> dict[str, Any]:
         outcome.result_count,
     )
     return dataclasses.asdict(outcome)
+
+
+# The federated rounds' task registers itself on `app` (it imports this module's decorator and pool).
+from tether.controller import round_tasks  # noqa: E402, F401

@@ -104,6 +104,7 @@ class Round:
     refusals: Mapping[str, int] = dataclasses.field(default_factory=dict)  # refused updates per reason
     model: str = ""  # the blob of the global model this round trains from
     version: int = 0  # the release version whose bundle carries that model
+    eligible: int = 0  # devices the participants were drawn from (the sampling rate of the privacy accounting)
 
     @property
     def quorum_met(self) -> bool:
@@ -126,12 +127,12 @@ class RoundResult:
     """What a published round produced (`RoundBook.publish_round`)."""
 
     model: str  # the new global model's blob
-    manifest: str  # the derived bundle manifest carrying it
-    version: int  # the release version of that manifest
     samples: int
     metrics: Mapping[str, float]
     state: str = ""  # the server state's blob (FedAvgM / FedOpt), "" when the strategy keeps none
     epsilon: float | None = None  # the privacy spent after this round (central or local DP)
+    manifest: str = ""  # the derived bundle manifest serving it ("" until the driver applied it)
+    version: int = 0  # the release version of that manifest (0 until then)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -188,6 +189,7 @@ def select(r: Round, *, eligible: Iterable[str], rules: federation.Federation, n
         target=rules.participants.of(len(pool)),
         quorum=quorum,
         deadline=now + rules.round_deadline_s,
+        eligible=len(pool),
     )
 
 

@@ -22,6 +22,7 @@ ALTER TABLE fl_rounds ADD COLUMN refusals jsonb NOT NULL DEFAULT '{}';
 ALTER TABLE fl_rounds
     ADD COLUMN model text NOT NULL DEFAULT '',
     ADD COLUMN version bigint NOT NULL DEFAULT 0,
+    ADD COLUMN eligible integer NOT NULL DEFAULT 0,
     ADD COLUMN result_model text,
     ADD COLUMN result_manifest text,
     ADD COLUMN result_version bigint,

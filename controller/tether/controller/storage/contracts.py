@@ -322,6 +322,10 @@ class RoundBook(Protocol):
         """
         ...
 
+    async def mark_served(self, *, task: str, number: int, manifest: str, version: int) -> None:
+        """Record the bundle version that serves a published round's model (its result's manifest and version)."""
+        ...
+
     async def round_result(self, *, task: str, number: int) -> rounds.RoundResult | None:
         """What a published round produced; None before."""
         ...

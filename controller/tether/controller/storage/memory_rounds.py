@@ -46,6 +46,7 @@ class MemoryRounds:
             quorum=r.quorum,
             extensions=r.extensions,
             reason=r.reason,
+            eligible=r.eligible,
             selected=stored.selected or r.selected,
         )
         self._t.rounds[(r.task, r.number)] = new
@@ -92,6 +93,12 @@ class MemoryRounds:
         self._t.rounds[(task, number)] = rounds.published(stored)
         self._t.round_results[(task, number)] = result
         return True
+
+    async def mark_served(self, *, task: str, number: int, manifest: str, version: int) -> None:
+        result = self._t.round_results.get((task, number))
+        if result is None:
+            raise errors.FailedPrecondition(f"round {number} of {task} has published no model")
+        self._t.round_results[(task, number)] = dataclasses.replace(result, manifest=manifest, version=version)
 
     async def round_result(self, *, task: str, number: int) -> rounds.RoundResult | None:
         return self._t.round_results.get((task, number))

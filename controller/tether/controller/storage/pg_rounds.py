@@ -23,7 +23,11 @@ from tether.spec import federation
 if TYPE_CHECKING:
     from psycopg_pool import AsyncConnectionPool
 
-_COLUMNS = "task, number, phase, deadline, target, quorum, extensions, refused, late, reason, refusals, model, version"
+_COLUMNS = (
+    "task, number, phase, deadline, target, quorum, extensions, refused, late, reason,"
+    " refusals, model, version, eligible"
+)
+_PLACEHOLDERS = ", ".join(["%s"] * len(_COLUMNS.split(",")))
 
 
 class PostgresRounds:
@@ -42,7 +46,7 @@ class PostgresRounds:
                 if live is not None:
                     raise errors.FailedPrecondition(f"round {live[0]} of {r.task} is still {live[1]}")
                 await conn.execute(
-                    f"INSERT INTO fl_rounds ({_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                    f"INSERT INTO fl_rounds ({_COLUMNS}) VALUES ({_PLACEHOLDERS})",
                     (
                         r.task,
                         r.number,
@@ -57,6 +61,7 @@ class PostgresRounds:
                         Jsonb(dict(r.refusals)),
                         r.model,
                         r.version,
+                        r.eligible,
                     ),
                 )
                 await _insert_participants(conn, r)
@@ -82,8 +87,8 @@ class PostgresRounds:
             rounds.check_update(stored, r, expected=expected)
             await conn.execute(
                 "UPDATE fl_rounds SET phase = %s, deadline = %s, target = %s, quorum = %s, extensions = %s,"
-                " reason = %s, updated_at = now() WHERE task = %s AND number = %s",
-                (r.phase.value, r.deadline, r.target, r.quorum, r.extensions, r.reason, r.task, r.number),
+                " reason = %s, eligible = %s, updated_at = now() WHERE task = %s AND number = %s",
+                (r.phase.value, r.deadline, r.target, r.quorum, r.extensions, r.reason, r.eligible, r.task, r.number),
             )
             if not stored.selected and r.selected:
                 await _insert_participants(conn, r)
@@ -180,6 +185,16 @@ class PostgresRounds:
             )
             return True
 
+    async def mark_served(self, *, task: str, number: int, manifest: str, version: int) -> None:
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(
+                "UPDATE fl_rounds SET result_manifest = %s, result_version = %s, updated_at = now()"
+                " WHERE task = %s AND number = %s AND result_model IS NOT NULL",
+                (manifest, version, task, number),
+            )
+            if cur.rowcount != 1:
+                raise errors.FailedPrecondition(f"round {number} of {task} has published no model")
+
     async def round_result(self, *, task: str, number: int) -> rounds.RoundResult | None:
         async with self._pool.connection() as conn:
             row = await (
@@ -193,8 +208,8 @@ class PostgresRounds:
             return None
         return rounds.RoundResult(
             model=row[0],
-            manifest=row[1],
-            version=int(row[2]),
+            manifest=row[1] or "",
+            version=int(row[2] or 0),
             samples=int(row[3] or 0),
             metrics=dict(row[4] or {}),
             state=row[5] or "",
@@ -271,6 +286,7 @@ async def _load(conn: psycopg.AsyncConnection[Any], *, task: str, number: int, l
         refusals={str(k): int(v) for k, v in (row[10] or {}).items()},
         model=row[11],
         version=int(row[12]),
+        eligible=int(row[13]),
         selected=tuple(p[0] for p in people),
         received=tuple(p[0] for p in received),
     )
