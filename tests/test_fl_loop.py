@@ -17,9 +17,11 @@ import time
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 
 from tether.agent import daemon
 from tether.agent.client import Backoff
+from tether.cli import main as cli_main
 from tether.common import admin_client, config, manifest, tensorfiles
 from tether.devtools import procs
 
@@ -171,6 +173,7 @@ async def test_three_rounds_change_the_global_model_as_fedavg_does_one_blob_per_
                 federated=federated,
             )
             assert not again.changed
+            status = await client.get_release_status(TASK)
     finally:
         for a in agents:
             a.stop()
@@ -202,6 +205,19 @@ async def test_three_rounds_change_the_global_model_as_fedavg_does_one_blob_per_
     for device, digests in pulled.items():
         assert set(digests[: len(first_bundle)]) == first_bundle, device
         assert digests[len(first_bundle) :] == models, device
+
+    # Status: the rounds and their history, as the admin API and `tether fl history` show them.
+    fed = status.federated
+    assert fed is not None and fed["round"] == ROUNDS and fed["phase"] == "Published"
+    assert [h["round"] for h in fed["history"]] == [1, 2, 3]
+    assert [h["model"] for h in fed["history"]] == models and all(h["updates"] == 3 for h in fed["history"])
+    runner = CliRunner()
+    args = ["fl", "history", TASK, "--controller", controller.address, "--admin-token", ADMIN_TOKEN, "--csv"]
+    out = await asyncio.to_thread(runner.invoke, cli_main.cli, args)
+    assert out.exit_code == 0, out.output
+    lines = out.output.splitlines()
+    assert lines[0] == "round,phase,participants,updates,refused,samples,loss,round,epsilon"
+    assert [line.split(",")[:4] for line in lines[1:]] == [[str(n), "Published", "3", "3"] for n in (1, 2, 3)]
 
 
 def record_pulls(client) -> list[str]:

@@ -127,6 +127,7 @@ class ReleaseStatus:
     aggregate: Mapping[str, Any] | None  # the latest aggregate body, None before the first round
     aggregate_json: str  # the same, as the controller sent it ("" before the first round)
     health: Mapping[str, Any] | None = None  # per-stage health of a staged rollout (docs/internals.md)
+    federated: Mapping[str, Any] | None = None  # a federated release's rounds (docs/internals.md "Federated rounds")
 
     @classmethod
     def from_proto(cls, m: pb.ReleaseStatus) -> ReleaseStatus:
@@ -146,6 +147,7 @@ class ReleaseStatus:
             aggregate=json.loads(m.aggregate_json) if m.aggregate_json else None,
             aggregate_json=m.aggregate_json,
             health=json.loads(m.health_json) if m.health_json else None,
+            federated=json.loads(m.federated_json) if m.federated_json else None,
         )
 
 

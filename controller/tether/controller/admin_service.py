@@ -8,6 +8,7 @@ kept about a release the moment it changes.
 
 from __future__ import annotations
 
+import json
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -27,6 +28,7 @@ from tether.controller import (
     releases,
     rollouts,
 )
+from tether.controller.fl import status as fl_status
 from tether.controller.storage import contracts
 from tether.proto.v1 import tether_pb2 as pb
 from tether.proto.v1 import tether_pb2_grpc as pb_grpc
@@ -129,7 +131,23 @@ class AdminService(pb_grpc.AdminServiceServicer):
     ) -> pb.ReleaseStatus:
         releases.check_release_name(request.release)
         [counts] = await self._storage.releases.release_counts([request.release])
-        return self._status(counts)
+        status = self._status(counts)
+        status.federated_json = await self._federated(request.release)
+        return status
+
+    async def _federated(self, release: str) -> str:
+        """The release's rounds (`fl.status`), "" when it is not federated or has run none."""
+        rel = await self._storage.releases.get_release(release)
+        if rel is None or not rel.spec.federated:
+            return ""
+        history = await self._storage.rounds.rounds_of(task=release)
+        results = {}
+        for r in history:
+            res = await self._storage.rounds.round_result(task=release, number=r.number)
+            if res is not None:
+                results[r.number] = res
+        doc = fl_status.document(history, results, rules=rel.spec.rules())
+        return json.dumps(doc, sort_keys=True) if doc else ""
 
     async def ListReleases(
         self, request: pb.ListReleasesRequest, context: grpc.aio.ServicerContext

@@ -37,7 +37,7 @@ from typing import Any, Protocol
 
 from tether.common import errors
 from tether.operator import conditions as cond
-from tether.operator import progression, validate
+from tether.operator import progression, task_status, validate
 from tether.operator.model import MLTaskSpec
 from tether.operator.task_status import AggregateSummary, ConditionStatus, MLTaskStatus, Phase, RolloutPhase
 from tether.spec import names, resources, selectors, staging, wire
@@ -347,6 +347,9 @@ def observe(status: MLTaskStatus, observed: ObservedRelease) -> MLTaskStatus:
     summary = aggregate_summary(observed.aggregate, observed.aggregate_round)
     if summary is not None:
         update["aggregate"] = summary
+    rounds = task_status.federated_summary(getattr(observed, "federated", None))
+    if rounds is not None:
+        update["federated"] = rounds
     return status.model_copy(update=update)
 
 
