@@ -77,7 +77,7 @@ class Situation:
     serving_model: str  # the model file's blob in the manifest the release serves now
     serving_version: int
     latest: rounds.Round | None
-    latest_result: rounds.RoundResult | None  # of `latest`, when published
+    latest_result: rounds.RoundResult | None = None  # of `latest`, when published
     history: Sequence[float | None] = ()  # the stop metric per published round
     published: int = 0  # rounds published so far
     eligible: Sequence[str] = ()
