@@ -20,9 +20,16 @@ def delta(seed: int = 0, scale: float = 1.0) -> dict[str, np.ndarray]:
 
 def test_a_model_file_round_trips() -> None:
     model = delta()
-    got = tensorfiles.load(tensorfiles.dump(model, metadata={"round": "3"}))
+    meta = {"task": "ml/x", "round": 3, "a": "b", "z": [1, 2]}
+    data = tensorfiles.dump(model, metadata=meta)
+    got = tensorfiles.load(data)
     assert got.keys() == model.keys() and all(np.array_equal(got[n], model[n]) for n in model)
-    assert tensorfiles.metadata(tensorfiles.dump(model, metadata={"round": "3"})) == {"round": "3"}
+    assert tensorfiles.metadata(data) == meta
+    # the same tensors and metadata always make the same bytes (a model's digest is reproducible)
+    assert all(
+        tensorfiles.dump(dict(reversed(model.items())), metadata=dict(reversed(meta.items()))) == data
+        for _ in range(20)
+    )
 
 
 def test_float32_updates_are_exact() -> None:
@@ -64,7 +71,7 @@ def test_refusals_name_the_tensor() -> None:
     with pytest.raises(tensorfiles.InvalidTensors, match=r"delta\['dense/w'\]: has dtype float64"):
         tensorfiles.decode_update(f64, encoding="float32", like=LIKE)
     no_scale = tensorfiles.dump({"w": np.zeros(3, dtype=np.int8)})
-    with pytest.raises(tensorfiles.InvalidTensors, match="scale:w"):
+    with pytest.raises(tensorfiles.InvalidTensors, match="scale"):
         tensorfiles.decode_update(no_scale, encoding="int8", like={})
     for junk in (b"", b"\xff" * 8 + b"{}", (5).to_bytes(8, "little") + b"[1,2]", b"\x02\0\0\0\0\0\0\0{}junk"):
         with pytest.raises(tensorfiles.InvalidTensors):

@@ -11,8 +11,13 @@ kept by Hugging Face). An update is encoded as the task asks
   normal range (|x| >= 6.1e-5; below it the absolute error is at most
   2^-25); a value beyond float16's 65504 cannot be encoded and is refused.
 - int8: `I8` tensors with a per-tensor symmetric scale in the file's
-  metadata (`"scale:<name>"`): x ~ q·scale, scale = max|x| / 127, so the
-  absolute error per value is at most scale / 2 = max|x| / 254.
+  metadata (`{"scales": {name: scale}}`): x ~ q·scale, scale = max|x| / 127,
+  so the absolute error per value is at most scale / 2 = max|x| / 254.
+
+Metadata is one entry, `"tether"`: canonical JSON (sorted keys). The library
+keeps metadata in a hash map whose order varies between runs, so with one
+entry the same tensors always make the same bytes: a model's digest is
+reproducible (a redelivered aggregation writes the same blob).
 
 Decoding checks that each tensor has the dtype its encoding promises and
 returns float arrays in the model's dtype; names, shapes and values are the
@@ -51,10 +56,14 @@ class InvalidTensors(errors.InvalidArgument):
     reason = "InvalidUpdate"
 
 
-def dump(tensors: Mapping[str, npt.NDArray[Any]], *, metadata: Mapping[str, str] | None = None) -> bytes:
-    """A safetensors file of `tensors` (C-contiguous copies), with string `metadata`."""
+META_KEY = "tether"
+
+
+def dump(tensors: Mapping[str, npt.NDArray[Any]], *, metadata: Mapping[str, Any] | None = None) -> bytes:
+    """A safetensors file of `tensors` (C-contiguous copies) and JSON `metadata`; the same input, the same bytes."""
     arrays = {n: np.ascontiguousarray(a) for n, a in sorted(tensors.items())}
-    return bytes(st.save(arrays, metadata=dict(metadata) if metadata else None))
+    meta = {META_KEY: json.dumps(dict(metadata), sort_keys=True, separators=(",", ":"))} if metadata else None
+    return bytes(st.save(arrays, metadata=meta))
 
 
 def load(data: bytes, *, what: str = "model") -> Tensors:
@@ -66,12 +75,20 @@ def load(data: bytes, *, what: str = "model") -> Tensors:
         raise InvalidTensors(f"{what}: not a readable safetensors file: {e}") from None
 
 
-def metadata(data: bytes, *, what: str = "model") -> dict[str, str]:
-    """The file's `__metadata__` (string to string)."""
+def metadata(data: bytes, *, what: str = "model") -> dict[str, Any]:
+    """The file's metadata as `dump` wrote it ({} when it has none)."""
     meta = _header(data, what=what).get("__metadata__") or {}
     if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
         raise InvalidTensors(f"{what}: __metadata__ must map strings to strings")
-    return meta
+    if META_KEY not in meta:
+        return {}
+    try:
+        doc = json.loads(meta[META_KEY])
+    except (ValueError, RecursionError):
+        raise InvalidTensors(f"{what}: metadata {META_KEY!r} is not JSON") from None
+    if not isinstance(doc, dict):
+        raise InvalidTensors(f"{what}: metadata {META_KEY!r} must be a JSON object")
+    return doc
 
 
 def _header(data: bytes, *, what: str) -> dict[str, Any]:
@@ -94,7 +111,7 @@ def encode_update(delta: Mapping[str, npt.NDArray[Any]], *, encoding: str) -> by
     if encoding not in ENCODINGS:
         raise InvalidTensors(f"encoding {encoding!r} is not one of {list(ENCODINGS)}")
     out: Tensors = {}
-    meta: dict[str, str] = {"tether.encoding": encoding}
+    scales: dict[str, float] = {}
     for name, value in sorted(delta.items()):
         a = np.asarray(value, dtype=np.float64)
         if not np.isfinite(a).all():
@@ -109,7 +126,10 @@ def encode_update(delta: Mapping[str, npt.NDArray[Any]], *, encoding: str) -> by
             top = float(np.abs(a).max()) if a.size else 0.0
             scale = top / 127.0 if top > 0 else 1.0
             out[name] = np.clip(np.rint(a / scale), -127, 127).astype(np.int8)
-            meta[f"scale:{name}"] = repr(scale)
+            scales[name] = scale
+    meta: dict[str, Any] = {"encoding": encoding}
+    if encoding == INT8:
+        meta["scales"] = scales
     return dump(out, metadata=meta)
 
 
@@ -118,7 +138,9 @@ def decode_update(data: bytes, *, encoding: str, like: Mapping[str, npt.NDArray[
     if encoding not in ENCODINGS:
         raise InvalidTensors(f"encoding {encoding!r} is not one of {list(ENCODINGS)}")
     tensors = load(data, what="update")
-    meta = metadata(data, what="update") if encoding == INT8 else {}
+    scales = metadata(data, what="update").get("scales") if encoding == INT8 else {}
+    if not isinstance(scales, dict):
+        raise InvalidTensors("update: int8 needs the tensors' scales in its metadata")
     wire = _WIRE_DTYPE[encoding]
     out: Tensors = {}
     for name, q in sorted(tensors.items()):
@@ -127,13 +149,10 @@ def decode_update(data: bytes, *, encoding: str, like: Mapping[str, npt.NDArray[
             raise InvalidTensors(f"{where}: has dtype {q.dtype}, encoding {encoding} sends {wire}")
         target = like[name].dtype if name in like else np.dtype(np.float32)
         if encoding == INT8:
-            raw = meta.get(f"scale:{name}")
-            try:
-                scale = float(raw) if raw is not None else math.nan
-            except ValueError:
-                scale = math.nan
+            raw = scales.get(name)
+            scale = float(raw) if isinstance(raw, int | float) and not isinstance(raw, bool) else math.nan
             if not (math.isfinite(scale) and scale > 0):
-                raise InvalidTensors(f"{where}: int8 needs a positive finite scale:{name} in the metadata")
+                raise InvalidTensors(f"{where}: int8 needs a positive finite scale for it in the metadata")
             out[name] = (q.astype(np.float64) * scale).astype(target)
         else:
             out[name] = q.astype(target)
