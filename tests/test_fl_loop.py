@@ -219,6 +219,27 @@ async def test_three_rounds_change_the_global_model_as_fedavg_does_one_blob_per_
     assert lines[0] == "round,phase,participants,updates,refused,samples,loss,round,epsilon"
     assert [line.split(",")[:4] for line in lines[1:]] == [[str(n), "Published", "3", "3"] for n in (1, 2, 3)]
 
+    # Any round's model can be exported, and served again.
+    exported = tmp_path / "round2.safetensors"
+    args = ["fl", "export", TASK, "--round", "2", "-o", str(exported)]
+    out = await asyncio.to_thread(
+        runner.invoke, cli_main.cli, [*args, "--controller", controller.address, "--admin-token", ADMIN_TOKEN]
+    )
+    assert out.exit_code == 0, out.output
+    assert manifest.sha256_digest(exported.read_bytes()) == models[1]
+    async with admin_client.AdminClient(controller.address, token=ADMIN_TOKEN) as client:
+        base = tmp_path / "round0.safetensors"
+        assert await client.export_round_model(TASK, 0, base) == manifest.sha256_digest(base.read_bytes())
+        assert tensorfiles.load(base.read_bytes()).keys() == initial.keys()
+        back = await client.rollback_round(TASK, 1)
+        assert back.model == models[0] and back.version == 2 + ROUNDS and back.cancelled_round == 0
+    rel = await controller.storage.releases.get_release(TASK)
+    assert rel is not None and rel.version == 2 + ROUNDS
+    served = await controller.storage.bundles.get_manifest(rel.manifest_digest)
+    assert (
+        served is not None and manifest.Manifest.from_bytes(served.body).file("model.safetensors").sha256 == models[0]
+    )
+
 
 def record_pulls(client) -> list[str]:
     """Wrap a DeviceClient's blob pulls: the digests it asked for, in order."""

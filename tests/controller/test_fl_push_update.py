@@ -102,6 +102,7 @@ async def test_updates_are_refused_by_class_with_the_reason_named_and_counted(
     huge = header_for(good, size=intake_limit() + 1)
     await refused("dev-a", huge, good, bad, "TooLarge")
     await refused("dev-x", header_for(good), good, pre, "NotSelected")
+    await refused("dev-a", header_for(good, version=7), good, bad, "StaleModel")
 
     accepted = await push(devices_stub, creds["dev-a"], header_for(good), good)
     assert accepted.accepted and accepted.digest == digest(good)
@@ -112,7 +113,14 @@ async def test_updates_are_refused_by_class_with_the_reason_named_and_counted(
 
     stored = await store.round(task=TASK, number=1)
     assert stored is not None and stored.received == ("dev-a",)
-    assert stored.refusals == {"InvalidUpdate": 4, "BadDigest": 1, "TooLarge": 1, "NotSelected": 1, "Duplicate": 1}
+    assert stored.refusals == {
+        "InvalidUpdate": 4,
+        "BadDigest": 1,
+        "TooLarge": 1,
+        "NotSelected": 1,
+        "Duplicate": 1,
+        "StaleModel": 1,
+    }
     kept = await store.accepted_updates(task=TASK, number=1)
     assert [(u.device, u.digest, u.samples, u.metrics) for u in kept] == [("dev-a", digest(good), 10, {"loss": 0.5})]
     assert controller.blobs.has(digest(good))

@@ -80,3 +80,61 @@ def history(release: str, as_csv: bool, controller: str | None, admin_token: str
         raise click.ClickException(f"{release} is not federated or has run no round yet")
     header, rows = history_table(doc)
     click.echo(render(header, rows, as_csv=as_csv), nl=False)
+
+
+def _controller_options(f: Any) -> Any:
+    f = tls_mod.client_options(f)
+    f = click.option(
+        "--admin-token",
+        envvar=config.ENV_ADMIN_TOKEN,
+        required=True,
+        help=f"Admin token (env {config.ENV_ADMIN_TOKEN}).",
+    )(f)
+    return click.option(
+        "--controller",
+        envvar=config.ENV_CONTROLLER,
+        default=None,
+        help=f"host:port of the controller (env {config.ENV_CONTROLLER}).",
+    )(f)
+
+
+@fl.command()
+@click.argument("release")
+@click.option("--round", "round_number", type=click.IntRange(min=0), required=True, help="The round (0: the base).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), required=True, help="Where to write the model.")
+@_controller_options
+def export(
+    release: str, round_number: int, output: str, controller: str | None, admin_token: str, tls: tls_mod.ClientTLS
+) -> None:
+    """Write RELEASE's global model after a round (a safetensors file)."""
+    from tether.common.admin_client import AdminClient
+
+    async def fetch() -> str:
+        async with AdminClient(controller, token=admin_token, tls=tls) as admin:
+            return await admin.export_round_model(release, round_number, output)
+
+    try:
+        digest = asyncio.run(fetch())
+    except errors.TetherError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"round {round_number} of {release}: {digest} -> {output}")
+
+
+@fl.command()
+@click.argument("release")
+@click.option("--round", "round_number", type=click.IntRange(min=0), required=True, help="The round (0: the base).")
+@_controller_options
+def rollback(release: str, round_number: int, controller: str | None, admin_token: str, tls: tls_mod.ClientTLS) -> None:
+    """Serve RELEASE's model after a round again; the next round trains from it (a live round is cancelled)."""
+    from tether.common.admin_client import AdminClient
+
+    async def call() -> Any:
+        async with AdminClient(controller, token=admin_token, tls=tls) as admin:
+            return await admin.rollback_round(release, round_number)
+
+    try:
+        done = asyncio.run(call())
+    except errors.TetherError as e:
+        raise click.ClickException(str(e)) from None
+    cancelled = f"; round {done.cancelled_round} cancelled" if done.cancelled_round else ""
+    click.echo(f"{release} v{done.version} serves round {round_number}'s model {done.model}{cancelled}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import json
 import pathlib
 from collections.abc import AsyncIterator, Iterable, Mapping
@@ -302,6 +303,35 @@ class AdminClient:
         )
         response = await self._call(self._stub.ApplyRelease, pb.ApplyReleaseRequest(spec=spec))
         return ApplyResult(release=response.release, version=response.version, changed=response.changed)
+
+    async def export_round_model(self, release: str, round_number: int, path: pathlib.Path | str) -> str:
+        """Write a federated round's global model (round 0: the base bundle's) to `path`; its digest."""
+        target = pathlib.Path(path)
+        digest = ""
+        h = hashlib.sha256()
+        try:
+            with target.open("wb") as out:
+                call = self._stub.ExportRoundModel(
+                    pb.RoundModelRequest(release=release, round=round_number), metadata=self._metadata
+                )
+                async for chunk in call:
+                    digest = digest or chunk.digest
+                    h.update(chunk.data)
+                    out.write(chunk.data)
+        except grpc.aio.AioRpcError as e:
+            target.unlink(missing_ok=True)
+            raise error_from_rpc(e) from None
+        if digest and "sha256:" + h.hexdigest() != digest:
+            target.unlink(missing_ok=True)
+            raise errors.DigestMismatch(f"the exported model does not hash to {digest}")
+        return digest
+
+    async def rollback_round(self, release: str, round_number: int) -> pb.RollbackRoundResponse:
+        """Serve a federated round's model again (round 0: the base bundle's); the next round trains from it."""
+        response: pb.RollbackRoundResponse = await self._call(
+            self._stub.RollbackRound, pb.RoundModelRequest(release=release, round=round_number)
+        )
+        return response
 
     async def delete_release(self, release: str) -> bool:
         response = await self._call(self._stub.DeleteRelease, pb.DeleteReleaseRequest(release=release))

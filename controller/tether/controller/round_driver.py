@@ -246,6 +246,45 @@ class RoundDriver:
         log.info("%s v%d serves model %s", rel.name, outcome.release.version, model)
         return outcome.release
 
+    async def model_of(self, task: str, number: int) -> tuple[str, int]:
+        """Round `number`'s published model (round 0: the base bundle's), as (blob digest, size)."""
+        rel = await self._storage.releases.get_release(task)
+        rules = None if rel is None else rel.spec.rules()
+        if rel is None or rules is None:
+            raise errors.NotFound(f"release {task} does not exist or is not federated")
+        if number == 0:
+            base = await self._storage.bundles.get_manifest(rel.spec.base_manifest or rel.manifest_digest)
+            if base is None:
+                raise errors.NotFound(f"the base manifest of {task} is gone")
+            entry = publishing.model_entry(base.body, model_file=rules.model_file)
+            return entry.sha256, entry.size
+        result = await self._storage.rounds.round_result(task=task, number=number)
+        if result is None:
+            raise errors.NotFound(f"round {number} of {task} has published no model")
+        size = await self._blobs.size(result.model)
+        if size is None:
+            raise errors.NotFound(f"round {number}'s model {result.model} is not in the blob store")
+        return result.model, size
+
+    async def rollback(self, task: str, number: int) -> tuple[releases.Release, str, int]:
+        """Serve round `number`'s model again; a live round (training from another model) is cancelled."""
+        model, size = await self.model_of(task, number)
+        rel = await self._storage.releases.get_release(task)
+        rules = None if rel is None else rel.spec.rules()
+        assert rel is not None and rules is not None
+        cancelled = 0
+        async with self._lock.hold(task) as mine:
+            if not mine:
+                raise errors.FailedPrecondition(f"another controller replica is driving {task} now; try again")
+            live = await self._storage.rounds.latest_round(task=task)
+            if live is not None and live.phase not in rounds.TERMINAL:
+                reason = f"cancelled: rolled back to round {number}'s model"
+                await self._storage.rounds.update_round(rounds.cancel(live, reason=reason), expected=live.phase)
+                cancelled = live.number
+            served = await self.serve_model(rel, model_file=rules.model_file, model=model, size=size)
+        log.warning("%s rolled back to round %d's model %s (v%d)", task, number, model, served.version)
+        return served, model, cancelled
+
     async def _tell(self, task: str) -> None:
         """RunNow to the selected devices of the live round that this replica holds and has not told yet."""
         r = await self._storage.rounds.latest_round(task=task)

@@ -108,6 +108,7 @@ class UpdateIntake:
             )
             raise _not_admitted(verdict)
         try:
+            intake.check_version(header, round_version=r.version)
             data = await _collect(chunks, limit=header.size)
             intake.check_bytes(header, data)
             like = await self.models.get(r.model)

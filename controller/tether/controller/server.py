@@ -272,6 +272,7 @@ async def start_controller(
                 hub_=hub_,
                 fan_out=fan_out,
                 bundle_policy=bundle_policy,
+                rounds=rounds_driver,
             ),
             server,
         )

@@ -57,6 +57,17 @@ class InvalidUpdate(Refused):
     reason = "InvalidUpdate"
 
 
+class StaleModel(Refused):
+    """Trained from another bundle version than the round's global model."""
+
+    reason = "StaleModel"
+
+
+def check_version(header: Header, *, round_version: int) -> None:
+    if header.version != round_version:
+        raise StaleModel(f"trained from version {header.version}; round {header.round} trains from {round_version}")
+
+
 class NotAdmitted(errors.FailedPrecondition):
     """An update the round's rules refuse (NotSelected, Duplicate, NotOpenYet, RoundClosed)."""
 

@@ -694,6 +694,26 @@ class ListReleasesResponse(_message.Message):
     releases: _containers.RepeatedCompositeFieldContainer[ReleaseStatus]
     def __init__(self, releases: _Optional[_Iterable[_Union[ReleaseStatus, _Mapping]]] = ...) -> None: ...
 
+class RoundModelRequest(_message.Message):
+    __slots__ = ("release", "round")
+    RELEASE_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    release: str
+    round: int
+    def __init__(self, release: _Optional[str] = ..., round: _Optional[int] = ...) -> None: ...
+
+class RollbackRoundResponse(_message.Message):
+    __slots__ = ("release", "version", "model", "cancelled_round")
+    RELEASE_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    CANCELLED_ROUND_FIELD_NUMBER: _ClassVar[int]
+    release: str
+    version: int
+    model: str
+    cancelled_round: int
+    def __init__(self, release: _Optional[str] = ..., version: _Optional[int] = ..., model: _Optional[str] = ..., cancelled_round: _Optional[int] = ...) -> None: ...
+
 class GetServerStatsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
