@@ -155,3 +155,31 @@ async def test_a_bad_header_is_refused_naming_the_field(controller, admin_client
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await devices_stub.PushUpdate(iter([pb.PushUpdateChunk(data=b"x")]), metadata=creds)
     assert "header" in info.value.details()
+
+
+async def test_a_late_update_is_kept_under_late_updates_keep_never_folded(
+    controller, admin_client, devices_stub, tmp_path
+) -> None:
+    model_digest, _ = await federated_release(controller, admin_client, tmp_path)
+    keep = federation.parse_federation({**FEDERATED, "lateUpdates": "keep"})
+    assert keep is not None
+    await admin_client.apply_release(
+        release=TASK,
+        manifest_digest=(await controller.storage.releases.get_release(TASK)).manifest_digest,
+        trigger={"type": "onDemand"},
+        federated={**FEDERATED, "lateUpdates": "keep"},
+    )
+    creds = await enroll(devices_stub, "dev-a")
+    store = controller.storage.rounds
+    r = rounds.open_round(task=TASK, number=1, rules=keep, now=0.0)
+    r = rounds.Round(**{**r.__dict__, "model": model_digest, "version": 2})
+    await store.create_round(r)
+    chosen = rounds.select(r, eligible=["dev-a", "dev-b"], rules=keep, now=0.0)  # its deadline has passed
+    await store.update_round(chosen, expected=rounds.Phase.OPEN)
+    good = tensorfiles.encode_update({n: np.ones(a.shape) for n, a in MODEL.items()}, encoding="float16")
+    answer = await push(devices_stub, creds, header_for(good, encoding="float16", version=2), good)
+    assert not answer.accepted and answer.refusal == "LateKept" and answer.digest == digest(good)
+    stored = await store.round(task=TASK, number=1)
+    assert stored is not None and stored.late == 1 and stored.received == () and stored.refusals == {"LateKept": 1}
+    assert await store.accepted_updates(task=TASK, number=1) == []  # kept, never folded
+    assert controller.blobs.has(digest(good))

@@ -105,3 +105,36 @@ def test_apply_release_carries_spec_federated_to_the_controller() -> None:
     )
     assert plain.federated == {}
     assert wire.release_spec(release="ml/t", manifest_digest=DIGEST).federated_json == ""
+
+
+def test_the_task_status_shows_the_current_round() -> None:
+    from tether.operator import reconcile, task_status
+
+    doc = {
+        "round": 3,
+        "phase": "Collecting",
+        "selected": 10,
+        "received": 4,
+        "refused": {"NotSelected": 2, "InvalidUpdate": 1},
+        "epsilon": 1.5,
+        "history": [
+            {"round": 1, "phase": "Published", "metrics": {"accuracy": 0.5}},
+            {"round": 2, "phase": "Published", "metrics": {"accuracy": 0.7}},
+            {"round": 3, "phase": "Collecting", "metrics": {}},
+        ],
+    }
+    got = task_status.federated_summary(doc)
+    assert got == task_status.FederatedStatus(
+        round=3,
+        phase="Collecting",
+        selected=10,
+        received=4,
+        refused=3,
+        published=2,
+        epsilon=1.5,
+        metrics={"accuracy": 0.7},
+    )
+    assert task_status.federated_summary(None) is None and task_status.federated_summary({"round": "x"}) is None
+    observed = reconcile.Observation(release="ml/t", federated=doc)
+    status = reconcile.observe(task_status.MLTaskStatus(), observed)
+    assert status.federated == got and status.to_json()["federated"]["round"] == 3

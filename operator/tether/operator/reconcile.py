@@ -105,6 +105,7 @@ class Observation:
     aggregate: Mapping[str, Any] | None = None
     aggregate_round: int = 0
     health: Mapping[str, Any] | None = None  # per-stage health of a staged rollout (ReleaseStatus.health_json)
+    federated: Mapping[str, Any] | None = None  # a federated release's rounds (ReleaseStatus.federated_json)
 
 
 # ------------------------------------------------------------------ actions and outcomes
