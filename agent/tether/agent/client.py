@@ -210,6 +210,14 @@ class DeviceClient:
         metadata = tracing.metadata(self._metadata())  # the controller's span joins the run's trace
         return await self._stub.UploadResult(request, metadata=metadata, timeout=self.timeout_s)
 
+    async def push_update(self, header: pb.UpdateHeader, data: bytes) -> pb.PushUpdateResponse:
+        """Send a federated round's update (header, then 1 MiB chunks)."""
+        from tether.agent import round_update
+
+        return await self._stub.PushUpdate(
+            round_update.chunks(header, data), metadata=self._metadata(), timeout=max(self.timeout_s, 300.0)
+        )
+
     async def report_backends(self, request: pb.ReportBackendsRequest) -> pb.ReportBackendsResponse:
         return await self._stub.ReportBackends(request, metadata=self._metadata(), timeout=self.timeout_s)
 

@@ -42,6 +42,7 @@ from tether.agent import (
     participation,
     reporting,
     results,
+    round_update,
     runtime,
     schedule,
     slots,
@@ -263,11 +264,35 @@ class Runner:
                 return
         for line in outcome.logs:
             log.info("[%s] %s", release, line)
+        result = outcome.result
+        update: tuple[pb.UpdateHeader, bytes] | None = None
+        try:
+            fed = round_update.round_of(inputs)
+            if fed is not None:  # a federated round: the tensors go as the update, not in the result
+                update = round_update.encode(
+                    result.tensors,
+                    run=fed,
+                    release=release,
+                    version=version,
+                    sample_count=result.sample_count,
+                    metrics=result.metrics,
+                )
+                result = dataclasses.replace(result, tensors={})
+        except errors.TaskFailed as e:
+            record.status, record.finished_at, record.message = "failed", self._clock(), str(e)[:2000]
+            self._inputs_path(key).unlink(missing_ok=True)
+            await self._ledger.save()
+            log.warning("%s v%d failed: %s", release, version, e)
+            await self._reporter.status(task, S.DELIVERY_STATE_FAILED, str(e))
+            return
         request = results.to_upload_request(
-            outcome.result, release=release, version=version, idempotency_key=key, duration_s=outcome.duration_s
+            result, release=release, version=version, idempotency_key=key, duration_s=outcome.duration_s
         )
 
         def persist() -> None:
+            if update is not None:  # before the result: a stored result with an update file beside it pushes it first
+                atomic_write(self._update_path(key), update[1])
+                atomic_write(self._update_path(key).with_suffix(".header"), update[0].SerializeToString())
             atomic_write(self._store.result_path(key), request.SerializeToString())
             self._store.save_task_state(release, outcome.state)
             record.status, record.finished_at = "uploading", self._clock()
@@ -330,6 +355,39 @@ class Runner:
         await self._selector.profile()
         return self._selector.choices(bundle)
 
+    def _update_path(self, key: str) -> pathlib.Path:
+        return self._store.result_path(key).with_suffix(".update")
+
+    async def _push_update(self, task: pb.DesiredTask, record: statefile.RunRecord) -> None:
+        """Send the run's stored update, if it has one; a refusal drops it (the controller counted it)."""
+        path = self._update_path(record.key)
+        header_path = path.with_suffix(".header")
+        try:
+            data = await asyncio.to_thread(path.read_bytes)
+            header = pb.UpdateHeader.FromString(await asyncio.to_thread(header_path.read_bytes))
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as e:
+            log.warning("%s: stored update unreadable, dropped: %s", task.release, e)
+            path.unlink(missing_ok=True)
+            header_path.unlink(missing_ok=True)
+            return
+        try:
+            response = await self._client.push_update(header, data)
+            log.info(
+                "%s round %d: update %s%s",
+                task.release,
+                header.round,
+                "accepted" if response.accepted else "kept late",
+                "" if response.accepted else f" ({response.message})",
+            )
+        except grpc.aio.AioRpcError as e:
+            if e.code() not in _PERMANENT:
+                raise  # kept: sent again with the upload
+            log.warning("%s round %d: update refused: %s %s", task.release, header.round, e.code().name, e.details())
+        path.unlink(missing_ok=True)
+        header_path.unlink(missing_ok=True)
+
     def _inputs_path(self, key: str) -> pathlib.Path:
         return self._store.result_path(key).with_suffix(".inputs.json")
 
@@ -362,6 +420,7 @@ class Runner:
                 await self._ledger.save()
 
     async def _upload(self, task: pb.DesiredTask, record: statefile.RunRecord) -> None:
+        await self._push_update(task, record)
         path = self._store.result_path(record.key)
         try:
             request = pb.UploadResultRequest.FromString(await asyncio.to_thread(path.read_bytes))

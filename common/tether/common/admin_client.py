@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import json
 import pathlib
 from collections.abc import AsyncIterator, Iterable, Mapping
@@ -129,6 +130,7 @@ class ReleaseStatus:
     aggregate: Mapping[str, Any] | None  # the latest aggregate body, None before the first round
     aggregate_json: str  # the same, as the controller sent it ("" before the first round)
     health: Mapping[str, Any] | None = None  # per-stage health of a staged rollout (docs/internals.md)
+    federated: Mapping[str, Any] | None = None  # a federated release's rounds (docs/internals.md "Federated rounds")
 
     @classmethod
     def from_proto(cls, m: pb.ReleaseStatus) -> ReleaseStatus:
@@ -148,6 +150,7 @@ class ReleaseStatus:
             aggregate=json.loads(m.aggregate_json) if m.aggregate_json else None,
             aggregate_json=m.aggregate_json,
             health=json.loads(m.health_json) if m.health_json else None,
+            federated=json.loads(m.federated_json) if m.federated_json else None,
         )
 
 
@@ -280,6 +283,7 @@ class AdminClient:
         paused: bool = False,
         resources: spec_resources.Resources | Mapping[str, Any] | None = None,
         rollout: staging.Rollout | Mapping[str, Any] | None = None,
+        federated: Mapping[str, Any] | None = None,
     ) -> ApplyResult:
         """Create or update a release. `resources`: `{"timeoutSeconds", "memoryMB", "cpuSeconds"}` (all optional).
 
@@ -297,9 +301,39 @@ class AdminClient:
             paused=paused,
             resources=resources,
             rollout=rollout,
+            federated=federated,
         )
         response = await self._call(self._stub.ApplyRelease, pb.ApplyReleaseRequest(spec=spec))
         return ApplyResult(release=response.release, version=response.version, changed=response.changed)
+
+    async def export_round_model(self, release: str, round_number: int, path: pathlib.Path | str) -> str:
+        """Write a federated round's global model (round 0: the base bundle's) to `path`; its digest."""
+        target = pathlib.Path(path)
+        digest = ""
+        h = hashlib.sha256()
+        try:
+            with target.open("wb") as out:
+                call = self._stub.ExportRoundModel(
+                    pb.RoundModelRequest(release=release, round=round_number), metadata=self._metadata
+                )
+                async for chunk in call:
+                    digest = digest or chunk.digest
+                    h.update(chunk.data)
+                    out.write(chunk.data)
+        except grpc.aio.AioRpcError as e:
+            target.unlink(missing_ok=True)
+            raise error_from_rpc(e) from None
+        if digest and "sha256:" + h.hexdigest() != digest:
+            target.unlink(missing_ok=True)
+            raise errors.DigestMismatch(f"the exported model does not hash to {digest}")
+        return digest
+
+    async def rollback_round(self, release: str, round_number: int) -> pb.RollbackRoundResponse:
+        """Serve a federated round's model again (round 0: the base bundle's); the next round trains from it."""
+        response: pb.RollbackRoundResponse = await self._call(
+            self._stub.RollbackRound, pb.RoundModelRequest(release=release, round=round_number)
+        )
+        return response
 
     async def delete_release(self, release: str) -> bool:
         response = await self._call(self._stub.DeleteRelease, pb.DeleteReleaseRequest(release=release))

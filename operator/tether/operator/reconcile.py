@@ -37,7 +37,7 @@ from typing import Any, Protocol
 
 from tether.common import errors
 from tether.operator import conditions as cond
-from tether.operator import progression, validate
+from tether.operator import progression, task_status, validate
 from tether.operator.model import MLTaskSpec
 from tether.operator.task_status import AggregateSummary, ConditionStatus, MLTaskStatus, Phase, RolloutPhase
 from tether.spec import names, resources, selectors, staging, wire
@@ -105,6 +105,7 @@ class Observation:
     aggregate: Mapping[str, Any] | None = None
     aggregate_round: int = 0
     health: Mapping[str, Any] | None = None  # per-stage health of a staged rollout (ReleaseStatus.health_json)
+    federated: Mapping[str, Any] | None = None  # a federated release's rounds (ReleaseStatus.federated_json)
 
 
 # ------------------------------------------------------------------ actions and outcomes
@@ -130,6 +131,8 @@ class ApplyRelease:
     paused: bool
     resources: resources.Resources
     rollout: staging.Rollout | None = None  # tether.operator.progression.rollout_document; None = nothing to stage
+    # spec.federated as the shared parser's document (tether.spec.federation); {} = not federated
+    federated: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def from_spec(cls, spec: MLTaskSpec, meta: Meta, *, rollout: staging.Rollout | None = None) -> ApplyRelease:
@@ -143,6 +146,7 @@ class ApplyRelease:
             paused=spec.paused,
             resources=spec.resources.parsed(),
             rollout=rollout,
+            federated={} if spec.federated is None else spec.federated.document(),
         )
 
     @property
@@ -344,6 +348,9 @@ def observe(status: MLTaskStatus, observed: ObservedRelease) -> MLTaskStatus:
     summary = aggregate_summary(observed.aggregate, observed.aggregate_round)
     if summary is not None:
         update["aggregate"] = summary
+    rounds = task_status.federated_summary(getattr(observed, "federated", None))
+    if rounds is not None:
+        update["federated"] = rounds
     return status.model_copy(update=update)
 
 

@@ -34,6 +34,7 @@ class ControllerAdmin:
             paused=action.paused,
             resources=action.resources,
             rollout=action.rollout,
+            federated=action.federated,
         )
         return reconcile.Applied(version=result.version, changed=result.changed)
 

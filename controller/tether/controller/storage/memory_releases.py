@@ -24,6 +24,7 @@ class MemoryReleases:
                 f"manifest {spec.manifest_digest} is not stored on the controller; upload the bundle first"
             )
         previous = self._t.releases.get(spec.release)
+        spec = releases.effective_spec(previous, spec)
         if previous is None:
             created = self._with_rollout(_new_release(spec, version=1), previous=None)
             self._t.releases[spec.release] = created

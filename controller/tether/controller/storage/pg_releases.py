@@ -58,11 +58,13 @@ class PostgresReleases:
                     f"manifest {spec.manifest_digest} is not stored on the controller; upload the bundle first"
                 )
             previous = await pg_rows.lock_release(conn, spec.release)
+            spec = releases.effective_spec(previous, spec)
             if previous is None:
                 inserted = await (
                     await conn.execute(
                         "INSERT INTO releases (release, version, generation, manifest_digest, target, trigger,"
-                        " aggregation, resources, paused) VALUES (%s, 1, %s, %s, %s, %s, %s, %s, %s)"
+                        " aggregation, resources, paused, federated, base_manifest)"
+                        " VALUES (%s, 1, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
                         " ON CONFLICT (release) DO NOTHING RETURNING version",
                         (
                             spec.release,
@@ -73,6 +75,8 @@ class PostgresReleases:
                             Jsonb(dict(spec.aggregation)),
                             Jsonb(dict(spec.resources)),
                             spec.paused,
+                            Jsonb(dict(spec.federated)),
+                            spec.base_manifest,
                         ),
                     )
                 ).fetchone()
@@ -81,6 +85,7 @@ class PostgresReleases:
                     return contracts.ApplyOutcome(release=created, previous=None, changed=True)
                 previous = await pg_rows.lock_release(conn, spec.release)  # lost a race with a concurrent create
                 assert previous is not None
+                spec = releases.effective_spec(previous, spec)
             changed = previous.deleted or releases.content_changed(previous.spec, spec)
             version = previous.version + 1 if changed else previous.version
             if not changed and previous.spec == spec:
@@ -88,7 +93,9 @@ class PostgresReleases:
                 return contracts.ApplyOutcome(release=previous, previous=previous, changed=False)
             await conn.execute(
                 "UPDATE releases SET version = %s, generation = %s, manifest_digest = %s, target = %s,"
-                " trigger = %s, aggregation = %s, resources = %s, paused = %s, deleted = false, updated_at = now()"
+                " trigger = %s, aggregation = %s, resources = %s, paused = %s, federated = %s, base_manifest = %s,"
+                " deleted = false,"
+                " updated_at = now()"
                 " WHERE release = %s",
                 (
                     version,
@@ -99,6 +106,8 @@ class PostgresReleases:
                     Jsonb(dict(spec.aggregation)),
                     Jsonb(dict(spec.resources)),
                     spec.paused,
+                    Jsonb(dict(spec.federated)),
+                    spec.base_manifest,
                     spec.release,
                 ),
             )
