@@ -93,8 +93,10 @@ class Runner:
         clock: Callable[[], float],
         device_id: Callable[[], str],
         desired: Mapping[str, pb.DesiredTask],
+        emit_grant: Callable[[str], Mapping[str, Any] | None] | None = None,  # tunnel.relay.Tunnel.grant
     ) -> None:
         self._client = device
+        self._emit_grant = emit_grant
         self._desired = desired
         self._ledger = ledger
         self._store = store
@@ -199,6 +201,7 @@ class Runner:
                     work_dir=self._settings.work_dir,
                     selection=await self._backend_choices(bundle),
                     inputs=inputs,
+                    emit=self._emit_grant(release) if self._emit_grant is not None else None,
                 )
             except errors.TaskFailed as e:
                 record.status, record.finished_at, record.message = "failed", self._clock(), str(e)[:2000]

@@ -82,6 +82,7 @@ def _execute(job_dir: pathlib.Path, job: dict[str, Any]) -> None:
 
     from tether.agent import engine, results
     from tether.agent.runtime import TaskContext
+    from tether.agent.tunnel import emitter
 
     bundle_dir = pathlib.Path(job["bundle_dir"])
     models: dict[str, Any] = {}
@@ -100,6 +101,7 @@ def _execute(job_dir: pathlib.Path, job: dict[str, Any]) -> None:
             model.resize(shapes)
         models[need["model"]] = model
     first = next(iter(models.values()), None)
+    grant = job.get("emit") or None
     ctx = TaskContext(
         model=first,
         data_dir=job["data_dir"],
@@ -108,6 +110,11 @@ def _execute(job_dir: pathlib.Path, job: dict[str, Any]) -> None:
         log=_Log(job_dir / "task.log"),
         models=models,
         inputs=dict(job.get("inputs") or {}),
+        emit=emitter.unavailable
+        if grant is None
+        else emitter.Emitter(
+            socket_path=grant["socket"], token=grant["token"], max_payload_bytes=int(grant["max_payload_bytes"])
+        ),
     )
     run = _load_entrypoint(bundle_dir, job["entrypoint"])
     result = results.validate(run(ctx))

@@ -41,7 +41,10 @@ from tether.controller import (
 )
 from tether.controller.enqueue import CeleryEnqueuer, Enqueuer
 from tether.controller.storage import contracts, postgres
+from tether.controller.tunnel import broker_urls, brokers, tunnel_service
 from tether.proto.v1 import tether_pb2_grpc as pb_grpc
+from tether.proto.v1 import tunnel_pb2_grpc
+from tether.spec import emits
 
 if TYPE_CHECKING:
     from psycopg_pool import AsyncConnectionPool
@@ -55,6 +58,7 @@ HEALTH_SERVICES = (
     "tether.v1.DeviceService",
     "tether.v1.AdminService",
     "tether.v1.StatsService",
+    "tether.v1.TunnelService",
 )
 
 
@@ -84,6 +88,7 @@ class RunningController:
     health: health.aio.HealthServicer | None = None  # grpc.health.v1.Health on the main (and health) port
     health_server: grpc.aio.Server | None = None  # plaintext Health-only port, when cfg.health_port is set
     health_port: int | None = None
+    tunnel: tunnel_service.TunnelService | None = None  # the real-time tunnel (its broker closes with us)
 
     @property
     def address(self) -> str:
@@ -114,6 +119,11 @@ class RunningController:
         await self.pool.close()
         if self.blob_backend is not None:
             await self.blob_backend.close()
+        if self.tunnel is not None and self.tunnel.broker is not None:
+            try:
+                await self.tunnel.broker.close()
+            except Exception:
+                log.warning("closing the tunnel broker failed", exc_info=True)
         if self.metrics_server is not None:  # last: a scrape during shutdown still gets an answer
             self.metrics_server.stop()
         log.info("controller on %s stopped", self.listen_address)
@@ -144,8 +154,14 @@ async def start_controller(
     *,
     enqueuer: Enqueuer | None = None,
     blob_store: blobs.BlobStore | blobstores.BlobBackend | None = None,
+    tunnel_broker: brokers.Broker | None = None,
+    tunnel_limits: emits.TunnelLimits = emits.TunnelLimits(),
 ) -> RunningController:
-    """Migrate the database, open the pool and serve on `cfg.listen`; return the running handle."""
+    """Migrate the database, open the pool and serve on `cfg.listen`; return the running handle.
+
+    The tunnel publishes to `tunnel_broker`, else to the broker `cfg.tunnel_url` names, else nowhere
+    (Emit answers FAILED_PRECONDITION and devices keep their records).
+    """
     if enqueuer is None:
         if not cfg.broker_url:
             raise config_mod.ConfigError("a broker URL is required (TETHER_BROKER_URL or --broker-url)")
@@ -256,6 +272,10 @@ async def start_controller(
             ),
             server,
         )
+        if tunnel_broker is None and cfg.tunnel_url:
+            tunnel_broker = broker_urls.open_broker(cfg.tunnel_url)
+        tunnel = tunnel_service.TunnelService(broker=tunnel_broker, limits=tunnel_limits)
+        counters.add_servicer(tunnel_pb2_grpc.add_TunnelServiceServicer_to_server, tunnel, server)
         # grpc.health.v1.Health needs no token (the edge authenticates only Device and Admin services).
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -304,6 +324,7 @@ async def start_controller(
         health=health_servicer,
         health_server=health_server,
         health_port=health_port,
+        tunnel=tunnel,
     )
 
 
