@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import grpc
 import pytest
@@ -65,6 +66,22 @@ def run(ctx):
 """
 
 
+STREAM_FEATURES = """
+def run(ctx):
+    # What the on-device stream processor made of the events: the match and the window's aggregates.
+    inputs = ctx.inputs
+    ctx.emit("cart-features", {"matched": len(inputs["match"]["events"]), "views": inputs["aggregates"]["views"]})
+    return {"sample_count": 1}
+"""
+
+CART = {
+    "type": "pattern",
+    "pattern": {"steps": [{"type": "page_view", "page": "item"}, {"type": "add_to_cart"}], "within": 30},
+    "window": {"seconds": 600},
+    "aggregate": {"name": "views", "by": "page"},
+}
+
+
 @pytest.fixture()
 def url(broker_url: str) -> str:
     return tunnel_url(broker_url)
@@ -109,11 +126,13 @@ async def until(predicate, timeout: float = 60.0) -> None:
         await asyncio.sleep(0.05)
 
 
-async def publish(address: str, directory, release: str) -> None:
+async def publish(address: str, directory, release: str, trigger: dict | None = None) -> None:
     async with admin_client.AdminClient(target=address, token=ADMIN_TOKEN) as adm:
         bundle = bundle_files.build_manifest(directory)
         await adm.upload_bundle(directory, bundle)
-        await adm.apply_release(release=release, manifest_digest=bundle.digest, trigger={"type": "onInstall"})
+        await adm.apply_release(
+            release=release, manifest_digest=bundle.digest, trigger=trigger or {"type": "onInstall"}
+        )
 
 
 async def succeeded(address: str, release: str, n: int) -> bool:
@@ -172,6 +191,34 @@ async def test_an_emit_too_large_or_too_fast_is_refused_in_the_task_and_nothing_
     assert [limit for limit, _ in refusals] == ["payload_bytes", "records_per_s", None]
     assert "payload of 2000 bytes, at most 1000 allowed" in refusals[0][1]
     assert "retry in" in refusals[1][1] and refusals[2][1].startswith("topic: ")
+
+
+async def test_stream_processor_outputs_reach_the_cloud_through_a_pattern_triggered_task(
+    tunnel_controller, url, tmp_path
+) -> None:
+    agent = agent_for(tunnel_controller.address, tmp_path, "phone-s")
+    run = asyncio.create_task(agent.run())
+    c = consumer(url, topic="cart-features")
+    try:
+        await publish(tunnel_controller.address, write_bundle(tmp_path / "b", STREAM_FEATURES), "default/cart", CART)
+        await until(lambda: _true(agent.stream.registered() == ["default/cart"]))
+        now = time.time()
+        ack = agent.stream.ingest(
+            [
+                {"type": "page_view", "page": "home", "ts": now},
+                {"type": "page_view", "page": "item", "ts": now + 1},
+                {"type": "add_to_cart", "page": "item", "ts": now + 2},
+            ]
+        )
+        assert ack.matched == 1
+        (got,) = await read_all(c, 1, rounds=300)
+    finally:
+        agent.stop()
+        await run
+        await c.close()
+    doc = json.loads(got.payload)
+    assert doc["matched"] == 2 and doc["views"]["item"]["count"] == 2 and doc["views"]["home"]["count"] == 1
+    assert (got.device, got.release) == ("phone-s", "default/cart")
 
 
 def _lost_ack_once(send):

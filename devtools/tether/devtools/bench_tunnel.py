@@ -125,9 +125,16 @@ class SimTunnelAgent:
         self._reader: asyncio.Task[None] | None = None
 
     async def start(self, bootstrap_token: str) -> None:
-        reply = await self.client.enroll(
-            bootstrap_token=bootstrap_token, device=pb.DeviceInfo(device_id=self.device_id)
-        )
+        for attempt in range(6):  # a loaded controller may shed or be slow: retry as the agent's session does
+            try:
+                reply = await self.client.enroll(
+                    bootstrap_token=bootstrap_token, device=pb.DeviceInfo(device_id=self.device_id)
+                )
+                break
+            except grpc.aio.AioRpcError as e:
+                if attempt == 5 or not client.is_retryable(e):
+                    raise
+                await asyncio.sleep(0.5 * 2**attempt)
         self.client.credential = reply.credential
         self._stream = self.client.subscribe([])
         self._reader = asyncio.create_task(self._hold())
@@ -208,8 +215,8 @@ async def run_tunnel_bench(
     out: dict[str, Any] = {}
     try:
         t0 = time.monotonic()
-        for chunk in range(0, agents, 100):
-            await asyncio.gather(*(s.start(stack.bootstrap_token) for s in sims[chunk : chunk + 100]))
+        for chunk in range(0, agents, 25):
+            await asyncio.gather(*(s.start(stack.bootstrap_token) for s in sims[chunk : chunk + 25]))
         await asyncio.gather(*(s.connected.wait() for s in sims))
         connect_s = time.monotonic() - t0
 
