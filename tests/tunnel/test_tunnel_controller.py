@@ -185,7 +185,11 @@ async def test_an_emit_too_large_or_too_fast_is_refused_in_the_task_and_nothing_
         await c.close()
     assert [json.loads(d.payload) for d in got] == [{"i": 0}, {"i": 1}, {"i": 2}]
     assert agent.tunnel is not None
-    assert dict(agent.tunnel.refused) == {("default/greedy", "records_per_s"): 1, ("default/greedy", "topic"): 1}
+    assert dict(agent.tunnel.refused) == {
+        ("default/greedy", "payload_bytes"): 1,
+        ("default/greedy", "records_per_s"): 1,
+        ("default/greedy", "topic"): 1,
+    }
     logged = [r.getMessage() for r in caplog.records if "[default/greedy]" in r.getMessage()]
     (refusals,) = [json.loads(m.split("] ", 1)[1]) for m in logged]
     assert [limit for limit, _ in refusals] == ["payload_bytes", "records_per_s", None]

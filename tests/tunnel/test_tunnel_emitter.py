@@ -66,8 +66,19 @@ async def test_a_worker_emits_through_the_socket_and_hears_why_when_refused(tunn
     assert "payload of 1001 bytes, at most 1000" in refusals[0][1] and "JSON" in refusals[1][1]
     assert refusals[2][1].startswith("topic: ")
     kept = tunnel.outbox.oldest(max_records=10, max_bytes=10**6)
-    assert [r.payload for r in kept] == [b"bytes", b"text", b'{"json":[1,2]}', b"4th"]
+    data = [r for r in kept if r.topic == "t"]
+    assert [r.payload for r in data] == [b"bytes", b"text", b'{"json":[1,2]}', b"4th"]
     assert {r.release for r in kept} == {"ns/task"}
+    # Reported upstream: the first refusal of the minute (the payload the worker refused and told the agent
+    # of), on tether.refusals; every refusal counted.
+    (report,) = [json.loads(r.payload) for r in kept if r.topic == relay.REFUSALS_TOPIC]
+    assert report["release"] == "ns/task" and report["limit"] == "payload_bytes"
+    assert report["refused"] == {"payload_bytes": 1} and "payload of 1001 bytes" in report["message"]
+    assert dict(tunnel.refused) == {
+        ("ns/task", "payload_bytes"): 1,
+        ("ns/task", "topic"): 1,
+        ("ns/task", "records_per_s"): 1,
+    }
 
 
 def _raw(path: str, meta: bytes, payload_len: int, payload: bytes = b"") -> dict:

@@ -190,6 +190,7 @@ async def run_tunnel_bench(
     workdir: pathlib.Path,
     seed: int = 0,
 ) -> dict[str, Any]:
+    from tether.devtools import simagent
     from tether.devtools import stack as stack_mod
 
     rlimits.raise_open_files_limit()
@@ -208,7 +209,8 @@ async def run_tunnel_bench(
     await stack.start_services()
     tunnel_url = stack.tunnel_url
     await stack.start_controller()
-    channels = [grpc.aio.insecure_channel(stack.controller_address) for _ in range((agents + share - 1) // share)]
+    # Each its own TCP connection (simagent.new_channel): gRPC otherwise shares one between equal channels.
+    channels = [simagent.new_channel(stack.controller_address) for _ in range((agents + share - 1) // share)]
     sims = [
         SimTunnelAgent(f"bench-{i:05d}", channels[i // share], workdir / "agents" / f"{i:05d}") for i in range(agents)
     ]

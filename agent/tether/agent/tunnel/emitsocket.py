@@ -36,6 +36,8 @@ MAX_SOCKET_PATH = 107  # AF_UNIX on Linux, without the terminating NUL
 
 # accept(token, topic, payload) -> seq; raises errors.TetherError with the reason.
 Accept = Callable[[str, str, bytes], int]
+# refused(token, limit, message): a refusal the worker decided itself (a payload over the limit), to count.
+Refused = Callable[[str, str, str], None]
 
 
 def socket_path_for(state_dir: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path | None]:
@@ -48,9 +50,18 @@ def socket_path_for(state_dir: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path
 
 
 class EmitServer:
-    def __init__(self, path: pathlib.Path, *, accept: Accept, max_payload_bytes: int, tmp_dir: pathlib.Path | None):
+    def __init__(
+        self,
+        path: pathlib.Path,
+        *,
+        accept: Accept,
+        refused: Refused,
+        max_payload_bytes: int,
+        tmp_dir: pathlib.Path | None,
+    ) -> None:
         self.path = path
         self._accept = accept
+        self._refused = refused
         self._max_payload = max_payload_bytes
         self._tmp_dir = tmp_dir
         self._server: asyncio.AbstractServer | None = None
@@ -121,6 +132,10 @@ class EmitServer:
                 raise ValueError("expected {token, topic}")
         except ValueError as e:
             return {"error": f"malformed request: {e}", "limit": None}
+        told = doc.get("refused")
+        if isinstance(told, dict):  # the worker refused an emit itself: count it, answer nothing useful
+            self._refused(doc["token"], str(told.get("limit"))[:64], str(told.get("message"))[:500])
+            return {"noted": True}
         try:
             return {"seq": self._accept(doc["token"], doc.get("topic"), payload)}  # type: ignore[arg-type]
         except emits.LimitExceeded as e:

@@ -17,6 +17,7 @@ reply = JSON {"seq": n} or {"error": "...", "limit": name or null}.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import struct
@@ -88,17 +89,29 @@ class Emitter:
             self._sock.close()
             self._sock = None
 
+    def _tell_refused(self, topic: str, limit: str, message: str) -> None:
+        """A refusal decided here, reported to the agent (it counts and reports refusals); best effort."""
+        with contextlib.suppress(EmitRefused):
+            self._request({"token": self.token, "topic": topic, "refused": {"limit": limit, "message": message}}, b"")
+
     def __call__(self, topic: str, payload: Any) -> int:
         if not isinstance(topic, str):
             raise EmitRefused(f"topic: must be a string, got {type(topic).__name__}")
         data = encode_payload(payload)
-        if len(data) > self.max_payload_bytes:  # refused here, before a byte moves
-            raise EmitRefused(
+        if len(data) > self.max_payload_bytes:  # refused here, before the payload moves; the agent is told
+            message = (
                 f"tunnel limit payload_bytes exceeded: payload of {len(data)} bytes, "
-                f"at most {self.max_payload_bytes} allowed",
-                limit="payload_bytes",
+                f"at most {self.max_payload_bytes} allowed"
             )
-        meta = json.dumps({"token": self.token, "topic": topic}).encode("utf-8")
+            self._tell_refused(topic, "payload_bytes", message)
+            raise EmitRefused(message, limit="payload_bytes")
+        reply = self._request({"token": self.token, "topic": topic}, data)
+        if "seq" in reply:
+            return int(reply["seq"])
+        raise EmitRefused(str(reply.get("error", "refused")), limit=reply.get("limit"))
+
+    def _request(self, doc: dict[str, Any], data: bytes) -> dict[str, Any]:
+        meta = json.dumps(doc).encode("utf-8")
         if len(meta) > MAX_META_BYTES:
             raise EmitRefused(f"topic: longer than {MAX_META_BYTES} bytes")
         # A send on a connection the agent closed meanwhile (it restarted) is retried once on a new one;
@@ -124,9 +137,7 @@ class Emitter:
             break
         if not isinstance(reply, dict):
             raise EmitRefused("the agent's tunnel answered garbage")
-        if "seq" in reply:
-            return int(reply["seq"])
-        raise EmitRefused(str(reply.get("error", "refused")), limit=reply.get("limit"))
+        return reply
 
 
 def unavailable(topic: str, payload: Any) -> int:

@@ -6,8 +6,9 @@ checked, the payload's size, then the device's token buckets (records/s and
 bytes/s, `tether.spec.emits`), and only then is the record committed to the
 outbox and the uplink woken. A refusal raises `LimitExceeded` naming the
 limit (or InvalidArgument for a topic), is counted per release and limit in
-`refused`, and logged once a minute per release; nothing else in the agent
-notices.
+`refused`, and, at most once a minute per release, logged and reported
+upstream as a record on `tether.refusals` (`{"release", "limit", "message",
+"refused": {limit: count}}`); nothing else in the agent notices.
 
 `grant(release)` is what a run's job document carries so the worker's
 `ctx.emit` can reach the socket: the socket path, a random token standing
@@ -20,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import json
 import logging
 import os
 import pathlib
@@ -37,6 +39,9 @@ from tether.spec import emits
 log = logging.getLogger(__name__)
 
 OUTBOX_FILE = "outbox.db"
+_WORKER_LIMITS = frozenset({emits.LIMIT_PAYLOAD})  # what a worker may report having refused itself
+# Where the agent reports refused emits (the first of each minute per release, with the counts so far).
+REFUSALS_TOPIC = "tether.refusals"
 
 
 class Tunnel:
@@ -77,7 +82,11 @@ class Tunnel:
         if self._serve_socket:
             path, tmp = emitsocket.socket_path_for(self.state_dir)
             self._server = emitsocket.EmitServer(
-                path, accept=self._accept_token, max_payload_bytes=self.limits.max_payload_bytes, tmp_dir=tmp
+                path,
+                accept=self._accept_token,
+                refused=self._refused_in_worker,
+                max_payload_bytes=self.limits.max_payload_bytes,
+                tmp_dir=tmp,
             )
             await self._server.start()
         self._task = asyncio.create_task(self.uplink.run(), name="tether-tunnel-uplink")
@@ -122,6 +131,11 @@ class Tunnel:
             raise errors.PermissionDenied("unknown emit token (not a run of this agent)")
         return self.emit(topic, payload, release=release)
 
+    def _refused_in_worker(self, token: str, limit: str, message: str) -> None:
+        release = self._tokens.get(token)
+        if release is not None and limit in _WORKER_LIMITS:
+            self._refuse(release, limit, emits.LimitExceeded(limit, message.split(": ", 1)[-1]))
+
     def emit(self, topic: str, payload: bytes, *, release: str = "") -> int:
         """Check and commit one record; its seq. LimitExceeded / InvalidArgument say why not."""
         if not self.enabled:
@@ -142,11 +156,19 @@ class Tunnel:
         return seq
 
     def _refuse(self, release: str, limit: str, e: Exception) -> None:
+        """Count it; at most once a minute per release, log it and report it upstream on REFUSALS_TOPIC."""
         self.refused[(release, limit)] += 1
         now = self._monotonic()
-        if now - self._logged_at.get(release, -1e9) >= 60:
-            self._logged_at[release] = now
-            log.warning("tunnel: emit of %s refused: %s", release or "the agent", e)
+        if now - self._logged_at.get(release, -1e9) < 60:
+            return
+        self._logged_at[release] = now
+        log.warning("tunnel: emit of %s refused: %s", release or "the agent", e)
+        counts = {lim: n for (rel, lim), n in self.refused.items() if rel == release}
+        report = {"release": release, "limit": limit, "message": str(e)[:500], "refused": counts}
+        # Outside the device's buckets (one small record a minute per release), within the outbox bound.
+        with contextlib.suppress(emits.LimitExceeded):
+            self.outbox.append(topic=REFUSALS_TOPIC, payload=json.dumps(report).encode(), release=release)
+            self.uplink.wake()
 
     def stats(self) -> dict[str, Any]:
         return {
