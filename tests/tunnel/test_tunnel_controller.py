@@ -341,9 +341,9 @@ async def test_the_controller_refuses_over_limit_batches_naming_the_limit(tchann
             seq, accepted = seq + 100, accepted + ack.accepted
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "tunnel limit records_per_s exceeded" in info.value.details()
-    assert accepted == 400
+    assert 400 <= accepted < 1000  # the burst (plus what refilled at 50/s meanwhile), then refused
     r = redis_streams.RedisStreamsBroker.from_url(url)
-    assert await r.client.xlen(f"{prefix_of(url)}:features") == 400  # nothing of a refused batch
+    assert await r.client.xlen(f"{prefix_of(url)}:features") == accepted  # nothing of a refused batch
     await r.close()
 
 

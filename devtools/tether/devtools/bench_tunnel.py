@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import pathlib
 import platform
@@ -51,6 +52,8 @@ from tether.common import rlimits
 from tether.controller.tunnel import redis_streams
 from tether.proto.v1 import tether_pb2 as pb
 from tether.spec import emits
+
+log = logging.getLogger(__name__)
 
 TOPIC = "bench"
 STAMP = struct.Struct("!d")
@@ -75,6 +78,7 @@ class _Reader:
         self.latencies_ms: list[float] = []
         self.keys: set[str] = set()
         self.repeats = 0
+        self._stopping = False
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -82,7 +86,7 @@ class _Reader:
         self._task = asyncio.create_task(self._loop())
 
     async def _loop(self) -> None:
-        while True:
+        while not self._stopping:  # stopped by the flag: a redis read cancelled mid-way can hang its close
             batch = await self.consumer.read(count=500, block_ms=50)
             now = time.time()
             for d in batch:
@@ -99,11 +103,10 @@ class _Reader:
             await asyncio.sleep(0.05)
 
     async def stop(self) -> None:
+        self._stopping = True
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        await self.consumer.close()
+            await _bounded("the consumer's last read", self._task, 10.0)
+        await _bounded("closing the consumer", self.consumer.close(), 10.0)
 
 
 class SimTunnelAgent:
@@ -151,8 +154,7 @@ class SimTunnelAgent:
             self._stream.cancel()
         if self._reader is not None:
             self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
+            await asyncio.wait({self._reader}, timeout=10)
 
 
 async def _schedule(n: int, *, interval: float, duration: float, size: int, emit: Any, seed: int) -> int:
@@ -171,6 +173,14 @@ async def _schedule(n: int, *, interval: float, duration: float, size: int, emit
             await asyncio.sleep(delay)
         await emit(i, _payload(size))
     return len(times)
+
+
+async def _bounded(what: str, aw: Any, timeout_s: float = 20.0) -> None:
+    """Cleanup that must not hang the benchmark's exit."""
+    try:
+        await asyncio.wait_for(aw, timeout_s)
+    except TimeoutError:
+        log.warning("%s took longer than %gs; going on", what, timeout_s)
 
 
 async def _stats(stack: Any) -> float:
@@ -221,6 +231,7 @@ async def run_tunnel_bench(
             await asyncio.gather(*(s.start(stack.bootstrap_token) for s in sims[chunk : chunk + 25]))
         await asyncio.gather(*(s.connected.wait() for s in sims))
         connect_s = time.monotonic() - t0
+        log.info("%d agents enrolled and connected in %.1fs; the tunnel phase", agents, connect_s)
 
         # 1. The tunnel.
         reader = _Reader(tunnel_url, TOPIC, "bench")
@@ -239,6 +250,7 @@ async def run_tunnel_bench(
         retries = sum(s.tunnel.uplink.failures for s in sims)
         dupes = sum(s.tunnel.uplink.duplicates for s in sims)
 
+        log.info("tunnel: %d of %d records read; the direct-Redis baseline", len(tunnel), sent)
         # 2. The baseline: the same payloads on the same schedule, XADD straight to the same redis-server.
         baseline = _Reader(tunnel_url, "bench-direct", "bench")
         await baseline.start()
@@ -259,10 +271,14 @@ async def run_tunnel_bench(
         redis = baseline.latencies_ms
         await baseline.stop()
         await producer.close()
+        log.info("baseline: %d of %d records read; stopping", len(redis), direct_sent)
     finally:
-        await asyncio.gather(*(s.stop() for s in sims), return_exceptions=True)
-        for ch in channels:
-            await ch.close()
+        await _bounded(
+            "stopping the simulated agents", asyncio.gather(*(s.stop() for s in sims), return_exceptions=True)
+        )
+        await _bounded(
+            "closing their channels", asyncio.gather(*(ch.close(0) for ch in channels), return_exceptions=True)
+        )
         await stack.stop()
 
     def ms(v: float | None) -> float | None:
