@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import socket
 import struct
+import tempfile
 
 import pytest
 
@@ -99,6 +101,21 @@ async def test_the_socket_refuses_unknown_tokens_garbage_and_oversized_frames_un
     huge = await asyncio.to_thread(_raw, path, b"{}", 10**9)  # a gigabyte announced: refused before reading
     assert huge["limit"] == "payload_bytes" and "1000000000 bytes" in huge["error"]
     assert len(tunnel.outbox) == 0
+
+
+def test_the_socket_goes_to_tmp_when_the_state_dir_and_tmpdir_are_both_too_long(tmp_path, monkeypatch) -> None:
+    from tether.agent.tunnel import emitsocket
+
+    long_tmp = tmp_path / ("t" * 100)
+    long_tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(long_tmp))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
+    path, made = emitsocket.socket_path_for(tmp_path / ("s" * 120))
+    try:
+        assert made is not None and str(path).startswith("/tmp/tether-emit-")
+        assert len(str(path)) <= emitsocket.MAX_SOCKET_PATH
+    finally:
+        shutil.rmtree(made, ignore_errors=True)
 
 
 async def test_without_a_tunnel_ctx_emit_says_so(tmp_path) -> None:

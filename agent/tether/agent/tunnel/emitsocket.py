@@ -45,7 +45,11 @@ def socket_path_for(state_dir: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path
     path = state_dir / "emit.sock"
     if len(os.fsencode(path)) <= MAX_SOCKET_PATH:
         return path, None
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix="tether-emit-"))
+    # $TMPDIR may be long too (pytest's, a sandbox's): then /tmp.
+    base = tempfile.gettempdir()
+    if len(os.fsencode(base)) > MAX_SOCKET_PATH - 40:
+        base = "/tmp"
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix="tether-emit-", dir=base))
     return tmp / "emit.sock", tmp
 
 
