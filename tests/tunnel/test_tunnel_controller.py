@@ -265,6 +265,9 @@ async def test_a_batch_resent_after_a_lost_ack_is_dropped_by_key(tunnel_controll
     assert (tunnel.uplink.sent, tunnel.uplink.duplicates) == (0, 5)  # the retry: all five known already
     assert [d.payload for d in got] == [b"0", b"1", b"2", b"3", b"4"]
     assert tunnel_controller.tunnel.duplicates == 5
+    metrics = tunnel_controller.metrics.registry
+    assert metrics.get_sample_value("tether_controller_tunnel_records_total", {"outcome": "accepted"}) == 5
+    assert metrics.get_sample_value("tether_controller_tunnel_records_total", {"outcome": "duplicate"}) == 5
 
 
 async def _true(value: bool) -> bool:

@@ -274,7 +274,7 @@ async def start_controller(
         )
         if tunnel_broker is None and cfg.tunnel_url:
             tunnel_broker = broker_urls.open_broker(cfg.tunnel_url)
-        tunnel = tunnel_service.TunnelService(broker=tunnel_broker, limits=tunnel_limits)
+        tunnel = tunnel_service.TunnelService(broker=tunnel_broker, limits=tunnel_limits, metrics=metrics)
         counters.add_servicer(tunnel_pb2_grpc.add_TunnelServiceServicer_to_server, tunnel, server)
         # grpc.health.v1.Health needs no token (the edge authenticates only Device and Admin services).
         health_servicer = health.aio.HealthServicer()

@@ -20,7 +20,7 @@ from collections.abc import Callable
 import grpc
 
 from tether.common import errors
-from tether.controller import edge
+from tether.controller import edge, instruments
 from tether.controller.tunnel import brokers, emit_checks
 from tether.proto.v1 import tunnel_pb2, tunnel_pb2_grpc
 from tether.spec import emits
@@ -36,8 +36,10 @@ class TunnelService(tunnel_pb2_grpc.TunnelServiceServicer):
         limits: emits.TunnelLimits = emits.TunnelLimits(),
         monotonic: Callable[[], float] = time.monotonic,
         clock: Callable[[], float] = time.time,
+        metrics: instruments.ControllerMetrics | None = None,
     ) -> None:
         self.broker = broker
+        self._metrics = metrics
         self.limits = limits
         self._monotonic = monotonic
         self._clock = clock
@@ -61,6 +63,10 @@ class TunnelService(tunnel_pb2_grpc.TunnelServiceServicer):
             self._buckets.move_to_end(device)
         emits.take_both(pair[0], pair[1], count=count, nbytes=nbytes, now=now)
 
+    def _count(self, outcome: str, n: int) -> None:
+        if self._metrics is not None and n:
+            self._metrics.tunnel[outcome].inc(n)
+
     async def Emit(self, request: tunnel_pb2.EmitBatch, context: grpc.aio.ServicerContext) -> tunnel_pb2.EmitAck:
         device = edge.current_device().device_id
         try:
@@ -70,6 +76,7 @@ class TunnelService(tunnel_pb2_grpc.TunnelServiceServicer):
             self._charge(device, len(request.records), size)
         except errors.TetherError:
             self.refused += 1
+            self._count("refused", len(request.records))
             raise
         now_ms = int(self._clock() * 1000)
         published = await self.broker.publish(
@@ -89,6 +96,8 @@ class TunnelService(tunnel_pb2_grpc.TunnelServiceServicer):
         )
         self.accepted += published.accepted
         self.duplicates += published.duplicates
+        self._count("accepted", published.accepted)
+        self._count("duplicate", published.duplicates)
         return tunnel_pb2.EmitAck(
             acked_through=request.records[-1].seq, accepted=published.accepted, duplicates=published.duplicates
         )
