@@ -146,6 +146,9 @@ class EmitServer:
             return {"error": str(e), "limit": e.limit}
         except errors.TetherError as e:
             return {"error": str(e), "limit": None}
+        except Exception as e:  # the outbox could not take it (disk full, I/O error): the task hears why
+            log.warning("tunnel: storing an emitted record failed: %s", e)
+            return {"error": f"the agent could not store the record: {type(e).__name__}: {e}", "limit": None}
 
 
 async def _reply(writer: asyncio.StreamWriter, doc: dict[str, Any]) -> None:

@@ -111,6 +111,13 @@ class Uplink:
                 log.info("tunnel: %d records wait (%s); retrying in %.1fs", len(self.outbox), self.last_error, delay)
                 await asyncio.sleep(delay)
                 continue
+            except Exception as e:  # a bug or a broken channel must not end the uplink: the records wait
+                self.failures += 1
+                self.last_error = client.describe(e)
+                log.exception("tunnel: sending a batch failed")
+                await asyncio.sleep(self._backoff.delay(attempt, self._rng))
+                attempt += 1
+                continue
             attempt = 0
             self._max_records, self._max_bytes = self._limits.max_batch_records, self._limits.max_batch_bytes
             self.sent += ack.accepted
