@@ -62,8 +62,10 @@ from tether.agent import (
 from tether.agent.backends import CACHE_FILE, Selector
 from tether.agent.stream import endpoint as event_server
 from tether.agent.stream import eventstore, processor
+from tether.agent.tunnel import relay
 from tether.common import errors, manifest, tracing
 from tether.proto.v1 import tether_pb2 as pb
+from tether.spec import emits
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +103,7 @@ class Agent:
         event_retention: tuple[int, float] = (eventstore.DEFAULT_MAX_EVENTS, eventstore.DEFAULT_MAX_AGE_S),
         disk_budget: int | None = sizes.DEFAULT_DISK_BUDGET,
         http_settings: httpfetch.HttpSettings | None = None,
+        tunnel_limits: emits.TunnelLimits | None = emits.TunnelLimits(),  # None: no real-time tunnel
     ) -> None:
         self.controller = controller
         self.state_dir = pathlib.Path(state_dir)
@@ -161,6 +164,7 @@ class Agent:
             clock=clock,
         )
         self.connected = self.session.connected  # set while the Subscribe stream is open
+        self.tunnel = relay.for_agent(self.state_dir, self.client.emit, tunnel_limits, self.connected)  # ctx.emit
         self.reporter = reporting.Reporter(device=self.client, gate=self.conditions, backoff=backoff)
         self.backend_reports = (
             None
@@ -211,6 +215,7 @@ class Agent:
             clock=clock,
             device_id=lambda: self.device_id,
             desired=self._desired,
+            emit_grant=self.tunnel.grant,
         )
 
     # ------------------------------------------------------------ public
@@ -236,6 +241,7 @@ class Agent:
         log.info("bundle store %s: %s", self.state_dir, usage.describe(self.disk_budget))
         self.client.credential = self.state.credential
         try:
+            await self.tunnel.start()  # tasks may emit before the device is enrolled: the outbox keeps it
             if self._events_socket is not None:  # apps may report events before the device is enrolled
                 state = self.conditions.report  # and device state (charging, metered, idle)
                 self._event_server = event_server.EventServer(self.stream, self._events_socket, state_report=state)
@@ -271,6 +277,7 @@ class Agent:
             if self._own_pool:
                 with contextlib.suppress(Exception):
                     await self.workers.close()
+            await self.tunnel.stop()  # never raises
             with contextlib.suppress(Exception):
                 await self.client.close()
             if self.puller.http is not None:

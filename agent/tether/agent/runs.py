@@ -116,10 +116,12 @@ class Runner:
         device_id: Callable[[], str],
         desired: Mapping[str, pb.DesiredTask],
         pool: warmpool.WorkerPool | None = None,
+        emit_grant: Callable[[str], Mapping[str, Any] | None] | None = None,  # tunnel.relay.Tunnel.grant
     ) -> None:
         self._pool = pool
         self._prewarmed: set[tuple[str, int]] = set()
         self._client = device
+        self._emit_grant = emit_grant
         self._desired = desired
         self._ledger = ledger
         self._store = store
@@ -321,6 +323,7 @@ class Runner:
             "threads": self._settings.threads,
             "selection": await self._backend_choices(bundle),
             "inputs": inputs,
+            "emit": self._emit_grant(task.release) if self._emit_grant is not None else None,  # ctx.emit
         }
         warm = self._settings.isolation == "warm" and bundle.runtime.isolation == "warm"
         if self._pool is not None and warm and self._pool.supports(limits):

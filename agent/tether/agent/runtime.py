@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from tether.agent import results
+from tether.agent.tunnel import emitter
 from tether.common import errors, manifest
 from tether.spec import resources
 
@@ -131,6 +132,8 @@ class TaskContext:
     models: dict[str, Any] = dataclasses.field(default_factory=dict)  # every loaded model by bundle path
     # What the trigger hands the run (docs/task-api.md): "trigger", "match", "events", "aggregates", "payload".
     inputs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # ctx.emit(topic, payload) -> seq: a record for cloud consumers (the real-time tunnel, docs/task-api.md).
+    emit: Callable[[str, Any], int] = emitter.unavailable
 
 
 @dataclasses.dataclass(frozen=True)
@@ -282,12 +285,14 @@ async def run_task(
     work_dir: str | os.PathLike[str] | None = None,
     selection: Mapping[str, Any] | None = None,
     inputs: Mapping[str, Any] | None = None,
+    emit: Mapping[str, Any] | None = None,
 ) -> TaskOutcome:
     """Run `bundle`'s entrypoint once in a fresh worker process; raise TaskFailed on any failure.
 
     `selection` (from `backends.Selector.choices`) maps a model to the file and
     candidate backend selection chose for it; other models load on `backend`/`threads`.
     `inputs` (JSON-able, at most MAX_INPUTS_BYTES encoded) becomes `ctx.inputs`.
+    `emit` (`tunnel.relay.Tunnel.grant`) lets `ctx.emit` reach the agent's tunnel.
     """
     inputs_doc = check_inputs(inputs)
     bundle_dir = pathlib.Path(bundle_dir).resolve()
@@ -305,6 +310,7 @@ async def run_task(
             "threads": int(threads),
             "selection": dict(selection or {}),
             "inputs": inputs_doc,
+            "emit": dict(emit) if emit else None,
         }
         (job_dir / "job.json").write_text(json.dumps(job))
         env = worker_env(threads)

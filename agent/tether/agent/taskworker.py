@@ -105,6 +105,7 @@ def _execute(job_dir: pathlib.Path, job: dict[str, Any]) -> None:
 
     from tether.agent import results
     from tether.agent.runtime import TaskContext
+    from tether.agent.tunnel import emitter
 
     bundle_dir = pathlib.Path(job["bundle_dir"])
     models = load_models(job)
@@ -117,6 +118,7 @@ def _execute(job_dir: pathlib.Path, job: dict[str, Any]) -> None:
         log=_Log(job_dir / "task.log"),
         models=models,
         inputs=dict(job.get("inputs") or {}),
+        emit=emitter.from_grant(job.get("emit")),
     )
     run = load_entrypoint(bundle_dir, job["entrypoint"])
     result = results.validate(run(ctx))

@@ -148,13 +148,22 @@ class WarmWorker:
         inputs: Mapping[str, Any],
         limits: runtime.TaskLimits,
         zygote: zygote_mod.Zygote,
+        emit: Mapping[str, Any] | None = None,
     ) -> runtime.TaskOutcome:
         self.busy, self._runs = True, self._runs + 1
         started = time.monotonic()
         watch = None
         try:
             self._writer.write(
-                frames.encode({"op": "run", "id": self._runs, "state": dict(state), "inputs": dict(inputs)})
+                frames.encode(
+                    {
+                        "op": "run",
+                        "id": self._runs,
+                        "state": dict(state),
+                        "inputs": dict(inputs),
+                        "emit": dict(emit) if emit else None,  # ctx.emit's grant (tunnel.relay.Tunnel.grant)
+                    }
+                )
             )
             if limits.cpu_seconds is not None:
                 watch = asyncio.create_task(self._watch_cpu(limits.cpu_seconds))
@@ -313,13 +322,16 @@ class WorkerPool:
         threads: int = 1,
         selection: Mapping[str, Any] | None = None,
         inputs: Mapping[str, Any] | None = None,
+        emit: Mapping[str, Any] | None = None,
     ) -> runtime.TaskOutcome:
         """`runtime.run_task`'s contract, on the task version's warm worker; TaskFailed says why a run failed."""
         inputs_doc = runtime.check_inputs(inputs)
         key, job = self._job(release, version, bundle_dir, bundle, data_dir, limits, backend, threads, selection)
         worker, cold = await self._acquire(key, job, limits)
         try:
-            outcome = await worker.run(state=dict(state or {}), inputs=inputs_doc, limits=limits, zygote=self.zygote)
+            outcome = await worker.run(
+                state=dict(state or {}), inputs=inputs_doc, limits=limits, zygote=self.zygote, emit=emit
+            )
         except errors.TaskFailed:
             if worker.dead is not None:
                 self._died(key)

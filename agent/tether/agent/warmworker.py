@@ -78,6 +78,20 @@ def _write_tensors(buf: mmap.mmap, tensors: dict[str, Any]) -> list[dict[str, An
     return layout
 
 
+_EMITTERS: dict[str, Any] = {}  # ctx.emit by grant token: one connection to the agent's tunnel per worker
+
+
+def _emitter(grant: dict[str, Any] | None) -> Any:
+    from tether.agent.tunnel import emitter
+
+    if not grant:
+        return emitter.unavailable
+    token = str(grant.get("token"))
+    if token not in _EMITTERS:
+        _EMITTERS[token] = emitter.from_grant(grant)
+    return _EMITTERS[token]
+
+
 def serve(job: dict[str, Any]) -> int:
     """The worker's life: load, say ready, answer runs until the channel closes. Returns an exit status."""
     from tether.agent import results, taskworker
@@ -113,6 +127,7 @@ def serve(job: dict[str, Any]) -> int:
                 log=log,
                 models=models,
                 inputs=dict(request.get("inputs") or {}),
+                emit=_emitter(request.get("emit")),
             )
             result = results.validate(run(ctx))
             if not isinstance(ctx.state, dict):

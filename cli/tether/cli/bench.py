@@ -21,6 +21,10 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "tether.devtools.bench_runtime:runtime",
         "Backend selection and agent inference overhead on real models (bench/models or any model folder).",
     ),
+    "tunnel": (
+        "tether.devtools.bench_tunnel:tunnel",
+        "Real-time tunnel: 30 KB emits from N connected agents to a consumer, p50/p99 vs direct Redis XADD.",
+    ),
     "stream": (
         "tether.devtools.bench_stream:stream",
         "On-device event-pattern matching: events/s with 1, 100, 1000 patterns, trie vs naive per-pattern scan.",

@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "certs": ("tether.cli.certs:certs", "Make a private CA and TLS certificates for the gRPC port."),
     "model": ("tether.cli.model:model", "Convert models between engine formats (ONNX -> MNN)."),
     "bench": ("tether.cli.bench:bench", "Run benchmarks that write machine-readable results."),
+    "tunnel": ("tether.cli.tunnel:tunnel", "Read what devices emit over the real-time tunnel (tail TOPIC)."),
 }
 
 

@@ -47,7 +47,10 @@ from tether.controller import round_driver as round_driver_mod
 from tether.controller.enqueue import CeleryEnqueuer, Enqueuer
 from tether.controller.fl import intake
 from tether.controller.storage import contracts, postgres
+from tether.controller.tunnel import broker_urls, brokers, tunnel_service
 from tether.proto.v1 import tether_pb2_grpc as pb_grpc
+from tether.proto.v1 import tunnel_pb2_grpc
+from tether.spec import emits
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -62,6 +65,7 @@ HEALTH_SERVICES = (
     "tether.v1.DeviceService",
     "tether.v1.AdminService",
     "tether.v1.StatsService",
+    "tether.v1.TunnelService",
 )
 
 
@@ -93,6 +97,7 @@ class RunningController:
     health_port: int | None = None
     round_driver: round_driver_mod.RoundDriver | None = None  # federated rounds (tether.controller.round_driver)
     round_driver_task: asyncio.Task[None] | None = None
+    tunnel: tunnel_service.TunnelService | None = None  # the real-time tunnel (its broker closes with us)
 
     @property
     def address(self) -> str:
@@ -127,6 +132,11 @@ class RunningController:
         await self.pool.close()
         if self.blob_backend is not None:
             await self.blob_backend.close()
+        if self.tunnel is not None and self.tunnel.broker is not None:
+            try:
+                await self.tunnel.broker.close()
+            except Exception:
+                log.warning("closing the tunnel broker failed", exc_info=True)
         if self.metrics_server is not None:  # last: a scrape during shutdown still gets an answer
             self.metrics_server.stop()
         log.info("controller on %s stopped", self.listen_address)
@@ -157,8 +167,14 @@ async def start_controller(
     *,
     enqueuer: Enqueuer | None = None,
     blob_store: blobs.BlobStore | blobstores.BlobBackend | None = None,
+    tunnel_broker: brokers.Broker | None = None,
+    tunnel_limits: emits.TunnelLimits = emits.TunnelLimits(),
 ) -> RunningController:
-    """Migrate the database, open the pool and serve on `cfg.listen`; return the running handle."""
+    """Migrate the database, open the pool and serve on `cfg.listen`; return the running handle.
+
+    The tunnel publishes to `tunnel_broker`, else to the broker `cfg.tunnel_url` names, else nowhere
+    (Emit answers FAILED_PRECONDITION and devices keep their records).
+    """
     if enqueuer is None:
         if not cfg.broker_url:
             raise config_mod.ConfigError("a broker URL is required (TETHER_BROKER_URL or --broker-url)")
@@ -289,6 +305,10 @@ async def start_controller(
             ),
             server,
         )
+        if tunnel_broker is None and cfg.tunnel_url:
+            tunnel_broker = broker_urls.open_broker(cfg.tunnel_url)
+        tunnel = tunnel_service.TunnelService(broker=tunnel_broker, limits=tunnel_limits, metrics=metrics)
+        counters.add_servicer(tunnel_pb2_grpc.add_TunnelServiceServicer_to_server, tunnel, server)
         # grpc.health.v1.Health needs no token (the edge authenticates only Device and Admin services).
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -340,6 +360,7 @@ async def start_controller(
         health_port=health_port,
         round_driver=rounds_driver,
         round_driver_task=driver_task,
+        tunnel=tunnel,
     )
 
 
