@@ -32,7 +32,7 @@ import os
 import pathlib
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import grpc
@@ -269,22 +269,17 @@ class Agent:
             for w in workers:
                 w.cancel()
             await asyncio.gather(*workers, return_exceptions=True)
-            if self._event_server is not None:
-                with contextlib.suppress(Exception):
-                    await self._event_server.stop()
-                self._event_server = None
+            server, self._event_server = self._event_server, None
+            await _quietly(server.stop if server is not None else None)  # before the store it writes to
             self.stream.store.close()
-            if self._own_pool:
-                with contextlib.suppress(Exception):
-                    await self.workers.close()
-            await self.tunnel.stop()  # never raises
-            with contextlib.suppress(Exception):
-                await self.client.close()
-            if self.puller.http is not None:
-                with contextlib.suppress(Exception):
-                    await self.puller.http.close()
-            with contextlib.suppress(Exception):
-                await self.ledger.save()
+            http = self.puller.http
+            await _quietly(
+                self.workers.close if self._own_pool else None,
+                self.tunnel.stop,
+                self.client.close,
+                http.close if http is not None else None,
+                self.ledger.save,
+            )
             log.info("agent %s stopped", self.device_id)
 
     # ------------------------------------------------------------ helpers
@@ -476,6 +471,16 @@ class Agent:
                 pb.DesiredTask(release=release, version=installed.version), S.DELIVERY_STATE_UNINSTALLED
             )
         await self.installer.gc()
+
+
+async def _quietly(*closers: Callable[[], Awaitable[Any]] | None) -> None:
+    """Await each closer in turn; one that fails is logged and the rest still run (a stopping agent)."""
+    for close in closers:
+        if close is not None:
+            try:
+                await close()
+            except Exception as e:  # shutting down: nothing may stop the rest
+                log.debug("closing %s failed: %s", getattr(close, "__qualname__", close), e)
 
 
 async def _until_stopped(stopping: asyncio.Event, coro: Any) -> None:
