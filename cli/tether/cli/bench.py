@@ -21,6 +21,11 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "tether.devtools.bench_runtime:runtime",
         "Backend selection and agent inference overhead on real models (MLP, CNN, EfficientNet-Lite0).",
     ),
+    "soak": (
+        "tether.devtools.bench_soak:soak",
+        "Simulated fleet under churn (and controller kills) through a staged rollout and a rollback: lost reports, "
+        "errors, controller memory.",
+    ),
     "stream": (
         "tether.devtools.bench_stream:stream",
         "On-device event-pattern matching: events/s with 1, 100, 1000 patterns, trie vs naive per-pattern scan.",
