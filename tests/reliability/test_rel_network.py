@@ -267,3 +267,34 @@ async def test_a_black_hole_is_given_up_by_keepalive_and_refusals_are_retried_wi
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_a_stream_whose_caller_left_is_not_aborted_twice():
+    """A Subscribe ending (e.g. superseded) after its connection dropped: no second abort, no INTERNAL logged.
+
+    Seen through the proxy: aborting a stream whose caller was gone raised inside gRPC, and the edge then
+    tried to answer INTERNAL on the finished call ("Abort already called" in the controller's log).
+    """
+    import grpc
+
+    from tether.controller import edge
+
+    class GoneContext:
+        aborted = 0
+
+        def done(self) -> bool:
+            return True
+
+        async def abort(self, *args, **kwargs):
+            self.aborted += 1
+            raise AssertionError("a finished call was aborted")
+
+    async def stream(request, context):
+        yield 1
+        raise RuntimeError("send status failed: the call is gone")
+
+    handler = grpc.unary_stream_rpc_method_handler(stream)
+    wrapped = edge._mapped(handler, edge._anyone)
+    context = GoneContext()
+    assert [item async for item in wrapped.unary_stream(None, context)] == [1]
+    assert context.aborted == 0
