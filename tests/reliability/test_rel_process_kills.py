@@ -14,7 +14,7 @@ What must hold after the last restart:
   aggregate folds every stored result exactly once (its result count and
   samples equal the rows');
 - the rollout completes: every device installed the version and its runs go
-  on succeeding after the restarts.
+  on being stored after the restarts (two more results each).
 
 `TETHER_FAULT_KILLS` (default 3) sets how many kills a run makes and
 `TETHER_FAULT_SEED` (default 14) the seed: `TETHER_FAULT_KILLS=30` for a
@@ -152,15 +152,23 @@ async def test_seeded_sigkills_of_controller_worker_and_agents_lose_nothing_and_
             await fleet.start(victim)
 
         # Then the rollout completes: every device installed it and goes on uploading after the last restart
-        after_kills = len(fleet.uploaded())
+        def per_device() -> dict[str, int]:
+            with psycopg.connect(database_url) as conn:
+                rows = conn.execute(
+                    "SELECT device_id, count(*) FROM results WHERE release = %s GROUP BY device_id", (RELEASE,)
+                ).fetchall()
+            return {d: int(n) for d, n in rows}
+
+        after_kills = per_device()
 
         async def completed() -> bool:
             async with admin_client.AdminClient(fleet.address, token=ADMIN_TOKEN) as adm:
                 status = await adm.get_release_status(RELEASE)
+            now = per_device()
             return (
                 status.version == applied.version
                 and status.installed == AGENTS
-                and len(fleet.uploaded()) >= after_kills + 2 * AGENTS
+                and all(now.get(d, 0) >= after_kills.get(d, 0) + 2 for d in agents)
             )
 
         try:
