@@ -32,7 +32,7 @@ import os
 import pathlib
 import random
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -104,6 +104,7 @@ class Agent:
         disk_budget: int | None = sizes.DEFAULT_DISK_BUDGET,
         http_settings: httpfetch.HttpSettings | None = None,
         tunnel_limits: emits.TunnelLimits | None = emits.TunnelLimits(),  # None: no real-time tunnel
+        channel_options: Sequence[tuple[str, int | str]] = client.DEFAULT_OPTIONS,
     ) -> None:
         self.controller = controller
         self.state_dir = pathlib.Path(state_dir)
@@ -151,7 +152,10 @@ class Agent:
 
         # The rooms.
         self.client = client.DeviceClient(
-            controller, credential=self.state.credential, channel_credentials=channel_credentials
+            controller,
+            credential=self.state.credential,
+            channel_credentials=channel_credentials,
+            options=channel_options,  # keepalive: how soon a black-holed connection is given up
         )
         self.session = session.Session(
             device=self.client,

@@ -25,6 +25,11 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "tether.devtools.bench_tunnel:tunnel",
         "Real-time tunnel: 30 KB emits from N connected agents to a consumer, p50/p99 vs direct Redis XADD.",
     ),
+    "soak": (
+        "tether.devtools.bench_soak:soak",
+        "Simulated fleet under churn (and controller kills) through a staged rollout and a rollback: lost reports, "
+        "errors, controller memory.",
+    ),
     "stream": (
         "tether.devtools.bench_stream:stream",
         "On-device event-pattern matching: events/s with 1, 100, 1000 patterns, trie vs naive per-pattern scan.",

@@ -131,6 +131,8 @@ class ReleaseStatus:
     aggregate_json: str  # the same, as the controller sent it ("" before the first round)
     health: Mapping[str, Any] | None = None  # per-stage health of a staged rollout (docs/internals.md)
     federated: Mapping[str, Any] | None = None  # a federated release's rounds (docs/internals.md "Federated rounds")
+    not_reporting: int = 0  # told about the current version, silent past report_deadline_s (staged or not)
+    report_deadline_s: int = 0
 
     @classmethod
     def from_proto(cls, m: pb.ReleaseStatus) -> ReleaseStatus:
@@ -151,6 +153,8 @@ class ReleaseStatus:
             aggregate_json=m.aggregate_json,
             health=json.loads(m.health_json) if m.health_json else None,
             federated=json.loads(m.federated_json) if m.federated_json else None,
+            not_reporting=m.not_reporting,
+            report_deadline_s=m.report_deadline_seconds,
         )
 
 
@@ -339,8 +343,10 @@ class AdminClient:
         response = await self._call(self._stub.DeleteRelease, pb.DeleteReleaseRequest(release=release))
         return bool(response.deleted)
 
-    async def get_release_status(self, release: str) -> ReleaseStatus:
-        response = await self._call(self._stub.GetReleaseStatus, pb.GetReleaseStatusRequest(release=release))
+    async def get_release_status(self, release: str, *, report_deadline_s: int | None = None) -> ReleaseStatus:
+        """The release's counts; `report_deadline_s`: the deadline `not_reporting` is counted with (None: its own)."""
+        request = pb.GetReleaseStatusRequest(release=release, report_deadline_seconds=report_deadline_s)
+        response = await self._call(self._stub.GetReleaseStatus, request)
         return ReleaseStatus.from_proto(response)
 
     async def list_releases(self) -> list[ReleaseStatus]:

@@ -135,7 +135,9 @@ class AdminService(pb_grpc.AdminServiceServicer):
         self, request: pb.GetReleaseStatusRequest, context: grpc.aio.ServicerContext
     ) -> pb.ReleaseStatus:
         releases.check_release_name(request.release)
-        [counts] = await self._storage.releases.release_counts([request.release])
+        requested = request.report_deadline_seconds if request.HasField("report_deadline_seconds") else None
+        deadline = deliveries.check_report_deadline(requested)
+        [counts] = await self._storage.releases.release_counts([request.release], report_deadline_s=deadline)
         status = self._status(counts)
         status.federated_json = await self._federated(request.release)
         return status
@@ -258,6 +260,8 @@ class AdminService(pb_grpc.AdminServiceServicer):
             aggregate_round=counts.aggregate_round,
             connected_devices=connected,
             health_json=counts.health_json,
+            not_reporting=counts.not_reporting,
+            report_deadline_seconds=counts.report_deadline_s,
         )
 
 

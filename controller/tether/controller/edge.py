@@ -138,6 +138,9 @@ def _mapped(handler: grpc.RpcMethodHandler, authenticate: Authenticate) -> grpc.
             except grpc.aio.AbortError:
                 raise
             except Exception as e:
+                if context.done():  # the caller is gone (its connection dropped mid-stream): nobody to answer
+                    log.debug("stream ended after its caller left: %s", type(e).__name__)
+                    return
                 await abort(context, e)
 
         return grpc.unary_stream_rpc_method_handler(unary_stream, **kwargs)

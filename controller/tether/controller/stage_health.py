@@ -19,12 +19,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from tether.controller import devices, rollouts
+from tether.controller.deliveries import SILENT_STATES
 from tether.spec import triggers
 
 COVERAGE_QUANTILES = (0.5, 0.9, 0.99)
-# A delivery in these states is waiting for the device: past the rollout's report deadline it is
-# counted as not reporting (the device was told and has said nothing since).
-SILENT_STATES = ("notified", "downloading")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

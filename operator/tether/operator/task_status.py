@@ -229,6 +229,12 @@ class MLTaskStatus(model.CamelModel):
         default=0, ge=0, description="Devices that refused the current version (verification failed; nothing ran)."
     )
     results: int = pydantic.Field(default=0, ge=0, description="Results uploaded for the current version.")
+    not_reporting: int = pydantic.Field(
+        default=0,
+        ge=0,
+        description="Devices told about the current version and silent (no report) for longer than "
+        "`spec.rollout.reportDeadlineSeconds`, staged or not (the Degraded condition says so when unstaged).",
+    )
     aggregate: AggregateSummary | None = pydantic.Field(
         default=None, description="Summary of the latest aggregate, once one exists."
     )

@@ -238,10 +238,15 @@ class ReleaseLedger(Protocol):
         """
         ...
 
-    async def release_counts(self, names: Sequence[str] | None = None) -> list[deliveries.ReleaseCounts]:
+    async def release_counts(
+        self, names: Sequence[str] | None = None, *, report_deadline_s: int | None = None
+    ) -> list[deliveries.ReleaseCounts]:
         """Status counts of the named live releases (all when None), ordered by name.
 
-        MUST raise NotFound for a name that is not a live release.
+        MUST raise NotFound for a name that is not a live release. `not_reporting`
+        MUST count deliveries at the current version in `deliveries.SILENT_STATES`
+        unchanged for `deliveries.report_deadline(rel, report_deadline_s)` seconds
+        (on the clock that stamps the rows), staged or not.
         """
         ...
 

@@ -140,7 +140,9 @@ class MemoryReleases:
                 self._t.devices[device_id].state = dict(state)
         return list(plan.outcomes)
 
-    async def release_counts(self, names: Sequence[str] | None = None) -> list[deliveries.ReleaseCounts]:
+    async def release_counts(
+        self, names: Sequence[str] | None = None, *, report_deadline_s: int | None = None
+    ) -> list[deliveries.ReleaseCounts]:
         live = {n: r for n, r in self._t.releases.items() if not r.deleted}
         if names is not None:
             for name in names:
@@ -172,9 +174,13 @@ class MemoryReleases:
         out = []
         for rel in rels:
             states: dict[str, int] = {}
+            deadline = deliveries.report_deadline(rel, report_deadline_s)
+            silent = 0
             for (r, _), row in self._t.deliveries.items():
                 if r == rel.name and row.version == rel.version:
                     states[row.state] = states.get(row.state, 0) + 1
+                    if row.state in deliveries.SILENT_STATES and now - row.updated_at >= deadline:
+                        silent += 1
             out.append(
                 deliveries.release_counts(
                     rel,
@@ -183,6 +189,8 @@ class MemoryReleases:
                     results=len(self._results_of(rel)),
                     aggregate=None,  # aggregates are the worker's, on Postgres
                     health_json=health.get(rel.name, ""),
+                    not_reporting=silent,
+                    report_deadline_s=deadline,
                 )
             )
         return out

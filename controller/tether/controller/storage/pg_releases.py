@@ -248,7 +248,9 @@ class PostgresReleases:
                 outcomes.append(e)
         return outcomes
 
-    async def release_counts(self, names: Sequence[str] | None = None) -> list[deliveries.ReleaseCounts]:
+    async def release_counts(
+        self, names: Sequence[str] | None = None, *, report_deadline_s: int | None = None
+    ) -> list[deliveries.ReleaseCounts]:
         """Status counts of the named live releases (all when None); NotFound for an unknown name."""
         async with self._pool.connection() as conn, conn.transaction():
             cur = conn.cursor(row_factory=dict_row)
@@ -275,16 +277,22 @@ class PostgresReleases:
                 ).fetchall()
             ]
             keys = ([r.name for r in rels], [r.version for r in rels])
+            deadlines = {r.name: deliveries.report_deadline(r, report_deadline_s) for r in rels}
             states: dict[str, dict[str, int]] = {}
+            silent: dict[str, int] = {}
             for row in await (
                 await cur.execute(
-                    "SELECT d.release, d.state, count(*) AS n FROM deliveries d"
-                    " JOIN unnest(%s::text[], %s::bigint[]) AS k(release, version)"
+                    "SELECT d.release, d.state, count(*) AS n,"
+                    " count(*) FILTER (WHERE d.state = ANY(%s)"
+                    "   AND d.updated_at <= now() - make_interval(secs => k.deadline)) AS silent"
+                    " FROM deliveries d"
+                    " JOIN unnest(%s::text[], %s::bigint[], %s::bigint[]) AS k(release, version, deadline)"
                     " ON d.release = k.release AND d.version = k.version GROUP BY d.release, d.state",
-                    keys,
+                    (list(deliveries.SILENT_STATES), *keys, [deadlines[r.name] for r in rels]),
                 )
             ).fetchall():
                 states.setdefault(row["release"], {})[row["state"]] = int(row["n"])
+                silent[row["release"]] = silent.get(row["release"], 0) + int(row["silent"])
             result_counts = {
                 row["release"]: int(row["n"])
                 for row in await (
@@ -316,6 +324,8 @@ class PostgresReleases:
                 results=result_counts.get(rel.name, 0),
                 aggregate=aggregates.get(rel.name),
                 health_json=health.get(rel.name, ""),
+                not_reporting=silent.get(rel.name, 0),
+                report_deadline_s=deadlines[rel.name],
             )
             for rel in rels
         ]

@@ -567,13 +567,15 @@ class DeleteReleaseResponse(_message.Message):
     def __init__(self, deleted: _Optional[bool] = ...) -> None: ...
 
 class GetReleaseStatusRequest(_message.Message):
-    __slots__ = ("release",)
+    __slots__ = ("release", "report_deadline_seconds")
     RELEASE_FIELD_NUMBER: _ClassVar[int]
+    REPORT_DEADLINE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     release: str
-    def __init__(self, release: _Optional[str] = ...) -> None: ...
+    report_deadline_seconds: int
+    def __init__(self, release: _Optional[str] = ..., report_deadline_seconds: _Optional[int] = ...) -> None: ...
 
 class ReleaseStatus(_message.Message):
-    __slots__ = ("release", "version", "manifest_digest", "targeted", "notified", "installed", "succeeded", "failed", "refused", "results", "aggregate_json", "aggregate_round", "connected_devices", "health_json", "federated_json")
+    __slots__ = ("release", "version", "manifest_digest", "targeted", "notified", "installed", "succeeded", "failed", "refused", "results", "aggregate_json", "aggregate_round", "connected_devices", "health_json", "federated_json", "not_reporting", "report_deadline_seconds")
     RELEASE_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_DIGEST_FIELD_NUMBER: _ClassVar[int]
@@ -589,6 +591,8 @@ class ReleaseStatus(_message.Message):
     CONNECTED_DEVICES_FIELD_NUMBER: _ClassVar[int]
     HEALTH_JSON_FIELD_NUMBER: _ClassVar[int]
     FEDERATED_JSON_FIELD_NUMBER: _ClassVar[int]
+    NOT_REPORTING_FIELD_NUMBER: _ClassVar[int]
+    REPORT_DEADLINE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     release: str
     version: int
     manifest_digest: str
@@ -604,7 +608,9 @@ class ReleaseStatus(_message.Message):
     connected_devices: int
     health_json: str
     federated_json: str
-    def __init__(self, release: _Optional[str] = ..., version: _Optional[int] = ..., manifest_digest: _Optional[str] = ..., targeted: _Optional[int] = ..., notified: _Optional[int] = ..., installed: _Optional[int] = ..., succeeded: _Optional[int] = ..., failed: _Optional[int] = ..., refused: _Optional[int] = ..., results: _Optional[int] = ..., aggregate_json: _Optional[str] = ..., aggregate_round: _Optional[int] = ..., connected_devices: _Optional[int] = ..., health_json: _Optional[str] = ..., federated_json: _Optional[str] = ...) -> None: ...
+    not_reporting: int
+    report_deadline_seconds: int
+    def __init__(self, release: _Optional[str] = ..., version: _Optional[int] = ..., manifest_digest: _Optional[str] = ..., targeted: _Optional[int] = ..., notified: _Optional[int] = ..., installed: _Optional[int] = ..., succeeded: _Optional[int] = ..., failed: _Optional[int] = ..., refused: _Optional[int] = ..., results: _Optional[int] = ..., aggregate_json: _Optional[str] = ..., aggregate_round: _Optional[int] = ..., connected_devices: _Optional[int] = ..., health_json: _Optional[str] = ..., federated_json: _Optional[str] = ..., not_reporting: _Optional[int] = ..., report_deadline_seconds: _Optional[int] = ...) -> None: ...
 
 class ListReleasesRequest(_message.Message):
     __slots__ = ()
