@@ -124,13 +124,7 @@ class Agent:
         self._rng = rng = rng or random.Random()
         self.store = bundles.BundleStore(self.state_dir)
         self.ledger = statefile.Ledger(self.state_dir / "state.json")
-        # Backend selection (tether.agent.backends): per model, before a version goes live. A simulated
-        # fleet passes one shared selector; `backend_selection=False` runs every model as its bundle says.
-        self.selector: Selector | None = None
-        if backend_selection:
-            self.selector = selector or Selector(
-                cache_path=self.state_dir / CACHE_FILE, backends=backends, memory_mb=limits.memory_mb
-            )
+        self.selector = _selector(backend_selection, selector, self.state_dir, backends, limits)
         self._desired: dict[str, pb.DesiredTask] = {}
         # The trace context a Notify carried, per release: (version, context) the install and runs join.
         self._traces: dict[str, tuple[int, Any]] = {}
@@ -475,6 +469,16 @@ class Agent:
                 pb.DesiredTask(release=release, version=installed.version), S.DELIVERY_STATE_UNINSTALLED
             )
         await self.installer.gc()
+
+
+def _selector(
+    enabled: bool, shared: Selector | None, state_dir: pathlib.Path, backends: list[str] | None, limits: Any
+) -> Selector | None:
+    """Backend selection (tether.agent.backends): per model, before a version goes live. A simulated fleet
+    passes one shared selector; `backend_selection=False` runs every model as its bundle says."""
+    if not enabled:
+        return None
+    return shared or Selector(cache_path=state_dir / CACHE_FILE, backends=backends, memory_mb=limits.memory_mb)
 
 
 async def _quietly(*closers: Callable[[], Awaitable[Any]] | None) -> None:
