@@ -128,6 +128,9 @@ class ReleaseStatus:
     aggregate: Mapping[str, Any] | None  # the latest aggregate body, None before the first round
     aggregate_json: str  # the same, as the controller sent it ("" before the first round)
     health: Mapping[str, Any] | None = None  # per-stage health of a staged rollout (docs/internals.md)
+    # A federated release's rounds (`ReleaseStatus.federated_json`, docs/internals.md "Federated rounds");
+    # None when the release is not federated or the controller's contract has no such field yet.
+    federated: Mapping[str, Any] | None = None
 
     @classmethod
     def from_proto(cls, m: pb.ReleaseStatus) -> ReleaseStatus:
@@ -147,7 +150,13 @@ class ReleaseStatus:
             aggregate=json.loads(m.aggregate_json) if m.aggregate_json else None,
             aggregate_json=m.aggregate_json,
             health=json.loads(m.health_json) if m.health_json else None,
+            federated=_federated(m),
         )
+
+
+def _federated(m: pb.ReleaseStatus) -> Mapping[str, Any] | None:
+    text = getattr(m, "federated_json", "")  # field 15, added with the federated loop
+    return json.loads(text) if text else None
 
 
 class AdminClient:

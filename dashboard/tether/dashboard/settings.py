@@ -1,0 +1,48 @@
+"""What the dashboard is told: where the controller and the Kubernetes API are, who may look, what it may do."""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+
+from tether.common import errors
+from tether.common.tls import ClientTLS
+
+DEFAULT_PORT = 8080
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Settings:
+    controller: str  # host:port of the controller's admin API
+    admin_token: str = dataclasses.field(repr=False)
+    token: str = dataclasses.field(repr=False)  # the dashboard's own access token (login form, bearer)
+    tls: ClientTLS | None = None
+    kubeconfig: str | None = None  # None: $KUBECONFIG, ~/.kube/config, else the pod's service account
+    namespaces: tuple[str, ...] = ()  # () = the credentials' namespace; ("*",) = every namespace
+    allow_controls: bool = False  # rollout controls (pause, resume, promote, abort) on the task pages
+    interval_s: float = 2.0  # one upstream poll per watched subject and interval
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    secure_cookies: bool = False  # set behind TLS (the chart's ingress)
+    session_key: bytes | None = dataclasses.field(default=None, repr=False)  # replicas share it; None: made at start
+
+    def __post_init__(self) -> None:
+        if not self.admin_token:
+            raise errors.InvalidArgument("admin token: required (--admin-token-file, TETHER_ADMIN_TOKEN)")
+        if len(self.token) < 16:
+            raise errors.InvalidArgument(
+                "dashboard token: at least 16 characters required (--token-file, TETHER_DASHBOARD_TOKEN)"
+            )
+        if not 0.2 <= self.interval_s <= 300:
+            raise errors.InvalidArgument(f"interval: {self.interval_s} s is outside 0.2 to 300 s")
+
+
+def read_secret(path: str | pathlib.Path, *, what: str) -> str:
+    """A token from a file (a mounted Secret), stripped; a clear error naming `what` when unreadable or empty."""
+    try:
+        text = pathlib.Path(path).read_text().strip()
+    except OSError as e:
+        raise errors.InvalidArgument(f"{what}: cannot read {path}: {e.strerror}") from None
+    if not text:
+        raise errors.InvalidArgument(f"{what}: {path} is empty")
+    return text
