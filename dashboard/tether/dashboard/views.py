@@ -278,27 +278,37 @@ def coverage_plot(
     devices installed). Device-count gates (`devicesReporting`, `notReporting`) are drawn as lines.
     """
     rows = stage_rows(status, health)
+    staged = bool((status.get("rollout") or {}).get("stages"))
+    starts: dict[int, float | None] = {r.index: parse_time(r.started_at) for r in rows}
     anchors: dict[float, dict[int, int]] = {}
     for row in rows:
-        start = parse_time(row.started_at)
+        start = starts[row.index]
         if start is None:
             continue
-        anchors.setdefault(start, {})[row.index] = 0
+        # The percentiles tell the time before the dashboard watched; its own samples are exact after that.
+        seen = [s.at for s in history if s.at >= start]
+        points = [(start, 0)]
         doc = _coverage_doc(status, health, row.index)
         for key, fraction in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99)):
             seconds = _float(doc.get(key))
             if seconds is not None:
-                anchors.setdefault(start + seconds, {})[row.index] = round(fraction * row.eligible)
+                points.append((start + seconds, round(fraction * row.eligible)))
+        for at, value in points:
+            if not seen or at < min(seen):
+                anchors.setdefault(at, {})[row.index] = value
     xs = sorted({*anchors, *(s.at for s in history)})
     by_time = {s.at: s for s in history}
     series: list[dict[str, Any]] = []
     columns: list[list[float | None]] = []
     for row in rows:
+        start = starts[row.index]
         installed: list[float | None] = []
         succeeded: list[float | None] = []
         for x in xs:
             s = by_time.get(x)
-            if s is not None and row.index < len(s.installed):
+            # a stage that has not begun (or had not, at x) has no coverage to draw
+            begun = (start is not None and x >= start) or (start is None and not staged)
+            if s is not None and row.index < len(s.installed) and begun:
                 installed.append(s.installed[row.index])
                 succeeded.append(s.succeeded[row.index])
             else:
