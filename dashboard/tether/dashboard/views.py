@@ -321,9 +321,9 @@ def coverage_plot(
         ]
     for row in rows:
         for g in row.gates:
-            value = g.min if g.min is not None else g.max
-            if g.metric in ("devicesReporting", "notReporting") and value is not None:
-                columns.append([value for _ in xs])
+            bound = g.min if g.min is not None else g.max
+            if g.metric in ("devicesReporting", "notReporting") and bound is not None:
+                columns.append([bound for _ in xs])
                 series.append({"label": f"{row.name}: {g.metric} {g.bound}", "stage": None, "kind": "threshold"})
     return {"x": xs, "columns": columns, "series": series}
 
