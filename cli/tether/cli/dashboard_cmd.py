@@ -22,6 +22,7 @@ from tether.common import tls as tls_mod
     help="The dashboard's access token (login form, bearer) from this file; else $TETHER_DASHBOARD_TOKEN; "
     "else one is made and printed.",
 )
+@click.option("--session-key-file", default=None, help="Sign session cookies with this file's key (replicas share it).")
 @click.option("--kubeconfig", envvar="KUBECONFIG", default=None, help="kubeconfig file (default: in-cluster).")
 @click.option(
     "-n",
@@ -41,6 +42,7 @@ def dashboard(
     admin_token: str | None,
     admin_token_file: str | None,
     token_file: str | None,
+    session_key_file: str | None,
     kubeconfig: str | None,
     namespaces: tuple[str, ...],
     allow_controls: bool,
@@ -77,6 +79,9 @@ def dashboard(
             host=host,
             port=port,
             secure_cookies=secure_cookies,
+            session_key=settings_mod.read_secret(session_key_file, what="session key").encode()
+            if session_key_file
+            else None,
         )
     except errors.TetherError as e:
         raise click.ClickException(str(e)) from None
