@@ -14,12 +14,12 @@ from starlette.testclient import TestClient
 from tether.dashboard import app as app_mod
 
 
-def make(*, controls: bool = False, **kw) -> tuple[TestClient, Recorded]:
+def make(*, controls: bool = False, interval_s: float = 0.2, **kw) -> tuple[TestClient, Recorded]:
     rec = Recorded()
     rec.objects["ml/digits"] = mltask()
     rec.releases["ml/digits"] = release("ml/digits", aggregate={"counts": {"0": 4, "1": 6}, "mean": [0.1, 0.9]})
     rec.fleet = [device(1), device(2, os="ios"), device(3, tier="low")]
-    app = app_mod.create_app(rec, token=TOKEN, allow_controls=controls, interval_s=0.2, **kw)
+    app = app_mod.create_app(rec, token=TOKEN, allow_controls=controls, interval_s=interval_s, **kw)
     return TestClient(app, follow_redirects=False), rec
 
 
@@ -162,3 +162,22 @@ def test_live_updates_carry_fragments_and_plot() -> None:
                 break
     assert set(msg["fragments"]) >= {"summary", "stages", "events", "federated", "aggregate", "live-status"}
     assert msg["plot"]["series"] and msg["fplot"] is None
+
+
+def test_tabs_on_one_subject_share_its_poller_and_release_it_when_closed() -> None:
+    client, _ = make(interval_s=60)
+    login(client)
+    hub = client.app.state.hub  # type: ignore[attr-defined]
+
+    def first_message(r) -> dict:
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                return json.loads(line[6:])
+        raise AssertionError("no message")
+
+    with client.stream("GET", "/live/tasks") as one, client.stream("GET", "/live/tasks") as two:
+        first_message(one), first_message(two)
+        assert hub.watchers("tasks") == 2
+        assert hub.fetches["tasks"] == 1  # one poller for both tabs
+    client.get("/healthz")
+    assert hub.watchers("tasks") == 0

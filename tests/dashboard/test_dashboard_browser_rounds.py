@@ -52,3 +52,31 @@ async def test_a_published_round_appears_on_the_plot(tmp_path: pathlib.Path) -> 
         assert await page.locator("#federated-plot canvas").count() == 1
         await check_clean(page, problems)
         await shoot(page, "federated", tmp_path / "screenshots")
+
+
+async def test_keyboard_alone_reaches_a_task_and_errors_on_a_page_fail_the_check(tmp_path: pathlib.Path) -> None:
+    pw_api = require_browser()
+    rec = Recorded()
+    rec.objects["ml/mnist-fl"] = mltask("mnist-fl")
+    rec.releases["ml/mnist-fl"] = release("ml/mnist-fl")
+    app = app_mod.create_app(rec, token=TOKEN, interval_s=0.5)
+    async with served(app) as base, browser_page(pw_api) as (page, problems):
+        await login(page, base, TOKEN)
+        await page.keyboard.press("Tab")
+        assert await page.evaluate("document.activeElement.textContent") == "Skip to content"
+        for _ in range(12):
+            await page.keyboard.press("Tab")
+            if await page.evaluate("document.activeElement.textContent") == "ml/mnist-fl":
+                break
+        else:
+            raise AssertionError("the task's link is not reachable with Tab")
+        await page.keyboard.press("Enter")
+        await page.wait_for_url(f"{base}/tasks/ml/mnist-fl")
+        assert "Not a federated task." in await page.locator("#federated").inner_text()
+        await check_clean(page, problems)
+
+        # The check the other tests rely on does fail on a page showing an error.
+        await page.goto(f"{base}/tasks/ml/Bad_Name")
+        with pytest.raises(AssertionError, match="shows an error"):
+            await check_clean(page, problems)
+        assert any("HTTP 400" in p for p in problems)

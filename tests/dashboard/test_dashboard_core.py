@@ -169,3 +169,19 @@ async def test_concurrent_page_loads_share_one_fetch_and_errors_reach_the_pages(
     assert calls == 1
     async with hub.subscribe("bad") as q:
         assert await q.get() == {"error": "controller down"}
+
+
+async def test_subjects_nobody_watches_are_forgotten_beyond_a_bound() -> None:
+    async def fetch(subject: str) -> dict:
+        if subject.startswith("missing"):
+            raise errors.NotFound(subject)
+        return {"subject": subject}
+
+    hub = livehub.Hub(fetch, interval_s=3600)
+    for i in range(50):
+        with pytest.raises(errors.NotFound):
+            await hub.current(f"missing-{i}")
+    assert hub.subjects() == 0  # a name that never fetched leaves nothing behind
+    for i in range(livehub.MAX_IDLE_SUBJECTS + 10):
+        await hub.current(f"task:{i}")
+    assert hub.subjects() == livehub.MAX_IDLE_SUBJECTS

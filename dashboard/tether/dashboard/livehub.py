@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 log = logging.getLogger(__name__)
+MAX_IDLE_SUBJECTS = 512  # snapshots kept of subjects nobody watches (oldest dropped first)
 
 Fetch = Callable[[str], Awaitable[dict[str, Any]]]
 
@@ -42,6 +43,10 @@ class Hub:
         self._subjects: dict[str, _Subject] = {}
         self.fetches: dict[str, int] = {}  # upstream fetches per subject (tests and /healthz read it)
 
+    def subjects(self) -> int:
+        """Subjects the hub holds state for (watched or with a kept snapshot)."""
+        return len(self._subjects)
+
     def watchers(self, subject: str) -> int:
         s = self._subjects.get(subject)
         return len(s.subscribers) if s else 0
@@ -51,7 +56,19 @@ class Hub:
         s = self._subjects.setdefault(subject, _Subject())
         if s.latest is not None and self._clock() - s.fetched_at < self.interval_s:
             return s.latest
-        return await self._fetch_once(subject, s)
+        try:
+            return await self._fetch_once(subject, s)
+        finally:
+            self._prune()
+
+    def _prune(self) -> None:
+        """Forget subjects nobody watches beyond MAX_IDLE_SUBJECTS, and those that never fetched (a bad name)."""
+        idle = [k for k, v in self._subjects.items() if not v.subscribers and v.inflight is None and v.poller is None]
+        for key in [k for k in idle if self._subjects[k].latest is None]:
+            del self._subjects[key]
+        idle = sorted((k for k in idle if k in self._subjects), key=lambda k: self._subjects[k].fetched_at)
+        for key in idle[: max(0, len(idle) - MAX_IDLE_SUBJECTS)]:
+            del self._subjects[key]
 
     async def _fetch_once(self, subject: str, s: _Subject) -> dict[str, Any]:
         if s.inflight is not None:
