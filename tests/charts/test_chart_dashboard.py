@@ -37,7 +37,7 @@ def test_on_it_serves_beside_the_controller_read_only(helm: pathlib.Path) -> Non
     assert container["command"] == ["tether", "dashboard"]
     args = container["args"]
     assert "--controller=tether-controller.tether.svc:7443" in args and "--host=0.0.0.0" in args
-    assert "--token-file=/etc/tether/dashboard/token" in args and "--namespace=*" in args
+    assert "--token-file=/etc/tether/dashboard/token" in args and "--namespace=*" in args and "--auth=token" in args
     assert "--allow-controls" not in args and "--ca-file=/etc/tether/tls/ca.crt" in args  # TLS on by default
     env = {e["name"]: e for e in container["env"]}
     assert env["TETHER_ADMIN_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "tether-auth", "key": "admin-token"}
@@ -83,6 +83,14 @@ def test_network_policies_let_the_dashboard_reach_the_controller_and_nobody_reac
     assert own is not None and own["spec"]["ingress"][0]["from"][0]["namespaceSelector"]
 
 
+def test_kubernetes_auth_never_lets_the_dashboard_account_patch(helm: pathlib.Path) -> None:
+    docs = render(helm, *ON, "--set", "dashboard.allowControls=true", "--set", "dashboard.auth=kubernetes")
+    role = named(docs, "ClusterRole")
+    assert role is not None and all("patch" not in r["verbs"] for r in role["rules"])
+    args = named(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]  # type: ignore[index]
+    assert "--auth=kubernetes" in args and "--allow-controls" in args
+
+
 @pytest.mark.parametrize(
     ("args", "words"),
     [
@@ -90,6 +98,7 @@ def test_network_policies_let_the_dashboard_reach_the_controller_and_nobody_reac
         (("--set", "dashboard.pollIntervalSeconds=0"), "/dashboard/pollIntervalSeconds"),
         (("--set", "dashboard.namespaces={Bad_NS}"), "/dashboard/namespaces"),
         (("--set", "dashboard.colour=red"), "colour"),
+        (("--set", "dashboard.auth=oidc"), "/dashboard/auth"),
     ],
 )
 def test_bad_dashboard_values_are_refused(helm: pathlib.Path, args: tuple[str, ...], words: str) -> None:

@@ -131,6 +131,8 @@ class Recorded:
     event_docs: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     calls: dict[str, int] = dataclasses.field(default_factory=dict)
     controls: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)
+    user_tokens: list[str | None] = dataclasses.field(default_factory=list)  # the user each control was sent as
+    kube_users: dict[str, bool] = dataclasses.field(default_factory=dict)  # token -> may list mltasks
 
     def _count(self, what: str) -> None:
         self.calls[what] = self.calls.get(what, 0) + 1
@@ -161,8 +163,15 @@ class Recorded:
         self._count("devices")
         return list(self.fleet)
 
-    async def control(self, action: str, namespace: str, name: str) -> str:
+    async def authenticate(self, token: str) -> None:
+        if token not in self.kube_users:
+            raise errors.Unauthenticated("the API server refused the credential (LIST mltasks)")
+        if not self.kube_users[token]:
+            raise errors.PermissionDenied("not allowed to LIST mltasks in ml")
+
+    async def control(self, action: str, namespace: str, name: str, *, user_token: str | None = None) -> str:
         self.controls.append((action, namespace, name))
+        self.user_tokens.append(user_token)
         obj = self.objects[f"{namespace}/{name}"]
         patch = rollout_controls.patch_for(action, now=datetime.datetime.now(datetime.UTC))
         obj["spec"].update(patch.get("spec", {}))

@@ -181,3 +181,33 @@ def test_tabs_on_one_subject_share_its_poller_and_release_it_when_closed() -> No
         assert hub.fetches["tasks"] == 1  # one poller for both tabs
     client.get("/healthz")
     assert hub.watchers("tasks") == 0
+
+
+def test_kubernetes_auth_checks_the_token_with_the_api_server_and_controls_go_as_that_user() -> None:
+    client, rec = make(controls=True, auth="kubernetes")
+    rec.kube_users = {"alice-k8s-token": True, "bob-k8s-token": False}
+    r = client.post("/login", data={"token": "nobody"})
+    assert r.status_code == 401 and "refused the credential" in r.text
+    r = client.post("/login", data={"token": "bob-k8s-token"})
+    assert r.status_code == 401 and "not allowed to LIST mltasks" in r.text
+    assert client.get("/", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 303  # no dashboard token
+    r = client.post("/login", data={"token": "alice-k8s-token"})
+    assert r.status_code == 303 and "alice-k8s-token" not in r.headers["set-cookie"]
+    page = client.get("/tasks/ml/digits/control/promote")
+    assert "alice-k8s-token" not in page.text
+    csrf = re.search(r'name="csrf" value="([^"]+)"', page.text)[1]
+    assert client.post("/tasks/ml/digits/control/promote", data={"csrf": csrf}).status_code == 303
+    assert rec.user_tokens == ["alice-k8s-token"]
+    cookie = client.cookies.get("tether_dashboard")
+    assert client.get("/").status_code == 200
+    client.post("/logout")
+    client.cookies.set("tether_dashboard", cookie)  # the old cookie, replayed
+    assert client.get("/").status_code == 303  # the server forgot the session with its token
+
+
+def test_token_auth_sends_controls_with_the_dashboard_credentials() -> None:
+    client, rec = make(controls=True)
+    login(client)
+    csrf = re.search(r'name="csrf" value="([^"]+)"', client.get("/tasks/ml/digits/control/resume").text)[1]
+    client.post("/tasks/ml/digits/control/resume", data={"csrf": csrf})
+    assert rec.user_tokens == [None]

@@ -31,6 +31,14 @@ from tether.common import tls as tls_mod
     multiple=True,
     help="Namespace to show (repeatable; '*' = all; default: the context's).",
 )
+@click.option(
+    "--auth",
+    type=click.Choice(["token", "kubernetes"]),
+    default="token",
+    show_default=True,
+    help="token: log in with the dashboard token; kubernetes: with one's own Kubernetes bearer token (the API "
+    "server checks it and its RBAC applies: listing the MLTasks shown to log in, patching them for controls).",
+)
 @click.option("--allow-controls", is_flag=True, help="Offer pause/resume/promote/abort on the task pages.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=8080, show_default=True, type=int)
@@ -45,6 +53,7 @@ def dashboard(
     session_key_file: str | None,
     kubeconfig: str | None,
     namespaces: tuple[str, ...],
+    auth: str,
     allow_controls: bool,
     host: str,
     port: int,
@@ -71,6 +80,7 @@ def dashboard(
             controller=controller or config.controller_target(),
             admin_token=admin_token or "",
             token=token,
+            auth=auth,
             tls=tls,
             kubeconfig=kubeconfig,
             namespaces=namespaces,
@@ -85,7 +95,8 @@ def dashboard(
         )
     except errors.TetherError as e:
         raise click.ClickException(str(e)) from None
-    click.echo(f"dashboard: {webserver.url(settings)} (log in with the dashboard token)")
-    if made:
+    how = "your Kubernetes bearer token" if auth == "kubernetes" else "the dashboard token"
+    click.echo(f"dashboard: {webserver.url(settings)} (log in with {how})")
+    if made and auth == "token":
         click.echo(f"dashboard token (made for this run): {token}")
     asyncio.run(webserver.server(settings, log_level="info").serve())

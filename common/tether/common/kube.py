@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import copy
 import dataclasses
 import datetime
 import json
@@ -122,6 +123,24 @@ class Credentials:
         """The `Authorization` header value (`Bearer ...`, `Basic ...`) or None (client certificates only)."""
         value = self.configuration.api_key.get("BearerToken")
         return str(value) if value else None
+
+
+def as_user(credentials: Credentials, token: str) -> Credentials:
+    """The same API server and CA, authenticated as the holder of bearer `token` and nothing else.
+
+    The dashboard's "cluster credentials" login: a user's own token, so the API server's RBAC
+    decides what that user may do. The original user's token, client certificate, basic auth and
+    refresh hook (exec plugin, rotating service-account token) are all dropped from the copy.
+    """
+    configuration = copy.deepcopy(credentials.configuration)
+    configuration.api_key = {"BearerToken": f"Bearer {token}"}
+    configuration.api_key_prefix = {}
+    configuration.refresh_api_key_hook = None
+    configuration.cert_file = None
+    configuration.key_file = None
+    configuration.username = None
+    configuration.password = None
+    return Credentials(configuration=configuration, namespace=credentials.namespace, source="a user's bearer token")
 
 
 def _candidates(path: str | os.PathLike[str] | None) -> list[pathlib.Path]:

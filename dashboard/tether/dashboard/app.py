@@ -62,6 +62,7 @@ def create_app(
     source: upstream_mod.Upstream,
     *,
     token: str,
+    auth: str = "token",
     allow_controls: bool = False,
     interval_s: float = 2.0,
     secure_cookies: bool = False,
@@ -72,6 +73,9 @@ def create_app(
     sessions = (
         sessions_mod.Sessions(token=token, key=session_key) if session_key else sessions_mod.Sessions(token=token)
     )
+    # --auth kubernetes: each session's own Kubernetes token, held here only (never in the cookie, never
+    # rendered); a restart forgets them, so everyone logs in again.
+    user_tokens: dict[str, tuple[str, float]] = {}
     subjects = subjects_mod.Subjects(source)
     hub = livehub.Hub(subjects.fetch, interval_s=interval_s)
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(PACKAGE / "templates")), autoescape=True)
@@ -82,9 +86,12 @@ def create_app(
     def viewer(request: Request) -> str | None:
         """The session id (or "bearer" for a script presenting the token), None when not logged in."""
         header = request.headers.get("authorization", "")
-        if header.lower().startswith("bearer ") and sessions.token_ok(header[7:].strip()):
+        if auth == "token" and header.lower().startswith("bearer ") and sessions.token_ok(header[7:].strip()):
             return "bearer"
-        return sessions.session(request.cookies.get(sessions_mod.COOKIE), now=time.time())
+        sid = sessions.session(request.cookies.get(sessions_mod.COOKIE), now=time.time())
+        if auth == "kubernetes" and sid not in user_tokens:
+            return None
+        return sid
 
     def page(request: Request, name: str, context: dict[str, Any], *, status_code: int = 200) -> Response:
         sid = viewer(request)
@@ -124,14 +131,32 @@ def create_app(
 
     # ------------------------------------------------------------ login
     async def login_form(request: Request) -> Response:
-        return page(request, "login.html", {"next": _safe_next(request.query_params.get("next")), "failed": False})
+        context = {"next": _safe_next(request.query_params.get("next")), "failed": "", "auth": auth}
+        return page(request, "login.html", context)
 
     async def login(request: Request) -> Response:
         form = await request.form()
         target = _safe_next(str(form.get("next") or "/"))
-        cookie = sessions.login(str(form.get("token") or ""), now=time.time())
+        presented = str(form.get("token") or "")
+        now = time.time()
+        if auth == "kubernetes":
+            try:
+                if not presented:
+                    raise errors.Unauthenticated("no token given")
+                await source.authenticate(presented)
+            except (errors.Unauthenticated, errors.PermissionDenied) as e:
+                context = {"next": target, "failed": f"The API server refused: {e}", "auth": auth}
+                return page(request, "login.html", context, status_code=401)
+            cookie = sessions.issue(now=now)
+            for sid, (_, expires) in list(user_tokens.items()):
+                if expires < now:
+                    del user_tokens[sid]
+            user_tokens[str(sessions.session(cookie, now=now))] = (presented, now + sessions.ttl_s)
+        else:
+            cookie = sessions.login(presented, now=now)
         if cookie is None:
-            return page(request, "login.html", {"next": target, "failed": True}, status_code=401)
+            context = {"next": target, "failed": "That token is not the dashboard's token.", "auth": auth}
+            return page(request, "login.html", context, status_code=401)
         response = RedirectResponse(target, status_code=303)
         response.set_cookie(
             sessions_mod.COOKIE,
@@ -145,6 +170,8 @@ def create_app(
         return response
 
     async def logout(request: Request) -> Response:
+        sid = sessions.session(request.cookies.get(sessions_mod.COOKIE), now=time.time())
+        user_tokens.pop(str(sid), None)
         response = RedirectResponse("/login", status_code=303)
         response.delete_cookie(sessions_mod.COOKIE, path="/")
         return response
@@ -210,7 +237,8 @@ def create_app(
                 {"title": "Refused", "message": "csrf: the form's token is missing or stale; open the page again"},
                 status_code=403,
             )
-        await source.control(action, namespace, name)
+        user_token = user_tokens[sid][0] if auth == "kubernetes" and sid in user_tokens else None
+        await source.control(action, namespace, name, user_token=user_token)
         return RedirectResponse(f"/tasks/{namespace}/{name}?done={action}", status_code=303)
 
     # ------------------------------------------------------------ live updates

@@ -43,6 +43,10 @@ class Sessions:
         """A new session's cookie value when `presented` is the token, else None."""
         if not self.token_ok(presented):
             return None
+        return self.issue(now=now)
+
+    def issue(self, *, now: float) -> str:
+        """A new session's cookie value (the caller has checked who it is for)."""
         sid = secrets.token_urlsafe(18)
         body = f"{sid}.{int(now) + self.ttl_s}"
         return f"{body}.{_mac(self.key, 'session', body)}"

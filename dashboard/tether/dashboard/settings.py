@@ -9,6 +9,7 @@ from tether.common import errors
 from tether.common.tls import ClientTLS
 
 DEFAULT_PORT = 8080
+AUTH_MODES = ("token", "kubernetes")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -16,6 +17,9 @@ class Settings:
     controller: str  # host:port of the controller's admin API
     admin_token: str = dataclasses.field(repr=False)
     token: str = dataclasses.field(repr=False)  # the dashboard's own access token (login form, bearer)
+    # "token": log in with `token`; "kubernetes": with one's own Kubernetes bearer token, checked by the API
+    # server (the user must be allowed to list the MLTasks shown), and controls are sent as that user.
+    auth: str = "token"
     tls: ClientTLS | None = None
     kubeconfig: str | None = None  # None: $KUBECONFIG, ~/.kube/config, else the pod's service account
     namespaces: tuple[str, ...] = ()  # () = the credentials' namespace; ("*",) = every namespace
@@ -29,6 +33,8 @@ class Settings:
     def __post_init__(self) -> None:
         if not self.admin_token:
             raise errors.InvalidArgument("admin token: required (--admin-token-file, TETHER_ADMIN_TOKEN)")
+        if self.auth not in AUTH_MODES:
+            raise errors.InvalidArgument(f"auth: {self.auth!r} is not one of {', '.join(AUTH_MODES)}")
         if len(self.token) < 16:
             raise errors.InvalidArgument(
                 "dashboard token: at least 16 characters required (--token-file, TETHER_DASHBOARD_TOKEN)"

@@ -24,7 +24,8 @@ class Upstream(Protocol):
     async def events(self, namespace: str, name: str) -> list[dict[str, Any]]: ...
     async def release(self, release: str) -> ReleaseStatus | None: ...
     async def devices(self) -> list[DeviceSummary]: ...
-    async def control(self, action: str, namespace: str, name: str) -> str: ...
+    async def control(self, action: str, namespace: str, name: str, *, user_token: str | None = None) -> str: ...
+    async def authenticate(self, token: str) -> None: ...
 
 
 class Live:
@@ -37,9 +38,10 @@ class Live:
         self._admin: AdminClient | None = None
         self._kube: kube.KubeClient | None = None
         self._default_ns = "default"
+        self._credentials: kube.Credentials | None = None
 
     async def start(self) -> None:
-        credentials = await kube.load(self._settings.kubeconfig)
+        credentials = self._credentials = await kube.load(self._settings.kubeconfig)
         self._default_ns = credentials.namespace
         self._kube = await kube.KubeClient(credentials).__aenter__()
         self._admin = AdminClient(self._settings.controller, token=self._settings.admin_token, tls=self._settings.tls)
@@ -86,8 +88,27 @@ class Live:
     async def devices(self) -> list[DeviceSummary]:
         return await self._a.list_devices(page_size=1000, limit=self.MAX_DEVICES)
 
-    async def control(self, action: str, namespace: str, name: str) -> str:
-        return await rollout_controls.apply(self._k, action, namespace, name)
+    async def control(self, action: str, namespace: str, name: str, *, user_token: str | None = None) -> str:
+        """The rollout patch, as the dashboard's credentials, or as the logged-in user's (`--auth kubernetes`)."""
+        if user_token is None:
+            return await rollout_controls.apply(self._k, action, namespace, name)
+        async with kube.KubeClient(self._as(user_token)) as client:
+            return await rollout_controls.apply(client, action, namespace, name)
+
+    async def authenticate(self, token: str) -> None:
+        """Accept a Kubernetes bearer token that may list the MLTasks of every namespace shown, else raise.
+
+        `errors.Unauthenticated` when the API server does not know the token, `errors.PermissionDenied`
+        when its user may not list them (the cluster's RBAC: the same a `kubectl get mltasks` would meet).
+        """
+        async with kube.KubeClient(self._as(token)) as client:
+            for namespace in await self.namespaces():
+                await client.list_mltasks(namespace)
+
+    def _as(self, token: str) -> kube.Credentials:
+        if self._credentials is None:
+            raise RuntimeError("Live.start() was not awaited")
+        return kube.as_user(self._credentials, token)
 
 
 async def gather_tasks(upstream: Upstream) -> list[dict[str, Any]]:

@@ -15,6 +15,7 @@ def build(settings: settings_mod.Settings) -> Starlette:
     return app_mod.create_app(
         live,
         token=settings.token,
+        auth=settings.auth,
         allow_controls=settings.allow_controls,
         interval_s=settings.interval_s,
         secure_cookies=settings.secure_cookies,
