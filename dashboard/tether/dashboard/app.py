@@ -139,6 +139,7 @@ def create_app(
         target = _safe_next(str(form.get("next") or "/"))
         presented = str(form.get("token") or "")
         now = time.time()
+        cookie: str | None
         if auth == "kubernetes":
             try:
                 if not presented:
@@ -147,6 +148,9 @@ def create_app(
             except (errors.Unauthenticated, errors.PermissionDenied) as e:
                 context = {"next": target, "failed": f"The API server refused: {e}", "auth": auth}
                 return page(request, "login.html", context, status_code=401)
+            except errors.TetherError as e:
+                context = {"next": target, "failed": f"The API server could not check it: {e}", "auth": auth}
+                return page(request, "login.html", context, status_code=502)
             cookie = sessions.issue(now=now)
             for sid, (_, expires) in list(user_tokens.items()):
                 if expires < now:
