@@ -14,6 +14,9 @@ import datetime
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import yaml
+
+from tether.common import errors
 from tether.spec import selectors
 
 MAX_HISTORY_POINTS = 2000  # samples kept per task for the coverage plot (a day at one every 45 s)
@@ -365,10 +368,6 @@ def facts(device: Any) -> selectors.Facts:
 
 def parse_filter(text: str) -> selectors.Target:
     """The fleet filter: a target document in the CRD's grammar, as YAML or JSON (`errors.InvalidSpec`)."""
-    import yaml  # a pure parser
-
-    from tether.common import errors
-
     if not text.strip():
         return selectors.Target()
     try:
