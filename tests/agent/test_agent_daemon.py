@@ -144,8 +144,8 @@ async def test_new_version_revoke_and_failing_task_isolated(fake, tmp_path) -> N
     assert v2.version == 2
 
     fake.revoke(good.name)
-    await wait_until(lambda: agent.store.current(good.name) is None)
-    assert good.name not in agent.state.installed
+    # The install goes first, then its record in the state file: wait for both (a loaded machine sees between).
+    await wait_until(lambda: agent.store.current(good.name) is None and good.name not in agent.state.installed)
     await stop(agent, task)
 
 

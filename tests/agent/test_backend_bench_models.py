@@ -14,7 +14,7 @@ MODELS = pathlib.Path(__file__).resolve().parents[2] / "bench" / "models"
 INDEX = json.loads((MODELS / "models.json").read_text())
 
 
-@pytest.mark.parametrize("name", ["mlp", "cnn", "efficientnet_lite0"])
+@pytest.mark.parametrize("name", ["mlp", "cnn", "efficientnet_lite0", "encoder"])
 def test_committed_model_files_match_the_index(name) -> None:
     info = INDEX[name]
     for fmt in ("onnx", "mnn"):
@@ -23,7 +23,7 @@ def test_committed_model_files_match_the_index(name) -> None:
         assert "sha256:" + hashlib.sha256(data).hexdigest() == info[fmt]["sha256"]
 
 
-@pytest.mark.parametrize("name", ["mlp", "cnn"])
+@pytest.mark.parametrize("name", ["mlp", "cnn", "encoder"])
 def test_small_bench_models_run_alike_on_both_engines(name) -> None:
     import numpy as np
 
@@ -34,5 +34,7 @@ def test_small_bench_models_run_alike_on_both_engines(name) -> None:
         if hasattr(model, "resize"):
             model.resize(shapes)
         outs.append(model.run(backends.input_arrays(model, shapes, seed=1)))
-    (a,), (b,) = (list(o.values()) for o in outs)
-    np.testing.assert_allclose(a, b, atol=1e-5)
+    mnn, ort = outs
+    assert set(mnn) == set(ort)
+    for out in ort:
+        np.testing.assert_allclose(mnn[out], ort[out], atol=1e-5)

@@ -86,3 +86,40 @@ async def test_bad_model_is_refused_with_a_clear_error_and_the_agent_keeps_going
     assert choice.release == good_rel.name and choice.model == "model.mnn"
     assert report.fingerprint.startswith("sha256:") and "mnn/cpu" in report.backends
     assert (tmp_path / "state" / backends.CACHE_FILE).is_file()
+
+
+async def test_a_converted_model_that_disagrees_with_its_source_is_not_selected_and_reported(
+    fake, tmp_path, data_dir
+) -> None:
+    import pathlib
+
+    from test_model_inputs import corrupt
+
+    models = pathlib.Path(__file__).resolve().parents[2] / "bench" / "models"
+    bundle = tmp_path / "encoder-bundle"
+    bundle.mkdir()
+    shutil.copyfile(models / "encoder.onnx", bundle / "model.onnx")
+    corrupt(models / "encoder.mnn", bundle / "model.mnn")
+    (bundle / "task.py").write_text(
+        "import numpy as np\n\n"
+        "def run(ctx):\n"
+        "    ids = np.arange(32, dtype=np.int64).reshape(1, 32) + 100\n"
+        "    out = ctx.model.run({'input_ids': ids, 'attention_mask': np.ones((1, 32), np.int64)})\n"
+        "    return {'sample_count': 1, 'metrics': {'logit0': float(out['logits'][0, 0])}}\n"
+    )
+    (bundle / "bundle.yaml").write_text(
+        "name: encoder\nentrypoint: task.py\nengines:\n  - engine: mnn\n    model: model.mnn\n"
+        "    inputs: {input_ids: [1, 32], attention_mask: [1, 32]}\n"
+    )
+    rel = fake.publish("ns/encoder", bundle)
+    agent = make_agent(fake, tmp_path, data_dir)
+    task = asyncio.create_task(agent.run())
+    try:
+        await wait_until(lambda: "SUCCEEDED" in fake.states(rel.name))
+    finally:
+        agent.stop()
+        await asyncio.wait_for(task, timeout=15)
+    (installed,) = [m for _, r, _, s, m in fake.statuses if r == rel.name and s == "INSTALLED"]
+    assert installed.startswith("model.mnn: MNN not selected, disagrees with model.onnx") and "onnxruntime" in installed
+    (record,) = agent.state.runs.values()
+    assert record.status == "uploaded" and record.message == "onnxruntime/cpu"  # the source ran, not the bad copy

@@ -97,3 +97,30 @@ def test_devices_silent_past_the_report_deadline_are_shown_per_stage() -> None:
     }
     col = header.index("silent")
     assert (rows["gray"][col], rows["beta"][col], rows["full"][col]) == ("3", "-", "-")
+
+
+def test_silent_devices_of_an_unstaged_release_are_shown_in_the_status_head() -> None:
+    import dataclasses
+
+    from tether.cli import status
+    from tether.common.admin_client import ReleaseStatus
+
+    base = ReleaseStatus(
+        release="ns/t",
+        version=2,
+        manifest_digest="sha256:" + "0" * 64,
+        targeted=5,
+        notified=5,
+        installed=3,
+        succeeded=0,
+        failed=0,
+        refused=0,
+        results=0,
+        connected_devices=5,
+        aggregate_round=0,
+        aggregate=None,
+        aggregate_json="",
+    )
+    assert "silent" not in text(status.render(base))
+    shown = text(status.render(dataclasses.replace(base, not_reporting=2, report_deadline_s=120)))
+    assert "silent" in shown and "2" in shown and "120 s" in shown

@@ -54,7 +54,13 @@ async def test_a_tls_controller_serves_health_in_plaintext_on_its_health_port(co
             await stop_task
 
 
-SERVICES = ["", "tether.v1.DeviceService", "tether.v1.AdminService", "tether.v1.StatsService"]
+SERVICES = [
+    "",
+    "tether.v1.DeviceService",
+    "tether.v1.AdminService",
+    "tether.v1.StatsService",
+    "tether.v1.TunnelService",
+]
 
 
 async def test_health_answers_serving_without_credentials_and_not_serving_on_stop(controller_config) -> None:

@@ -113,3 +113,62 @@ async def test_storage_counts_devices_silent_past_the_deadline(storage: contract
     assert await storage.releases.write_reports([report(by_id["c"], state="installed")]) == [None]
     [counts] = await storage.releases.release_counts(["ns/t"])
     assert stage0(counts)["notReporting"] == 1
+
+
+async def test_unstaged_releases_count_silent_devices_too(storage: contracts.Storage) -> None:
+    """No rollout document (one plain 100 % stage): the count is still there, with the asked or default deadline."""
+    digest = await stored_manifest(storage)
+    by_id = await fleet(storage, a="android", b="android", c="android")
+    await storage.releases.apply_release(spec(digest))
+    await storage.releases.mark_notified(release="ns/t", version=1, device_ids=["a", "b", "c"])
+    assert await storage.releases.write_reports([report(by_id["a"], state="downloading")]) == [None]
+
+    [counts] = await storage.releases.release_counts(["ns/t"])
+    assert (counts.not_reporting, counts.report_deadline_s, counts.health_json) == (0, 600, "")
+
+    await _age(storage, "ns/t", ["a", "b"], 120)
+    [counts] = await storage.releases.release_counts(["ns/t"])
+    assert counts.not_reporting == 0  # 120 s is within the default 600 s
+    [counts] = await storage.releases.release_counts(["ns/t"], report_deadline_s=60)
+    assert (counts.not_reporting, counts.report_deadline_s) == (2, 60)  # a (downloading) and b; c fresh
+
+    await _age(storage, "ns/t", ["c"], 700)
+    [counts] = await storage.releases.release_counts(["ns/t"])
+    assert counts.not_reporting == 1  # c, past the default
+
+    assert await storage.releases.write_reports([report(by_id["b"], state="succeeded")]) == [None]
+    [counts] = await storage.releases.release_counts(["ns/t"], report_deadline_s=60)
+    assert counts.not_reporting == 2  # a and c; b reported
+
+
+async def test_a_staged_release_counts_with_its_own_deadline_unless_asked(storage: contracts.Storage) -> None:
+    digest = await stored_manifest(storage)
+    await fleet(storage, a="android", b="android")
+    await storage.releases.apply_release(spec(digest, rollout={**ROLLOUT, "reportDeadlineSeconds": 60}))
+    await storage.releases.mark_notified(release="ns/t", version=1, device_ids=["a", "b"])
+    await _age(storage, "ns/t", ["a"], 120)
+    [counts] = await storage.releases.release_counts(["ns/t"])
+    assert (counts.not_reporting, counts.report_deadline_s) == (1, 60)
+    assert json.loads(counts.health_json)["stages"][0]["notReporting"] == 1  # the same count, per stage
+    [counts] = await storage.releases.release_counts(["ns/t"], report_deadline_s=300)
+    assert counts.not_reporting == 0
+
+
+@pytest.mark.parametrize("bad", [0, -1, 7 * 24 * 3600 + 1])
+async def test_get_release_status_refuses_a_bad_deadline_naming_the_field(admin_client, bad: int) -> None:
+    with pytest.raises(errors.InvalidArgument) as info:
+        await admin_client.get_release_status("ns/t", report_deadline_s=bad)
+    assert str(info.value).startswith("report_deadline_seconds:")
+
+
+async def test_get_release_status_carries_the_count_and_its_deadline(admin_client, devices_stub, tmp_path) -> None:
+    from controller_helpers import enroll, make_bundle
+
+    await enroll(devices_stub, "phone-1", {"os": "android"})
+    directory, bundle = make_bundle(tmp_path / "b", files={"task.py": b"def run(ctx):\n    return {}\n"})
+    await admin_client.upload_bundle(directory, bundle)
+    await admin_client.apply_release(release="ns/t", manifest_digest=bundle.digest, generation=1)
+    status = await admin_client.get_release_status("ns/t", report_deadline_s=45)
+    assert (status.not_reporting, status.report_deadline_s) == (0, 45)
+    status = await admin_client.get_release_status("ns/t")
+    assert status.report_deadline_s == 600

@@ -264,3 +264,36 @@ def test_fanout_action(before, after, facts, action):
 def test_paused_release_stays_with_devices_that_have_it(paused, delivered, offered):
     assert release(paused=paused).offered_to(ANDROID, delivered=delivered) is offered
     assert not release(paused=paused).offered_to(IOS, delivered=delivered)
+
+
+FEDERATED = {"rounds": 3, "participants": {"count": 2}, "strategy": {"name": "fedAvg"}}
+
+
+def test_spec_federated_travels_as_a_document_parsed_by_the_shared_parser():
+    s = spec(federated_json=json.dumps(FEDERATED))
+    assert s.federated == FEDERATED
+    rules = s.rules()
+    assert rules is not None and rules.rounds == 3 and rules.model_file == "model.safetensors"
+    assert spec().rules() is None  # not federated
+
+
+@pytest.mark.parametrize(
+    ("doc", "field"),
+    [
+        ({"rounds": 3}, "federated.participants"),
+        ({**FEDERATED, "updateEncoding": "int4"}, "federated.updateEncoding"),
+        ({**FEDERATED, "modelFile": "../w.safetensors"}, "federated.modelFile"),
+        ([], "federated"),
+    ],
+)
+def test_a_bad_federated_document_is_refused_naming_the_field(doc, field):
+    with pytest.raises(errors.InvalidSpec) as info:
+        spec(federated_json=json.dumps(doc))
+    assert info.value.field == field
+
+
+def test_a_change_of_spec_federated_is_a_change_of_content():
+    base = spec(federated_json=json.dumps(FEDERATED))
+    assert not releases.content_changed(base, spec(federated_json=json.dumps(FEDERATED)))
+    assert releases.content_changed(base, spec(federated_json=json.dumps({**FEDERATED, "rounds": 4})))
+    assert releases.content_changed(base, spec())

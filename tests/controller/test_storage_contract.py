@@ -6,6 +6,7 @@ logic tests use cannot drift from the Postgres one production runs on.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 
@@ -35,7 +36,7 @@ async def stored_manifest(storage: contracts.Storage, content: bytes = b"print(1
     return await storage.bundles.put_manifest(body=bundle(content))
 
 
-def spec(digest: str, *, release: str = "ns/t", target=None, paused=False, generation=1, rollout=None):
+def spec(digest: str, *, release: str = "ns/t", target=None, paused=False, generation=1, rollout=None, federated=None):
     return releases.parse_spec(
         release=release,
         generation=generation,
@@ -45,6 +46,7 @@ def spec(digest: str, *, release: str = "ns/t", target=None, paused=False, gener
         aggregation_json="{}",
         paused=paused,
         rollout_json=json.dumps(rollout) if rollout else "",
+        federated_json=json.dumps(federated) if federated else "",
     )
 
 
@@ -177,6 +179,41 @@ async def test_apply_bumps_only_on_content_and_revives_deleted(storage: contract
     revived = await storage.releases.apply_release(spec(d2))
     assert (revived.release.version, revived.changed) == (3, True)
     assert [r.name for r in await storage.releases.list_releases()] == ["ns/t"]
+
+
+async def test_spec_federated_is_stored_with_the_release(storage: contracts.Storage) -> None:
+    d = await stored_manifest(storage)
+    fed = {"rounds": 2, "participants": {"count": 1}, "updateEncoding": "float16"}
+    first = await storage.releases.apply_release(spec(d, federated=fed))
+    assert first.release.spec.federated == fed
+    stored = await storage.releases.get_release("ns/t")
+    assert stored is not None and stored.spec.federated == fed and stored.spec.rules() is not None
+    same = await storage.releases.apply_release(spec(d, federated=fed))
+    assert not same.changed and same.release.version == first.release.version
+    other = await storage.releases.apply_release(spec(d, federated={**fed, "rounds": 3}))
+    assert other.changed and other.release.version == first.release.version + 1
+
+
+async def test_a_federated_release_keeps_its_round_manifest_when_the_operator_reapplies_the_base(
+    storage: contracts.Storage,
+) -> None:
+    base = await stored_manifest(storage, b"base\n")
+    round_1 = await stored_manifest(storage, b"round one\n")
+    fed = {"rounds": 2, "participants": {"count": 1}}
+    first = await storage.releases.apply_release(spec(base, federated=fed))
+    assert first.release.spec.base_manifest == base and first.release.manifest_digest == base
+    driver = dataclasses.replace(first.release.spec, manifest_digest=round_1)  # the controller's own apply
+    advanced = await storage.releases.apply_release(driver)
+    assert advanced.changed and advanced.release.version == 2 and advanced.release.manifest_digest == round_1
+    again = await storage.releases.apply_release(spec(base, federated=fed, generation=2))  # the operator, unchanged
+    assert not again.changed and again.release.version == 2 and again.release.manifest_digest == round_1
+    stored = await storage.releases.get_release("ns/t")
+    assert stored is not None and stored.manifest_digest == round_1 and stored.spec.base_manifest == base
+    new_base = await stored_manifest(storage, b"new base\n")
+    fresh = await storage.releases.apply_release(spec(new_base, federated=fed))
+    assert fresh.changed and fresh.release.manifest_digest == new_base and fresh.release.spec.base_manifest == new_base
+    plain = await storage.releases.apply_release(spec(base))  # no longer federated: the base is all there is
+    assert plain.release.manifest_digest == base and plain.release.spec.base_manifest == ""
 
 
 async def test_desired_state_follows_targets_pause_and_notifications(storage: contracts.Storage) -> None:

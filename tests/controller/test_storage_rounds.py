@@ -127,3 +127,63 @@ async def test_concurrent_updates_of_one_device_are_taken_once(storage) -> None:
     stored = await storage.rounds.round(task="ns/fl", number=1)
     assert stored is not None
     assert sorted(stored.received) == sorted(r.selected[:6]) and stored.refused == 7
+
+
+def record(device: str, *, samples: int = 5) -> rounds.UpdateRecord:
+    return rounds.UpdateRecord(
+        device=device,
+        digest="sha256:" + device.encode().hex().ljust(64, "0")[:64],
+        samples=samples,
+        encoding="float32",
+        metrics={"loss": 0.5},
+    )
+
+
+async def test_accepted_updates_are_kept_with_their_blob_in_device_order_and_refusals_counted_by_reason(
+    storage,
+) -> None:
+    fed = rules(lateUpdates="keep")
+    r = await selected_round(storage, fed=fed)
+    first, second = sorted(r.selected)[1], sorted(r.selected)[0]
+    for d in (first, second):
+        v = await storage.rounds.admit_update(task="ns/fl", number=1, device=d, rules=fed, now=2, update=record(d))
+        assert v.accepted
+    dup = await storage.rounds.admit_update(
+        task="ns/fl", number=1, device=first, rules=fed, now=2, update=record(first)
+    )
+    assert dup.refusal is rounds.Refusal.DUPLICATE
+    await storage.rounds.count_refusal(task="ns/fl", number=1, reason="BadDigest")
+    after = await storage.rounds.count_refusal(task="ns/fl", number=1, reason="BadDigest")
+    assert after.refusals == {"Duplicate": 1, "BadDigest": 2} and after.refused == 3
+    got = await storage.rounds.accepted_updates(task="ns/fl", number=1)
+    assert got == [record(second), record(first)]  # device-id order, whatever the arrival
+    again = await storage.rounds.round(task="ns/fl", number=1)
+    assert again is not None and again.refusals == after.refusals and again.received == (first, second)
+    with pytest.raises(errors.NotFound):
+        await storage.rounds.count_refusal(task="ns/fl", number=7, reason="BadDigest")
+
+
+async def test_publish_round_records_the_result_once(storage) -> None:
+    fed = rules()
+    r = await selected_round(storage, fed=fed)
+    result = rounds.RoundResult(
+        model="sha256:" + "1" * 64,
+        manifest="sha256:" + "2" * 64,
+        version=3,
+        samples=10,
+        metrics={"loss": 0.1},
+        epsilon=1.5,
+    )
+    with pytest.raises(errors.FailedPrecondition):
+        await storage.rounds.publish_round(task="ns/fl", number=1, result=result)  # still collecting
+    assert await storage.rounds.round_result(task="ns/fl", number=1) is None
+    for d in r.selected[:4]:
+        await storage.rounds.admit_update(task="ns/fl", number=1, device=d, rules=fed, now=2, update=record(d))
+    assert (await storage.rounds.round(task="ns/fl", number=1)).phase is Phase.AGGREGATING
+    assert await storage.rounds.publish_round(task="ns/fl", number=1, result=result) is True
+    assert await storage.rounds.publish_round(task="ns/fl", number=1, result=result) is False
+    assert await storage.rounds.round_result(task="ns/fl", number=1) == result
+    history = await storage.rounds.rounds_of(task="ns/fl")
+    assert [(x.number, x.phase) for x in history] == [(1, Phase.PUBLISHED)]
+    with pytest.raises(errors.NotFound):
+        await storage.rounds.publish_round(task="ns/fl", number=5, result=result)

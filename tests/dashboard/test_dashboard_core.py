@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 from dashboard_support import HEALTH, TOKEN, mltask
@@ -57,6 +58,33 @@ def test_federated_adapter_reads_the_contract_and_skips_wrong_values() -> None:
     assert fl.metric_names == ("accuracy", "loss")
     plot = fl.plot()
     assert plot["x"] == [1, 2] and plot["columns"] == [[0.72, 0.81], [None, 0.52]]
+
+
+def test_federated_adapter_reads_what_the_controller_writes() -> None:
+    """The controller's own status document (tether.controller.fl.status), not a copy of its shape."""
+    from tether.controller.fl import rounds, status
+
+    published = rounds.Round(
+        task="ml/fl", number=1, phase=rounds.Phase.PUBLISHED, deadline=0.0, selected=("a", "b"), received=("a", "b")
+    )
+    current = rounds.Round(
+        task="ml/fl",
+        number=2,
+        phase=rounds.Phase.COLLECTING,
+        deadline=0.0,
+        selected=("a", "b", "c"),
+        received=("a",),
+        reason="waiting for updates",
+        refusals={"Duplicate": 1},
+    )
+    result = rounds.RoundResult(model="sha256:m1", samples=64, metrics={"accuracy": 0.7}, epsilon=0.5, version=2)
+    doc = status.document([published, current], {1: result}, rules=None)
+    fl = rounds_view.view(json.loads(json.dumps(doc)), {"federated": {"round": 2, "phase": "Collecting"}})
+    assert fl is not None
+    assert (fl.round, fl.phase, fl.reason, fl.selected, fl.received) == (2, "Collecting", "waiting for updates", 3, 1)
+    assert fl.refused == {"Duplicate": 1} and fl.epsilon == 0.5
+    assert [(r.round, r.participants, r.updates, r.samples) for r in fl.history] == [(1, 2, 2, 64), (2, 3, 1, 0)]
+    assert fl.plot() == {"x": [1], "columns": [[0.7]], "series": [{"label": "accuracy", "kind": "metric"}]}
 
 
 def test_a_task_without_round_status_is_not_federated() -> None:

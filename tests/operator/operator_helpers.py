@@ -51,7 +51,7 @@ class FakeAdmin:
         self.calls.append(action)
         return reconcile.Deleted(existed=self.specs.pop(action.release, None) is not None)
 
-    async def observe(self, release: str) -> reconcile.ObservedRelease | None:
+    async def observe(self, release: str, *, report_deadline_s: int | None = None) -> reconcile.ObservedRelease | None:
         self._check()
         if release not in self.specs:
             return None

@@ -58,7 +58,8 @@ def test_identity_of_the_resource() -> None:
     assert version["name"] == "v1alpha1" and version["served"] and version["storage"]
     assert version["subresources"] == {"status": {}}
     columns = {c["name"]: c for c in version["additionalPrinterColumns"]}
-    assert list(columns) == ["Phase", "Stage", "Targeted", "Installed", "Succeeded", "Failed", "Age"]
+    assert list(columns) == ["Phase", "Stage", "Targeted", "Installed", "Succeeded", "Failed", "Round", "Age"]
+    assert columns["Round"]["jsonPath"] == ".status.federated.round"
     assert columns["Phase"]["jsonPath"] == ".status.phase"
     assert columns["Age"]["type"] == "date"
 

@@ -88,3 +88,53 @@ def test_the_committed_crd_carries_the_federated_schema() -> None:
         s.value for s in strategies.StrategyName
     }
     assert fed["properties"]["privacy"]["properties"]["mode"]["enum"] == ["central", "local"]
+
+
+def test_apply_release_carries_spec_federated_to_the_controller() -> None:
+    from tether.operator import reconcile
+    from tether.spec import wire
+
+    typed = validate.validate(spec({**FEDERATED, "updateEncoding": "int8", "modelFile": "w/global.safetensors"}))
+    action = reconcile.ApplyRelease.from_spec(typed, reconcile.Meta(name="t", namespace="ml", generation=1))
+    assert action.federated["updateEncoding"] == "int8" and action.federated["modelFile"] == "w/global.safetensors"
+    message = wire.release_spec(release=action.release, manifest_digest=DIGEST, federated=action.federated)
+    parsed = federation.parse_federation(wire.parse_object(message.federated_json, field="federated"))
+    assert parsed is not None and parsed.update_encoding is federation.UpdateEncoding.INT8
+    plain = reconcile.ApplyRelease.from_spec(
+        validate.validate({"bundle": {"digest": DIGEST}}), reconcile.Meta(name="t", namespace="ml", generation=1)
+    )
+    assert plain.federated == {}
+    assert wire.release_spec(release="ml/t", manifest_digest=DIGEST).federated_json == ""
+
+
+def test_the_task_status_shows_the_current_round() -> None:
+    from tether.operator import reconcile, task_status
+
+    doc = {
+        "round": 3,
+        "phase": "Collecting",
+        "selected": 10,
+        "received": 4,
+        "refused": {"NotSelected": 2, "InvalidUpdate": 1},
+        "epsilon": 1.5,
+        "history": [
+            {"round": 1, "phase": "Published", "metrics": {"accuracy": 0.5}},
+            {"round": 2, "phase": "Published", "metrics": {"accuracy": 0.7}},
+            {"round": 3, "phase": "Collecting", "metrics": {}},
+        ],
+    }
+    got = task_status.federated_summary(doc)
+    assert got == task_status.FederatedStatus(
+        round=3,
+        phase="Collecting",
+        selected=10,
+        received=4,
+        refused=3,
+        published=2,
+        epsilon=1.5,
+        metrics={"accuracy": 0.7},
+    )
+    assert task_status.federated_summary(None) is None and task_status.federated_summary({"round": "x"}) is None
+    observed = reconcile.Observation(release="ml/t", federated=doc)
+    status = reconcile.observe(task_status.MLTaskStatus(), observed)
+    assert status.federated == got and status.to_json()["federated"]["round"] == 3

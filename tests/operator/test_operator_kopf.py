@@ -93,7 +93,10 @@ async def test_a_spec_change_reapplies_and_delete_removes_the_release(cluster: E
         status = await wait_for(lambda: _observed(cluster, "t", 2), what="generation 2")
         assert status["version"] == 2 and status["manifestDigest"] == "sha256:" + "1" * 64
         assert condition(status, "Paused")["status"] == "True"
-        assert [c.generation for c in admin.calls if isinstance(c, reconcile.ApplyRelease)] == [1, 2]
+        applied = [c.generation for c in admin.calls if isinstance(c, reconcile.ApplyRelease)]
+        # Each generation applied, in order; a reconcile that runs again before its status is seen (the poll
+        # timer on a loaded machine) re-applies the same generation, which ApplyRelease answers unchanged.
+        assert [g for i, g in enumerate(applied) if i == 0 or applied[i - 1] != g] == [1, 2]
 
         await cluster.delete(None, "t")
         await wait_for(lambda: _gone(cluster, "t"), what="deletion")

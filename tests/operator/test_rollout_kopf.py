@@ -32,8 +32,8 @@ class HealthAdmin(FakeAdmin):
             if isinstance(c, reconcile.ApplyRelease)
         ]
 
-    async def observe(self, release: str) -> reconcile.ObservedRelease | None:
-        base = await super().observe(release)
+    async def observe(self, release: str, *, report_deadline_s: int | None = None) -> reconcile.ObservedRelease | None:
+        base = await super().observe(release, report_deadline_s=report_deadline_s)
         if base is None or not self.documents():
             return base
         doc = self.documents()[-1]

@@ -1,4 +1,5 @@
-"""Fuzzing every RPC of DeviceService and AdminService with well-formed messages, over real gRPC (issue 14).
+"""Fuzzing every RPC of DeviceService, AdminService and TunnelService with well-formed messages, over real gRPC
+(issue 14).
 
 Requests are generated from each method's request descriptor (every field,
 nested messages, repeated fields and maps), with strings drawn from values
@@ -31,6 +32,7 @@ from test_rel_fuzz import CLEAN
 from tether.common import auth, errors, manifest
 from tether.proto.v1 import tether_pb2 as pb
 from tether.proto.v1 import tether_pb2_grpc as pb_grpc
+from tether.proto.v1 import tunnel_pb2
 from tether.spec import wire
 
 RELEASE = "ns/fuzzed"
@@ -127,8 +129,12 @@ def messages(descriptor: Any, depth: int = 0) -> st.SearchStrategy[Any]:
 
 def _methods() -> list[tuple[str, Any]]:
     out = []
-    for service in ("DeviceService", "AdminService"):
-        for method in pb.DESCRIPTOR.services_by_name[service].methods:
+    for service, descriptor in (
+        ("DeviceService", pb.DESCRIPTOR),
+        ("AdminService", pb.DESCRIPTOR),
+        ("TunnelService", tunnel_pb2.DESCRIPTOR),
+    ):
+        for method in descriptor.services_by_name[service].methods:
             if (service, method.name) not in SKIPPED:
                 out.append((service, method))
     return out
@@ -213,7 +219,7 @@ def test_every_rpc_with_well_formed_requests(seeded, call) -> None:
     channel, device_md, admin_md, url = seeded
     service, method, request, who = call
     _ensure_release(channel, admin_md)
-    own, other = (device_md, admin_md) if service == "DeviceService" else (admin_md, device_md)
+    own, other = (device_md, admin_md) if service != "AdminService" else (admin_md, device_md)
     metadata = {"own": own, "other": other, "none": None}[who]
     before = snapshot(url)
     code, details = _call(channel, service, method, request, metadata)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pathlib
 
-from tether.agent import bundles, daemon, participation
+from tether.agent import bundles, daemon, devicestate, participation
 from tether.common import manifest
 from tether.proto.v1 import tether_pb2 as pb
 
@@ -77,7 +77,7 @@ def test_participation_conditions_on_the_agent() -> None:
     assert not participation.met(conditions, {"charging": "false"})
     assert participation.met(conditions, {})  # cannot tell: not held back
     assert participation.conditions_of("") == {} and participation.conditions_of("not json") == {}
-    assert set(participation.default_probe()) <= set(participation.KEYS)
+    assert set(participation.KEYS) <= set(devicestate.probe()) <= set(participation.REPORTED_KEYS)
 
 
 def test_a_trigger_with_conditions_is_accepted_by_the_agent() -> None:

@@ -9,7 +9,11 @@ module measures and remembers:
   format of the same model, so both engines are candidates.
 - `measure`: load the model on one candidate (checking the backend it
   *really* got: MNN falls back to CPU silently), warm up, time `reps` runs,
-  median.
+  median, on inputs of the model's dtype and meaning (`modelinputs`: the
+  bundle's `<stem>.inputs.npz`, else generated per dtype and input name).
+- `cross_check`: a bundle shipping both formats has its MNN file checked
+  against its ONNX file on the device first (`crosscheck`); MNN candidates of
+  a model that disagrees are pruned with the reason, never selected.
 - `select_model`: profile → candidates → prune → measure within the budget
   → choose. Blocking; `python -m tether.agent.backends JOB OUT` runs it in a
   child process, which is how the daemon calls it (`Selector.select`): native
@@ -44,8 +48,8 @@ from typing import Any
 
 import numpy as np
 
+from tether.agent import crosscheck, modelinputs, selection
 from tether.agent import profile as profile_mod
-from tether.agent import selection
 from tether.common import errors, manifest
 
 log = logging.getLogger(__name__)
@@ -54,6 +58,10 @@ CACHE_FILE = "backends.json"
 MAX_CACHE_ENTRIES = 256
 DEFAULT_BUDGET_S = 5.0
 WARMUP_RUNS = 2
+# The on-device cross-check's tolerance, of the output scale: a device cannot tell whether weights were stored
+# as fp16 (`tether model convert --fp16`), so it allows what fp16 storage does; a wrong conversion is far off.
+DEVICE_TOLERANCE = modelinputs.TOLERANCE_FP16
+DISAGREES = "disagrees with"  # how a pruned MNN candidate's reason starts when the cross-check refused it
 
 
 class ModelUnusable(errors.VerificationFailed):
@@ -69,10 +77,13 @@ class ModelSpec:
     digests: Mapping[str, str]  # engine -> sha256 digest
     relpaths: Mapping[str, str]  # engine -> path inside the bundle
     inputs: Mapping[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
+    samples: str | None = None  # sample inputs shipped beside the model (`modelinputs.SAMPLES_SUFFIX`)
+    samples_digest: str = ""
 
     @property
     def key(self) -> str:
-        return selection.model_key(self.digests, self.inputs)
+        digests = {**self.digests, "samples": self.samples_digest} if self.samples_digest else self.digests
+        return selection.model_key(digests, self.inputs)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -81,6 +92,8 @@ class ModelSpec:
             "digests": dict(self.digests),
             "relpaths": dict(self.relpaths),
             "inputs": {k: list(v) for k, v in self.inputs.items()},
+            "samples": self.samples,
+            "samples_digest": self.samples_digest,
         }
 
     @classmethod
@@ -91,6 +104,8 @@ class ModelSpec:
             digests=dict(doc["digests"]),
             relpaths=dict(doc.get("relpaths") or {}),
             inputs={k: tuple(int(d) for d in v) for k, v in (doc.get("inputs") or {}).items()},
+            samples=doc.get("samples"),
+            samples_digest=str(doc.get("samples_digest") or ""),
         )
 
 
@@ -107,6 +122,7 @@ def specs_for(
             if engine not in formats and stem + ext in by_path:
                 formats[engine] = stem + ext
         entries = {engine: by_path[rel] for engine, rel in formats.items() if rel in by_path}
+        shipped = by_path.get(stem + modelinputs.SAMPLES_SUFFIX)
         specs.append(
             ModelSpec(
                 name=need.model,
@@ -114,6 +130,8 @@ def specs_for(
                 digests={e: f.sha256 for e, f in entries.items()},
                 relpaths={e: f.path for e, f in entries.items()},
                 inputs=dict(need.inputs),
+                samples=None if shipped is None else os.path.abspath(path_of(shipped)),
+                samples_digest="" if shipped is None else shipped.sha256,
             )
         )
     return specs
@@ -136,40 +154,14 @@ def load(candidate: selection.Candidate, path: str | os.PathLike[str]) -> Any:
     return model
 
 
-def input_arrays(model: Any, shapes: Mapping[str, tuple[int, ...]], *, seed: int = 0) -> dict[str, np.ndarray]:
-    """Deterministic inputs for timing: declared shapes, else the model's own (dynamic dims as 1)."""
-    rng = np.random.default_rng(seed)
-    out = {}
-    declared = model_input_shapes(model)
-    for name in model.input_names:
-        shape = shapes.get(name) or declared.get(name) or (1,)
-        shape = tuple(int(d) if isinstance(d, int) and d > 0 else 1 for d in shape)
-        dtype = model_input_dtypes(model).get(name, np.float32)
-        if np.issubdtype(dtype, np.integer):
-            out[name] = np.zeros(shape, dtype)
-        else:
-            out[name] = rng.standard_normal(shape).astype(dtype)
-    return out
-
-
-def model_input_shapes(model: Any) -> dict[str, tuple[Any, ...]]:
-    shapes = getattr(model, "_shapes", None)  # MNNModel
-    if isinstance(shapes, dict):
-        return dict(shapes)
-    session = getattr(model, "_session", None)  # OnnxRuntimeModel
-    if session is not None and hasattr(session, "get_inputs"):
-        return {i.name: tuple(i.shape) for i in session.get_inputs()}
-    return {}
-
-
-_ORT_TYPES = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(int32)": np.int32}
-
-
-def model_input_dtypes(model: Any) -> dict[str, Any]:
-    session = getattr(model, "_session", None)
-    if session is not None and hasattr(session, "get_inputs"):
-        return {i.name: _ORT_TYPES.get(i.type, np.float32) for i in session.get_inputs()}
-    return {}
+def input_arrays(
+    model: Any, shapes: Mapping[str, tuple[int, ...]], *, samples: str | os.PathLike[str] | None = None, seed: int = 0
+) -> dict[str, np.ndarray]:
+    """Inputs for timing, of the right dtype and meaning: the first shipped sample, else a generated one."""
+    specs = modelinputs.describe(model, shapes)
+    if samples is not None and os.path.isfile(samples):
+        return modelinputs.load_samples(samples, specs)[0]
+    return modelinputs.generate(specs, seed=seed)[0]
 
 
 def mnn_flops(path: str | os.PathLike[str], shapes: Mapping[str, tuple[int, ...]]) -> float | None:
@@ -196,13 +188,15 @@ def measure(
     estimate_ms: float | None = None,
     max_reps: int = 200,
     clock: Callable[[], float] = time.perf_counter,
+    samples: str | os.PathLike[str] | None = None,  # sample inputs shipped with the model
 ) -> selection.Measurement:
-    """Median latency of one inference on `candidate`, or the error that stopped it."""
+    """Median latency of one inference on `candidate` (on the model's own kind of inputs), or the error."""
     try:
         model = load(candidate, path)
         if shapes and hasattr(model, "resize"):
             model.resize(shapes)
-        inputs = input_arrays(model, shapes)
+        inputs = input_arrays(model, shapes, samples=samples)
+        times: list[float] = []
         run_s = 0.0
         for _ in range(WARMUP_RUNS):
             t0 = clock()
@@ -211,12 +205,11 @@ def measure(
         reps = selection.reps_for(
             time_left_s=time_left_s, candidates_left=candidates_left, run_s=run_s, max_reps=max_reps
         )
-        samples = []
         for _ in range(reps):
             t0 = clock()
             model.run(inputs)
-            samples.append(clock() - t0)
-        return selection.Measurement(candidate, selection.median_ms(samples), reps=reps, estimate_ms=estimate_ms)
+            times.append(clock() - t0)
+        return selection.Measurement(candidate, selection.median_ms(times), reps=reps, estimate_ms=estimate_ms)
     except Exception as e:  # every failure is an answer about this candidate
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         return selection.Measurement(
@@ -228,6 +221,30 @@ def device_for(p: profile_mod.DeviceProfile) -> selection.Device:
     return selection.Device(
         cores=p.cores, backends=frozenset(p.backends), gflops_per_core=p.gflops_per_core or 0.0, fp16=p.fp16
     )
+
+
+def cross_check(spec: ModelSpec) -> str:
+    """Why the MNN model must not be selected (it disagrees with the ONNX model it ships beside), or ""."""
+    if "mnn" not in spec.files or "onnxruntime" not in spec.files:
+        return ""
+    name = spec.relpaths.get("onnxruntime", "the ONNX model")
+    try:
+        checked = crosscheck.check(
+            spec.files["onnxruntime"],
+            spec.files["mnn"],
+            tolerance=DEVICE_TOLERANCE,
+            shapes=spec.inputs,
+            samples=spec.samples,
+        )
+    except modelinputs.Mismatch as e:
+        log.warning("%s: the MNN model disagrees with %s, MNN not selected: %s", spec.name, name, e)
+        return f"{DISAGREES} {name}: {e}"[:500]
+    except errors.TetherError as e:  # nothing to compare against (no onnxruntime, a model that will not load,
+        log.info("%s: MNN not cross-checked against %s: %s", spec.name, name, e)  # inputs that prove nothing)
+        return ""
+    log.info("%s: MNN agrees with %s (max diff %.3g on %d %s inputs)", spec.name, name, checked.max_abs_diff,
+             checked.samples, checked.source)  # fmt: skip
+    return ""
 
 
 def model_stats(spec: ModelSpec) -> selection.ModelStats:
@@ -253,6 +270,9 @@ def select_model(
     device = device_for(device_profile)
     stats = model_stats(spec)
     candidates = selection.enumerate_candidates(engines=spec.files, device=device)
+    reason = cross_check(spec)  # a converted model is checked against its source before it is selected
+    refused = [selection.Pruned(c, reason) for c in candidates if reason and c.engine == "mnn"]
+    candidates = [c for c in candidates if all(r.candidate != c for r in refused)]
     survivors, pruned = selection.prune(
         candidates,
         model=stats,
@@ -261,7 +281,7 @@ def select_model(
         max_measured=len(candidates) if exhaustive else 6,
     )
     measurements: list[selection.Measurement] = []
-    deadline = started + budget_s
+    deadline = clock() + budget_s  # the cross-check above does not eat into measuring
     for i, (candidate, estimate) in enumerate(survivors):
         left = deadline - clock()
         if left <= 0 and any(m.ok for m in measurements):
@@ -275,6 +295,7 @@ def select_model(
             candidates_left=len(survivors) - i,
             estimate_ms=estimate,
             clock=clock,
+            samples=spec.samples,
         )
         if m.error and candidate.engine in spec.relpaths:  # name the bundle's file, not the blob it is stored as
             path = str(spec.files[candidate.engine])
@@ -289,7 +310,7 @@ def select_model(
         chosen=best.candidate,
         latency_ms=best.latency_ms,
         measurements=tuple(measurements),
-        pruned=tuple(pruned),
+        pruned=tuple(refused + pruned),
         seconds=clock() - started,
         created_at=time.time(),
     )

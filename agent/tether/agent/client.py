@@ -25,6 +25,7 @@ import grpc
 from tether.common import auth, tracing
 from tether.proto.v1 import tether_pb2 as pb
 from tether.proto.v1 import tether_pb2_grpc as pb_grpc
+from tether.proto.v1 import tunnel_pb2, tunnel_pb2_grpc
 
 RETRYABLE = frozenset(
     {
@@ -210,8 +211,24 @@ class DeviceClient:
         metadata = tracing.metadata(self._metadata())  # the controller's span joins the run's trace
         return await self._stub.UploadResult(request, metadata=metadata, timeout=self.timeout_s)
 
+    async def push_update(self, header: pb.UpdateHeader, data: bytes) -> pb.PushUpdateResponse:
+        """Send a federated round's update (header, then 1 MiB chunks)."""
+        from tether.agent import round_update
+
+        return await self._stub.PushUpdate(
+            round_update.chunks(header, data), metadata=self._metadata(), timeout=max(self.timeout_s, 300.0)
+        )
+
     async def report_backends(self, request: pb.ReportBackendsRequest) -> pb.ReportBackendsResponse:
         return await self._stub.ReportBackends(request, metadata=self._metadata(), timeout=self.timeout_s)
+
+    async def emit(self, batch: tunnel_pb2.EmitBatch) -> tunnel_pb2.EmitAck:
+        """One tunnel batch (`tether.agent.tunnel.uplink`), gzip-compressed, on the same channel and credential."""
+        self._stub  # noqa: B018  # opens the channel
+        stub = tunnel_pb2_grpc.TunnelServiceStub(self._channel)
+        return await stub.Emit(
+            batch, metadata=self._metadata(), timeout=self.timeout_s, compression=grpc.Compression.Gzip
+        )
 
 
 async def _chunks(call: grpc.aio.UnaryStreamCall) -> AsyncIterator[pb.BlobChunk]:

@@ -8,7 +8,11 @@ freely and can abort on malformed input).
 
 The converter answers True even when it failed, so success is judged by what
 it wrote: the output must exist, load in MNN, and (with `verify`) compute what
-ONNX Runtime computes on the same input. The converter also stamps a random
+ONNX Runtime computes on inputs of the right dtype and meaning
+(`tether.agent.crosscheck`: the model's sample inputs `<stem>.inputs.npz` or
+`samples=`, else generated ones: masks of ones then padded, ids within the
+vocabulary), within `modelinputs.TOLERANCE_FP32` (`TOLERANCE_FP16` with
+`--fp16`) of the output scale. The converter also stamps a random
 UUID into every model; it is replaced by one derived from the ONNX bytes, so
 converting the same file twice gives the same bytes (and bundle digest).
 
@@ -26,9 +30,9 @@ import subprocess
 import sys
 import tempfile
 import uuid
+from collections.abc import Mapping
 
-import numpy as np
-
+from tether.agent import crosscheck, modelinputs
 from tether.common import errors
 
 _CONVERT_SNIPPET = """
@@ -56,7 +60,9 @@ class Conversion:
     fp16: bool
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
-    max_abs_diff: float | None  # against ONNX Runtime on one random input; None when not verified
+    max_abs_diff: float | None  # against ONNX Runtime; None when not verified
+    checked_on: str = ""  # "3 generated inputs", "4 shipped inputs"; "" when not verified
+    tolerance: float | None = None
 
 
 def _converter_error(log: str) -> str:
@@ -84,9 +90,15 @@ def convert(
     *,
     fp16: bool = False,
     verify: bool = True,
+    samples: str | os.PathLike[str] | None = None,
+    int_bounds: Mapping[str, tuple[int, int]] | None = None,
     timeout_s: float = 600.0,
 ) -> Conversion:
-    """Convert `onnx_path` to `mnn_path`; ConversionFailed (and no output file) when anything is wrong."""
+    """Convert `onnx_path` to `mnn_path`; ConversionFailed (and no output file) when anything is wrong.
+
+    `samples`: an `.npz` of sample inputs (default: `<stem>.inputs.npz` beside the ONNX file, if there is
+    one); `int_bounds`: input name -> [low, high) for generated integer inputs.
+    """
     src = pathlib.Path(onnx_path)
     dst = pathlib.Path(mnn_path)
     if not src.is_file():
@@ -116,7 +128,11 @@ def convert(
         if proc.returncode != 0 or not tmp.is_file() or tmp.stat().st_size == 0 or "Converted Success" not in log:
             raise ConversionFailed(f"{src.name} could not be converted to MNN: {_converter_error(log)}", log=log)
         pin_uuid(tmp, seed=src.read_bytes())
-        inputs, outputs, diff = _check(src, tmp, verify=verify, fp16=fp16)
+        if samples is None and (beside := modelinputs.samples_path_for(src)).is_file():
+            samples = beside
+        elif samples is not None and not pathlib.Path(samples).is_file():
+            raise ConversionFailed(f"--inputs: {samples}: no such file")
+        inputs, outputs, checked = _check(src, tmp, verify=verify, fp16=fp16, samples=samples, int_bounds=int_bounds)
         os.replace(tmp, dst)
         data = dst.read_bytes()
         return Conversion(
@@ -126,16 +142,24 @@ def convert(
             fp16=fp16,
             inputs=inputs,
             outputs=outputs,
-            max_abs_diff=diff,
+            max_abs_diff=None if checked is None else checked.max_abs_diff,
+            checked_on="" if checked is None else f"{checked.samples} {checked.source} inputs",
+            tolerance=None if checked is None else checked.tolerance,
         )
     finally:
         tmp.unlink(missing_ok=True)
 
 
 def _check(
-    src: pathlib.Path, mnn_file: pathlib.Path, *, verify: bool, fp16: bool
-) -> tuple[tuple[str, ...], tuple[str, ...], float | None]:
-    """The converted model loads in MNN and (with `verify`) agrees with ONNX Runtime on one input."""
+    src: pathlib.Path,
+    mnn_file: pathlib.Path,
+    *,
+    verify: bool,
+    fp16: bool,
+    samples: str | os.PathLike[str] | None,
+    int_bounds: Mapping[str, tuple[int, int]] | None,
+) -> tuple[tuple[str, ...], tuple[str, ...], crosscheck.Checked | None]:
+    """The converted model loads in MNN and (with `verify`) agrees with ONNX Runtime (`crosscheck.check`)."""
     from tether.agent import backends, selection
 
     try:
@@ -145,32 +169,13 @@ def _check(
     names = (tuple(mnn_model.input_names), tuple(mnn_model.output_names))
     if not verify:
         return (*names, None)
+    tolerance = modelinputs.TOLERANCE_FP16 if fp16 else modelinputs.TOLERANCE_FP32
     try:
-        ort_model = backends.load(selection.Candidate("onnxruntime", "cpu", 1, "fp32"), src)
+        checked = crosscheck.check(src, mnn_file, tolerance=tolerance, samples=samples, int_bounds=int_bounds)
     except errors.FailedPrecondition:  # onnxruntime not installed: loading is all we can check
         return (*names, None)
-    except errors.TetherError as e:
-        raise ConversionFailed(f"{src.name} does not load in ONNX Runtime: {e}") from None
-    inputs = backends.input_arrays(ort_model, {})
-    try:
-        if hasattr(mnn_model, "resize"):
-            mnn_model.resize({k: v.shape for k, v in inputs.items()})
-        want = ort_model.run(inputs)
-        got = mnn_model.run(inputs)
+    except (modelinputs.Mismatch, crosscheck.Inconclusive) as e:
+        raise ConversionFailed(f"the converted model does not compute what {src.name} computes: {e}") from None
     except errors.TetherError as e:
         raise ConversionFailed(f"the converted model does not run like the original: {e}") from None
-    diff = 0.0
-    for name, ref in want.items():
-        if name not in got:
-            raise ConversionFailed(f"the converted model has no output {name!r}; it has {sorted(got)}")
-        if got[name].shape != ref.shape:
-            raise ConversionFailed(f"output {name!r}: shape {got[name].shape} != ONNX Runtime's {ref.shape}")
-        ref64 = ref.astype(np.float64)
-        err = float(np.max(np.abs(got[name].astype(np.float64) - ref64))) if ref.size else 0.0
-        scale = float(np.max(np.abs(ref64))) if ref.size else 0.0
-        if err > (2e-2 if fp16 else 1e-3) * max(1.0, scale):
-            raise ConversionFailed(
-                f"output {name!r} differs from ONNX Runtime's by up to {err:.3g} (scale {scale:.3g})"
-            )
-        diff = max(diff, err)
-    return (*names, diff)
+    return (*names, checked)

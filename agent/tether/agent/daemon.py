@@ -32,7 +32,7 @@ import os
 import pathlib
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -41,6 +41,7 @@ from tether.agent import (
     bundles,
     client,
     convergence,
+    devicestate,
     diskbudget,
     engine,
     failures,
@@ -54,13 +55,17 @@ from tether.agent import (
     schedule,
     session,
     sizes,
+    slots,
     statefile,
+    warmpool,
 )
 from tether.agent.backends import CACHE_FILE, Selector
 from tether.agent.stream import endpoint as event_server
 from tether.agent.stream import eventstore, processor
+from tether.agent.tunnel import relay
 from tether.common import errors, manifest, tracing
 from tether.proto.v1 import tether_pb2 as pb
+from tether.spec import emits
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +86,9 @@ class Agent:
         attributes: Mapping[str, str] | None = None,
         backends: list[str] | None = None,
         channel_credentials: grpc.ChannelCredentials | None = None,
-        task_slots: asyncio.Semaphore | None = None,
+        task_slots: slots.FairSlots | int | None = None,
+        workers: warmpool.WorkerPool | warmpool.PoolSettings | None = None,
+        isolation: str = "warm",
         limits: runtime.TaskLimits = runtime.TaskLimits(),
         threads: int = 1,
         trusted_keys: Mapping[str, bytes] | None = None,
@@ -89,12 +96,15 @@ class Agent:
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.time,
         device_state: participation.StateProbe | None = None,
+        conditions_unknown: str = "wait",
         backend_selection: bool = True,
         selector: Selector | None = None,
         events_socket: str | os.PathLike[str] | None = None,
         event_retention: tuple[int, float] = (eventstore.DEFAULT_MAX_EVENTS, eventstore.DEFAULT_MAX_AGE_S),
         disk_budget: int | None = sizes.DEFAULT_DISK_BUDGET,
         http_settings: httpfetch.HttpSettings | None = None,
+        tunnel_limits: emits.TunnelLimits | None = emits.TunnelLimits(),  # None: no real-time tunnel
+        channel_options: Sequence[tuple[str, int | str]] = client.DEFAULT_OPTIONS,
     ) -> None:
         self.controller = controller
         self.state_dir = pathlib.Path(state_dir)
@@ -107,7 +117,9 @@ class Agent:
         self.trusted_keys = dict(trusted_keys) if trusted_keys is not None else None
         self.backoff = backoff
         self.clock = clock
-        self.device_state = device_state or participation.default_probe  # charging / unmetered / idle
+        # Charging / unmetered / idle (tether.agent.devicestate): probed, overridden by the app's reports.
+        self.conditions = devicestate.Conditions(probe=device_state or devicestate.probe, unknown=conditions_unknown)
+        self.conditions.on_report = lambda: list(map(self._kick, list(self._desired)))  # waiting ones look again
         self._requested_device_id = device_id
         self._rng = rng = rng or random.Random()
         self.store = bundles.BundleStore(self.state_dir)
@@ -140,7 +152,10 @@ class Agent:
 
         # The rooms.
         self.client = client.DeviceClient(
-            controller, credential=self.state.credential, channel_credentials=channel_credentials
+            controller,
+            credential=self.state.credential,
+            channel_credentials=channel_credentials,
+            options=channel_options,  # keepalive: how soon a black-holed connection is given up
         )
         self.session = session.Session(
             device=self.client,
@@ -153,7 +168,8 @@ class Agent:
             clock=clock,
         )
         self.connected = self.session.connected  # set while the Subscribe stream is open
-        self.reporter = reporting.Reporter(device=self.client, probe=self.device_state, backoff=backoff)
+        self.tunnel = relay.for_agent(self.state_dir, self.client.emit, tunnel_limits, self.connected)  # ctx.emit
+        self.reporter = reporting.Reporter(device=self.client, gate=self.conditions, backoff=backoff)
         self.backend_reports = (
             None
             if self.selector is None
@@ -187,6 +203,7 @@ class Agent:
             kick=self._kick,
             installed_hook=self._backends_changed,
         )
+        self._own_pool, self.workers, fair = _workers_and_slots(workers, task_slots, self.state_dir, threads)
         self.runner = runs.Runner(
             device=self.client,
             ledger=self.ledger,
@@ -194,11 +211,15 @@ class Agent:
             reporter=self.reporter,
             dispatch=self.dispatch,
             selector=self.selector,
-            settings=runs.RunSettings(data_dir=self.data_dir, work_dir=self.state_dir, limits=limits, threads=threads),
-            slots=task_slots,
+            settings=runs.RunSettings(
+                data_dir=self.data_dir, work_dir=self.state_dir, limits=limits, threads=threads, isolation=isolation
+            ),
+            slots=fair,
+            pool=self.workers,
             clock=clock,
             device_id=lambda: self.device_id,
             desired=self._desired,
+            emit_grant=self.tunnel.grant,
         )
 
     # ------------------------------------------------------------ public
@@ -220,14 +241,16 @@ class Agent:
     async def run(self) -> None:
         """Enrol if needed, then hold the event stream until `stop()`; always cleans up."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        usage = await asyncio.to_thread(self.store.snapshot)
+        usage, _ = await asyncio.to_thread(lambda: (self.store.snapshot(), self.conditions.probed()))
         log.info("bundle store %s: %s", self.state_dir, usage.describe(self.disk_budget))
         self.client.credential = self.state.credential
         try:
+            await self.tunnel.start()  # tasks may emit before the device is enrolled: the outbox keeps it
             if self._events_socket is not None:  # apps may report events before the device is enrolled
-                self._event_server = event_server.EventServer(self.stream, self._events_socket)
+                state = self.conditions.report  # and device state (charging, metered, idle)
+                self._event_server = event_server.EventServer(self.stream, self._events_socket, state_report=state)
                 await self._event_server.start()
-            await self._until_stopped(self.session.enrol_with_retry())
+            await _until_stopped(self.session.stopping, self.session.enrol_with_retry())
             if self.session.stopping.is_set():
                 return
             # Resume what was installed before a restart (pending uploads, interval triggers);
@@ -236,8 +259,9 @@ class Agent:
                 self._desired.setdefault(release, _as_desired(installed))
                 self._kick(release)
             # The credential expires: the session renews it while the stream runs.
-            await self._until_stopped(
-                self.session.hold(on_event=self._on_event, installed=self._installed, on_connected=self._connected)
+            await _until_stopped(
+                self.session.stopping,
+                self.session.hold(on_event=self._on_event, installed=self._installed, on_connected=self._connected),
             )
         finally:
             self.connected.clear()
@@ -249,33 +273,20 @@ class Agent:
             for w in workers:
                 w.cancel()
             await asyncio.gather(*workers, return_exceptions=True)
-            if self._event_server is not None:
-                with contextlib.suppress(Exception):
-                    await self._event_server.stop()
-                self._event_server = None
+            server, self._event_server = self._event_server, None
+            await _quietly(server.stop if server is not None else None)  # before the store it writes to
             self.stream.store.close()
-            with contextlib.suppress(Exception):
-                await self.client.close()
-            if self.puller.http is not None:
-                with contextlib.suppress(Exception):
-                    await self.puller.http.close()
-            with contextlib.suppress(Exception):
-                await self.ledger.save()
+            http = self.puller.http
+            await _quietly(
+                self.workers.close if self._own_pool else None,
+                self.tunnel.stop,
+                self.client.close,
+                http.close if http is not None else None,
+                self.ledger.save,
+            )
             log.info("agent %s stopped", self.device_id)
 
     # ------------------------------------------------------------ helpers
-    async def _until_stopped(self, coro: Any) -> None:
-        work = asyncio.ensure_future(coro)
-        stop = asyncio.ensure_future(self.session.stopping.wait())
-        try:
-            await asyncio.wait({work, stop}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for t in (work, stop):
-                t.cancel()
-            await asyncio.gather(work, stop, return_exceptions=True)
-        if work.done() and not work.cancelled() and work.exception() is not None:
-            raise work.exception()
-
     async def _describe(self) -> pb.DeviceInfo:
         """What this device enrols as (its backends detected on first enrolment)."""
         if self.backends is None:
@@ -457,12 +468,51 @@ class Agent:
     async def _uninstall(self, release: str) -> None:
         installed = await self.installer.uninstall(release)
         self.dispatch.disarm(release)
+        self.workers.retire_release(release, state_dir=self.state_dir)
         log.info("uninstalled %s", release)
         if installed is not None:
             await self.reporter.status(
                 pb.DesiredTask(release=release, version=installed.version), S.DELIVERY_STATE_UNINSTALLED
             )
         await self.installer.gc()
+
+
+async def _quietly(*closers: Callable[[], Awaitable[Any]] | None) -> None:
+    """Await each closer in turn; one that fails is logged and the rest still run (a stopping agent)."""
+    for close in closers:
+        if close is not None:
+            try:
+                await close()
+            except Exception as e:  # shutting down: nothing may stop the rest
+                log.debug("closing %s failed: %s", getattr(close, "__qualname__", close), e)
+
+
+async def _until_stopped(stopping: asyncio.Event, coro: Any) -> None:
+    """Await `coro` until it ends or `stopping` is set (then cancel it); its exception, if it raised."""
+    work = asyncio.ensure_future(coro)
+    stop = asyncio.ensure_future(stopping.wait())
+    try:
+        await asyncio.wait({work, stop}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in (work, stop):
+            t.cancel()
+        await asyncio.gather(work, stop, return_exceptions=True)
+    if work.done() and not work.cancelled() and work.exception() is not None:
+        raise work.exception()
+
+
+def _workers_and_slots(
+    workers: warmpool.WorkerPool | warmpool.PoolSettings | None,
+    task_slots: slots.FairSlots | int | None,
+    state_dir: pathlib.Path,
+    threads: int,
+) -> tuple[bool, warmpool.WorkerPool, slots.FairSlots | None]:
+    """Warm task workers (tether.agent.warmpool): a pool of the agent's own (True) unless one is shared with
+    it (a simulated fleet); and the device-wide cap on concurrent runs (`--task-slots`), fair across tasks."""
+    if isinstance(workers, warmpool.WorkerPool):
+        return False, workers, slots.FairSlots(task_slots) if isinstance(task_slots, int) else task_slots
+    pool = warmpool.WorkerPool(work_dir=state_dir, threads=threads, settings=workers or warmpool.PoolSettings())
+    return True, pool, slots.FairSlots(task_slots) if isinstance(task_slots, int) else task_slots
 
 
 def _refusal(e: Exception) -> bool:

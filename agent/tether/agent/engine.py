@@ -63,6 +63,9 @@ _ORT_PROVIDERS = {
     "DmlExecutionProvider": "directml",
 }
 _ORT_PROVIDER_FOR = {v: k for k, v in _ORT_PROVIDERS.items()}
+_ORT_TYPES = {f"tensor({t})": np.dtype(n) for t, n in (("float", "float32"), ("double", "float64"))} | {
+    f"tensor({t})": np.dtype(t) for t in ("float16", "int64", "int32", "int16", "int8", "uint8", "bool")
+}
 # MNN halide types for the dtypes a model input may take.
 _NUMPY_TO_HALIDE = {np.dtype(np.float32): "Halide_Type_Float", np.dtype(np.int32): "Halide_Type_Int"}
 
@@ -186,6 +189,10 @@ class MNNModel(_Names):
         # memory is seen to move under a plan.
         self._zero_copy = backend == "mnn/cpu"
         self._halide_dtypes = {getattr(mnn, h): d for d, h in _NUMPY_TO_HALIDE.items()}
+
+    @property
+    def input_types(self) -> dict[str, np.dtype[Any]]:  # an ONNX int64 input is int32 in MNN; unknown: float32
+        return {n: self._halide_dtypes.get(t.getDataType(), np.dtype("float32")) for n, t in self._inputs.items()}
 
     def resize(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
         """Resize inputs (e.g. to a manifest's declared shapes) before the first run."""
@@ -452,6 +459,10 @@ class OnnxRuntimeModel(_Names):
         self._input_names = [i.name for i in session.get_inputs()]
         self._output_names = [o.name for o in session.get_outputs()]
 
+    @property
+    def input_types(self) -> dict[str, np.dtype[Any]]:  # "tensor(int64)" -> int64; unknown: float32
+        return {i.name: np.dtype(_ORT_TYPES.get(i.type, np.float32)) for i in self._session.get_inputs()}
+
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         arrays = _check_inputs(inputs, self._input_names)
         values = self._session.run(self._output_names, arrays)
@@ -489,7 +500,6 @@ class OnnxRuntimeEngine:
 
 
 # ---------------------------------------------------------------- selection and probing
-
 ENGINES: dict[str, type[MNNEngine] | type[OnnxRuntimeEngine]] = {"mnn": MNNEngine, "onnxruntime": OnnxRuntimeEngine}
 
 

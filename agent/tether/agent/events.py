@@ -5,11 +5,15 @@
     with EventClient("~/.tether/agent/events.sock") as events:
         events.send("page_view", page="item", attrs={"item": "sku-1", "price": 12.5})
         events.send_many([{"type": "add_to_cart", "page": "item", "attrs": {"item": "sku-1"}}])
+        events.report_state(charging=True, metered=False, idle=None, battery_level=80, ttl_s=300)
 
 It speaks the agent's newline-delimited JSON protocol over a Unix socket
 (`tether.agent.stream.endpoint`). Each call waits for the agent's reply and
 returns an `Ack`; events the agent rejected are listed in `Ack.errors` (an app
-should not crash because one event was malformed). A timestamp defaults to
+should not crash because one event was malformed). `report_state` tells the
+agent what the app knows of the device (charging, metered network, user idle,
+battery level; None: unknown): it overrides the agent's own probes for
+`ttl_s` seconds (participation conditions, `tether.agent.devicestate`). A timestamp defaults to
 the client's clock at `send`. Standard library only, so an app can vendor it.
 """
 
@@ -36,6 +40,12 @@ class Ack:
     rejected: int
     matched: int
     errors: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class StateAck:
+    state: Mapping[str, str]  # what the agent took: "charging" -> "true", "unmeteredNetwork" -> "false", ...
+    expires_in_s: float
 
 
 class EventClient:
@@ -91,7 +101,41 @@ class EventClient:
         batch = [dict(e) if "ts" in e else {**e, "ts": now} for e in events]
         return self._request(batch)
 
+    def report_state(
+        self,
+        *,
+        charging: bool | None = None,
+        metered: bool | None = None,
+        idle: bool | None = None,
+        battery_level: float | None = None,
+        ttl_s: float | None = None,
+        unset: bool = False,
+    ) -> StateAck:
+        """Report device state; only the keys given (or all of them as unknown with `unset`) are sent."""
+        state: dict[str, Any] = {}
+        for key, value in (("charging", charging), ("metered", metered), ("idle", idle)):
+            if value is not None or unset:
+                state[key] = value
+        if battery_level is not None:
+            state["batteryLevel"] = battery_level
+        if not state:
+            raise EventError("report_state: nothing to report")
+        doc: dict[str, Any] = {"state": state}
+        if ttl_s is not None:
+            doc["ttlSeconds"] = ttl_s
+        reply = self._exchange(doc)
+        return StateAck(state=dict(reply.get("state") or {}), expires_in_s=float(reply.get("expiresIn", 0.0)))
+
     def _request(self, doc: Any) -> Ack:
+        reply = self._exchange(doc)
+        return Ack(
+            accepted=int(reply.get("accepted", 0)),
+            rejected=int(reply.get("rejected", 0)),
+            matched=int(reply.get("matched", 0)),
+            errors=tuple(reply.get("errors") or ()),
+        )
+
+    def _exchange(self, doc: Any) -> dict[str, Any]:
         self.connect()
         assert self._sock is not None
         try:
@@ -105,12 +149,7 @@ class EventClient:
             self.close()
             raise EventError(f"sending events failed: {e}") from None
         line, _, self._buffer = self._buffer.partition(b"\n")
-        reply = json.loads(line)
+        reply: dict[str, Any] = json.loads(line)
         if "error" in reply:
             raise EventError(reply["error"])
-        return Ack(
-            accepted=int(reply.get("accepted", 0)),
-            rejected=int(reply.get("rejected", 0)),
-            matched=int(reply.get("matched", 0)),
-            errors=tuple(reply.get("errors") or ()),
-        )
+        return reply

@@ -105,7 +105,7 @@ class Installer:
             await self._make_room(task, bundle)  # the disk budget: free space, or refuse before any download
             with tracing.span("pull", release=task.release, version=task.version):
                 await self._puller.pull_missing(task.release, self.store.missing_blobs(bundle))
-            await self._select_backends(bundle)  # a model that runs nowhere refuses the version here
+            note = await self._select_backends(bundle)  # a model that runs nowhere refuses the version here
             async with self._lock:
                 try:
                     await asyncio.to_thread(self.store.install, task.release, task.version, bundle)
@@ -126,7 +126,7 @@ class Installer:
             if progress is not None:
                 await progress.settle()
         log.info("installed %s v%d (%s)", task.release, task.version, task.manifest_digest[:19])
-        await self._reporter.status(task, S.DELIVERY_STATE_INSTALLED)
+        await self._reporter.status(task, S.DELIVERY_STATE_INSTALLED, note)
         self._installed_hook()
         try:  # the version is live: a collection that fails is tried again with the next change
             await self.gc()
@@ -169,16 +169,18 @@ class Installer:
             return None
         return kept if kept.digest == task.manifest_digest else None
 
-    async def _select_backends(self, bundle: manifest.Manifest) -> None:
+    async def _select_backends(self, bundle: manifest.Manifest) -> str:
         """Choose how each model runs here (cached per model and device), before the version goes live.
 
         A model no candidate can load or run raises ModelUnusable (a
         VerificationFailed: the version is refused with the engines' errors and
         nothing is installed). Selection that cannot finish (its process crashed
         or overran) is not the bundle's fault: the models then run as declared.
+        Returns what the INSTALLED report should say: a converted model the device's
+        cross-check refused (`backends.cross_check`), else "".
         """
         if self._selector is None or not bundle.engines:
-            return
+            return ""
         specs = backends.specs_for(bundle, path_of=lambda f: self.store.blob_path(f.sha256))
         try:
             chosen = await self._selector.select(specs, work_dir=self._work_dir)
@@ -186,9 +188,14 @@ class Installer:
             raise
         except errors.TetherError as e:
             log.warning("backend selection for %s did not finish (%s); running models as declared", bundle.name, e)
-            return
+            return ""
+        notes = []
         for name, sel in sorted(chosen.items()):
             log.info("%s: %s runs on %s (%.3f ms)", bundle.name, name, sel.chosen.key, sel.latency_ms)
+            refused = next((p.reason for p in sel.pruned if p.reason.startswith(backends.DISAGREES)), None)
+            if refused is not None:
+                notes.append(f"{name}: MNN not selected, {refused}; runs on {sel.chosen.key}")
+        return "; ".join(notes)[:1000]
 
     # ------------------------------------------------------------ disk budget
     async def _make_room(self, task: pb.DesiredTask, bundle: manifest.Manifest) -> None:

@@ -6,18 +6,18 @@ it runs: `{"type": ..., "conditions": {"charging": true, "idle": true}}`
 the device knows right before each run; a condition that is not met defers
 the run (checked again every `RECHECK_S` seconds), it does not skip it.
 
-Device state comes from a `StateProbe`: a callable answering
-`{"charging": "true", "unmeteredNetwork": "false", "idle": "true"}` with only
-the keys it can tell. A key the device cannot tell does not hold it back, as
-the design says: conditions apply "where the device reports such state". The
-agent also sends this state with every ReportStatus, so the controller can
-count devices that have a version installed but wait for their conditions.
+Device state is a mapping `{"charging": "true", "unmeteredNetwork": "false",
+"idle": "unknown"}`: each key `"true"`, `"false"` or `"unknown"` (a key that
+is absent is unknown). It comes from `tether.agent.devicestate` (Linux probes,
+overridden for a bounded time by what the host app reports on the events
+socket). A required condition whose state is unknown holds the run back by
+default (`UNKNOWN_POLICIES`: `tether agent run --conditions-unknown wait`);
+`run` lets it through, as agents before this did. `waiting_reason` says why a
+release waits ("not charging; idle unknown"); the agent sends its waiting
+releases with its device state (`WAITING_KEY`), so `tether device list` and
+the rollout's `waiting` count show who waits and why.
 
-The default probe asks psutil for the battery's power plug when psutil is
-installed; an app embedding the agent passes its own probe (it knows the
-network type and whether the user is active).
-
-Pure apart from `default_probe`.
+Pure: the probes live in `tether.agent.devicestate`.
 """
 
 from __future__ import annotations
@@ -25,10 +25,16 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from tether.spec import jsontext
+from tether.spec import jsontext, triggers
 
 KEYS = ("charging", "unmeteredNetwork", "idle")
+WAITING_KEY = triggers.WAITING_KEY  # "<release>: <reason> | <release>: <reason>" (triggers.waiting_summary)
+BATTERY_KEY = "batteryLevel"  # percent, informational (no condition asks for it)
+REPORTED_KEYS = (*KEYS, WAITING_KEY, BATTERY_KEY)
+UNKNOWN = "unknown"
+UNKNOWN_POLICIES = ("wait", "run")
 RECHECK_S = 60.0
+_NOT_MET = {"charging": "not charging", "unmeteredNetwork": "on a metered network", "idle": "not idle"}
 
 StateProbe = Callable[[], Mapping[str, str]]
 
@@ -49,19 +55,20 @@ def conditions_of(trigger_json: str) -> dict[str, bool]:
 
 def met(conditions: Mapping[str, bool], state: Mapping[str, str]) -> bool:
     """Whether every required condition holds (one the device cannot tell counts as holding)."""
-    return all(str(state[k]).lower() == "true" for k, required in conditions.items() if required and k in state)
+    return not waiting_reason(conditions, state, unknown="run")
 
 
-def default_probe() -> dict[str, str]:
-    """What this machine can tell about itself: the power plug, via psutil when it is installed."""
-    try:
-        import psutil  # optional on devices
-    except ImportError:
-        return {}
-    try:
-        battery = psutil.sensors_battery()
-    except (AttributeError, OSError, NotImplementedError):
-        return {}
-    if battery is None:  # no battery: a mains-powered device is always "charging"
-        return {"charging": "true"}
-    return {"charging": "true" if battery.power_plugged else "false"}
+def waiting_reason(conditions: Mapping[str, bool], state: Mapping[str, str], *, unknown: str = "wait") -> str:
+    """ "" when the run may go; else why not, e.g. "not charging; idle unknown" (`unknown`: "wait" or "run")."""
+    if unknown not in UNKNOWN_POLICIES:
+        raise ValueError(f"unknown: {unknown!r} not in {UNKNOWN_POLICIES}")
+    reasons = []
+    for key in KEYS:
+        if not conditions.get(key):
+            continue
+        value = str(state.get(key, UNKNOWN)).lower()
+        if value == "false":
+            reasons.append(_NOT_MET[key])
+        elif value != "true" and unknown == "wait":
+            reasons.append(f"{key} unknown")
+    return "; ".join(reasons)

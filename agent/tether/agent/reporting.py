@@ -23,7 +23,7 @@ import random
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from tether.agent import backends, bundles, client, participation, statefile
+from tether.agent import backends, bundles, client, devicestate, participation, statefile
 from tether.common import errors
 from tether.proto.v1 import tether_pb2 as pb
 
@@ -99,11 +99,15 @@ class Reporter:
         device: client.DeviceClient,
         probe: participation.StateProbe | None = None,
         backoff: client.Backoff = client.Backoff(),
+        gate: devicestate.Conditions | None = None,
     ) -> None:
         self._client = device
-        self._probe = probe  # None: the device tells nothing (the simulator)
+        self._gate = gate  # the agent's device state and waiting releases (tether.agent.devicestate)
+        self._probe = gate.state if gate is not None else probe  # None: the device tells nothing (the simulator)
         self._backoff = backoff
         self.unacked: dict[str, tuple[pb.DesiredTask, int, str]] = {}  # release -> its latest unacknowledged report
+        self._last: dict[str, tuple[pb.DesiredTask, int, str]] = {}  # release -> its latest report
+        self._held: dict[str, str] = {}  # release -> why it waits for its participation conditions
         # release -> URL failures not yet acknowledged by the controller, by reason (url_failures.REASONS)
         self.url_failures: dict[str, collections.Counter[str]] = {}
         self._retry: asyncio.Task[None] | None = None
@@ -113,10 +117,24 @@ class Reporter:
         if self._probe is None:
             return {}
         try:
-            return {k: str(v) for k, v in self._probe().items() if k in participation.KEYS}
+            return {k: str(v) for k, v in self._probe().items() if k in participation.REPORTED_KEYS}
         except Exception as e:  # a probe must never stop the agent
             log.debug("device state probe failed: %s", e)
             return {}
+
+    async def hold(self, release: str, conditions: dict[str, bool]) -> str:
+        """Why `release` may not run now under its participation conditions ("" when it may).
+
+        When the reason changes, the release's last report is sent again (same state, same message) with
+        the new device state: the controller learns at once who waits and why, and nothing regresses.
+        """
+        if self._gate is None:
+            return "" if participation.met(conditions, self.device_state()) else "conditions not met"
+        reason = self._gate.hold(release, conditions)
+        if self._held.get(release, "") != reason and (last := self._last.get(release)) is not None:
+            await self._send(*last)
+        self._held[release] = reason
+        return reason
 
     def note_url_failure(self, release: str, reason: str) -> None:
         """A blob URL of `release` did not deliver (the puller fell back to gRPC): sent with its next report."""
@@ -124,6 +142,7 @@ class Reporter:
 
     async def status(self, task: pb.DesiredTask, state: int, message: str = "") -> None:
         """ReportStatus; never raises: a lost report must not stop the work it reports on (terminal ones are kept)."""
+        self._last[task.release] = (task, state, message)
         if state in TERMINAL_STATES:
             self.unacked[task.release] = (task, state, message)
         elif (kept := self.unacked.get(task.release)) is not None and kept[0].version < task.version:

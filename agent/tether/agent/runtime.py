@@ -1,6 +1,9 @@
 """Running a bundle's entrypoint: an isolated worker process with limits.
 
-The daemon never executes bundle code itself. `run_task` starts
+The daemon never executes bundle code itself. Most runs go to a warm worker
+(`tether.agent.warmpool`, the same contract); `run_task` is the fresh path
+(a bundle's `runtime.isolation: fresh`, `tether agent run --isolation
+fresh`, a CPU-time limit where /proc is missing). It starts
 `python -m tether.agent.taskworker <job dir>` in its own session (process group),
 with an address-space limit (RLIMIT_AS, from the task's memoryMB) and, when
 set, a CPU-time limit (RLIMIT_CPU, from cpuSeconds) that the worker applies to
@@ -40,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from tether.agent import results
+from tether.agent.tunnel import emitter
 from tether.common import errors, manifest
 from tether.spec import resources
 
@@ -128,6 +132,8 @@ class TaskContext:
     models: dict[str, Any] = dataclasses.field(default_factory=dict)  # every loaded model by bundle path
     # What the trigger hands the run (docs/task-api.md): "trigger", "match", "events", "aggregates", "payload".
     inputs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # ctx.emit(topic, payload) -> seq: a record for cloud consumers (the real-time tunnel, docs/task-api.md).
+    emit: Callable[[str, Any], int] = emitter.unavailable
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,7 +156,7 @@ def _read_bounded(path: pathlib.Path, limit: int) -> bytes | None:
     return data
 
 
-def _tail(path: pathlib.Path, limit: int = 4000) -> str:
+def tail(path: pathlib.Path, limit: int = 4000) -> str:
     try:
         with path.open("rb") as f:
             f.seek(0, os.SEEK_END)
@@ -218,7 +224,7 @@ def _failure(job_dir: pathlib.Path, returncode: int, limits: TaskLimits) -> erro
     if returncode == -signal.SIGXCPU and limits.cpu_seconds is not None:
         return errors.TaskFailed(
             f"task exceeded its CPU-time limit of {limits.cpu_seconds}s and was killed (SIGXCPU)\n"
-            f"{_tail(job_dir / 'output.log')}".rstrip()
+            f"{tail(job_dir / 'output.log')}".rstrip()
         )
     raw = _read_bounded(job_dir / "error.json", MAX_ANSWER_BYTES)
     if raw is not None:
@@ -228,11 +234,11 @@ def _failure(job_dir: pathlib.Path, returncode: int, limits: TaskLimits) -> erro
     if returncode < 0:
         with contextlib.suppress(ValueError):
             name = signal.Signals(-returncode).name
-            return errors.TaskFailed(f"worker killed by {name}\n{_tail(job_dir / 'output.log')}".rstrip())
-    return errors.TaskFailed(f"worker exited with status {returncode}\n{_tail(job_dir / 'output.log')}".rstrip())
+            return errors.TaskFailed(f"worker killed by {name}\n{tail(job_dir / 'output.log')}".rstrip())
+    return errors.TaskFailed(f"worker exited with status {returncode}\n{tail(job_dir / 'output.log')}".rstrip())
 
 
-def _check_inputs(inputs: Mapping[str, Any] | None) -> dict[str, Any]:
+def check_inputs(inputs: Mapping[str, Any] | None) -> dict[str, Any]:
     """`ctx.inputs` must be JSON-able and bounded: a TaskFailed saying why, before any worker starts."""
     try:
         text = json.dumps(dict(inputs or {}), allow_nan=False)
@@ -279,14 +285,16 @@ async def run_task(
     work_dir: str | os.PathLike[str] | None = None,
     selection: Mapping[str, Any] | None = None,
     inputs: Mapping[str, Any] | None = None,
+    emit: Mapping[str, Any] | None = None,
 ) -> TaskOutcome:
     """Run `bundle`'s entrypoint once in a fresh worker process; raise TaskFailed on any failure.
 
     `selection` (from `backends.Selector.choices`) maps a model to the file and
     candidate backend selection chose for it; other models load on `backend`/`threads`.
     `inputs` (JSON-able, at most MAX_INPUTS_BYTES encoded) becomes `ctx.inputs`.
+    `emit` (`tunnel.relay.Tunnel.grant`) lets `ctx.emit` reach the agent's tunnel.
     """
-    inputs_doc = _check_inputs(inputs)
+    inputs_doc = check_inputs(inputs)
     bundle_dir = pathlib.Path(bundle_dir).resolve()
     job_dir = pathlib.Path(tempfile.mkdtemp(prefix="tether-job-", dir=work_dir))
     try:
@@ -302,6 +310,7 @@ async def run_task(
             "threads": int(threads),
             "selection": dict(selection or {}),
             "inputs": inputs_doc,
+            "emit": dict(emit) if emit else None,
         }
         (job_dir / "job.json").write_text(json.dumps(job))
         env = worker_env(threads)

@@ -18,7 +18,7 @@ import traceback
 from typing import Any
 
 
-def _limit_memory(memory_mb: int) -> None:
+def limit_memory(memory_mb: int) -> None:
     limit = int(memory_mb) * 1024 * 1024
     _, hard = resource.getrlimit(resource.RLIMIT_AS)
     if hard != resource.RLIM_INFINITY:
@@ -60,7 +60,7 @@ class _Log:
             self._f.flush()
 
 
-def _load_entrypoint(bundle_dir: pathlib.Path, entrypoint: str) -> Any:
+def load_entrypoint(bundle_dir: pathlib.Path, entrypoint: str) -> Any:
     path = (bundle_dir / entrypoint).resolve()
     if not path.is_relative_to(bundle_dir):
         raise ImportError(f"entrypoint {entrypoint!r} is outside the bundle")
@@ -77,11 +77,9 @@ def _load_entrypoint(bundle_dir: pathlib.Path, entrypoint: str) -> Any:
     return run
 
 
-def _execute(job_dir: pathlib.Path, job: dict[str, Any]) -> None:
-    import numpy as np
-
-    from tether.agent import engine, results
-    from tether.agent.runtime import TaskContext
+def load_models(job: dict[str, Any]) -> dict[str, Any]:
+    """The bundle's models by path, each on the backend selection chose (or the job's backend)."""
+    from tether.agent import engine
 
     bundle_dir = pathlib.Path(job["bundle_dir"])
     models: dict[str, Any] = {}
@@ -99,6 +97,18 @@ def _execute(job_dir: pathlib.Path, job: dict[str, Any]) -> None:
         if shapes and hasattr(model, "resize"):
             model.resize(shapes)
         models[need["model"]] = model
+    return models
+
+
+def _execute(job_dir: pathlib.Path, job: dict[str, Any]) -> None:
+    import numpy as np
+
+    from tether.agent import results
+    from tether.agent.runtime import TaskContext
+    from tether.agent.tunnel import emitter
+
+    bundle_dir = pathlib.Path(job["bundle_dir"])
+    models = load_models(job)
     first = next(iter(models.values()), None)
     ctx = TaskContext(
         model=first,
@@ -108,8 +118,9 @@ def _execute(job_dir: pathlib.Path, job: dict[str, Any]) -> None:
         log=_Log(job_dir / "task.log"),
         models=models,
         inputs=dict(job.get("inputs") or {}),
+        emit=emitter.from_grant(job.get("emit")),
     )
-    run = _load_entrypoint(bundle_dir, job["entrypoint"])
+    run = load_entrypoint(bundle_dir, job["entrypoint"])
     result = results.validate(run(ctx))
     if not isinstance(ctx.state, dict):
         raise TypeError("ctx.state must stay a dict")
@@ -133,7 +144,7 @@ def main(argv: list[str]) -> int:
     job_dir = pathlib.Path(argv[1])
     job = json.loads((job_dir / "job.json").read_text())
     try:
-        _limit_memory(job["memory_mb"])
+        limit_memory(job["memory_mb"])
         _limit_cpu(job.get("cpu_seconds"))
         _execute(job_dir, job)
     except BaseException as e:  # report everything, SystemExit and KeyboardInterrupt included

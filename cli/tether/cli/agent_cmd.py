@@ -152,6 +152,48 @@ def _disk_budget_option(f: Callable[..., Any]) -> Callable[..., Any]:
     )(f)
 
 
+def _workers_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """Concurrency and warm task workers (docs/task-api.md, "Isolation and limits")."""
+    f = click.option(
+        "--task-slots",
+        type=click.IntRange(min=1, max=1024),
+        default=4,
+        show_default=True,
+        help="Most task runs at once on this device; waiting runs are served round-robin across tasks.",
+    )(f)
+    f = click.option(
+        "--warm-workers",
+        type=click.IntRange(min=0, max=1024),
+        default=8,
+        show_default=True,
+        help="Most resident task workers (one per active task version; 0: every run forks a worker of its own).",
+    )(f)
+    f = click.option(
+        "--warm-memory-budget",
+        default="1GiB",
+        show_default=True,
+        callback=_disk_budget,
+        metavar="SIZE",
+        help="Most resident memory (RSS) idle warm workers may hold; the least recently used retire first "
+        "('unlimited' turns it off).",
+    )(f)
+    f = click.option(
+        "--worker-idle-seconds",
+        type=click.FloatRange(min=1),
+        default=300.0,
+        show_default=True,
+        help="A warm worker that served no run for this long retires.",
+    )(f)
+    return click.option(
+        "--isolation",
+        type=click.Choice(["warm", "fresh"]),
+        default="warm",
+        show_default=True,
+        help="warm: runs go to resident workers forked from a pre-started zygote; fresh: a new interpreter "
+        "per run for every task (a bundle's runtime.isolation: fresh asks for that on its own).",
+    )(f)
+
+
 def _events_socket(value: str | None, state_path: pathlib.Path) -> pathlib.Path | None:
     if value == "none":
         return None
@@ -182,8 +224,17 @@ def agent() -> None:
     default=None,
     help="Unix socket apps send behaviour events to (default: STATE_DIR/events.sock; 'none' disables it).",
 )
+@click.option(
+    "--conditions-unknown",
+    type=click.Choice(["wait", "run"]),
+    envvar="TETHER_AGENT_CONDITIONS_UNKNOWN",
+    default="wait",
+    show_default=True,
+    help="A task's participation condition (charging / unmetered / idle) this device cannot tell: wait or run.",
+)
 @_disk_budget_option
 @_limits_options
+@_workers_options
 @_security_options
 def run(
     controller: str,
@@ -200,9 +251,15 @@ def run(
     trust_keys: tuple[str, ...],
     events_socket: str | None = None,
     disk_budget: int | None = None,
+    task_slots: int = 4,
+    warm_workers: int = 8,
+    warm_memory_budget: int | None = None,
+    worker_idle_seconds: float = 300.0,
+    isolation: str = "warm",
+    conditions_unknown: str = "wait",
 ) -> None:
     """Run the agent until SIGTERM/SIGINT."""
-    from tether.agent import daemon, httpfetch, runtime
+    from tether.agent import daemon, httpfetch, runtime, warmpool
     from tether.common import errors, tracing
 
     tracing.configure("tether-agent")  # OTEL_* (off unless an exporter or endpoint is named; needs the SDK)
@@ -223,6 +280,12 @@ def run(
             limits=runtime.TaskLimits(timeout_s=task_timeout, memory_mb=task_memory_mb, cpu_seconds=task_cpu_seconds),
             events_socket=_events_socket(events_socket, state_path),
             disk_budget=disk_budget,
+            task_slots=task_slots,
+            workers=warmpool.PoolSettings(
+                max_workers=warm_workers, memory_budget=warm_memory_budget, idle_s=worker_idle_seconds
+            ),
+            isolation=isolation,
+            conditions_unknown=conditions_unknown,
         )
     except errors.TetherError as e:
         raise click.ClickException(str(e)) from None
@@ -356,3 +419,22 @@ def disk(state_dir: str, disk_budget: int | None, as_json: bool) -> None:
     click.echo(f"bundle store {root}: {usage.describe(disk_budget)}")
     for v in usage.to_json(disk_budget)["versions"]:
         click.echo(f"  {v['release']} v{v['version']} ({v['role']}): {sizes.format_size(v['bytes'])}")
+
+
+@agent.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def conditions(as_json: bool) -> None:
+    """What this machine's probes tell of the participation conditions (charging, unmetered network, idle).
+
+    The running agent also takes what the host app reports on its events socket, for a while; a condition
+    that is `unknown` here waits unless the agent runs with `--conditions-unknown run`.
+    """
+    from tether.agent import devicestate
+
+    state = devicestate.probe()
+    if as_json:
+        click.echo(json.dumps(state, sort_keys=True))
+        return
+    for key in ("charging", "unmeteredNetwork", "idle", "batteryLevel"):
+        if key in state:
+            click.echo(f"{key}: {state[key]}")

@@ -19,7 +19,16 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     ),
     "runtime": (
         "tether.devtools.bench_runtime:runtime",
-        "Backend selection and agent inference overhead on real models (MLP, CNN, EfficientNet-Lite0).",
+        "Backend selection and agent inference overhead on real models (bench/models or any model folder).",
+    ),
+    "tunnel": (
+        "tether.devtools.bench_tunnel:tunnel",
+        "Real-time tunnel: 30 KB emits from N connected agents to a consumer, p50/p99 vs direct Redis XADD.",
+    ),
+    "soak": (
+        "tether.devtools.bench_soak:soak",
+        "Simulated fleet under churn (and controller kills) through a staged rollout and a rollback: lost reports, "
+        "errors, controller memory.",
     ),
     "stream": (
         "tether.devtools.bench_stream:stream",

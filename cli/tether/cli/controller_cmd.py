@@ -141,6 +141,14 @@ READY_PREFIX = "controller listening on "
     help="Also serve grpc.health.v1.Health alone, in plaintext, on this port: for kubelet's grpc probe, "
     "which speaks no TLS (env TETHER_HEALTH_PORT). The main port serves Health too.",
 )
+@click.option(
+    "--tunnel-url",
+    envvar=config.ENV_TUNNEL_URL,
+    default=None,
+    help="Broker of the real-time tunnel (ctx.emit): redis://HOST:PORT/DB[?maxlen=N], or a plugged-in "
+    "broker (docs/internals.md, 'Real-time tunnel'); unset: emits wait in the devices' outboxes "
+    "[env TETHER_TUNNEL_URL].",
+)
 @exposition.metrics_port_option("tether_controller_*")
 def controller(
     listen: str,
@@ -167,6 +175,7 @@ def controller(
     max_concurrent_pulls: int,
     trust_keys: tuple[pathlib.Path, ...],
     health_port: int | None,
+    tunnel_url: str | None,
     metrics_port: int,
 ) -> None:
     """Run the controller (gRPC distribution service, device registry, result ingestion)."""
@@ -181,6 +190,7 @@ def controller(
             listen=listen,
             database_url=database_url,
             broker_url=broker_url,
+            tunnel_url=tunnel_url,
             blob_dir=blob_dir,
             blob_store=blob_store,
             blob_base_url=blob_base_url,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 
 import click
 
@@ -89,7 +90,16 @@ def list_(
     if output == "json":
         click.echo(json.dumps([dataclasses.asdict(d) for d in found], indent=2, sort_keys=True))
         return
-    table = Table("DEVICE", "LABELS", "RELEASES (version state)", "BACKENDS", "SELECTED", "CONNECTED TO", "LAST SEEN")
+    table = Table(
+        "DEVICE",
+        "LABELS",
+        "RELEASES (version state)",
+        "BACKENDS",
+        "SELECTED",
+        "CONNECTED TO",
+        "CONDITIONS",
+        "LAST SEEN",
+    )
     for d in found:
         seen = (
             datetime.datetime.fromtimestamp(d.last_seen_unix, datetime.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
@@ -103,7 +113,18 @@ def list_(
             ",".join(d.backends) or "-",
             "\n".join(d.selected_backends) or "-",
             d.connected_replica or "-",
+            _conditions(d.device_state),
             seen,
         )
     Console(width=200).print(table)
     click.echo(f"{len(found)} device(s)")
+
+
+def _conditions(state: Mapping[str, str]) -> str:
+    """charging / unmetered / idle as the device reported them, then what waits and why."""
+    short = {"charging": "charging", "unmeteredNetwork": "unmetered", "idle": "idle"}
+    lines = [" ".join(f"{name}={state[k]}" for k, name in short.items() if k in state)]
+    if state.get("batteryLevel"):
+        lines[0] += f" battery={state['batteryLevel']}%"
+    lines += [f"waiting: {w.strip()}" for w in state.get("waiting", "").split(" | ") if w.strip()]
+    return "\n".join(x for x in lines if x) or "-"

@@ -25,10 +25,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "operator": ("tether.cli.operator_cmd:operator", "Run the Kubernetes operator (Kopf)."),
     "agent": ("tether.cli.agent_cmd:agent", "Run or inspect the edge agent."),
     "device": ("tether.cli.device:device", "Manage enrolled devices (list, revoke)."),
+    "fl": ("tether.cli.fl_cmd:fl", "Show a federated task's rounds (history, --csv)."),
     "keys": ("tether.cli.keys:keys", "Make and inspect Ed25519 bundle signing keys."),
     "certs": ("tether.cli.certs:certs", "Make a private CA and TLS certificates for the gRPC port."),
     "model": ("tether.cli.model:model", "Convert models between engine formats (ONNX -> MNN)."),
     "bench": ("tether.cli.bench:bench", "Run benchmarks that write machine-readable results."),
+    "tunnel": ("tether.cli.tunnel:tunnel", "Read what devices emit over the real-time tunnel (tail TOPIC)."),
 }
 
 

@@ -31,6 +31,10 @@ def render(status: Any, rollout: Any = None) -> Group:
     head = Table.grid(padding=(0, 2))
     head.add_row("task", f"[bold]{status.release}[/]", "version", str(status.version))
     head.add_row("manifest", status.manifest_digest[:23] + "…", "targeted", str(status.targeted))
+    silent = int(getattr(status, "not_reporting", 0) or 0)
+    if silent:  # told about the version, no report past the deadline (staged or not)
+        deadline = getattr(status, "report_deadline_s", 0)
+        head.add_row("silent", f"[yellow]{silent}[/]", "deadline", f"{deadline} s")
     parts: list[Any] = [head, progress]
     health = getattr(status, "health", None)
     if health:

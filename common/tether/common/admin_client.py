@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import json
 import pathlib
 from collections.abc import AsyncIterator, Iterable, Mapping
@@ -94,6 +95,7 @@ class DeviceSummary:
     last_seen_unix: float | None
     revoked: bool
     releases: tuple[tuple[str, int, str], ...]  # (release, version, delivery state)
+    device_state: Mapping[str, str] = dataclasses.field(default_factory=dict)  # charging/.../waiting
     connected_replica: str = ""  # the controller replica holding its stream; "": not connected
 
 
@@ -128,9 +130,9 @@ class ReleaseStatus:
     aggregate: Mapping[str, Any] | None  # the latest aggregate body, None before the first round
     aggregate_json: str  # the same, as the controller sent it ("" before the first round)
     health: Mapping[str, Any] | None = None  # per-stage health of a staged rollout (docs/internals.md)
-    # A federated release's rounds (`ReleaseStatus.federated_json`, docs/internals.md "Federated rounds");
-    # None when the release is not federated or the controller's contract has no such field yet.
-    federated: Mapping[str, Any] | None = None
+    federated: Mapping[str, Any] | None = None  # a federated release's rounds (docs/internals.md "Federated rounds")
+    not_reporting: int = 0  # told about the current version, silent past report_deadline_s (staged or not)
+    report_deadline_s: int = 0
 
     @classmethod
     def from_proto(cls, m: pb.ReleaseStatus) -> ReleaseStatus:
@@ -150,13 +152,10 @@ class ReleaseStatus:
             aggregate=json.loads(m.aggregate_json) if m.aggregate_json else None,
             aggregate_json=m.aggregate_json,
             health=json.loads(m.health_json) if m.health_json else None,
-            federated=_federated(m),
+            federated=json.loads(m.federated_json) if m.federated_json else None,
+            not_reporting=m.not_reporting,
+            report_deadline_s=m.report_deadline_seconds,
         )
-
-
-def _federated(m: pb.ReleaseStatus) -> Mapping[str, Any] | None:
-    text = getattr(m, "federated_json", "")  # field 15, added with the federated loop
-    return json.loads(text) if text else None
 
 
 class AdminClient:
@@ -288,6 +287,7 @@ class AdminClient:
         paused: bool = False,
         resources: spec_resources.Resources | Mapping[str, Any] | None = None,
         rollout: staging.Rollout | Mapping[str, Any] | None = None,
+        federated: Mapping[str, Any] | None = None,
     ) -> ApplyResult:
         """Create or update a release. `resources`: `{"timeoutSeconds", "memoryMB", "cpuSeconds"}` (all optional).
 
@@ -305,16 +305,48 @@ class AdminClient:
             paused=paused,
             resources=resources,
             rollout=rollout,
+            federated=federated,
         )
         response = await self._call(self._stub.ApplyRelease, pb.ApplyReleaseRequest(spec=spec))
         return ApplyResult(release=response.release, version=response.version, changed=response.changed)
+
+    async def export_round_model(self, release: str, round_number: int, path: pathlib.Path | str) -> str:
+        """Write a federated round's global model (round 0: the base bundle's) to `path`; its digest."""
+        target = pathlib.Path(path)
+        digest = ""
+        h = hashlib.sha256()
+        try:
+            with target.open("wb") as out:
+                call = self._stub.ExportRoundModel(
+                    pb.RoundModelRequest(release=release, round=round_number), metadata=self._metadata
+                )
+                async for chunk in call:
+                    digest = digest or chunk.digest
+                    h.update(chunk.data)
+                    out.write(chunk.data)
+        except grpc.aio.AioRpcError as e:
+            target.unlink(missing_ok=True)
+            raise error_from_rpc(e) from None
+        if digest and "sha256:" + h.hexdigest() != digest:
+            target.unlink(missing_ok=True)
+            raise errors.DigestMismatch(f"the exported model does not hash to {digest}")
+        return digest
+
+    async def rollback_round(self, release: str, round_number: int) -> pb.RollbackRoundResponse:
+        """Serve a federated round's model again (round 0: the base bundle's); the next round trains from it."""
+        response: pb.RollbackRoundResponse = await self._call(
+            self._stub.RollbackRound, pb.RoundModelRequest(release=release, round=round_number)
+        )
+        return response
 
     async def delete_release(self, release: str) -> bool:
         response = await self._call(self._stub.DeleteRelease, pb.DeleteReleaseRequest(release=release))
         return bool(response.deleted)
 
-    async def get_release_status(self, release: str) -> ReleaseStatus:
-        response = await self._call(self._stub.GetReleaseStatus, pb.GetReleaseStatusRequest(release=release))
+    async def get_release_status(self, release: str, *, report_deadline_s: int | None = None) -> ReleaseStatus:
+        """The release's counts; `report_deadline_s`: the deadline `not_reporting` is counted with (None: its own)."""
+        request = pb.GetReleaseStatusRequest(release=release, report_deadline_seconds=report_deadline_s)
+        response = await self._call(self._stub.GetReleaseStatus, request)
         return ReleaseStatus.from_proto(response)
 
     async def list_releases(self) -> list[ReleaseStatus]:
@@ -348,6 +380,7 @@ class AdminClient:
                     last_seen_unix=d.last_seen_unix or None,
                     revoked=d.revoked,
                     releases=tuple((r.release, r.version, r.state) for r in d.releases),
+                    device_state=dict(d.device_state),
                     connected_replica=d.connected_replica,
                 )
                 for d in response.devices

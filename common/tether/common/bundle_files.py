@@ -16,7 +16,7 @@ from tether.common import errors, manifest
 
 SPEC_FILE = "bundle.yaml"
 MAX_SPEC_BYTES = 64 * 1024
-_SPEC_FIELDS = frozenset({"name", "entrypoint", "engines"})
+_SPEC_FIELDS = frozenset({"name", "entrypoint", "engines", "runtime"})
 _ENGINE_FIELDS = frozenset({"engine", "model", "inputs"})
 
 
@@ -69,7 +69,21 @@ def load_bundle_spec(directory: str | pathlib.Path) -> tuple[str, str, tuple[man
     return name, entrypoint, tuple(engines)
 
 
+def load_runtime_spec(directory: str | pathlib.Path) -> manifest.RuntimeNeeds:
+    """`bundle.yaml`'s `runtime:` (isolation, concurrency); the default when it has none."""
+    path = pathlib.Path(directory) / SPEC_FILE
+    doc: Any = yaml.safe_load(path.read_bytes()[:MAX_SPEC_BYTES])  # load_bundle_spec checked size and form
+    raw = doc.get("runtime") if isinstance(doc, dict) else None
+    return manifest.RuntimeNeeds() if raw is None else manifest.RuntimeNeeds.from_json(raw, field=f"{path}: runtime")
+
+
 def build_manifest(directory: str | pathlib.Path) -> manifest.Manifest:
     """Hash every file of a bundle directory into its (validated) manifest."""
     name, entrypoint, engines = load_bundle_spec(directory)
-    return manifest.hash_directory(pathlib.Path(directory), name=name, entrypoint=entrypoint, engines=engines)
+    return manifest.hash_directory(
+        pathlib.Path(directory),
+        name=name,
+        entrypoint=entrypoint,
+        engines=engines,
+        runtime=load_runtime_spec(directory),
+    )

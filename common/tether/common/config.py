@@ -22,6 +22,7 @@ MIN_TOKEN_LEN = 8
 
 ENV_DATABASE_URL = "TETHER_DATABASE_URL"
 ENV_BROKER_URL = "TETHER_BROKER_URL"
+ENV_TUNNEL_URL = "TETHER_TUNNEL_URL"
 ENV_CONTROLLER = "TETHER_CONTROLLER"
 ENV_ADMIN_TOKEN = "TETHER_ADMIN_TOKEN"
 ENV_BOOTSTRAP_TOKEN = "TETHER_BOOTSTRAP_TOKEN"
@@ -118,6 +119,9 @@ class ControllerConfig:
     # A second, plaintext port serving only grpc.health.v1.Health (kubelet's `grpc:` probe speaks
     # no TLS): None = not served, 0 = a free port. The main port serves Health too.
     health_port: int | None = None
+    # The real-time tunnel's broker (tether.controller.tunnel.brokers.open_broker): redis://..., another
+    # scheme from the `tether.tunnel_brokers` entry points, or python:module:factory. None: no tunnel.
+    tunnel_url: str | None = None
 
     def __post_init__(self) -> None:
         if not self.database_url:
@@ -187,6 +191,7 @@ class ControllerConfig:
             "blob_url_secret": env.get(ENV_BLOB_URL_SECRET) or None,
             "s3_endpoint_url": env.get(ENV_S3_ENDPOINT) or None,
             "s3_region": env.get(ENV_S3_REGION) or None,
+            "tunnel_url": env.get(ENV_TUNNEL_URL) or None,
         }
         if env.get(ENV_BLOB_URL_TTL):
             try:

@@ -153,6 +153,48 @@ class EngineNeeds:
         }
 
 
+ISOLATIONS = ("warm", "fresh")
+MAX_CONCURRENCY = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeNeeds:
+    """How the agent runs the task (`bundle.yaml` `runtime:`; docs/task-api.md, "Isolation and limits").
+
+    `isolation`: `warm` (default: a resident worker forked from the agent's
+    zygote, bundle imported and models loaded between runs) or `fresh` (a new
+    interpreter per run). `concurrency`: how many runs of this task (from
+    different triggers) may overlap, 1 (default: serialized) to 16. The
+    manifest carries the field only when it differs from the default, so the
+    digests of bundles that do not set it are unchanged.
+    """
+
+    isolation: str = "warm"
+    concurrency: int = 1
+
+    def to_json(self) -> dict[str, Any]:
+        return {"isolation": self.isolation, "concurrency": self.concurrency}
+
+    @classmethod
+    def from_json(cls, doc: Any, *, field: str = "runtime") -> RuntimeNeeds:
+        if not isinstance(doc, dict):
+            raise errors.InvalidManifest(f"{field}: must be a mapping with isolation and/or concurrency")
+        unknown = set(doc) - {"isolation", "concurrency"}
+        if unknown:
+            raise errors.InvalidManifest(
+                f"{field}: unknown fields {sorted(unknown)}; allowed are concurrency, isolation"
+            )
+        isolation = doc.get("isolation", "warm")
+        if isolation not in ISOLATIONS:
+            raise errors.InvalidManifest(f"{field}.isolation: {errors.excerpt(isolation)} not in {list(ISOLATIONS)}")
+        concurrency = doc.get("concurrency", 1)
+        if not isinstance(concurrency, int) or isinstance(concurrency, bool) or not 1 <= concurrency <= MAX_CONCURRENCY:
+            raise errors.InvalidManifest(
+                f"{field}.concurrency: must be an integer in [1, {MAX_CONCURRENCY}], got {errors.excerpt(concurrency)}"
+            )
+        return cls(isolation=isolation, concurrency=concurrency)
+
+
 @dataclasses.dataclass(frozen=True)
 class Manifest:
     name: str
@@ -160,16 +202,20 @@ class Manifest:
     files: tuple[FileEntry, ...]
     engines: tuple[EngineNeeds, ...] = ()
     schema: int = SCHEMA_VERSION
+    runtime: RuntimeNeeds = RuntimeNeeds()
 
     # ------------------------------------------------------------ encoding
     def to_json(self) -> dict[str, Any]:
-        return {
+        doc = {
             "schema": self.schema,
             "name": self.name,
             "entrypoint": self.entrypoint,
             "files": [f.to_json() for f in self.files],
             "engines": [e.to_json() for e in self.engines],
         }
+        if self.runtime != RuntimeNeeds():
+            doc["runtime"] = self.runtime.to_json()
+        return doc
 
     def canonical_bytes(self) -> bytes:
         return canonical_json(self.to_json())
@@ -212,7 +258,7 @@ class Manifest:
     def from_json(cls, doc: Any) -> Manifest:
         if not isinstance(doc, dict):
             raise errors.InvalidManifest("manifest must be a JSON object")
-        unknown = set(doc) - {"schema", "name", "entrypoint", "files", "engines"}
+        unknown = set(doc) - {"schema", "name", "entrypoint", "files", "engines", "runtime"}
         if unknown:
             raise errors.InvalidManifest(f"manifest has unknown fields: {sorted(unknown)}")
         if doc.get("schema") != SCHEMA_VERSION:
@@ -268,7 +314,8 @@ class Manifest:
             ):
                 raise errors.InvalidManifest(f"engines[{i}].inputs: must map names to integer shapes")
             engines.append(EngineNeeds(e["engine"], model, {k: tuple(v) for k, v in inputs.items()}))
-        return cls(name=name, entrypoint=entrypoint, files=tuple(files), engines=tuple(engines))
+        runtime = RuntimeNeeds.from_json(doc["runtime"]) if "runtime" in doc else RuntimeNeeds()
+        return cls(name=name, entrypoint=entrypoint, files=tuple(files), engines=tuple(engines), runtime=runtime)
 
 
 def canonical_json(doc: Any) -> bytes:
@@ -292,12 +339,13 @@ def hash_directory(
     name: str,
     entrypoint: str,
     engines: Iterable[EngineNeeds] = (),
+    runtime: RuntimeNeeds = RuntimeNeeds(),
 ) -> Manifest:
     """Hash every file under `root` and build (and validate) its manifest."""
     files = []
     for p in iter_bundle_files(root):
         digest, size = file_digest(p)
         files.append(FileEntry(path=p.relative_to(root).as_posix(), sha256=digest, size=size))
-    manifest = Manifest(name=name, entrypoint=entrypoint, files=tuple(files), engines=tuple(engines))
+    manifest = Manifest(name=name, entrypoint=entrypoint, files=tuple(files), engines=tuple(engines), runtime=runtime)
     # Round-trip through the decoder: a built manifest obeys the same rules as a received one.
     return Manifest.from_bytes(manifest.canonical_bytes())

@@ -19,7 +19,9 @@ from its value, so a spec the operator accepts is one the controller runs.
      "strategy": {"name": "fedAvg"},
      "privacy": {"mode": "central", "clipNorm": 1.0, "noiseMultiplier": 1.0, "targetDelta": 1e-5},
      "evaluation": {"metric": "accuracy", "every": 1, "server": {"file": "cloud/heldout.npz"},
-                    "devices": {"fraction": 0.1}}}
+                    "devices": {"fraction": 0.1}},
+     "modelFile": "model.safetensors",               # the bundle's file holding the global weights
+     "updateEncoding": "float32"}                    # or float16 | int8: how devices send updates
 
 Stragglers: a round selects `participants` devices (plus `overSelection`,
 Bonawitz et al. 2019), aggregates as soon as `participants` updates are in,
@@ -125,6 +127,17 @@ class LateUpdates(enum.StrEnum):
     KEEP = "keep"  # stored with its round and counted, never folded into a published model
 
 
+class UpdateEncoding(enum.StrEnum):
+    """How a device encodes its update's tensors on the wire (errors stated in docs/internals.md)."""
+
+    FLOAT32 = "float32"
+    FLOAT16 = "float16"
+    INT8 = "int8"  # per-tensor symmetric scale
+
+
+DEFAULT_MODEL_FILE = "model.safetensors"
+
+
 class Goal(enum.StrEnum):
     MAX = "max"
     MIN = "min"
@@ -188,6 +201,8 @@ class Federation:
     late_updates: LateUpdates = LateUpdates.REFUSE
     privacy: Privacy | None = None
     evaluation: Evaluation | None = None
+    model_file: str = DEFAULT_MODEL_FILE
+    update_encoding: UpdateEncoding = UpdateEncoding.FLOAT32
 
     def selected(self, eligible: int) -> int:
         """Devices a round selects among `eligible`: the participants and the over-selection, at most all."""
@@ -228,6 +243,8 @@ FIELDS = (
     "strategy",
     "privacy",
     "evaluation",
+    "modelFile",
+    "updateEncoding",
 )
 
 
@@ -297,6 +314,8 @@ def parse_federation(doc: Any, *, field: str = "federated") -> Federation | None
         late_updates=_enum(LateUpdates, doc.get("lateUpdates", "refuse"), field=f"{field}.lateUpdates"),
         privacy=privacy,
         evaluation=evaluation,
+        model_file=_path(doc.get("modelFile", DEFAULT_MODEL_FILE), field=f"{field}.modelFile"),
+        update_encoding=_enum(UpdateEncoding, doc.get("updateEncoding", "float32"), field=f"{field}.updateEncoding"),
     )
 
 

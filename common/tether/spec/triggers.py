@@ -137,3 +137,20 @@ def check_conditions(conditions: Any, *, field: str = "trigger.conditions") -> N
             raise errors.InvalidSpec(f"unknown condition; allowed are {list(CONDITION_KEYS)}", field=f"{field}.{key}")
         if not isinstance(value, bool):
             raise errors.InvalidSpec(f"must be true or false, got {errors.excerpt(value)}", field=f"{field}.{key}")
+
+
+# What a device reports about its waiting releases, beside its participation state (`device_state["waiting"]`):
+# written by the agent (tether.agent.participation), read by the controller (stage health, the inventory).
+WAITING_KEY = "waiting"
+MAX_WAITING_CHARS = 500
+
+
+def waiting_summary(waiting: Mapping[str, str]) -> str:
+    """The releases held back and why, in one bounded string: "ns/a: not charging | ns/b: idle unknown"."""
+    text = " | ".join(f"{release}: {reason}" for release, reason in sorted(waiting.items()) if reason)
+    return text if len(text) <= MAX_WAITING_CHARS else text[: MAX_WAITING_CHARS - 1] + "…"
+
+
+def waiting_releases(summary: str) -> frozenset[str]:
+    """The release names of a `waiting_summary` (an entry cut by the length bound may be missing)."""
+    return frozenset(part.split(": ", 1)[0].strip() for part in summary.split(" | ") if ": " in part)

@@ -235,6 +235,7 @@ def release_spec(
     paused: bool = False,
     resources: resources.Resources | Document | None = None,
     rollout: staging.Rollout | Document | None = None,
+    federated: Document | None = None,
     legacy_json: bool = True,
 ) -> pb.ReleaseSpec:
     """The message for ApplyRelease.
@@ -251,6 +252,7 @@ def release_spec(
         trigger_json=json.dumps(dict(trigger or {}), sort_keys=True),
         aggregation_json=json.dumps(dict(aggregation or {}), sort_keys=True),
         paused=paused,
+        federated_json=canonical(federated) if federated else "",
     )
     if isinstance(target, selectors.Target):
         spec.target.CopyFrom(selector_to_proto(target))

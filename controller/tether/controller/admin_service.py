@@ -8,6 +8,7 @@ kept about a release the moment it changes.
 
 from __future__ import annotations
 
+import json
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -26,12 +27,16 @@ from tether.controller import (
     release_cache,
     releases,
     rollouts,
+    round_driver,
 )
+from tether.controller.fl import status as fl_status
 from tether.controller.storage import contracts
 from tether.proto.v1 import tether_pb2 as pb
 from tether.proto.v1 import tether_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
+
+EXPORT_CHUNK = 1024 * 1024
 
 
 class AdminService(pb_grpc.AdminServiceServicer):
@@ -44,7 +49,9 @@ class AdminService(pb_grpc.AdminServiceServicer):
         hub_: hub.Hub,
         fan_out: fanout.FanOut,
         bundle_policy: signing.BundlePolicy | None = None,
+        rounds: round_driver.RoundDriver | None = None,
     ) -> None:
+        self._rounds = rounds
         self._storage = storage
         self._releases = releases_
         self._blobs = blob_store
@@ -128,8 +135,57 @@ class AdminService(pb_grpc.AdminServiceServicer):
         self, request: pb.GetReleaseStatusRequest, context: grpc.aio.ServicerContext
     ) -> pb.ReleaseStatus:
         releases.check_release_name(request.release)
-        [counts] = await self._storage.releases.release_counts([request.release])
-        return self._status(counts)
+        requested = request.report_deadline_seconds if request.HasField("report_deadline_seconds") else None
+        deadline = deliveries.check_report_deadline(requested)
+        [counts] = await self._storage.releases.release_counts([request.release], report_deadline_s=deadline)
+        status = self._status(counts)
+        status.federated_json = await self._federated(request.release)
+        return status
+
+    async def ExportRoundModel(
+        self, request: pb.RoundModelRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.BlobChunk]:
+        releases.check_release_name(request.release)
+        if request.round < 0:
+            raise errors.InvalidArgument(f"round: must be at least 0, got {request.round}")
+        digest, size = await self._driver().model_of(request.release, request.round)
+        at = 0
+        while at < size or at == 0:
+            data = await self._blobs.read(digest, offset=at, length=min(EXPORT_CHUNK, size - at)) if size else b""
+            yield pb.BlobChunk(offset=at, data=data, total_size=size, digest=digest)
+            if not data:
+                break
+            at += len(data)
+
+    async def RollbackRound(
+        self, request: pb.RoundModelRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RollbackRoundResponse:
+        releases.check_release_name(request.release)
+        if request.round < 0:
+            raise errors.InvalidArgument(f"round: must be at least 0, got {request.round}")
+        served, model, cancelled = await self._driver().rollback(request.release, request.round)
+        return pb.RollbackRoundResponse(
+            release=served.name, version=served.version, model=model, cancelled_round=cancelled
+        )
+
+    def _driver(self) -> round_driver.RoundDriver:
+        if self._rounds is None:
+            raise errors.FailedPrecondition("this controller runs no federated rounds")
+        return self._rounds
+
+    async def _federated(self, release: str) -> str:
+        """The release's rounds (`fl.status`), "" when it is not federated or has run none."""
+        rel = await self._storage.releases.get_release(release)
+        if rel is None or not rel.spec.federated:
+            return ""
+        history = await self._storage.rounds.rounds_of(task=release)
+        results = {}
+        for r in history:
+            res = await self._storage.rounds.round_result(task=release, number=r.number)
+            if res is not None:
+                results[r.number] = res
+        doc = fl_status.document(history, results, rules=rel.spec.rules())
+        return json.dumps(doc, sort_keys=True) if doc else ""
 
     async def ListReleases(
         self, request: pb.ListReleasesRequest, context: grpc.aio.ServicerContext
@@ -204,6 +260,8 @@ class AdminService(pb_grpc.AdminServiceServicer):
             aggregate_round=counts.aggregate_round,
             connected_devices=connected,
             health_json=counts.health_json,
+            not_reporting=counts.not_reporting,
+            report_deadline_seconds=counts.report_deadline_s,
         )
 
 
@@ -217,5 +275,6 @@ def _summary(entry: devices.InventoryEntry) -> pb.DeviceSummary:
         last_seen_unix=entry.last_seen or 0.0,
         revoked=d.revoked,
         releases=[pb.DeviceRelease(release=r.release, version=r.version, state=r.state) for r in entry.releases],
+        device_state=dict(entry.device_state),
         connected_replica=entry.connected_replica,
     )

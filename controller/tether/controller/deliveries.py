@@ -11,7 +11,9 @@ apply them: Postgres in set-based upserts, memory in a loop.
   into rounds holding at most one report per (release, device), in order;
 - `notified_moves` / `report_moves` / `result_moves`: when a write changes
   an existing row (never backwards, except a staged rollout's downgrade);
-- `release_counts`: `GetReleaseStatus` minus what only the hub knows.
+- `release_counts`: `GetReleaseStatus` minus what only the hub knows;
+  `report_deadline`: how long a told device may stay silent before it
+  counts as not reporting (staged or not).
 
 Pure: no I/O.
 """
@@ -25,6 +27,7 @@ from typing import Any
 
 from tether.common import errors
 from tether.controller import devices, releases, rollouts
+from tether.spec import staging
 
 DELIVERY_STATES = frozenset(
     {"notified", "downloading", "installed", "running", "succeeded", "failed", "refused", "uninstalled"}
@@ -33,6 +36,9 @@ DELIVERY_STATES = frozenset(
 INSTALLED_STATES = ("installed", "running", "succeeded")
 # States a stored result (the run's success) moves a delivery at the same version out of.
 IN_PROGRESS_STATES = ("notified", "downloading", "installed", "running")
+# A delivery in these states is waiting for the device: past the report deadline it counts as not
+# reporting (the device was told and has said nothing since).
+SILENT_STATES = ("notified", "downloading")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -170,6 +176,8 @@ class ReleaseCounts:
     `installed` is cumulative (installed, running or succeeded), `succeeded`,
     `failed` and `refused` are the devices whose latest report says so.
     `targeted` counts enrolled, non-revoked devices the target matches.
+    `not_reporting`: deliveries still in a `SILENT_STATES` state whose row
+    has not changed for `report_deadline_s` (staged or not).
     """
 
     release: str
@@ -186,6 +194,30 @@ class ReleaseCounts:
     aggregate_round: int
     subject: releases.Release = dataclasses.field(compare=False, repr=False)
     health_json: str = ""  # staged rollouts: per-stage health (tether.controller.stage_health)
+    not_reporting: int = 0
+    report_deadline_s: int = staging.DEFAULT_REPORT_DEADLINE_S
+
+
+def check_report_deadline(value: int | None) -> int | None:
+    """A requested report deadline (`GetReleaseStatusRequest.report_deadline_seconds`), bounds checked."""
+    if value is not None and not staging.MIN_REPORT_DEADLINE_S <= value <= staging.MAX_REPORT_DEADLINE_S:
+        raise errors.InvalidArgument(
+            f"report_deadline_seconds: must be {staging.MIN_REPORT_DEADLINE_S} to {staging.MAX_REPORT_DEADLINE_S}"
+        )
+    return value
+
+
+def report_deadline(rel: rollouts.Subject, requested: int | None = None) -> int:
+    """Seconds a told device may stay silent: the one asked for, else the rollout document's, else the default.
+
+    Unstaged releases have no rollout document, so their deadline comes with
+    the status request (the operator sends the MLTask's
+    `spec.rollout.reportDeadlineSeconds`), else the default.
+    """
+    if requested is not None:
+        return requested
+    ro = rollouts.effective(rel)
+    return staging.DEFAULT_REPORT_DEADLINE_S if ro is None else ro.report_deadline
 
 
 def release_counts(
@@ -196,6 +228,8 @@ def release_counts(
     results: int,
     aggregate: tuple[Any, int] | None,
     health_json: str,
+    not_reporting: int = 0,
+    report_deadline_s: int = staging.DEFAULT_REPORT_DEADLINE_S,
 ) -> ReleaseCounts:
     """The counts of one release from its deliveries at the current version (`states`: state -> devices)."""
     body, round_ = aggregate if aggregate is not None else (None, 0)
@@ -214,6 +248,8 @@ def release_counts(
         aggregate_round=round_,
         subject=rel,
         health_json=health_json,
+        not_reporting=not_reporting,
+        report_deadline_s=report_deadline_s,
     )
 
 

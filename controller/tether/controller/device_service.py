@@ -41,10 +41,12 @@ from tether.controller import (
     ingress,
     instruments,
     release_cache,
+    round_updates,
     serving,
     uploads,
 )
 from tether.controller.enqueue import Enqueuer
+from tether.controller.fl import intake
 from tether.controller.storage import contracts
 from tether.proto.v1 import tether_pb2 as pb
 from tether.proto.v1 import tether_pb2_grpc as pb_grpc
@@ -75,6 +77,7 @@ class DeviceService(pb_grpc.DeviceServiceServicer):
         pull_gate: admission.FifoGate | None = None,
         metrics: instruments.ControllerMetrics | None = None,
         replica_id: str = "",
+        round_intake: round_updates.UpdateIntake | None = None,
     ) -> None:
         self._metrics = metrics if metrics is not None else instruments.ControllerMetrics()
         self._replica_id = replica_id  # recorded as a device's connected replica ("": not recorded)
@@ -94,6 +97,9 @@ class DeviceService(pb_grpc.DeviceServiceServicer):
         self._heartbeat_s = heartbeat_s
         self._max_tensor_bytes = max_tensor_bytes
         self._clock = clock
+        self.round_intake = round_intake or round_updates.UpdateIntake(
+            storage=storage, blob_store=blob_store, clock=clock
+        )
 
     async def Enroll(self, request: pb.EnrollRequest, context: grpc.aio.ServicerContext) -> pb.EnrollResponse:
         if not request.bootstrap_token or not auth.tokens_equal(request.bootstrap_token, self._bootstrap_token):
@@ -340,3 +346,38 @@ class DeviceService(pb_grpc.DeviceServiceServicer):
         if not outcome.duplicate:
             self._metrics.results.inc()
         return pb.UploadResultResponse(duplicate=outcome.duplicate)
+
+    async def PushUpdate(
+        self, request_iterator: AsyncIterator[pb.PushUpdateChunk], context: grpc.aio.ServicerContext
+    ) -> pb.PushUpdateResponse:
+        device = edge.current_device()
+        try:
+            first = await anext(aiter(request_iterator), None)
+            if first is None or not first.HasField("header"):
+                raise errors.InvalidArgument("header: the first PushUpdate message must carry the update's header")
+            h = first.header
+            header = intake.parse_header(
+                release=h.release,
+                round_number=h.round,
+                version=h.version,
+                sample_count=h.sample_count,
+                metrics=dict(h.metrics),
+                encoding=h.encoding,
+                size=h.size,
+                digest=h.sha256,
+                max_bytes=self.round_intake.max_update_bytes,
+            )
+
+            async def chunks() -> AsyncIterator[bytes]:
+                yield first.data
+                async for message in request_iterator:
+                    if message.HasField("header"):
+                        raise errors.InvalidArgument("header: only the first message may carry a header")
+                    yield message.data
+
+            verdict, digest = await self.round_intake.push(device=device, header=header, chunks=chunks())
+        except errors.TetherError:
+            await edge.drain(request_iterator)
+            raise
+        refusal = "" if verdict.refusal is None else verdict.refusal.value
+        return pb.PushUpdateResponse(accepted=verdict.accepted, refusal=refusal, message=verdict.message, digest=digest)

@@ -103,6 +103,9 @@ class InventoryEntry:
     device: Device
     last_seen: float | None  # epoch seconds; None: never
     releases: tuple[DeviceRelease, ...] = ()  # ordered by release name
+    # The participation state it reported last (charging / unmeteredNetwork / idle: true, false or unknown;
+    # batteryLevel; waiting: the releases it holds back and why).
+    device_state: Mapping[str, str] = dataclasses.field(default_factory=dict)
     connected_replica: str = ""  # the live controller replica holding its stream; "": none
 
 

@@ -3,7 +3,7 @@
 A grpc.aio server interceptor, so no servicer method authenticates or maps
 errors itself (the servicers are thin calls into the domain):
 
-- authentication: a device RPC (every DeviceService method but `Enroll`,
+- authentication: a device RPC (every DeviceService and TunnelService method but `Enroll`,
   which presents the bootstrap token in its body) needs a device credential
   (`device_auth.DeviceAuthenticator`); the calling device is then available
   to the servicer as `current_device()` (a ContextVar, per request). An
@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 
 DEVICE_SERVICE = "tether.v1.DeviceService"
 ADMIN_SERVICE = "tether.v1.AdminService"
+TUNNEL_SERVICE = "tether.v1.TunnelService"  # device RPCs too (tether.controller.tunnel)
+DEVICE_SERVICES = frozenset({DEVICE_SERVICE, TUNNEL_SERVICE})
 PUBLIC_METHODS = frozenset({f"/{DEVICE_SERVICE}/Enroll"})
 
 _device: contextvars.ContextVar[devices.Device | None] = contextvars.ContextVar("tether_device", default=None)
@@ -78,7 +80,7 @@ class Edge(grpc.aio.ServerInterceptor):
         service = method.split("/")[1] if method.count("/") == 2 else ""
         if method in PUBLIC_METHODS:
             wrapped = _mapped(handler, _anyone)
-        elif service == DEVICE_SERVICE:
+        elif service in DEVICE_SERVICES:
             wrapped = _mapped(handler, self._device)
         elif service == ADMIN_SERVICE:
             wrapped = _mapped(handler, self._admin)
@@ -136,6 +138,9 @@ def _mapped(handler: grpc.RpcMethodHandler, authenticate: Authenticate) -> grpc.
             except grpc.aio.AbortError:
                 raise
             except Exception as e:
+                if context.done():  # the caller is gone (its connection dropped mid-stream): nobody to answer
+                    log.debug("stream ended after its caller left: %s", type(e).__name__)
+                    return
                 await abort(context, e)
 
         return grpc.unary_stream_rpc_method_handler(unary_stream, **kwargs)

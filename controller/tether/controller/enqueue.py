@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 AGGREGATE_TASK = "tether.aggregate"
+AGGREGATE_ROUND_TASK = "tether.fl.aggregate_round"
 
 
 class EnqueueFailed(errors.TetherError):
@@ -70,6 +71,20 @@ class CeleryEnqueuer:
         except Exception as e:  # kombu/redis errors vary by transport: all mean "not published"
             log.warning("enqueue of %s v%d failed: %s", release, version, e)
             raise EnqueueFailed(f"aggregation could not be enqueued ({type(e).__name__}); retry the upload") from e
+
+    async def enqueue_round(self, task: str, number: int) -> None:
+        """Send `tether.fl.aggregate_round` for a federated round (idempotent on the worker's side)."""
+        try:
+            await asyncio.to_thread(
+                self._app.send_task,
+                AGGREGATE_ROUND_TASK,
+                kwargs={"task": task, "round": number},
+                retry=True,
+                retry_policy=self._retry_policy,
+            )
+        except Exception as e:
+            log.warning("enqueue of round %d of %s failed: %s", number, task, e)
+            raise EnqueueFailed(f"round aggregation could not be enqueued ({type(e).__name__})") from e
 
     def _send(self, release: str, version: int, headers: dict[str, str] | None = None) -> None:
         self._app.send_task(

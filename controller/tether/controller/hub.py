@@ -18,7 +18,7 @@ import dataclasses
 import enum
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import grpc
@@ -337,6 +337,21 @@ class Hub:
             for conn in list(self._connections.values())
             if release.targets(conn.facts) and self.offer(conn, event)
         )
+
+    def facts_of(self, device_id: str) -> selectors.Facts | None:
+        """The facts of a device connected here (None when it is not)."""
+        conn = self._connections.get(device_id)
+        return None if conn is None else conn.facts
+
+    def run_on(self, device_ids: Iterable[str], run: pb.RunNow) -> tuple[str, ...]:
+        """Offer a RunNow to these devices where they are connected here; the ids it was queued for."""
+        event = pb.ServerEvent(run=run)
+        out = []
+        for device_id in device_ids:
+            conn = self._connections.get(device_id)
+            if conn is not None and self.offer(conn, event):
+                out.append(device_id)
+        return tuple(out)
 
     def close_all(self, *, code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE, reason: str) -> None:
         """End every stream (shutdown): agents reconnect elsewhere and resync."""

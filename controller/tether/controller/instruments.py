@@ -83,6 +83,13 @@ class ControllerMetrics:
             ["reason"],
             registry=r,
         )
+        tunnel = prometheus_client.Counter(
+            "tether_controller_tunnel_records",
+            "Real-time tunnel records from devices, by outcome (accepted, duplicate, refused)",
+            ["outcome"],
+            registry=r,
+        )
+        self.tunnel = {outcome: tunnel.labels(outcome) for outcome in ("accepted", "duplicate", "refused")}
         self.rpc_seconds = prometheus_client.Histogram(
             "tether_controller_rpc_duration_seconds",
             "Time from a request's arrival to its answer (streams: to their end), by method; Subscribe not included",

@@ -22,7 +22,7 @@ from typing import Any
 from tether.common import errors, manifest
 from tether.controller import rollouts
 from tether.proto.v1 import tether_pb2 as pb
-from tether.spec import selectors, staging, triggers, wire
+from tether.spec import federation, selectors, staging, triggers, wire
 
 # "<namespace>/<name>": a Kubernetes namespace (DNS label) and object name (DNS subdomain).
 RELEASE_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?/[a-z0-9]([-.a-z0-9]{0,251}[a-z0-9])?$")
@@ -45,6 +45,15 @@ class ReleaseSpec:
     resources: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     # The operator's rollout decision (tether.controller.rollouts), normalised; {} = no staging.
     rollout: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    # spec.federated as the operator sent it (tether.spec.federation); {} = not federated.
+    federated: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    # A federated release's bundle as the operator sent it; `manifest_digest` is then the current round's
+    # (the base with the global model file replaced, derived by the controller). "" when not federated.
+    base_manifest: str = ""
+
+    def rules(self) -> federation.Federation | None:
+        """The parsed round rules (validated when the spec was accepted), None when not federated."""
+        return federation.parse_federation(self.federated or None)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -121,6 +130,7 @@ def parse_spec(
     paused: bool,
     resources_json: str = "",
     rollout_json: str = "",
+    federated_json: str = "",
 ) -> ReleaseSpec:
     """Validate a ReleaseSpec given as JSON documents (the deprecated wire form); see `spec_from_proto`."""
     return spec_from_proto(
@@ -134,6 +144,7 @@ def parse_spec(
             paused=paused,
             resources_json=resources_json,
             rollout_json=rollout_json,
+            federated_json=federated_json,
         )
     )
 
@@ -159,6 +170,9 @@ def spec_from_proto(message: pb.ReleaseSpec) -> ReleaseSpec:
     check_aggregation(aggregation)
     limits = wire.resources_of(message)
     rollout = wire.rollout_of(message)
+    federated = wire.parse_object(message.federated_json, field="federated")
+    if federated:
+        federation.parse_federation(federated, field="federated")
     return ReleaseSpec(
         release=message.release,
         generation=message.generation,
@@ -169,7 +183,32 @@ def spec_from_proto(message: pb.ReleaseSpec) -> ReleaseSpec:
         paused=message.paused,
         resources=limits.to_json(),
         rollout={} if rollout is None else rollout.to_json(),
+        federated=federated,
     )
+
+
+def effective_spec(previous: Release | None, incoming: ReleaseSpec) -> ReleaseSpec:
+    """What an apply stores: for a federated release, the round's manifest survives a re-apply of its base.
+
+    The operator sends the bundle it knows (the base). While that base is
+    unchanged the release keeps the manifest of its latest round, so an
+    unchanged MLTask neither resets the global model nor bumps the version; a
+    new base replaces it (and starts the run afresh). The controller's own
+    apply of a round's manifest names the base explicitly (`base_manifest`).
+    """
+    if not incoming.federated:
+        return dataclasses.replace(incoming, base_manifest="")
+    if incoming.base_manifest:
+        return incoming
+    base = incoming.manifest_digest
+    if (
+        previous is not None
+        and not previous.deleted
+        and previous.spec.federated
+        and previous.spec.base_manifest == base
+    ):
+        return dataclasses.replace(incoming, manifest_digest=previous.spec.manifest_digest, base_manifest=base)
+    return dataclasses.replace(incoming, base_manifest=base)
 
 
 def check_trigger(trigger: Mapping[str, Any]) -> None:
@@ -208,6 +247,7 @@ def content_changed(old: ReleaseSpec, new: ReleaseSpec) -> bool:
         or _canonical(old.trigger) != _canonical(new.trigger)
         or _canonical(old.aggregation) != _canonical(new.aggregation)
         or _canonical(old.resources) != _canonical(new.resources)
+        or _canonical(old.federated) != _canonical(new.federated)
     )
 
 

@@ -13,8 +13,11 @@ the pool and the broker connection.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
+import os
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import grpc
@@ -37,13 +40,20 @@ from tether.controller import (
     instruments,
     release_cache,
     replicas,
+    round_updates,
     stats,
 )
+from tether.controller import round_driver as round_driver_mod
 from tether.controller.enqueue import CeleryEnqueuer, Enqueuer
+from tether.controller.fl import intake
 from tether.controller.storage import contracts, postgres
+from tether.controller.tunnel import broker_urls, brokers, tunnel_service
 from tether.proto.v1 import tether_pb2_grpc as pb_grpc
+from tether.proto.v1 import tunnel_pb2_grpc
+from tether.spec import emits
 
 if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
     from psycopg_pool import AsyncConnectionPool
 
 log = logging.getLogger(__name__)
@@ -55,6 +65,7 @@ HEALTH_SERVICES = (
     "tether.v1.DeviceService",
     "tether.v1.AdminService",
     "tether.v1.StatsService",
+    "tether.v1.TunnelService",
 )
 
 
@@ -84,6 +95,9 @@ class RunningController:
     health: health.aio.HealthServicer | None = None  # grpc.health.v1.Health on the main (and health) port
     health_server: grpc.aio.Server | None = None  # plaintext Health-only port, when cfg.health_port is set
     health_port: int | None = None
+    round_driver: round_driver_mod.RoundDriver | None = None  # federated rounds (tether.controller.round_driver)
+    round_driver_task: asyncio.Task[None] | None = None
+    tunnel: tunnel_service.TunnelService | None = None  # the real-time tunnel (its broker closes with us)
 
     @property
     def address(self) -> str:
@@ -99,6 +113,10 @@ class RunningController:
         grace_s = self.config.grace_s if grace is None else grace
         if self.health is not None:  # probes and balancers see NOT_SERVING before the port closes
             await self.health.enter_graceful_shutdown()
+        if self.round_driver_task is not None:
+            self.round_driver_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.round_driver_task
         self.hub.close_all(reason="controller shutting down; reconnect")
         await self.server.stop(grace_s)
         if self.health_server is not None:
@@ -114,6 +132,11 @@ class RunningController:
         await self.pool.close()
         if self.blob_backend is not None:
             await self.blob_backend.close()
+        if self.tunnel is not None and self.tunnel.broker is not None:
+            try:
+                await self.tunnel.broker.close()
+            except Exception:
+                log.warning("closing the tunnel broker failed", exc_info=True)
         if self.metrics_server is not None:  # last: a scrape during shutdown still gets an answer
             self.metrics_server.stop()
         log.info("controller on %s stopped", self.listen_address)
@@ -144,8 +167,14 @@ async def start_controller(
     *,
     enqueuer: Enqueuer | None = None,
     blob_store: blobs.BlobStore | blobstores.BlobBackend | None = None,
+    tunnel_broker: brokers.Broker | None = None,
+    tunnel_limits: emits.TunnelLimits = emits.TunnelLimits(),
 ) -> RunningController:
-    """Migrate the database, open the pool and serve on `cfg.listen`; return the running handle."""
+    """Migrate the database, open the pool and serve on `cfg.listen`; return the running handle.
+
+    The tunnel publishes to `tunnel_broker`, else to the broker `cfg.tunnel_url` names, else nowhere
+    (Emit answers FAILED_PRECONDITION and devices keep their records).
+    """
     if enqueuer is None:
         if not cfg.broker_url:
             raise config_mod.ConfigError("a broker URL is required (TETHER_BROKER_URL or --broker-url)")
@@ -206,6 +235,23 @@ async def start_controller(
             on_device_changed=device_changed,
             metrics=metrics,
         )
+        rounds_driver = round_driver_mod.RoundDriver(
+            storage=storage,
+            releases_=releases,
+            fan_out=fan_out,
+            hub_=hub_,
+            blob_store=backend,
+            send_aggregate=_round_sender(enqueuer),
+            lock=round_driver_mod.AdvisoryLock(pool),
+            signing_key=_fl_signing_key(),
+            interval_s=float(os.environ.get("TETHER_FL_DRIVER_INTERVAL", "1.0")),
+        )
+        round_intake = round_updates.UpdateIntake(
+            storage=storage,
+            blob_store=backend,
+            max_update_bytes=int(os.environ.get("TETHER_FL_MAX_UPDATE_BYTES", str(intake.DEFAULT_MAX_UPDATE_BYTES))),
+            on_ready=lambda task, number: _poke(rounds_driver),
+        )
         counters = stats.RpcCounters(metrics=metrics)
         pull_gate = admission.FifoGate(cfg.max_concurrent_pulls, quantum_bytes=cfg.pull_quantum_bytes)
         metrics.watch(connected=lambda: len(hub_), queued=lambda: pull_gate.queued, active=lambda: pull_gate.active)
@@ -230,6 +276,7 @@ async def start_controller(
                 pull_gate=pull_gate,
                 metrics=metrics,
                 replica_id=replica_id,
+                round_intake=round_intake,
             ),
             server,
         )
@@ -242,6 +289,7 @@ async def start_controller(
                 hub_=hub_,
                 fan_out=fan_out,
                 bundle_policy=bundle_policy,
+                rounds=rounds_driver,
             ),
             server,
         )
@@ -257,6 +305,10 @@ async def start_controller(
             ),
             server,
         )
+        if tunnel_broker is None and cfg.tunnel_url:
+            tunnel_broker = broker_urls.open_broker(cfg.tunnel_url)
+        tunnel = tunnel_service.TunnelService(broker=tunnel_broker, limits=tunnel_limits, metrics=metrics)
+        counters.add_servicer(tunnel_pb2_grpc.add_TunnelServiceServicer_to_server, tunnel, server)
         # grpc.health.v1.Health needs no token (the edge authenticates only Device and Admin services).
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -272,6 +324,7 @@ async def start_controller(
             await health_server.start()
         for service in HEALTH_SERVICES:
             await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+        driver_task = asyncio.create_task(rounds_driver.run(), name="round-driver")
     except BaseException:
         if health_server is not None:
             await health_server.stop(0)
@@ -305,7 +358,31 @@ async def start_controller(
         health=health_servicer,
         health_server=health_server,
         health_port=health_port,
+        round_driver=rounds_driver,
+        round_driver_task=driver_task,
+        tunnel=tunnel,
     )
+
+
+async def _poke(d: round_driver_mod.RoundDriver) -> None:
+    d.poke()
+
+
+def _round_sender(enqueuer: Enqueuer) -> Callable[[str, int], Awaitable[None]]:
+    send = getattr(enqueuer, "enqueue_round", None)
+    if send is not None:
+        return send
+
+    async def unsent(task: str, number: int) -> None:
+        log.warning("round %d of %s is ready to aggregate, but the enqueuer cannot send rounds", number, task)
+
+    return unsent
+
+
+def _fl_signing_key() -> Ed25519PrivateKey | None:
+    """The key derived federated bundle versions are signed with (TETHER_FL_SIGNING_KEY), if any."""
+    path = os.environ.get("TETHER_FL_SIGNING_KEY")
+    return signing.load_private_key(path) if path else None
 
 
 def _health_server(servicer: health.aio.HealthServicer, *, host: str, port: int) -> tuple[grpc.aio.Server, int]:

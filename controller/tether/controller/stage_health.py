@@ -19,11 +19,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from tether.controller import devices, rollouts
+from tether.controller.deliveries import SILENT_STATES
+from tether.spec import triggers
 
 COVERAGE_QUANTILES = (0.5, 0.9, 0.99)
-# A delivery in these states is waiting for the device: past the rollout's report deadline it is
-# counted as not reporting (the device was told and has said nothing since).
-SILENT_STATES = ("notified", "downloading")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -138,12 +137,15 @@ def _quantile(ordered: Sequence[float], q: float) -> float:
     return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
 
 
-def conditions_met(conditions: Mapping[str, Any], state: Mapping[str, Any]) -> bool:
+def conditions_met(conditions: Mapping[str, Any], state: Mapping[str, Any], *, release: str = "") -> bool:
     """Participation conditions (`trigger.conditions`) against a device's reported state.
 
-    A condition the device does not report does not hold it back (devices
-    that cannot tell whether they are charging still participate).
+    An agent that reports its waiting releases (`triggers.WAITING_KEY`, with its own policy for
+    conditions it cannot tell) is taken at its word for `release`. For older agents, a condition
+    the device does not report does not hold it back.
     """
+    if release and triggers.WAITING_KEY in state:
+        return release not in triggers.waiting_releases(str(state[triggers.WAITING_KEY]))
     for key in rollouts.CONDITION_KEYS:
         if conditions.get(key) and key in state and str(state[key]).lower() not in ("true", "1", "yes"):
             return False
@@ -183,7 +185,8 @@ def release_health(
                     state=None if d is None else d.state,
                     installed_at=None if d is None else d.installed_at,
                     silent_s=0.0 if d is None else d.silent_s,
-                    waiting=not conditions_met(conditions, device_states.get(device.device_id, {})),
+                    waiting=bool(conditions)
+                    and not conditions_met(conditions, device_states.get(device.device_id, {}), release=rel.name),
                 )
             )
         started = {
@@ -194,6 +197,12 @@ def release_health(
     return out
 
 
+STATE_KEYS = (*rollouts.CONDITION_KEYS, "batteryLevel")
+
+
 def check_device_state(state: Mapping[str, str]) -> dict[str, str]:
-    """Only the known participation keys, with short values; anything else is dropped."""
-    return {k: str(v)[:16] for k, v in state.items() if k in rollouts.CONDITION_KEYS}
+    """Only the known participation keys, with short values, and the waiting releases; anything else is dropped."""
+    out = {k: str(v)[:16] for k, v in state.items() if k in STATE_KEYS}
+    if triggers.WAITING_KEY in state:
+        out[triggers.WAITING_KEY] = str(state[triggers.WAITING_KEY])[: triggers.MAX_WAITING_CHARS]
+    return out

@@ -73,7 +73,8 @@ def _restore_interval(visibility_timeout: float) -> int:
 
 def make_app(broker_url: str | None = None) -> Celery:
     broker = broker_url or os.environ.get("TETHER_BROKER_URL") or "redis://127.0.0.1:6379/0"
-    celery_app = Celery("tether", set_as_current=False)
+    # The worker imports the federated rounds' task module at start (named, not imported here: it imports this one).
+    celery_app = Celery("tether", set_as_current=False, include=["tether.controller.round_tasks"])
     celery_app.conf.update(
         broker_url=broker,
         result_backend=None,  # results live in Postgres

@@ -1,7 +1,7 @@
 """The federated part of a task's page, read from the controller's round status (pure adapter).
 
 The contract is the federated loop's (docs/internals.md "Federated rounds", `ReleaseStatus.federated_json`):
-`{"round", "phase", "selected", "received", "refused": {reason: n}, "late", "epsilon", "delta",
+`{"round", "phase", "reason", "selected", "received", "refused": {reason: n}, "late", "epsilon", "delta",
 "history": [{"round", "phase", "participants", "updates", "samples", "metrics", "epsilon",
 "modelDigest", "version"}]}`; the MLTask status may carry `federated.round` and `federated.phase`.
 This module is the one place that reads it: a controller without the field, or a task that is
@@ -31,6 +31,7 @@ class RoundRow:
 class FederatedView:
     round: int | None
     phase: str
+    reason: str
     selected: int | None
     received: int | None
     refused: Mapping[str, int]
@@ -94,6 +95,7 @@ def view(release_federated: Mapping[str, Any] | None, task_status: Mapping[str, 
     return FederatedView(
         round=_int(doc.get("round")) if "round" in doc else _int((mini or {}).get("round")),
         phase=str(doc.get("phase") or (mini or {}).get("phase") or ""),
+        reason=str(doc.get("reason") or ""),
         selected=_int(doc.get("selected")),
         received=_int(doc.get("received")),
         refused={str(k): int(v) for k, v in refused.items() if _int(v) is not None},

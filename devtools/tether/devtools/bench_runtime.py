@@ -1,7 +1,12 @@
 """`tether bench runtime`: backend selection and the agent's inference overhead, on real models.
 
-For each model (an MLP, a small CNN, EfficientNet-Lite0; `bench/models/`,
-built by `bench/models/build.py`, committed as .onnx + .mnn):
+For each model (an MLP, a small CNN, EfficientNet-Lite0 and a transformer
+encoder with integer inputs, `input_ids` + `attention_mask`; `bench/models/`,
+built by `bench/models/build.py` and `build_encoder.py`, committed as .onnx +
+.mnn), or every model of any other folder (`--models-dir`: `models.json`, or
+each `NAME.onnx` with its `NAME.mnn` conversion), on inputs of the right dtype
+and meaning (`tether.agent.modelinputs`: `NAME.inputs.npz` when the folder
+ships one, else generated per dtype and input name):
 
 1. Selection as the agent runs it: `backends.select_in_child` (a child
    process, cost-model pruning, measuring within `--budget`) →
@@ -25,6 +30,12 @@ built by `bench/models/build.py`, committed as .onnx + .mnn):
    left is the wrapper's own cost (validation, the lock, the dict). For ONNX
    Runtime there is no other way to call it: the second baseline is the first.
 
+5. `latency` (`tether.devtools.bench_latency`, `--latency-runs 0` skips it):
+   trigger → result of a pattern-triggered digits inference on a warm worker,
+   a worker forked from the zygote (cold), a fresh interpreter, and the model
+   alone; 8 tasks at once warm vs cold; memory per warm worker. Its headline
+   figures are copied to the top level (`warm_p50_ms`, `cold_p50_ms`, ...).
+
 Writes JSON to --out; prints a table.
 """
 
@@ -47,11 +58,12 @@ from typing import Any
 import click
 import numpy as np
 
-from tether.agent import backends, profile, selection
+from tether.agent import backends, modelinputs, profile, selection
 from tether.agent import runtime as runtime_mod
 from tether.common import manifest
+from tether.devtools import bench_latency
 
-MODELS = ("mlp", "cnn", "efficientnet_lite0")
+MODELS = ("mlp", "cnn", "efficientnet_lite0", "encoder")
 GOAL = 1.05
 
 TASK_SOURCE = '''"""Benchmark task: K timed inferences through ctx.model (the agent's task path)."""
@@ -95,6 +107,7 @@ if job["engine"] == "mnn":
     session = interp.createSession({"backend": job["backend"].upper(), "numThread": threads,
                                     "precision": job["precision"]})
     tensors = {n: interp.getSessionInput(session, n) for n in inputs}
+    halide = {n: MNN.Halide_Type_Int if a.dtype.kind in "iu" else MNN.Halide_Type_Float for n, a in inputs.items()}
     for n, a in inputs.items():
         interp.resizeTensor(tensors[n], a.shape)
     interp.resizeSession(session)
@@ -107,7 +120,7 @@ if job["engine"] == "mnn":
 
     def once():
         for n, a in inputs.items():
-            tensors[n].copyFrom(MNN.Tensor(a.shape, MNN.Halide_Type_Float, a, MNN.Tensor_DimensionType_Caffe))
+            tensors[n].copyFrom(MNN.Tensor(a.shape, halide[n], a, MNN.Tensor_DimensionType_Caffe))
         interp.runSession(session)
         out = {}
         for n, o, host in outs:
@@ -165,22 +178,44 @@ class BenchModel:
     dir: pathlib.Path
 
 
-def load_models(models_dir: pathlib.Path, names: list[str]) -> list[BenchModel]:
-    index = json.loads((models_dir / "models.json").read_text())
+def load_models(models_dir: pathlib.Path, names: list[str] | None) -> list[BenchModel]:
+    """The models of `models_dir` (its `models.json`, else each NAME.onnx with NAME.mnn); `names`: a subset."""
+    root = models_dir.resolve()
+    index_path = root / "models.json"
+    if index_path.is_file():
+        index = json.loads(index_path.read_text())
+    else:  # any folder of models: NAME.onnx and/or NAME.mnn, input shapes the models' own
+        stems = sorted({p.name.rsplit(".", 1)[0] for p in root.iterdir() if p.suffix in (".onnx", ".mnn")})
+        index = {
+            stem: {k: {"file": f"{stem}.{k}"} for k in ("onnx", "mnn") if (root / f"{stem}.{k}").is_file()}
+            for stem in stems
+        }
+    unknown = sorted(set(names or ()) - set(index))
+    if unknown:
+        raise click.BadParameter(f"unknown models {unknown}; {root} has {sorted(index)}", param_hint="--models")
     out = []
-    for name in names:
+    for name in names if names is not None else sorted(index):
         info = index[name]
-        root = models_dir.resolve()
-        files = {"mnn": root / info["mnn"]["file"], "onnxruntime": root / info["onnx"]["file"]}
+        engines = {"mnn": "mnn", "onnxruntime": "onnx"}
+        files = {e: root / info[k]["file"] for e, k in engines.items() if k in info}
         spec = backends.ModelSpec(
-            name=f"{name}.mnn",
+            name=files.get("mnn", files.get("onnxruntime", root / name)).name,
             files={e: str(p) for e, p in files.items()},
-            digests={"mnn": info["mnn"]["sha256"], "onnxruntime": info["onnx"]["sha256"]},
-            relpaths={"mnn": f"{name}.mnn", "onnxruntime": f"{name}.onnx"},
-            inputs={k: tuple(v) for k, v in info["inputs"].items()},
+            digests={e: info[k].get("sha256") or _digest(files[e]) for e, k in engines.items() if k in info},
+            relpaths={e: p.name for e, p in files.items()},
+            inputs={k: tuple(v) for k, v in (info.get("inputs") or {}).items()},
+            samples=str(modelinputs.samples_path_for(root / name))
+            if modelinputs.samples_path_for(root / name).is_file()
+            else None,
         )
         out.append(BenchModel(name, spec, models_dir))
     return out
+
+
+def _digest(path: pathlib.Path) -> str:
+    import hashlib
+
+    return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def ground_truth(
@@ -198,7 +233,7 @@ def ground_truth(
             model = backends.load(c, spec.files[c.engine])
             if hasattr(model, "resize"):
                 model.resize(spec.inputs)
-            inputs = backends.input_arrays(model, spec.inputs)
+            inputs = backends.input_arrays(model, spec.inputs, samples=spec.samples)
             for _ in range(3):
                 model.run(inputs)
             loaded[c.key] = (model, inputs)
@@ -231,13 +266,18 @@ def agent_vs_raw(
     model_path = bundle_dir / rel
     model_path.write_bytes(pathlib.Path(m.spec.files[chosen.engine]).read_bytes())
     (bundle_dir / "task.py").write_text(TASK_SOURCE)
-    inputs = {n: np.random.default_rng(0).standard_normal(s).astype(np.float32) for n, s in m.spec.inputs.items()}
+    # The chosen engine's own kind of inputs (ids as int32 for MNN, int64 for ONNX Runtime; masks of ones...).
+    probe = backends.load(chosen, m.spec.files[chosen.engine])
+    if hasattr(probe, "resize") and m.spec.inputs:
+        probe.resize(m.spec.inputs)
+    inputs = backends.input_arrays(probe, m.spec.inputs, samples=m.spec.samples)
+    del probe
     np.savez(data_dir / "inputs.npz", **inputs)  # type: ignore[arg-type]  # numpy types **kwds by allow_pickle
     bundle = manifest.hash_directory(
         bundle_dir,
         name="bench-runtime",
         entrypoint="task.py",
-        engines=[manifest.EngineNeeds(chosen.engine, rel, dict(m.spec.inputs))],
+        engines=[manifest.EngineNeeds(chosen.engine, rel, {n: tuple(a.shape) for n, a in inputs.items()})],
     )
     job = work / "raw.json"
     job.write_text(
@@ -314,7 +354,7 @@ def agent_vs_raw(
 def run_benchmark(
     *,
     models_dir: pathlib.Path,
-    names: list[str],
+    names: list[str] | None,
     budget_s: float,
     truth_s: float,
     k: int,
@@ -384,6 +424,24 @@ def run_benchmark(
     }
 
 
+def _latency(runs: int, progress: Callable[[str], None]) -> dict[str, Any]:
+    """The latency section and its headline keys (examples/digits, from the repository root)."""
+    digits = pathlib.Path("examples/digits")
+    if not (digits / "task" / "model.mnn").is_file():
+        raise click.ClickException("the latency section needs examples/digits (run from the repository root)")
+    with tempfile.TemporaryDirectory(prefix="tether-bench-latency-") as tmp:
+        lat = bench_latency.run_latency(
+            digits_dir=digits / "task",
+            data_file=digits / "device_data.npz",
+            work=pathlib.Path(tmp),
+            runs=runs,
+            cold_runs=max(10, runs // 10),
+            fresh_runs=max(5, runs // 30),
+            progress=progress,
+        )
+    return {"latency": lat, **{key: lat[key] for key in bench_latency.HEADLINE}}
+
+
 def _k_for(m: BenchModel, latency_ms: float, k: int) -> int:
     """At least `k` inferences, more for fast models, capped to about 3 s per run."""
     return int(max(min(k, 3000 / max(latency_ms, 1e-3)), min(20000, 300 / max(latency_ms, 1e-3))))
@@ -423,9 +481,14 @@ def _table(doc: Mapping[str, Any]) -> Any:
     type=click.Path(file_okay=False, exists=True, path_type=pathlib.Path),
     default="bench/models",
     show_default=True,
-    help="Folder with models.json and the .onnx/.mnn files (bench/models/build.py).",
+    help="Any folder of models: models.json (bench/models/build.py), else each NAME.onnx with NAME.mnn.",
 )
-@click.option("--models", "names", default=",".join(MODELS), show_default=True, help="Comma-separated subset.")
+@click.option(
+    "--models",
+    "names",
+    default=None,
+    help=f"Comma-separated subset (default: every model of the folder; bench/models has {','.join(MODELS)}).",
+)
 @click.option(
     "--budget",
     "budget_s",
@@ -444,17 +507,29 @@ def _table(doc: Mapping[str, Any]) -> Any:
 )
 @click.option("--k", type=int, default=300, show_default=True, help="Timed inferences per agent/raw run (at least).")
 @click.option("--trials", type=int, default=5, show_default=True, help="Alternating agent/raw (/same-I/O raw) runs.")
+@click.option(
+    "--latency-runs",
+    type=click.IntRange(min=0),
+    default=300,
+    show_default=True,
+    help="Warm trigger -> result runs for the latency section (0: skip it); cold and fresh take fewer.",
+)
 def runtime(
-    out_path: str, models_dir: pathlib.Path, names: str, budget_s: float, truth_s: float, k: int, trials: int
+    out_path: str,
+    models_dir: pathlib.Path,
+    names: str | None,
+    budget_s: float,
+    truth_s: float,
+    k: int,
+    trials: int,
+    latency_runs: int = 300,
 ) -> None:
     """Backend selection (chosen vs best) and agent overhead (agent vs raw engine) per model; JSON to --out."""
     from rich.console import Console
 
     console = Console(stderr=True)
-    wanted = [n.strip() for n in names.split(",") if n.strip()]
-    unknown = sorted(set(wanted) - set(MODELS))
-    if unknown:
-        raise click.BadParameter(f"unknown models {unknown}; known: {list(MODELS)}", param_hint="--models")
+    wanted = None if names is None else [n.strip() for n in names.split(",") if n.strip()]
+    load_models(models_dir, wanted)  # unknown names and unreadable folders fail here, before any measuring
     with console.status("starting") as status:
         doc = run_benchmark(
             models_dir=models_dir,
@@ -465,7 +540,11 @@ def runtime(
             trials=trials,
             progress=lambda msg: status.update(msg),
         )
+        if latency_runs:
+            doc.update(_latency(latency_runs, lambda msg: status.update(msg)))
     doc["command"] = "tether bench runtime " + " ".join(sys.argv[3:]) if len(sys.argv) > 2 else "tether bench runtime"
     pathlib.Path(out_path).write_text(json.dumps(doc, indent=2) + "\n")
     Console(width=None if sys.stdout.isatty() else 160).print(_table(doc))
+    if "latency" in doc:
+        Console(width=None if sys.stdout.isatty() else 160).print(bench_latency.table(doc["latency"]))
     click.echo(f"wrote {out_path}")

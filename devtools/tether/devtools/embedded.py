@@ -121,7 +121,7 @@ class EmbeddedPostgres:
             os.chown(self.workdir, uid, gid)
             run_as = {"user": uid, "group": gid, "extra_groups": []}
         if not (pgdata / "PG_VERSION").exists():
-            subprocess.run(
+            done = subprocess.run(
                 [
                     str(bindir / "initdb"),
                     "-D",
@@ -133,11 +133,16 @@ class EmbeddedPostgres:
                     "--no-sync",
                     "--no-instructions",
                 ],
-                check=True,
+                check=False,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
                 **run_as,
             )
+            if done.returncode != 0:  # say why: initdb's own words, not just its exit status
+                raise RuntimeError(
+                    f"initdb {pgdata} failed (exit {done.returncode}): "
+                    f"{done.stderr.decode(errors='replace').strip()[-2000:]}"
+                )
         if not self.port:
             self.port = free_port(self.host)
         with log.open("ab") as logf:

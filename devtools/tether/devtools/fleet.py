@@ -21,7 +21,8 @@ from typing import Any
 import grpc
 import numpy as np
 
-from tether.agent import backends, client, daemon, engine, files, runtime
+from tether.agent import backends, client, daemon, engine, files, runtime, warmpool
+from tether.agent import slots as agent_slots
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +124,9 @@ async def run_fleet(
         prepare_devices, count=count, state_root=state_root, data=data, prefix=prefix, seed=seed
     )
     detected = await asyncio.to_thread(engine.detect_backends)  # once for the whole (identical) fleet
-    slots = asyncio.Semaphore(max(1, concurrency))
+    slots = agent_slots.FairSlots(max(1, concurrency))
+    # One zygote and one set of warm workers for the whole fleet (idle ones retire, within the budget).
+    workers = warmpool.WorkerPool(work_dir=state_root, settings=warmpool.PoolSettings(max_workers=max(1, concurrency)))
     # Identical devices: one backend selection per model for the whole fleet.
     selector = backends.Selector(
         cache_path=pathlib.Path(state_root) / backends.CACHE_FILE, backends=detected, memory_mb=limits.memory_mb
@@ -140,6 +143,7 @@ async def run_fleet(
             channel_credentials=channel_credentials,
             trusted_keys=trusted_keys,
             task_slots=slots,
+            workers=workers,
             limits=limits,
             selector=selector,
             backoff=backoff,
@@ -170,4 +174,5 @@ async def run_fleet(
         for a, outcome in zip(agents, outcomes, strict=True):
             if isinstance(outcome, BaseException) and not isinstance(outcome, asyncio.CancelledError):
                 log.error("agent %s ended with %s: %s", a.device_id, type(outcome).__name__, outcome)
+        await workers.close()
     return agents

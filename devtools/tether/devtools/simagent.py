@@ -298,14 +298,15 @@ class SimAgent:
         self._gc()
 
     def _want(self, task: pb.DesiredTask, *, heard_at: float, sent_at_ms: int) -> None:
-        current = self.installed.get(task.release)
-        if current is not None and current[0] >= task.version:
+        if _holds(self.installed.get(task.release), task):
             return
         timeline = self.timelines.setdefault((task.release, task.version), Timeline())
         if not timeline.heard_at:
             timeline.heard_at, timeline.sent_at_ms = heard_at, sent_at_ms
         known = self._desired.get(task.release)
-        if known is not None and known.version >= task.version:
+        if known is not None and (
+            known.version == task.version or (known.version > task.version and not task.rollback)
+        ):
             return
         self._desired[task.release] = task
         self._kicks.setdefault(task.release, asyncio.Event()).set()
@@ -320,8 +321,7 @@ class SimAgent:
         while True:
             kick.clear()
             task = self._desired.get(release)
-            current = self.installed.get(release)
-            if task is None or (current is not None and current[0] >= task.version):
+            if task is None or _holds(self.installed.get(release), task):
                 await kick.wait()
                 continue
             delay = self.puller.notified.pull_delay(release, now=time.monotonic())
@@ -363,6 +363,23 @@ class SimAgent:
         keep = {d for versions in self._manifests.values() for blobs in versions for d in blobs}
         self.sink.cache &= keep
 
+    def carry_over(self, old: SimAgent) -> None:
+        """Take what `old` (the same device before a restart) kept on disk: credential, installs, blobs."""
+        self.state.device_id, self.state.credential = old.state.device_id, old.state.credential
+        self.client.credential = old.client.credential
+        self.installed = dict(old.installed)
+        self._manifests = {r: list(v) for r, v in old._manifests.items()}
+        self.sink.cache = set(old.sink.cache)
+        self.timelines = old.timelines
+        self.errors, self.error_codes = old.errors, old.error_codes
+
+
+def _holds(current: tuple[int, str] | None, task: pb.DesiredTask) -> bool:
+    """Whether an install `current` (version, digest) satisfies `task`: its version or later; a rollback: exactly."""
+    if current is None:
+        return False
+    return current[0] == task.version if task.rollback else current[0] >= task.version
+
 
 # ---------------------------------------------------------------- worker processes
 
@@ -375,6 +392,9 @@ class Batch:
         self.tasks: list[asyncio.Task[None]] = []
         self.channels: list[grpc.aio.Channel] = []
         self.ssl_context: ssl.SSLContext | None = None
+        self.own_channel: dict[int, grpc.aio.Channel] = {}  # agent index -> its channel, when not shared
+        self.settings: dict[str, Any] = {}
+        self.restarts = 0
 
     def start(
         self,
@@ -399,6 +419,10 @@ class Batch:
             if channel is None or i % max(1, share) == 0:
                 channel = new_channel(target, root_pem=root_pem)  # `share` agents use this one connection
                 self.channels.append(channel)
+            self.settings = dict(
+                bootstrap_token=bootstrap_token, mode=mode, poll_s=poll_s, full_pull=full_pull, http=http
+            )
+            self.settings.update(target=target, root_pem=root_pem)
             agent = SimAgent(
                 channel=channel,
                 device_id=device_id,
@@ -410,6 +434,8 @@ class Batch:
                 http=http,
                 ssl_context=self.ssl_context,
             )
+            if share <= 1:
+                self.own_channel[len(self.agents)] = channel
             self.agents.append(agent)
             delay = ramp_s * i / max(1, len(agents))
             self.tasks.append(asyncio.create_task(_delayed(agent.run(), delay)))
@@ -433,6 +459,40 @@ class Batch:
             "crashed": sum(1 for t in self.tasks if t.done() and not t.cancelled() and t.exception() is not None),
             "cpu_s": sum(os.times()[:2]),  # this worker process: where the simulator, not the server, is busy
         }
+
+    async def churn(self, *, fraction: float, seed: int, down_s: tuple[float, float] = (1.0, 3.0)) -> int:
+        """Restart `fraction` of the agents (seeded pick): each drops its connection as a killed app does, stays
+        down for a while, and comes back on a new connection with what it kept (`SimAgent.carry_over`)."""
+        rng = random.Random(seed)
+        picks = rng.sample(range(len(self.agents)), round(fraction * len(self.agents)))
+        for i in picks:
+            old, task = self.agents[i], self.tasks[i]
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            channel = new_channel(self.settings["target"], root_pem=self.settings["root_pem"])
+            if (gone := self.own_channel.pop(i, None)) is not None:
+                with contextlib.suppress(ValueError):
+                    self.channels.remove(gone)
+                with contextlib.suppress(Exception):
+                    await gone.close(None)
+            self.own_channel[i] = channel
+            self.channels.append(channel)
+            agent = SimAgent(
+                channel=channel,
+                device_id=old.device_id,
+                attributes=old.attributes,
+                ssl_context=self.ssl_context,
+                **{k: v for k, v in self.settings.items() if k not in ("target", "root_pem")},
+            )
+            agent.carry_over(old)
+            self.agents[i] = agent
+            self.tasks[i] = asyncio.create_task(_delayed(agent.run(), rng.uniform(*down_s)))
+        self.restarts += len(picks)
+        return len(picks)
+
+    def holdings(self, release: str) -> dict[str, int]:
+        """Device id -> the version of `release` it holds (0: none)."""
+        return {a.device_id: a.installed.get(release, (0, ""))[0] for a in self.agents}
 
     def collect(self, release: str, version: int) -> list[tuple[float, int, float]]:
         out = []
@@ -462,7 +522,8 @@ def run_worker(conn: Any) -> None:
     """Child-process entry point: obey commands from the pipe `conn` until told to exit.
 
     Commands are dicts with a "cmd" key: start (Batch.start's keyword arguments),
-    status, collect (release, version), stop, exit. Every command gets one reply.
+    status, collect (release, version), churn (fraction, seed), holdings (release),
+    stop, exit. Every command gets one reply.
     """
     rlimits.raise_open_files_limit()
     logging.basicConfig(level=logging.WARNING)
@@ -486,6 +547,10 @@ async def _serve(conn: Any) -> None:
                     conn.send(batch.status())
                 elif cmd == "collect":
                     conn.send({"records": batch.collect(msg["release"], int(msg["version"]))})
+                elif cmd == "churn":
+                    conn.send({"restarted": await batch.churn(fraction=msg["fraction"], seed=msg["seed"])})
+                elif cmd == "holdings":
+                    conn.send({"holdings": batch.holdings(msg["release"])})
                 elif cmd == "stop":
                     await batch.stop()
                     conn.send({"ok": True})

@@ -157,6 +157,8 @@ class LocalStack:
                 str(self.database_url),
                 "--broker-url",
                 str(self.broker_url),
+                "--tunnel-url",  # the real-time tunnel on the same redis-server, a database of its own
+                self.tunnel_url,
                 "--blob-dir",
                 str(self._dir("blobs")),
                 "--admin-token",
@@ -171,6 +173,14 @@ class LocalStack:
         m = await comp.wait_for(r"controller listening on (\S+:\d+)", timeout=60)
         self.controller_address = m.group(1)
         return self.controller_address
+
+    @property
+    def tunnel_url(self) -> str:
+        """The tunnel's Redis Streams: the broker's server, database 1 (Celery's queues keep database 0)."""
+        base = str(self.broker_url).split("?", 1)[0]
+        scheme, _, rest = base.partition("://")
+        host = rest.split("/", 1)[0]
+        return f"{scheme}://{host}/1"
 
     async def start_worker(self) -> None:
         comp = self._component(

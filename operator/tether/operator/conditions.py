@@ -92,6 +92,18 @@ ROLLOUT_ROLLED_BACK = Reason(
 
 HEALTHY = Reason(DEGRADED, ConditionStatus.FALSE, "GatesHealthy", "No gate of the current stage fails.")
 GATES_FAILING = Reason(DEGRADED, ConditionStatus.TRUE, "GateFailed", "Stage {stage} ({name}): {failures}.")
+# An unstaged release (no gates): Degraded says when told devices went silent past the report deadline.
+NOT_REPORTING = Reason(
+    DEGRADED,
+    ConditionStatus.TRUE,
+    "DevicesNotReporting",
+    "{count} device(s) told about version {version} have not reported for {deadline} s "
+    "(spec.rollout.reportDeadlineSeconds).",
+)
+ALL_REPORTING = Reason(
+    DEGRADED, ConditionStatus.FALSE, "DevicesReporting", "No device told about the version is silent past the deadline."
+)
+SILENCE_REASONS = frozenset({NOT_REPORTING.reason, ALL_REPORTING.reason})
 
 NOT_ROLLED_BACK = Reason(ROLLED_BACK, ConditionStatus.FALSE, "NotRolledBack", "The current version is not rolled back.")
 ROLLED_BACK_BY_GATE = Reason(

@@ -167,6 +167,17 @@ class Federated(CamelModel):
     strategy: Strategy = pydantic.Field(default_factory=Strategy, description="The aggregation strategy.")
     privacy: Privacy | None = pydantic.Field(default=None, description="Differential privacy; none when unset.")
     evaluation: Evaluation | None = pydantic.Field(default=None, description="How rounds are evaluated.")
+    model_file: str = pydantic.Field(
+        default=federation.DEFAULT_MODEL_FILE,
+        min_length=1,
+        max_length=512,
+        description="The bundle's file holding the global weights (a safetensors file); each round replaces it.",
+    )
+    update_encoding: federation.UpdateEncoding = pydantic.Field(
+        default=federation.UpdateEncoding.FLOAT32,
+        description="How devices send updates: `float32`, `float16` (relative error at most 2^-11) or `int8` "
+        "(per-tensor scale, error at most max|x|/254).",
+    )
 
     def document(self) -> dict[str, Any]:
         """The shared parser's document (`tether.spec.federation`): camelCase, unset fields left out."""

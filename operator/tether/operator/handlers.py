@@ -51,8 +51,8 @@ class ReleaseAdmin(Protocol):
 
     async def delete(self, action: reconcile.DeleteRelease) -> reconcile.Deleted: ...
 
-    async def observe(self, release: str) -> reconcile.ObservedRelease | None:
-        """The release's status, or None if the controller has no such release."""
+    async def observe(self, release: str, *, report_deadline_s: int | None = None) -> reconcile.ObservedRelease | None:
+        """The release's status (silent devices counted past `report_deadline_s`), None if there is no such release."""
         ...
 
 
@@ -176,7 +176,8 @@ async def _reconcile_once(ctx: OperatorContext, *, body: kopf.Body, patch: kopf.
     observed: reconcile.ObservedRelease | None = None
     if poll and current.release:
         try:
-            observed = await ctx.admin.observe(current.release)
+            deadline = reconcile.report_deadline(body.get("spec"))
+            observed = await ctx.admin.observe(current.release, report_deadline_s=deadline)
         except (errors.TetherError, OSError, TimeoutError) as e:
             logger.warning("polling release %s failed: %s", current.release, e)
     now = ctx.clock()

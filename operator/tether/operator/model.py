@@ -527,5 +527,11 @@ PRINTER_COLUMNS: tuple[dict[str, str], ...] = (
     {"name": "Installed", "type": "integer", "jsonPath": ".status.installed", "description": "Devices installed."},
     {"name": "Succeeded", "type": "integer", "jsonPath": ".status.succeeded", "description": "Devices succeeded."},
     {"name": "Failed", "type": "integer", "jsonPath": ".status.failed", "description": "Devices failed."},
+    {
+        "name": "Round",
+        "type": "integer",
+        "jsonPath": ".status.federated.round",
+        "description": "Current federated round.",
+    },
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp", "description": "Age of the task."},
 )

@@ -37,7 +37,7 @@ from typing import Any, Protocol
 
 from tether.common import errors
 from tether.operator import conditions as cond
-from tether.operator import progression, validate
+from tether.operator import progression, task_status, validate
 from tether.operator.model import MLTaskSpec
 from tether.operator.task_status import AggregateSummary, ConditionStatus, MLTaskStatus, Phase, RolloutPhase
 from tether.spec import names, resources, selectors, staging, wire
@@ -86,6 +86,10 @@ class ObservedRelease(Protocol):
     def aggregate(self) -> Mapping[str, Any] | None: ...
     @property
     def aggregate_round(self) -> int: ...
+    @property
+    def not_reporting(self) -> int: ...
+    @property
+    def report_deadline_s(self) -> int: ...
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -105,6 +109,9 @@ class Observation:
     aggregate: Mapping[str, Any] | None = None
     aggregate_round: int = 0
     health: Mapping[str, Any] | None = None  # per-stage health of a staged rollout (ReleaseStatus.health_json)
+    federated: Mapping[str, Any] | None = None  # a federated release's rounds (ReleaseStatus.federated_json)
+    not_reporting: int = 0  # told, silent past report_deadline_s (staged or not)
+    report_deadline_s: int = staging.DEFAULT_REPORT_DEADLINE_S
 
 
 # ------------------------------------------------------------------ actions and outcomes
@@ -130,6 +137,8 @@ class ApplyRelease:
     paused: bool
     resources: resources.Resources
     rollout: staging.Rollout | None = None  # tether.operator.progression.rollout_document; None = nothing to stage
+    # spec.federated as the shared parser's document (tether.spec.federation); {} = not federated
+    federated: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def from_spec(cls, spec: MLTaskSpec, meta: Meta, *, rollout: staging.Rollout | None = None) -> ApplyRelease:
@@ -143,6 +152,7 @@ class ApplyRelease:
             paused=spec.paused,
             resources=spec.resources.parsed(),
             rollout=rollout,
+            federated={} if spec.federated is None else spec.federated.document(),
         )
 
     @property
@@ -282,6 +292,8 @@ def decide(
         new = observe(new, observed)
         health = getattr(observed, "health", None)
     new = advance(new, typed, meta, health=health, now=now)
+    if observed is not None and observed.release == meta.release:
+        new = silence(new, typed, deadline_s=observed.report_deadline_s, now=now)
 
     desired = progression.rollout_document(typed, release=meta.release, state=new.rollout)
     applied = new.rollout.applied_document if new.rollout is not None else None
@@ -321,6 +333,35 @@ def advance(
     return status.model_copy(update={"rollout": state, "stage": f"{index + 1}/{total}", "conditions": conditions})
 
 
+def report_deadline(spec: Mapping[str, Any] | None) -> int | None:
+    """`spec.rollout.reportDeadlineSeconds` of a raw spec, for the status request; None when unset or invalid."""
+    try:
+        return validate.validate(spec).rollout.report_deadline_seconds
+    except errors.InvalidSpec:
+        return None
+
+
+def silence(status: MLTaskStatus, spec: MLTaskSpec, *, deadline_s: int, now: datetime.datetime) -> MLTaskStatus:
+    """Degraded for an unstaged release with devices silent past the report deadline (staged: its gates say it).
+
+    Set once a device is silent, cleared (False) when none is any more; a task
+    whose devices never went silent carries no such condition.
+    """
+    if status.rollout is not None and not progression.is_trivial(spec):
+        return status
+    if status.rollout is not None and status.rollout.phase == RolloutPhase.ROLLED_BACK:
+        return status
+    current = cond.get(status.conditions, cond.DEGRADED)
+    if status.not_reporting > 0:
+        fields = {"count": status.not_reporting, "version": status.version, "deadline": deadline_s}
+        conditions = cond.set_condition(status.conditions, cond.NOT_REPORTING, now=now, refresh_message=True, **fields)
+    elif current is not None and current.reason == cond.NOT_REPORTING.reason:
+        conditions = cond.set_condition(status.conditions, cond.ALL_REPORTING, now=now)
+    else:
+        return status
+    return status.model_copy(update={"conditions": conditions})
+
+
 def decide_delete(*, meta: Meta, status: MLTaskStatus) -> tuple[Action, ...]:
     """What deleting the object takes: nothing if it never reached the controller."""
     never_sent = status.release is None and status.phase == Phase.INVALID
@@ -340,10 +381,14 @@ def observe(status: MLTaskStatus, observed: ObservedRelease) -> MLTaskStatus:
         "failed": observed.failed,
         "refused": observed.refused,
         "results": observed.results,
+        "not_reporting": observed.not_reporting,
     }
     summary = aggregate_summary(observed.aggregate, observed.aggregate_round)
     if summary is not None:
         update["aggregate"] = summary
+    rounds = task_status.federated_summary(getattr(observed, "federated", None))
+    if rounds is not None:
+        update["federated"] = rounds
     return status.model_copy(update=update)
 
 
@@ -501,6 +546,10 @@ def transition_events(old: MLTaskStatus, new: MLTaskStatus) -> list[Event]:
             after.message,
         )
         if not moved or type_ == cond.COMPLETE:  # completion shows as a phase change
+            continue
+        if after.reason in cond.SILENCE_REASONS:  # an unstaged release's silent devices
+            warning = after.status == ConditionStatus.TRUE
+            events.append(Event(type="Warning" if warning else "Normal", reason=after.reason, message=after.message))
             continue
         if type_ in cond.ROLLOUT_TYPES or (type_ == cond.PAUSED and cond.PAUSED_BY_GATE.reason in (after.reason,)):
             continue  # reported below as rollout events

@@ -34,15 +34,16 @@ class ControllerAdmin:
             paused=action.paused,
             resources=action.resources,
             rollout=action.rollout,
+            federated=action.federated,
         )
         return reconcile.Applied(version=result.version, changed=result.changed)
 
     async def delete(self, action: reconcile.DeleteRelease) -> reconcile.Deleted:
         return reconcile.Deleted(existed=await self.client.delete_release(action.release))
 
-    async def observe(self, release: str) -> reconcile.ObservedRelease | None:
+    async def observe(self, release: str, *, report_deadline_s: int | None = None) -> reconcile.ObservedRelease | None:
         try:
-            return await self.client.get_release_status(release)
+            return await self.client.get_release_status(release, report_deadline_s=report_deadline_s)
         except errors.NotFound:
             return None
 

@@ -13,6 +13,8 @@ Pure: pydantic, no I/O.
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
+from typing import Any
 
 import pydantic
 
@@ -61,6 +63,43 @@ class AggregateSummary(model.CamelModel):
     metrics: dict[str, float] = pydantic.Field(
         default_factory=dict, description="Aggregated metrics by name (sample-weighted mean unless set otherwise)."
     )
+
+
+class FederatedStatus(model.CamelModel):
+    """A federated task's current round (the full per-round history: `tether fl history`)."""
+
+    round: int = pydantic.Field(default=0, ge=0, description="The current (latest) round.")
+    phase: str = pydantic.Field(default="", description="Its phase: Open, Collecting, Extended, Aggregating, ...")
+    selected: int = pydantic.Field(default=0, ge=0, description="Devices selected for it.")
+    received: int = pydantic.Field(default=0, ge=0, description="Updates it accepted.")
+    refused: int = pydantic.Field(default=0, ge=0, description="Updates it refused (every reason).")
+    published: int = pydantic.Field(default=0, ge=0, description="Rounds published so far.")
+    epsilon: float | None = pydantic.Field(default=None, description="Privacy spent so far (epsilon at delta).")
+    metrics: dict[str, float] = pydantic.Field(
+        default_factory=dict, description="Device metrics of the latest published round (sample-weighted)."
+    )
+
+
+def federated_summary(doc: Mapping[str, Any] | None) -> FederatedStatus | None:
+    """The status of `ReleaseStatus.federated_json` (docs/internals.md); None if absent or unreadable."""
+    if not doc:
+        return None
+    try:
+        history = list(doc.get("history") or [])
+        done = [h for h in history if h.get("phase") == "Published"]
+        eps = doc.get("epsilon")
+        return FederatedStatus(
+            round=int(doc.get("round", 0)),
+            phase=str(doc.get("phase", "")),
+            selected=int(doc.get("selected", 0)),
+            received=int(doc.get("received", 0)),
+            refused=sum(int(v) for v in (doc.get("refused") or {}).values()),
+            published=len(done),
+            epsilon=None if eps is None else float(eps),
+            metrics={str(k): float(v) for k, v in (done[-1].get("metrics") or {}).items()} if done else {},
+        )
+    except (ValueError, TypeError, AttributeError, pydantic.ValidationError):
+        return None
 
 
 class RolloutPhase(enum.StrEnum):
@@ -190,11 +229,20 @@ class MLTaskStatus(model.CamelModel):
         default=0, ge=0, description="Devices that refused the current version (verification failed; nothing ran)."
     )
     results: int = pydantic.Field(default=0, ge=0, description="Results uploaded for the current version.")
+    not_reporting: int = pydantic.Field(
+        default=0,
+        ge=0,
+        description="Devices told about the current version and silent (no report) for longer than "
+        "`spec.rollout.reportDeadlineSeconds`, staged or not (the Degraded condition says so when unstaged).",
+    )
     aggregate: AggregateSummary | None = pydantic.Field(
         default=None, description="Summary of the latest aggregate, once one exists."
     )
     rollout: RolloutStatus | None = pydantic.Field(
         default=None, description="The staged rollout of the current version: stages, gates and counts."
+    )
+    federated: FederatedStatus | None = pydantic.Field(
+        default=None, description="A federated task's current round, once one exists."
     )
     conditions: list[Condition] = pydantic.Field(
         default_factory=list,

@@ -10,7 +10,11 @@ up to 1000 events. Each line gets one reply line::
 A line that is not JSON, too long (MAX_LINE_BYTES), or neither an object nor
 an array is answered with `{"error": "..."}` and counted as one rejected
 event; the connection stays open. `tether.agent.events.EventClient` speaks
-this protocol. The server never lets a client stall the agent: at most
+this protocol. An object with a `state` key instead of an event is the app's
+report of device state (`{"state": {"charging": true, "metered": false},
+"ttlSeconds": 300}`, `tether.agent.devicestate`), answered
+`{"state": {...}, "expiresIn": 300}` or `{"error": "state.idle: ..."}`.
+The server never lets a client stall the agent: at most
 MAX_CONNECTIONS at once, bounded lines, and ingestion is synchronous and
 short (one small SQLite transaction per line).
 """
@@ -23,6 +27,7 @@ import json
 import logging
 import os
 import pathlib
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from tether.agent.stream.processor import StreamProcessor
@@ -40,8 +45,16 @@ MAX_SOCKET_PATH = 107
 class EventServer:
     """`await server.start()`, then `await server.stop()`; feeds `processor`."""
 
-    def __init__(self, processor: StreamProcessor, path: str | os.PathLike[str], *, mode: int = 0o600) -> None:
+    def __init__(
+        self,
+        processor: StreamProcessor,
+        path: str | os.PathLike[str],
+        *,
+        mode: int = 0o600,
+        state_report: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None,
+    ) -> None:
         self.processor = processor
+        self.state_report = state_report  # devicestate.Conditions.report: device state the app knows
         self.path = pathlib.Path(path)
         self.mode = mode
         if len(os.fsencode(self.path)) > MAX_SOCKET_PATH:
@@ -114,6 +127,13 @@ class EventServer:
         except (ValueError, UnicodeDecodeError) as e:
             self.processor.rejected += 1
             return {"error": f"not valid JSON: {e}"}
+        if isinstance(doc, dict) and "state" in doc and "type" not in doc:
+            if self.state_report is None:
+                return {"error": "this agent takes no device state reports"}
+            try:
+                return self.state_report(doc)
+            except errors.InvalidArgument as e:
+                return {"error": str(e)}
         if isinstance(doc, dict):
             docs: list[Any] = [doc]
         elif isinstance(doc, list):

@@ -31,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from tether.common import errors
 from tether.controller.fl import sampling
@@ -101,10 +101,38 @@ class Round:
     refused: int = 0
     late: int = 0
     reason: str = ""
+    refusals: Mapping[str, int] = dataclasses.field(default_factory=dict)  # refused updates per reason
+    model: str = ""  # the blob of the global model this round trains from
+    version: int = 0  # the release version whose bundle carries that model
+    eligible: int = 0  # devices the participants were drawn from (the sampling rate of the privacy accounting)
 
     @property
     def quorum_met(self) -> bool:
         return len(self.received) >= self.quorum
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class UpdateRecord:
+    """An update as stored with its round: the blob holding it, its weight and the device's metrics."""
+
+    device: str
+    digest: str
+    samples: int
+    encoding: str
+    metrics: Mapping[str, float] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RoundResult:
+    """What a published round produced (`RoundBook.publish_round`)."""
+
+    model: str  # the new global model's blob
+    samples: int
+    metrics: Mapping[str, float]
+    state: str = ""  # the server state's blob (FedAvgM / FedOpt), "" when the strategy keeps none
+    epsilon: float | None = None  # the privacy spent after this round (central or local DP)
+    manifest: str = ""  # the derived bundle manifest serving it ("" until the driver applied it)
+    version: int = 0  # the release version of that manifest (0 until then)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -161,6 +189,7 @@ def select(r: Round, *, eligible: Iterable[str], rules: federation.Federation, n
         target=rules.participants.of(len(pool)),
         quorum=quorum,
         deadline=now + rules.round_deadline_s,
+        eligible=len(pool),
     )
 
 
@@ -174,7 +203,7 @@ def admit(r: Round, *, device: str, rules: federation.Federation, now: float) ->
         return _refuse(r, Refusal.DUPLICATE, f"device {device} already sent its update for round {r.number}")
     if r.phase not in ACCEPTING or now >= r.deadline:
         if rules.late_updates is federation.LateUpdates.KEEP:
-            kept = dataclasses.replace(r, late=r.late + 1)
+            kept = dataclasses.replace(r, late=r.late + 1, refusals=_count(r.refusals, Refusal.LATE_KEPT))
             return Verdict(
                 round=kept,
                 accepted=False,
@@ -190,9 +219,17 @@ def admit(r: Round, *, device: str, rules: federation.Federation, now: float) ->
 
 
 def _refuse(r: Round, refusal: Refusal, message: str) -> Verdict:
-    return Verdict(
-        round=dataclasses.replace(r, refused=r.refused + 1), accepted=False, refusal=refusal, message=message
-    )
+    after = dataclasses.replace(r, refused=r.refused + 1, refusals=_count(r.refusals, refusal))
+    return Verdict(round=after, accepted=False, refusal=refusal, message=message)
+
+
+def _count(counts: Mapping[str, int], reason: str) -> dict[str, int]:
+    return {**counts, reason: counts.get(reason, 0) + 1}
+
+
+def refused_content(r: Round, *, reason: str) -> Round:
+    """The round after an update was refused for its content (bad digest, size, shape, values): counted only."""
+    return dataclasses.replace(r, refused=r.refused + 1, refusals=_count(r.refusals, reason))
 
 
 def tick(r: Round, *, rules: federation.Federation, now: float) -> Round:

@@ -238,10 +238,15 @@ class ReleaseLedger(Protocol):
         """
         ...
 
-    async def release_counts(self, names: Sequence[str] | None = None) -> list[deliveries.ReleaseCounts]:
+    async def release_counts(
+        self, names: Sequence[str] | None = None, *, report_deadline_s: int | None = None
+    ) -> list[deliveries.ReleaseCounts]:
         """Status counts of the named live releases (all when None), ordered by name.
 
-        MUST raise NotFound for a name that is not a live release.
+        MUST raise NotFound for a name that is not a live release. `not_reporting`
+        MUST count deliveries at the current version in `deliveries.SILENT_STATES`
+        unchanged for `deliveries.report_deadline(rel, report_deadline_s)` seconds
+        (on the clock that stamps the rows), staged or not.
         """
         ...
 
@@ -293,15 +298,53 @@ class RoundBook(Protocol):
         ...
 
     async def admit_update(
-        self, *, task: str, number: int, device: str, rules: federation.Federation, now: float
+        self,
+        *,
+        task: str,
+        number: int,
+        device: str,
+        rules: federation.Federation,
+        now: float,
+        update: rounds.UpdateRecord | None = None,
     ) -> rounds.Verdict:
         """Judge one device's update by `rounds.admit` on the stored round, and record the verdict atomically.
 
         MUST raise NotFound for an unknown round. An accepted update MUST be
-        recorded (arrival order kept) with the phase it moves the round to; a
-        refused one MUST only count (`refused`, or `late` when kept) — the same
-        device's second update is refused as a duplicate, also under concurrency.
+        recorded (arrival order kept, and `update`, the blob it is stored in,
+        in the same transaction) with the phase it moves the round to; a
+        refused one MUST only count (`refused` and `refusals` per reason, or
+        `late` when kept, `update` then kept too) — the same device's second
+        update is refused as a duplicate, also under concurrency.
         """
+        ...
+
+    async def count_refusal(self, *, task: str, number: int, reason: str) -> rounds.Round:
+        """Count an update refused for its content (`refused`, `refusals[reason]`); NotFound for an unknown round."""
+        ...
+
+    async def accepted_updates(self, *, task: str, number: int) -> list[rounds.UpdateRecord]:
+        """The round's accepted updates in device-id order (the fixed fold order); late ones left out."""
+        ...
+
+    async def publish_round(self, *, task: str, number: int, result: rounds.RoundResult) -> bool:
+        """Move an Aggregating round to Published with its result, atomically; False when it was published already.
+
+        MUST refuse (FailedPrecondition) a round in any other phase and raise
+        NotFound for an unknown one; a second call changes nothing (a
+        redelivered aggregation counts once).
+        """
+        ...
+
+    async def mark_served(self, *, task: str, number: int, manifest: str, version: int) -> None:
+        """Record the bundle version that serves a published round's model (its result's manifest and version)."""
+        ...
+
+    async def round_result(self, *, task: str, number: int) -> rounds.RoundResult | None:
+        """What a published round produced; None before."""
+        ...
+
+    async def rounds_of(self, *, task: str) -> list[rounds.Round]:
+        """Every round of the task, by number."""
         ...
 
 

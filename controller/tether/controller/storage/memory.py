@@ -135,6 +135,7 @@ class MemoryDevices:
                     device=row.device(),
                     last_seen=row.last_seen or None,
                     releases=tuple(delivered),
+                    device_state=dict(row.state),
                     connected_replica=row.connected_replica,  # one process: its replica is alive
                 )
             )

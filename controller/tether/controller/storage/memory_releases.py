@@ -24,6 +24,7 @@ class MemoryReleases:
                 f"manifest {spec.manifest_digest} is not stored on the controller; upload the bundle first"
             )
         previous = self._t.releases.get(spec.release)
+        spec = releases.effective_spec(previous, spec)
         if previous is None:
             created = self._with_rollout(_new_release(spec, version=1), previous=None)
             self._t.releases[spec.release] = created
@@ -139,7 +140,9 @@ class MemoryReleases:
                 self._t.devices[device_id].state = dict(state)
         return list(plan.outcomes)
 
-    async def release_counts(self, names: Sequence[str] | None = None) -> list[deliveries.ReleaseCounts]:
+    async def release_counts(
+        self, names: Sequence[str] | None = None, *, report_deadline_s: int | None = None
+    ) -> list[deliveries.ReleaseCounts]:
         live = {n: r for n, r in self._t.releases.items() if not r.deleted}
         if names is not None:
             for name in names:
@@ -171,9 +174,13 @@ class MemoryReleases:
         out = []
         for rel in rels:
             states: dict[str, int] = {}
+            deadline = deliveries.report_deadline(rel, report_deadline_s)
+            silent = 0
             for (r, _), row in self._t.deliveries.items():
                 if r == rel.name and row.version == rel.version:
                     states[row.state] = states.get(row.state, 0) + 1
+                    if row.state in deliveries.SILENT_STATES and now - row.updated_at >= deadline:
+                        silent += 1
             out.append(
                 deliveries.release_counts(
                     rel,
@@ -182,6 +189,8 @@ class MemoryReleases:
                     results=len(self._results_of(rel)),
                     aggregate=None,  # aggregates are the worker's, on Postgres
                     health_json=health.get(rel.name, ""),
+                    not_reporting=silent,
+                    report_deadline_s=deadline,
                 )
             )
         return out

@@ -6,7 +6,7 @@ import dataclasses
 import time
 
 from tether.controller import devices, uploads
-from tether.controller.fl.rounds import Round
+from tether.controller.fl.rounds import Round, RoundResult, UpdateRecord
 from tether.controller.releases import Release
 from tether.controller.storage import contracts
 
@@ -55,3 +55,7 @@ class Tables:
     deliveries: dict[tuple[str, str], DeliveryRow] = dataclasses.field(default_factory=dict)  # (release, device)
     results: dict[tuple[str, str], uploads.ResultRecord] = dataclasses.field(default_factory=dict)  # (device, key)
     rounds: dict[tuple[str, int], Round] = dataclasses.field(default_factory=dict)  # (task, number)
+    round_updates: dict[tuple[str, int, str], tuple[UpdateRecord, bool]] = dataclasses.field(
+        default_factory=dict
+    )  # (task, number, device) -> (update, accepted)
+    round_results: dict[tuple[str, int], RoundResult] = dataclasses.field(default_factory=dict)

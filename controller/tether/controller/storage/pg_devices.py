@@ -174,6 +174,7 @@ class PostgresDevices:
             rows = await (
                 await cur.execute(
                     f"SELECT {pg_rows.DEVICE_COLUMNS}, extract(epoch FROM last_seen_at)::float8 AS last_seen,"
+                    " state AS device_state,"
                     " COALESCE((SELECT jsonb_agg(jsonb_build_array(x.release, x.version, x.state)"
                     "   ORDER BY x.release) FROM deliveries x WHERE x.device_id = devices.device_id), '[]')"
                     "   AS delivered,"
@@ -192,6 +193,7 @@ class PostgresDevices:
                 releases=tuple(
                     devices.DeviceRelease(release=rel, version=int(v), state=st) for rel, v, st in r["delivered"]
                 ),
+                device_state={str(k): str(v) for k, v in (r["device_state"] or {}).items()},
                 connected_replica=r["connected_replica"],
             )
             for r in rows

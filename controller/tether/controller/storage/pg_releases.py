@@ -58,11 +58,13 @@ class PostgresReleases:
                     f"manifest {spec.manifest_digest} is not stored on the controller; upload the bundle first"
                 )
             previous = await pg_rows.lock_release(conn, spec.release)
+            spec = releases.effective_spec(previous, spec)
             if previous is None:
                 inserted = await (
                     await conn.execute(
                         "INSERT INTO releases (release, version, generation, manifest_digest, target, trigger,"
-                        " aggregation, resources, paused) VALUES (%s, 1, %s, %s, %s, %s, %s, %s, %s)"
+                        " aggregation, resources, paused, federated, base_manifest)"
+                        " VALUES (%s, 1, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
                         " ON CONFLICT (release) DO NOTHING RETURNING version",
                         (
                             spec.release,
@@ -73,6 +75,8 @@ class PostgresReleases:
                             Jsonb(dict(spec.aggregation)),
                             Jsonb(dict(spec.resources)),
                             spec.paused,
+                            Jsonb(dict(spec.federated)),
+                            spec.base_manifest,
                         ),
                     )
                 ).fetchone()
@@ -81,6 +85,7 @@ class PostgresReleases:
                     return contracts.ApplyOutcome(release=created, previous=None, changed=True)
                 previous = await pg_rows.lock_release(conn, spec.release)  # lost a race with a concurrent create
                 assert previous is not None
+                spec = releases.effective_spec(previous, spec)
             changed = previous.deleted or releases.content_changed(previous.spec, spec)
             version = previous.version + 1 if changed else previous.version
             if not changed and previous.spec == spec:
@@ -88,7 +93,9 @@ class PostgresReleases:
                 return contracts.ApplyOutcome(release=previous, previous=previous, changed=False)
             await conn.execute(
                 "UPDATE releases SET version = %s, generation = %s, manifest_digest = %s, target = %s,"
-                " trigger = %s, aggregation = %s, resources = %s, paused = %s, deleted = false, updated_at = now()"
+                " trigger = %s, aggregation = %s, resources = %s, paused = %s, federated = %s, base_manifest = %s,"
+                " deleted = false,"
+                " updated_at = now()"
                 " WHERE release = %s",
                 (
                     version,
@@ -99,6 +106,8 @@ class PostgresReleases:
                     Jsonb(dict(spec.aggregation)),
                     Jsonb(dict(spec.resources)),
                     spec.paused,
+                    Jsonb(dict(spec.federated)),
+                    spec.base_manifest,
                     spec.release,
                 ),
             )
@@ -239,7 +248,9 @@ class PostgresReleases:
                 outcomes.append(e)
         return outcomes
 
-    async def release_counts(self, names: Sequence[str] | None = None) -> list[deliveries.ReleaseCounts]:
+    async def release_counts(
+        self, names: Sequence[str] | None = None, *, report_deadline_s: int | None = None
+    ) -> list[deliveries.ReleaseCounts]:
         """Status counts of the named live releases (all when None); NotFound for an unknown name."""
         async with self._pool.connection() as conn, conn.transaction():
             cur = conn.cursor(row_factory=dict_row)
@@ -266,16 +277,22 @@ class PostgresReleases:
                 ).fetchall()
             ]
             keys = ([r.name for r in rels], [r.version for r in rels])
+            deadlines = {r.name: deliveries.report_deadline(r, report_deadline_s) for r in rels}
             states: dict[str, dict[str, int]] = {}
+            silent: dict[str, int] = {}
             for row in await (
                 await cur.execute(
-                    "SELECT d.release, d.state, count(*) AS n FROM deliveries d"
-                    " JOIN unnest(%s::text[], %s::bigint[]) AS k(release, version)"
+                    "SELECT d.release, d.state, count(*) AS n,"
+                    " count(*) FILTER (WHERE d.state = ANY(%s)"
+                    "   AND d.updated_at <= now() - make_interval(secs => k.deadline)) AS silent"
+                    " FROM deliveries d"
+                    " JOIN unnest(%s::text[], %s::bigint[], %s::bigint[]) AS k(release, version, deadline)"
                     " ON d.release = k.release AND d.version = k.version GROUP BY d.release, d.state",
-                    keys,
+                    (list(deliveries.SILENT_STATES), *keys, [deadlines[r.name] for r in rels]),
                 )
             ).fetchall():
                 states.setdefault(row["release"], {})[row["state"]] = int(row["n"])
+                silent[row["release"]] = silent.get(row["release"], 0) + int(row["silent"])
             result_counts = {
                 row["release"]: int(row["n"])
                 for row in await (
@@ -307,6 +324,8 @@ class PostgresReleases:
                 results=result_counts.get(rel.name, 0),
                 aggregate=aggregates.get(rel.name),
                 health_json=health.get(rel.name, ""),
+                not_reporting=silent.get(rel.name, 0),
+                report_deadline_s=deadlines[rel.name],
             )
             for rel in rels
         ]

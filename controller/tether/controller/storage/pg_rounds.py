@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 from psycopg import errors as pg_errors
+from psycopg.types.json import Jsonb
 
 from tether.common import errors
 from tether.controller.fl import rounds
@@ -22,7 +23,11 @@ from tether.spec import federation
 if TYPE_CHECKING:
     from psycopg_pool import AsyncConnectionPool
 
-_COLUMNS = "task, number, phase, deadline, target, quorum, extensions, refused, late, reason"
+_COLUMNS = (
+    "task, number, phase, deadline, target, quorum, extensions, refused, late, reason,"
+    " refusals, model, version, eligible"
+)
+_PLACEHOLDERS = ", ".join(["%s"] * len(_COLUMNS.split(",")))
 
 
 class PostgresRounds:
@@ -41,7 +46,7 @@ class PostgresRounds:
                 if live is not None:
                     raise errors.FailedPrecondition(f"round {live[0]} of {r.task} is still {live[1]}")
                 await conn.execute(
-                    f"INSERT INTO fl_rounds ({_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                    f"INSERT INTO fl_rounds ({_COLUMNS}) VALUES ({_PLACEHOLDERS})",
                     (
                         r.task,
                         r.number,
@@ -53,6 +58,10 @@ class PostgresRounds:
                         r.refused,
                         r.late,
                         r.reason,
+                        Jsonb(dict(r.refusals)),
+                        r.model,
+                        r.version,
+                        r.eligible,
                     ),
                 )
                 await _insert_participants(conn, r)
@@ -78,8 +87,8 @@ class PostgresRounds:
             rounds.check_update(stored, r, expected=expected)
             await conn.execute(
                 "UPDATE fl_rounds SET phase = %s, deadline = %s, target = %s, quorum = %s, extensions = %s,"
-                " reason = %s, updated_at = now() WHERE task = %s AND number = %s",
-                (r.phase.value, r.deadline, r.target, r.quorum, r.extensions, r.reason, r.task, r.number),
+                " reason = %s, eligible = %s, updated_at = now() WHERE task = %s AND number = %s",
+                (r.phase.value, r.deadline, r.target, r.quorum, r.extensions, r.reason, r.eligible, r.task, r.number),
             )
             if not stored.selected and r.selected:
                 await _insert_participants(conn, r)
@@ -88,7 +97,14 @@ class PostgresRounds:
             return new
 
     async def admit_update(
-        self, *, task: str, number: int, device: str, rules: federation.Federation, now: float
+        self,
+        *,
+        task: str,
+        number: int,
+        device: str,
+        rules: federation.Federation,
+        now: float,
+        update: rounds.UpdateRecord | None = None,
     ) -> rounds.Verdict:
         async with self._pool.connection() as conn, conn.transaction():
             stored = await _load(conn, task=task, number=number, lock=True)
@@ -96,18 +112,137 @@ class PostgresRounds:
                 raise errors.NotFound(f"round {number} of {task} does not exist")
             verdict = rounds.admit(stored, device=device, rules=rules, now=now)
             after = verdict.round
-            if verdict.accepted:
+            kept = verdict.accepted or verdict.refusal is rounds.Refusal.LATE_KEPT
+            if kept:
                 await conn.execute(
-                    "UPDATE fl_participants SET received_position = %s, received_at = now()"
-                    " WHERE task = %s AND number = %s AND device_id = %s AND received_position IS NULL",
-                    (len(after.received), task, number, device),
+                    "UPDATE fl_participants SET received_position = %s, received_at = now(),"
+                    " update_digest = %s, update_samples = %s, update_metrics = %s, update_encoding = %s"
+                    " WHERE task = %s AND number = %s AND device_id = %s AND received_position IS NULL"
+                    " AND update_digest IS NULL",
+                    (
+                        len(after.received) if verdict.accepted else None,
+                        None if update is None else update.digest,
+                        None if update is None else update.samples,
+                        None if update is None else Jsonb(dict(update.metrics)),
+                        None if update is None else update.encoding,
+                        task,
+                        number,
+                        device,
+                    ),
                 )
-            await conn.execute(
-                "UPDATE fl_rounds SET phase = %s, reason = %s, refused = %s, late = %s, updated_at = now()"
-                " WHERE task = %s AND number = %s",
-                (after.phase.value, after.reason, after.refused, after.late, task, number),
-            )
+            await _write_counts(conn, after)
             return verdict
+
+    async def count_refusal(self, *, task: str, number: int, reason: str) -> rounds.Round:
+        async with self._pool.connection() as conn, conn.transaction():
+            stored = await _load(conn, task=task, number=number, lock=True)
+            if stored is None:
+                raise errors.NotFound(f"round {number} of {task} does not exist")
+            after = rounds.refused_content(stored, reason=reason)
+            await _write_counts(conn, after)
+            return after
+
+    async def accepted_updates(self, *, task: str, number: int) -> list[rounds.UpdateRecord]:
+        async with self._pool.connection() as conn:
+            rows = await (
+                await conn.execute(
+                    "SELECT device_id, update_digest, update_samples, update_encoding, update_metrics"
+                    " FROM fl_participants WHERE task = %s AND number = %s AND received_position IS NOT NULL"
+                    ' AND update_digest IS NOT NULL ORDER BY device_id COLLATE "C"',
+                    (task, number),
+                )
+            ).fetchall()
+        return [
+            rounds.UpdateRecord(device=r[0], digest=r[1], samples=int(r[2]), encoding=r[3], metrics=dict(r[4] or {}))
+            for r in rows
+        ]
+
+    async def publish_round(self, *, task: str, number: int, result: rounds.RoundResult) -> bool:
+        async with self._pool.connection() as conn, conn.transaction():
+            stored = await _load(conn, task=task, number=number, lock=True)
+            if stored is None:
+                raise errors.NotFound(f"round {number} of {task} does not exist")
+            if stored.phase is rounds.Phase.PUBLISHED:
+                return False
+            after = rounds.published(stored)
+            await conn.execute(
+                "UPDATE fl_rounds SET phase = %s, reason = %s, result_model = %s, result_manifest = %s,"
+                " result_version = %s, state_digest = %s, samples = %s, metrics = %s, epsilon = %s,"
+                " updated_at = now() WHERE task = %s AND number = %s",
+                (
+                    after.phase.value,
+                    after.reason,
+                    result.model,
+                    result.manifest,
+                    result.version,
+                    result.state or None,
+                    result.samples,
+                    Jsonb(dict(result.metrics)),
+                    result.epsilon,
+                    task,
+                    number,
+                ),
+            )
+            return True
+
+    async def mark_served(self, *, task: str, number: int, manifest: str, version: int) -> None:
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(
+                "UPDATE fl_rounds SET result_manifest = %s, result_version = %s, updated_at = now()"
+                " WHERE task = %s AND number = %s AND result_model IS NOT NULL",
+                (manifest, version, task, number),
+            )
+            if cur.rowcount != 1:
+                raise errors.FailedPrecondition(f"round {number} of {task} has published no model")
+
+    async def round_result(self, *, task: str, number: int) -> rounds.RoundResult | None:
+        async with self._pool.connection() as conn:
+            row = await (
+                await conn.execute(
+                    "SELECT result_model, result_manifest, result_version, samples, metrics, state_digest, epsilon"
+                    " FROM fl_rounds WHERE task = %s AND number = %s AND result_model IS NOT NULL",
+                    (task, number),
+                )
+            ).fetchone()
+        if row is None:
+            return None
+        return rounds.RoundResult(
+            model=row[0],
+            manifest=row[1] or "",
+            version=int(row[2] or 0),
+            samples=int(row[3] or 0),
+            metrics=dict(row[4] or {}),
+            state=row[5] or "",
+            epsilon=None if row[6] is None else float(row[6]),
+        )
+
+    async def rounds_of(self, *, task: str) -> list[rounds.Round]:
+        async with self._pool.connection() as conn:
+            numbers = await (
+                await conn.execute("SELECT number FROM fl_rounds WHERE task = %s ORDER BY number", (task,))
+            ).fetchall()
+            out = []
+            for (n,) in numbers:
+                r = await _load(conn, task=task, number=int(n), lock=False)
+                if r is not None:
+                    out.append(r)
+            return out
+
+
+async def _write_counts(conn: psycopg.AsyncConnection[Any], after: rounds.Round) -> None:
+    await conn.execute(
+        "UPDATE fl_rounds SET phase = %s, reason = %s, refused = %s, late = %s, refusals = %s, updated_at = now()"
+        " WHERE task = %s AND number = %s",
+        (
+            after.phase.value,
+            after.reason,
+            after.refused,
+            after.late,
+            Jsonb(dict(after.refusals)),
+            after.task,
+            after.number,
+        ),
+    )
 
 
 async def _insert_participants(conn: psycopg.AsyncConnection[Any], r: rounds.Round) -> None:
@@ -148,6 +283,10 @@ async def _load(conn: psycopg.AsyncConnection[Any], *, task: str, number: int, l
         refused=int(row[7]),
         late=int(row[8]),
         reason=row[9],
+        refusals={str(k): int(v) for k, v in (row[10] or {}).items()},
+        model=row[11],
+        version=int(row[12]),
+        eligible=int(row[13]),
         selected=tuple(p[0] for p in people),
         received=tuple(p[0] for p in received),
     )

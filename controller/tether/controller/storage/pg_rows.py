@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 ROLLOUT_COLUMNS = "rollout, rollout_state, stable"  # migration 0004
 RELEASE_COLUMNS = (
     "release, version, generation, manifest_digest, target, trigger, aggregation, resources, paused, deleted, "
-    + ROLLOUT_COLUMNS
+    "federated, base_manifest, " + ROLLOUT_COLUMNS
 )
 R_RELEASE_COLUMNS = ", ".join("r." + c.strip() for c in RELEASE_COLUMNS.split(","))
 DEVICE_COLUMNS = "device_id, attributes, backends, revoked, backend_choices"
@@ -55,6 +55,8 @@ def release(row: Mapping[str, Any]) -> releases.Release:
         resources=row["resources"] or {},
         paused=bool(row["paused"]),
         rollout=row.get("rollout") or {},
+        federated=row.get("federated") or {},
+        base_manifest=row.get("base_manifest") or "",
     )
     rel = releases.Release(
         spec=spec,

@@ -311,6 +311,53 @@ class UploadResultResponse(_message.Message):
     duplicate: bool
     def __init__(self, duplicate: _Optional[bool] = ...) -> None: ...
 
+class UpdateHeader(_message.Message):
+    __slots__ = ("release", "round", "version", "sample_count", "metrics", "encoding", "size", "sha256")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    RELEASE_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    ENCODING_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    release: str
+    round: int
+    version: int
+    sample_count: int
+    metrics: _containers.ScalarMap[str, float]
+    encoding: str
+    size: int
+    sha256: str
+    def __init__(self, release: _Optional[str] = ..., round: _Optional[int] = ..., version: _Optional[int] = ..., sample_count: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., encoding: _Optional[str] = ..., size: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
+
+class PushUpdateChunk(_message.Message):
+    __slots__ = ("header", "data")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    header: UpdateHeader
+    data: bytes
+    def __init__(self, header: _Optional[_Union[UpdateHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class PushUpdateResponse(_message.Message):
+    __slots__ = ("accepted", "refusal", "message", "digest")
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    REFUSAL_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    accepted: bool
+    refusal: str
+    message: str
+    digest: str
+    def __init__(self, accepted: _Optional[bool] = ..., refusal: _Optional[str] = ..., message: _Optional[str] = ..., digest: _Optional[str] = ...) -> None: ...
+
 class GetDesiredRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
@@ -462,7 +509,7 @@ class RolloutStage(_message.Message):
     def __init__(self, percent: _Optional[int] = ..., count: _Optional[int] = ..., cohort: _Optional[_Union[Selector, _Mapping]] = ...) -> None: ...
 
 class ReleaseSpec(_message.Message):
-    __slots__ = ("release", "generation", "manifest_digest", "target_json", "trigger_json", "aggregation_json", "paused", "resources_json", "rollout_json", "target", "resources", "rollout")
+    __slots__ = ("release", "generation", "manifest_digest", "target_json", "trigger_json", "aggregation_json", "paused", "resources_json", "rollout_json", "target", "resources", "rollout", "federated_json")
     RELEASE_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_DIGEST_FIELD_NUMBER: _ClassVar[int]
@@ -475,6 +522,7 @@ class ReleaseSpec(_message.Message):
     TARGET_FIELD_NUMBER: _ClassVar[int]
     RESOURCES_FIELD_NUMBER: _ClassVar[int]
     ROLLOUT_FIELD_NUMBER: _ClassVar[int]
+    FEDERATED_JSON_FIELD_NUMBER: _ClassVar[int]
     release: str
     generation: int
     manifest_digest: str
@@ -487,7 +535,8 @@ class ReleaseSpec(_message.Message):
     target: Selector
     resources: Resources
     rollout: RolloutDocument
-    def __init__(self, release: _Optional[str] = ..., generation: _Optional[int] = ..., manifest_digest: _Optional[str] = ..., target_json: _Optional[str] = ..., trigger_json: _Optional[str] = ..., aggregation_json: _Optional[str] = ..., paused: _Optional[bool] = ..., resources_json: _Optional[str] = ..., rollout_json: _Optional[str] = ..., target: _Optional[_Union[Selector, _Mapping]] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ..., rollout: _Optional[_Union[RolloutDocument, _Mapping]] = ...) -> None: ...
+    federated_json: str
+    def __init__(self, release: _Optional[str] = ..., generation: _Optional[int] = ..., manifest_digest: _Optional[str] = ..., target_json: _Optional[str] = ..., trigger_json: _Optional[str] = ..., aggregation_json: _Optional[str] = ..., paused: _Optional[bool] = ..., resources_json: _Optional[str] = ..., rollout_json: _Optional[str] = ..., target: _Optional[_Union[Selector, _Mapping]] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ..., rollout: _Optional[_Union[RolloutDocument, _Mapping]] = ..., federated_json: _Optional[str] = ...) -> None: ...
 
 class ApplyReleaseRequest(_message.Message):
     __slots__ = ("spec",)
@@ -518,13 +567,15 @@ class DeleteReleaseResponse(_message.Message):
     def __init__(self, deleted: _Optional[bool] = ...) -> None: ...
 
 class GetReleaseStatusRequest(_message.Message):
-    __slots__ = ("release",)
+    __slots__ = ("release", "report_deadline_seconds")
     RELEASE_FIELD_NUMBER: _ClassVar[int]
+    REPORT_DEADLINE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     release: str
-    def __init__(self, release: _Optional[str] = ...) -> None: ...
+    report_deadline_seconds: int
+    def __init__(self, release: _Optional[str] = ..., report_deadline_seconds: _Optional[int] = ...) -> None: ...
 
 class ReleaseStatus(_message.Message):
-    __slots__ = ("release", "version", "manifest_digest", "targeted", "notified", "installed", "succeeded", "failed", "refused", "results", "aggregate_json", "aggregate_round", "connected_devices", "health_json")
+    __slots__ = ("release", "version", "manifest_digest", "targeted", "notified", "installed", "succeeded", "failed", "refused", "results", "aggregate_json", "aggregate_round", "connected_devices", "health_json", "federated_json", "not_reporting", "report_deadline_seconds")
     RELEASE_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_DIGEST_FIELD_NUMBER: _ClassVar[int]
@@ -539,6 +590,9 @@ class ReleaseStatus(_message.Message):
     AGGREGATE_ROUND_FIELD_NUMBER: _ClassVar[int]
     CONNECTED_DEVICES_FIELD_NUMBER: _ClassVar[int]
     HEALTH_JSON_FIELD_NUMBER: _ClassVar[int]
+    FEDERATED_JSON_FIELD_NUMBER: _ClassVar[int]
+    NOT_REPORTING_FIELD_NUMBER: _ClassVar[int]
+    REPORT_DEADLINE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     release: str
     version: int
     manifest_digest: str
@@ -553,7 +607,10 @@ class ReleaseStatus(_message.Message):
     aggregate_round: int
     connected_devices: int
     health_json: str
-    def __init__(self, release: _Optional[str] = ..., version: _Optional[int] = ..., manifest_digest: _Optional[str] = ..., targeted: _Optional[int] = ..., notified: _Optional[int] = ..., installed: _Optional[int] = ..., succeeded: _Optional[int] = ..., failed: _Optional[int] = ..., refused: _Optional[int] = ..., results: _Optional[int] = ..., aggregate_json: _Optional[str] = ..., aggregate_round: _Optional[int] = ..., connected_devices: _Optional[int] = ..., health_json: _Optional[str] = ...) -> None: ...
+    federated_json: str
+    not_reporting: int
+    report_deadline_seconds: int
+    def __init__(self, release: _Optional[str] = ..., version: _Optional[int] = ..., manifest_digest: _Optional[str] = ..., targeted: _Optional[int] = ..., notified: _Optional[int] = ..., installed: _Optional[int] = ..., succeeded: _Optional[int] = ..., failed: _Optional[int] = ..., refused: _Optional[int] = ..., results: _Optional[int] = ..., aggregate_json: _Optional[str] = ..., aggregate_round: _Optional[int] = ..., connected_devices: _Optional[int] = ..., health_json: _Optional[str] = ..., federated_json: _Optional[str] = ..., not_reporting: _Optional[int] = ..., report_deadline_seconds: _Optional[int] = ...) -> None: ...
 
 class ListReleasesRequest(_message.Message):
     __slots__ = ()
@@ -594,8 +651,15 @@ class DeviceRelease(_message.Message):
     def __init__(self, release: _Optional[str] = ..., version: _Optional[int] = ..., state: _Optional[str] = ...) -> None: ...
 
 class DeviceSummary(_message.Message):
-    __slots__ = ("device_id", "attributes", "backends", "selected_backends", "last_seen_unix", "revoked", "releases", "connected_replica")
+    __slots__ = ("device_id", "attributes", "backends", "selected_backends", "last_seen_unix", "revoked", "releases", "connected_replica", "device_state")
     class AttributesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class DeviceStateEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -610,6 +674,7 @@ class DeviceSummary(_message.Message):
     REVOKED_FIELD_NUMBER: _ClassVar[int]
     RELEASES_FIELD_NUMBER: _ClassVar[int]
     CONNECTED_REPLICA_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_STATE_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     attributes: _containers.ScalarMap[str, str]
     backends: _containers.RepeatedScalarFieldContainer[str]
@@ -618,7 +683,8 @@ class DeviceSummary(_message.Message):
     revoked: bool
     releases: _containers.RepeatedCompositeFieldContainer[DeviceRelease]
     connected_replica: str
-    def __init__(self, device_id: _Optional[str] = ..., attributes: _Optional[_Mapping[str, str]] = ..., backends: _Optional[_Iterable[str]] = ..., selected_backends: _Optional[_Iterable[str]] = ..., last_seen_unix: _Optional[float] = ..., revoked: _Optional[bool] = ..., releases: _Optional[_Iterable[_Union[DeviceRelease, _Mapping]]] = ..., connected_replica: _Optional[str] = ...) -> None: ...
+    device_state: _containers.ScalarMap[str, str]
+    def __init__(self, device_id: _Optional[str] = ..., attributes: _Optional[_Mapping[str, str]] = ..., backends: _Optional[_Iterable[str]] = ..., selected_backends: _Optional[_Iterable[str]] = ..., last_seen_unix: _Optional[float] = ..., revoked: _Optional[bool] = ..., releases: _Optional[_Iterable[_Union[DeviceRelease, _Mapping]]] = ..., connected_replica: _Optional[str] = ..., device_state: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class ListDevicesResponse(_message.Message):
     __slots__ = ("devices", "next_page_token")
@@ -653,6 +719,26 @@ class ListReleasesResponse(_message.Message):
     RELEASES_FIELD_NUMBER: _ClassVar[int]
     releases: _containers.RepeatedCompositeFieldContainer[ReleaseStatus]
     def __init__(self, releases: _Optional[_Iterable[_Union[ReleaseStatus, _Mapping]]] = ...) -> None: ...
+
+class RoundModelRequest(_message.Message):
+    __slots__ = ("release", "round")
+    RELEASE_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    release: str
+    round: int
+    def __init__(self, release: _Optional[str] = ..., round: _Optional[int] = ...) -> None: ...
+
+class RollbackRoundResponse(_message.Message):
+    __slots__ = ("release", "version", "model", "cancelled_round")
+    RELEASE_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    CANCELLED_ROUND_FIELD_NUMBER: _ClassVar[int]
+    release: str
+    version: int
+    model: str
+    cancelled_round: int
+    def __init__(self, release: _Optional[str] = ..., version: _Optional[int] = ..., model: _Optional[str] = ..., cancelled_round: _Optional[int] = ...) -> None: ...
 
 class GetServerStatsRequest(_message.Message):
     __slots__ = ()

@@ -84,6 +84,11 @@ class DeviceServiceStub:
                 request_serializer=tether_dot_proto_dot_v1_dot_tether__pb2.ReportBackendsRequest.SerializeToString,
                 response_deserializer=tether_dot_proto_dot_v1_dot_tether__pb2.ReportBackendsResponse.FromString,
                 _registered_method=True)
+        self.PushUpdate = channel.stream_unary(
+                '/tether.v1.DeviceService/PushUpdate',
+                request_serializer=tether_dot_proto_dot_v1_dot_tether__pb2.PushUpdateChunk.SerializeToString,
+                response_deserializer=tether_dot_proto_dot_v1_dot_tether__pb2.PushUpdateResponse.FromString,
+                _registered_method=True)
 
 
 class DeviceServiceServicer:
@@ -153,6 +158,13 @@ class DeviceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PushUpdate(self, request_iterator, context):
+        """A federated round's model update (client stream: header, then bytes).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DeviceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -205,6 +217,11 @@ def add_DeviceServiceServicer_to_server(servicer, server):
                     servicer.ReportBackends,
                     request_deserializer=tether_dot_proto_dot_v1_dot_tether__pb2.ReportBackendsRequest.FromString,
                     response_serializer=tether_dot_proto_dot_v1_dot_tether__pb2.ReportBackendsResponse.SerializeToString,
+            ),
+            'PushUpdate': grpc.stream_unary_rpc_method_handler(
+                    servicer.PushUpdate,
+                    request_deserializer=tether_dot_proto_dot_v1_dot_tether__pb2.PushUpdateChunk.FromString,
+                    response_serializer=tether_dot_proto_dot_v1_dot_tether__pb2.PushUpdateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -487,6 +504,33 @@ class DeviceService:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def PushUpdate(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/tether.v1.DeviceService/PushUpdate',
+            tether_dot_proto_dot_v1_dot_tether__pb2.PushUpdateChunk.SerializeToString,
+            tether_dot_proto_dot_v1_dot_tether__pb2.PushUpdateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class AdminServiceStub:
     """Missing associated documentation comment in .proto file."""
@@ -546,6 +590,16 @@ class AdminServiceStub:
                 '/tether.v1.AdminService/ListDevices',
                 request_serializer=tether_dot_proto_dot_v1_dot_tether__pb2.ListDevicesRequest.SerializeToString,
                 response_deserializer=tether_dot_proto_dot_v1_dot_tether__pb2.ListDevicesResponse.FromString,
+                _registered_method=True)
+        self.ExportRoundModel = channel.unary_stream(
+                '/tether.v1.AdminService/ExportRoundModel',
+                request_serializer=tether_dot_proto_dot_v1_dot_tether__pb2.RoundModelRequest.SerializeToString,
+                response_deserializer=tether_dot_proto_dot_v1_dot_tether__pb2.BlobChunk.FromString,
+                _registered_method=True)
+        self.RollbackRound = channel.unary_unary(
+                '/tether.v1.AdminService/RollbackRound',
+                request_serializer=tether_dot_proto_dot_v1_dot_tether__pb2.RoundModelRequest.SerializeToString,
+                response_deserializer=tether_dot_proto_dot_v1_dot_tether__pb2.RollbackRoundResponse.FromString,
                 _registered_method=True)
 
 
@@ -612,6 +666,20 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExportRoundModel(self, request, context):
+        """A federated round's global model, as a safetensors file in chunks (each carrying the digest).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RollbackRound(self, request, context):
+        """Serve a round's model again (a derived bundle version); the next round trains from it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -664,6 +732,16 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.ListDevices,
                     request_deserializer=tether_dot_proto_dot_v1_dot_tether__pb2.ListDevicesRequest.FromString,
                     response_serializer=tether_dot_proto_dot_v1_dot_tether__pb2.ListDevicesResponse.SerializeToString,
+            ),
+            'ExportRoundModel': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportRoundModel,
+                    request_deserializer=tether_dot_proto_dot_v1_dot_tether__pb2.RoundModelRequest.FromString,
+                    response_serializer=tether_dot_proto_dot_v1_dot_tether__pb2.BlobChunk.SerializeToString,
+            ),
+            'RollbackRound': grpc.unary_unary_rpc_method_handler(
+                    servicer.RollbackRound,
+                    request_deserializer=tether_dot_proto_dot_v1_dot_tether__pb2.RoundModelRequest.FromString,
+                    response_serializer=tether_dot_proto_dot_v1_dot_tether__pb2.RollbackRoundResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -936,6 +1014,60 @@ class AdminService:
             '/tether.v1.AdminService/ListDevices',
             tether_dot_proto_dot_v1_dot_tether__pb2.ListDevicesRequest.SerializeToString,
             tether_dot_proto_dot_v1_dot_tether__pb2.ListDevicesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportRoundModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/tether.v1.AdminService/ExportRoundModel',
+            tether_dot_proto_dot_v1_dot_tether__pb2.RoundModelRequest.SerializeToString,
+            tether_dot_proto_dot_v1_dot_tether__pb2.BlobChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RollbackRound(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tether.v1.AdminService/RollbackRound',
+            tether_dot_proto_dot_v1_dot_tether__pb2.RoundModelRequest.SerializeToString,
+            tether_dot_proto_dot_v1_dot_tether__pb2.RollbackRoundResponse.FromString,
             options,
             channel_credentials,
             insecure,
