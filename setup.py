@@ -9,7 +9,7 @@ library's `operator` module. `examples/` ships as `tether.examples` so that
 
 from setuptools import find_namespace_packages, setup
 
-SOURCE_ROOTS = ("protos", "common", "agent", "controller", "operator", "cli", "devtools")
+SOURCE_ROOTS = ("protos", "common", "agent", "controller", "operator", "dashboard", "cli", "devtools")
 
 packages: list[str] = []
 package_dir: dict[str, str] = {}
@@ -25,6 +25,7 @@ setup(
     package_dir=package_dir,
     package_data={
         "": ["*.proto", "*.yaml", "*.json", "*.sql", "*.pyi"],
+        "tether.dashboard": ["templates/*.html", "static/*.css", "static/*.js", "static/vendor/uplot/*"],
         "tether.examples": ["**/*.py", "**/*.yaml", "**/*.mnn", "**/*.onnx", "**/*.npz", "**/*.md"],
     },
     include_package_data=False,

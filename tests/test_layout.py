@@ -24,10 +24,11 @@ PORTIONS = (
     "tether.agent",
     "tether.controller",
     "tether.operator",
+    "tether.dashboard",
     "tether.devtools",
     "tether.cli",
 )
-SOURCE_ROOTS = ("protos", "common", "agent", "controller", "operator", "devtools", "cli")
+SOURCE_ROOTS = ("protos", "common", "agent", "controller", "operator", "dashboard", "devtools", "cli")
 IO_PACKAGES = ("grpc", "psycopg", "psycopg_pool", "celery", "kopf", "MNN", "onnxruntime")
 MAX_MODULE_LINES = 600
 MAX_CLASS_LINES = 400

@@ -45,6 +45,11 @@ def test_wheel_contains_each_component_and_its_data(wheel):
         "tether/agent/__init__.py",
         "tether/controller/migrations/20261121_0001_initial.sql",
         "tether/operator/__init__.py",
+        "tether/dashboard/app.py",
+        "tether/dashboard/templates/task.html",
+        "tether/dashboard/static/dashboard.js",
+        "tether/dashboard/static/vendor/uplot/uPlot.iife.min.js",
+        "tether/dashboard/static/vendor/uplot/LICENSE",
         "tether/examples/digits/task/model.mnn",
         "tether/examples/digits/mltask.yaml",
     ):

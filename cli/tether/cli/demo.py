@@ -71,6 +71,14 @@ def load_mltask(path: pathlib.Path, *, digest: str, namespace: str) -> dict[str,
     "for the demo, serving the controller's blob directory to per-device signed URLs).",
 )
 @click.option(
+    "--dashboard",
+    "with_dashboard",
+    is_flag=True,
+    help="Also serve the web dashboard (needs the `dashboard` extra): print its URL and token, watch the rollout "
+    "there, and keep everything up after the demo until Ctrl-C.",
+)
+@click.option("--dashboard-port", default=0, show_default=True, help="Port of the dashboard (0: a free one).")
+@click.option(
     "--json-out",
     type=click.Path(dir_okay=False, path_type=pathlib.Path),
     default=None,
@@ -86,6 +94,8 @@ def demo(
     no_tls: bool,
     unsigned: bool,
     blobs: str,
+    with_dashboard: bool,
+    dashboard_port: int,
     json_out: pathlib.Path | None,
 ) -> None:
     """Run the whole system locally with a simulated fleet and print the aggregate.
@@ -105,7 +115,18 @@ def demo(
         blobs=blobs,
     )
     try:
-        outcome = asyncio.run(run_demo(config, console=console, timeout=timeout))
+        outcome = asyncio.run(
+            run_demo(
+                config,
+                console=console,
+                timeout=timeout,
+                dashboard=with_dashboard,
+                dashboard_port=dashboard_port,
+                on_outcome=(lambda o: json_out.write_text(json.dumps(o, indent=2, sort_keys=True)))
+                if json_out is not None
+                else None,
+            )
+        )
     except KeyboardInterrupt:
         console.print("[yellow]interrupted: everything the demo started has been stopped[/]")
         raise SystemExit(130) from None
@@ -115,12 +136,28 @@ def demo(
         raise SystemExit(1)
 
 
-async def run_demo(config: stack_mod.StackConfig, *, console: Console, timeout: float) -> dict[str, Any]:
+async def run_demo(
+    config: stack_mod.StackConfig,
+    *,
+    console: Console,
+    timeout: float,
+    dashboard: bool = False,
+    dashboard_port: int = 0,
+    on_outcome: Any = None,
+) -> dict[str, Any]:
     t0 = time.monotonic()
     stack = stack_mod.LocalStack(config)
     console.rule("[bold]Tether demo")
     try:
-        return await _scenario(stack, console=console, timeout=timeout, t0=t0)
+        outcome = await _scenario(
+            stack, console=console, timeout=timeout, t0=t0, dashboard_port=dashboard_port if dashboard else None
+        )
+        if dashboard:
+            if on_outcome is not None:
+                on_outcome(outcome)
+            console.print(f"[bold]dashboard still up at {stack.dashboard_url}[/] (Ctrl-C stops it and everything else)")
+            await asyncio.Event().wait()
+        return outcome
     finally:
         with console.status("stopping everything the demo started"):
             await stack.stop()
@@ -136,7 +173,9 @@ async def _step(console: Console, label: str, coro: Any) -> Any:
     return result
 
 
-async def _scenario(stack: stack_mod.LocalStack, *, console: Console, timeout: float, t0: float) -> dict[str, Any]:
+async def _scenario(
+    stack: stack_mod.LocalStack, *, console: Console, timeout: float, t0: float, dashboard_port: int | None = None
+) -> dict[str, Any]:
     from tether.common.bundle_files import build_manifest
 
     cfg = stack.config
@@ -151,6 +190,15 @@ async def _scenario(stack: stack_mod.LocalStack, *, console: Console, timeout: f
         stack.start_cluster(),
     )
     await _step(console, "operator", stack.start_operator())
+    if dashboard_port is not None:
+        try:
+            url, token = await _step(console, "dashboard", stack.start_dashboard(port=dashboard_port))
+        except ImportError as e:
+            raise click.ClickException(
+                f"--dashboard needs the dashboard extra (pip install 'tether[dashboard]'): {e}"
+            ) from None
+        stack.dashboard_url = url
+        console.print(f"  [bold]dashboard: {url}[/]  log in with the token {token}")
     ex = example_dir()
     await _step(console, f"{cfg.agents} simulated devices", stack.start_fleet(ex / "device_data.npz"))
 

@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bundle": ("tether.cli.bundle:bundle", "Build and upload content-addressed task bundles."),
     "status": ("tether.cli.status:status", "Show a task's rollout progress and aggregate."),
     "rollout": ("tether.cli.rollout:rollout", "Pause, resume, promote or abort a staged rollout."),
+    "dashboard": ("tether.cli.dashboard_cmd:dashboard", "Serve the web dashboard (tasks, rollouts, fleet, rounds)."),
     "task": ("tether.cli.task_cmd:task", "Build, upload and apply a task directory and its MLTask."),
     "controller": ("tether.cli.controller_cmd:controller", "Run the controller (gRPC distribution service)."),
     "worker": ("tether.cli.worker_cmd:worker", "Run a Celery aggregation worker."),

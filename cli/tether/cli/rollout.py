@@ -1,6 +1,6 @@
 """`tether rollout pause|resume|promote|abort TASK`: steer a staged rollout without kubectl.
 
-Each command patches the MLTask object (a JSON merge patch through the
+Each command patches the MLTask object (`tether.common.rollout_controls`) (a JSON merge patch through the
 Kubernetes API); the operator acts on it:
 - pause:   `spec.paused: true` (the current stage holds; nothing new is pushed);
 - resume:  `spec.paused: false` plus the `tether.dev/resume` annotation (a
@@ -17,45 +17,24 @@ records each value it acted on in `status.rollout.handled`.
 from __future__ import annotations
 
 import asyncio
-import datetime
-from typing import Any
 
 import click
 
-from tether.common import errors
+from tether.common import errors, rollout_controls
 
-GROUP = "tether.dev"
-ANNOTATIONS = {"promote": f"{GROUP}/promote", "abort": f"{GROUP}/abort", "resume": f"{GROUP}/resume"}
-
-
-def patch_for(action: str, *, now: datetime.datetime) -> dict[str, Any]:
-    """The merge patch each command sends."""
-    stamp = now.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-    if action == "pause":
-        return {"spec": {"paused": True}}
-    if action == "resume":
-        return {"spec": {"paused": False}, "metadata": {"annotations": {ANNOTATIONS["resume"]: stamp}}}
-    if action in ("promote", "abort"):
-        return {"metadata": {"annotations": {ANNOTATIONS[action]: stamp}}}
-    raise errors.InvalidArgument(f"unknown rollout action {action!r}")
-
-
-def split(task: str, namespace: str | None, default: str) -> tuple[str, str]:
-    if "/" in task:
-        ns, name = task.split("/", 1)
-        return ns, name
-    return namespace or default, task
+# The patches live in tether.common.rollout_controls (the dashboard sends the same ones).
+patch_for = rollout_controls.patch_for
+split = rollout_controls.split
+ANNOTATIONS = rollout_controls.ANNOTATIONS
 
 
 async def request(action: str, task: str, *, namespace: str | None, kubeconfig: str | None) -> str:
     from tether.common import kube
 
     credentials = await kube.load(kubeconfig)
-    ns, name = split(task, namespace, credentials.namespace)
+    ns, name = rollout_controls.split(task, namespace, credentials.namespace)
     async with kube.KubeClient(credentials) as client:
-        await client.patch_mltask(ns, name, patch_for(action, now=datetime.datetime.now(datetime.UTC)))
-    past = {"pause": "paused", "resume": "resumed", "promote": "promotion requested", "abort": "abort requested"}
-    return f"mltask {ns}/{name}: {past[action]}"
+        return await rollout_controls.apply(client, action, ns, name)
 
 
 def _command(action: str, help_text: str) -> click.Command:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import copy
 import dataclasses
 import datetime
 import json
@@ -122,6 +123,24 @@ class Credentials:
         """The `Authorization` header value (`Bearer ...`, `Basic ...`) or None (client certificates only)."""
         value = self.configuration.api_key.get("BearerToken")
         return str(value) if value else None
+
+
+def as_user(credentials: Credentials, token: str) -> Credentials:
+    """The same API server and CA, authenticated as the holder of bearer `token` and nothing else.
+
+    The dashboard's "cluster credentials" login: a user's own token, so the API server's RBAC
+    decides what that user may do. The original user's token, client certificate, basic auth and
+    refresh hook (exec plugin, rotating service-account token) are all dropped from the copy.
+    """
+    configuration = copy.deepcopy(credentials.configuration)
+    configuration.api_key = {"BearerToken": f"Bearer {token}"}
+    configuration.api_key_prefix = {}
+    configuration.refresh_api_key_hook = None
+    configuration.cert_file = None
+    configuration.key_file = None
+    configuration.username = None
+    configuration.password = None
+    return Credentials(configuration=configuration, namespace=credentials.namespace, source="a user's bearer token")
 
 
 def _candidates(path: str | os.PathLike[str] | None) -> list[pathlib.Path]:
@@ -278,6 +297,43 @@ class KubeClient:
             ),
         )
 
+    async def list_mltasks(self, namespace: str | None) -> list[dict[str, Any]]:
+        """Every MLTask of `namespace` (None: of every namespace the credentials may list)."""
+        group, version, plural = MLTASKS
+        objects = self._objects()
+        if namespace is None:
+            call = objects.list_cluster_custom_object(group, version, plural, _request_timeout=self._timeout_s)
+        else:
+            call = objects.list_namespaced_custom_object(
+                group, version, namespace, plural, _request_timeout=self._timeout_s
+            )
+        result = await self._call("LIST", f"mltasks in {namespace or 'every namespace'}", call)
+        return [dict(item) for item in result.get("items") or []]
+
+    async def list_events(self, namespace: str, name: str) -> list[dict[str, Any]]:
+        """The events about MLTask `namespace/name`, oldest first (filtered here too: not every API filters)."""
+        if self._api is None:
+            raise RuntimeError("KubeClient is used outside `async with`")
+        core = k8s.CoreV1Api(self._api)
+        result = await self._call(
+            "LIST",
+            f"events of mltask {namespace}/{name}",
+            core.list_namespaced_event(
+                namespace,
+                field_selector=f"involvedObject.name={name}",
+                _request_timeout=self._timeout_s,
+                _preload_content=False,
+            ),
+            raw=True,
+        )
+        items = [
+            e
+            for e in result.get("items") or []
+            if (e.get("involvedObject") or {}).get("name") == name
+            and (e.get("involvedObject") or {}).get("kind", "MLTask") == "MLTask"
+        ]
+        return sorted(items, key=lambda e: str(e.get("lastTimestamp") or e.get("eventTime") or ""))
+
     async def patch_mltask(self, namespace: str, name: str, patch: Mapping[str, Any]) -> dict[str, Any]:
         """A JSON merge patch (RFC 7386) of the object (spec and metadata; status is the operator's)."""
         group, version, plural = MLTASKS
@@ -322,9 +378,12 @@ class KubeClient:
             return "unchanged", live
         return "configured", await self.patch_mltask(namespace, name, patch)
 
-    async def _call(self, method: str, what: str, call: Any) -> dict[str, Any]:
+    async def _call(self, method: str, what: str, call: Any, *, raw: bool = False) -> dict[str, Any]:
         try:
             result = await call
+            if raw:  # an unparsed response: its JSON body as plain dicts (camelCase, as the API sends it)
+                async with result:
+                    result = json.loads(await result.read())
         except k8s.ApiException as e:
             body = str(e.body or e.reason or "")[:300]
             if e.status == 404:

@@ -25,6 +25,7 @@ key is made whose public half the fleet trusts, so only bundles signed with
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import pathlib
@@ -76,6 +77,7 @@ class LocalStack:
         self.trusted_key: pathlib.Path | None = None
         self._exit = contextlib.AsyncExitStack()
         self._services: list[Any] = []
+        self.dashboard_url = ""  # the web dashboard's URL once `start_dashboard` ran
         self.origin: Any = None  # the nginx origin (`origin.NginxOrigin`) with blobs="http"
 
     # ------------------------------------------------------------ lifecycle
@@ -273,6 +275,42 @@ class LocalStack:
                 origin_devices=len(self.origin.devices()),
             )
         return out
+
+    async def start_dashboard(self, *, port: int = 0, token: str | None = None) -> tuple[str, str]:
+        """The web dashboard in this process (uvicorn on 127.0.0.1), controls on; its URL and login token.
+
+        It reads the stack's controller and Kubernetes API like any client; stopped with the stack.
+        """
+        from tether.dashboard import settings as settings_mod
+        from tether.dashboard import webserver
+
+        token = token or secrets.token_urlsafe(24)
+        settings = settings_mod.Settings(
+            controller=self.controller_address,
+            admin_token=self.admin_token,
+            token=token,
+            tls=self.client_tls(),
+            kubeconfig=str(self.cluster.kubeconfig_path),
+            namespaces=(self.config.namespace,),
+            allow_controls=True,
+            interval_s=1.0,
+            port=port,
+        )
+        server = webserver.server(settings)
+        task = asyncio.create_task(server.serve(), name="tether-dashboard")
+        while not server.started:
+            if task.done():
+                task.result()
+                raise RuntimeError("the dashboard stopped before it started")
+            await asyncio.sleep(0.05)
+
+        async def stop() -> None:
+            server.should_exit = True
+            with contextlib.suppress(Exception):
+                await task
+
+        self._exit.push_async_callback(stop)
+        return webserver.url(settings, server.servers[0].sockets[0].getsockname()[1]), token
 
     def admin_client(self) -> Any:
         from tether.common.admin_client import AdminClient
