@@ -74,10 +74,11 @@ async def check_clean(page: Any, problems: list[str]) -> None:
 
 
 async def shoot(page: Any, name: str, tmp: pathlib.Path) -> None:
-    """A full-page screenshot into the run's tmp directory and into docs/dashboard/ (the docs' figures)."""
+    """A full-page screenshot into the run's tmp directory, and into docs/dashboard/ (the docs' figures) when
+    TETHER_DASHBOARD_DOCS_SHOTS=1: a plain test run never rewrites tracked files."""
     tmp.mkdir(parents=True, exist_ok=True)
     await page.screenshot(path=str(tmp / f"{name}.png"), full_page=True)
-    if os.environ.get("TETHER_DASHBOARD_DOCS_SHOTS", "1") != "0":
+    if os.environ.get("TETHER_DASHBOARD_DOCS_SHOTS", "0") == "1":
         DOCS_SHOTS.mkdir(parents=True, exist_ok=True)
         await page.screenshot(path=str(DOCS_SHOTS / f"{name}.png"), full_page=True)
 
