@@ -102,8 +102,40 @@ def test_a_poisoned_participant_sends_minus_a_hundred_times_its_delta() -> None:
             round_index=0,
             poisoned=poisoned,
         )
-        return out.delta
+        assert out.outcome is not None and out.refused == 0
+        return out.outcome.delta
 
     honest, bad = delta(frozenset()), delta(frozenset({device}))
     for name in honest:
         assert bad[name] == pytest.approx(-100.0 * honest[name], rel=1e-5, abs=1e-9)
+
+
+def test_a_round_refuses_what_cannot_be_folded_and_a_broken_model_publishes_nothing() -> None:
+    import numpy as np
+
+    from tether.controller.fl import aggregators
+    from tether.spec import strategies
+
+    fltrain = bench_fl_sim.load_fltrain(bench_fl_sim.example_dir())
+    split = fldata.digits_split()
+    path = bench_fl_sim.InProcessPath(fltrain=fltrain, split=split, setup=bench_fl_sim.Setup(rounds=1))
+    broken = fltrain.initial_weights(0)
+    broken["fc2.bias"][0] = np.inf  # what float32 overflow leaves after a poisoned FedAvg round
+    devices = [s.device for s in split.shards[:3]]
+    result = path.round(
+        strategy=strategies.FedAvg(),
+        global_model=broken,
+        state=aggregators.ServerState(),
+        participants=devices,
+        round_index=0,
+        poisoned=frozenset(),
+    )
+    assert result.outcome is None and result.refused == 3
+    curve = bench_fl_sim.run_rounds(
+        path,
+        strategy=strategies.FedAvg(),
+        initial=broken,
+        plan=[devices, devices],
+        evaluate=lambda w: fltrain.evaluate(w, split.X_test, split.y_test),
+    )
+    assert curve.refused == [3, 3] and len(curve.accuracy) == 3

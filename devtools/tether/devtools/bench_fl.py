@@ -308,12 +308,15 @@ def robustness(bench: Bench, *, rounds: int) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for name, strategy in ROBUST:
         clean = bench.run(strategy, rounds=rounds).accuracy[-1]
-        poisoned = bench.run(strategy, rounds=rounds, poisoned=attackers).accuracy[-1]
+        attacked = bench.run(strategy, rounds=rounds, poisoned=attackers)
+        poisoned = attacked.accuracy[-1]
         results[name] = {
             "parameters": strategies.strategy_document(strategy),
             "clean": clean,
             "poisoned": poisoned,
             "drop": clean - poisoned,
+            "poisoned_curve": attacked.accuracy,
+            "refused_updates": sum(attacked.refused),
         }
         _say(f"robustness: {name} clean {clean:.3f} poisoned {poisoned:.3f}")
     clean_fedavg = results["fedAvg"]["clean"]

@@ -60,11 +60,13 @@ class Setup:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Curve:
-    """One run: held-out accuracy and loss before round 1 and after every round, and each round's seconds."""
+    """One run: held-out accuracy and loss before round 1 and after every round, each round's seconds, and
+    per round the updates refused (non-finite, or a device that could not train from a broken model)."""
 
     accuracy: list[float]
     loss: list[float]
     round_s: list[float]
+    refused: list[int] = dataclasses.field(default_factory=list)
 
     def rounds_to(self, target: float) -> int | None:
         """The first round whose global model reaches `target` accuracy (None if none does)."""
@@ -118,8 +120,19 @@ def poisoned_devices(devices: Sequence[str], *, fraction: float, seed: int) -> f
     return frozenset(str(d) for d in rng.choice(np.array(sorted(devices)), size=k, replace=False))
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RoundResult:
+    """A round's outcome (None when no update could be folded: the global model stays) and its refusals."""
+
+    outcome: aggregators.Outcome | None
+    refused: int
+
+
 class RoundPath(Protocol):
-    """How one round's participants train and their updates reach the strategy."""
+    """How one round's participants train and their updates reach the strategy.
+
+    As the controller does, an update that cannot be folded (`updates.InvalidUpdate`) is refused and the round
+    aggregates the others; with none left the round publishes nothing."""
 
     @property
     def name(self) -> str:
@@ -134,7 +147,7 @@ class RoundPath(Protocol):
         participants: Sequence[str],
         round_index: int,
         poisoned: frozenset[str],
-    ) -> aggregators.Outcome: ...
+    ) -> RoundResult: ...
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -155,27 +168,45 @@ class InProcessPath:
         participants: Sequence[str],
         round_index: int,
         poisoned: frozenset[str],
-    ) -> aggregators.Outcome:
+    ) -> RoundResult:
         shards = {s.device: s for s in self.split.shards}
         mu = strategy.proximal_mu if isinstance(strategy, strategies.FedProx) else 0.0
         contributions = []
+        refused = 0
         for device in participants:
             shard = shards[device]
-            new, _ = self.fltrain.train(
-                global_model,
-                shard.X,
-                shard.y,
-                lr=self.setup.lr,
-                batch=self.setup.batch,
-                epochs=self.setup.epochs,
-                seed=self.setup.batch_seed(round_index),
-                proximal_mu=mu,
+            try:
+                new, _ = self.fltrain.train(
+                    global_model,
+                    shard.X,
+                    shard.y,
+                    lr=self.setup.lr,
+                    batch=self.setup.batch,
+                    epochs=self.setup.epochs,
+                    seed=self.setup.batch_seed(round_index),
+                    proximal_mu=mu,
+                )
+            except ValueError:  # the task refuses a non-finite global model: the device's run fails
+                refused += 1
+                continue
+            with np.errstate(all="ignore"):
+                delta = {n: new[n] - global_model[n] for n in global_model}
+                if device in poisoned:
+                    delta = {n: (d * np.float32(POISON_SCALE)).astype(np.float32) for n, d in delta.items()}
+            update = updates.Update(device=device, delta=delta, samples=len(shard.y))
+            try:
+                updates.check(update, like=global_model)
+            except updates.InvalidUpdate:
+                refused += 1
+                continue
+            contributions.append(update)
+        if not contributions:
+            return RoundResult(outcome=None, refused=refused)
+        with np.errstate(over="ignore"):  # a poisoned FedAvg model may overflow float32: that is the damage shown
+            outcome = aggregators.aggregate(
+                strategy, global_model=global_model, contributions=contributions, state=state
             )
-            delta = {n: new[n] - global_model[n] for n in global_model}
-            if device in poisoned:
-                delta = {n: (d * np.float32(POISON_SCALE)).astype(np.float32) for n, d in delta.items()}
-            contributions.append(updates.Update(device=device, delta=delta, samples=len(shard.y)))
-        return aggregators.aggregate(strategy, global_model=global_model, contributions=contributions, state=state)
+        return RoundResult(outcome=outcome, refused=refused)
 
 
 def run_rounds(
@@ -192,11 +223,12 @@ def run_rounds(
     """Run the rounds of `plan` (or until accuracy reaches `stop_at`) and score every global model."""
     model = {n: np.array(w, dtype=np.float32) for n, w in initial.items()}
     state = aggregators.ServerState()
-    first = evaluate(model)
-    accuracy, loss, round_s = [first["accuracy"]], [first["loss"]], []
+    with np.errstate(all="ignore"):  # a broken (non-finite) model scores as what it predicts, without warnings
+        first = evaluate(model)
+    accuracy, loss, round_s, refused = [first["accuracy"]], [first["loss"]], [], []
     for r, participants in enumerate(plan):
         started = time.perf_counter()
-        outcome = path.round(
+        result = path.round(
             strategy=strategy,
             global_model=model,
             state=state,
@@ -204,9 +236,12 @@ def run_rounds(
             round_index=r,
             poisoned=poisoned,
         )
-        model = {n: np.asarray(w, dtype=np.float32) for n, w in outcome.model.items()}
-        state = outcome.state
-        scores = evaluate(model)
+        if result.outcome is not None:
+            model = {n: np.asarray(w, dtype=np.float32) for n, w in result.outcome.model.items()}
+            state = result.outcome.state
+        refused.append(result.refused)
+        with np.errstate(all="ignore"):
+            scores = evaluate(model)
         round_s.append(time.perf_counter() - started)
         accuracy.append(scores["accuracy"])
         loss.append(scores["loss"])
@@ -214,7 +249,7 @@ def run_rounds(
             progress(r + 1, scores["accuracy"])
         if stop_at is not None and scores["accuracy"] >= stop_at:
             break
-    return Curve(accuracy=accuracy, loss=loss, round_s=round_s)
+    return Curve(accuracy=accuracy, loss=loss, round_s=round_s, refused=refused)
 
 
 def write_inputs(
