@@ -8,10 +8,12 @@ order and reports its time and its peak resident memory (`ru_maxrss`) and
 resident memory just before the fold, so the figure is the fold's own memory
 and not the interpreter's.
 
-- tether: every update through `tether.controller.fl.aggregators.MeanFold.add`
-  (the checks of `updates.check` included) and `aggregators.finish` with
-  FedAvg: the streaming path the Celery worker calls (one float64 model of
-  running sums, whatever N is).
+- tether: every update read into one reused buffer and through
+  `tether.controller.fl.aggregators.MeanFold.add` (the checks of
+  `updates.check` included), then `aggregators.finish` with FedAvg against a
+  real float32 global model: the streaming path the Celery worker calls. Its
+  memory: the global model (1x), the float64 running sums (2x), the update
+  buffer (1x) while folding, the new model (1x) in place of the buffer after.
 - numpy: the plain in-memory NumPy weighted mean, `np.einsum("i,ij->j",
   samples, np.stack(updates))`, over blocks of `block` updates (all N at once
   would need N x P x 4 bytes and more), the blocks' weighted sums added up.
@@ -69,9 +71,25 @@ class _Loader:
         self.seconds += time.perf_counter() - started
         return out
 
+    def into(self, i: int, buffer: np.ndarray) -> np.ndarray:
+        """Read update i into `buffer` (same dtype and size) and return it: one update buffer for the whole run, as
+        a worker streaming blobs would keep. (A fresh 4 MB array per update leaves freed blocks on glibc's heap once
+        its mmap threshold has risen, and ru_maxrss would count that slack as if it were live.)"""
+        started = time.perf_counter()
+        with open(self.directory / f"u{i:05d}.npy", "rb") as f:
+            version = np.lib.format.read_magic(f)
+            header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = header(f)
+            if dtype != buffer.dtype or int(np.prod(shape)) != buffer.size or fortran:
+                raise ValueError(f"update {i}: {dtype} {shape} does not fit the buffer")
+            if f.readinto(buffer.view(np.uint8).data) != buffer.nbytes:
+                raise ValueError(f"update {i} is truncated")
+        self.seconds += time.perf_counter() - started
+        return buffer.reshape(shape)
+
 
 def fold_tether(directory: pathlib.Path, *, updates: int) -> tuple[np.ndarray, float]:
-    """The new global model (from zeros) and the seconds spent reading files."""
+    """The round's mean update (the new global model is computed too) and the seconds spent reading files."""
     from tether.controller.fl import aggregators
     from tether.controller.fl import updates as fl_updates
     from tether.spec import strategies
@@ -79,17 +97,21 @@ def fold_tether(directory: pathlib.Path, *, updates: int) -> tuple[np.ndarray, f
     load = _Loader(directory)
     samples = np.load(directory / "samples.npy")
     first = np.load(directory / "u00000.npy", mmap_mode="r")
-    global_model = {TENSOR: np.zeros(first.shape, dtype=np.float32)}
+    # A real global model in memory (every page touched), counted in the peak as a worker's would be.
+    global_model = {TENSOR: np.full(first.shape, 0.5, dtype=np.float32)}
     del first
     fold = aggregators.MeanFold(like=global_model)
+    buffer = np.empty(global_model[TENSOR].size, dtype=np.float32)
     for i in range(updates):
-        delta = load(i)
+        delta = load.into(i, buffer)
         fold.add(fl_updates.Update(device=f"device-{i:05d}", delta={TENSOR: delta}, samples=int(samples[i])))
         del delta
+    del buffer  # the last update is folded: the new model takes its place
     outcome = aggregators.finish(
         strategies.FedAvg(), global_model=global_model, fold=fold, state=aggregators.ServerState()
     )
-    return np.asarray(outcome.model[TENSOR]), load.seconds
+    assert outcome.model[TENSOR].dtype == np.float32
+    return outcome.delta[TENSOR], load.seconds  # float64, saved as is: a float32 copy would add to the peak
 
 
 def fold_numpy(directory: pathlib.Path, *, updates: int, block: int) -> tuple[np.ndarray, float]:
