@@ -139,3 +139,16 @@ def test_a_round_refuses_what_cannot_be_folded_and_a_broken_model_publishes_noth
         evaluate=lambda w: fltrain.evaluate(w, split.X_test, split.y_test),
     )
     assert curve.refused == [3, 3] and len(curve.accuracy) == 3
+
+
+def test_the_fold_child_reports_its_own_peak_and_not_its_parents(tmp_path) -> None:
+    """ru_maxrss survives exec on Linux; the child must report its own address space's high-water mark."""
+    import numpy as np
+
+    from tether.devtools import bench_fl_agg
+
+    bench_fl_agg.prepare(tmp_path, updates=3, params=1000, seed=0)
+    ballast = np.ones(40_000_000)  # 320 MB in the parent
+    report = bench_fl_agg.measure(tmp_path, side="tether", updates=3, block=3)
+    assert float(ballast[-1]) == 1.0
+    assert 0 < report["rss_before"] <= report["peak_rss"] < 300_000_000

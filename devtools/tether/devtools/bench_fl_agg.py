@@ -4,7 +4,7 @@ The updates are written once to files (`prepare`: seeded, float32, one
 tensor of P values, sample counts 1..100), as a worker finds them in the blob
 store; each side then runs in a fresh child process (`python -m
 tether.devtools.bench_fl_agg fold ...`) that reads the same files in the same
-order and reports its time and its peak resident memory (`ru_maxrss`) and
+order and reports its time and its peak resident memory (`VmHWM`) and
 resident memory just before the fold, so the figure is the fold's own memory
 and not the interpreter's.
 
@@ -55,7 +55,15 @@ def _rss_bytes() -> int:
 
 
 def _peak_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
+    """This process's peak resident memory: VmHWM, the high-water mark of its own address space.
+
+    Not `ru_maxrss`: Linux carries that across exec, so a child forked from a large parent reports the parent's
+    size at fork time."""
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 class _Loader:
