@@ -46,6 +46,9 @@ def test_the_quick_benchmark_writes_every_key(tmp_path) -> None:
     assert doc["tether_path"] == "in-process strategies"
     assert len(doc["tether_accuracy"]) == 4 and all(0.0 <= a <= 1.0 for a in doc["tether_accuracy"])
     assert len(doc["participants"]) == 3 and all(len(p) == 10 for p in doc["participants"])
+    # pooled data trains faster than 3 federated rounds of ~14 samples a device
+    assert set(doc["centralized_accuracy"]) == {"1", "3"}
+    assert doc["centralized_accuracy"]["3"] > doc["tether_accuracy"][-1]
     if HAVE_FLOWER:
         assert doc["same_participants"] is True and doc["max_round_gap"] <= 0.02
         assert doc["round_time_ratio"] == pytest.approx(doc["tether_round_s"] / doc["flower_round_s"])
