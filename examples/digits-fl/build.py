@@ -2,7 +2,7 @@
 
 Writes, deterministically (the same inputs give byte-identical files):
 
-- task/global.safetensors: the round-0 global model, `fltrain.initial_weights(0)`
+- task/model.safetensors: the round-0 global model (`spec.federated.modelFile`'s default), `fltrain.initial_weights(0)`
   (Glorot-uniform, seed 0), float32, named `fc1.weight` ... `fc2.bias`;
 - task/cloud/heldout.npz: the stratified 20 % held-out test set (X float32,
   y int64) that the cloud scores every round's global model on
@@ -40,7 +40,7 @@ def artifacts() -> dict[str, bytes]:
     split = fldata.digits_split()
     buf = io.BytesIO()
     write_npz_to(buf, X=split.X_test, y=split.y_test)
-    return {"global.safetensors": save(fltrain.initial_weights(0)), "cloud/heldout.npz": buf.getvalue()}
+    return {"model.safetensors": save(fltrain.initial_weights(0)), "cloud/heldout.npz": buf.getvalue()}
 
 
 def write_npz_to(fileobj: io.BytesIO, **arrays: np.ndarray) -> None:

@@ -27,6 +27,7 @@ from tether.spec import strategies
 REPO = pathlib.Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "digits-fl"
 TASK = EXAMPLE / "task"
+MODEL = "model.safetensors"
 
 
 @pytest.fixture(scope="module")
@@ -68,25 +69,26 @@ def test_the_task_trains_over_federated_rounds_in_process(tmp_path, task, split)
     shutil.copytree(TASK, bundle)
     fltrain = sys.modules["fltrain"]
     heldout = np.load(bundle / "cloud" / "heldout.npz")
-    first = fltrain.evaluate(load_file(bundle / "global.safetensors"), heldout["X"], heldout["y"])
+    first = fltrain.evaluate(load_file(bundle / "model.safetensors"), heldout["X"], heldout["y"])
     shards = {s.device: s for s in split.shards}
     state = aggregators.ServerState()
     history = [first]
     for r in range(5):
-        chosen = sampling.sample(eligible=shards, k=10, seed=0, task="digits-fl", round_number=r)
-        global_model = load_file(bundle / "global.safetensors")
+        chosen = sampling.sample(eligible=shards, k=10, seed=0, task="default/digits-fl", round_number=r + 1)
+        global_model = load_file(bundle / "model.safetensors")
         contributions = []
         for device in sorted(chosen):
-            out = task.run(_ctx(bundle, _data_dir(tmp_path, shards[device]), {"round": r, "epochs": 5}))
+            payload = {"epochs": 5, "federated": {"task": "default/digits-fl", "round": r + 1, "modelFile": MODEL}}
+            out = task.run(_ctx(bundle, _data_dir(tmp_path, shards[device]), payload))
             assert out["sample_count"] == len(shards[device].y)
-            assert out["metrics"]["loss_after"] < out["metrics"]["loss_before"], (device, out["metrics"])
+            assert out["metrics"]["loss"] < out["metrics"]["loss_before"], (device, out["metrics"])
             assert {k: v.dtype for k, v in out["tensors"].items()} == {k: np.float32 for k in fltrain.NAMES}
             contributions.append(updates.Update(device=device, delta=out["tensors"], samples=out["sample_count"]))
         outcome = aggregators.aggregate(
             strategies.FedAvg(), global_model=global_model, contributions=contributions, state=state
         )
         state = outcome.state
-        save_file({k: np.ascontiguousarray(v) for k, v in outcome.model.items()}, bundle / "global.safetensors")
+        save_file({k: np.ascontiguousarray(v) for k, v in outcome.model.items()}, bundle / "model.safetensors")
         history.append(fltrain.evaluate(outcome.model, heldout["X"], heldout["y"]))
     assert history[-1]["loss"] < 0.85 * history[0]["loss"], history
     assert history[-1]["accuracy"] > history[0]["accuracy"] + 0.15, history
@@ -99,7 +101,7 @@ def test_a_round_is_reproducible_and_fedprox_stays_closer_to_the_global_model(tm
     a = task.run(_ctx(TASK, data, {"round": 3, "epochs": 5}))
     b = task.run(_ctx(TASK, data, {"round": 3, "epochs": 5}))
     c = task.run(_ctx(TASK, data, {"round": 4, "epochs": 5}))
-    prox = task.run(_ctx(TASK, data, {"round": 3, "epochs": 5, "proximalMu": 1.0}))
+    prox = task.run(_ctx(TASK, data, {"epochs": 5, "federated": {"round": 3, "proximalMu": 1.0}}))
 
     def norm(out: dict[str, Any]) -> float:
         return updates.l2_norm(out["tensors"])
@@ -109,19 +111,33 @@ def test_a_round_is_reproducible_and_fedprox_stays_closer_to_the_global_model(tm
     assert 0.0 < norm(prox) < 0.95 * norm(a)
 
 
+def test_local_dp_clips_the_delta_and_adds_noise(tmp_path, task, split) -> None:
+    data = _data_dir(tmp_path, max(split.shards, key=lambda s: len(s.y)))
+    plain = task.run(_ctx(TASK, data, {"epochs": 5, "federated": {"round": 2}}))
+    clipped = task.run(_ctx(TASK, data, {"epochs": 5, "federated": {"round": 2, "clipNorm": 0.01}}))
+    noised = task.run(
+        _ctx(TASK, data, {"epochs": 5, "federated": {"round": 2, "clipNorm": 0.01, "noiseMultiplier": 1.0}})
+    )
+    assert updates.l2_norm(plain["tensors"]) > 0.01
+    assert updates.l2_norm(clipped["tensors"]) == pytest.approx(0.01, rel=1e-4)
+    # N(0, 0.01²) on ~2,400 values: a norm near 0.01·sqrt(2410) ≈ 0.49, far above the clipped delta's
+    assert updates.l2_norm(noised["tensors"]) > 0.2
+    assert {k: v.dtype for k, v in noised["tensors"].items()} == {k: np.float32 for k in noised["tensors"]}
+
+
 def test_bad_weights_and_hyper_parameters_are_refused_with_the_name(tmp_path, task, split) -> None:
     data = _data_dir(tmp_path, split.shards[0])
     bundle = tmp_path / "bundle"
     shutil.copytree(TASK, bundle)
-    weights = load_file(bundle / "global.safetensors")
+    weights = load_file(bundle / "model.safetensors")
     weights["fc1.weight"] = weights["fc1.weight"][:, :10].copy()
-    save_file(weights, bundle / "global.safetensors")
+    save_file(weights, bundle / "model.safetensors")
     with pytest.raises(ValueError, match=r"fc1\.weight"):
         task.run(_ctx(bundle, data, {}))
     with pytest.raises(ValueError, match="out of range"):
         task.run(_ctx(TASK, data, {"lr": 0}))
-    with pytest.raises(ValueError, match="weights must be a file of the bundle"):
-        task.run(_ctx(TASK, data, {"weights": "../x.safetensors"}))
+    with pytest.raises(ValueError, match="modelFile must be a file of the bundle"):
+        task.run(_ctx(TASK, data, {"federated": {"round": 1, "modelFile": "../x.safetensors"}}))
 
 
 async def test_the_task_runs_in_the_agents_worker(tmp_path, split) -> None:
@@ -133,10 +149,10 @@ async def test_the_task_runs_in_the_agents_worker(tmp_path, split) -> None:
         state=None,
         limits=runtime.TaskLimits(timeout_s=120, memory_mb=1024),
         work_dir=tmp_path,
-        inputs={"payload": {"round": 0}},
+        inputs={"payload": {"federated": {"task": "default/digits-fl", "round": 1, "modelFile": MODEL}}},
     )
     assert out.result.sample_count == len(shard.y)
-    assert out.result.metrics["loss_after"] < out.result.metrics["loss_before"]
+    assert out.result.metrics["loss"] < out.result.metrics["loss_before"]
     assert sorted(out.result.tensors) == ["fc1.bias", "fc1.weight", "fc2.bias", "fc2.weight"]
 
 
@@ -158,7 +174,7 @@ def test_the_committed_weights_and_heldout_set_are_what_build_writes(split) -> N
     assert check.returncode == 0, check.stderr
     heldout = np.load(TASK / "cloud" / "heldout.npz")
     assert np.array_equal(heldout["y"], split.y_test) and np.array_equal(heldout["X"], split.X_test)
-    weights = load_file(TASK / "global.safetensors")
+    weights = load_file(TASK / "model.safetensors")
     assert {k: v.shape for k, v in weights.items()} == {
         "fc1.weight": (32, 64),
         "fc1.bias": (32,),

@@ -120,7 +120,7 @@ def build_apps(inputs: str) -> tuple[Any, Any, dict[str, Any]]:
                         "server-round": server_round,
                         "device": device,
                         "inputs": inputs,
-                        "batch-seed": int(hyper["seed"]) * 1_000_003 + (server_round - 1),
+                        "batch-seed": int(hyper["seed"]) * 1_000_003 + server_round,
                     }
                 )
                 content = RecordDict({"arrays": arrays, "config": cfg})

@@ -37,7 +37,7 @@ from tether.controller.fl import aggregators, sampling, updates
 from tether.devtools import fldata
 from tether.spec import strategies
 
-TASK_NAME = "digits-fl"
+TASK_NAME = "default/digits-fl"  # the release of examples/digits-fl/mltask.yaml, as the round driver names it
 POISON_SCALE = -100.0
 Weights = dict[str, npt.NDArray[np.float32]]
 
@@ -54,8 +54,9 @@ class Setup:
     seed: int = 0
 
     def batch_seed(self, round_index: int) -> int:
-        """The batch-order seed of round `round_index` (0-based), as the task computes it from its payload."""
-        return self.seed * 1_000_003 + round_index
+        """The batch-order seed of round `round_index` (0-based here; the task sees round numbers from 1, as the
+        controller numbers them, and computes the same value: `fltrain.batch_seed(seed, round_index + 1)`)."""
+        return self.seed * 1_000_003 + round_index + 1
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -106,10 +107,11 @@ def load_fltrain(example: pathlib.Path) -> ModuleType:
 
 
 def schedule(devices: Sequence[str], *, rounds: int, per_round: int, seed: int) -> list[tuple[str, ...]]:
-    """Each round's participants, drawn by the controller's seeded sampler, in device-id (fold) order."""
+    """Each round's participants, drawn by the controller's seeded sampler as its round driver draws them (the
+    task's release name, rounds numbered from 1), in device-id (fold) order."""
     return [
         tuple(sorted(sampling.sample(eligible=devices, k=per_round, seed=seed, task=TASK_NAME, round_number=r)))
-        for r in range(rounds)
+        for r in range(1, rounds + 1)
     ]
 
 

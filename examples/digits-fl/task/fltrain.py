@@ -40,6 +40,11 @@ SHAPES: dict[str, tuple[int, ...]] = {
 NAMES = tuple(SHAPES)
 
 
+def batch_seed(seed: int, round_number: int) -> int:
+    """The batch-order seed of a round (numbered from 1, as the controller numbers them)."""
+    return seed * 1_000_003 + round_number
+
+
 def initial_weights(seed: int = 0) -> dict[str, np.ndarray]:
     """Glorot-uniform weights and zero biases, float32, from `seed` (the round-0 global model)."""
     rng = np.random.default_rng(seed)
