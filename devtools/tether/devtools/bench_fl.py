@@ -80,7 +80,7 @@ QUICK_GRID: list[tuple[str, strategies.Strategy]] = [
     ("fedAvgM", strategies.FedAvgM(server_learning_rate=3.0, momentum=0.9)),
     ("fedYogi", strategies.FedOpt(optimizer=strategies.ServerOptimizer.YOGI, server_learning_rate=0.1)),
 ]
-# Robust strategies against 10 % attackers: a round of 10 draws ~1 attacker on average, up to 4 in this schedule.
+# Robust strategies against 10 % attackers: a round of 10 draws ~1 attacker on average, up to 3 in this schedule.
 # Trimmed mean drops 3 a side (trimFraction 0.3); Krum assumes f = 2; Multi-Krum f = 3 (the most n = 10 allows,
 # n >= 2f + 3) and averages the 5 best-scored updates.
 ROBUST: list[tuple[str, strategies.Strategy]] = [
