@@ -25,7 +25,7 @@ setup(
     package_dir=package_dir,
     package_data={
         "": ["*.proto", "*.yaml", "*.json", "*.sql", "*.pyi"],
-        "tether.examples": ["**/*.py", "**/*.yaml", "**/*.mnn", "**/*.onnx", "**/*.npz", "**/*.md"],
+        "tether.examples": ["**/*.py", "**/*.yaml", "**/*.mnn", "**/*.onnx", "**/*.npz", "**/*.md", "**/*.safetensors"],
     },
     include_package_data=False,
 )
