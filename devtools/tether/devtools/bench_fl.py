@@ -46,7 +46,7 @@ from typing import Any
 import click
 import numpy as np
 
-from tether.devtools import bench_fl_agg, bench_fl_sim, fldata
+from tether.devtools import bench_fl_agg, bench_fl_e2e, bench_fl_sim, fldata
 from tether.spec import strategies
 
 TARGET = 0.90
@@ -159,11 +159,11 @@ def _import_mnn_to_stderr() -> None:
         os.close(saved)
 
 
-def prepare(*, setup: bench_fl_sim.Setup, schedule_rounds: int) -> Bench:
+def prepare(*, setup: bench_fl_sim.Setup, schedule_rounds: int, devices: int = fldata.DEVICES) -> Bench:
     _import_mnn_to_stderr()
     example = bench_fl_sim.example_dir()
     fltrain = bench_fl_sim.load_fltrain(example)
-    split = fldata.digits_split(seed=setup.seed)
+    split = fldata.digits_split(seed=setup.seed, devices=devices)
     plan = bench_fl_sim.schedule(
         [s.device for s in split.shards], rounds=schedule_rounds, per_round=setup.per_round, seed=setup.seed
     )
@@ -218,41 +218,105 @@ def _last(line: str) -> bool:
         return False
 
 
-def side_by_side(bench: Bench, *, flower: dict[str, Any]) -> dict[str, Any]:
+def side_by_side(
+    bench: Bench, *, flower: dict[str, Any], paths: tuple[str, ...], e2e: bench_fl_e2e.Config | None = None
+) -> dict[str, Any]:
+    """FedAvg on each Tether path in `paths` ("in-process", "e2e") against Flower's curve. The headline keys
+    (`tether_accuracy`, `tether_round_s`, `round_time_ratio`, `max_round_gap`, `tether_path`) are the end-to-end
+    path's when it ran, else the in-process one's; `tether_paths` holds each path's own."""
     rounds = bench.setup.rounds
-    curve = bench.run(strategies.FedAvg(), rounds=rounds, label="tether fedAvg")
     out: dict[str, Any] = {
-        "tether_path": bench.path.name,
-        "tether_accuracy": curve.accuracy,
-        "tether_loss": curve.loss,
-        "tether_round_s": statistics.median(curve.round_s),
-        "tether_round_s_all": curve.round_s,
         "participants": [list(p) for p in bench.plan[:rounds]],
         "centralized_accuracy": centralized(bench, epochs=(1, 3) if rounds < 30 else (3, 30)),
     }
-    if "skipped" in flower:
-        out.update(
-            flower=flower,
-            flower_accuracy=None,
-            flower_round_s=None,
-            max_round_gap=None,
-            round_time_ratio=None,
-        )
-        return out
     index = {s.device: i for i, s in enumerate(bench.split.shards)}
-    same = flower["participants"] == [[index[d] for d in p] for p in bench.plan[:rounds]]
-    gaps = [abs(a - b) for a, b in zip(curve.accuracy, flower["accuracy"], strict=True)]
-    out.update(
-        flower={k: v for k, v in flower.items() if k not in ("accuracy", "round_s", "participants", "loss")},
-        flower_accuracy=flower["accuracy"],
-        flower_loss=flower["loss"],
-        flower_round_s=statistics.median(flower["round_s"]),
-        flower_round_s_all=flower["round_s"],
-        same_participants=same,
-        max_round_gap=max(gaps),
-    )
-    out["round_time_ratio"] = out["tether_round_s"] / out["flower_round_s"]
+    if "skipped" in flower:
+        out.update(flower=flower, flower_accuracy=None, flower_round_s=None)
+    else:
+        out.update(
+            flower={k: v for k, v in flower.items() if k not in ("accuracy", "round_s", "participants", "loss")},
+            flower_accuracy=flower["accuracy"],
+            flower_loss=flower["loss"],
+            flower_round_s=statistics.median(flower["round_s"]),
+            flower_round_s_all=flower["round_s"],
+            same_participants=flower["participants"] == [[index[d] for d in p] for p in bench.plan[:rounds]],
+        )
+    per_path: dict[str, dict[str, Any]] = {}
+    if "in-process" in paths:
+        curve = bench.run(strategies.FedAvg(), rounds=rounds, label="tether fedAvg")
+        per_path["in-process"] = _figures(curve, round_s=curve.round_s, name=bench.path.name, flower=out)
+    if "e2e" in paths:
+        per_path["e2e"] = end_to_end(bench, flower=out, config=e2e or bench_fl_e2e.Config())
+    out.update(per_path.get("e2e") or per_path["in-process"])
+    out["tether_paths"] = per_path
+    if len(per_path) == 2:  # the same maths through two paths: the curves agree up to float32 rounding
+        pairs = zip(per_path["e2e"]["tether_accuracy"], per_path["in-process"]["tether_accuracy"], strict=True)
+        out["e2e_vs_in_process_max_gap"] = max(abs(a - b) for a, b in pairs)
     return out
+
+
+def _figures(curve: bench_fl_sim.Curve, *, round_s: list[float], name: str, flower: dict[str, Any]) -> dict[str, Any]:
+    figures: dict[str, Any] = {
+        "tether_path": name,
+        "tether_accuracy": curve.accuracy,
+        "tether_loss": curve.loss,
+        "tether_round_s": statistics.median(round_s),
+        "tether_round_s_all": round_s,
+        "max_round_gap": None,
+        "round_time_ratio": None,
+    }
+    if flower.get("flower_accuracy") is not None:
+        gaps = [abs(a - b) for a, b in zip(curve.accuracy, flower["flower_accuracy"], strict=True)]
+        figures["max_round_gap"] = max(gaps)
+        figures["round_time_ratio"] = figures["tether_round_s"] / flower["flower_round_s"]
+    return figures
+
+
+def end_to_end(bench: Bench, *, flower: dict[str, Any], config: bench_fl_e2e.Config) -> dict[str, Any]:
+    """FedAvg through the whole system (`bench_fl_e2e`): each round's participants checked against the bench's
+    draw, each round's model exported and scored here, round times from the rounds' timestamps."""
+    rounds = bench.setup.rounds
+    _say(f"tether e2e: starting the stack and {len(bench.split.shards)} agents")
+    path = bench_fl_e2e.EndToEndPath(config, split=bench.split, example=bench.example)
+    try:
+        path.start(say=lambda text: _say(f"tether e2e: {text}"))
+        initial = path.initial()
+        ours = bench.initial()
+        if sorted(initial) != sorted(ours) or not all(np.array_equal(initial[n], ours[n]) for n in ours):
+            raise click.ClickException("the bundle's model.safetensors is not fltrain.initial_weights(0)")
+
+        def progress(r: int, accuracy: float) -> None:
+            _say(f"tether e2e: round {r}/{rounds} accuracy {accuracy:.3f}")
+
+        curve = bench_fl_sim.run_rounds(
+            path,
+            strategy=strategies.FedAvg(),
+            initial=initial,
+            plan=bench.plan[:rounds],
+            evaluate=bench.evaluate,
+            progress=progress,
+        )
+        timings = dict(path.run.timings)
+    except bench_fl_e2e.RunFailed as e:
+        raise click.ClickException(f"the end-to-end run failed: {e}") from None
+    finally:
+        path.close()
+    times = bench_fl_e2e.summary(path.records)
+    figures = _figures(curve, round_s=times["round_s_all"], name=path.name, flower=flower)
+    figures["e2e"] = {
+        "agents": len(bench.split.shards),
+        "per_round": config.per_round,
+        "participants_as_drawn": True,  # every round checked (the run stops otherwise)
+        "round_clock": "PostgreSQL: fl_rounds.created_at (round opened) to the round's derived version applied",
+        "pace_median_s": times["pace"],
+        "driver_interval_s": config.driver_interval_s,
+        "round_deadline_s": config.deadline_s,
+        "quorum": "all selected",
+        "warm_task_workers": config.concurrency,
+        "refused": [r.refused for r in path.records],
+        "startup_s": timings,
+    }
+    return figures
 
 
 def centralized(bench: Bench, *, epochs: tuple[int, ...]) -> dict[str, float]:
@@ -380,6 +444,15 @@ def robustness(bench: Bench, *, rounds: int) -> dict[str, Any]:
 @click.option("--agg-params", type=click.IntRange(1, 100_000_000), default=None, help="Parameters each [1000000].")
 @click.option("--agg-block", type=click.IntRange(1, 10_000), default=100, show_default=True)
 @click.option("--sections", default="flower,best,aggregation,robustness", show_default=True)
+@click.option(
+    "--tether-path",
+    type=click.Choice(["both", "e2e", "in-process"]),
+    default=None,
+    help="Tether's side of the Flower comparison: the whole system (e2e: controller, Celery worker, PostgreSQL, "
+    "real agents), the in-process strategies, or both [both; in-process with --quick].",
+)
+@click.option("--devices", type=click.IntRange(2, 1000), default=None, help="Devices [100; quick e2e: 6].")
+@click.option("--per-round", type=click.IntRange(1, 1000), default=None, help="Per round [10; quick e2e: 2].")
 @click.option("--workdir", type=click.Path(file_okay=False), default=None, help="Scratch space (default: a temp dir).")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Write the JSON report here.")
 @click.option("--markdown", "markdown_out", type=click.Path(dir_okay=False), default=None, help="And the curves here.")
@@ -394,6 +467,9 @@ def fl(
     agg_params: int | None,
     agg_block: int,
     sections: str,
+    tether_path: str | None,
+    devices: int | None,
+    per_round: int | None,
     workdir: str | None,
     out: str | None,
     markdown_out: str | None,
@@ -403,13 +479,20 @@ def fl(
     unknown = wanted - {"flower", "best", "aggregation", "robustness"}
     if unknown:
         raise click.BadParameter(f"unknown sections {sorted(unknown)}", param_hint="--sections")
-    rounds = rounds or (3 if quick else 30)
+    tether_path = tether_path or ("in-process" if quick else "both")
+    paths = ("in-process", "e2e") if tether_path == "both" else (tether_path,)
+    small = quick and "e2e" in paths  # the suite's size of the end-to-end run: 6 agents, 2 a round, 2 rounds
+    rounds = rounds or (2 if small else 3 if quick else 30)
     max_rounds = max_rounds or (5 if quick else 100)
     agg_updates = agg_updates or (20 if quick else 1000)
     agg_params = agg_params or (20_000 if quick else 1_000_000)
-    setup = bench_fl_sim.Setup(rounds=rounds)
+    devices = devices or (6 if small else fldata.DEVICES)
+    per_round = per_round or (2 if small else 10)
+    if per_round > devices:
+        raise click.BadParameter(f"{per_round} participants a round out of {devices} devices", param_hint="--per-round")
+    setup = bench_fl_sim.Setup(rounds=rounds, per_round=per_round)
     started = time.perf_counter()
-    bench = prepare(setup=setup, schedule_rounds=max(rounds, max_rounds))
+    bench = prepare(setup=setup, schedule_rounds=max(rounds, max_rounds), devices=devices)
     _say(f"{len(bench.split.shards)} devices, {len(bench.split.y_test)} held-out samples, {rounds} rounds")
     report: dict[str, Any] = {
         "benchmark": "fl",
@@ -433,7 +516,8 @@ def fl(
             )
             if "skipped" in flower:
                 _say(f"flower: skipped: {flower['skipped']}")
-            report.update(side_by_side(bench, flower=flower))
+            e2e = bench_fl_e2e.Config(per_round=per_round, rounds=rounds, seed=setup.seed)
+            report.update(side_by_side(bench, flower=flower, paths=paths, e2e=e2e))
         if "best" in wanted:
             report.update(best_strategy(bench, max_rounds=max_rounds, grid=QUICK_GRID if quick else GRID))
         if "aggregation" in wanted:
