@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import pathlib
 import statistics
 import tempfile
@@ -141,19 +142,28 @@ def device_shards(split: fldata.Split, root: pathlib.Path, *, seed: int) -> list
 class FederatedRun:
     """The stack, the fleet and the applied federated release (async; `start`, then `published`, then `stop`)."""
 
-    def __init__(self, config: Config, *, split: fldata.Split, example: pathlib.Path) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        split: fldata.Split,
+        example: pathlib.Path,
+        stack: stack_mod.StackConfig | None = None,
+    ) -> None:
+        """`stack`: the services to use or start (`tether demo`'s options); its agent count and driver interval
+        are this run's."""
         self.config = config
         self.split = split
         self.example = example
         self.task = bench_fl_sim.TASK_NAME
+        base = stack or stack_mod.StackConfig(tls=config.tls, sign=config.sign)
         self.stack = stack_mod.LocalStack(
-            stack_mod.StackConfig(
-                agents=len(split.shards), tls=config.tls, sign=config.sign, fl_driver_interval=config.driver_interval_s
-            )
+            dataclasses.replace(base, agents=len(split.shards), fl_driver_interval=config.driver_interval_s)
         )
         self._fleet: asyncio.Task[Any] | None = None
         self._stop = asyncio.Event()
         self._admin: Any = None
+        self._tmpdir: tuple[str | None] | None = None  # TMPDIR before the fleet started, restored by stop
         self.timings: dict[str, float] = {}
 
     async def start(self, *, say: Any = None) -> None:
@@ -176,6 +186,13 @@ class FederatedRun:
     async def _start_fleet(self) -> None:
         from tether.common import signing
 
+        # The fleet runs in this process: its task workers (and the engines' session files) keep their temporary
+        # files in the stack's directory, as the stack's own components do, so a stop removes every trace.
+        self._tmpdir = (os.environ.get("TMPDIR"),)
+        scratch = self.stack.workdir / "tmp" / "fleet"
+        scratch.mkdir(parents=True, exist_ok=True)
+        os.environ["TMPDIR"] = str(scratch)
+        tempfile.tempdir = None
         root = self.stack.workdir / "devices"
         devices = await asyncio.to_thread(device_shards, self.split, root, seed=self.config.seed)
         ready = asyncio.Event()
@@ -278,6 +295,13 @@ class FederatedRun:
         if self._admin is not None:
             await self._admin.__aexit__(None, None, None)
         await self.stack.stop()
+        if self._tmpdir is not None:
+            (before,) = self._tmpdir
+            if before is None:
+                os.environ.pop("TMPDIR", None)
+            else:
+                os.environ["TMPDIR"] = before
+            tempfile.tempdir = None
 
 
 def summary(records: Sequence[RoundRecord]) -> dict[str, Any]:
