@@ -9,11 +9,13 @@ One run, JSON out (progress lines on stderr), four figures:
    epoch of SGD, lr 0.1, batch 32, 30 rounds) and the same participants each
    round (Tether's seeded sampler draws them; both systems get the list).
    Held-out accuracy after every round for both, the largest per-round gap,
-   and median round times with their ratio. Tether's path is named in the
-   JSON (`tether_path`): today "in-process strategies" (the training function
-   and Tether's pure strategies in one process, `bench_fl_sim.InProcessPath`);
-   the end-to-end path (agents, gRPC, Postgres, Celery) is another
-   `RoundPath`.
+   and median round times with their ratio. Tether's side runs on the paths
+   of `--tether-path` (`both` by default, `in-process` with `--quick`), each
+   named in the JSON (`tether_path`, `tether_paths`): "in-process strategies"
+   (the training function and Tether's pure strategies in one process,
+   `bench_fl_sim.InProcessPath`) and the end-to-end path (the controller and
+   its round driver, a Celery worker, PostgreSQL, real agents:
+   `bench_fl_e2e.EndToEndPath`), whose figures are the headline ones.
 2. Best strategy: rounds to reach 0.90 held-out accuracy for every strategy
    over a small documented grid of server parameters (`GRID`), at most
    `--max-rounds` rounds.
@@ -27,6 +29,7 @@ One run, JSON out (progress lines on stderr), four figures:
 
     tether bench fl --flower-python /path/to/venv/bin/python --out bench-fl.json
     tether bench fl --quick --no-flower            # seconds: the test's size
+    tether bench fl --quick --tether-path both --sections flower --no-flower   # 6 agents end to end
 """
 
 from __future__ import annotations
