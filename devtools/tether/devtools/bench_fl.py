@@ -278,8 +278,13 @@ def _figures(curve: bench_fl_sim.Curve, *, round_s: list[float], name: str, flow
 def end_to_end(bench: Bench, *, flower: dict[str, Any], config: bench_fl_e2e.Config) -> dict[str, Any]:
     """FedAvg through the whole system (`bench_fl_e2e`): each round's participants checked against the bench's
     draw, each round's model exported and scored here, round times from the rounds' timestamps."""
-    rounds = bench.setup.rounds
     _say(f"tether e2e: starting the stack and {len(bench.split.shards)} agents")
+    with bench_fl_e2e.stdout_to_stderr():
+        return _end_to_end(bench, flower=flower, config=config)
+
+
+def _end_to_end(bench: Bench, *, flower: dict[str, Any], config: bench_fl_e2e.Config) -> dict[str, Any]:
+    rounds = bench.setup.rounds
     path = bench_fl_e2e.EndToEndPath(config, split=bench.split, example=bench.example)
     try:
         path.start(say=lambda text: _say(f"tether e2e: {text}"))

@@ -28,14 +28,16 @@ Flower, the in-process strategies and this path compare round by round.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import pathlib
 import statistics
+import sys
 import tempfile
 import threading
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Iterator, Sequence
 from typing import Any, TypeVar
 
 import numpy as np
@@ -302,6 +304,21 @@ class FederatedRun:
             else:
                 os.environ["TMPDIR"] = before
             tempfile.tempdir = None
+
+
+@contextlib.contextmanager
+def stdout_to_stderr() -> Iterator[None]:
+    """File descriptor 1 on stderr meanwhile: the fleet's zygote, started on the first run, inherits it, and MNN's
+    import prints a banner there, where `tether bench fl` writes its JSON report."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def summary(records: Sequence[RoundRecord]) -> dict[str, Any]:
