@@ -26,7 +26,7 @@ setup(
     package_data={
         "": ["*.proto", "*.yaml", "*.json", "*.sql", "*.pyi"],
         "tether.dashboard": ["templates/*.html", "static/*.css", "static/*.js", "static/vendor/uplot/*"],
-        "tether.examples": ["**/*.py", "**/*.yaml", "**/*.mnn", "**/*.onnx", "**/*.npz", "**/*.md"],
+        "tether.examples": ["**/*.py", "**/*.yaml", "**/*.mnn", "**/*.onnx", "**/*.npz", "**/*.md", "**/*.safetensors"],
     },
     include_package_data=False,
 )

@@ -52,6 +52,9 @@ def test_wheel_contains_each_component_and_its_data(wheel):
         "tether/dashboard/static/vendor/uplot/LICENSE",
         "tether/examples/digits/task/model.mnn",
         "tether/examples/digits/mltask.yaml",
+        "tether/examples/digits-fl/task/model.safetensors",
+        "tether/examples/digits-fl/task/cloud/heldout.npz",
+        "tether/examples/digits-fl/task/fltrain.py",
     ):
         assert required in names, required
     # The namespace root carries no __init__.py, and nothing lands at top level but `tether`.

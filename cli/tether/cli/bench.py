@@ -13,6 +13,10 @@ import click
 
 # name -> ("module:attribute" of a click command, one-line help)
 BENCHMARKS: dict[str, tuple[str, str]] = {
+    "fl": (
+        "tether.devtools.bench_fl:fl",
+        "Federated digits: FedAvg side by side with Flower, best strategy, aggregation at scale, poisoning.",
+    ),
     "fleet": (
         "tether.devtools.bench_fleet:fleet",
         "Simulated fleet vs one controller: connections, notify/install times, bytes, polling baseline.",

@@ -42,7 +42,17 @@ def load_mltask(path: pathlib.Path, *, digest: str, namespace: str) -> dict[str,
 
 
 @click.command()
+@click.option(
+    "--scenario",
+    type=click.Choice(["rollout", "fl"]),
+    default="rollout",
+    show_default=True,
+    help="rollout: the example MLTask rolled out, run and aggregated; fl: examples/digits-fl learned in federated "
+    "rounds by the fleet, live (see --rounds, --per-round).",
+)
 @click.option("--agents", default=20, show_default=True, help="Simulated devices to run.")
+@click.option("--rounds", type=click.IntRange(1, 100), default=10, show_default=True, help="fl: federated rounds.")
+@click.option("--per-round", type=click.IntRange(1, 1000), default=5, show_default=True, help="fl: devices a round.")
 @click.option("--timeout", default=110.0, show_default=True, help="Give up after this many seconds.")
 @click.option(
     "--kubeconfig",
@@ -85,7 +95,10 @@ def load_mltask(path: pathlib.Path, *, digest: str, namespace: str) -> dict[str,
     help="Also write the outcome as JSON here.",
 )
 def demo(
+    scenario: str,
     agents: int,
+    rounds: int,
+    per_round: int,
     timeout: float,
     kubeconfig: str | None,
     database_url: str | None,
@@ -114,19 +127,27 @@ def demo(
         sign=not unsigned,
         blobs=blobs,
     )
+    if scenario == "fl" and per_round > agents:
+        raise click.BadParameter(f"{per_round} devices a round out of {agents}", param_hint="--per-round")
     try:
-        outcome = asyncio.run(
-            run_demo(
-                config,
-                console=console,
-                timeout=timeout,
-                dashboard=with_dashboard,
-                dashboard_port=dashboard_port,
-                on_outcome=(lambda o: json_out.write_text(json.dumps(o, indent=2, sort_keys=True)))
-                if json_out is not None
-                else None,
+        if scenario == "fl":
+            from tether.cli import demo_fl
+
+            plan = demo_fl.Plan(agents=agents, per_round=per_round, rounds=rounds)
+            outcome = asyncio.run(demo_fl.run_fl_demo(config, plan=plan, console=console, timeout=timeout))
+        else:
+            outcome = asyncio.run(
+                run_demo(
+                    config,
+                    console=console,
+                    timeout=timeout,
+                    dashboard=with_dashboard,
+                    dashboard_port=dashboard_port,
+                    on_outcome=(lambda o: json_out.write_text(json.dumps(o, indent=2, sort_keys=True)))
+                    if json_out is not None
+                    else None,
+                )
             )
-        )
     except KeyboardInterrupt:
         console.print("[yellow]interrupted: everything the demo started has been stopped[/]")
         raise SystemExit(130) from None

@@ -15,7 +15,7 @@ import logging
 import os
 import pathlib
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -112,17 +112,21 @@ async def run_fleet(
     stop: asyncio.Event | None = None,
     on_ready: Callable[[list[daemon.Agent]], None] | None = None,
     backoff: client.Backoff = client.Backoff(),
+    devices: Sequence[SimulatedDevice] | None = None,
 ) -> list[daemon.Agent]:
     """Run `count` agents until `stop` is set (or the call is cancelled); returns the stopped agents.
 
-    `on_ready(agents)` is called once every agent holds an open stream.
+    `on_ready(agents)` is called once every agent holds an open stream. `devices`: the devices, already
+    prepared by the caller (ids, attributes, data of its own), instead of `prepare_devices`' (`count` is then
+    their number).
     """
     if count < 1:
         raise ValueError("count must be at least 1")
     stop = stop or asyncio.Event()
-    devices = await asyncio.to_thread(
-        prepare_devices, count=count, state_root=state_root, data=data, prefix=prefix, seed=seed
-    )
+    if devices is None:
+        devices = await asyncio.to_thread(
+            prepare_devices, count=count, state_root=state_root, data=data, prefix=prefix, seed=seed
+        )
     detected = await asyncio.to_thread(engine.detect_backends)  # once for the whole (identical) fleet
     slots = agent_slots.FairSlots(max(1, concurrency))
     # One zygote and one set of warm workers for the whole fleet (idle ones retire, within the budget).

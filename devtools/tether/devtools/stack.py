@@ -54,6 +54,7 @@ class StackConfig:
     controller_args: tuple[str, ...] = ()  # more `tether controller` options (benchmarks)
     blobs: str = "grpc"  # where devices pull blobs: "grpc" (the controller) or "http" (an nginx origin)
     origin_connections: int = 1024  # nginx worker_connections of the http origin (benchmarks raise it)
+    fl_driver_interval: float | None = None  # seconds between round driver passes (None: the controller's default)
 
     def __post_init__(self) -> None:
         if self.blobs not in BLOB_MODES:
@@ -169,6 +170,7 @@ class LocalStack:
                 *self._blob_args(),
                 *self.config.controller_args,
             ),
+            env=self._controller_env(),
         )
         m = await comp.wait_for(r"controller listening on (\S+:\d+)", timeout=60)
         self.controller_address = m.group(1)
@@ -186,6 +188,7 @@ class LocalStack:
         comp = self._component(
             "worker",
             procs.tether_argv("worker", "--broker-url", str(self.broker_url), "--database-url", str(self.database_url)),
+            env={"TETHER_BLOB_DIR": str(self._dir("blobs"))},  # federated rounds read updates, write models
         )
         await comp.wait_for(r"worker ready", timeout=60)
 
@@ -339,6 +342,13 @@ class LocalStack:
         tls_dir = self.ca_file.parent
         return ["--tls-cert", str(tls_dir / "server.crt"), "--tls-key", str(tls_dir / "server.key")]
 
+    def _controller_env(self) -> dict[str, str]:
+        # Derived federated versions are signed with the stack's key, the one the fleet trusts.
+        env = {} if self.signing_key is None else {"TETHER_FL_SIGNING_KEY": str(self.signing_key)}
+        if self.config.fl_driver_interval is not None:
+            env["TETHER_FL_DRIVER_INTERVAL"] = str(self.config.fl_driver_interval)
+        return env
+
     def _client_tls_args(self) -> list[str]:
         return [] if self.ca_file is None else ["--ca-file", str(self.ca_file)]
 
@@ -347,10 +357,10 @@ class LocalStack:
         path.mkdir(parents=True, exist_ok=True)
         return path
 
-    def _component(self, name: str, argv: list[str]) -> procs.Component:
+    def _component(self, name: str, argv: list[str], *, env: dict[str, str] | None = None) -> procs.Component:
         # Each component's temporary files stay inside the stack's directory (ONNX Runtime, for
         # one, leaves a session file in TMPDIR), so a stop removes every trace.
-        env = {"TMPDIR": str(self._dir(f"tmp/{name}"))}
+        env = {**(env or {}), "TMPDIR": str(self._dir(f"tmp/{name}"))}
         comp = procs.Component(name, argv, self.workdir / "logs" / f"{name}.log", env=env).start()
         self.components[name] = comp
         return comp

@@ -69,6 +69,7 @@ class MeanFold:
         self._samples = 0
         self._devices: list[str] = []
         self._seen: set[str] = set()
+        self._consumed = False
 
     @property
     def devices(self) -> tuple[str, ...]:
@@ -85,11 +86,23 @@ class MeanFold:
 
     def _fold(self, update: updates.Update) -> None:
         """Fold a checked update in (a clipped one is float64 whatever the model's dtype)."""
+        if self._consumed:
+            raise RuntimeError("this fold's sums were consumed by mean(consume=True)")
         if update.device in self._seen:
             raise updates.InvalidUpdate("was already folded into this round", device=update.device, field="device")
         weight = float(update.samples)
+        buffer = np.empty(updates.CHUNK, dtype=np.float64)
         for n in self._order:
-            self._sums[n] += weight * np.asarray(update.delta[n], dtype=np.float64)
+            # In chunks, through one small float64 buffer: memory stays one float64 model plus the update, and
+            # every value takes the same float64 steps as `sums += weight * float64(delta)` would.
+            sums = self._sums[n].reshape(-1)
+            at = 0
+            for chunk in updates.chunks(update.delta[n]):
+                scaled = buffer[: chunk.size]
+                scaled[...] = chunk
+                scaled *= weight
+                sums[at : at + chunk.size] += scaled
+                at += chunk.size
         self._samples += update.samples
         self._devices.append(update.device)
         self._seen.add(update.device)
@@ -98,10 +111,19 @@ class MeanFold:
         """The running sum of samples·delta (copies)."""
         return {n: s.copy() for n, s in self._sums.items()}
 
-    def mean(self) -> F64Model:
+    def mean(self, *, consume: bool = False) -> F64Model:
+        """The sample-weighted mean; with `consume` it is computed in place of the sums (no second model in
+        memory) and the fold cannot be used again."""
         if not self._samples:
             raise updates.EmptyRound("no update was folded into the round")
-        return {n: s / float(self._samples) for n, s in self._sums.items()}
+        if self._consumed:
+            raise RuntimeError("this fold's sums were consumed by mean(consume=True)")
+        if not consume:
+            return {n: s / float(self._samples) for n, s in self._sums.items()}
+        self._consumed = True
+        for s in self._sums.values():
+            np.divide(s, float(self._samples), out=s)
+        return self._sums
 
 
 def is_streaming(strategy: strategies.Strategy) -> bool:
@@ -189,9 +211,12 @@ def finish(
     state: ServerState,
     mean: F64Model | None = None,
 ) -> Outcome:
-    """The server step of a streaming strategy over a fold's mean (or the `mean` given, e.g. noised)."""
+    """The server step of a streaming strategy over a fold's mean (or the `mean` given, e.g. noised).
+
+    Without a `mean` the fold's sums become the mean in place: the fold is spent, and the round's memory stays
+    one float64 model (plus the global model in and the new one out)."""
     if mean is None:
-        mean = fold.mean()
+        mean = fold.mean(consume=True)
     if isinstance(strategy, strategies.FedAvg | strategies.FedProx):
         model = _apply(global_model, mean, scale=1.0)
         new_state = dataclasses.replace(state, rounds=state.rounds + 1)
@@ -240,9 +265,19 @@ def _fedopt(
 def _apply(
     global_model: updates.Model, step: Mapping[str, npt.NDArray[np.float64]], *, scale: float
 ) -> dict[str, updates.Array]:
+    """w + scale·step in float64, stored in w's dtype; chunk by chunk, so no float64 copy of the model is made."""
     out: dict[str, updates.Array] = {}
+    buffer = np.empty(updates.CHUNK, dtype=np.float64)
     for n in updates.names(global_model):
         w = global_model[n]
-        new: npt.NDArray[Any] = np.asarray(w, dtype=np.float64) + scale * step[n]
-        out[n] = new.astype(w.dtype, copy=False)
+        new: npt.NDArray[Any] = np.empty(w.shape, dtype=w.dtype)
+        target = new.reshape(-1)
+        at = 0
+        for w_chunk, s_chunk in zip(updates.chunks(w), updates.chunks(step[n]), strict=True):
+            acc = buffer[: w_chunk.size]
+            np.multiply(s_chunk, scale, out=acc)  # float64 step, float scale: the same value as `scale * step`
+            np.add(w_chunk.astype(np.float64), acc, out=acc)
+            target[at : at + w_chunk.size] = acc
+            at += w_chunk.size
+        out[n] = new
     return out

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, TypeAlias
 
 import numpy as np
@@ -81,14 +81,28 @@ def check(update: Update, *, like: Model) -> None:
             raise InvalidUpdate(
                 f"has shape {list(got.shape)}, the model's is {list(expected.shape)}", device=device, field=where
             )
-        if not np.isfinite(got).all():
-            raise InvalidUpdate("holds NaN or infinite values", device=device, field=where)
-        if got.size and float(np.abs(got).max()) * samples > MAX_WEIGHTED_VALUE:
+        # Chunk by chunk: a whole-tensor np.abs or np.isfinite would cost another update's worth of memory.
+        largest = 0.0
+        for chunk in chunks(got):
+            if not np.isfinite(chunk).all():
+                raise InvalidUpdate("holds NaN or infinite values", device=device, field=where)
+            largest = max(largest, float(np.abs(chunk).max()))
+        if got.size and largest * samples > MAX_WEIGHTED_VALUE:
             raise InvalidUpdate(
                 f"holds values too large to fold (|value|·samples above {MAX_WEIGHTED_VALUE:g})",
                 device=device,
                 field=where,
             )
+
+
+CHUNK = 1 << 16  # values per chunk when a tensor is walked in pieces (512 KiB of float64)
+
+
+def chunks(array: npt.NDArray[Any], *, size: int = CHUNK) -> Iterator[npt.NDArray[Any]]:
+    """Consecutive flat views of at most `size` values (a copy only if `array` is not contiguous)."""
+    flat = np.ravel(array)
+    for at in range(0, flat.size, size):
+        yield flat[at : at + size]
 
 
 def names(model: Model) -> tuple[str, ...]:
