@@ -164,6 +164,10 @@ async def test_three_rounds_change_the_global_model_as_fedavg_does_one_blob_per_
                     break
                 assert time.monotonic() < deadline, f"rounds did not complete: {history}"
                 await asyncio.sleep(0.2)
+            # The run is done: its last model goes to every device (rounds moved only their participants).
+            while not all(a.store.current(TASK) == 1 + ROUNDS for a in agents):
+                assert time.monotonic() < deadline, "the last model did not reach every device"
+                await asyncio.sleep(0.2)
             # The operator re-applying the unchanged MLTask changes nothing (the base is not the round's).
             again = await client.apply_release(
                 release=TASK,

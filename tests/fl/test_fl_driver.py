@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from tether.common import manifest, tensorfiles
-from tether.controller import blobs, blobstores, devices, hub, release_cache, releases, round_driver
+from tether.controller import blobs, blobstores, devices, fanout, hub, release_cache, releases, round_driver
 from tether.controller.fl import driver, rounds
 from tether.controller.storage import memory
 from tether.spec import federation
@@ -29,11 +29,6 @@ class Clock:
         return self.now
 
 
-class NoFanOut:
-    async def release_changed(self, before, after) -> None:
-        return None
-
-
 @dataclasses.dataclass
 class Rig:
     storage: object
@@ -42,9 +37,10 @@ class Rig:
     driver: round_driver.RoundDriver
     sent: list[tuple[str, int]]
     queues: dict[str, object]
+    store: blobs.FilesystemBlobStore
 
 
-async def rig(tmp_path: pathlib.Path, **federated) -> Rig:
+async def rig(tmp_path: pathlib.Path, *, extra: tuple[str, ...] = (), **federated) -> Rig:
     storage = memory.memory_storage()
     data = tensorfiles.dump(MODEL)
     digest = manifest.sha256_digest(data)
@@ -76,7 +72,8 @@ async def rig(tmp_path: pathlib.Path, **federated) -> Rig:
     )
     h = hub.Hub()
     queues = {}
-    for d in DEVICES:
+    for d in [*DEVICES, *extra]:
+        await storage.devices.enroll_device(device_id=d, info=devices.validate_info(attributes={}, backends=[]))
         queues[d] = h.connect(device_id=d, facts=devices.Device(device_id=d, attributes={}, backends=()).facts).queue
     clock = Clock()
     sent: list[tuple[str, int]] = []
@@ -87,13 +84,17 @@ async def rig(tmp_path: pathlib.Path, **federated) -> Rig:
     d = round_driver.RoundDriver(
         storage=storage,
         releases_=release_cache.ReleaseCache(storage.releases),
-        fan_out=NoFanOut(),  # type: ignore[arg-type]
+        fan_out=fanout.FanOut(
+            hub_=h,
+            storage=storage,
+            manifests=fanout.ManifestCache(bundles=storage.bundles, blob_store=blobstores.as_backend(store)),
+        ),
         hub_=h,
         blob_store=blobstores.as_backend(store),
         send_aggregate=send,
         clock=clock,
     )
-    return Rig(storage=storage, hub=h, clock=clock, driver=d, sent=sent, queues=queues)
+    return Rig(storage=storage, hub=h, clock=clock, driver=d, sent=sent, queues=queues, store=store)
 
 
 def rules_of(**doc) -> federation.Federation:
@@ -101,6 +102,19 @@ def rules_of(**doc) -> federation.Federation:
     parsed = federation.parse_federation({**base, **doc})
     assert parsed is not None
     return parsed
+
+
+def drain(queue) -> list[tuple[str, int]]:
+    """What a device's stream was offered, in order: (event kind, version) of each Notify and RunNow."""
+    out = []
+    while not queue.empty():
+        event = queue.get_nowait()
+        kind = event.WhichOneof("event") if event is not None else None
+        if kind == "notify":
+            out.append(("notify", event.notify.task.version))
+        elif kind == "run":
+            out.append(("run", event.run.version))
+    return out
 
 
 def run_nows(queue) -> list[object]:
@@ -126,6 +140,26 @@ async def test_a_round_opens_selects_and_tells_each_selected_device_once(tmp_pat
         }
     await r.driver.drive(TASK)  # nothing new: nobody is told twice
     assert all(run_nows(r.queues[d]) == [] for d in DEVICES)
+
+
+async def test_a_round_model_goes_to_its_participants_only(tmp_path) -> None:
+    r = await rig(tmp_path, extra=("dev-z",))
+    await r.driver.drive(TASK)
+    one = await r.storage.rounds.latest_round(task=TASK)
+    assert one is not None and len(one.selected) == 3
+    [left_out] = sorted(set(r.queues) - set(one.selected))
+    for d in one.selected:  # the round's version first, then its RunNow, on the one stream
+        assert drain(r.queues[d]) == [("notify", 1), ("run", 1)]
+    assert drain(r.queues[left_out]) == []  # not selected: not told
+
+    # A published round becomes the next version: nobody is told until the next round picks its devices.
+    rel = await r.storage.releases.get_release(TASK)
+    new = tensorfiles.dump({k: v + 1 for k, v in MODEL.items()})
+    digest = manifest.sha256_digest(new)
+    r.store.put_stream(digest, [new])
+    served = await r.driver.serve_model(rel, model_file="model.safetensors", model=digest, size=len(new))
+    assert served.version == 2
+    assert all(drain(q) == [] for q in r.queues.values())
 
 
 async def test_quorum_missed_at_the_deadline_extends_then_fails_and_the_next_round_opens(tmp_path) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import collections
 import logging
 import time
+from collections.abc import Collection
 
 import grpc
 
@@ -135,10 +136,14 @@ class FanOut:
         self.manifests = manifests
         self._auth = authenticator
 
-    async def release_changed(self, before: releases.Release | None, after: releases.Release | None) -> None:
-        """Push a release change to connected devices and record who was notified."""
+    async def release_changed(
+        self, before: releases.Release | None, after: releases.Release | None, *, only: Collection[str] | None = None
+    ) -> None:
+        """Push a release change to connected devices (`only` these, when given) and record who was notified."""
         ledger = self._storage.releases
-        fan = self._hub.release_changed(before=before, after=after, manifest=await self.manifests.inline(after))
+        fan = self._hub.release_changed(
+            before=before, after=after, manifest=await self.manifests.inline(after), only=only
+        )
         self._metrics.notified.inc(len(fan.notified) + sum(len(ids) for ids in fan.downgraded.values()))
         self._metrics.revoked.inc(len(fan.revoked))
         self._metrics.dropped.inc(len(fan.dropped))

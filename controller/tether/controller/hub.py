@@ -18,7 +18,7 @@ import dataclasses
 import enum
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any
 
 import grpc
@@ -236,11 +236,13 @@ class Hub:
         before: releases.Release | None,
         after: releases.Release | None,
         manifest: InlineManifest | None = None,
+        only: Collection[str] | None = None,
     ) -> FanOut:
         """Push Notify / Revoke to every connected device the change concerns.
 
         `manifest`: GetManifest's answer for `after`'s manifest, carried in the
         Notify (`Notify.manifest`) of the devices served `after`'s own version.
+        `only`: just these devices (a federated round's participants); None: all.
         """
         subject = after if after is not None else before
         if subject is None:
@@ -262,6 +264,8 @@ class Hub:
         # First who hears what; the events are offered once the number of devices told to pull is known.
         plan: list[tuple[Connection, Action, pb.ServerEvent, rollouts.Served | None]] = []
         for conn in list(self._connections.values()):
+            if only is not None and conn.device_id not in only:
+                continue
             staged_event: pb.ServerEvent | None = None
             served: rollouts.Served | None = None
             if staged:

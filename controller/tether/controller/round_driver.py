@@ -11,13 +11,16 @@ asks `decide`, performs the step, and asks again until the answer is to wait:
 - `Advance`: derives the bundle version that serves the round's model
   (`fl.publishing.derive_manifest`: the base manifest with the model file
   replaced), signs it with the controller's key when it has one, stores it
-  and applies it as the release's manifest, then pushes Notify the usual way
-  (`FanOut.release_changed`): devices pull the one changed blob.
+  and applies it as the release's manifest, telling no device yet.
 
 Every replica (lock or not) tells the selected devices it holds a stream for:
-RunNow(release, version, request_id "round-<n>", payload {"federated": ...}),
-once per device and round on this replica; the agent runs it when that
-version is installed, and runs a request id once.
+the round's version (a Notify through `FanOut.release_changed(..., only=...)`:
+they pull the one changed blob), then RunNow(release, version, request_id
+"round-<n>", payload {"federated": ...}) on the same stream, once per device
+and round on this replica; the agent runs it when that version is installed,
+and runs a request id once. A device not selected is not moved by a round;
+when the run is done the last model goes to every targeted device connected
+here (a device that connects later gets it in its Sync).
 Eligible devices: those connected to this replica that the release targets.
 """
 
@@ -196,6 +199,9 @@ class RoundDriver:
         if isinstance(step, driver.Done) and self.done.get(task) != step.reason:
             self.done[task] = step.reason
             log.info("federated run of %s is done: %s", task, step.reason)
+            final = await self._storage.releases.get_release(task)
+            if final is not None:  # the last global model, to every targeted device connected here
+                await self._fan_out.release_changed(None, final)
         return step
 
     def _targets(self, rel: releases.Release, device_id: str) -> bool:
@@ -242,7 +248,9 @@ class RoundDriver:
         spec = dataclasses.replace(rel.spec, manifest_digest=digest, base_manifest=rel.spec.base_manifest)
         outcome = await self._releases.apply_release(spec)
         if outcome.changed:
-            await self._fan_out.release_changed(outcome.previous, outcome.release)
+            # Nobody is told now: the next round's participants are, just before their RunNow (`_tell`), and
+            # every targeted device once the run is done. A round does not move every device's model.
+            await self._fan_out.release_changed(outcome.previous, outcome.release, only=())
         log.info("%s v%d serves model %s", rel.name, outcome.release.version, model)
         return outcome.release
 
@@ -304,6 +312,8 @@ class RoundDriver:
             request_id=f"round-{r.number}",
             payload_json=payload(dict(rel.spec.federated), r, params=rules.task_parameters()),
         )
+        # The round's version goes to its participants only, then the RunNow (one queue: the Notify first).
+        await self._fan_out.release_changed(None, rel, only=todo)
         sent = self._hub.run_on(todo, run)
         told.update(sent)
         log.info("round %d of %s: RunNow sent to %d devices", r.number, task, len(sent))
