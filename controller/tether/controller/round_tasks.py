@@ -58,6 +58,17 @@ def _read(store: blobs.FilesystemBlobStore, digest: str) -> bytes:
     return store.path_for(digest).read_bytes()
 
 
+def _read_writable(store: blobs.FilesystemBlobStore, digest: str) -> bytearray:
+    """A blob's bytes in a buffer of our own (the global model is stepped in place in it)."""
+    if not store.has(digest):
+        raise errors.NotFound(f"blob {digest} is not in the blob store")
+    path = store.path_for(digest)
+    buffer = bytearray(path.stat().st_size)
+    with path.open("rb") as f:
+        f.readinto(buffer)
+    return buffer
+
+
 def _put(store: blobs.FilesystemBlobStore, data: bytes) -> str:
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
     store.put_stream(digest, [data])
@@ -105,14 +116,21 @@ def aggregate_round(conn: psycopg.Connection[Any], store: blobs.FilesystemBlobSt
         published_before = conn.execute(
             "SELECT count(*) FROM fl_rounds WHERE task = %s AND number < %s AND phase = 'Published'", (task, number)
         ).fetchone()
-        global_model = tensorfiles.load(_read(store, model_digest))
+        # Its layout now, its values at the server step (after the last update is released), stepped in place:
+        # a round holds the float64 sums and one model-sized array at a time (3x a float32 update).
+        global_model = aggregators.Deferred(
+            like=updates.shapes_of(tensorfiles.views(_read(store, model_digest))),
+            load=lambda: tensorfiles.views(_read_writable(store, model_digest)),
+        )
         state = aggregators.ServerState(rounds=int(published_before[0]) if published_before else 0)
         if prev is not None and prev[0]:
             state = publishing.state_from_tensors(tensorfiles.load(_read(store, prev[0])), rounds_done=state.rounds)
 
         def contributions() -> Iterator[updates.Update]:
             for rec in records:  # one decoded update in memory at a time
-                delta = tensorfiles.decode_update(_read(store, rec.digest), encoding=rec.encoding, like=global_model)
+                delta = tensorfiles.decode_update(
+                    _read(store, rec.digest), encoding=rec.encoding, like=global_model.like
+                )
                 yield updates.Update(device=rec.device, delta=delta, samples=rec.samples)
 
         mechanism = None
@@ -137,8 +155,11 @@ def aggregate_round(conn: psycopg.Connection[Any], store: blobs.FilesystemBlobSt
         except (updates.EmptyRound, updates.InvalidUpdate, tensorfiles.InvalidTensors) as e:
             _fail(conn, task=task, number=number, reason=str(e))
             return "failed"
-        model_blob = _put(store, tensorfiles.dump(outcome.model, metadata={"task": task, "round": str(number)}))
-        state_tensors = publishing.state_tensors(outcome.state)
+        new_model, new_state, folded, samples = outcome.model, outcome.state, outcome.devices, outcome.samples
+        del outcome  # its mean delta (the fold's sums) goes before the new model is serialized
+        model_blob = _put(store, tensorfiles.dump(new_model, metadata={"task": task, "round": str(number)}))
+        del new_model
+        state_tensors = publishing.state_tensors(new_state)
         state_blob = _put(store, tensorfiles.dump(state_tensors)) if state_tensors else None
         epsilon = None
         if rules.privacy is not None:
@@ -151,10 +172,10 @@ def aggregate_round(conn: psycopg.Connection[Any], store: blobs.FilesystemBlobSt
             "UPDATE fl_rounds SET phase = 'Published', reason = %s, result_model = %s, state_digest = %s,"
             " samples = %s, metrics = %s, epsilon = %s, updated_at = now() WHERE task = %s AND number = %s",
             (
-                f"new global model from {len(outcome.devices)} updates",
+                f"new global model from {len(folded)} updates",
                 model_blob,
                 state_blob,
-                outcome.samples,
+                samples,
                 Jsonb(metrics),
                 epsilon,
                 task,

@@ -105,6 +105,13 @@ def chunks(array: npt.NDArray[Any], *, size: int = CHUNK) -> Iterator[npt.NDArra
         yield flat[at : at + size]
 
 
+def shapes_of(model: Model) -> dict[str, Array]:
+    """Stand-ins with `model`'s names, shapes and dtypes that hold no memory (one broadcast scalar each).
+
+    What `check` and a fold need of the global model while updates stream in: its layout, not its values."""
+    return {n: np.broadcast_to(np.zeros((), dtype=a.dtype), a.shape) for n, a in model.items()}
+
+
 def names(model: Model) -> tuple[str, ...]:
     """The fixed order tensors are laid out in (flattening, summation): sorted by name."""
     return tuple(sorted(model))
