@@ -20,7 +20,7 @@ FEDERATED = {
     "seed": 0,
     "strategy": {"name": "fedYogi", "serverLearningRate": 0.01},
     "privacy": {"mode": "central", "clipNorm": 1.0, "noiseMultiplier": 0.8},
-    "evaluation": {"metric": "accuracy", "server": {"file": "cloud/heldout.npz"}},
+    "evaluation": {"metric": "accuracy", "server": {"file": "cloud/heldout.npz", "model": "cloud/model.onnx"}},
     "stopOn": {"metric": "accuracy", "target": 0.9},
 }
 

@@ -13,7 +13,10 @@ Thin over the pure code of `tether.controller.fl`:
    updates; robust strategies (median, trimmed mean, Krum) take the round whole;
 4. central DP: clip, noise seeded from the cloud's secret and (task, round),
    the privacy spent by the accountant (`fl.privacy.spent_for`);
-5. write the new model (and server state) as content-addressed blobs *before*
+5. server-side evaluation (`round_evaluation`, when `evaluation.server` is set and the round is one to score):
+   the new model through the task's ONNX graph on its held-out set, both files of the release's base bundle;
+   a failure is recorded with the round (`evaluation_error`), never holds it;
+6. write the new model (and server state) as content-addressed blobs *before*
    the transaction that records the round Published with its metrics and ε
    commits: a worker killed anywhere leaves the round Aggregating, and the
    redelivered message does it again, bit for bit the same.
@@ -36,9 +39,9 @@ import numpy as np
 import psycopg
 from psycopg.types.json import Jsonb
 
-from tether.common import errors, tensorfiles
+from tether.common import errors, manifest, tensorfiles
 from tether.controller import blobs, tasks
-from tether.controller.fl import aggregators, privacy, publishing, rounds, updates
+from tether.controller.fl import aggregators, privacy, publishing, rounds, scoring, updates
 from tether.spec import federation
 
 log = logging.getLogger(__name__)
@@ -157,6 +160,14 @@ def aggregate_round(conn: psycopg.Connection[Any], store: blobs.FilesystemBlobSt
             return "failed"
         new_model, new_state, folded, samples = outcome.model, outcome.state, outcome.devices, outcome.samples
         del outcome  # its mean delta (the fold's sums) goes before the new model is serialized
+        evaluation: dict[str, float] | None = None
+        evaluation_error = None
+        if rules.evaluation is not None and rules.evaluation.evaluates_round(number):
+            try:
+                evaluation = _evaluate(conn, store, rules.evaluation, task=task, weights=new_model)
+            except (scoring.EvaluationError, errors.NotFound) as e:
+                evaluation_error = errors.excerpt(str(e), limit=1000).strip("'\"")
+                log.warning("round %d of %s: server-side evaluation failed: %s", number, task, e)
         model_blob = _put(store, tensorfiles.dump(new_model, metadata={"task": task, "round": str(number)}))
         del new_model
         state_tensors = publishing.state_tensors(new_state)
@@ -170,7 +181,8 @@ def aggregate_round(conn: psycopg.Connection[Any], store: blobs.FilesystemBlobSt
         metrics = publishing.device_metrics(records)
         conn.execute(
             "UPDATE fl_rounds SET phase = 'Published', reason = %s, result_model = %s, state_digest = %s,"
-            " samples = %s, metrics = %s, epsilon = %s, updated_at = now() WHERE task = %s AND number = %s",
+            " samples = %s, metrics = %s, epsilon = %s, server_metrics = %s, evaluation_error = %s,"
+            " updated_at = now() WHERE task = %s AND number = %s",
             (
                 f"new global model from {len(folded)} updates",
                 model_blob,
@@ -178,12 +190,53 @@ def aggregate_round(conn: psycopg.Connection[Any], store: blobs.FilesystemBlobSt
                 samples,
                 Jsonb(metrics),
                 epsilon,
+                None if evaluation is None else Jsonb(evaluation),
+                evaluation_error,
                 task,
                 number,
             ),
         )
     log.info("round %d of %s published: model %s from %d updates", number, task, model_blob, len(records))
     return "published"
+
+
+def _evaluate(
+    conn: psycopg.Connection[Any],
+    store: blobs.FilesystemBlobStore,
+    rules: federation.Evaluation,
+    *,
+    task: str,
+    weights: updates.Model,
+) -> dict[str, float]:
+    """Score `weights` with the graph and held-out set of the release's base bundle (`round_evaluation`)."""
+    from tether.controller import round_evaluation  # onnx and onnxruntime: only where rounds are scored
+
+    assert rules.server_file is not None and rules.server_model is not None
+    row = conn.execute(
+        "SELECT m.body FROM releases r JOIN manifests m"
+        " ON m.digest = CASE WHEN r.base_manifest <> '' THEN r.base_manifest ELSE r.manifest_digest END"
+        " WHERE r.release = %s",
+        (task,),
+    ).fetchone()
+    if row is None:
+        raise scoring.EvaluationError(f"{round_evaluation.FIELD}: the release's bundle manifest is not stored")
+    bundle = manifest.Manifest.from_bytes(bytes(row[0]))
+    files: dict[str, bytes] = {}
+    for key, path in (("file", rules.server_file), ("model", rules.server_model)):
+        try:
+            entry = bundle.file(path)
+        except KeyError:
+            raise scoring.EvaluationError(
+                f"{round_evaluation.FIELD}.{key}: {path!r} is not a file of bundle {bundle.name} ({bundle.digest})"
+            ) from None
+        files[key] = _read(store, entry.sha256)
+    return round_evaluation.evaluate(
+        graph=files["model"],
+        heldout=files["file"],
+        weights=weights,
+        model_path=rules.server_model,
+        heldout_path=rules.server_file,
+    )
 
 
 def _secret(conn: psycopg.Connection[Any]) -> bytes:

@@ -95,8 +95,7 @@ class MeanFold:
         self._order = updates.names(like)
         self._sums: F64Model = {n: np.zeros(like[n].shape, dtype=np.float64) for n in self._order}
         self._samples = 0
-        self._devices: list[str] = []
-        self._seen: set[str] = set()
+        self._devices: dict[str, None] = {}  # fold order (one structure: it also answers "already folded?")
         self._consumed = False
 
     @property
@@ -116,7 +115,7 @@ class MeanFold:
         """Fold a checked update in (a clipped one is float64 whatever the model's dtype)."""
         if self._consumed:
             raise RuntimeError("this fold's sums were consumed by mean(consume=True)")
-        if update.device in self._seen:
+        if update.device in self._devices:
             raise updates.InvalidUpdate("was already folded into this round", device=update.device, field="device")
         weight = float(update.samples)
         buffer = np.empty(updates.CHUNK, dtype=np.float64)
@@ -132,8 +131,7 @@ class MeanFold:
                 sums[at : at + chunk.size] += scaled
                 at += chunk.size
         self._samples += update.samples
-        self._devices.append(update.device)
-        self._seen.add(update.device)
+        self._devices[update.device] = None
 
     def total(self) -> F64Model:
         """The running sum of samples·delta (copies)."""
@@ -327,7 +325,7 @@ def _apply(
         for w_chunk, s_chunk in zip(updates.chunks(w), updates.chunks(step[n]), strict=True):
             acc = buffer[: w_chunk.size]
             np.multiply(s_chunk, scale, out=acc)  # float64 step, float scale: the same value as `scale * step`
-            np.add(w_chunk.astype(np.float64), acc, out=acc)
+            np.add(w_chunk, acc, out=acc, dtype=np.float64)  # w cast to float64 exactly, as `astype` would
             target[at : at + w_chunk.size] = acc
             at += w_chunk.size
         out[n] = new
