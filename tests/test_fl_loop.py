@@ -6,18 +6,23 @@ applied, then the controller opens each round, selects the devices, tells
 them (RunNow), takes their updates (PushUpdate), the worker folds them into
 the next global model, and the controller serves it as a new bundle version:
 the global model changes every round, equals FedAvg computed here with NumPy,
-and each device downloads exactly one blob per round (the model file).
+and each device downloads exactly one blob per round (the model file). The
+worker scores every round's model on the held-out set the bundle ships (an
+ONNX graph of the model whose output is the sign of the prediction as two
+class scores): the round's record, the status and `tether fl history` carry it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import io
 import pathlib
 import time
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from onnx import TensorProto, helper
 
 from tether.agent import daemon
 from tether.agent.client import Backoff
@@ -77,6 +82,43 @@ def fedavg_reference(model: dict[str, np.ndarray], shards: list[dict[str, np.nda
         for n in acc:
             acc[n] += len(s["y"]) * delta[n].astype(np.float64)
     return {n: (model[n].astype(np.float64) + acc[n] / total).astype(np.float32) for n in model}
+
+
+def heldout() -> dict[str, np.ndarray]:
+    """Inputs and the sign class of their true target (0: positive, 1: not)."""
+    rng = np.random.default_rng(99)
+    x = rng.standard_normal((200, 3)).astype(np.float32)
+    target = x.astype(np.float64) @ np.array([1.0, -2.0, 0.5]) + 0.3
+    return {"X": x, "y": (target <= 0).astype(np.int64)}
+
+
+def sign_graph() -> bytes:
+    """The linear model as an ONNX graph with initializers `w` and `b`; two class scores, [pred, -pred] (logits)."""
+    nodes = [
+        helper.make_node("MatMul", ["X", "w"], ["xw"]),
+        helper.make_node("Add", ["xw", "b"], ["pred"]),
+        helper.make_node("Neg", ["pred"], ["neg"]),
+        helper.make_node("Concat", ["pred", "neg"], ["scores"], axis=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "linear_sign",
+        inputs=[helper.make_tensor_value_info("X", TensorProto.FLOAT, ["n", 3])],
+        outputs=[helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["n", 2])],
+        initializer=[
+            helper.make_tensor("w", TensorProto.FLOAT, [3, 1], [0.0, 0.0, 0.0]),
+            helper.make_tensor("b", TensorProto.FLOAT, [1], [0.0]),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return bytes(model.SerializeToString())
+
+
+def sign_accuracy(model: dict[str, np.ndarray], data: dict[str, np.ndarray]) -> float:
+    pred = data["X"] @ model["w"] + model["b"]
+    scores = np.concatenate([pred, -pred], axis=1)
+    return float((scores.argmax(axis=1) == data["y"]).mean())
 
 
 @pytest.fixture()
@@ -142,8 +184,19 @@ async def test_three_rounds_change_the_global_model_as_fedavg_does_one_blob_per_
     (bundle / "task.py").write_text(TASK_PY)
     initial = {"w": np.zeros((3, 1), dtype=np.float32), "b": np.zeros(1, dtype=np.float32)}
     (bundle / "model.safetensors").write_bytes(tensorfiles.dump(initial))
+    (bundle / "cloud").mkdir()
+    held = heldout()
+    buf = io.BytesIO()
+    np.savez(buf, **held)
+    (bundle / "cloud" / "heldout.npz").write_bytes(buf.getvalue())
+    (bundle / "cloud" / "sign.onnx").write_bytes(sign_graph())
     body = manifest.hash_directory(bundle, name="linear-fl", entrypoint="task.py")
-    federated = {"rounds": ROUNDS, "participants": {"count": 3}, "roundDeadlineSeconds": 120}
+    federated = {
+        "rounds": ROUNDS,
+        "participants": {"count": 3},
+        "roundDeadlineSeconds": 120,
+        "evaluation": {"metric": "accuracy", "server": {"file": "cloud/heldout.npz", "model": "cloud/sign.onnx"}},
+    }
     try:
         await asyncio.wait_for(asyncio.gather(*(a.synced.wait() for a in agents)), 30)
         async with admin_client.AdminClient(controller.address, token=ADMIN_TOKEN) as client:
@@ -197,6 +250,9 @@ async def test_three_rounds_change_the_global_model_as_fedavg_does_one_blob_per_
             np.testing.assert_allclose(got[n], want[n], rtol=1e-6, atol=1e-7)
         assert res.samples == sum(len(s["y"]) for s in shards)
         assert res.metrics["round"] == number  # sample-weighted device metrics
+        # scored in the cloud: the new model on the held-out set; logits, so accuracy and no loss
+        assert res.evaluation_error == "" and res.evaluation is not None and set(res.evaluation) == {"accuracy"}
+        assert res.evaluation["accuracy"] == pytest.approx(sign_accuracy(got, held))
         models.append(res.model)
         model = got
     assert len(set(models)) == ROUNDS  # the global model changed every round
@@ -215,12 +271,16 @@ async def test_three_rounds_change_the_global_model_as_fedavg_does_one_blob_per_
     assert fed is not None and fed["round"] == ROUNDS and fed["phase"] == "Published"
     assert [h["round"] for h in fed["history"]] == [1, 2, 3]
     assert [h["model"] for h in fed["history"]] == models and all(h["updates"] == 3 for h in fed["history"])
+    scores = [h["evaluation"]["accuracy"] for h in fed["history"]]
+    assert [h["value"] for h in fed["history"]] == scores and fed["metric"] == "accuracy"
+    assert scores[-1] > sign_accuracy(initial, held)  # the rounds taught it something
     runner = CliRunner()
     args = ["fl", "history", TASK, "--controller", controller.address, "--admin-token", ADMIN_TOKEN, "--csv"]
     out = await asyncio.to_thread(runner.invoke, cli_main.cli, args)
     assert out.exit_code == 0, out.output
     lines = out.output.splitlines()
-    assert lines[0] == "round,phase,participants,updates,refused,samples,loss,round,epsilon"
+    assert lines[0] == "round,phase,participants,updates,refused,samples,server_accuracy,loss,round,epsilon"
+    assert [float(line.split(",")[6]) for line in lines[1:]] == pytest.approx(scores, abs=1e-5)
     assert [line.split(",")[:4] for line in lines[1:]] == [[str(n), "Published", "3", "3"] for n in (1, 2, 3)]
 
     # Any round's model can be exported, and served again.

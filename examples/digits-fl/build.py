@@ -6,7 +6,13 @@ Writes, deterministically (the same inputs give byte-identical files):
   (Glorot-uniform, seed 0), float32, named `fc1.weight` ... `fc2.bias`;
 - task/cloud/heldout.npz: the stratified 20 % held-out test set (X float32,
   y int64) that the cloud scores every round's global model on
-  (`spec.federated.evaluation.server.file`).
+  (`spec.federated.evaluation.server.file`);
+- task/cloud/model.onnx: the model's forward pass as an ONNX graph, built with
+  the `onnx` helper API (no torch): input `X` [n, 64] float32 ->
+  Gemm(fc1.weight, fc1.bias, transB) -> Relu -> Gemm(fc2.weight, fc2.bias,
+  transB) -> Softmax -> `probabilities` [n, 10]; its initializers are named
+  as the safetensors tensors, so the cloud puts each round's weights in
+  their place (`spec.federated.evaluation.server.model`). Opset 17, IR 8.
 
 The devices' data is the Dirichlet(0.5) split of the other 80 %
 (`tether.devtools.fldata.digits_split()`), computed where it is needed
@@ -40,7 +46,42 @@ def artifacts() -> dict[str, bytes]:
     split = fldata.digits_split()
     buf = io.BytesIO()
     write_npz_to(buf, X=split.X_test, y=split.y_test)
-    return {"model.safetensors": save(fltrain.initial_weights(0)), "cloud/heldout.npz": buf.getvalue()}
+    weights = fltrain.initial_weights(0)
+    return {
+        "model.safetensors": save(weights),
+        "cloud/heldout.npz": buf.getvalue(),
+        "cloud/model.onnx": onnx_graph(weights),
+    }
+
+
+OPSET = 17
+IR_VERSION = 8
+
+
+def onnx_graph(weights: dict[str, np.ndarray]) -> bytes:
+    """The MLP's forward pass (softmax probabilities) with `weights` as its named initializers; same bytes for the
+    same weights."""
+    from onnx import TensorProto, checker, helper, numpy_helper
+
+    nodes = [
+        helper.make_node("Gemm", ["X", "fc1.weight", "fc1.bias"], ["h1"], name="fc1", transB=1),
+        helper.make_node("Relu", ["h1"], ["a1"], name="relu"),
+        helper.make_node("Gemm", ["a1", "fc2.weight", "fc2.bias"], ["logits"], name="fc2", transB=1),
+        helper.make_node("Softmax", ["logits"], ["probabilities"], name="softmax", axis=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "digits_mlp",
+        inputs=[helper.make_tensor_value_info("X", TensorProto.FLOAT, ["n", fltrain.FEATURES])],
+        outputs=[helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["n", fltrain.CLASSES])],
+        initializer=[numpy_helper.from_array(np.ascontiguousarray(weights[n]), name=n) for n in fltrain.NAMES],
+    )
+    model = helper.make_model(
+        graph, producer_name="tether examples/digits-fl/build.py", opset_imports=[helper.make_opsetid("", OPSET)]
+    )
+    model.ir_version = IR_VERSION
+    checker.check_model(model)
+    return bytes(model.SerializeToString())
 
 
 def write_npz_to(fileobj: io.BytesIO, **arrays: np.ndarray) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -78,3 +80,26 @@ def test_refusals_name_the_tensor() -> None:
             tensorfiles.decode_update(junk, encoding="float32", like=LIKE)
     with pytest.raises(tensorfiles.InvalidTensors, match="encoding"):
         tensorfiles.encode_update({}, encoding="int4")
+
+
+def test_views_read_the_tensors_in_place_and_write_through_a_bytearray() -> None:
+    model = {"w": np.arange(12, dtype=np.float32).reshape(3, 4), "b": np.array([1.5, -2.0], np.float64)}
+    data = bytearray(tensorfiles.dump(model, metadata={"round": "1"}))
+    got = tensorfiles.views(data)
+    assert sorted(got) == ["b", "w"]
+    assert np.array_equal(got["w"], model["w"]) and got["w"].dtype == np.float32 and got["w"].shape == (3, 4)
+    assert np.array_equal(got["b"], model["b"])
+    got["w"][0, 0] = 99.0  # a view of the buffer, not a copy
+    assert tensorfiles.load(bytes(data))["w"][0, 0] == 99.0
+    assert not tensorfiles.views(bytes(data))["w"].flags.writeable
+
+
+def test_views_refuse_offsets_that_do_not_hold_the_shape() -> None:
+    data = tensorfiles.dump({"w": np.zeros(4, np.float32)})
+    (size,) = struct.unpack("<Q", data[:8])
+    header = data[8 : 8 + size].replace(b'"shape":[4]', b'"shape":[5]')
+    bad = data[:8] + header + data[8 + size :]
+    with pytest.raises(tensorfiles.InvalidTensors, match=r"tensor 'w': data_offsets"):
+        tensorfiles.views(bad)
+    with pytest.raises(tensorfiles.InvalidTensors, match="not a safetensors file"):
+        tensorfiles.views(b"abc")

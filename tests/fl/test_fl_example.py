@@ -81,7 +81,10 @@ def test_the_task_trains_over_federated_rounds_in_process(tmp_path, task, split)
             payload = {"epochs": 5, "federated": {"task": "default/digits-fl", "round": r + 1, "modelFile": MODEL}}
             out = task.run(_ctx(bundle, _data_dir(tmp_path, shards[device]), payload))
             assert out["sample_count"] == len(shards[device].y)
-            assert out["metrics"]["loss"] < out["metrics"]["loss_before"], (device, out["metrics"])
+            assert out["metrics"]["loss"] < out["metrics"]["eval_loss"], (device, out["metrics"])
+            # federated evaluation: the received global model on the device's own data, before training
+            local = fltrain.evaluate(global_model, shards[device].X, shards[device].y)
+            assert out["metrics"]["eval_accuracy"] == pytest.approx(local["accuracy"])
             assert {k: v.dtype for k, v in out["tensors"].items()} == {k: np.float32 for k in fltrain.NAMES}
             contributions.append(updates.Update(device=device, delta=out["tensors"], samples=out["sample_count"]))
         outcome = aggregators.aggregate(
@@ -152,7 +155,7 @@ async def test_the_task_runs_in_the_agents_worker(tmp_path, split) -> None:
         inputs={"payload": {"federated": {"task": "default/digits-fl", "round": 1, "modelFile": MODEL}}},
     )
     assert out.result.sample_count == len(shard.y)
-    assert out.result.metrics["loss"] < out.result.metrics["loss_before"]
+    assert out.result.metrics["loss"] < out.result.metrics["eval_loss"]
     assert sorted(out.result.tensors) == ["fc1.bias", "fc1.weight", "fc2.bias", "fc2.weight"]
 
 
@@ -182,3 +185,45 @@ def test_the_committed_weights_and_heldout_set_are_what_build_writes(split) -> N
         "fc2.bias": (10,),
     }
     assert fltrain is None or all(np.array_equal(weights[k], v) for k, v in fltrain.initial_weights(0).items())
+
+
+def test_the_cloud_graph_is_fltrains_forward_pass_with_any_rounds_weights(split) -> None:
+    """cloud/model.onnx (built by build.py with the onnx helper API) with a round's weights put in place of its
+    initializers gives the probabilities of fltrain's MNN module and of its numpy `predict`, and the worker's
+    evaluation scores it as `fltrain.evaluate` does."""
+    import MNN
+
+    from tether.controller import round_evaluation
+
+    sys.path.insert(0, str(TASK))
+    try:
+        import fltrain
+    finally:
+        sys.path.remove(str(TASK))
+    rng = np.random.default_rng(3)
+    weights = {n: rng.standard_normal(s).astype(np.float32) * np.float32(0.3) for n, s in fltrain.SHAPES.items()}
+    graph = (TASK / "cloud" / "model.onnx").read_bytes()
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(
+        round_evaluation.with_weights(graph, weights, path="cloud/model.onnx"), providers=["CPUExecutionProvider"]
+    )
+    X = np.ascontiguousarray(split.X_test, dtype=np.float32)
+    (onnx_probs,) = session.run(None, {"X": X})
+    np.testing.assert_allclose(onnx_probs, fltrain.predict(weights, X), rtol=1e-4, atol=1e-6)
+    F = MNN.expr
+    F.lazy_eval(True)
+    module = fltrain._module(MNN)
+    for n, p in zip(fltrain._bind(module), module.parameters, strict=True):
+        p.write(np.ascontiguousarray(weights[n].reshape(tuple(p.shape))))
+    module.train(False)
+    out = module.forward(F.const(X, list(X.shape), F.NCHW, F.float))
+    mnn_probs = np.array(out.read(), dtype=np.float32, copy=True).reshape(onnx_probs.shape)
+    np.testing.assert_allclose(onnx_probs, mnn_probs, rtol=1e-4, atol=1e-5)
+    heldout = (TASK / "cloud" / "heldout.npz").read_bytes()
+    scored = round_evaluation.evaluate(
+        graph=graph, heldout=heldout, weights=weights, model_path="cloud/model.onnx", heldout_path="cloud/heldout.npz"
+    )
+    expected = fltrain.evaluate(weights, split.X_test, split.y_test)
+    assert scored["accuracy"] == pytest.approx(expected["accuracy"])
+    assert scored["loss"] == pytest.approx(expected["loss"], rel=1e-4)

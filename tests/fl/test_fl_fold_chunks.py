@@ -69,3 +69,42 @@ def test_the_overflow_bound_sees_the_largest_value_in_any_chunk() -> None:
     delta["a"][-1, 0] = 1e299
     with pytest.raises(updates.InvalidUpdate, match="too large"):
         updates.check(updates.Update(device="d", delta=delta, samples=100), like=model)
+
+
+@pytest.mark.parametrize(
+    "strategy",
+    [
+        strategies.FedAvg(),
+        strategies.FedAvgM(momentum=0.9),
+        strategies.FedOpt(optimizer=strategies.ServerOptimizer.ADAM),
+        strategies.Median(),
+    ],
+)
+def test_a_deferred_global_model_gives_the_same_model_bit_for_bit(strategy: strategies.Strategy) -> None:
+    rng = np.random.default_rng(2)
+    model = {"a": rng.standard_normal((SIZE // 5, 5)).astype(np.float32), "b": np.ones(7, np.float32)}
+    ups = _updates(3)
+    plain = aggregators.aggregate(strategy, global_model=model, contributions=ups, state=aggregators.ServerState())
+    loads: list[int] = []
+
+    def load() -> dict[str, updates.Array]:
+        loads.append(1)
+        return {n: a.copy() for n, a in model.items()}
+
+    deferred = aggregators.Deferred(like=updates.shapes_of(model), load=load)
+    assert all(v.strides == (0,) * v.ndim for v in deferred.like.values())  # the layout holds no values
+    state = aggregators.ServerState()
+    out = aggregators.aggregate(strategy, global_model=deferred, contributions=iter(ups), state=state)
+    assert loads == [1]
+    for name in model:
+        assert out.model[name].dtype == model[name].dtype
+        assert np.array_equal(out.model[name], plain.model[name])
+
+
+def test_a_deferred_model_that_changed_shape_is_refused() -> None:
+    model = {"a": np.zeros((SIZE // 5, 5), np.float32), "b": np.zeros(7, np.float32)}
+    deferred = aggregators.Deferred(like=updates.shapes_of(model), load=lambda: {"a": np.zeros(3, np.float32)})
+    with pytest.raises(Exception, match="changed while the round was folded"):
+        aggregators.aggregate(
+            strategies.FedAvg(), global_model=deferred, contributions=_updates(1), state=aggregators.ServerState()
+        )

@@ -211,3 +211,20 @@ def test_when_a_run_stops(stop_on, history, published, expected) -> None:
     fed = federation.parse_federation(doc)
     assert fed is not None
     assert rounds.should_stop(rounds_published=published, history=history, rules=fed) == expected
+
+
+def test_stop_on_follows_the_server_score_when_the_cloud_scores_rounds_else_the_device_metric() -> None:
+    base = {"rounds": 10, "participants": {"count": 2}, "stopOn": {"metric": "accuracy", "target": 0.9}}
+    scored = federation.parse_federation(
+        base | {"evaluation": {"server": {"file": "cloud/h.npz", "model": "cloud/m.onnx"}}}
+    )
+    on_devices = federation.parse_federation(base | {"evaluation": {"devices": {"count": 2}}})
+    assert scored is not None and on_devices is not None
+    result = rounds.RoundResult(model="sha256:m", samples=3, metrics={"accuracy": 0.95}, evaluation={"accuracy": 0.5})
+    assert rounds.followed_metric(result, rules=scored) == 0.5
+    assert rounds.followed_metric(result, rules=on_devices) == 0.95
+    failed = rounds.RoundResult(model="sha256:m", samples=3, metrics={"accuracy": 0.95}, evaluation_error="no file")
+    assert rounds.followed_metric(failed, rules=scored) is None  # no score: the device metric does not stand in
+    assert rounds.followed_metric(None, rules=scored) is None
+    history = [rounds.followed_metric(r, rules=scored) for r in (result, failed)]
+    assert rounds.should_stop(rounds_published=2, history=history, rules=scored) is None

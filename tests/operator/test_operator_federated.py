@@ -20,7 +20,7 @@ FEDERATED = {
     "seed": 0,
     "strategy": {"name": "fedYogi", "serverLearningRate": 0.01},
     "privacy": {"mode": "central", "clipNorm": 1.0, "noiseMultiplier": 0.8},
-    "evaluation": {"metric": "accuracy", "server": {"file": "cloud/heldout.npz"}},
+    "evaluation": {"metric": "accuracy", "server": {"file": "cloud/heldout.npz", "model": "cloud/model.onnx"}},
     "stopOn": {"metric": "accuracy", "target": 0.9},
 }
 
@@ -118,10 +118,12 @@ def test_the_task_status_shows_the_current_round() -> None:
         "refused": {"NotSelected": 2, "InvalidUpdate": 1},
         "epsilon": 1.5,
         "history": [
-            {"round": 1, "phase": "Published", "metrics": {"accuracy": 0.5}},
-            {"round": 2, "phase": "Published", "metrics": {"accuracy": 0.7}},
+            {"round": 1, "phase": "Published", "metrics": {"accuracy": 0.5}, "value": 0.55},
+            {"round": 2, "phase": "Published", "metrics": {"accuracy": 0.7}, "value": None},
             {"round": 3, "phase": "Collecting", "metrics": {}},
         ],
+        "metric": "accuracy",
+        "evaluationError": "federated.evaluation.server.file: 'cloud/x.npz' is not a file of bundle t",
     }
     got = task_status.federated_summary(doc)
     assert got == task_status.FederatedStatus(
@@ -133,8 +135,12 @@ def test_the_task_status_shows_the_current_round() -> None:
         published=2,
         epsilon=1.5,
         metrics={"accuracy": 0.7},
+        metric="accuracy",
+        value=0.55,  # the latest round that has a value (round 2 was not scored)
+        evaluation_error="federated.evaluation.server.file: 'cloud/x.npz' is not a file of bundle t",
     )
     assert task_status.federated_summary(None) is None and task_status.federated_summary({"round": "x"}) is None
     observed = reconcile.Observation(release="ml/t", federated=doc)
     status = reconcile.observe(task_status.MLTaskStatus(), observed)
     assert status.federated == got and status.to_json()["federated"]["round"] == 3
+    assert status.to_json()["federated"]["value"] == 0.55

@@ -71,7 +71,12 @@ FULL = {
     "lateUpdates": "keep",
     "strategy": {"name": "fedProx", "proximalMu": 0.1},
     "privacy": {"mode": "local", "clipNorm": 1.0, "noiseMultiplier": 0.5},
-    "evaluation": {"metric": "accuracy", "every": 2, "server": {"file": "cloud/heldout.npz"}, "devices": {"count": 5}},
+    "evaluation": {
+        "metric": "accuracy",
+        "every": 2,
+        "server": {"file": "cloud/heldout.npz", "model": "cloud/model.onnx"},
+        "devices": {"count": 5},
+    },
 }
 
 
@@ -85,8 +90,18 @@ def test_a_full_document_parses_into_its_typed_value() -> None:
     assert f.late_updates is federation.LateUpdates.KEEP
     assert f.strategy == strategies.FedProx(proximal_mu=0.1)
     assert f.evaluation == federation.Evaluation(
-        metric="accuracy", every=2, server_file="cloud/heldout.npz", devices=federation.Share(count=5)
+        metric="accuracy",
+        every=2,
+        server_file="cloud/heldout.npz",
+        server_model="cloud/model.onnx",
+        devices=federation.Share(count=5),
     )
+    assert f.evaluation is not None and [f.evaluation.evaluates_round(n) for n in (1, 2, 3, 4)] == [
+        False,
+        True,
+        False,
+        True,
+    ]
     assert f.task_parameters() == {"proximalMu": 0.1, "clipNorm": 1.0, "noiseMultiplier": 0.5}
 
 
@@ -161,9 +176,22 @@ def _with(**changes):
         (_with(evaluation=None), "federated.stopOn", "needs an evaluation"),
         (_with(evaluation={"metric": "accuracy"}), "federated.evaluation", "needs a server held-out set"),
         (
-            _with(evaluation={"server": {"file": "../secrets"}}),
+            _with(evaluation={"server": {"file": "../secrets", "model": "m.onnx"}}),
             "federated.evaluation.server.file",
             "inside the bundle",
+        ),
+        (
+            _with(evaluation={"server": {"file": "cloud/heldout.npz"}}),
+            "federated.evaluation.server.model",
+            "needs the ONNX graph",
+        ),
+        (
+            _with(
+                stopOn={"metric": "f1", "target": 0.5},
+                evaluation={"metric": "f1", "server": {"file": "h.npz", "model": "m.onnx"}},
+            ),
+            "federated.evaluation.metric",
+            "reports ['accuracy', 'loss'], not 'f1'",
         ),
         (_with(evaluation={"server": {"path": "x"}}), "federated.evaluation.server", "unknown fields ['path']"),
         (_with(evaluation={"every": 0, "devices": {"count": 1}}), "federated.evaluation.every", "[1, 100000]"),

@@ -17,18 +17,24 @@ FIXED = ("round", "phase", "participants", "updates", "refused", "samples")
 
 
 def history_table(doc: Mapping[str, Any] | None) -> tuple[list[str], list[list[str]]]:
-    """The per-round table: fixed columns, one per device metric (sorted), then epsilon."""
+    """The per-round table: fixed columns, the server-side metrics (`server_<name>`, sorted), one column per device
+    metric (sorted; sample-weighted over the round's updates), epsilon, and why server evaluation failed."""
     history = list((doc or {}).get("history") or [])
+    server = sorted({str(m) for h in history for m in (h.get("evaluation") or {})})
     metrics = sorted({str(m) for h in history for m in (h.get("metrics") or {})})
-    header = [*FIXED, *metrics, "epsilon"]
+    failed = any(h.get("evaluationError") for h in history)
+    header = [*FIXED, *(f"server_{m}" for m in server), *metrics, "epsilon", *(["evaluation_error"] if failed else [])]
     rows = []
     for h in history:
+        scored = h.get("evaluation") or {}
         values = h.get("metrics") or {}
         eps = h.get("epsilon")
         rows.append(
             [str(h.get(c, "")) for c in FIXED]
+            + [f"{float(scored[m]):.6g}" if m in scored else "" for m in server]
             + [f"{float(values[m]):.6g}" if m in values else "" for m in metrics]
             + ["" if eps is None else f"{float(eps):.6g}"]
+            + ([str(h.get("evaluationError") or "")] if failed else [])
         )
     return header, rows
 

@@ -1,4 +1,5 @@
-"""`tether status TASK`: a task's rollout progress and its latest aggregate, from the controller."""
+"""`tether status TASK`: a task's rollout progress, its federated rounds (with the metric per round as a terminal
+plot) and its latest aggregate, from the controller."""
 
 from __future__ import annotations
 
@@ -41,6 +42,11 @@ def render(status: Any, rollout: Any = None) -> Group:
         from tether.cli import rollout_view
 
         parts.append(rollout_view.render(health, rollout))
+    from tether.cli import fl_view
+
+    rounds = fl_view.render(getattr(status, "federated", None))
+    if rounds is not None:
+        parts.append(rounds)
     agg = status.aggregate or {}
     if agg:
         table = Table(title=f"aggregate, round {status.aggregate_round}", title_justify="left")

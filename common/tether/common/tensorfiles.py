@@ -22,7 +22,10 @@ reproducible (a redelivered aggregation writes the same blob).
 Decoding checks that each tensor has the dtype its encoding promises and
 returns float arrays in the model's dtype; names, shapes and values are the
 round's checks (`tether.controller.fl.updates.check`). Errors are
-`InvalidTensors`, naming the tensor. Pure: numpy and safetensors, no I/O.
+`InvalidTensors`, naming the tensor. `views` reads a file's tensors in
+place (NumPy views of the bytes, writable over a `bytearray`), so a worker
+holds a model or an update once, not as the file and a copy of it.
+Pure: numpy and safetensors, no I/O.
 """
 
 from __future__ import annotations
@@ -75,6 +78,63 @@ def load(data: bytes, *, what: str = "model") -> Tensors:
         raise InvalidTensors(f"{what}: not a readable safetensors file: {e}") from None
 
 
+_NUMPY_DTYPES: dict[str, np.dtype[Any]] = {
+    "F64": np.dtype("<f8"),
+    "F32": np.dtype("<f4"),
+    "F16": np.dtype("<f2"),
+    "I64": np.dtype("<i8"),
+    "I32": np.dtype("<i4"),
+    "I16": np.dtype("<i2"),
+    "I8": np.dtype("i1"),
+    "U8": np.dtype("u1"),
+}
+
+
+def views(data: bytes | bytearray, *, what: str = "model") -> Tensors:
+    """The tensors of a safetensors file as views of `data` (no copy; writable when `data` is a bytearray).
+
+    Offsets, sizes and dtypes are checked against the header; a file the views cannot cover is `InvalidTensors`."""
+    header = _header(bytes(data[:8]) + bytes(data[8 : 8 + _header_size(data)]), what=what, whole=len(data))
+    start = 8 + _header_size(data)
+    out: Tensors = {}
+    spans: list[tuple[int, int]] = []
+    for name, entry in sorted(header.items()):
+        if name == "__metadata__":
+            continue
+        where = f"{what}: tensor {name!r}"
+        if not isinstance(entry, dict):
+            raise InvalidTensors(f"{where}: header entry must be an object")
+        dtype = _NUMPY_DTYPES.get(str(entry.get("dtype")))
+        shape, offsets = entry.get("shape"), entry.get("data_offsets")
+        if dtype is None:
+            raise InvalidTensors(f"{where}: dtype {entry.get('dtype')!r} is not one of {sorted(_NUMPY_DTYPES)}")
+        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+            raise InvalidTensors(f"{where}: shape must be a list of non-negative integers")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+            raise InvalidTensors(f"{where}: data_offsets must be two integers")
+        begin, end = offsets
+        count = math.prod(shape)
+        if not 0 <= begin <= end <= len(data) - start or end - begin != count * dtype.itemsize:
+            raise InvalidTensors(f"{where}: data_offsets {offsets} do not hold {shape} of {dtype}")
+        spans.append((begin, end))
+        out[name] = np.frombuffer(data, dtype=dtype, count=count, offset=start + begin).reshape(shape)
+    at = 0
+    for begin, end in sorted(spans):  # as the library checks: the buffers tile the data, no gap, no overlap
+        if begin != at:
+            raise InvalidTensors(f"{what}: tensor buffers overlap or leave a gap at byte {at}")
+        at = end
+    if at != len(data) - start:
+        raise InvalidTensors(f"{what}: {len(data) - start - at} bytes after the last tensor")
+    return out
+
+
+def _header_size(data: bytes | bytearray) -> int:
+    if len(data) < 8:
+        return 0
+    (size,) = struct.unpack("<Q", bytes(data[:8]))
+    return int(min(size, MAX_HEADER_BYTES + 1))
+
+
 def metadata(data: bytes, *, what: str = "model") -> dict[str, Any]:
     """The file's metadata as `dump` wrote it ({} when it has none)."""
     meta = _header(data, what=what).get("__metadata__") or {}
@@ -91,11 +151,13 @@ def metadata(data: bytes, *, what: str = "model") -> dict[str, Any]:
     return doc
 
 
-def _header(data: bytes, *, what: str) -> dict[str, Any]:
-    if len(data) < 8:
-        raise InvalidTensors(f"{what}: not a safetensors file ({len(data)} bytes)")
+def _header(data: bytes, *, what: str, whole: int | None = None) -> dict[str, Any]:
+    """The JSON header of a file (`data` may be the file's head only, with `whole` its full length)."""
+    length = len(data) if whole is None else whole
+    if length < 8:
+        raise InvalidTensors(f"{what}: not a safetensors file ({length} bytes)")
     (size,) = struct.unpack("<Q", data[:8])
-    if size > min(MAX_HEADER_BYTES, len(data) - 8):
+    if size > min(MAX_HEADER_BYTES, length - 8):
         raise InvalidTensors(f"{what}: header of {size} bytes does not fit the file")
     try:
         header = json.loads(data[8 : 8 + size])
@@ -137,7 +199,7 @@ def decode_update(data: bytes, *, encoding: str, like: Mapping[str, npt.NDArray[
     """An update's tensors as float arrays in the dtype of the model `like` (same names where it has them)."""
     if encoding not in ENCODINGS:
         raise InvalidTensors(f"encoding {encoding!r} is not one of {list(ENCODINGS)}")
-    tensors = load(data, what="update")
+    tensors = views(data, what="update")  # in place: a float32 update is never copied
     scales = metadata(data, what="update").get("scales") if encoding == INT8 else {}
     if not isinstance(scales, dict):
         raise InvalidTensors("update: int8 needs the tensors' scales in its metadata")
@@ -155,5 +217,5 @@ def decode_update(data: bytes, *, encoding: str, like: Mapping[str, npt.NDArray[
                 raise InvalidTensors(f"{where}: int8 needs a positive finite scale for it in the metadata")
             out[name] = (q.astype(np.float64) * scale).astype(target)
         else:
-            out[name] = q.astype(target)
+            out[name] = q.astype(target, copy=False)
     return out

@@ -18,7 +18,8 @@ from its value, so a spec the operator accepts is one the controller runs.
      "lateUpdates": "refuse",                        # or "keep": stored and counted, never folded
      "strategy": {"name": "fedAvg"},
      "privacy": {"mode": "central", "clipNorm": 1.0, "noiseMultiplier": 1.0, "targetDelta": 1e-5},
-     "evaluation": {"metric": "accuracy", "every": 1, "server": {"file": "cloud/heldout.npz"},
+     "evaluation": {"metric": "accuracy", "every": 1,
+                    "server": {"file": "cloud/heldout.npz", "model": "cloud/model.onnx"},
                     "devices": {"fraction": 0.1}},
      "modelFile": "model.safetensors",               # the bundle's file holding the global weights
      "updateEncoding": "float32"}                    # or float16 | int8: how devices send updates
@@ -174,14 +175,27 @@ class StopOn:
     min_delta: float = 0.0
 
 
+SERVER_METRICS = ("accuracy", "loss")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Evaluation:
     """How rounds are scored: on the cloud's held-out set, and/or on sampled devices (sample-weighted)."""
 
     metric: str = "accuracy"
     every: int = 1
-    server_file: str | None = None  # a file of the bundle, evaluated by the cloud
+    server_file: str | None = None  # the held-out set (.npz with X and y), a file of the bundle
+    server_model: str | None = None  # the ONNX graph scoring it, its initializers named as the model's tensors
     devices: Share | None = None
+
+    def evaluates_round(self, number: int) -> bool:
+        """Whether the cloud scores round `number`'s model (every `every`-th round, from round `every`)."""
+        return self.server_file is not None and number % self.every == 0
+
+    @property
+    def server_metrics(self) -> tuple[str, ...]:
+        """The metrics server-side evaluation reports (`loss` only when the graph outputs probabilities)."""
+        return SERVER_METRICS if self.server_file is not None else ()
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -358,20 +372,32 @@ def _evaluation(doc: Any, *, field: str) -> Evaluation | None:
     if not isinstance(doc, Mapping):
         raise errors.InvalidSpec("must be an object", field=field)
     _known(doc, ("metric", "every", "server", "devices"), field=field)
-    server_file = None
+    server_file = server_model = None
     server = doc.get("server")
     if server is not None:
         if not isinstance(server, Mapping):
             raise errors.InvalidSpec("must be an object naming the held-out set's file", field=f"{field}.server")
-        _known(server, ("file",), field=f"{field}.server")
+        _known(server, ("file", "model"), field=f"{field}.server")
         server_file = _path(server.get("file"), field=f"{field}.server.file")
+        if server.get("model") is None:
+            raise errors.InvalidSpec(
+                "needs the ONNX graph that scores the held-out set (a file of the bundle)",
+                field=f"{field}.server.model",
+            )
+        server_model = _path(server.get("model"), field=f"{field}.server.model")
     devices = None if doc.get("devices") is None else _share(doc["devices"], field=f"{field}.devices")
     if server_file is None and devices is None:
         raise errors.InvalidSpec("needs a server held-out set, devices to evaluate on, or both", field=field)
+    metric = _name(doc.get("metric", "accuracy"), field=f"{field}.metric")
+    if server_file is not None and metric not in SERVER_METRICS:
+        raise errors.InvalidSpec(
+            f"server-side evaluation reports {list(SERVER_METRICS)}, not {metric!r}", field=f"{field}.metric"
+        )
     return Evaluation(
-        metric=_name(doc.get("metric", "accuracy"), field=f"{field}.metric"),
+        metric=metric,
         every=_int(doc.get("every", 1), field=f"{field}.every", low=1, high=MAX_ROUNDS),
         server_file=server_file,
+        server_model=server_model,
         devices=devices,
     )
 

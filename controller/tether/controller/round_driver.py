@@ -170,12 +170,11 @@ class RoundDriver:
         published = 0
         if latest is not None:
             result = await self._storage.rounds.round_result(task=task, number=latest.number)
-            metric = rules.stop_on.metric if rules.stop_on is not None else None
             for r in await self._storage.rounds.rounds_of(task=task):
                 if r.phase is rounds.Phase.PUBLISHED:
                     published += 1
                     res = await self._storage.rounds.round_result(task=task, number=r.number)
-                    history.append(None if res is None or metric is None else res.metrics.get(metric))
+                    history.append(rounds.followed_metric(res, rules=rules))
         eligible = [d for d in self._hub.device_ids() if self._targets(rel, d)]
         situation = driver.Situation(
             task=task,

@@ -13,7 +13,10 @@ Thin over the pure code of `tether.controller.fl`:
    updates; robust strategies (median, trimmed mean, Krum) take the round whole;
 4. central DP: clip, noise seeded from the cloud's secret and (task, round),
    the privacy spent by the accountant (`fl.privacy.spent_for`);
-5. write the new model (and server state) as content-addressed blobs *before*
+5. server-side evaluation (`round_evaluation`, when `evaluation.server` is set and the round is one to score):
+   the new model through the task's ONNX graph on its held-out set, both files of the release's base bundle;
+   a failure is recorded with the round (`evaluation_error`), never holds it;
+6. write the new model (and server state) as content-addressed blobs *before*
    the transaction that records the round Published with its metrics and ε
    commits: a worker killed anywhere leaves the round Aggregating, and the
    redelivered message does it again, bit for bit the same.
@@ -36,9 +39,9 @@ import numpy as np
 import psycopg
 from psycopg.types.json import Jsonb
 
-from tether.common import errors, tensorfiles
+from tether.common import errors, manifest, tensorfiles
 from tether.controller import blobs, tasks
-from tether.controller.fl import aggregators, privacy, publishing, rounds, updates
+from tether.controller.fl import aggregators, privacy, publishing, rounds, scoring, updates
 from tether.spec import federation
 
 log = logging.getLogger(__name__)
@@ -56,6 +59,17 @@ def _read(store: blobs.FilesystemBlobStore, digest: str) -> bytes:
     if not store.has(digest):
         raise errors.NotFound(f"blob {digest} is not in the blob store")
     return store.path_for(digest).read_bytes()
+
+
+def _read_writable(store: blobs.FilesystemBlobStore, digest: str) -> bytearray:
+    """A blob's bytes in a buffer of our own (the global model is stepped in place in it)."""
+    if not store.has(digest):
+        raise errors.NotFound(f"blob {digest} is not in the blob store")
+    path = store.path_for(digest)
+    buffer = bytearray(path.stat().st_size)
+    with path.open("rb") as f:
+        f.readinto(buffer)
+    return buffer
 
 
 def _put(store: blobs.FilesystemBlobStore, data: bytes) -> str:
@@ -105,14 +119,21 @@ def aggregate_round(conn: psycopg.Connection[Any], store: blobs.FilesystemBlobSt
         published_before = conn.execute(
             "SELECT count(*) FROM fl_rounds WHERE task = %s AND number < %s AND phase = 'Published'", (task, number)
         ).fetchone()
-        global_model = tensorfiles.load(_read(store, model_digest))
+        # Its layout now, its values at the server step (after the last update is released), stepped in place:
+        # a round holds the float64 sums and one model-sized array at a time (3x a float32 update).
+        global_model = aggregators.Deferred(
+            like=updates.shapes_of(tensorfiles.views(_read(store, model_digest))),
+            load=lambda: tensorfiles.views(_read_writable(store, model_digest)),
+        )
         state = aggregators.ServerState(rounds=int(published_before[0]) if published_before else 0)
         if prev is not None and prev[0]:
             state = publishing.state_from_tensors(tensorfiles.load(_read(store, prev[0])), rounds_done=state.rounds)
 
         def contributions() -> Iterator[updates.Update]:
             for rec in records:  # one decoded update in memory at a time
-                delta = tensorfiles.decode_update(_read(store, rec.digest), encoding=rec.encoding, like=global_model)
+                delta = tensorfiles.decode_update(
+                    _read(store, rec.digest), encoding=rec.encoding, like=global_model.like
+                )
                 yield updates.Update(device=rec.device, delta=delta, samples=rec.samples)
 
         mechanism = None
@@ -137,8 +158,19 @@ def aggregate_round(conn: psycopg.Connection[Any], store: blobs.FilesystemBlobSt
         except (updates.EmptyRound, updates.InvalidUpdate, tensorfiles.InvalidTensors) as e:
             _fail(conn, task=task, number=number, reason=str(e))
             return "failed"
-        model_blob = _put(store, tensorfiles.dump(outcome.model, metadata={"task": task, "round": str(number)}))
-        state_tensors = publishing.state_tensors(outcome.state)
+        new_model, new_state, folded, samples = outcome.model, outcome.state, outcome.devices, outcome.samples
+        del outcome  # its mean delta (the fold's sums) goes before the new model is serialized
+        evaluation: dict[str, float] | None = None
+        evaluation_error = None
+        if rules.evaluation is not None and rules.evaluation.evaluates_round(number):
+            try:
+                evaluation = _evaluate(conn, store, rules.evaluation, task=task, weights=new_model)
+            except (scoring.EvaluationError, errors.NotFound) as e:
+                evaluation_error = errors.excerpt(str(e), limit=1000).strip("'\"")
+                log.warning("round %d of %s: server-side evaluation failed: %s", number, task, e)
+        model_blob = _put(store, tensorfiles.dump(new_model, metadata={"task": task, "round": str(number)}))
+        del new_model
+        state_tensors = publishing.state_tensors(new_state)
         state_blob = _put(store, tensorfiles.dump(state_tensors)) if state_tensors else None
         epsilon = None
         if rules.privacy is not None:
@@ -149,20 +181,62 @@ def aggregate_round(conn: psycopg.Connection[Any], store: blobs.FilesystemBlobSt
         metrics = publishing.device_metrics(records)
         conn.execute(
             "UPDATE fl_rounds SET phase = 'Published', reason = %s, result_model = %s, state_digest = %s,"
-            " samples = %s, metrics = %s, epsilon = %s, updated_at = now() WHERE task = %s AND number = %s",
+            " samples = %s, metrics = %s, epsilon = %s, server_metrics = %s, evaluation_error = %s,"
+            " updated_at = now() WHERE task = %s AND number = %s",
             (
-                f"new global model from {len(outcome.devices)} updates",
+                f"new global model from {len(folded)} updates",
                 model_blob,
                 state_blob,
-                outcome.samples,
+                samples,
                 Jsonb(metrics),
                 epsilon,
+                None if evaluation is None else Jsonb(evaluation),
+                evaluation_error,
                 task,
                 number,
             ),
         )
     log.info("round %d of %s published: model %s from %d updates", number, task, model_blob, len(records))
     return "published"
+
+
+def _evaluate(
+    conn: psycopg.Connection[Any],
+    store: blobs.FilesystemBlobStore,
+    rules: federation.Evaluation,
+    *,
+    task: str,
+    weights: updates.Model,
+) -> dict[str, float]:
+    """Score `weights` with the graph and held-out set of the release's base bundle (`round_evaluation`)."""
+    from tether.controller import round_evaluation  # onnx and onnxruntime: only where rounds are scored
+
+    assert rules.server_file is not None and rules.server_model is not None
+    row = conn.execute(
+        "SELECT m.body FROM releases r JOIN manifests m"
+        " ON m.digest = CASE WHEN r.base_manifest <> '' THEN r.base_manifest ELSE r.manifest_digest END"
+        " WHERE r.release = %s",
+        (task,),
+    ).fetchone()
+    if row is None:
+        raise scoring.EvaluationError(f"{round_evaluation.FIELD}: the release's bundle manifest is not stored")
+    bundle = manifest.Manifest.from_bytes(bytes(row[0]))
+    files: dict[str, bytes] = {}
+    for key, path in (("file", rules.server_file), ("model", rules.server_model)):
+        try:
+            entry = bundle.file(path)
+        except KeyError:
+            raise scoring.EvaluationError(
+                f"{round_evaluation.FIELD}.{key}: {path!r} is not a file of bundle {bundle.name} ({bundle.digest})"
+            ) from None
+        files[key] = _read(store, entry.sha256)
+    return round_evaluation.evaluate(
+        graph=files["model"],
+        heldout=files["file"],
+        weights=weights,
+        model_path=rules.server_model,
+        heldout_path=rules.server_file,
+    )
 
 
 def _secret(conn: psycopg.Connection[Any]) -> bytes:

@@ -11,9 +11,11 @@ and not the interpreter's.
 - tether: every update read into one reused buffer and through
   `tether.controller.fl.aggregators.MeanFold.add` (the checks of
   `updates.check` included), then `aggregators.finish` with FedAvg against a
-  real float32 global model: the streaming path the Celery worker calls. Its
-  memory: the global model (1x), the float64 running sums (2x), the update
-  buffer (1x) while folding, the new model (1x) in place of the buffer after.
+  real float32 global model, `Deferred` as the Celery worker has it: its
+  layout while folding, its values loaded at the server step (from a file,
+  into a buffer of its own) and stepped in place. Its memory: the float64
+  running sums (2x) and the update buffer (1x) while folding, then the sums
+  and the global model (1x) once the buffer is released.
 - numpy: the plain in-memory NumPy weighted mean, `np.einsum("i,ij->j",
   samples, np.stack(updates))`, over blocks of `block` updates (all N at once
   would need N x P x 4 bytes and more), the blocks' weighted sums added up.
@@ -105,11 +107,18 @@ def fold_tether(directory: pathlib.Path, *, updates: int) -> tuple[np.ndarray, f
     load = _Loader(directory)
     samples = np.load(directory / "samples.npy")
     first = np.load(directory / "u00000.npy", mmap_mode="r")
-    # A real global model in memory (every page touched), counted in the peak as a worker's would be.
-    global_model = {TENSOR: np.full(first.shape, 0.5, dtype=np.float32)}
+    shape = first.shape
     del first
-    fold = aggregators.MeanFold(like=global_model)
-    buffer = np.empty(global_model[TENSOR].size, dtype=np.float32)
+
+    def load_global() -> dict[str, np.ndarray]:
+        # The global model's values, every page touched, created only when the server step needs them (the worker
+        # reads its blob into a buffer of its own at that point).
+        return {TENSOR: np.full(shape, 0.5, dtype=np.float32)}
+
+    layout = {TENSOR: np.broadcast_to(np.zeros((), np.float32), shape)}  # no memory: what the fold needs
+    global_model = aggregators.Deferred(like=layout, load=load_global)
+    fold = aggregators.MeanFold(like=global_model.like)
+    buffer = np.empty(int(np.prod(shape)), dtype=np.float32)
     for i in range(updates):
         delta = load.into(i, buffer)
         fold.add(fl_updates.Update(device=f"device-{i:05d}", delta={TENSOR: delta}, samples=int(samples[i])))

@@ -20,8 +20,12 @@ payload carries `{"federated": {"task", "round", "modelFile",
    `clipNorm` (L2 over all tensors) and adds N(0, (noiseMultiplier ·
    clipNorm)²) noise from the OS's entropy;
 5. returns `tensors` = new - global for every tensor (float32, the model's
-   names), `sample_count` = local samples, and the local `loss` and
-   `accuracy` after training (and before, as `*_before`) as metrics.
+   names), `sample_count` = local samples, and as metrics the local `loss`
+   and `accuracy` after training and `eval_loss` / `eval_accuracy`: the
+   received global model evaluated on the device's local data *before*
+   training (federated evaluation: the cloud's sample-weighted mean of these
+   over a round's updates is the global model's score on the participants'
+   data, next to the server-side score on the held-out set).
 
 Outside a round (a manual on-demand run) the payload's top level may set
 `lr`, `batch`, `epochs`, `seed`, `round` and `modelFile`.
@@ -107,8 +111,8 @@ def run(ctx):
         "metrics": {
             "loss": metrics["loss_after"],
             "accuracy": metrics["accuracy_after"],
-            "loss_before": metrics["loss_before"],
-            "accuracy_before": metrics["accuracy_before"],
+            "eval_loss": metrics["loss_before"],
+            "eval_accuracy": metrics["accuracy_before"],
         },
         "tensors": delta,
         "counts": {"steps": int(metrics["steps"])},

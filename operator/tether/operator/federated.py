@@ -103,7 +103,15 @@ class ServerEvaluation(CamelModel):
     """Score each round's global model in the cloud on a held-out set the bundle ships."""
 
     file: str = pydantic.Field(
-        min_length=1, max_length=512, description="The held-out set's file in the bundle, e.g. `cloud/heldout.npz`."
+        min_length=1,
+        max_length=512,
+        description="The held-out set's file in the bundle: an .npz with `X` (inputs) and `y` (integer labels).",
+    )
+    model: str = pydantic.Field(
+        min_length=1,
+        max_length=512,
+        description="The ONNX graph in the bundle that scores it: one input, class scores out; its initializers "
+        "named as the model file's tensors (each round's weights are put in their place).",
     )
 
 

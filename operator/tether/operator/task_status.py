@@ -78,6 +78,15 @@ class FederatedStatus(model.CamelModel):
     metrics: dict[str, float] = pydantic.Field(
         default_factory=dict, description="Device metrics of the latest published round (sample-weighted)."
     )
+    metric: str = pydantic.Field(default="", description="The evaluated metric stopOn and `tether status` follow.")
+    value: float | None = pydantic.Field(
+        default=None,
+        description="Its value after the latest published round that has one (server-side on the held-out set "
+        "when evaluation.server is set, else the devices' sample-weighted metric).",
+    )
+    evaluation_error: str = pydantic.Field(
+        default="", max_length=1024, description="Why server-side evaluation last failed, if it did."
+    )
 
 
 def federated_summary(doc: Mapping[str, Any] | None) -> FederatedStatus | None:
@@ -97,6 +106,9 @@ def federated_summary(doc: Mapping[str, Any] | None) -> FederatedStatus | None:
             published=len(done),
             epsilon=None if eps is None else float(eps),
             metrics={str(k): float(v) for k, v in (done[-1].get("metrics") or {}).items()} if done else {},
+            metric=str(doc.get("metric") or ""),
+            value=next((float(h["value"]) for h in reversed(done) if h.get("value") is not None), None),
+            evaluation_error=str(doc.get("evaluationError") or "")[:1024],
         )
     except (ValueError, TypeError, AttributeError, pydantic.ValidationError):
         return None

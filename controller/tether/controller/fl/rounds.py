@@ -133,6 +133,8 @@ class RoundResult:
     epsilon: float | None = None  # the privacy spent after this round (central or local DP)
     manifest: str = ""  # the derived bundle manifest serving it ("" until the driver applied it)
     version: int = 0  # the release version of that manifest (0 until then)
+    evaluation: Mapping[str, float] | None = None  # server-side metrics on the held-out set (None: not scored)
+    evaluation_error: str = ""  # why server-side evaluation failed ("" when it did not)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -272,6 +274,17 @@ class StopReason(enum.StrEnum):
     ROUNDS = "RoundsDone"
     TARGET = "TargetReached"
     PLATEAU = "NoImprovement"
+
+
+def followed_metric(result: RoundResult | None, *, rules: federation.Federation) -> float | None:
+    """The value stopOn and the history follow for a published round: the server-side metric when the cloud
+    scores rounds (`evaluation.server`), else the sample-weighted device metric of that name; None if absent."""
+    evaluation = rules.evaluation
+    if result is None or evaluation is None:
+        return None
+    source = result.evaluation if evaluation.server_file is not None else result.metrics
+    value = None if source is None else source.get(evaluation.metric)
+    return None if value is None else float(value)
 
 
 def should_stop(

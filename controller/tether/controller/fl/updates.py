@@ -81,12 +81,16 @@ def check(update: Update, *, like: Model) -> None:
             raise InvalidUpdate(
                 f"has shape {list(got.shape)}, the model's is {list(expected.shape)}", device=device, field=where
             )
-        # Chunk by chunk: a whole-tensor np.abs or np.isfinite would cost another update's worth of memory.
+        # Chunk by chunk, and with no temporaries: a chunk's max and min are NaN when it holds a NaN, infinite
+        # when it holds an infinity, and bound its largest magnitude (np.abs or np.isfinite would copy it).
         largest = 0.0
         for chunk in chunks(got):
-            if not np.isfinite(chunk).all():
+            if not chunk.size:
+                continue
+            top, bottom = float(chunk.max()), float(chunk.min())
+            if not (math.isfinite(top) and math.isfinite(bottom)):
                 raise InvalidUpdate("holds NaN or infinite values", device=device, field=where)
-            largest = max(largest, float(np.abs(chunk).max()))
+            largest = max(largest, abs(top), abs(bottom))
         if got.size and largest * samples > MAX_WEIGHTED_VALUE:
             raise InvalidUpdate(
                 f"holds values too large to fold (|value|·samples above {MAX_WEIGHTED_VALUE:g})",
@@ -95,7 +99,7 @@ def check(update: Update, *, like: Model) -> None:
             )
 
 
-CHUNK = 1 << 16  # values per chunk when a tensor is walked in pieces (512 KiB of float64)
+CHUNK = 1 << 13  # values per chunk when a tensor is walked in pieces (64 KiB of float64: small beside a model)
 
 
 def chunks(array: npt.NDArray[Any], *, size: int = CHUNK) -> Iterator[npt.NDArray[Any]]:
@@ -103,6 +107,13 @@ def chunks(array: npt.NDArray[Any], *, size: int = CHUNK) -> Iterator[npt.NDArra
     flat = np.ravel(array)
     for at in range(0, flat.size, size):
         yield flat[at : at + size]
+
+
+def shapes_of(model: Model) -> dict[str, Array]:
+    """Stand-ins with `model`'s names, shapes and dtypes that hold no memory (one broadcast scalar each).
+
+    What `check` and a fold need of the global model while updates stream in: its layout, not its values."""
+    return {n: np.broadcast_to(np.zeros((), dtype=a.dtype), a.shape) for n, a in model.items()}
 
 
 def names(model: Model) -> tuple[str, ...]:

@@ -168,7 +168,7 @@ class PostgresRounds:
             await conn.execute(
                 "UPDATE fl_rounds SET phase = %s, reason = %s, result_model = %s, result_manifest = %s,"
                 " result_version = %s, state_digest = %s, samples = %s, metrics = %s, epsilon = %s,"
-                " updated_at = now() WHERE task = %s AND number = %s",
+                " server_metrics = %s, evaluation_error = %s, updated_at = now() WHERE task = %s AND number = %s",
                 (
                     after.phase.value,
                     after.reason,
@@ -179,6 +179,8 @@ class PostgresRounds:
                     result.samples,
                     Jsonb(dict(result.metrics)),
                     result.epsilon,
+                    None if result.evaluation is None else Jsonb(dict(result.evaluation)),
+                    result.evaluation_error or None,
                     task,
                     number,
                 ),
@@ -199,8 +201,9 @@ class PostgresRounds:
         async with self._pool.connection() as conn:
             row = await (
                 await conn.execute(
-                    "SELECT result_model, result_manifest, result_version, samples, metrics, state_digest, epsilon"
-                    " FROM fl_rounds WHERE task = %s AND number = %s AND result_model IS NOT NULL",
+                    "SELECT result_model, result_manifest, result_version, samples, metrics, state_digest, epsilon,"
+                    " server_metrics, evaluation_error FROM fl_rounds"
+                    " WHERE task = %s AND number = %s AND result_model IS NOT NULL",
                     (task, number),
                 )
             ).fetchone()
@@ -214,6 +217,8 @@ class PostgresRounds:
             metrics=dict(row[4] or {}),
             state=row[5] or "",
             epsilon=None if row[6] is None else float(row[6]),
+            evaluation=None if row[7] is None else {str(k): float(v) for k, v in dict(row[7]).items()},
+            evaluation_error=row[8] or "",
         )
 
     async def rounds_of(self, *, task: str) -> list[rounds.Round]:
