@@ -50,9 +50,12 @@ log = logging.getLogger(__name__)
 MAX_STEPS = 8  # per task and pass: a round opens, selects and is told in one pass
 
 
+ROLLBACK_LOCK_WAIT_S = 10.0  # a rollback waits this long for a driver pass on the task to end
+
+
 class TaskLock(Protocol):
-    def hold(self, task: str) -> contextlib.AbstractAsyncContextManager[bool]:
-        """True inside when this process may drive `task` now."""
+    def hold(self, task: str, *, wait_s: float = 0.0) -> contextlib.AbstractAsyncContextManager[bool]:
+        """True inside when this process may drive `task` now (waiting up to `wait_s` for it)."""
         ...
 
 
@@ -60,7 +63,7 @@ class LocalLock:
     """One process: always granted (memory storage, tests)."""
 
     @contextlib.asynccontextmanager
-    async def hold(self, task: str) -> AsyncIterator[bool]:
+    async def hold(self, task: str, *, wait_s: float = 0.0) -> AsyncIterator[bool]:
         yield True
 
 
@@ -71,12 +74,22 @@ class AdvisoryLock:
         self._pool = pool
 
     @contextlib.asynccontextmanager
-    async def hold(self, task: str) -> AsyncIterator[bool]:
+    async def hold(self, task: str, *, wait_s: float = 0.0) -> AsyncIterator[bool]:
+        """`wait_s` 0: a driver pass skips a task another replica (or this one's pass) holds; an admin call
+        (a rollback) waits for the pass in progress to end, which takes milliseconds."""
+        deadline = time.monotonic() + wait_s
         async with self._pool.connection() as conn, conn.transaction():
-            row = await (
-                await conn.execute("SELECT pg_try_advisory_xact_lock(hashtextextended(%s, 0))", ("tether-fl:" + task,))
-            ).fetchone()
-            yield bool(row and row[0])
+            while True:
+                row = await (
+                    await conn.execute(
+                        "SELECT pg_try_advisory_xact_lock(hashtextextended(%s, 0))", ("tether-fl:" + task,)
+                    )
+                ).fetchone()
+                got = bool(row and row[0])
+                if got or time.monotonic() >= deadline:
+                    break
+                await asyncio.sleep(0.05)
+            yield got
 
 
 def payload(rules_doc: dict[str, Any], r: rounds.Round, *, params: dict[str, float]) -> str:
@@ -280,7 +293,7 @@ class RoundDriver:
         rules = None if rel is None else rel.spec.rules()
         assert rel is not None and rules is not None
         cancelled = 0
-        async with self._lock.hold(task) as mine:
+        async with self._lock.hold(task, wait_s=ROLLBACK_LOCK_WAIT_S) as mine:
             if not mine:
                 raise errors.FailedPrecondition(f"another controller replica is driving {task} now; try again")
             live = await self._storage.rounds.latest_round(task=task)
