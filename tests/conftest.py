@@ -99,8 +99,13 @@ async def controller(
 
 
 @pytest.fixture()
-async def start(enqueuer: RecordingEnqueuer) -> AsyncIterator[Callable[..., Awaitable[RunningController]]]:
-    """`await start(cfg, blob_store=None, **changes)`: a controller on `cfg` with `changes`, stopped after the test."""
+async def start(
+    enqueuer: RecordingEnqueuer, database_url: str
+) -> AsyncIterator[Callable[..., Awaitable[RunningController]]]:
+    """`await start(cfg, blob_store=None, **changes)`: a controller on `cfg` with `changes`, stopped after the test.
+
+    It asks for `database_url` so that its controllers stop before the test's database is dropped.
+    """
     pytest.importorskip("tether.controller.server")
     async with contextlib.AsyncExitStack() as started:
 

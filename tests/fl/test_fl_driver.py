@@ -242,3 +242,28 @@ def test_a_failed_round_is_followed_by_the_next_from_the_served_model(phase) -> 
         driver.Situation(task=TASK, rules=rules, serving_model="sha256:" + "d" * 64, serving_version=4, latest=failed)
     )
     assert isinstance(step, driver.OpenRound) and step.round.number == 3 and step.round.model == "sha256:" + "d" * 64
+
+
+async def test_the_driver_stops_even_when_a_library_turns_its_cancellation_into_an_error(tmp_path) -> None:
+    """A database driver that answers a cancelled query with an error (as psycopg may when the server is gone)
+    must not keep the loop, and so the controller's shutdown, alive."""
+    import asyncio
+
+    r = await rig(tmp_path)
+
+    class Swallowing:
+        async def list_releases(self):
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                raise RuntimeError("server closed the connection unexpectedly") from None
+
+    r.driver._storage = dataclasses.replace(r.storage, releases=Swallowing())  # type: ignore[attr-defined]
+    task = asyncio.create_task(r.driver.run())
+    await asyncio.sleep(0.05)
+    task.cancel()  # swallowed by the "library": cancel alone does not end the loop
+    await asyncio.sleep(0.05)
+    assert not task.done()
+    r.driver.stop()
+    task.cancel()
+    await asyncio.wait_for(task, 5)

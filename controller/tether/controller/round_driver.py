@@ -130,6 +130,7 @@ class RoundDriver:
         self._clock = clock
         self._interval_s = interval_s
         self._wake = asyncio.Event()
+        self._stopping = False
         self._told: dict[tuple[str, int], set[str]] = {}
         self._aggregate_sent: dict[tuple[str, int], float] = {}
         self.done: dict[str, str] = {}  # task -> why its run stopped
@@ -138,13 +139,20 @@ class RoundDriver:
         """Look again now (an update completed a round, a round was published)."""
         self._wake.set()
 
+    def stop(self) -> None:
+        """End `run` after the pass in progress (also when a library turns the task's cancellation into an error)."""
+        self._stopping = True
+        self._wake.set()
+
     async def run(self) -> None:
-        while True:
+        while not self._stopping:
             try:
                 await self.pass_once()
             except asyncio.CancelledError:
                 raise
             except Exception:
+                if self._stopping:
+                    break
                 log.exception("round driver pass failed; trying again")
             self._wake.clear()
             with contextlib.suppress(TimeoutError):

@@ -58,6 +58,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+DRIVER_STOP_S = 5.0  # how long a stop waits for the round driver's pass in progress
+
 MAX_STREAMS_PER_CONNECTION = 100
 # What the health service reports on: "" is the whole server (what probes ask by default).
 HEALTH_SERVICES = (
@@ -114,9 +116,12 @@ class RunningController:
         if self.health is not None:  # probes and balancers see NOT_SERVING before the port closes
             await self.health.enter_graceful_shutdown()
         if self.round_driver_task is not None:
+            if self.round_driver is not None:
+                self.round_driver.stop()
             self.round_driver_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.round_driver_task
+            # A pass blocked on a database that is gone must not hold the shutdown: wait a bounded time.
+            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self.round_driver_task), DRIVER_STOP_S)
         self.hub.close_all(reason="controller shutting down; reconnect")
         await self.server.stop(grace_s)
         if self.health_server is not None:
