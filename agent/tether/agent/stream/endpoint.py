@@ -30,6 +30,7 @@ import pathlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from tether.agent import unixserver
 from tether.agent.stream.processor import StreamProcessor
 from tether.common import errors
 from tether.spec import jsontext
@@ -66,24 +67,12 @@ class EventServer:
 
     async def start(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            if self.path.is_socket():
-                self.path.unlink()  # a stale socket of a previous run
-        self._server = await asyncio.start_unix_server(self._serve, path=str(self.path), limit=MAX_LINE_BYTES)
-        os.chmod(self.path, self.mode)
+        self._server = await unixserver.listen(self.path, self._serve, mode=self.mode, limit=MAX_LINE_BYTES)
         log.info("event endpoint listening on %s", self.path)
 
     async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            for task in list(self._clients):
-                task.cancel()
-            await asyncio.gather(*self._clients, return_exceptions=True)
-            with contextlib.suppress(Exception):
-                await self._server.wait_closed()
-            self._server = None
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
+        server, self._server = self._server, None
+        await unixserver.close(server, self._clients, self.path)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
